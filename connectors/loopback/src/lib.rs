@@ -1,0 +1,572 @@
+//! loopback: a simulated messenger connector for demos, tests and benchmarks, built as
+//! `libloopback.so` (kind `loopback`). It "connects" at once (or after
+//! `connect_delay_ms`), generates inbound traffic from `clients` synthetic senders at
+//! `rate_per_sec` and/or as a `burst`, accepts every send and echoes a delivery receipt,
+//! and can inject faults (failing or panicking start/send, malformed events).
+//!
+//! Written against the safe SDK only: this crate has no `unsafe`.
+
+#![forbid(unsafe_code)]
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use patchbay_connector_sdk::{
+    ChannelState, Connector, ConnectorError, EmitError, Event, Host, Inbound, Level, Outbound,
+    Receipt, ReceiptStatus, Sender, Sent, Status, chrono, export_connector,
+};
+use serde::Deserialize;
+
+export_connector!(
+    Loopback,
+    kind = "loopback",
+    version = env!("CARGO_PKG_VERSION")
+);
+
+/// Most distinct synthetic clients: their phones are `+1555000NNNN`.
+pub const MAX_CLIENTS: u32 = 10_000;
+
+/// The channel config object. Unknown keys are an error (a typo should not silently
+/// disable a fault the test meant to inject).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The number reported once connected.
+    pub number: String,
+    /// The display name reported once connected.
+    pub display_name: String,
+    /// Synthetic inbound messages per second; 0 = none.
+    pub rate_per_sec: f64,
+    /// Distinct synthetic senders, 1..=10000; message n comes from client n % clients.
+    pub clients: u32,
+    /// Queue a receipt for every send (status `receipt_status`).
+    pub echo_receipts: bool,
+    /// The status of echoed receipts.
+    pub receipt_status: ReceiptStatus,
+    /// Inbound messages emitted as fast as the host takes them, right after connecting
+    /// (backing off on BUSY), before the `rate_per_sec` traffic.
+    pub burst: u64,
+    /// Stop generating after this many inbound messages in total; 0 = no limit.
+    pub limit: u64,
+    /// Prefix of external ids. Unset: random per start. Set: ids repeat across restarts
+    /// (`<prefix>-<n>`), which exercises the host's de-duplication.
+    pub id_prefix: Option<String>,
+    /// Delay between `connecting` and `connected`.
+    pub connect_delay_ms: u64,
+    /// `start` emits `error` status and fails (retryable `start_failed`).
+    pub fail_start: bool,
+    /// `send` fails with retryable `unavailable`.
+    pub fail_send: bool,
+    /// `start` panics.
+    pub panic_on_start: bool,
+    /// `send` panics.
+    pub panic_on_send: bool,
+    /// Right after `connected`, emit the `MALFORMED` events (invalid JSON, unknown type,
+    /// missing fields, non-UTF-8), then carry on normally.
+    pub malformed_events: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            number: "+15550000000".into(),
+            display_name: "Loopback".into(),
+            rate_per_sec: 0.0,
+            clients: 10,
+            echo_receipts: true,
+            receipt_status: ReceiptStatus::Delivered,
+            burst: 0,
+            limit: 0,
+            id_prefix: None,
+            connect_delay_ms: 0,
+            fail_start: false,
+            fail_send: false,
+            panic_on_start: false,
+            panic_on_send: false,
+            malformed_events: false,
+        }
+    }
+}
+
+/// The bad events `malformed_events` emits, in order.
+pub const MALFORMED: [&[u8]; 4] = [
+    b"{\"type\":\"inbound\",",
+    b"{\"type\":\"teleport\",\"to\":\"mars\"}",
+    b"{\"type\":\"inbound\",\"text\":\"no ids, no sender\"}",
+    b"\xff\xfe not utf-8",
+];
+
+impl Config {
+    pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
+        let c: Config = serde_json::from_value(value)
+            .map_err(|e| ConnectorError::config(format!("loopback config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConnectorError> {
+        let bad = |key: &str, value: &dyn std::fmt::Debug, allowed: &str| {
+            Err(ConnectorError::config(format!(
+                "loopback config: {key} = {value:?}: {allowed}"
+            )))
+        };
+        if self.number.trim().is_empty() {
+            return bad("number", &self.number, "must not be empty");
+        }
+        if !self.rate_per_sec.is_finite() || !(0.0..=1_000_000.0).contains(&self.rate_per_sec) {
+            return bad(
+                "rate_per_sec",
+                &self.rate_per_sec,
+                "0 to 1000000 messages per second",
+            );
+        }
+        if !(1..=MAX_CLIENTS).contains(&self.clients) {
+            return bad("clients", &self.clients, "1 to 10000");
+        }
+        if let Some(p) = &self.id_prefix {
+            let ok = (1..=32).contains(&p.len())
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return bad("id_prefix", p, "1 to 32 characters of [A-Za-z0-9_-]");
+            }
+        }
+        if self.connect_delay_ms > 60_000 {
+            return bad("connect_delay_ms", &self.connect_delay_ms, "0 to 60000");
+        }
+        Ok(())
+    }
+}
+
+/// The phone of synthetic client `i`.
+pub fn client_phone(i: u32) -> String {
+    format!("+1555000{i:04}")
+}
+
+/// The chat id of synthetic client `i`.
+pub fn client_chat_id(i: u32) -> String {
+    format!("lb-chat-{i:04}")
+}
+
+#[derive(Default)]
+struct Counters {
+    inbound: AtomicU64,
+    sent: AtomicU64,
+    receipts: AtomicU64,
+    busy_retries: AtomicU64,
+    malformed: AtomicU64,
+}
+
+/// State shared by the connector and its traffic thread.
+struct Shared {
+    config: Config,
+    host: Host,
+    stop: AtomicBool,
+    state: Mutex<Status>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn set_state(&self, status: Status) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// Emits, backing off on BUSY. Once stopping, gives up after ~0.5 s of BUSY so stop
+    /// stays prompt. Returns whether the host took it.
+    fn emit_bytes(&self, bytes: &[u8]) -> Result<(), EmitError> {
+        let mut pause = Duration::from_millis(1);
+        let mut busy_while_stopping = 0;
+        loop {
+            match self.host.emit_raw(bytes) {
+                Err(EmitError::Busy) => {
+                    self.counters.busy_retries.fetch_add(1, Ordering::Relaxed);
+                    if self.stop.load(Ordering::Relaxed) {
+                        busy_while_stopping += 1;
+                        if busy_while_stopping > 10 {
+                            return Err(EmitError::Busy);
+                        }
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn emit(&self, event: &Event) -> Result<(), EmitError> {
+        let bytes = serde_json::to_vec(event).map_err(|_| EmitError::Closed)?;
+        self.emit_bytes(&bytes)
+    }
+
+    fn emit_status(&self, status: Status) -> Result<(), EmitError> {
+        self.set_state(status.clone());
+        self.emit(&Event::Status(status))
+    }
+
+    fn connected_status(&self) -> Status {
+        Status {
+            number: Some(self.config.number.clone()),
+            display_name: Some(self.config.display_name.clone()),
+            ..Status::new(ChannelState::Connected)
+        }
+    }
+}
+
+/// Generates message `n` (1-based) of a run with id prefix `prefix`.
+pub fn inbound(config: &Config, prefix: &str, n: u64) -> Inbound {
+    let client = (n % u64::from(config.clients)) as u32;
+    Inbound {
+        external_chat_id: client_chat_id(client),
+        external_message_id: format!("{prefix}-{n}"),
+        sender: Sender {
+            phone: Some(client_phone(client)),
+            username: None,
+            name: Some(format!("Client {client:04}")),
+        },
+        text: format!("message {n} from client {client:04}"),
+        attachments: Vec::new(),
+        sent_at: chrono::Utc::now().fixed_offset(),
+    }
+}
+
+/// The traffic thread: connects, injects malformed events, runs the burst and the
+/// rate, and emits queued receipts, until `stop` is set or the host refuses events.
+fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
+    let c = &shared.config;
+    let stopped = || shared.stop.load(Ordering::Relaxed);
+    let tick = Duration::from_millis(20);
+
+    // Connecting → connected, staying responsive to stop during the delay.
+    let connect_at = Instant::now() + Duration::from_millis(c.connect_delay_ms);
+    while Instant::now() < connect_at {
+        if stopped() {
+            return;
+        }
+        std::thread::sleep(tick.min(connect_at.saturating_duration_since(Instant::now())));
+    }
+    if shared.emit_status(shared.connected_status()).is_err() {
+        return;
+    }
+    shared
+        .host
+        .log(Level::Info, &format!("loopback {} connected", c.number));
+
+    if c.malformed_events {
+        for bad in MALFORMED {
+            if shared.emit_bytes(bad).is_err() {
+                return;
+            }
+            shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    let mut n: u64 = 0;
+    let under_limit = |n: u64| c.limit == 0 || n < c.limit;
+    let emit_receipt = |r: Receipt| -> Result<(), EmitError> {
+        shared.emit(&Event::Receipt(r))?;
+        shared.counters.receipts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    };
+    let emit_next = |n: &mut u64| -> Result<(), EmitError> {
+        let m = inbound(c, &prefix, *n + 1);
+        shared.emit(&Event::Inbound(m))?;
+        *n += 1;
+        shared.counters.inbound.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    };
+
+    for _ in 0..c.burst {
+        if stopped() || !under_limit(n) {
+            break;
+        }
+        if emit_next(&mut n).is_err() {
+            return;
+        }
+        while let Ok(r) = receipts.try_recv() {
+            if emit_receipt(r).is_err() {
+                return;
+            }
+        }
+    }
+
+    let interval = (c.rate_per_sec > 0.0).then(|| Duration::from_secs_f64(1.0 / c.rate_per_sec));
+    let mut due = Instant::now();
+    loop {
+        if stopped() {
+            break;
+        }
+        let generating = interval.is_some() && under_limit(n);
+        let wait = if generating {
+            due.saturating_duration_since(Instant::now()).min(tick)
+        } else {
+            tick
+        };
+        match receipts.recv_timeout(wait) {
+            Ok(r) => {
+                if emit_receipt(r).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if let (true, Some(interval)) = (generating, interval) {
+            let now = Instant::now();
+            if now >= due {
+                if emit_next(&mut n).is_err() {
+                    return;
+                }
+                due += interval;
+                // More than a second behind (a slow host): drop the backlog rather
+                // than burst to catch up.
+                if now.saturating_duration_since(due) > Duration::from_secs(1) {
+                    due = now;
+                }
+            }
+        }
+    }
+    // Receipts for sends that happened before stop still go out.
+    while let Ok(r) = receipts.try_recv() {
+        if emit_receipt(r).is_err() {
+            return;
+        }
+    }
+}
+
+/// One loopback channel.
+pub struct Loopback {
+    shared: Arc<Shared>,
+    prefix: String,
+    receipts: Option<mpsc::Sender<Receipt>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Loopback {
+    fn join(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.receipts = None;
+        if let Some(Err(_)) = self.thread.take().map(JoinHandle::join) {
+            self.shared
+                .host
+                .log(Level::Error, "loopback traffic thread panicked");
+        }
+    }
+}
+
+impl Connector for Loopback {
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
+        // The daemon may pass null for "no config": all defaults.
+        let config = if config.is_null() {
+            Config::default()
+        } else {
+            Config::parse(config)?
+        };
+        let prefix = match &config.id_prefix {
+            Some(p) => p.clone(),
+            None => format!("lb{:08x}", RandomState::new().hash_one(0u8) as u32),
+        };
+        Ok(Loopback {
+            shared: Arc::new(Shared {
+                config,
+                host,
+                stop: AtomicBool::new(false),
+                state: Mutex::new(
+                    Status::new(ChannelState::Disconnected).with_reason("not started"),
+                ),
+                counters: Counters::default(),
+            }),
+            prefix,
+            receipts: None,
+            thread: None,
+        })
+    }
+
+    fn start(&mut self) -> Result<(), ConnectorError> {
+        let c = &self.shared.config;
+        if c.panic_on_start {
+            panic!("loopback: panic_on_start is set");
+        }
+        if self.thread.is_some() {
+            return Err(ConnectorError::new(
+                "already_started",
+                "loopback is already running",
+            ));
+        }
+        let _ = self
+            .shared
+            .emit_status(Status::new(ChannelState::Connecting));
+        if c.fail_start {
+            let reason = "fail_start is set";
+            let _ = self
+                .shared
+                .emit_status(Status::new(ChannelState::Error).with_reason(reason));
+            return Err(ConnectorError::new("start_failed", reason).retryable());
+        }
+        let (tx, rx) = mpsc::channel();
+        let shared = self.shared.clone();
+        let prefix = self.prefix.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("loopback-{}", self.prefix))
+            .spawn(move || run(shared, prefix, rx))
+            .map_err(|e| {
+                ConnectorError::new("start_failed", format!("cannot spawn thread: {e}")).retryable()
+            })?;
+        self.receipts = Some(tx);
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
+        let c = &self.shared.config;
+        if c.panic_on_send {
+            panic!("loopback: panic_on_send is set");
+        }
+        if c.fail_send {
+            return Err(ConnectorError::new("unavailable", "fail_send is set").retryable());
+        }
+        if msg.external_chat_id.is_empty() && msg.to.phone.is_none() && msg.to.username.is_none() {
+            return Err(ConnectorError::new(
+                "invalid_message",
+                "no recipient: external_chat_id, to.phone and to.username are all empty",
+            ));
+        }
+        let n = self.shared.counters.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let external_message_id = format!("{}-out-{n}", self.prefix);
+        if let Some(tx) = self.receipts.as_ref().filter(|_| c.echo_receipts) {
+            let _ = tx.send(Receipt {
+                message: msg.message,
+                status: c.receipt_status,
+                external_message_id: Some(external_message_id.clone()),
+                reason: (c.receipt_status == ReceiptStatus::Failed)
+                    .then(|| "receipt_status is failed".to_owned()),
+            });
+        }
+        Ok(Sent {
+            external_message_id,
+        })
+    }
+
+    fn status(&self) -> Status {
+        let mut s = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let k = &self.shared.counters;
+        s.details = Some(serde_json::json!({
+            "id_prefix": self.prefix,
+            "inbound": k.inbound.load(Ordering::Relaxed),
+            "sent": k.sent.load(Ordering::Relaxed),
+            "receipts": k.receipts.load(Ordering::Relaxed),
+            "busy_retries": k.busy_retries.load(Ordering::Relaxed),
+            "malformed": k.malformed.load(Ordering::Relaxed),
+        }));
+        s
+    }
+
+    fn stop(&mut self) -> Result<(), ConnectorError> {
+        self.join();
+        let _ = self
+            .shared
+            .emit_status(Status::new(ChannelState::Disconnected).with_reason("stopped"));
+        Ok(())
+    }
+}
+
+impl Drop for Loopback {
+    // destroy without stop (after a panic, or a careless host): still join the thread.
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_and_validation() {
+        assert_eq!(Config::parse(json!({})).unwrap(), Config::default());
+        let c = Config::parse(json!({"rate_per_sec": 5.5, "clients": 3, "id_prefix": "run-1"}))
+            .unwrap();
+        assert_eq!(c.clients, 3);
+        for bad in [
+            json!({"rate_per_sec": -1}),
+            json!({"clients": 0}),
+            json!({"clients": 10001}),
+            json!({"number": " "}),
+            json!({"id_prefix": "has space"}),
+            json!({"echo_reciepts": false}),
+            json!({"receipt_status": "lost"}),
+            json!("not an object"),
+        ] {
+            let e = Config::parse(bad.clone()).unwrap_err();
+            assert_eq!(e.code, "invalid_config", "{bad}");
+        }
+        let e = Config::parse(json!({"clients": 0})).unwrap_err();
+        assert!(
+            e.message.contains("clients = 0: 1 to 10000"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn synthetic_messages() {
+        let c = Config {
+            clients: 3,
+            ..Config::default()
+        };
+        let m = inbound(&c, "p", 4);
+        assert_eq!(m.external_message_id, "p-4");
+        assert_eq!(m.external_chat_id, "lb-chat-0001");
+        assert_eq!(m.sender.phone.as_deref(), Some("+15550000001"));
+        assert_eq!(client_phone(9999), "+15550009999");
+        Event::Inbound(m).validate().unwrap();
+    }
+
+    #[test]
+    fn send_without_host_and_faults() {
+        let mut lb = Loopback::create(json!({"id_prefix": "t"}), Host::detached()).unwrap();
+        let msg = Outbound {
+            message: 1,
+            external_chat_id: "lb-chat-0001".into(),
+            to: Default::default(),
+            text: "hi".into(),
+            attachments: vec![],
+        };
+        assert_eq!(lb.send(msg.clone()).unwrap().external_message_id, "t-out-1");
+        let no_to = Outbound {
+            external_chat_id: String::new(),
+            ..msg.clone()
+        };
+        assert_eq!(lb.send(no_to).unwrap_err().code, "invalid_message");
+        let mut failing = Loopback::create(json!({"fail_send": true}), Host::detached()).unwrap();
+        let e = failing.send(msg).unwrap_err();
+        assert!(e.retryable);
+        let mut fs = Loopback::create(json!({"fail_start": true}), Host::detached()).unwrap();
+        assert_eq!(fs.start().unwrap_err().code, "start_failed");
+    }
+
+    #[test]
+    fn start_stop_with_detached_host_ends_promptly() {
+        let mut lb = Loopback::create(json!({"rate_per_sec": 1000}), Host::detached()).unwrap();
+        lb.start().unwrap();
+        lb.stop().unwrap();
+        assert_eq!(lb.status().state, ChannelState::Disconnected);
+    }
+
+    #[test]
+    fn malformed_events_are_really_malformed() {
+        for bad in MALFORMED {
+            assert!(Event::parse(bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The JSON payloads that cross the boundary, as serde types shared by both sides: events
+//! a plugin emits (`Event`), the message the host asks it to send (`Outbound`), its
+//! answers (`Sent`, `Status`) and the error object (`ErrorBody`).
+//!
+//! Readers ignore unknown fields (so later revisions may add some); an unknown `"type"`
+//! is an error. `Event::parse` is the host's gate for untrusted event bytes.
+
+use chrono::{DateTime, FixedOffset};
+use serde::{Deserialize, Serialize};
+
+/// Longest external id (chat or message) the host accepts, in bytes.
+pub const MAX_EXTERNAL_ID_LEN: usize = 256;
+
+/// An event a plugin emits: `{"type":"status"|"inbound"|"receipt", ...}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Status(Status),
+    Inbound(Inbound),
+    Receipt(Receipt),
+}
+
+/// Connection state a connector reports. The host adds `suspended` and `removed` itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelState {
+    Connecting,
+    Connected,
+    Disconnected,
+    Error,
+}
+
+impl ChannelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelState::Connecting => "connecting",
+            ChannelState::Connected => "connected",
+            ChannelState::Disconnected => "disconnected",
+            ChannelState::Error => "error",
+        }
+    }
+}
+
+/// `{"type":"status",...}`: both the status event and the answer of the `status` call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: ChannelState,
+    /// The account's number (phone, bot name, ...) once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Why the state is what it is, for people (`error`/`disconnected` especially).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Free-form detail for operators (counters, last error); not interpreted by the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl Status {
+    pub fn new(state: ChannelState) -> Self {
+        Status {
+            state,
+            number: None,
+            display_name: None,
+            reason: None,
+            details: None,
+        }
+    }
+
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+/// Who wrote an inbound message. At least one field should be set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `{"type":"inbound",...}`: a message from a client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub external_chat_id: String,
+    /// Unique and stable per channel: the host stores each id once.
+    pub external_message_id: String,
+    pub sender: Sender,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub attachments: Vec<serde_json::Value>,
+    /// RFC 3339.
+    pub sent_at: DateTime<FixedOffset>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptStatus {
+    Delivered,
+    Failed,
+    Read,
+}
+
+/// `{"type":"receipt",...}`: what became of a message the host sent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The host's message id, from `Outbound::message`.
+    pub message: i64,
+    pub status: ReceiptStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where an outbound message goes, besides `external_chat_id`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+}
+
+/// The message the host asks a plugin to send (`{"type":"send",...}` on the wire).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outbound {
+    /// The host's message id; echo it in receipts.
+    pub message: i64,
+    /// Empty for a chat the host created by phone that has not been seen on the wire yet.
+    #[serde(default)]
+    pub external_chat_id: String,
+    #[serde(default)]
+    pub to: Recipient,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub attachments: Vec<serde_json::Value>,
+}
+
+/// A successful send (`{"type":"sent",...}` on the wire).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub external_message_id: String,
+}
+
+/// `{"type":"error","code":...,"message":...,"retryable":...}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// Host → plugin messages, tagged by `"type"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Request {
+    Send(Outbound),
+}
+
+/// Plugin → host call results, tagged by `"type"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Reply {
+    Sent(Sent),
+    Status(Status),
+    Error(ErrorBody),
+}
+
+/// Why event bytes were rejected; `Display` is a log line a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("invalid event JSON ({source}): {snippet}")]
+    Json {
+        source: serde_json::Error,
+        snippet: String,
+    },
+    #[error("invalid {kind} event: {problem}")]
+    Invalid { kind: &'static str, problem: String },
+}
+
+impl Event {
+    /// Parses and checks untrusted event bytes from a plugin.
+    pub fn parse(bytes: &[u8]) -> Result<Event, EventError> {
+        let event: Event = serde_json::from_slice(bytes).map_err(|source| EventError::Json {
+            source,
+            snippet: snippet(bytes),
+        })?;
+        event.validate()?;
+        Ok(event)
+    }
+
+    /// The checks serde cannot express: non-empty, bounded ids; a sender.
+    pub fn validate(&self) -> Result<(), EventError> {
+        fn id(kind: &'static str, name: &str, value: &str) -> Result<(), EventError> {
+            if value.is_empty() || value.len() > MAX_EXTERNAL_ID_LEN {
+                return Err(EventError::Invalid {
+                    kind,
+                    problem: format!(
+                        "{name} must be 1..={MAX_EXTERNAL_ID_LEN} bytes, got {}",
+                        value.len()
+                    ),
+                });
+            }
+            Ok(())
+        }
+        match self {
+            Event::Status(_) => Ok(()),
+            Event::Inbound(m) => {
+                id("inbound", "external_chat_id", &m.external_chat_id)?;
+                id("inbound", "external_message_id", &m.external_message_id)?;
+                let s = &m.sender;
+                if s.phone.is_none() && s.username.is_none() && s.name.is_none() {
+                    return Err(EventError::Invalid {
+                        kind: "inbound",
+                        problem: "sender needs at least one of phone, username, name".into(),
+                    });
+                }
+                Ok(())
+            }
+            Event::Receipt(r) => match &r.external_message_id {
+                Some(x) => id("receipt", "external_message_id", x),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// The start of untrusted bytes, printable, for error messages.
+pub(crate) fn snippet(bytes: &[u8]) -> String {
+    const MAX: usize = 120;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
+    let mut s: String = text
+        .chars()
+        .map(|c| if c.is_control() { '.' } else { c })
+        .collect();
+    if bytes.len() > MAX {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn inbound_round_trips_with_type_tag() {
+        let raw = json!({
+            "type": "inbound", "external_chat_id": "c1", "external_message_id": "m1",
+            "sender": {"phone": "+15550001234"}, "text": "hi", "attachments": [],
+            "sent_at": "2026-11-25T10:00:00Z", "future_field": 1
+        });
+        let ev = Event::parse(raw.to_string().as_bytes()).unwrap();
+        let Event::Inbound(m) = &ev else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(m.sender.phone.as_deref(), Some("+15550001234"));
+        let back = serde_json::to_value(&ev).unwrap();
+        assert_eq!(back["type"], "inbound");
+        assert_eq!(back["sent_at"], "2026-11-25T10:00:00Z");
+    }
+
+    #[test]
+    fn rejects_bad_events_with_clear_messages() {
+        let bad: &[&[u8]] = &[
+            b"{not json",
+            br#"{"type":"bogus"}"#,
+            br#"{"type":"inbound"}"#,
+            br#"{"no_type":1}"#,
+            b"\xff\xfe",
+            br#"{"type":"receipt","message":1,"status":"lost"}"#,
+        ];
+        for b in bad {
+            let e = Event::parse(b).unwrap_err();
+            assert!(e.to_string().starts_with("invalid event JSON"), "{e}");
+        }
+        let no_sender = json!({
+            "type": "inbound", "external_chat_id": "c", "external_message_id": "m",
+            "sender": {}, "sent_at": "2026-11-25T10:00:00Z"
+        });
+        let e = Event::parse(no_sender.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("sender"), "{e}");
+        let empty_id = json!({
+            "type": "inbound", "external_chat_id": "", "external_message_id": "m",
+            "sender": {"name": "x"}, "sent_at": "2026-11-25T10:00:00Z"
+        });
+        assert!(Event::parse(empty_id.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn status_and_receipt_shapes() {
+        let s = Event::Status(Status {
+            number: Some("+1".into()),
+            ..Status::new(ChannelState::Connected)
+        });
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            json!({"type":"status","state":"connected","number":"+1"})
+        );
+        let r: Event =
+            serde_json::from_str(r#"{"type":"receipt","message":7,"status":"read"}"#).unwrap();
+        assert!(matches!(r, Event::Receipt(Receipt { message: 7, .. })));
+    }
+
+    #[test]
+    fn snippet_is_bounded_and_printable() {
+        let s = snippet(&[b'a'; 500]);
+        assert_eq!(s.chars().count(), 121);
+        assert_eq!(snippet(b"a\nb"), "a.b");
+    }
+}

@@ -1,0 +1,1030 @@
+//! The host side (feature `host`): checking plugin files, loading libraries, and running
+//! instances behind a safe, blocking API. All `unsafe` of the host lives here.
+//!
+//! - `check_file` is the file-safety gate to call before `load`.
+//! - `load` opens a library (never unloaded), calls its entry symbol and validates the
+//!   descriptor, turning every way a plugin can be unfit into a `LoadError`.
+//! - `Instance` is one channel's connector: `create`, then blocking `start`, `send`,
+//!   `status`, `stop` (call them from a blocking thread, one at a time), and `Drop`
+//!   destroys it. Events the plugin emits arrive as `RawEvent`s on the `EventSink` the
+//!   instance was created with; each instance may have at most `capacity` events in
+//!   flight (emitted and not yet dropped by the host), beyond which emit returns BUSY.
+//!
+//! Every host callback catches panics; a plugin call that reports `PB_PANICKED` poisons
+//! the instance, after which only `destroy` (in `Drop`) reaches the plugin.
+
+use std::ffi::c_void;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::abi::{self, pb_connector_v1, pb_host, pb_instance, pb_sink};
+use crate::events::{Event, EventError, Outbound, Reply, Request, Sent, Status, snippet};
+
+/// Why a plugin file was not loaded. `Display` is the log line.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin {path}: cannot read it: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin {path}: not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("plugin {path}: group- or world-writable (mode {mode:04o}); refusing to load it")]
+    Writable { path: PathBuf, mode: u32 },
+    #[error(
+        "plugin {path}: owned by uid {uid}, not by root or an allowed user; refusing to load it"
+    )]
+    Owner { path: PathBuf, uid: u32 },
+    #[error("plugin {path}: resolves to {resolved}, outside the plugin folder {dir}")]
+    OutsideDir {
+        path: PathBuf,
+        resolved: PathBuf,
+        dir: PathBuf,
+    },
+    #[error("plugin {path}: cannot load the library: {source}")]
+    Open {
+        path: PathBuf,
+        source: libloading::Error,
+    },
+    #[error("plugin {path}: no entry symbol `{symbol}`; not a patchbay connector (ABI version 1)")]
+    MissingSymbol { path: PathBuf, symbol: &'static str },
+    #[error("plugin {path}: refused the host's ABI version {host_abi}")]
+    Refused { path: PathBuf, host_abi: u32 },
+    #[error("plugin {path}: ABI version {found}, but this host speaks version {expected}")]
+    WrongAbiVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("plugin {path}: descriptor is {size} bytes, smaller than the {need} of ABI version 1")]
+    StructTooSmall {
+        path: PathBuf,
+        size: u32,
+        need: usize,
+    },
+    #[error("plugin {path}: bad kind {kind:?}: must be 1..=64 characters of [a-z0-9_]")]
+    BadKind { path: PathBuf, kind: String },
+    #[error("plugin {path}: bad version string: {problem}")]
+    BadVersion { path: PathBuf, problem: String },
+    #[error("plugin {path}: required function `{function}` is NULL")]
+    MissingFunction {
+        path: PathBuf,
+        function: &'static str,
+    },
+}
+
+/// Refuses a plugin file the daemon must not load, and returns its canonical path (load
+/// that one, not `path`, so a symlink swapped after the check does not matter):
+///
+/// - it must resolve (symlinks followed) to a regular file inside the canonical
+///   `plugin_dir`;
+/// - it must not be group- or world-writable;
+/// - it must be owned by root or by one of `allowed_uids` (pass the daemon's own uid).
+pub fn check_file(
+    path: &Path,
+    plugin_dir: &Path,
+    allowed_uids: &[u32],
+) -> Result<PathBuf, LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = fs::canonicalize(plugin_dir).map_err(|source| LoadError::Io {
+        path: plugin_dir.to_owned(),
+        source,
+    })?;
+    let resolved = fs::canonicalize(path).map_err(io)?;
+    if !resolved.starts_with(&dir) || resolved == dir {
+        return Err(LoadError::OutsideDir {
+            path: path.to_owned(),
+            resolved,
+            dir,
+        });
+    }
+    let meta = fs::metadata(&resolved).map_err(io)?;
+    if !meta.is_file() {
+        return Err(LoadError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(LoadError::Writable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let uid = meta.uid();
+    if uid != 0 && !allowed_uids.contains(&uid) {
+        return Err(LoadError::Owner {
+            path: path.to_owned(),
+            uid,
+        });
+    }
+    Ok(resolved)
+}
+
+/// The functions of a loaded descriptor, copied out of the plugin.
+#[derive(Clone, Copy)]
+struct VTable {
+    create: abi::pb_create_fn,
+    start: abi::pb_start_fn,
+    send: Option<abi::pb_send_fn>,
+    status: Option<abi::pb_status_fn>,
+    stop: abi::pb_stop_fn,
+    destroy: abi::pb_destroy_fn,
+}
+
+struct LibInner {
+    path: PathBuf,
+    kind: String,
+    version: String,
+    abi_version: u32,
+    vtable: VTable,
+}
+
+/// A loaded connector library. Cheap to clone; the library itself is never unloaded.
+#[derive(Clone)]
+pub struct Library {
+    inner: Arc<LibInner>,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Library")
+            .field("path", &self.inner.path)
+            .field("kind", &self.inner.kind)
+            .field("version", &self.inner.version)
+            .finish()
+    }
+}
+
+impl Library {
+    /// The connector kind, e.g. `loopback` (`[a-z0-9_]+`).
+    pub fn kind(&self) -> &str {
+        &self.inner.kind
+    }
+
+    /// The plugin's own version string.
+    pub fn version(&self) -> &str {
+        &self.inner.version
+    }
+
+    /// The ABI version it was loaded with.
+    pub fn abi_version(&self) -> u32 {
+        self.inner.abi_version
+    }
+
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether the connector implements `send` (receive-only connectors need not).
+    pub fn supports_send(&self) -> bool {
+        self.inner.vtable.send.is_some()
+    }
+}
+
+/// Reads a NUL-terminated string of at most `max` bytes; `None` when the NUL is missing
+/// within `max + 1` bytes or the pointer is NULL.
+///
+/// SAFETY: `ptr` is NULL or points at a NUL-terminated string (the header's promise).
+unsafe fn bounded_cstr(ptr: *const std::ffi::c_char, max: usize) -> Option<Vec<u8>> {
+    if ptr.is_null() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for i in 0..=max {
+        // SAFETY: stops at the first NUL, so never reads past the string.
+        let b = unsafe { *ptr.cast::<u8>().add(i) };
+        if b == 0 {
+            return Some(out);
+        }
+        out.push(b);
+    }
+    None
+}
+
+/// Loads a connector library: opens it (running its initialisers: the file is trusted
+/// code, so call `check_file` first), calls `patchbay_connector_v1(1)` and validates the
+/// descriptor. The library is never unloaded, also when it is refused. Load each file
+/// once per process.
+pub fn load(path: &Path) -> Result<Library, LoadError> {
+    let p = || path.to_owned();
+    // SAFETY: loading runs the library's initialisers; the plugin folder is trusted
+    // (check_file), which is the premise of any plugin host.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|source| LoadError::Open { path: p(), source })?;
+    // Never unloaded: code, statics and thread-locals of the plugin stay valid.
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    // SAFETY: the symbol's type is fixed by the header.
+    let entry = unsafe { lib.get::<abi::pb_entry_v1_fn>(abi::ENTRY_SYMBOL_V1) }.map_err(|_| {
+        LoadError::MissingSymbol {
+            path: p(),
+            symbol: "patchbay_connector_v1",
+        }
+    })?;
+    // SAFETY: calling the entry as the header describes; it returns NULL or a static.
+    let desc = unsafe { entry(abi::PB_ABI_VERSION) };
+    if desc.is_null() {
+        return Err(LoadError::Refused {
+            path: p(),
+            host_abi: abi::PB_ABI_VERSION,
+        });
+    }
+    // SAFETY: every descriptor starts with these two u32s.
+    let (struct_size, abi_version) = unsafe {
+        let head = desc.cast::<u32>();
+        (head.read_unaligned(), head.add(1).read_unaligned())
+    };
+    if abi_version != abi::PB_ABI_VERSION {
+        return Err(LoadError::WrongAbiVersion {
+            path: p(),
+            found: abi_version,
+            expected: abi::PB_ABI_VERSION,
+        });
+    }
+    if (struct_size as usize) < abi::PB_CONNECTOR_V1_MIN_SIZE {
+        return Err(LoadError::StructTooSmall {
+            path: p(),
+            size: struct_size,
+            need: abi::PB_CONNECTOR_V1_MIN_SIZE,
+        });
+    }
+    // Copy no more than the plugin declared (nor than we know): fields a newer host adds
+    // stay zero, i.e. NULL, for an older plugin.
+    let mut local = std::mem::MaybeUninit::<pb_connector_v1>::zeroed();
+    let n = (struct_size as usize).min(std::mem::size_of::<pb_connector_v1>());
+    // SAFETY: the plugin promises struct_size readable bytes; all-zero is a valid
+    // pb_connector_v1 (null pointers, None functions).
+    let d = unsafe {
+        std::ptr::copy_nonoverlapping(desc.cast::<u8>(), local.as_mut_ptr().cast::<u8>(), n);
+        local.assume_init()
+    };
+    // SAFETY: static NUL-terminated strings (header); reads are bounded.
+    let kind = unsafe { bounded_cstr(d.kind, abi::PB_MAX_KIND_LEN) };
+    let kind = match kind {
+        Some(k) if crate::plugin::valid_kind(&String::from_utf8_lossy(&k)) => {
+            String::from_utf8_lossy(&k).into_owned()
+        }
+        Some(k) => {
+            return Err(LoadError::BadKind {
+                path: p(),
+                kind: snippet(&k),
+            });
+        }
+        None => {
+            return Err(LoadError::BadKind {
+                path: p(),
+                kind: "<NULL or too long>".into(),
+            });
+        }
+    };
+    // SAFETY: as for kind.
+    let version = unsafe { bounded_cstr(d.version, abi::PB_MAX_VERSION_LEN) }.ok_or_else(|| {
+        LoadError::BadVersion {
+            path: p(),
+            problem: format!("NULL or longer than {} bytes", abi::PB_MAX_VERSION_LEN),
+        }
+    })?;
+    let version = String::from_utf8(version).map_err(|_| LoadError::BadVersion {
+        path: p(),
+        problem: "not UTF-8".into(),
+    })?;
+    let missing = |function| LoadError::MissingFunction {
+        path: p(),
+        function,
+    };
+    let vtable = VTable {
+        create: d.create.ok_or_else(|| missing("create"))?,
+        start: d.start.ok_or_else(|| missing("start"))?,
+        send: d.send,
+        status: d.status,
+        stop: d.stop.ok_or_else(|| missing("stop"))?,
+        destroy: d.destroy.ok_or_else(|| missing("destroy"))?,
+    };
+    Ok(Library {
+        inner: Arc::new(LibInner {
+            path: p(),
+            kind,
+            version,
+            abi_version,
+            vtable,
+        }),
+    })
+}
+
+/// An error from a plugin call: the plugin's own `{"type":"error",...}`, or one the host
+/// made up (see `codes`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct PluginError {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// The codes the host itself uses in `PluginError`; plugins use their own besides.
+pub mod codes {
+    /// The call panicked; the instance is now poisoned.
+    pub const PANICKED: &str = "panicked";
+    /// The instance panicked earlier; the plugin was not called.
+    pub const POISONED: &str = "poisoned";
+    /// Another call on the instance is running (host or plugin side). Retryable.
+    pub const BUSY: &str = "busy";
+    /// The connector does not implement the function.
+    pub const UNSUPPORTED: &str = "unsupported";
+    /// The call needs another lifecycle state (e.g. send before start). Retryable.
+    pub const NOT_RUNNING: &str = "not_running";
+    /// The plugin wrote output the host cannot use (not JSON, wrong shape, too large).
+    pub const BAD_OUTPUT: &str = "bad_output";
+    /// The plugin returned a status code outside the ABI.
+    pub const BAD_STATUS: &str = "bad_status";
+    /// The plugin rejected the configuration (plugins use this code by convention).
+    pub const INVALID_CONFIG: &str = "invalid_config";
+}
+
+impl PluginError {
+    fn host(code: &str, message: impl Into<String>, retryable: bool) -> Self {
+        PluginError {
+            code: code.to_owned(),
+            message: message.into(),
+            retryable,
+        }
+    }
+
+    /// Whether the plugin panicked now or before (its instance is poisoned).
+    pub fn is_panic(&self) -> bool {
+        self.code == codes::PANICKED || self.code == codes::POISONED
+    }
+}
+
+/// Why an `EventSink` did not take an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkError {
+    /// Full: the plugin gets `PB_BUSY` and retries.
+    Full,
+    /// The receiver is gone: the plugin gets `PB_ERROR`.
+    Closed,
+}
+
+/// Where an instance's events go. Called from plugin threads: must not block.
+pub trait EventSink: Send + Sync + 'static {
+    fn try_send(&self, event: RawEvent) -> Result<(), SinkError>;
+}
+
+impl EventSink for tokio::sync::mpsc::Sender<RawEvent> {
+    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
+        use tokio::sync::mpsc::error::TrySendError;
+        tokio::sync::mpsc::Sender::try_send(self, event).map_err(|e| match e {
+            TrySendError::Full(_) => SinkError::Full,
+            TrySendError::Closed(_) => SinkError::Closed,
+        })
+    }
+}
+
+impl EventSink for tokio::sync::mpsc::UnboundedSender<RawEvent> {
+    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
+        self.send(event).map_err(|_| SinkError::Closed)
+    }
+}
+
+impl EventSink for std::sync::mpsc::SyncSender<RawEvent> {
+    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
+        use std::sync::mpsc::TrySendError;
+        std::sync::mpsc::SyncSender::try_send(self, event).map_err(|e| match e {
+            TrySendError::Full(_) => SinkError::Full,
+            TrySendError::Disconnected(_) => SinkError::Closed,
+        })
+    }
+}
+
+impl EventSink for std::sync::mpsc::Sender<RawEvent> {
+    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
+        self.send(event).map_err(|_| SinkError::Closed)
+    }
+}
+
+/// Holds one of an instance's `capacity` slots until the event is dropped.
+struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One event as the plugin emitted it: unchecked bytes (use `parse`) tagged with the
+/// instance. Holds one of the instance's in-flight slots until dropped, so drop it once
+/// handled (or moved `json` out of it).
+pub struct RawEvent {
+    /// The tag given to `Instance::create` (the daemon's channel id).
+    pub tag: i64,
+    /// `Instance::id` of the emitting instance: tells a restarted channel's old
+    /// instance from its new one.
+    pub instance: u64,
+    /// The bytes as emitted: not checked to be JSON, UTF-8 or an event.
+    pub json: Vec<u8>,
+    _permit: Permit,
+}
+
+impl RawEvent {
+    /// Parses and checks the event; the error says what is wrong, for a log line.
+    pub fn parse(&self) -> Result<Event, EventError> {
+        Event::parse(&self.json)
+    }
+}
+
+impl std::fmt::Debug for RawEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawEvent")
+            .field("tag", &self.tag)
+            .field("instance", &self.instance)
+            .field("json", &snippet(&self.json))
+            .finish()
+    }
+}
+
+/// Lifecycle state of an `Instance`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Created, not started.
+    Created,
+    /// `start` entered (and did not fail); emits are accepted.
+    Running,
+    /// `stop` returned, or `start` failed; emits are refused.
+    Stopped,
+    /// A call panicked; only `destroy` reaches the plugin now.
+    Poisoned,
+}
+
+const CREATED: u8 = 0;
+const RUNNING: u8 = 1;
+const STOPPED: u8 = 2;
+const POISONED: u8 = 3;
+
+/// Counters of an instance's emits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmitStats {
+    /// Events queued to the sink.
+    pub accepted: u64,
+    /// Emits answered `PB_BUSY` (queue or in-flight limit full).
+    pub busy: u64,
+    /// Emits refused with `PB_ERROR` (not running, too large, sink closed).
+    pub refused: u64,
+}
+
+/// What the host callbacks' `ctx` points at.
+struct Shared {
+    tag: i64,
+    id: u64,
+    kind: String,
+    state: AtomicU8,
+    capacity: usize,
+    in_flight: Arc<AtomicUsize>,
+    sink: Box<dyn EventSink>,
+    accepted: AtomicU64,
+    busy: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Shared {
+    fn emit(&self, json: &[u8]) -> i32 {
+        if self.state.load(Ordering::Acquire) != RUNNING || json.len() > abi::PB_MAX_PAYLOAD_BYTES {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return abi::PB_ERROR;
+        }
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            return abi::PB_BUSY;
+        }
+        let event = RawEvent {
+            tag: self.tag,
+            instance: self.id,
+            json: json.to_vec(),
+            _permit: Permit(self.in_flight.clone()),
+        };
+        // A refused event drops here, releasing its slot.
+        match self.sink.try_send(event) {
+            Ok(()) => {
+                self.accepted.fetch_add(1, Ordering::Relaxed);
+                abi::PB_OK
+            }
+            Err(SinkError::Full) => {
+                self.busy.fetch_add(1, Ordering::Relaxed);
+                abi::PB_BUSY
+            }
+            Err(SinkError::Closed) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                abi::PB_ERROR
+            }
+        }
+    }
+
+    fn log(&self, level: i32, msg: &[u8]) {
+        const MAX: usize = 8 * 1024;
+        let msg = String::from_utf8_lossy(&msg[..msg.len().min(MAX)]);
+        let msg = msg.trim_end();
+        let (kind, channel) = (self.kind.as_str(), self.tag);
+        match level {
+            abi::PB_LOG_ERROR => {
+                tracing::error!(target: "patchbay::plugin", kind, channel, "{msg}")
+            }
+            abi::PB_LOG_WARN => tracing::warn!(target: "patchbay::plugin", kind, channel, "{msg}"),
+            abi::PB_LOG_DEBUG => {
+                tracing::debug!(target: "patchbay::plugin", kind, channel, "{msg}")
+            }
+            abi::PB_LOG_TRACE => {
+                tracing::trace!(target: "patchbay::plugin", kind, channel, "{msg}")
+            }
+            _ => tracing::info!(target: "patchbay::plugin", kind, channel, "{msg}"),
+        }
+    }
+}
+
+unsafe extern "C" fn host_emit(ctx: *mut c_void, json: *const u8, len: usize) -> i32 {
+    catch_unwind(AssertUnwindSafe(|| {
+        if ctx.is_null() || (json.is_null() && len > 0) {
+            return abi::PB_ERROR;
+        }
+        // SAFETY: ctx is the Shared this host struct was made for, alive until destroy
+        // returns; json is `len` readable bytes for the call.
+        let shared = unsafe { &*(ctx as *const Shared) };
+        let bytes = if len == 0 {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(json, len) }
+        };
+        shared.emit(bytes)
+    }))
+    .unwrap_or(abi::PB_ERROR)
+}
+
+unsafe extern "C" fn host_log(ctx: *mut c_void, level: i32, msg: *const u8, len: usize) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if ctx.is_null() || (msg.is_null() && len > 0) {
+            return;
+        }
+        // SAFETY: as in host_emit.
+        let shared = unsafe { &*(ctx as *const Shared) };
+        let bytes = if len == 0 {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(msg, len) }
+        };
+        shared.log(level, bytes);
+    }));
+}
+
+/// The buffer behind a `pb_sink` for one call.
+#[derive(Default)]
+struct Output {
+    // A Mutex, not a RefCell: a misbehaving plugin might write from another thread.
+    buf: Mutex<(Vec<u8>, bool)>,
+}
+
+unsafe extern "C" fn sink_write(ctx: *mut c_void, ptr: *const u8, len: usize) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if ctx.is_null() || ptr.is_null() || len == 0 {
+            return;
+        }
+        // SAFETY: ctx is the Output of the running call; ptr is `len` readable bytes.
+        let out = unsafe { &*(ctx as *const Output) };
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let mut guard = out.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let (buf, overflow) = &mut *guard;
+        if buf.len() + bytes.len() > abi::PB_MAX_PAYLOAD_BYTES {
+            *overflow = true;
+        } else {
+            buf.extend_from_slice(bytes);
+        }
+    }));
+}
+
+/// Runs one plugin call with a fresh output sink; returns its status and output.
+fn with_sink(f: impl FnOnce(*const pb_sink) -> i32) -> (i32, Result<Vec<u8>, PluginError>) {
+    let out = Output::default();
+    let sink = pb_sink {
+        ctx: (&out as *const Output).cast_mut().cast(),
+        write: Some(sink_write),
+    };
+    let status = f(&sink);
+    let (buf, overflow) = out.buf.into_inner().unwrap_or_else(|p| p.into_inner());
+    let output = if overflow {
+        Err(PluginError::host(
+            codes::BAD_OUTPUT,
+            format!(
+                "plugin output larger than {} bytes",
+                abi::PB_MAX_PAYLOAD_BYTES
+            ),
+            false,
+        ))
+    } else {
+        Ok(buf)
+    };
+    (status, output)
+}
+
+/// The error a non-OK status means, from the plugin's error JSON where it wrote one.
+fn status_error(status: i32, output: Result<Vec<u8>, PluginError>) -> PluginError {
+    let body = output
+        .ok()
+        .and_then(|b| match serde_json::from_slice::<Reply>(&b) {
+            Ok(Reply::Error(e)) => Some(e),
+            _ => None,
+        });
+    match status {
+        abi::PB_ERROR => match body {
+            Some(e) => PluginError {
+                code: e.code,
+                message: e.message,
+                retryable: e.retryable,
+            },
+            None => PluginError::host(
+                codes::BAD_OUTPUT,
+                "plugin reported an error without a valid error object",
+                false,
+            ),
+        },
+        abi::PB_PANICKED => PluginError::host(
+            codes::PANICKED,
+            body.map(|e| e.message)
+                .unwrap_or_else(|| "plugin panicked".into()),
+            false,
+        ),
+        abi::PB_BUSY => PluginError::host(codes::BUSY, "plugin is busy with another call", true),
+        abi::PB_UNSUPPORTED => PluginError::host(
+            codes::UNSUPPORTED,
+            body.map(|e| e.message)
+                .unwrap_or_else(|| "not supported by this connector".into()),
+            false,
+        ),
+        other => PluginError::host(
+            codes::BAD_STATUS,
+            format!("plugin returned status {other}"),
+            false,
+        ),
+    }
+}
+
+static NEXT_INSTANCE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One running connector instance (one channel). Blocking calls: run them off the async
+/// runtime (`spawn_blocking`), one at a time; a second concurrent call gets a `busy`
+/// error instead of waiting. `Drop` stops a running instance and destroys it, so drop it
+/// on a blocking thread too.
+pub struct Instance {
+    lib: Library,
+    raw: *mut pb_instance,
+    shared: Arc<Shared>,
+    // Boxed so its address is stable: the plugin may keep the pointer.
+    _host: Box<pb_host>,
+    calls: Mutex<()>,
+}
+
+// SAFETY: the header requires instances to be callable from any host thread; `calls`
+// keeps calls one at a time; the callbacks' ctx (Shared) is Sync.
+unsafe impl Send for Instance {}
+unsafe impl Sync for Instance {}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("kind", &self.lib.kind())
+            .field("tag", &self.shared.tag)
+            .field("id", &self.shared.id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Instance {
+    /// Creates an instance of `lib` with the channel's `config` object. Its events go to
+    /// `events` tagged with `tag`; at most `capacity` (at least 1) of them may be in
+    /// flight before emit answers BUSY.
+    pub fn create(
+        lib: &Library,
+        tag: i64,
+        config: &serde_json::Value,
+        events: impl EventSink,
+        capacity: usize,
+    ) -> Result<Instance, PluginError> {
+        let config = serde_json::to_vec(config)
+            .map_err(|e| PluginError::host(codes::INVALID_CONFIG, e.to_string(), false))?;
+        let shared = Arc::new(Shared {
+            tag,
+            id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
+            kind: lib.kind().to_owned(),
+            state: AtomicU8::new(CREATED),
+            capacity: capacity.max(1),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            sink: Box::new(events),
+            accepted: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let host = Box::new(pb_host {
+            struct_size: std::mem::size_of::<pb_host>() as u32,
+            abi_version: abi::PB_ABI_VERSION,
+            ctx: Arc::as_ptr(&shared).cast_mut().cast(),
+            emit: Some(host_emit),
+            log: Some(host_log),
+        });
+        let mut raw: *mut pb_instance = std::ptr::null_mut();
+        let (status, output) = with_sink(|err| {
+            // SAFETY: the header's create; host and config outlive the call (and host
+            // outlives the instance, owned by the Instance below).
+            unsafe {
+                (lib.inner.vtable.create)(&*host, config.as_ptr(), config.len(), &mut raw, err)
+            }
+        });
+        if status != abi::PB_OK {
+            return Err(status_error(status, output));
+        }
+        if raw.is_null() {
+            return Err(PluginError::host(
+                codes::BAD_OUTPUT,
+                "create returned OK but no instance",
+                false,
+            ));
+        }
+        Ok(Instance {
+            lib: lib.clone(),
+            raw,
+            shared,
+            _host: host,
+            calls: Mutex::new(()),
+        })
+    }
+
+    /// The library this instance runs.
+    pub fn library(&self) -> &Library {
+        &self.lib
+    }
+
+    /// Unique per process: `RawEvent::instance` of this instance's events.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The tag given at create.
+    pub fn tag(&self) -> i64 {
+        self.shared.tag
+    }
+
+    pub fn state(&self) -> InstanceState {
+        match self.shared.state.load(Ordering::Acquire) {
+            CREATED => InstanceState::Created,
+            RUNNING => InstanceState::Running,
+            STOPPED => InstanceState::Stopped,
+            _ => InstanceState::Poisoned,
+        }
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.state() == InstanceState::Poisoned
+    }
+
+    pub fn emit_stats(&self) -> EmitStats {
+        EmitStats {
+            accepted: self.shared.accepted.load(Ordering::Relaxed),
+            busy: self.shared.busy.load(Ordering::Relaxed),
+            refused: self.shared.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs one plugin call under the call lock; poisons on PANICKED.
+    fn call(
+        &self,
+        f: impl FnOnce(&VTable, *mut pb_instance, *const pb_sink) -> i32,
+    ) -> Result<Vec<u8>, PluginError> {
+        let _guard = self.calls.try_lock().map_err(|e| match e {
+            std::sync::TryLockError::WouldBlock => PluginError::host(
+                codes::BUSY,
+                "another call on this instance is in progress",
+                true,
+            ),
+            // Nothing panics while holding it; treat as free.
+            std::sync::TryLockError::Poisoned(_) => {
+                PluginError::host(codes::BUSY, "call lock poisoned", true)
+            }
+        })?;
+        if self.is_poisoned() {
+            return Err(PluginError::host(
+                codes::POISONED,
+                "connector panicked earlier",
+                false,
+            ));
+        }
+        let (status, output) = with_sink(|sink| f(&self.lib.inner.vtable, self.raw, sink));
+        match status {
+            abi::PB_OK => output,
+            abi::PB_PANICKED => {
+                self.shared.state.store(POISONED, Ordering::Release);
+                Err(status_error(status, output))
+            }
+            _ => Err(status_error(status, output)),
+        }
+    }
+
+    /// Starts the connector. Only from `Created`; emits are accepted from now on.
+    pub fn start(&self) -> Result<(), PluginError> {
+        if self
+            .shared
+            .state
+            .compare_exchange(CREATED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(self.wrong_state("start"));
+        }
+        // SAFETY: the header's start on our live instance.
+        let r = self.call(|vt, inst, err| unsafe { (vt.start)(inst, err) });
+        if r.is_err() {
+            // A failed start leaves nothing running: refuse its later emits.
+            let _ = self.shared.state.compare_exchange(
+                RUNNING,
+                STOPPED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        r.map(drop)
+    }
+
+    /// Sends one message; only while running.
+    pub fn send(&self, msg: &Outbound) -> Result<Sent, PluginError> {
+        let request = serde_json::to_vec(&Request::Send(msg.clone()))
+            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
+        let out = self.send_bytes(&request)?;
+        match serde_json::from_slice::<Reply>(&out) {
+            Ok(Reply::Sent(s)) if !s.external_message_id.is_empty() => Ok(s),
+            _ => Err(PluginError::host(
+                codes::BAD_OUTPUT,
+                format!(
+                    "send result is not {{\"type\":\"sent\",...}}: {}",
+                    snippet(&out)
+                ),
+                false,
+            )),
+        }
+    }
+
+    /// `send` for a prebuilt `{"type":"send",...}` value; returns the plugin's result
+    /// object unchecked beyond being JSON.
+    pub fn send_json(&self, msg: &serde_json::Value) -> Result<serde_json::Value, PluginError> {
+        let request = serde_json::to_vec(msg)
+            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
+        let out = self.send_bytes(&request)?;
+        serde_json::from_slice(&out).map_err(|e| {
+            PluginError::host(
+                codes::BAD_OUTPUT,
+                format!("send result is not JSON: {e}"),
+                false,
+            )
+        })
+    }
+
+    fn send_bytes(&self, request: &[u8]) -> Result<Vec<u8>, PluginError> {
+        if self.shared.state.load(Ordering::Acquire) != RUNNING {
+            return Err(self.wrong_state("send"));
+        }
+        let Some(send) = self.lib.inner.vtable.send else {
+            return Err(PluginError::host(
+                codes::UNSUPPORTED,
+                "connector cannot send",
+                false,
+            ));
+        };
+        // SAFETY: the header's send; request outlives the call.
+        self.call(|_, inst, out| unsafe { send(inst, request.as_ptr(), request.len(), out) })
+    }
+
+    /// The connector's own view of its state.
+    pub fn status(&self) -> Result<Status, PluginError> {
+        let Some(status) = self.lib.inner.vtable.status else {
+            return Err(PluginError::host(
+                codes::UNSUPPORTED,
+                "connector has no status",
+                false,
+            ));
+        };
+        // SAFETY: the header's status on our live instance.
+        let out = self.call(|_, inst, out| unsafe { status(inst, out) })?;
+        match serde_json::from_slice::<Reply>(&out) {
+            Ok(Reply::Status(s)) => Ok(s),
+            _ => Err(PluginError::host(
+                codes::BAD_OUTPUT,
+                format!(
+                    "status result is not {{\"type\":\"status\",...}}: {}",
+                    snippet(&out)
+                ),
+                false,
+            )),
+        }
+    }
+
+    /// Stops the connector (joining its threads); emits are refused once it returns.
+    /// A no-op before start or after a previous stop.
+    pub fn stop(&self) -> Result<(), PluginError> {
+        match self.shared.state.load(Ordering::Acquire) {
+            RUNNING => {}
+            CREATED | STOPPED => {
+                let _ = self.shared.state.compare_exchange(
+                    CREATED,
+                    STOPPED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                return Ok(());
+            }
+            _ => return Err(self.wrong_state("stop")),
+        }
+        // SAFETY: the header's stop on our live instance.
+        let r = self.call(|vt, inst, err| unsafe { (vt.stop)(inst, err) });
+        // Even a failed stop ends the emit window; a panicked one stays poisoned.
+        let _ = self.shared.state.compare_exchange(
+            RUNNING,
+            STOPPED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        r.map(drop)
+    }
+
+    fn wrong_state(&self, call: &str) -> PluginError {
+        match self.state() {
+            InstanceState::Poisoned => {
+                PluginError::host(codes::POISONED, "connector panicked earlier", false)
+            }
+            state => PluginError::host(
+                codes::NOT_RUNNING,
+                format!("cannot {call}: instance is {state:?}"),
+                true,
+            ),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.state() == InstanceState::Running {
+            let _ = self.stop();
+        }
+        if !self.is_poisoned() {
+            self.shared.state.store(STOPPED, Ordering::Release);
+        }
+        // SAFETY: destroy exactly once, last; the host struct and ctx stay alive until
+        // it returns (fields drop after this body).
+        unsafe { (self.lib.inner.vtable.destroy)(self.raw) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_cross_threads() {
+        // The daemon moves instances into spawn_blocking and events across tasks.
+        send_sync::<Instance>();
+        send_sync::<Library>();
+        send_sync::<RawEvent>();
+        send_sync::<LoadError>();
+        send_sync::<PluginError>();
+    }
+
+    #[test]
+    fn permits_bound_in_flight_events() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(10);
+        let shared = Shared {
+            tag: 5,
+            id: 1,
+            kind: "t".into(),
+            state: AtomicU8::new(RUNNING),
+            capacity: 2,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            sink: Box::new(tx),
+            accepted: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        };
+        assert_eq!(shared.emit(b"1"), abi::PB_OK);
+        assert_eq!(shared.emit(b"2"), abi::PB_OK);
+        assert_eq!(shared.emit(b"3"), abi::PB_BUSY);
+        let first = rx.recv().unwrap();
+        assert_eq!((first.tag, first.json.as_slice()), (5, &b"1"[..]));
+        drop(first);
+        assert_eq!(shared.emit(b"4"), abi::PB_OK);
+        shared.state.store(STOPPED, Ordering::Release);
+        assert_eq!(shared.emit(b"5"), abi::PB_ERROR);
+    }
+}

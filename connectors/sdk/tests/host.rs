@@ -1,0 +1,531 @@
+//! Host side against real libraries compiled from C at test time: the header matches the
+//! Rust mirror, unfit plugins are refused with clear errors, a C connector works end to
+//! end, plugin misbehaviour becomes error values, and `check_file` refuses unsafe files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use patchbay_connector_sdk::abi;
+use patchbay_connector_sdk::host::{
+    Instance, InstanceState, LoadError, PluginError, RawEvent, check_file, codes, load,
+};
+use patchbay_connector_sdk::{ChannelState, Event, Outbound, Recipient};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn outbound(message: i64, text: &str) -> Outbound {
+    Outbound {
+        message,
+        external_chat_id: "chat".into(),
+        to: Recipient {
+            phone: Some("+15550002000".into()),
+            username: None,
+        },
+        text: text.into(),
+        attachments: vec![],
+    }
+}
+
+#[test]
+fn header_layout_matches_rust_abi() {
+    use std::mem::{offset_of, size_of};
+    let probe = run_layout_probe();
+    let c: HashMap<&str, usize> = probe
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k, v.parse().unwrap())
+        })
+        .collect();
+    let rust: &[(&str, usize)] = &[
+        ("pb_sink", size_of::<abi::pb_sink>()),
+        ("pb_sink.ctx", offset_of!(abi::pb_sink, ctx)),
+        ("pb_sink.write", offset_of!(abi::pb_sink, write)),
+        ("pb_host", size_of::<abi::pb_host>()),
+        ("pb_host.struct_size", offset_of!(abi::pb_host, struct_size)),
+        ("pb_host.abi_version", offset_of!(abi::pb_host, abi_version)),
+        ("pb_host.ctx", offset_of!(abi::pb_host, ctx)),
+        ("pb_host.emit", offset_of!(abi::pb_host, emit)),
+        ("pb_host.log", offset_of!(abi::pb_host, log)),
+        ("pb_connector_v1", size_of::<abi::pb_connector_v1>()),
+        (
+            "pb_connector_v1.struct_size",
+            offset_of!(abi::pb_connector_v1, struct_size),
+        ),
+        (
+            "pb_connector_v1.abi_version",
+            offset_of!(abi::pb_connector_v1, abi_version),
+        ),
+        (
+            "pb_connector_v1.kind",
+            offset_of!(abi::pb_connector_v1, kind),
+        ),
+        (
+            "pb_connector_v1.version",
+            offset_of!(abi::pb_connector_v1, version),
+        ),
+        (
+            "pb_connector_v1.create",
+            offset_of!(abi::pb_connector_v1, create),
+        ),
+        (
+            "pb_connector_v1.start",
+            offset_of!(abi::pb_connector_v1, start),
+        ),
+        (
+            "pb_connector_v1.send",
+            offset_of!(abi::pb_connector_v1, send),
+        ),
+        (
+            "pb_connector_v1.status",
+            offset_of!(abi::pb_connector_v1, status),
+        ),
+        (
+            "pb_connector_v1.stop",
+            offset_of!(abi::pb_connector_v1, stop),
+        ),
+        (
+            "pb_connector_v1.destroy",
+            offset_of!(abi::pb_connector_v1, destroy),
+        ),
+        ("PB_CONNECTOR_V1_MIN_SIZE", abi::PB_CONNECTOR_V1_MIN_SIZE),
+        ("PB_ABI_VERSION", abi::PB_ABI_VERSION as usize),
+        ("PB_MAX_PAYLOAD_BYTES", abi::PB_MAX_PAYLOAD_BYTES),
+        ("PB_OK", abi::PB_OK as usize),
+        ("PB_ERROR", abi::PB_ERROR as usize),
+        ("PB_PANICKED", abi::PB_PANICKED as usize),
+        ("PB_BUSY", abi::PB_BUSY as usize),
+        ("PB_UNSUPPORTED", abi::PB_UNSUPPORTED as usize),
+    ];
+    assert_eq!(c.len(), rust.len(), "probe printed {probe}");
+    for (name, value) in rust {
+        assert_eq!(c.get(name), Some(value), "{name}");
+    }
+}
+
+#[test]
+fn refuses_wrong_abi_version() {
+    let so = compile_plugin("wrong_version.c", "wrong_version", &[]);
+    let e = load(&so).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LoadError::WrongAbiVersion {
+                found: 999,
+                expected: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ABI version 999") && msg.contains("libwrong_version.so"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn refuses_missing_entry_symbol() {
+    let so = compile_plugin("no_symbol.c", "no_symbol", &[]);
+    let e = load(&so).unwrap_err();
+    assert!(matches!(e, LoadError::MissingSymbol { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("no entry symbol `patchbay_connector_v1`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_broken_descriptors() {
+    let dir = scratch_dir();
+    type Case = (&'static str, fn(&LoadError) -> bool, &'static str);
+    let cases: &[Case] = &[
+        (
+            "-DMODE_REFUSE",
+            |e| matches!(e, LoadError::Refused { host_abi: 1, .. }),
+            "refused",
+        ),
+        (
+            "-DMODE_SMALL",
+            |e| matches!(e, LoadError::StructTooSmall { size: 16, .. }),
+            "smaller",
+        ),
+        (
+            "-DMODE_BAD_KIND",
+            |e| matches!(e, LoadError::BadKind { .. }),
+            "\"Bad-Kind\"",
+        ),
+        (
+            "-DMODE_NO_CREATE",
+            |e| {
+                matches!(
+                    e,
+                    LoadError::MissingFunction {
+                        function: "create",
+                        ..
+                    }
+                )
+            },
+            "`create`",
+        ),
+    ];
+    for (i, (define, is, text)) in cases.iter().enumerate() {
+        let so = compile_plugin_in(&dir, "bad_descriptor.c", &format!("bad{i}"), &[define]);
+        let e = load(&so).unwrap_err();
+        assert!(is(&e), "{define}: {e:?}");
+        assert!(e.to_string().contains(text), "{define}: {e}");
+    }
+}
+
+#[test]
+fn refuses_a_file_that_is_not_a_library() {
+    let dir = scratch_dir();
+    let fake = dir.join("libfake.so");
+    fs::write(&fake, "not an ELF file").unwrap();
+    let e = load(&fake).unwrap_err();
+    assert!(matches!(e, LoadError::Open { .. }), "{e:?}");
+    assert!(e.to_string().contains("cannot load the library"), "{e}");
+}
+
+fn parse_all(events: &[RawEvent]) -> Vec<Event> {
+    events.iter().map(|e| e.parse().unwrap()).collect()
+}
+
+#[test]
+fn c_connector_works_end_to_end() {
+    let so = compile_plugin("hello_connector.c", "hello", &[]);
+    let lib = load(&so).unwrap();
+    assert_eq!(
+        (lib.kind(), lib.version(), lib.abi_version()),
+        ("hello", "1.0.0", 1)
+    );
+    assert!(lib.supports_send());
+
+    let (tx, rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 7, &json!({}), tx, 64).unwrap();
+    assert_eq!(inst.state(), InstanceState::Created);
+    assert_eq!(inst.status().unwrap().state, ChannelState::Disconnected);
+    inst.start().unwrap();
+    assert_eq!(inst.state(), InstanceState::Running);
+
+    let got = collect_until(&rx, WAIT, |g| g.len() >= 3);
+    assert!(got.iter().all(|e| e.tag == 7 && e.instance == inst.id()));
+    let events = parse_all(&got);
+    let Event::Status(s) = &events[1] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(s.state, ChannelState::Connected);
+    assert_eq!(s.number.as_deref(), Some("+15550001000"));
+    let Event::Inbound(m) = &events[2] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (m.external_message_id.as_str(), m.text.as_str()),
+        ("hello-1", "hello from C")
+    );
+
+    let sent = inst.send(&outbound(42, "hi")).unwrap();
+    assert_eq!(sent.external_message_id, "hello-out-1");
+    let receipt = collect_until(&rx, WAIT, |g| !g.is_empty());
+    let Event::Receipt(r) = receipt[0].parse().unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (r.message, r.external_message_id.as_deref()),
+        (42, Some("hello-out-1"))
+    );
+
+    let raw = inst
+        .send_json(&json!({"type": "send", "message": 5, "external_chat_id": "c", "text": "x"}))
+        .unwrap();
+    assert_eq!(
+        raw,
+        json!({"type": "sent", "external_message_id": "hello-out-2"})
+    );
+
+    inst.stop().unwrap();
+    assert_eq!(inst.state(), InstanceState::Stopped);
+    let rest = collect_until(&rx, WAIT, |g| g.len() >= 2);
+    assert!(
+        matches!(rest[1].parse().unwrap(), Event::Status(ref s) if s.state == ChannelState::Disconnected)
+    );
+    let e = inst.send(&outbound(43, "late")).unwrap_err();
+    assert_eq!(e.code, codes::NOT_RUNNING);
+    assert!(e.retryable);
+    inst.stop().unwrap(); // idempotent
+    assert_eq!(inst.start().unwrap_err().code, codes::NOT_RUNNING); // one lifecycle
+    let stats = inst.emit_stats();
+    assert_eq!((stats.accepted, stats.busy, stats.refused), (6, 0, 0));
+}
+
+#[test]
+fn c_connector_errors_are_values() {
+    let so = compile_plugin("hello_connector.c", "hello", &[]);
+    let lib = load(&so).unwrap();
+    let (tx, rx) = mpsc::sync_channel(64);
+    let e = Instance::create(&lib, 1, &json!([1, 2]), tx.clone(), 8).unwrap_err();
+    assert_eq!(
+        e,
+        PluginError {
+            code: "invalid_config".into(),
+            message: "config must be a JSON object".into(),
+            retryable: false
+        }
+    );
+
+    let inst = Instance::create(&lib, 1, &json!({"fail_start": true}), tx, 8).unwrap();
+    let e = inst.start().unwrap_err();
+    assert_eq!(e.code, "start_failed");
+    assert_eq!(inst.state(), InstanceState::Stopped);
+    let got = collect_until(&rx, WAIT, |g| g.len() >= 2);
+    assert!(
+        matches!(got[1].parse().unwrap(), Event::Status(ref s) if s.state == ChannelState::Error)
+    );
+    drop(inst);
+}
+
+type EmitFn = unsafe extern "C" fn(*const std::ffi::c_char) -> i32;
+type EmitLenFn = unsafe extern "C" fn(usize) -> i32;
+type CountFn = unsafe extern "C" fn() -> i32;
+
+/// The misbehaving fixture's test hooks (the same dlopen handle the host uses).
+struct Hooks {
+    lib: libloading::Library,
+}
+
+impl Hooks {
+    fn open(path: &std::path::Path) -> Self {
+        Hooks {
+            lib: unsafe { libloading::Library::new(path) }.unwrap(),
+        }
+    }
+    fn emit(&self, json: &str) -> i32 {
+        let c = std::ffi::CString::new(json).unwrap();
+        unsafe { self.lib.get::<EmitFn>(b"misbehaving_emit\0").unwrap()(c.as_ptr()) }
+    }
+    fn emit_len(&self, len: usize) -> i32 {
+        unsafe {
+            self.lib
+                .get::<EmitLenFn>(b"misbehaving_emit_len\0")
+                .unwrap()(len)
+        }
+    }
+    fn calls(&self) -> i32 {
+        unsafe { self.lib.get::<CountFn>(b"misbehaving_calls\0").unwrap()() }
+    }
+    fn destroyed(&self) -> i32 {
+        unsafe { self.lib.get::<CountFn>(b"misbehaving_destroyed\0").unwrap()() }
+    }
+}
+
+const STATUS_EVENT: &str = r#"{"type":"status","state":"connecting"}"#;
+
+#[test]
+fn emit_only_between_start_and_stop() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = Hooks::open(&so);
+    let (tx, rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 3, &json!({}), tx, 64).unwrap();
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_ERROR, "before start");
+    inst.start().unwrap();
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(
+        hooks.emit("{not json"),
+        abi::PB_OK,
+        "the host takes bytes; parse rejects"
+    );
+    assert_eq!(
+        hooks.emit_len(abi::PB_MAX_PAYLOAD_BYTES + 1),
+        abi::PB_ERROR,
+        "too large"
+    );
+    inst.stop().unwrap();
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_ERROR, "after stop");
+    let got: Vec<_> = rx.try_iter().collect();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].parse().is_ok());
+    let e = got[1].parse().unwrap_err();
+    assert!(e.to_string().contains("invalid event JSON"), "{e}");
+    assert_eq!(got[1].json, b"{not json");
+    let stats = inst.emit_stats();
+    assert_eq!((stats.accepted, stats.refused), (2, 3));
+}
+
+#[test]
+fn emit_busy_when_in_flight_limit_or_queue_is_full() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = Hooks::open(&so);
+    // Per-instance limit 2, roomy channel.
+    let (tx, rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 1, &json!({}), tx, 2).unwrap();
+    inst.start().unwrap();
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_BUSY);
+    drop(rx.recv().unwrap()); // handling an event frees its slot
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(inst.emit_stats().busy, 1);
+    inst.stop().unwrap();
+    drop(inst);
+
+    // Roomy limit, full channel; then a closed channel.
+    let (tx, rx) = mpsc::sync_channel(1);
+    let inst = Instance::create(&lib, 1, &json!({}), tx, 100).unwrap();
+    inst.start().unwrap();
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_BUSY);
+    drop(rx);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_ERROR);
+    inst.stop().unwrap();
+}
+
+#[test]
+fn tokio_sender_is_an_event_sink() {
+    let so = compile_plugin("hello_connector.c", "hello", &[]);
+    let lib = load(&so).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let inst = Instance::create(&lib, 9, &json!({}), tx, 16).unwrap();
+    inst.start().unwrap();
+    let ev = rx.blocking_recv().unwrap();
+    assert_eq!(ev.tag, 9);
+    assert!(ev.parse().is_ok());
+}
+
+#[test]
+fn misbehaving_calls_become_errors() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = Hooks::open(&so);
+    let (tx, _rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 1, &json!({"huge_status": true}), tx, 64).unwrap();
+    inst.start().unwrap();
+    assert_eq!(
+        inst.send(&outbound(1, "fine")).unwrap().external_message_id,
+        "m-1"
+    );
+    assert_eq!(
+        inst.send(&outbound(1, "garbage")).unwrap_err().code,
+        codes::BAD_OUTPUT
+    );
+    assert_eq!(
+        inst.send(&outbound(1, "no_body")).unwrap_err().code,
+        codes::BAD_OUTPUT
+    );
+    assert_eq!(
+        inst.send(&outbound(1, "weird")).unwrap_err().code,
+        codes::BAD_STATUS
+    );
+    assert_eq!(
+        inst.send(&outbound(1, "unsupported")).unwrap_err().code,
+        codes::UNSUPPORTED
+    );
+    let e = inst.status().unwrap_err();
+    assert_eq!(e.code, codes::BAD_OUTPUT);
+    assert!(e.message.contains("larger than"), "{e}");
+    assert_eq!(inst.state(), InstanceState::Running);
+
+    let e = inst.send(&outbound(1, "panic")).unwrap_err();
+    assert_eq!(
+        (e.code.as_str(), e.message.as_str()),
+        (codes::PANICKED, "C++ exception: boom")
+    );
+    assert!(e.is_panic());
+    assert_eq!(inst.state(), InstanceState::Poisoned);
+    let calls = hooks.calls();
+    assert_eq!(
+        inst.send(&outbound(1, "fine")).unwrap_err().code,
+        codes::POISONED
+    );
+    assert_eq!(inst.status().unwrap_err().code, codes::POISONED);
+    assert_eq!(inst.stop().unwrap_err().code, codes::POISONED);
+    assert_eq!(hooks.calls(), calls, "a poisoned instance is not called");
+    assert_eq!(
+        hooks.emit(STATUS_EVENT),
+        abi::PB_ERROR,
+        "a poisoned instance cannot emit"
+    );
+    drop(inst);
+    assert_eq!(
+        hooks.destroyed(),
+        1,
+        "destroy is still called after a panic"
+    );
+    assert_eq!(hooks.calls(), calls, "no stop on a poisoned instance");
+}
+
+#[test]
+fn check_file_accepts_a_safe_plugin() {
+    let dir = scratch_dir();
+    let so = compile_plugin_in(&dir, "hello_connector.c", "hello", &[]);
+    fs::set_permissions(&so, fs::Permissions::from_mode(0o755)).unwrap();
+    let uid = fs::metadata(&so)
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    let ok = check_file(&so, &dir, &[uid]).unwrap();
+    assert_eq!(ok, fs::canonicalize(&so).unwrap());
+    // A symlink inside the folder to a file inside it is fine; the real path is returned.
+    symlink(&so, dir.join("libalias.so")).unwrap();
+    assert_eq!(
+        check_file(&dir.join("libalias.so"), &dir, &[uid]).unwrap(),
+        ok
+    );
+    load(&ok).unwrap();
+}
+
+#[test]
+fn check_file_refuses_unsafe_files() {
+    let dir = scratch_dir();
+    let so = compile_plugin_in(&dir, "hello_connector.c", "hello", &[]);
+    let uid = fs::metadata(&so)
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+
+    for mode in [0o775, 0o757, 0o777] {
+        fs::set_permissions(&so, fs::Permissions::from_mode(mode)).unwrap();
+        let e = check_file(&so, &dir, &[uid]).unwrap_err();
+        assert!(matches!(e, LoadError::Writable { .. }), "{mode:o}: {e:?}");
+        assert!(e.to_string().contains("group- or world-writable"), "{e}");
+    }
+    fs::set_permissions(&so, fs::Permissions::from_mode(0o755)).unwrap();
+
+    // Escapes: a symlink out of the folder, and a path outside it.
+    let outside = scratch_dir();
+    let elsewhere = compile_plugin_in(&outside, "hello_connector.c", "elsewhere", &[]);
+    symlink(&elsewhere, dir.join("libescape.so")).unwrap();
+    let e = check_file(&dir.join("libescape.so"), &dir, &[uid]).unwrap_err();
+    assert!(matches!(e, LoadError::OutsideDir { .. }), "{e:?}");
+    assert!(e.to_string().contains("outside the plugin folder"), "{e}");
+    let e = check_file(&elsewhere, &dir, &[uid]).unwrap_err();
+    assert!(matches!(e, LoadError::OutsideDir { .. }), "{e:?}");
+    let e = check_file(&dir.join("sub/../../x.so"), &dir, &[uid]).unwrap_err();
+    assert!(matches!(e, LoadError::Io { .. }), "{e:?}");
+
+    fs::create_dir(dir.join("libdir.so")).unwrap();
+    let e = check_file(&dir.join("libdir.so"), &dir, &[uid]).unwrap_err();
+    assert!(matches!(e, LoadError::NotAFile { .. }), "{e:?}");
+    let e = check_file(&dir.join("libmissing.so"), &dir, &[uid]).unwrap_err();
+    assert!(matches!(e, LoadError::Io { .. }), "{e:?}");
+
+    // Ownership: only root or an allowed uid. Changing the owner needs root.
+    if uid == 0 {
+        std::os::unix::fs::chown(&so, Some(4242), None).unwrap();
+        let e = check_file(&so, &dir, &[1000]).unwrap_err();
+        assert!(matches!(e, LoadError::Owner { uid: 4242, .. }), "{e:?}");
+        assert!(e.to_string().contains("owned by uid 4242"), "{e}");
+        check_file(&so, &dir, &[4242]).unwrap();
+    } else {
+        let e = check_file(&so, &dir, &[]).unwrap_err();
+        assert!(matches!(e, LoadError::Owner { .. }), "{e:?}");
+    }
+}

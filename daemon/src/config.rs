@@ -1,0 +1,559 @@
+//! patchbayd's configuration: built-in defaults (the embedded default), then the TOML
+//! file, then `PATCHBAY__SECTION__KEY` environment variables, layered with `config`.
+//!
+//! Every value is checked here, once, at start: a bad one becomes a `ConfigError` that
+//! names the key, the value and what is allowed, and patchbayd exits 78 (EX_CONFIG).
+//! Relative paths are resolved against the config file's folder (or the working folder
+//! when there is no file), so the rest of the daemon only sees absolute paths.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use patchbay_jobs::JobKind;
+use serde::{Deserialize, Serialize};
+
+/// EX_CONFIG from sysexits.h: what systemd and scripts expect for a bad configuration.
+pub const EXIT_CONFIG: i32 = 78;
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {key} = {value}: {allowed}")]
+pub struct ConfigError {
+    pub key: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, value: impl std::fmt::Debug, allowed: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.to_owned(),
+            value: format!("{value:?}"),
+            allowed: allowed.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub control: ControlConfig,
+    pub store: StoreConfig,
+    pub queue: QueueConfig,
+    pub plugins: PluginsConfig,
+    pub mail: MailConfig,
+    pub billing: BillingConfig,
+    pub deletion: DeletionConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub url: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    Sqlite,
+    Redis,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub backend: String,
+    pub sqlite_path: PathBuf,
+    pub redis_url: String,
+    pub namespace: String,
+    pub shutdown_timeout_secs: u64,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Per job kind: how many of its jobs run at once.
+    pub concurrency: BTreeMap<String, usize>,
+    /// Per job kind: attempts before `dead`.
+    pub max_attempts: BTreeMap<String, u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    pub transport: String,
+    pub spool_dir: PathBuf,
+    pub smtp_url: String,
+    pub from: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    pub run_at: String,
+    pub timezone: String,
+    pub default_price: i64,
+    pub prices: BTreeMap<String, i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeletionConfig {
+    pub batch_size: u32,
+    pub pause_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: "var/patchbayd.sock".into(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://var/patchbay.db".into(),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: "sqlite".into(),
+            sqlite_path: "var/queue.db".into(),
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            namespace: "patchbay".into(),
+            shutdown_timeout_secs: 30,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+            concurrency: BTreeMap::new(),
+            max_attempts: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: "target/release".into(),
+        }
+    }
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig {
+            transport: "file".into(),
+            spool_dir: "var/mail".into(),
+            smtp_url: String::new(),
+            from: "patchbay <billing@patchbay.invalid>".into(),
+        }
+    }
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            run_at: "00:05".into(),
+            timezone: "UTC".into(),
+            default_price: 100,
+            prices: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for DeletionConfig {
+    fn default() -> Self {
+        DeletionConfig {
+            batch_size: 500,
+            pause_ms: 5,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A loaded and checked configuration, with paths made absolute.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub raw: Config,
+    pub socket: PathBuf,
+    pub store_path: PathBuf,
+    pub queue: QueueBackend,
+    pub queue_sqlite_path: PathBuf,
+    pub plugins_dir: PathBuf,
+    pub mail_spool_dir: PathBuf,
+}
+
+impl Settings {
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.raw.queue.shutdown_timeout_secs)
+    }
+
+    pub fn concurrency(&self, kind: JobKind) -> usize {
+        let default = match kind {
+            JobKind::InboundMessage | JobKind::SendMessage => 32,
+            // Deletion is paced and must never crowd out inbound work.
+            JobKind::DataDeletion => 1,
+            _ => 8,
+        };
+        self.raw
+            .queue
+            .concurrency
+            .get(kind.as_str())
+            .copied()
+            .unwrap_or(default)
+    }
+
+    pub fn max_attempts(&self, kind: JobKind) -> u32 {
+        let q = &self.raw.queue;
+        q.max_attempts
+            .get(kind.as_str())
+            .copied()
+            .unwrap_or_else(|| kind.default_max_attempts())
+    }
+
+    /// Exponential backoff before attempt `attempt + 1`, capped.
+    pub fn retry_delay(&self, attempt: u32) -> Duration {
+        let q = &self.raw.queue;
+        let factor = 1u64
+            .checked_shl(attempt.saturating_sub(1).min(30))
+            .unwrap_or(u64::MAX);
+        Duration::from_millis(q.retry_base_ms.saturating_mul(factor).min(q.retry_max_ms))
+    }
+}
+
+/// Where relative paths point when no file is given.
+fn default_base() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+    let defaults = ::config::Config::try_from(&Config::default())
+        .map_err(|e| ConfigError::new("(defaults)", e.to_string(), "a bug: please report"))?;
+    let mut builder = ::config::Config::builder().add_source(defaults);
+    let base = match file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    path.display().to_string(),
+                    "a readable TOML file (see config/patchbayd.toml)",
+                ));
+            }
+            builder = builder.add_source(
+                ::config::File::from(path)
+                    .format(::config::FileFormat::Toml)
+                    .required(true),
+            );
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+            abs.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(default_base)
+        }
+        None => default_base(),
+    };
+    builder = builder.add_source(
+        ::config::Environment::with_prefix("PATCHBAY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("control.allowed_uids")
+            .with_list_parse_key("control.allowed_gids"),
+    );
+    let built = builder.build().map_err(from_config_error)?;
+    let raw: Config = built.try_deserialize().map_err(from_config_error)?;
+    check(raw, &base)
+}
+
+/// Turns the `config` crate's error into ours, keeping its key and expectation.
+fn from_config_error(e: ::config::ConfigError) -> ConfigError {
+    match e {
+        ::config::ConfigError::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => ConfigError {
+            key: key.unwrap_or_else(|| "(unknown key)".into()),
+            value: unexpected.to_string(),
+            allowed: format!("expected {expected}"),
+        },
+        ::config::ConfigError::FileParse { cause, .. } => ConfigError {
+            key: "--config".into(),
+            value: "(the file)".into(),
+            // One line, as promised: TOML errors come with a drawn excerpt.
+            allowed: format!(
+                "must be valid TOML: {}",
+                cause
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        },
+        other => {
+            let text = other.to_string();
+            // serde's "unknown field `x`, expected one of ..." keeps its own wording.
+            let key = text
+                .split('`')
+                .nth(1)
+                .map(str::to_owned)
+                .unwrap_or_else(|| "(configuration)".into());
+            ConfigError {
+                key,
+                value: "(present)".into(),
+                allowed: text,
+            }
+        }
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
+    let queue = match raw.queue.backend.as_str() {
+        "sqlite" => QueueBackend::Sqlite,
+        "redis" => QueueBackend::Redis,
+        other => {
+            return Err(ConfigError::new(
+                "queue.backend",
+                other,
+                "one of sqlite, redis",
+            ));
+        }
+    };
+    if queue == QueueBackend::Redis
+        && !(raw.queue.redis_url.starts_with("redis://")
+            || raw.queue.redis_url.starts_with("rediss://")
+            || raw.queue.redis_url.starts_with("redis+unix://")
+            || raw.queue.redis_url.starts_with("unix://"))
+    {
+        return Err(ConfigError::new(
+            "queue.redis_url",
+            &raw.queue.redis_url,
+            "a redis://, rediss://, redis+unix:// or unix:// URL",
+        ));
+    }
+    if raw.queue.namespace.is_empty()
+        || !raw
+            .queue
+            .namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ConfigError::new(
+            "queue.namespace",
+            &raw.queue.namespace,
+            "letters, digits, '-', '_' or '.', not empty",
+        ));
+    }
+    if raw.queue.retry_base_ms == 0 || raw.queue.retry_max_ms < raw.queue.retry_base_ms {
+        return Err(ConfigError::new(
+            "queue.retry_max_ms",
+            raw.queue.retry_max_ms,
+            format!(
+                "at least queue.retry_base_ms ({}), which must be > 0",
+                raw.queue.retry_base_ms
+            ),
+        ));
+    }
+    for (map, what, max) in [
+        (
+            &raw.queue
+                .concurrency
+                .iter()
+                .map(|(k, v)| (k, *v as u64))
+                .collect::<Vec<_>>(),
+            "concurrency",
+            1024,
+        ),
+        (
+            &raw.queue
+                .max_attempts
+                .iter()
+                .map(|(k, v)| (k, u64::from(*v)))
+                .collect::<Vec<_>>(),
+            "max_attempts",
+            100,
+        ),
+    ] {
+        for (kind, value) in map {
+            let key = format!("queue.{what}.{kind}");
+            if kind.parse::<JobKind>().is_err() {
+                let names: Vec<_> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+                return Err(ConfigError::new(
+                    &key,
+                    kind,
+                    format!("a job kind: {}", names.join(", ")),
+                ));
+            }
+            if *value == 0 || *value > max {
+                return Err(ConfigError::new(&key, value, format!("1 to {max}")));
+            }
+        }
+    }
+    let store_path = match raw.store.url.strip_prefix("sqlite://") {
+        Some(p) if !p.is_empty() => resolve(base, Path::new(p)),
+        _ => {
+            return Err(ConfigError::new(
+                "store.url",
+                &raw.store.url,
+                "sqlite://PATH (PostgreSQL is planned, not yet available)",
+            ));
+        }
+    };
+    if !matches!(raw.mail.transport.as_str(), "file" | "smtp") {
+        return Err(ConfigError::new(
+            "mail.transport",
+            &raw.mail.transport,
+            "one of file, smtp",
+        ));
+    }
+    if raw.mail.transport == "smtp" && !raw.mail.smtp_url.starts_with("smtp") {
+        return Err(ConfigError::new(
+            "mail.smtp_url",
+            &raw.mail.smtp_url,
+            "smtp://HOST:PORT or smtps://HOST:PORT (add ?tls=required for STARTTLS)",
+        ));
+    }
+    if chrono::NaiveTime::parse_from_str(&raw.billing.run_at, "%H:%M").is_err() {
+        return Err(ConfigError::new(
+            "billing.run_at",
+            &raw.billing.run_at,
+            "a time HH:MM, e.g. 00:05",
+        ));
+    }
+    if raw.billing.default_price < 0 {
+        return Err(ConfigError::new(
+            "billing.default_price",
+            raw.billing.default_price,
+            "a non-negative integer of minor units",
+        ));
+    }
+    for (kind, price) in &raw.billing.prices {
+        if *price < 0 {
+            return Err(ConfigError::new(
+                &format!("billing.prices.{kind}"),
+                price,
+                "a non-negative integer of minor units",
+            ));
+        }
+    }
+    if raw.deletion.batch_size == 0 || raw.deletion.batch_size > 100_000 {
+        return Err(ConfigError::new(
+            "deletion.batch_size",
+            raw.deletion.batch_size,
+            "1 to 100000",
+        ));
+    }
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        return Err(ConfigError::new(
+            "log.level",
+            &raw.log.level,
+            "error, warn, info, debug, trace, or a RUST_LOG-style filter",
+        ));
+    }
+    if !matches!(raw.log.format.as_str(), "text" | "json") {
+        return Err(ConfigError::new(
+            "log.format",
+            &raw.log.format,
+            "one of text, json",
+        ));
+    }
+    Ok(Settings {
+        socket: resolve(base, &raw.control.socket),
+        store_path,
+        queue,
+        queue_sqlite_path: resolve(base, &raw.queue.sqlite_path),
+        plugins_dir: resolve(base, &raw.plugins.dir),
+        mail_spool_dir: resolve(base, &raw.mail.spool_dir),
+        raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(text: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).expect("write");
+        load(Some(&path))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_paths_follow_the_file() {
+        let s = load_toml("").expect("defaults");
+        assert_eq!(s.queue, QueueBackend::Sqlite);
+        assert!(s.socket.is_absolute() && s.socket.ends_with("var/patchbayd.sock"));
+        assert_eq!(s.retry_delay(1), Duration::from_secs(1));
+        assert_eq!(s.retry_delay(3), Duration::from_secs(4));
+        assert_eq!(s.retry_delay(40), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        for (text, key) in [
+            ("[queue]\nbackend = \"mysql\"", "queue.backend"),
+            (
+                "[queue]\nshutdown_timeout_secs = \"soon\"",
+                "queue.shutdown_timeout_secs",
+            ),
+            (
+                "[queue.concurrency]\nbilling = 4",
+                "queue.concurrency.billing",
+            ),
+            ("[store]\nurl = \"postgres://x\"", "store.url"),
+            ("[billing]\nrun_at = \"25:00\"", "billing.run_at"),
+            ("[billing.prices]\nloopback = -1", "billing.prices.loopback"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("[control]\nsockett = \"x\"", "sockett"),
+        ] {
+            let err = load_toml(text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(key), "{text:?} gave {err:?}");
+        }
+    }
+}

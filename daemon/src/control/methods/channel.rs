@@ -1,0 +1,110 @@
+//! `channel.add`, `channel.remove`, `channel.list`, and `plugin.list`.
+
+use patchbay_jobs::model::Id;
+use patchbay_jobs::{DomainError, access, validate};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{NoParams, to_json};
+use crate::app::App;
+use crate::control::rpc::RpcError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddParams {
+    account: Id,
+    actor: Id,
+    kind: String,
+    name: String,
+    #[serde(default)]
+    config: Value,
+}
+
+pub async fn add(app: &App, p: AddParams) -> Result<Value, RpcError> {
+    access::administrator(&*app.store, p.account, p.actor, "add channels").await?;
+    let name = validate::name("name", &p.name)?;
+    if app.plugins.registry().get(&p.kind).is_none() {
+        return Err(DomainError::InvalidValue(format!(
+            "no connector of kind {:?} is loaded; loaded kinds: {}",
+            p.kind,
+            app.plugins.registry().kinds().join(", ")
+        ))
+        .into());
+    }
+    let config = match p.config {
+        Value::Null => json!({}),
+        c @ Value::Object(_) => c,
+        other => {
+            return Err(DomainError::InvalidValue(format!(
+                "config must be an object, got {other}"
+            ))
+            .into());
+        }
+    };
+    let channel = app
+        .store
+        .add_channel(p.account, &p.kind, &name, &config)
+        .await?;
+    app.plugins.start(channel.clone());
+    channel_view(app, &channel)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    account: Id,
+    actor: Id,
+    channel: Id,
+}
+
+pub async fn remove(app: &App, p: RemoveParams) -> Result<Value, RpcError> {
+    access::administrator(&*app.store, p.account, p.actor, "remove channels").await?;
+    let channel = app.store.channel(p.channel).await?;
+    if channel.account != p.account || channel.status == "removed" {
+        return Err(DomainError::not_found("channel", p.channel).into());
+    }
+    app.plugins.stop(channel.id).await;
+    app.store
+        .set_channel_status(channel.id, "removed", Some("removed by an administrator"))
+        .await?;
+    channel_view(app, &app.store.channel(channel.id).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    account: Id,
+}
+
+pub async fn list(app: &App, p: ListParams) -> Result<Value, RpcError> {
+    let channels = app.store.channels(p.account).await?;
+    let views: Result<Vec<Value>, RpcError> =
+        channels.iter().map(|c| channel_view(app, c)).collect();
+    Ok(Value::Array(views?))
+}
+
+fn channel_view(app: &App, c: &patchbay_jobs::model::Channel) -> Result<Value, RpcError> {
+    let mut v = to_json(c)?;
+    if let Value::Object(m) = &mut v {
+        m.insert("daily_price".into(), json!(app.price(&c.kind)));
+    }
+    Ok(v)
+}
+
+pub async fn plugins(app: &App, _: NoParams) -> Result<Value, RpcError> {
+    let list: Vec<Value> = app
+        .plugins
+        .registry()
+        .libraries()
+        .map(|lib| {
+            json!({
+                "kind": lib.kind(),
+                "version": lib.version(),
+                "abi_version": lib.abi_version(),
+                "file": lib.path().display().to_string(),
+                "channels": app.plugins.running_count(lib.kind()),
+            })
+        })
+        .collect();
+    Ok(Value::Array(list))
+}

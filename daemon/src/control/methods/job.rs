@@ -1,0 +1,57 @@
+//! `job.enqueue`, `job.get`, `job.list`, `job.retry`: the queue as operators see it,
+//! read from the job journal so both queue backends answer alike.
+
+use patchbay_jobs::JobKind;
+use patchbay_jobs::model::JobState;
+use patchbay_jobs::store::JobFilter;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::to_json;
+use crate::app::App;
+use crate::control::rpc::RpcError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueParams {
+    kind: String,
+    payload: Value,
+}
+
+pub async fn enqueue(app: &App, p: EnqueueParams) -> Result<Value, RpcError> {
+    let kind: JobKind = p.kind.parse()?;
+    let (id, existing) = app.enqueue(kind, p.payload).await?;
+    Ok(json!({ "id": id, "existing": existing }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdParams {
+    id: String,
+}
+
+pub async fn get(app: &App, p: IdParams) -> Result<Value, RpcError> {
+    to_json(&app.store.journal_get(&p.id).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    state: Option<String>,
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+pub async fn list(app: &App, p: ListParams) -> Result<Value, RpcError> {
+    let filter = JobFilter {
+        state: p.state.as_deref().map(str::parse::<JobState>).transpose()?,
+        kind: p.kind.as_deref().map(str::parse::<JobKind>).transpose()?,
+        limit: p.limit.unwrap_or(100).min(10_000),
+    };
+    to_json(&app.store.journal_list(&filter).await?)
+}
+
+pub async fn retry(app: &App, p: IdParams) -> Result<Value, RpcError> {
+    let job = app.retry(&p.id).await?;
+    to_json(&job)
+}

@@ -1,0 +1,512 @@
+//! patchbayctl's command line: one subcommand per control method, named like it
+//! (`patchbayctl job list --state dead` calls `job.list`), plus `call` for any method.
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "patchbayctl",
+    version,
+    about = "Admin client for patchbayd's control socket"
+)]
+pub struct Cli {
+    /// Control socket; default: control.socket of the configuration.
+    #[arg(long, global = true, env = "PATCHBAY_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Configuration file to read the socket path from.
+    #[arg(long, short, global = true, env = "PATCHBAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the raw JSON result, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Version, uptime, backends, channels and queue depth.
+    Status,
+    #[command(subcommand)]
+    Account(AccountCmd),
+    #[command(subcommand)]
+    User(UserCmd),
+    #[command(subcommand)]
+    Job(JobCmd),
+    #[command(subcommand)]
+    Plugin(PluginCmd),
+    #[command(subcommand)]
+    Channel(ChannelCmd),
+    #[command(subcommand)]
+    Settings(SettingsCmd),
+    #[command(subcommand)]
+    Field(FieldCmd),
+    #[command(subcommand)]
+    Chat(ChatCmd),
+    #[command(subcommand)]
+    Message(MessageCmd),
+    /// Call any method with JSON params: `patchbayctl call account.get '{"account": 1}'`.
+    Call {
+        method: String,
+        params: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AccountCmd {
+    /// Create an account and its first administrator.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        admin_name: String,
+        #[arg(long)]
+        admin_email: String,
+    },
+    /// Balance, daily total, days until disconnection, settings.
+    Get(AccountArg),
+    /// Credit the balance (integer minor units) once per reference.
+    Topup {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        amount: i64,
+        #[arg(long)]
+        reference: String,
+    },
+    /// Charges and top-ups, newest first.
+    Ledger {
+        #[arg(long)]
+        account: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Args)]
+pub struct AccountArg {
+    #[arg(long)]
+    pub account: i64,
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Add a user: --role administrator or operator.
+    Add {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "operator")]
+        role: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum JobCmd {
+    /// Queue a job of any kind with a JSON payload.
+    Enqueue {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        payload: String,
+    },
+    /// State, attempts and last error of one job.
+    Get { id: String },
+    /// Jobs, newest first: --state pending|running|done|failed|dead, --kind KIND.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Queue a dead job again.
+    Retry { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum PluginCmd {
+    /// Loaded connector plugins: kind, version, ABI version, file, running channels.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum ChannelCmd {
+    /// Connect a messenger account (administrators); charged from today.
+    Add {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        /// Connector kind, see `patchbayctl plugin list`.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+        /// Connector configuration as a JSON object.
+        #[arg(long, default_value = "{}")]
+        connector_config: String,
+    },
+    /// Disconnect a channel (administrators); its history is kept.
+    Remove {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        #[arg(long)]
+        channel: i64,
+    },
+    /// Channels with number, status and daily price.
+    List(AccountArg),
+}
+
+#[derive(Subcommand)]
+pub enum SettingsCmd {
+    /// The account's four general settings.
+    Get(AccountArg),
+    /// Change one setting (administrators): VALUE is JSON, e.g. true, 5, "+7 (###) ###-##-##".
+    Set {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        key: String,
+        value: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FieldCmd {
+    /// Define an additional field (administrators).
+    Add {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        #[arg(long)]
+        name: String,
+        /// text, number, date, link, email, phone, checkbox or list
+        #[arg(long = "type")]
+        field_type: String,
+        /// Options of a list field, repeatable: --option new --option vip
+        #[arg(long = "option")]
+        options: Vec<String>,
+    },
+    List(AccountArg),
+    /// Remove a field and all its values (administrators).
+    Remove {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        #[arg(long)]
+        field: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ChatCmd {
+    /// Start a chat with a phone number, checked against the account's mask.
+    Create {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        #[arg(long)]
+        channel: i64,
+        #[arg(long)]
+        phone: String,
+    },
+    /// Chats, as a user sees them with --as-user.
+    List {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        as_user: Option<i64>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// The chat card.
+    Get { chat: i64 },
+    /// Messages, newest first.
+    Messages {
+        chat: i64,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        before: Option<i64>,
+    },
+    /// Make a user responsible (omit --user to clear).
+    Assign {
+        chat: i64,
+        #[arg(long)]
+        actor: i64,
+        #[arg(long)]
+        user: Option<i64>,
+    },
+    Open {
+        chat: i64,
+        #[arg(long)]
+        actor: i64,
+    },
+    Close {
+        chat: i64,
+        #[arg(long)]
+        actor: i64,
+    },
+    /// Set an additional field's value (JSON, null clears).
+    SetField {
+        chat: i64,
+        #[arg(long)]
+        actor: i64,
+        #[arg(long)]
+        field: i64,
+        value: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MessageCmd {
+    /// Send a message to the chat's client.
+    Send {
+        chat: i64,
+        #[arg(long)]
+        actor: i64,
+        text: String,
+    },
+}
+
+fn json_arg(what: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{what} is not valid JSON: {e}"))
+}
+
+fn object(pairs: Vec<(&str, Value)>) -> Value {
+    let map: Map<String, Value> = pairs
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    Value::Object(map)
+}
+
+/// The method and params a command stands for.
+pub fn to_call(cmd: &Command) -> anyhow::Result<(String, Value)> {
+    Ok(match cmd {
+        Command::Status => ("status".into(), json!({})),
+        Command::Call { method, params } => {
+            let params = match params {
+                Some(p) => json_arg("params", p)?,
+                None => json!({}),
+            };
+            (method.clone(), params)
+        }
+        Command::Account(a) => match a {
+            AccountCmd::Create {
+                name,
+                currency,
+                admin_name,
+                admin_email,
+            } => (
+                "account.create".into(),
+                object(vec![
+                    ("name", json!(name)),
+                    ("currency", json!(currency)),
+                    ("admin", json!({ "name": admin_name, "email": admin_email })),
+                ]),
+            ),
+            AccountCmd::Get(AccountArg { account }) => {
+                ("account.get".into(), json!({ "account": account }))
+            }
+            AccountCmd::Topup {
+                account,
+                amount,
+                reference,
+            } => (
+                "account.topup".into(),
+                json!({ "account": account, "amount": amount, "reference": reference }),
+            ),
+            AccountCmd::Ledger { account, limit } => (
+                "account.ledger".into(),
+                json!({ "account": account, "limit": limit }),
+            ),
+        },
+        Command::User(UserCmd::Add {
+            account,
+            name,
+            email,
+            role,
+        }) => (
+            "user.add".into(),
+            json!({ "account": account, "name": name, "email": email, "role": role }),
+        ),
+        Command::Job(j) => match j {
+            JobCmd::Enqueue { kind, payload } => (
+                "job.enqueue".into(),
+                json!({ "kind": kind, "payload": json_arg("--payload", payload)? }),
+            ),
+            JobCmd::Get { id } => ("job.get".into(), json!({ "id": id })),
+            JobCmd::List { state, kind, limit } => (
+                "job.list".into(),
+                object(vec![
+                    ("state", json!(state)),
+                    ("kind", json!(kind)),
+                    ("limit", json!(limit)),
+                ]),
+            ),
+            JobCmd::Retry { id } => ("job.retry".into(), json!({ "id": id })),
+        },
+        Command::Plugin(PluginCmd::List) => ("plugin.list".into(), json!({})),
+        Command::Channel(c) => match c {
+            ChannelCmd::Add {
+                account,
+                actor,
+                kind,
+                name,
+                connector_config,
+            } => (
+                "channel.add".into(),
+                json!({
+                    "account": account, "actor": actor, "kind": kind, "name": name,
+                    "config": json_arg("--connector-config", connector_config)?,
+                }),
+            ),
+            ChannelCmd::Remove {
+                account,
+                actor,
+                channel,
+            } => (
+                "channel.remove".into(),
+                json!({ "account": account, "actor": actor, "channel": channel }),
+            ),
+            ChannelCmd::List(AccountArg { account }) => {
+                ("channel.list".into(), json!({ "account": account }))
+            }
+        },
+        Command::Settings(SettingsCmd::Get(AccountArg { account })) => {
+            ("settings.get".into(), json!({ "account": account }))
+        }
+        Command::Settings(SettingsCmd::Set {
+            account,
+            actor,
+            key,
+            value,
+        }) => {
+            // A bare word that is not JSON is taken as a string: `phone_format none`.
+            let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
+            (
+                "settings.set".into(),
+                json!({ "account": account, "actor": actor, "key": key, "value": value }),
+            )
+        }
+        Command::Field(f) => match f {
+            FieldCmd::Add {
+                account,
+                actor,
+                name,
+                field_type,
+                options,
+            } => (
+                "field.add".into(),
+                object(vec![
+                    ("account", json!(account)),
+                    ("actor", json!(actor)),
+                    ("name", json!(name)),
+                    ("type", json!(field_type)),
+                    (
+                        "options",
+                        if options.is_empty() {
+                            Value::Null
+                        } else {
+                            json!(options)
+                        },
+                    ),
+                ]),
+            ),
+            FieldCmd::List(AccountArg { account }) => {
+                ("field.list".into(), json!({ "account": account }))
+            }
+            FieldCmd::Remove {
+                account,
+                actor,
+                field,
+            } => (
+                "field.remove".into(),
+                json!({ "account": account, "actor": actor, "field": field }),
+            ),
+        },
+        Command::Chat(c) => match c {
+            ChatCmd::Create {
+                account,
+                actor,
+                channel,
+                phone,
+            } => (
+                "chat.create".into(),
+                json!({ "account": account, "actor": actor, "channel": channel, "phone": phone }),
+            ),
+            ChatCmd::List {
+                account,
+                as_user,
+                status,
+                limit,
+            } => (
+                "chat.list".into(),
+                object(vec![
+                    ("account", json!(account)),
+                    ("as_user", json!(as_user)),
+                    ("status", json!(status)),
+                    ("limit", json!(limit)),
+                ]),
+            ),
+            ChatCmd::Get { chat } => ("chat.get".into(), json!({ "chat": chat })),
+            ChatCmd::Messages {
+                chat,
+                limit,
+                before,
+            } => (
+                "chat.messages".into(),
+                object(vec![
+                    ("chat", json!(chat)),
+                    ("limit", json!(limit)),
+                    ("before", json!(before)),
+                ]),
+            ),
+            ChatCmd::Assign { chat, actor, user } => (
+                "chat.assign".into(),
+                json!({ "chat": chat, "actor": actor, "user": user }),
+            ),
+            ChatCmd::Open { chat, actor } => {
+                ("chat.open".into(), json!({ "chat": chat, "actor": actor }))
+            }
+            ChatCmd::Close { chat, actor } => {
+                ("chat.close".into(), json!({ "chat": chat, "actor": actor }))
+            }
+            ChatCmd::SetField {
+                chat,
+                actor,
+                field,
+                value,
+            } => {
+                let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
+                (
+                    "chat.set_field".into(),
+                    json!({ "chat": chat, "actor": actor, "field": field, "value": value }),
+                )
+            }
+        },
+        Command::Message(MessageCmd::Send { chat, actor, text }) => (
+            "message.send".into(),
+            json!({ "chat": chat, "actor": actor, "text": text }),
+        ),
+    })
+}

@@ -1,0 +1,6 @@
+//! patchbayctl's pieces: `client` speaks to the control socket, `commands` maps the
+//! command line onto methods, `render` prints results as tables or JSON.
+
+pub mod client;
+pub mod commands;
+pub mod render;

@@ -1,0 +1,14 @@
+//! patchbayd and patchbayctl: the daemon that runs channels and jobs, and the admin's
+//! client for its control socket. The domain lives in `patchbay-jobs`; this crate is
+//! processes, sockets, queues and configuration.
+
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod ctl;
+pub mod daemon;
+pub mod logging;
+pub mod notify;
+pub mod plugin_host;
+pub mod queue;
+pub mod worker;

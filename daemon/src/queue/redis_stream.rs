@@ -1,0 +1,841 @@
+//! Our own Redis Streams backend for apalis workers (apalis-redis 1.0 wedges
+//! on backlogs > ~8k jobs). Per queue: a stream + one consumer group, and a
+//! ZSET of delayed jobs promoted in bounded batches.
+//!
+//! Job lifecycle: XADD (or ZADD when delayed) -> XREADGROUP into this worker's
+//! pending list -> handler -> ack (XACK + XDEL, so XLEN + ZCARD is the depth).
+//! Entries idle in a pending list longer than the visibility timeout (a
+//! crashed or hung daemon) are taken over by any live worker with XAUTOCLAIM;
+//! live workers refresh the idle time of the entries they hold, so a long
+//! handler is not stolen. On graceful stop, fetched-but-unstarted entries are
+//! re-added to the stream at once instead of waiting for the timeout.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, ready},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use apalis_core::{
+    backend::{Backend, BackendConfig, finalize::Ephemeral},
+    error::BoxDynError,
+    monitor::Monitor,
+    task::{Task, builder::TaskBuilder, task_id::TaskId},
+    worker::{builder::WorkerBuilder, context::WorkerContext},
+};
+use futures::{FutureExt, future::BoxFuture};
+use redis::{
+    RedisError, Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply},
+};
+use tower::{Layer, Service, limit::ConcurrencyLimitLayer};
+
+use super::{Envelope, QueueError, WorkerSpec, run_guarded, run_monitor, unique_worker_name};
+
+/// All daemons share one group per stream, so each job goes to one of them.
+const GROUP: &str = "workers";
+/// Stream entry field holding the JSON envelope.
+const FIELD: &str = "env";
+/// How often a busy worker checks the delayed ZSET (idle workers check once per `block`).
+const PROMOTE_EVERY: Duration = Duration::from_millis(100);
+/// Max ids per XCLAIM / requeue call.
+const ID_CHUNK: usize = 500;
+
+/// Knobs for the Redis backend.
+#[derive(Clone, Debug)]
+pub struct RedisTuning {
+    /// A fetched entry not acked (and not refreshed by its live owner) for
+    /// this long is redelivered to another worker.
+    pub visibility_timeout: Duration,
+    /// How often each worker scans for such abandoned entries.
+    pub reclaim_interval: Duration,
+    /// XREADGROUP BLOCK time; also bounds delayed-job lateness and the
+    /// extra shutdown time of an idle worker.
+    pub block: Duration,
+    /// Entries per XREADGROUP/XAUTOCLAIM (capped by the worker's concurrency).
+    pub fetch_batch: usize,
+    /// Due delayed jobs moved to the stream per script call.
+    pub promote_batch: usize,
+    /// XADDs per pipeline in `push_many`.
+    pub push_chunk: usize,
+    /// For non-blocking commands (redis-rs defaults to 500 ms, too short for
+    /// a 10k-entry pipeline on a busy server).
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisTuning {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(30),
+            reclaim_interval: Duration::from_secs(5),
+            block: Duration::from_millis(500),
+            fetch_batch: 100,
+            promote_batch: 200,
+            push_chunk: 10_000,
+            response_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Moves due delayed jobs to the stream, at most ARGV[2] per call, so no
+/// backlog size can exceed Lua's argument limits (apalis-redis' failure mode).
+const PROMOTE_LUA: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #due do
+  redis.call('XADD', KEYS[2], '*', ARGV[3], due[i])
+  redis.call('ZREM', KEYS[1], due[i])
+end
+return #due
+"#;
+
+/// Ack = XACK + XDEL, atomically, so depth (XLEN) never counts finished jobs.
+const ACK_LUA: &str = r#"
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+return #ARGV - 1
+"#;
+
+/// Hands fetched-but-unstarted entries back: re-add at the tail, then drop
+/// the original. Only entries still pending are re-added (no duplicates).
+const REQUEUE_LUA: &str = r#"
+for i = 3, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i + 1])
+  end
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+return 0
+"#;
+
+/// Deletes a consumer only if it holds no pending entries (DELCONSUMER
+/// would silently drop them from the group otherwise).
+const DROP_CONSUMER_LUA: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"#;
+
+struct Scripts {
+    promote: Script,
+    ack: Script,
+    requeue: Script,
+    drop_consumer: Script,
+}
+
+#[derive(Clone, Debug)]
+struct Keys {
+    stream: String,
+    delayed: String,
+}
+
+impl Keys {
+    fn new(namespace: &str, queue: &str) -> Self {
+        // Same hash tag on both keys so the scripts stay valid on a cluster.
+        let tag = format!("{namespace}:{{{queue}}}");
+        Self {
+            stream: format!("{tag}:stream"),
+            delayed: format!("{tag}:delayed"),
+        }
+    }
+}
+
+struct Inner {
+    client: redis::Client,
+    /// Shared multiplexed connection for pushes, acks and housekeeping.
+    /// Never used for blocking reads (they would stall every caller).
+    conn: ConnectionManager,
+    namespace: String,
+    tuning: RedisTuning,
+    scripts: Arc<Scripts>,
+}
+
+#[derive(Clone)]
+pub struct RedisQueue {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+impl RedisQueue {
+    pub(super) async fn open(
+        url: &str,
+        namespace: &str,
+        tuning: RedisTuning,
+    ) -> Result<Self, QueueError> {
+        if tuning.fetch_batch == 0
+            || tuning.promote_batch == 0
+            || tuning.push_chunk == 0
+            || tuning.block.is_zero()
+            || tuning.visibility_timeout <= tuning.block
+        {
+            return Err(QueueError::Config(format!("bad redis tuning {tuning:?}")));
+        }
+        let client = redis::Client::open(url)?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(tuning.response_timeout));
+        let conn = client.get_connection_manager_with_config(cfg).await?;
+        let scripts = Arc::new(Scripts {
+            promote: Script::new(PROMOTE_LUA),
+            ack: Script::new(ACK_LUA),
+            requeue: Script::new(REQUEUE_LUA),
+            drop_consumer: Script::new(DROP_CONSUMER_LUA),
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                namespace: namespace.to_owned(),
+                tuning,
+                scripts,
+            }),
+        })
+    }
+
+    fn keys(&self, queue: &str) -> Keys {
+        Keys::new(&self.inner.namespace, queue)
+    }
+
+    pub(super) async fn push(
+        &self,
+        queue: &str,
+        env: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let keys = self.keys(queue);
+        let json = serde_json::to_string(env)?;
+        let mut conn = self.inner.conn.clone();
+        match delay.filter(|d| !d.is_zero()) {
+            Some(d) => {
+                let due = now_ms().saturating_add(d.as_millis() as u64);
+                redis::cmd("ZADD")
+                    .arg(&keys.delayed)
+                    .arg(due)
+                    .arg(json)
+                    .query_async::<()>(&mut conn)
+                    .await?
+            }
+            None => {
+                redis::cmd("XADD")
+                    .arg(&keys.stream)
+                    .arg("*")
+                    .arg(FIELD)
+                    .arg(json)
+                    .query_async::<()>(&mut conn)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// One pipeline per `push_chunk` envelopes: a 100k fan-out is ~10 round
+    /// trips. Not atomic across chunks; everything is encoded before sending.
+    pub(super) async fn push_many(&self, queue: &str, envs: &[Envelope]) -> Result<(), QueueError> {
+        let keys = self.keys(queue);
+        let encoded = envs
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.inner.conn.clone();
+        for chunk in encoded.chunks(self.inner.tuning.push_chunk) {
+            let mut pipe = redis::pipe();
+            for json in chunk {
+                pipe.cmd("XADD")
+                    .arg(&keys.stream)
+                    .arg("*")
+                    .arg(FIELD)
+                    .arg(json)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Acked entries are deleted, so stream length = waiting + in flight.
+    pub(super) async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let keys = self.keys(queue);
+        let mut conn = self.inner.conn.clone();
+        let (len, delayed): (u64, u64) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&keys.stream)
+            .cmd("ZCARD")
+            .arg(&keys.delayed)
+            .query_async(&mut conn)
+            .await?;
+        Ok(len + delayed)
+    }
+
+    pub(super) async fn run_workers<H, Fut>(
+        &self,
+        specs: Vec<WorkerSpec>,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) -> Result<(), QueueError>
+    where
+        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut monitor = Monitor::new();
+        let mut keepers = Vec::new();
+        for spec in specs {
+            let name = unique_worker_name(&spec.queue);
+            let acker = Acker {
+                conn: self.inner.conn.clone(),
+                keys: self.keys(&spec.queue),
+                scripts: self.inner.scripts.clone(),
+                owned: Owned::default(),
+                consumer: name.clone(),
+            };
+            keepers.push(keep_leases(
+                acker.clone(),
+                self.inner.tuning.visibility_timeout,
+            ));
+            let inner = self.inner.clone();
+            let handler = handler.clone();
+            monitor = monitor.register(move |_restarts| {
+                let handler = handler.clone();
+                let backend = StreamBackend::new(&inner, acker.clone(), spec.concurrency);
+                WorkerBuilder::new(name.as_str())
+                    .backend(backend)
+                    .layer(ConcurrencyLimitLayer::new(spec.concurrency))
+                    .build(move |env: Envelope| {
+                        let handler = handler.clone();
+                        async move {
+                            run_guarded(&handler, env).await;
+                            Ok::<(), BoxDynError>(())
+                        }
+                    })
+            });
+        }
+        // Lease keepers live exactly as long as the workers: aborting this
+        // future (a "crash") stops the refreshes, so other daemons can reclaim.
+        tokio::select! {
+            res = run_monitor(monitor, shutdown, grace) => res,
+            _ = futures::future::join_all(keepers) => Ok(()),
+        }
+    }
+}
+
+/// Entry ids this worker currently holds (buffered or running).
+#[derive(Clone, Default)]
+struct Owned(Arc<Mutex<HashSet<String>>>);
+
+impl Owned {
+    fn lock(&self) -> MutexGuard<'_, HashSet<String>> {
+        // A panic while holding this lock cannot leave the set inconsistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Per-worker handle for everything done on the shared connection.
+#[derive(Clone)]
+struct Acker {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: Arc<Scripts>,
+    owned: Owned,
+    consumer: String,
+}
+
+impl Acker {
+    async fn ack(&self, ids: &[String]) {
+        let mut conn = self.conn.clone();
+        for attempt in 1..=3u32 {
+            let mut inv = self.scripts.ack.key(&self.keys.stream);
+            inv.arg(GROUP).arg(ids);
+            match inv.invoke_async::<i64>(&mut conn).await {
+                Ok(_) => break,
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, "ack failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                // The entry stays pending and is redelivered after the
+                // visibility timeout: at-least-once, never lost.
+                Err(e) => tracing::error!(error = %e, ?ids, "ack failed; job will run again"),
+            }
+        }
+        let mut owned = self.owned.lock();
+        for id in ids {
+            owned.remove(id);
+        }
+    }
+
+    /// Graceful stop: put unstarted entries back and leave the group.
+    async fn release(self, jobs: Vec<Job>) {
+        let mut conn = self.conn.clone();
+        for chunk in jobs.chunks(ID_CHUNK) {
+            let mut inv = self.scripts.requeue.key(&self.keys.stream);
+            inv.arg(GROUP).arg(FIELD);
+            for (id, env) in chunk {
+                match serde_json::to_string(env) {
+                    Ok(json) => inv.arg(id).arg(json),
+                    Err(_) => continue, // stays pending; reclaimed later
+                };
+            }
+            if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+                tracing::warn!(error = %e, "requeue on shutdown failed; entries reclaimed after the visibility timeout");
+            }
+        }
+        {
+            let mut owned = self.owned.lock();
+            for (id, _) in &jobs {
+                owned.remove(id);
+            }
+        }
+        let mut inv = self.scripts.drop_consumer.key(&self.keys.stream);
+        inv.arg(GROUP).arg(&self.consumer);
+        if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+            tracing::debug!(error = %e, "could not remove consumer");
+        }
+    }
+
+    /// Resets the idle time of entries we hold so they are not reclaimed
+    /// while a long handler is still running. JUSTID: no delivery-count bump.
+    async fn refresh_leases(&self) {
+        let ids: Vec<String> = self.owned.lock().iter().cloned().collect();
+        let mut conn = self.conn.clone();
+        for chunk in ids.chunks(ID_CHUNK) {
+            let res = redis::cmd("XCLAIM")
+                .arg(&self.keys.stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(chunk)
+                .arg("JUSTID")
+                .query_async::<Value>(&mut conn)
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "lease refresh failed");
+            }
+        }
+    }
+
+    /// Removes consumers left behind by killed daemons once they hold
+    /// nothing (live consumers touch the group every `block`).
+    async fn reap_dead_consumers(&self, older_than: Duration) {
+        let mut conn = self.conn.clone();
+        let info: StreamInfoConsumersReply = match redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(info) => info,
+            Err(_) => return, // no stream/group yet
+        };
+        for c in info.consumers {
+            if c.pending == 0 && c.idle as u128 > older_than.as_millis() && c.name != self.consumer
+            {
+                let mut inv = self.scripts.drop_consumer.key(&self.keys.stream);
+                inv.arg(GROUP).arg(&c.name);
+                let _ = inv.invoke_async::<i64>(&mut conn).await;
+            }
+        }
+    }
+}
+
+async fn keep_leases(acker: Acker, visibility: Duration) {
+    let mut tick = tokio::time::interval(visibility / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reap_every = Duration::from_secs(600);
+    let mut next_reap = Instant::now() + Duration::from_secs(60);
+    loop {
+        tick.tick().await;
+        acker.refresh_leases().await;
+        if Instant::now() >= next_reap {
+            next_reap = Instant::now() + reap_every;
+            acker
+                .reap_dead_consumers(Duration::from_secs(3600).max(visibility * 10))
+                .await;
+        }
+    }
+}
+
+type Job = (String, Envelope);
+
+/// Owns the worker's dedicated blocking connection and fetch bookkeeping;
+/// moved into each fetch future and handed back when it completes.
+struct Fetcher {
+    client: redis::Client,
+    reader: Option<ConnectionManager>,
+    acker: Acker,
+    tuning: RedisTuning,
+    count: usize,
+    group_ready: bool,
+    last_promote: Option<Instant>,
+    last_reclaim: Option<Instant>,
+    claim_cursor: String,
+}
+
+impl Fetcher {
+    async fn reader(&mut self) -> Result<ConnectionManager, QueueError> {
+        if let Some(conn) = &self.reader {
+            return Ok(conn.clone());
+        }
+        // Own connection: a blocked XREADGROUP holds its connection. The
+        // response timeout must exceed BLOCK (redis-rs default is 500 ms).
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(self.tuning.block + Duration::from_secs(5)));
+        let conn = self.client.get_connection_manager_with_config(cfg).await?;
+        self.reader = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One round: promote due delayed jobs, maybe reclaim abandoned entries,
+    /// else one blocking read. May return nothing (BLOCK timed out).
+    async fn fetch_once(&mut self) -> Result<Vec<Job>, QueueError> {
+        let res = self.fetch_inner().await;
+        if let Err(QueueError::Redis(e)) = &res
+            && e.code() == Some("NOGROUP")
+        {
+            self.group_ready = false; // stream was deleted; recreate the group
+        }
+        res
+    }
+
+    async fn fetch_inner(&mut self) -> Result<Vec<Job>, QueueError> {
+        let mut conn = self.reader().await?;
+        let stream = self.acker.keys.stream.clone();
+        if !self.group_ready {
+            // Group at "0" so jobs pushed before any worker existed are seen.
+            let res = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async::<()>(&mut conn)
+                .await;
+            match res {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.group_ready = true;
+        }
+
+        let now = Instant::now();
+        if self.last_promote.is_none_or(|t| now - t >= PROMOTE_EVERY) {
+            self.last_promote = Some(now);
+            let mut inv = self.acker.scripts.promote.key(&self.acker.keys.delayed);
+            inv.key(&stream)
+                .arg(now_ms())
+                .arg(self.tuning.promote_batch)
+                .arg(FIELD);
+            let moved: i64 = inv.invoke_async(&mut conn).await?;
+            if moved as usize >= self.tuning.promote_batch {
+                self.last_promote = None; // more are due: promote again next round
+            }
+        }
+
+        if self
+            .last_reclaim
+            .is_none_or(|t| now - t >= self.tuning.reclaim_interval)
+        {
+            self.last_reclaim = Some(now);
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg(&self.acker.consumer)
+                .arg(millis(self.tuning.visibility_timeout))
+                .arg(&self.claim_cursor)
+                .arg("COUNT")
+                .arg(self.count)
+                .query_async(&mut conn)
+                .await?;
+            if reply.next_stream_id != "0-0" {
+                self.last_reclaim = None; // scan not finished: continue next round
+            }
+            self.claim_cursor = reply.next_stream_id;
+            if !reply.claimed.is_empty() {
+                tracing::info!(count = reply.claimed.len(), stream = %stream, "reclaimed abandoned jobs");
+                return Ok(self.accept(reply.claimed).await);
+            }
+        }
+
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.acker.consumer)
+            .arg("COUNT")
+            .arg(self.count)
+            .arg("BLOCK")
+            .arg(millis(self.tuning.block))
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await?;
+        let entries = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default();
+        Ok(self.accept(entries).await)
+    }
+
+    /// Decodes entries; undecodable ones are acked away (retrying cannot fix them).
+    async fn accept(&mut self, entries: Vec<StreamId>) -> Vec<Job> {
+        let mut jobs = Vec::with_capacity(entries.len());
+        let mut poison = Vec::new();
+        for entry in entries {
+            let env = match entry.map.get(FIELD) {
+                Some(Value::BulkString(bytes)) => serde_json::from_slice::<Envelope>(bytes).ok(),
+                _ => None,
+            };
+            match env {
+                Some(env) => jobs.push((entry.id, env)),
+                None => poison.push(entry.id),
+            }
+        }
+        {
+            let mut owned = self.acker.owned.lock();
+            owned.extend(jobs.iter().map(|(id, _)| id.clone()));
+        }
+        if !poison.is_empty() {
+            tracing::error!(ids = ?poison, "dropping undecodable stream entries");
+            self.acker.ack(&poison).await;
+        }
+        jobs
+    }
+}
+
+type FetchOutput = (Fetcher, Result<Vec<Job>, QueueError>);
+
+enum FetchState {
+    Idle(Fetcher),
+    Fetching(BoxFuture<'static, FetchOutput>),
+    Backoff(Fetcher, Pin<Box<tokio::time::Sleep>>),
+    Closing(BoxFuture<'static, ()>),
+    Closed,
+}
+
+/// apalis `Backend` over one queue's stream, for one worker.
+pub struct StreamBackend {
+    state: FetchState,
+    buffer: VecDeque<Job>,
+    acker: Acker,
+    tuning: RedisTuning,
+}
+
+impl StreamBackend {
+    fn new(inner: &Inner, acker: Acker, concurrency: usize) -> Self {
+        let fetcher = Fetcher {
+            client: inner.client.clone(),
+            reader: None,
+            acker: acker.clone(),
+            tuning: inner.tuning.clone(),
+            count: inner.tuning.fetch_batch.min(concurrency).max(1),
+            group_ready: false,
+            last_promote: None,
+            last_reclaim: None,
+            claim_cursor: "0-0".to_owned(),
+        };
+        Self {
+            state: FetchState::Idle(fetcher),
+            buffer: VecDeque::new(),
+            acker,
+            tuning: inner.tuning.clone(),
+        }
+    }
+
+    fn start_fetch(mut fetcher: Fetcher) -> FetchState {
+        FetchState::Fetching(
+            async move {
+                let res = fetcher.fetch_once().await;
+                (fetcher, res)
+            }
+            .boxed(),
+        )
+    }
+}
+
+impl Backend for StreamBackend {
+    type Task = Task<Envelope>;
+    /// Never returned: Redis errors are logged and retried with a backoff,
+    /// because an error here would end the apalis worker for good.
+    type Error = RedisError;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), RedisError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, RedisError>>> {
+        loop {
+            if let Some((id, env)) = self.buffer.pop_front() {
+                // The entry id becomes the task id: the ack layer reads it back.
+                let task = TaskBuilder::new(env)
+                    .task_id(TaskId::from_string(id))
+                    .build();
+                return Poll::Ready(Some(Ok(task)));
+            }
+            self.state = match std::mem::replace(&mut self.state, FetchState::Closed) {
+                FetchState::Idle(fetcher) => Self::start_fetch(fetcher),
+                FetchState::Fetching(mut fut) => match fut.poll_unpin(cx) {
+                    Poll::Pending => {
+                        self.state = FetchState::Fetching(fut);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((fetcher, Ok(jobs))) => {
+                        self.buffer.extend(jobs);
+                        FetchState::Idle(fetcher)
+                    }
+                    Poll::Ready((fetcher, Err(e))) => {
+                        tracing::warn!(error = %e, stream = %self.acker.keys.stream, "fetch failed; backing off");
+                        let sleep = Box::pin(tokio::time::sleep(Duration::from_secs(1)));
+                        FetchState::Backoff(fetcher, sleep)
+                    }
+                },
+                FetchState::Backoff(fetcher, mut sleep) => match sleep.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.state = FetchState::Backoff(fetcher, sleep);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(()) => FetchState::Idle(fetcher),
+                },
+                // Not reached: apalis stops pulling once shutdown starts.
+                other @ (FetchState::Closing(_) | FetchState::Closed) => {
+                    self.state = other;
+                    return Poll::Ready(None);
+                }
+            };
+        }
+    }
+
+    /// Called after in-flight handlers finished: completes a read that may
+    /// already have moved entries into our pending list, then hands every
+    /// unstarted entry back to the stream.
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), RedisError>> {
+        loop {
+            self.state = match std::mem::replace(&mut self.state, FetchState::Closed) {
+                FetchState::Fetching(mut fut) => match fut.poll_unpin(cx) {
+                    Poll::Pending => {
+                        self.state = FetchState::Fetching(fut);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((fetcher, res)) => {
+                        self.buffer.extend(res.unwrap_or_default());
+                        FetchState::Idle(fetcher)
+                    }
+                },
+                FetchState::Idle(_) | FetchState::Backoff(..) => {
+                    let jobs: Vec<Job> = self.buffer.drain(..).collect();
+                    FetchState::Closing(self.acker.clone().release(jobs).boxed())
+                }
+                FetchState::Closing(mut fut) => {
+                    if fut.poll_unpin(cx).is_pending() {
+                        self.state = FetchState::Closing(fut);
+                        return Poll::Pending;
+                    }
+                    FetchState::Closed
+                }
+                FetchState::Closed => return Poll::Ready(Ok(())),
+            };
+        }
+    }
+}
+
+impl BackendConfig for StreamBackend {
+    type Args = Envelope;
+    type Id = String;
+    type Kind = Ephemeral;
+    type Config = RedisTuning;
+    type Layer = AckLayer;
+
+    fn config(&self) -> &RedisTuning {
+        &self.tuning
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> AckLayer {
+        AckLayer {
+            acker: self.acker.clone(),
+        }
+    }
+}
+
+/// Backend middleware (outside user middleware and the handler): acks the
+/// entry only once the handler's future has completed.
+#[derive(Clone)]
+pub struct AckLayer {
+    acker: Acker,
+}
+
+impl<S> Layer<S> for AckLayer {
+    type Service = AckService<S>;
+    fn layer(&self, inner: S) -> AckService<S> {
+        AckService {
+            inner,
+            acker: self.acker.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AckService<S> {
+    inner: S,
+    acker: Acker,
+}
+
+impl<S> Service<Task<Envelope>> for AckService<S>
+where
+    S: Service<Task<Envelope>>,
+    S::Future: Send + 'static,
+    S::Response: Send,
+    S::Error: Into<BoxDynError>,
+{
+    type Response = S::Response;
+    type Error = BoxDynError;
+    type Future = BoxFuture<'static, Result<S::Response, BoxDynError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
+        Poll::Ready(ready!(self.inner.poll_ready(cx)).map_err(Into::into))
+    }
+
+    fn call(&mut self, task: Task<Envelope>) -> Self::Future {
+        let id = task
+            .task_id()
+            .and_then(|t| t.as_string())
+            .map(str::to_owned);
+        let fut = self.inner.call(task);
+        let acker = self.acker.clone();
+        async move {
+            let res = fut.await.map_err(Into::into);
+            if let Some(id) = id {
+                acker.ack(std::slice::from_ref(&id)).await;
+            }
+            res
+        }
+        .boxed()
+    }
+}

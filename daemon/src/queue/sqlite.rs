@@ -1,0 +1,211 @@
+//! SQLite backend: apalis-sqlite's `SqliteStorage` on one database file,
+//! with our own connection settings (WAL + durable `synchronous`), tuning
+//! (batching, polling, heartbeats) and worker wiring.
+
+use std::{future::Future, path::Path, time::Duration};
+
+use apalis_core::{
+    backend::{TaskSink, ext::BackendExt},
+    error::BoxDynError,
+    monitor::Monitor,
+    task::builder::TaskBuilder,
+    worker::builder::WorkerBuilder,
+};
+use apalis_sqlite::{Config, SqlitePool, SqliteStorage};
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tower::limit::ConcurrencyLimitLayer;
+
+use super::{Envelope, QueueError, WorkerSpec, run_guarded, run_monitor, unique_worker_name};
+
+/// Knobs for the SQLite backend. Defaults aim at throughput with crash
+/// recovery in ~10-15 s.
+#[derive(Clone, Debug)]
+pub struct SqliteTuning {
+    /// Jobs claimed per fetch query (apalis default 10 is ~3x slower).
+    pub batch_size: usize,
+    /// How often an idle worker re-polls. Without it apalis only re-polls on
+    /// its heartbeat, so a job pushed to an idle worker waits up to that long.
+    pub poll_interval: Duration,
+    /// Worker heartbeat; a dead worker's jobs are re-queued by a live worker
+    /// of the same queue once `heartbeat * missed_heartbeats` passed.
+    pub heartbeat: Duration,
+    pub missed_heartbeats: usize,
+    /// NORMAL (WAL: survives process crash / kill -9, may lose the last
+    /// commits on power loss) or FULL. OFF is rejected.
+    pub synchronous: SqliteSynchronous,
+    pub max_connections: u32,
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteTuning {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            poll_interval: Duration::from_millis(50),
+            heartbeat: Duration::from_secs(5),
+            missed_heartbeats: 2,
+            synchronous: SqliteSynchronous::Normal,
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SqliteQueue {
+    pool: SqlitePool,
+    tuning: SqliteTuning,
+}
+
+impl SqliteQueue {
+    pub(super) async fn open(path: &Path, tuning: SqliteTuning) -> Result<Self, QueueError> {
+        if matches!(tuning.synchronous, SqliteSynchronous::Off) {
+            return Err(QueueError::Config("synchronous=OFF is not durable".into()));
+        }
+        if tuning.batch_size == 0 || tuning.heartbeat.as_secs() == 0 {
+            // apalis panics on batch 0 and compares heartbeats in whole seconds.
+            return Err(QueueError::Config(
+                "batch_size and heartbeat (>= 1s) must be > 0".into(),
+            ));
+        }
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .busy_timeout(tuning.busy_timeout);
+
+        // apalis' setup() runs `PRAGMA synchronous = OFF` on whichever pooled
+        // connection it gets, and that sticks for the connection's lifetime.
+        // Run it on a throwaway one-connection pool so no OFF connection ever
+        // serves our traffic.
+        let setup_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone())
+            .await?;
+        let setup = SqliteStorage::setup(&setup_pool).await;
+        setup_pool.close().await;
+        setup?;
+
+        // Connect options are applied on every new pooled connection.
+        let opts = base
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(tuning.synchronous);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(tuning.max_connections)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool, tuning })
+    }
+
+    /// The working pool (for diagnostics/tests, e.g. checking PRAGMAs).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn config(&self, queue: &str) -> Config {
+        Config::default()
+            .queue(queue)
+            .batch_size(self.tuning.batch_size)
+            .heartbeat_interval(self.tuning.heartbeat)
+            .missed_heartbeats(self.tuning.missed_heartbeats)
+    }
+
+    // Args is `Value`, not `Envelope`: apalis decodes before the handler and a
+    // decode error ends the whole worker, so we decode ourselves.
+    fn storage(&self, queue: &str) -> SqliteStorage<Value> {
+        SqliteStorage::new(&self.pool).with_config(self.config(queue))
+    }
+
+    pub(super) async fn push(
+        &self,
+        queue: &str,
+        env: &Envelope,
+        delay: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let mut builder = TaskBuilder::new(serde_json::to_value(env)?);
+        if let Some(d) = delay {
+            builder = builder.run_after(d); // whole seconds in apalis-sqlite
+        }
+        self.storage(queue)
+            .push_task(builder.build())
+            .await
+            .map_err(|e| QueueError::Push(e.to_string()))
+    }
+
+    pub(super) async fn push_many(&self, queue: &str, envs: &[Envelope]) -> Result<(), QueueError> {
+        let tasks = envs
+            .iter()
+            .map(|e| serde_json::to_value(e).map(|v| TaskBuilder::new(v).build()))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The sink buffers every item and flushes once: a single transaction.
+        self.storage(queue)
+            .push_all(futures::stream::iter(tasks))
+            .await
+            .map_err(|e| QueueError::Push(e.to_string()))
+    }
+
+    pub(super) async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM Jobs WHERE job_type = ?1 AND \
+             (status IN ('Pending', 'Queued', 'Running') \
+              OR (status = 'Failed' AND attempts < max_attempts))",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(super) async fn run_workers<H, Fut>(
+        &self,
+        specs: Vec<WorkerSpec>,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) -> Result<(), QueueError>
+    where
+        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        // A backend error (e.g. "database is locked" during a heartbeat) ends an
+        // apalis worker; restart it after more than one heartbeat, because apalis
+        // refuses to re-register a name it saw alive within one heartbeat.
+        let restart_delay = self.tuning.heartbeat + Duration::from_secs(1);
+        let mut monitor = Monitor::new().should_restart(|worker, err| {
+            tracing::warn!(worker = worker.name(), error = %err, "sqlite worker failed; restarting");
+            true
+        });
+        for spec in specs {
+            let name = unique_worker_name(&spec.queue);
+            let this = self.clone();
+            let handler = handler.clone();
+            monitor = monitor.register(move |restarts| {
+                let handler = handler.clone();
+                let backend = this
+                    .storage(&spec.queue)
+                    .before_start(move |_| async move {
+                        if restarts > 0 {
+                            tokio::time::sleep(restart_delay).await;
+                        }
+                        Ok::<(), apalis_sqlite::Error>(())
+                    })
+                    .poll_with_interval(this.tuning.poll_interval);
+                WorkerBuilder::new(name.as_str())
+                    .backend(backend)
+                    .layer(ConcurrencyLimitLayer::new(spec.concurrency))
+                    .build(move |value: Value| {
+                        let handler = handler.clone();
+                        async move {
+                            match serde_json::from_value::<Envelope>(value) {
+                                Ok(env) => run_guarded(&handler, env).await,
+                                // Poison payload: log and complete it so it is not retried.
+                                Err(e) => tracing::error!(error = %e, "undecodable job dropped"),
+                            }
+                            Ok::<(), BoxDynError>(())
+                        }
+                    })
+            });
+        }
+        run_monitor(monitor, shutdown, grace).await
+    }
+}

@@ -1,0 +1,221 @@
+//! The records the store hands out: accounts, users, ledger entries, journal entries.
+//!
+//! These serialize to exactly what the control socket returns, so the daemon does not
+//! keep a second set of response types.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::DomainError;
+use crate::kind::JobKind;
+
+pub type Id = i64;
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Administrator,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Administrator => "administrator",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "administrator" => Ok(Role::Administrator),
+            "operator" => Ok(Role::Operator),
+            other => Err(DomainError::InvalidValue(format!(
+                "role {other:?} is not allowed; use administrator or operator"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub reset_responsible_on_close: bool,
+    pub mark_read_on_open: bool,
+    pub phone_format: String,
+    pub balance_notify_days: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Account {
+    pub id: Id,
+    pub name: String,
+    pub currency: String,
+    pub balance: i64,
+    pub settings: Settings,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct User {
+    pub id: Id,
+    pub account: Id,
+    pub name: String,
+    pub email: String,
+    pub role: Role,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    pub id: Id,
+    pub account: Id,
+    pub kind: String,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub reference: Option<String>,
+    pub channel: Option<Id>,
+    pub day: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    Done,
+    /// Failed and waiting for its next attempt.
+    Failed,
+    /// Out of attempts or failed permanently; only `job.retry` brings it back.
+    Dead,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Pending,
+        JobState::Running,
+        JobState::Done,
+        JobState::Failed,
+        JobState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                DomainError::InvalidValue(format!(
+                    "unknown job state {s:?}; allowed: pending, running, done, failed, dead"
+                ))
+            })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub payload: serde_json::Value,
+    pub state: JobState,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub last_error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub run_at: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Channel {
+    pub id: Id,
+    pub account: Id,
+    pub kind: String,
+    pub name: String,
+    pub config: serde_json::Value,
+    pub status: String,
+    pub status_reason: Option<String>,
+    /// The messenger's number or handle, once connected.
+    pub number: Option<String>,
+    pub display_name: Option<String>,
+    pub created_at: i64,
+    pub removed_at: Option<i64>,
+}
+
+pub const CHANNEL_STATUSES: [&str; 6] = [
+    "connecting",
+    "connected",
+    "disconnected",
+    "error",
+    "suspended",
+    "removed",
+];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Contact {
+    pub id: Id,
+    pub phone: Option<String>,
+    pub username: Option<String>,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub url: Option<String>,
+    pub notes: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Chat {
+    pub id: Id,
+    pub account: Id,
+    pub channel: Id,
+    pub contact: Id,
+    pub external_chat_id: String,
+    pub status: String,
+    pub responsible: Option<Id>,
+    pub unread: i64,
+    pub last_message_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub id: Id,
+    pub chat: Id,
+    pub channel: Id,
+    pub direction: String,
+    pub external_message_id: Option<String>,
+    pub author: Option<Id>,
+    pub text: String,
+    pub attachments: serde_json::Value,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub sent_at: i64,
+    pub created_at: i64,
+}

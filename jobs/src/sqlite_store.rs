@@ -1,0 +1,1280 @@
+//! `Store` on a SQLite file: the embedded default.
+//!
+//! WAL with `synchronous = NORMAL` (durable across a process crash, which is the failure
+//! the daemon must survive), foreign keys on, a busy timeout so concurrent writers wait
+//! instead of failing, and `BEGIN IMMEDIATE` for read-modify-write transactions so two
+//! writers never deadlock on a lock upgrade.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use crate::error::DomainError;
+use crate::fields::{FieldDef, FieldType};
+use crate::kind::{InboundMessage, JobKind};
+use crate::model::{
+    Account, CHANNEL_STATUSES, Channel, Chat, Contact, Id, JobRecord, JobState, LedgerEntry,
+    Message, Role, Settings, User, now_ms,
+};
+use crate::store::{
+    ChatFilter, InboundOutcome, JobFilter, JournalInsert, NewAccount, NewUser, Store, StoreResult,
+};
+use crate::validate;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, DomainError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                DomainError::Unavailable(format!("cannot open store {}: {e}", path.display()))
+            })?;
+        MIGRATOR.run(&pool).await.map_err(|e| {
+            DomainError::Unavailable(format!("cannot migrate store {}: {e}", path.display()))
+        })?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+macro_rules! account_columns {
+    () => {
+        "id, name, currency, balance, reset_responsible_on_close, \
+     mark_read_on_open, phone_format, balance_notify_days, created_at"
+    };
+}
+
+fn account_from_row(r: &SqliteRow) -> StoreResult<Account> {
+    Ok(Account {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        currency: r.try_get("currency")?,
+        balance: r.try_get("balance")?,
+        settings: Settings {
+            reset_responsible_on_close: r.try_get("reset_responsible_on_close")?,
+            mark_read_on_open: r.try_get("mark_read_on_open")?,
+            phone_format: r.try_get("phone_format")?,
+            balance_notify_days: r.try_get("balance_notify_days")?,
+        },
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+macro_rules! user_columns {
+    () => {
+        "id, account_id, name, email, role, created_at"
+    };
+}
+
+fn user_from_row(r: &SqliteRow) -> StoreResult<User> {
+    let role: String = r.try_get("role")?;
+    Ok(User {
+        id: r.try_get("id")?,
+        account: r.try_get("account_id")?,
+        name: r.try_get("name")?,
+        email: r.try_get("email")?,
+        role: Role::from_str(&role)?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+macro_rules! ledger_columns {
+    () => {
+        "id, account_id, kind, amount, balance_after, reference, channel_id, day, created_at"
+    };
+}
+
+fn ledger_from_row(r: &SqliteRow) -> StoreResult<LedgerEntry> {
+    Ok(LedgerEntry {
+        id: r.try_get("id")?,
+        account: r.try_get("account_id")?,
+        kind: r.try_get("kind")?,
+        amount: r.try_get("amount")?,
+        balance_after: r.try_get("balance_after")?,
+        reference: r.try_get("reference")?,
+        channel: r.try_get("channel_id")?,
+        day: r.try_get("day")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+macro_rules! job_columns {
+    () => {
+        "id, kind, payload, state, attempts, max_attempts, last_error, \
+     idempotency_key, created_at, updated_at, run_at"
+    };
+}
+
+fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
+    let kind: String = r.try_get("kind")?;
+    let state: String = r.try_get("state")?;
+    let payload: String = r.try_get("payload")?;
+    let attempts: i64 = r.try_get("attempts")?;
+    let max_attempts: i64 = r.try_get("max_attempts")?;
+    Ok(JobRecord {
+        id: r.try_get("id")?,
+        kind: JobKind::from_str(&kind)?,
+        payload: serde_json::from_str(&payload)
+            .map_err(|e| DomainError::Unavailable(format!("corrupt job payload: {e}")))?,
+        state: JobState::from_str(&state)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
+        last_error: r.try_get("last_error")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        run_at: r.try_get("run_at")?,
+    })
+}
+
+macro_rules! channel_columns {
+    () => {
+        "id, account_id, kind, name, config, status, status_reason, number, display_name, \
+         created_at, removed_at"
+    };
+}
+
+fn channel_from_row(r: &SqliteRow) -> StoreResult<Channel> {
+    let config: String = r.try_get("config")?;
+    Ok(Channel {
+        id: r.try_get("id")?,
+        account: r.try_get("account_id")?,
+        kind: r.try_get("kind")?,
+        name: r.try_get("name")?,
+        config: serde_json::from_str(&config)
+            .map_err(|e| DomainError::Unavailable(format!("corrupt channel config: {e}")))?,
+        status: r.try_get("status")?,
+        status_reason: r.try_get("status_reason")?,
+        number: r.try_get("number")?,
+        display_name: r.try_get("display_name")?,
+        created_at: r.try_get("created_at")?,
+        removed_at: r.try_get("removed_at")?,
+    })
+}
+
+macro_rules! field_columns {
+    () => {
+        "id, account_id, name, type, options, created_at"
+    };
+}
+
+fn field_from_row(r: &SqliteRow) -> StoreResult<FieldDef> {
+    let t: String = r.try_get("type")?;
+    let options: Option<String> = r.try_get("options")?;
+    Ok(FieldDef {
+        id: r.try_get("id")?,
+        account: r.try_get("account_id")?,
+        name: r.try_get("name")?,
+        field_type: FieldType::from_str(&t)?,
+        options: options
+            .map(|o| serde_json::from_str(&o))
+            .transpose()
+            .map_err(|e| DomainError::Unavailable(format!("corrupt field options: {e}")))?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+macro_rules! chat_columns {
+    () => {
+        "c.id, c.account_id, c.channel_id, c.contact_id, c.external_chat_id, c.status, \
+         c.responsible_user_id, c.unread, c.last_message_at, c.created_at"
+    };
+}
+
+fn chat_from_row(r: &SqliteRow) -> StoreResult<Chat> {
+    Ok(Chat {
+        id: r.try_get("id")?,
+        account: r.try_get("account_id")?,
+        channel: r.try_get("channel_id")?,
+        contact: r.try_get("contact_id")?,
+        external_chat_id: r.try_get("external_chat_id")?,
+        status: r.try_get("status")?,
+        responsible: r.try_get("responsible_user_id")?,
+        unread: r.try_get("unread")?,
+        last_message_at: r.try_get("last_message_at")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+macro_rules! message_columns {
+    () => {
+        "id, chat_id, channel_id, direction, external_message_id, author_user_id, text, \
+         attachments, status, status_reason, sent_at, created_at"
+    };
+}
+
+fn message_from_row(r: &SqliteRow) -> StoreResult<Message> {
+    let attachments: String = r.try_get("attachments")?;
+    Ok(Message {
+        id: r.try_get("id")?,
+        chat: r.try_get("chat_id")?,
+        channel: r.try_get("channel_id")?,
+        direction: r.try_get("direction")?,
+        external_message_id: r.try_get("external_message_id")?,
+        author: r.try_get("author_user_id")?,
+        text: r.try_get("text")?,
+        attachments: serde_json::from_str(&attachments).unwrap_or(serde_json::Value::Null),
+        status: r.try_get("status")?,
+        status_reason: r.try_get("status_reason")?,
+        sent_at: r.try_get("sent_at")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// Finds the account's contact by phone, else by username, in the current epoch;
+/// creates it otherwise. Fills in a name or username the contact did not have yet.
+async fn find_or_create_contact(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    account: Id,
+    epoch: i64,
+    phone: Option<&str>,
+    username: Option<&str>,
+    name: Option<&str>,
+    now: i64,
+) -> StoreResult<Id> {
+    let mut found: Option<Id> = None;
+    if let Some(p) = phone {
+        found = sqlx::query_scalar(
+            "SELECT id FROM contacts WHERE account_id = $1 AND epoch = $2 AND phone = $3 \
+             ORDER BY id LIMIT 1",
+        )
+        .bind(account)
+        .bind(epoch)
+        .bind(p)
+        .fetch_optional(&mut **tx)
+        .await?;
+    }
+    if found.is_none()
+        && let Some(u) = username
+    {
+        found = sqlx::query_scalar(
+            "SELECT id FROM contacts WHERE account_id = $1 AND epoch = $2 AND username = $3 \
+             ORDER BY id LIMIT 1",
+        )
+        .bind(account)
+        .bind(epoch)
+        .bind(u)
+        .fetch_optional(&mut **tx)
+        .await?;
+    }
+    match found {
+        Some(id) => {
+            sqlx::query(
+                "UPDATE contacts SET name = COALESCE(name, $1), username = COALESCE(username, $2), \
+                 phone = COALESCE(phone, $3) WHERE id = $4",
+            )
+            .bind(name)
+            .bind(username)
+            .bind(phone)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+            Ok(id)
+        }
+        None => Ok(sqlx::query_scalar(
+            "INSERT INTO contacts (account_id, epoch, phone, username, name, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(account)
+        .bind(epoch)
+        .bind(phone)
+        .bind(username)
+        .bind(name)
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await?),
+    }
+}
+
+async fn find_or_create_chat(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    channel: &Channel,
+    epoch: i64,
+    external_chat_id: &str,
+    contact: Id,
+    now: i64,
+) -> StoreResult<Chat> {
+    sqlx::query(
+        "INSERT INTO chats (account_id, epoch, channel_id, contact_id, external_chat_id, status, \
+         created_at) VALUES ($1, $2, $3, $4, $5, 'open', $6) \
+         ON CONFLICT (channel_id, external_chat_id, epoch) DO NOTHING",
+    )
+    .bind(channel.account)
+    .bind(epoch)
+    .bind(channel.id)
+    .bind(contact)
+    .bind(external_chat_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        chat_columns!(),
+        " FROM chats c WHERE c.channel_id = $1 AND c.external_chat_id = $2 AND c.epoch = $3"
+    ))
+    .bind(channel.id)
+    .bind(external_chat_id)
+    .bind(epoch)
+    .fetch_one(&mut **tx)
+    .await?;
+    chat_from_row(&row)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_account(&self, new: &NewAccount) -> StoreResult<(Account, User)> {
+        let name = validate::name("name", &new.name)?;
+        let currency = validate::currency(&new.currency)?;
+        let admin_name = validate::name("admin.name", &new.admin.name)?;
+        let admin_email = validate::email("admin.email", &new.admin.email)?;
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO accounts (name, currency, created_at) VALUES ($1, $2, $3) \
+             RETURNING ",
+            account_columns!()
+        ))
+        .bind(&name)
+        .bind(&currency)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let account = account_from_row(&row)?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO users (account_id, name, email, role, created_at) \
+             VALUES ($1, $2, $3, 'administrator', $4) RETURNING ",
+            user_columns!()
+        ))
+        .bind(account.id)
+        .bind(&admin_name)
+        .bind(&admin_email)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let admin = user_from_row(&row)?;
+        tx.commit().await?;
+        Ok((account, admin))
+    }
+
+    async fn account(&self, id: Id) -> StoreResult<Account> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            account_columns!(),
+            " FROM accounts WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("account", id))?;
+        account_from_row(&row)
+    }
+
+    async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry> {
+        if amount <= 0 {
+            return Err(DomainError::InvalidValue(format!(
+                "amount must be a positive integer of minor units, got {amount}"
+            )));
+        }
+        let reference = reference.trim();
+        if reference.is_empty() {
+            return Err(DomainError::InvalidValue(
+                "reference must not be empty: it makes a repeated top-up harmless".into(),
+            ));
+        }
+        let mut tx = self.begin_write().await?;
+        let existing = sqlx::query(concat!(
+            "SELECT ",
+            ledger_columns!(),
+            " FROM ledger WHERE account_id = $1 AND reference = $2"
+        ))
+        .bind(account)
+        .bind(reference)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = existing {
+            let entry = ledger_from_row(&row)?;
+            if entry.amount != amount {
+                return Err(DomainError::Conflict(format!(
+                    "reference {reference:?} was already used for a top-up of {}",
+                    entry.amount
+                )));
+            }
+            return Ok(entry);
+        }
+        let balance: i64 = sqlx::query_scalar(
+            "UPDATE accounts SET balance = balance + $1 WHERE id = $2 RETURNING balance",
+        )
+        .bind(amount)
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| DomainError::not_found("account", account))?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO ledger (account_id, kind, amount, balance_after, reference, created_at) \
+             VALUES ($1, 'topup', $2, $3, $4, $5) RETURNING ",
+            ledger_columns!()
+        ))
+        .bind(account)
+        .bind(amount)
+        .bind(balance)
+        .bind(reference)
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await?;
+        let entry = ledger_from_row(&row)?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn ledger(&self, account: Id, limit: u32) -> StoreResult<Vec<LedgerEntry>> {
+        self.account(account).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            ledger_columns!(),
+            " FROM ledger WHERE account_id = $1 ORDER BY id DESC LIMIT $2"
+        ))
+        .bind(account)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(ledger_from_row).collect()
+    }
+
+    async fn add_user(&self, account: Id, user: &NewUser, role: Role) -> StoreResult<User> {
+        let name = validate::name("name", &user.name)?;
+        let email = validate::email("email", &user.email)?;
+        self.account(account).await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO users (account_id, name, email, role, created_at) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING ",
+            user_columns!()
+        ))
+        .bind(account)
+        .bind(&name)
+        .bind(&email)
+        .bind(role.as_str())
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                DomainError::Conflict(format!("account {account} already has a user {email}"))
+            } else {
+                e.into()
+            }
+        })?;
+        user_from_row(&row)
+    }
+
+    async fn user(&self, id: Id) -> StoreResult<User> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("user", id))?;
+        user_from_row(&row)
+    }
+
+    async fn active_channel_kinds(&self, account: Id) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT kind FROM channels WHERE account_id = $1 \
+             AND status NOT IN ('removed', 'suspended') ORDER BY id",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn channel_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT status, COUNT(*) FROM channels GROUP BY status ORDER BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert> {
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
+             idempotency_key, created_at, updated_at, run_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(rec.kind.as_str())
+        .bind(rec.payload.to_string())
+        .bind(rec.state.as_str())
+        .bind(i64::from(rec.attempts))
+        .bind(i64::from(rec.max_attempts))
+        .bind(&rec.last_error)
+        .bind(&rec.idempotency_key)
+        .bind(rec.created_at)
+        .bind(rec.updated_at)
+        .bind(rec.run_at)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(JournalInsert::Inserted);
+        }
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1 OR id = $2")
+                .bind(&rec.idempotency_key)
+                .bind(&rec.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        existing
+            .map(JournalInsert::Existing)
+            .ok_or_else(|| DomainError::Unavailable("job journal insert lost a race".into()))
+    }
+
+    async fn journal_get(&self, id: &str) -> StoreResult<JobRecord> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("job", id))?;
+        job_from_row(&row)
+    }
+
+    async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE ($1 IS NULL OR state = $1) \
+             AND ($2 IS NULL OR kind = $2) ORDER BY created_at DESC, id DESC LIMIT $3"
+        ))
+        .bind(filter.state.map(JobState::as_str))
+        .bind(filter.kind.map(JobKind::as_str))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        // The key is left out on purpose: a job recreated here is already in the queue.
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
+             created_at, updated_at, run_at) VALUES ($1, $2, $3, 'pending', 0, $4, $5, $5, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(rec.kind.as_str())
+        .bind(rec.payload.to_string())
+        .bind(i64::from(rec.max_attempts))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = $1 \
+             WHERE id = $2 AND state NOT IN ('done', 'dead') RETURNING ",
+            job_columns!()
+        ))
+        .bind(now)
+        .bind(&rec.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn journal_finish(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        run_at: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE jobs SET state = $1, last_error = COALESCE($2, last_error), \
+             updated_at = $3, run_at = $4 WHERE id = $5",
+        )
+        .bind(state.as_str())
+        .bind(error)
+        .bind(now_ms())
+        .bind(run_at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord> {
+        let now = now_ms();
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'pending', attempts = 0, updated_at = $1, run_at = $1 \
+             WHERE id = $2 AND state = 'dead' RETURNING ",
+            job_columns!()
+        ))
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => job_from_row(&row),
+            None => {
+                let job = self.journal_get(id).await?;
+                Err(DomainError::Conflict(format!(
+                    "job {id} is {}, only dead jobs can be retried",
+                    job.state
+                )))
+            }
+        }
+    }
+
+    async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state ORDER BY kind, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(k, s, n)| Ok((JobKind::from_str(&k)?, JobState::from_str(&s)?, n)))
+            .collect()
+    }
+
+    async fn set_settings(&self, account: Id, s: &Settings) -> StoreResult<()> {
+        let n = sqlx::query(
+            "UPDATE accounts SET reset_responsible_on_close = $1, mark_read_on_open = $2, \
+             phone_format = $3, balance_notify_days = $4 WHERE id = $5",
+        )
+        .bind(s.reset_responsible_on_close)
+        .bind(s.mark_read_on_open)
+        .bind(&s.phone_format)
+        .bind(s.balance_notify_days)
+        .bind(account)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(DomainError::not_found("account", account));
+        }
+        Ok(())
+    }
+
+    async fn add_channel(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> StoreResult<Channel> {
+        self.account(account).await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
+             VALUES ($1, $2, $3, $4, 'connecting', $5) RETURNING ",
+            channel_columns!()
+        ))
+        .bind(account)
+        .bind(kind)
+        .bind(name)
+        .bind(config.to_string())
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        channel_from_row(&row)
+    }
+
+    async fn channel(&self, id: Id) -> StoreResult<Channel> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            channel_columns!(),
+            " FROM channels WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("channel", id))?;
+        channel_from_row(&row)
+    }
+
+    async fn channels(&self, account: Id) -> StoreResult<Vec<Channel>> {
+        self.account(account).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            channel_columns!(),
+            " FROM channels WHERE account_id = $1 AND status <> 'removed' ORDER BY id"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(channel_from_row).collect()
+    }
+
+    async fn runnable_channels(&self) -> StoreResult<Vec<Channel>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            channel_columns!(),
+            " FROM channels WHERE status NOT IN ('removed', 'suspended') ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(channel_from_row).collect()
+    }
+
+    async fn set_channel_status(
+        &self,
+        id: Id,
+        status: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<()> {
+        if !CHANNEL_STATUSES.contains(&status) {
+            return Err(DomainError::InvalidValue(format!(
+                "unknown channel status {status:?}"
+            )));
+        }
+        // A removed channel stays removed, whatever a late connector event says.
+        sqlx::query(
+            "UPDATE channels SET status = $1, status_reason = $2, \
+             removed_at = CASE WHEN $1 = 'removed' THEN $3 ELSE removed_at END \
+             WHERE id = $4 AND (status <> 'removed')",
+        )
+        .bind(status)
+        .bind(reason)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_channel_identity(
+        &self,
+        id: Id,
+        number: Option<&str>,
+        display_name: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE channels SET number = COALESCE($1, number), \
+             display_name = COALESCE($2, display_name) WHERE id = $3",
+        )
+        .bind(number)
+        .bind(display_name)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_field(
+        &self,
+        account: Id,
+        name: &str,
+        field_type: FieldType,
+        options: Option<&[String]>,
+    ) -> StoreResult<FieldDef> {
+        self.account(account).await?;
+        let options_json = options.map(|o| serde_json::Value::from(o.to_vec()).to_string());
+        let row = sqlx::query(concat!(
+            "INSERT INTO field_definitions (account_id, name, name_key, type, options, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
+            field_columns!()
+        ))
+        .bind(account)
+        .bind(name)
+        .bind(name.to_lowercase())
+        .bind(field_type.as_str())
+        .bind(options_json)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                DomainError::Conflict(format!(
+                    "account {account} already has a field named {name:?} (names ignore case)"
+                ))
+            } else {
+                e.into()
+            }
+        })?;
+        field_from_row(&row)
+    }
+
+    async fn fields(&self, account: Id) -> StoreResult<Vec<FieldDef>> {
+        self.account(account).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            field_columns!(),
+            " FROM field_definitions WHERE account_id = $1 ORDER BY id"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(field_from_row).collect()
+    }
+
+    async fn field(&self, id: Id) -> StoreResult<FieldDef> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            field_columns!(),
+            " FROM field_definitions WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("field", id))?;
+        field_from_row(&row)
+    }
+
+    async fn remove_field(&self, id: Id) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM field_values WHERE field_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query("DELETE FROM field_definitions WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(DomainError::not_found("field", id));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_field_value(
+        &self,
+        chat: Id,
+        field: Id,
+        value: &serde_json::Value,
+    ) -> StoreResult<()> {
+        if value.is_null() {
+            sqlx::query("DELETE FROM field_values WHERE chat_id = $1 AND field_id = $2")
+                .bind(chat)
+                .bind(field)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO field_values (chat_id, field_id, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (chat_id, field_id) DO UPDATE SET value = excluded.value",
+            )
+            .bind(chat)
+            .bind(field)
+            .bind(value.to_string())
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn field_values(&self, chat: Id) -> StoreResult<Vec<(Id, serde_json::Value)>> {
+        let rows: Vec<(Id, String)> = sqlx::query_as(
+            "SELECT field_id, value FROM field_values WHERE chat_id = $1 ORDER BY field_id",
+        )
+        .bind(chat)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, v)| {
+                serde_json::from_str(&v)
+                    .map(|v| (id, v))
+                    .map_err(|e| DomainError::Unavailable(format!("corrupt field value: {e}")))
+            })
+            .collect()
+    }
+
+    async fn create_chat(&self, channel: &Channel, phone: &str) -> StoreResult<Chat> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let epoch: i64 = sqlx::query_scalar("SELECT data_epoch FROM accounts WHERE id = $1")
+            .bind(channel.account)
+            .fetch_one(&mut *tx)
+            .await?;
+        let contact = find_or_create_contact(
+            &mut tx,
+            channel.account,
+            epoch,
+            Some(phone),
+            None,
+            None,
+            now,
+        )
+        .await?;
+        let chat = find_or_create_chat(&mut tx, channel, epoch, phone, contact, now).await?;
+        tx.commit().await?;
+        Ok(chat)
+    }
+
+    async fn chat(&self, id: Id) -> StoreResult<Chat> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            chat_columns!(),
+            " FROM chats c JOIN accounts a ON a.id = c.account_id \
+             WHERE c.id = $1 AND c.epoch = a.data_epoch"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("chat", id))?;
+        chat_from_row(&row)
+    }
+
+    async fn contact(&self, id: Id) -> StoreResult<Contact> {
+        let row = sqlx::query(
+            "SELECT id, phone, username, name, email, url, notes FROM contacts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("contact", id))?;
+        Ok(Contact {
+            id: row.try_get("id")?,
+            phone: row.try_get("phone")?,
+            username: row.try_get("username")?,
+            name: row.try_get("name")?,
+            email: row.try_get("email")?,
+            url: row.try_get("url")?,
+            notes: row.try_get("notes")?,
+        })
+    }
+
+    async fn chats(&self, account: Id, filter: &ChatFilter) -> StoreResult<Vec<Chat>> {
+        self.account(account).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            chat_columns!(),
+            " FROM chats c JOIN accounts a ON a.id = c.account_id \
+             WHERE c.account_id = $1 AND c.epoch = a.data_epoch \
+             AND ($2 IS NULL OR c.responsible_user_id IS NULL OR c.responsible_user_id = $2) \
+             AND ($3 IS NULL OR c.status = $3) \
+             ORDER BY COALESCE(c.last_message_at, c.created_at) DESC, c.id DESC LIMIT $4"
+        ))
+        .bind(account)
+        .bind(filter.visible_to_operator)
+        .bind(&filter.status)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(chat_from_row).collect()
+    }
+
+    async fn messages(
+        &self,
+        chat: Id,
+        limit: u32,
+        before: Option<Id>,
+    ) -> StoreResult<Vec<Message>> {
+        self.chat(chat).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE chat_id = $1 AND ($2 IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(chat)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn assign_chat(&self, chat: Id, user: Option<Id>) -> StoreResult<Chat> {
+        self.chat(chat).await?;
+        sqlx::query("UPDATE chats SET responsible_user_id = $1 WHERE id = $2")
+            .bind(user)
+            .bind(chat)
+            .execute(&self.pool)
+            .await?;
+        self.chat(chat).await
+    }
+
+    async fn mark_read(&self, chat: Id) -> StoreResult<Chat> {
+        self.chat(chat).await?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE messages SET status = 'read' WHERE chat_id = $1 AND direction = 'in' \
+             AND status = 'received'",
+        )
+        .bind(chat)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE chats SET unread = 0 WHERE id = $1")
+            .bind(chat)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.chat(chat).await
+    }
+
+    async fn close_chat(&self, chat: Id, reset_responsible: bool) -> StoreResult<Chat> {
+        self.chat(chat).await?;
+        sqlx::query(
+            "UPDATE chats SET status = 'closed', responsible_user_id = \
+             CASE WHEN $1 THEN NULL ELSE responsible_user_id END WHERE id = $2",
+        )
+        .bind(reset_responsible)
+        .bind(chat)
+        .execute(&self.pool)
+        .await?;
+        self.chat(chat).await
+    }
+
+    async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message> {
+        let now = now_ms();
+        let row = sqlx::query(concat!(
+            "INSERT INTO messages (account_id, chat_id, channel_id, direction, author_user_id, \
+             text, status, sent_at, created_at) VALUES ($1, $2, $3, 'out', $4, $5, 'queued', $6, $6) \
+             RETURNING ",
+            message_columns!()
+        ))
+        .bind(chat.account)
+        .bind(chat.id)
+        .bind(chat.channel)
+        .bind(author)
+        .bind(text)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        message_from_row(&row)
+    }
+
+    async fn message(&self, id: Id) -> StoreResult<Message> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("message", id))?;
+        message_from_row(&row)
+    }
+
+    async fn set_message_status(
+        &self,
+        id: Id,
+        status: &str,
+        reason: Option<&str>,
+        external_id: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            // Never back from delivered/read: a receipt can overtake the send's own update.
+            "UPDATE messages SET status = $1, status_reason = $2, \
+             external_message_id = COALESCE(external_message_id, $3) WHERE id = $4 \
+             AND NOT (status IN ('delivered', 'read') AND $1 IN ('queued', 'sent', 'failed')) \
+             AND NOT (status = 'read' AND $1 = 'delivered')",
+        )
+        .bind(status)
+        .bind(reason)
+        .bind(external_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                DomainError::Conflict(format!("external message id {external_id:?} is taken"))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn store_inbound(
+        &self,
+        msg: &InboundMessage,
+        phone: Option<&str>,
+    ) -> StoreResult<InboundOutcome> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let existing: Option<(Id, Id)> = sqlx::query_as(
+            "SELECT id, chat_id FROM messages WHERE channel_id = $1 AND external_message_id = $2",
+        )
+        .bind(msg.channel)
+        .bind(&msg.external_message_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((message, chat)) = existing {
+            return Ok(InboundOutcome {
+                message,
+                chat,
+                duplicate: true,
+            });
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            channel_columns!(),
+            " FROM channels WHERE id = $1"
+        ))
+        .bind(msg.channel)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| DomainError::not_found("channel", msg.channel))?;
+        let channel = channel_from_row(&row)?;
+        let epoch: i64 = sqlx::query_scalar("SELECT data_epoch FROM accounts WHERE id = $1")
+            .bind(channel.account)
+            .fetch_one(&mut *tx)
+            .await?;
+        let s = &msg.sender;
+        let contact = find_or_create_contact(
+            &mut tx,
+            channel.account,
+            epoch,
+            phone,
+            s.username.as_deref(),
+            s.name.as_deref(),
+            now,
+        )
+        .await?;
+        let chat = find_or_create_chat(
+            &mut tx,
+            &channel,
+            epoch,
+            &msg.external_chat_id,
+            contact,
+            now,
+        )
+        .await?;
+        let sent_at = msg.sent_at.timestamp_millis();
+        let message: Id = sqlx::query_scalar(
+            "INSERT INTO messages (account_id, chat_id, channel_id, direction, external_message_id, \
+             text, attachments, status, sent_at, created_at) \
+             VALUES ($1, $2, $3, 'in', $4, $5, $6, 'received', $7, $8) RETURNING id",
+        )
+        .bind(channel.account)
+        .bind(chat.id)
+        .bind(channel.id)
+        .bind(&msg.external_message_id)
+        .bind(&msg.text)
+        .bind(serde_json::Value::from(msg.attachments.clone()).to_string())
+        .bind(sent_at)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        // Reopening leaves the responsible user as it is: none if closing reset it.
+        sqlx::query(
+            "UPDATE chats SET unread = unread + 1, status = 'open', \
+             last_message_at = CASE WHEN last_message_at IS NULL OR last_message_at < $1 \
+             THEN $1 ELSE last_message_at END WHERE id = $2",
+        )
+        .bind(sent_at)
+        .bind(chat.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(InboundOutcome {
+            message,
+            chat: chat.id,
+            duplicate: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("t.db"))
+            .await
+            .expect("open");
+        (dir, store)
+    }
+
+    fn acme() -> NewAccount {
+        NewAccount {
+            name: "Acme".into(),
+            currency: "EUR".into(),
+            admin: NewUser {
+                name: "Ann".into(),
+                email: "ann@acme.test".into(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn topup_is_applied_once_per_reference() {
+        let (_dir, s) = store().await;
+        let (acc, admin) = s.create_account(&acme()).await.expect("create");
+        assert_eq!(admin.role, Role::Administrator);
+        let first = s.topup(acc.id, 500, "pay-1").await.expect("topup");
+        let again = s.topup(acc.id, 500, "pay-1").await.expect("repeat");
+        assert_eq!(first, again);
+        assert!(matches!(
+            s.topup(acc.id, 700, "pay-1").await,
+            Err(DomainError::Conflict(_))
+        ));
+        s.topup(acc.id, 250, "pay-2").await.expect("second");
+        assert_eq!(s.account(acc.id).await.expect("get").balance, 750);
+        assert_eq!(s.ledger(acc.id, 10).await.expect("ledger").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn bad_input_changes_nothing() {
+        let (_dir, s) = store().await;
+        let mut bad = acme();
+        bad.admin.email = "nope".into();
+        assert!(matches!(
+            s.create_account(&bad).await,
+            Err(DomainError::InvalidValue(_))
+        ));
+        assert!(matches!(s.account(1).await, Err(DomainError::NotFound(_))));
+        let (acc, _) = s.create_account(&acme()).await.expect("create");
+        let dup = NewUser {
+            name: "Ann 2".into(),
+            email: "ann@acme.test".into(),
+        };
+        assert!(matches!(
+            s.add_user(acc.id, &dup, Role::Operator).await,
+            Err(DomainError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.topup(acc.id, -5, "x").await,
+            Err(DomainError::InvalidValue(_))
+        ));
+        assert!(matches!(
+            s.topup(99, 5, "x").await,
+            Err(DomainError::NotFound(_))
+        ));
+        assert_eq!(s.account(acc.id).await.expect("get").balance, 0);
+    }
+}

@@ -1,0 +1,181 @@
+//! The one interface to patchbay's data, whatever database sits behind it.
+//!
+//! Handlers and control methods talk to `dyn Store`; `SqliteStore` is the embedded
+//! implementation. The SQL is kept portable so a PostgreSQL store can follow, and every
+//! "at most once" rule is a UNIQUE constraint, not a check in code.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::error::DomainError;
+use crate::fields::{FieldDef, FieldType};
+use crate::kind::{InboundMessage, JobKind};
+use crate::model::{
+    Account, Channel, Chat, Contact, Id, JobRecord, JobState, LedgerEntry, Message, Role, Settings,
+    User,
+};
+
+pub type StoreResult<T> = Result<T, DomainError>;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    pub name: String,
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    pub admin: NewUser,
+}
+
+fn default_currency() -> String {
+    "USD".to_owned()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub name: String,
+    pub email: String,
+}
+
+/// What `journal_insert` found: a job with the same idempotency key may exist already.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JournalInsert {
+    Inserted,
+    Existing(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub kind: Option<JobKind>,
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ChatFilter {
+    /// Only chats this operator may see: unassigned ones and their own.
+    pub visible_to_operator: Option<Id>,
+    pub status: Option<String>,
+    pub limit: u32,
+}
+
+/// What storing an inbound message did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundOutcome {
+    pub message: Id,
+    pub chat: Id,
+    /// The message was stored before (a redelivered job); nothing changed.
+    pub duplicate: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an account and its first administrator in one transaction.
+    async fn create_account(&self, new: &NewAccount) -> StoreResult<(Account, User)>;
+    async fn account(&self, id: Id) -> StoreResult<Account>;
+    /// Credits `amount` once per (account, reference); a repeat returns the first entry.
+    async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry>;
+    async fn ledger(&self, account: Id, limit: u32) -> StoreResult<Vec<LedgerEntry>>;
+    async fn add_user(&self, account: Id, user: &NewUser, role: Role) -> StoreResult<User>;
+    async fn user(&self, id: Id) -> StoreResult<User>;
+    /// Kinds of the account's channels that are billed (not removed, not suspended).
+    async fn active_channel_kinds(&self, account: Id) -> StoreResult<Vec<String>>;
+    /// Number of channels in each status, over all accounts.
+    async fn channel_counts(&self) -> StoreResult<Vec<(String, i64)>>;
+
+    /// Records a job before it is pushed. A job whose idempotency key is taken is not
+    /// recorded, and the existing job's id is returned.
+    async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert>;
+    async fn journal_get(&self, id: &str) -> StoreResult<JobRecord>;
+    async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
+    /// Marks the job running and counts the attempt; `None` if it is already done or
+    /// dead (a redelivered copy). `rec` recreates a missing entry.
+    async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>>;
+    async fn journal_finish(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        run_at: i64,
+    ) -> StoreResult<()>;
+    /// Moves a dead job back to pending with a fresh attempt budget.
+    async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord>;
+    async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>>;
+
+    async fn set_settings(&self, account: Id, settings: &Settings) -> StoreResult<()>;
+
+    async fn add_channel(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> StoreResult<Channel>;
+    async fn channel(&self, id: Id) -> StoreResult<Channel>;
+    /// The account's channels that are not removed.
+    async fn channels(&self, account: Id) -> StoreResult<Vec<Channel>>;
+    /// Channels of every account that should be running (not removed, not suspended).
+    async fn runnable_channels(&self) -> StoreResult<Vec<Channel>>;
+    async fn set_channel_status(
+        &self,
+        id: Id,
+        status: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<()>;
+    async fn set_channel_identity(
+        &self,
+        id: Id,
+        number: Option<&str>,
+        display_name: Option<&str>,
+    ) -> StoreResult<()>;
+
+    async fn add_field(
+        &self,
+        account: Id,
+        name: &str,
+        field_type: FieldType,
+        options: Option<&[String]>,
+    ) -> StoreResult<FieldDef>;
+    async fn fields(&self, account: Id) -> StoreResult<Vec<FieldDef>>;
+    async fn field(&self, id: Id) -> StoreResult<FieldDef>;
+    /// Removes the definition and every value of it.
+    async fn remove_field(&self, id: Id) -> StoreResult<()>;
+    /// Sets a checked value; `null` clears it.
+    async fn set_field_value(
+        &self,
+        chat: Id,
+        field: Id,
+        value: &serde_json::Value,
+    ) -> StoreResult<()>;
+    async fn field_values(&self, chat: Id) -> StoreResult<Vec<(Id, serde_json::Value)>>;
+
+    /// Finds or creates the contact with this E.164 phone and its chat on `channel`.
+    async fn create_chat(&self, channel: &Channel, phone: &str) -> StoreResult<Chat>;
+    /// A chat of the account's current data epoch; older ones are `not_found`.
+    async fn chat(&self, id: Id) -> StoreResult<Chat>;
+    async fn contact(&self, id: Id) -> StoreResult<Contact>;
+    async fn chats(&self, account: Id, filter: &ChatFilter) -> StoreResult<Vec<Chat>>;
+    /// Newest first; `before` pages by message id.
+    async fn messages(&self, chat: Id, limit: u32, before: Option<Id>)
+    -> StoreResult<Vec<Message>>;
+    async fn assign_chat(&self, chat: Id, user: Option<Id>) -> StoreResult<Chat>;
+    /// Marks the client's messages read and zeroes the unread count.
+    async fn mark_read(&self, chat: Id) -> StoreResult<Chat>;
+    async fn close_chat(&self, chat: Id, reset_responsible: bool) -> StoreResult<Chat>;
+    async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message>;
+    async fn message(&self, id: Id) -> StoreResult<Message>;
+    async fn set_message_status(
+        &self,
+        id: Id,
+        status: &str,
+        reason: Option<&str>,
+        external_id: Option<&str>,
+    ) -> StoreResult<()>;
+    /// Upserts contact and chat, reopens a closed chat, stores the message once per
+    /// (channel, external message id) and bumps the unread count — in one transaction.
+    async fn store_inbound(
+        &self,
+        msg: &InboundMessage,
+        phone: Option<&str>,
+    ) -> StoreResult<InboundOutcome>;
+}

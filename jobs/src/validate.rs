@@ -1,0 +1,52 @@
+//! Checks on values people type: names, e-mail addresses, currency codes.
+//!
+//! Each returns `InvalidValue` with a message that says what is allowed.
+
+use crate::error::DomainError;
+
+pub const MAX_NAME_CHARS: usize = 200;
+
+pub fn name(field: &str, value: &str) -> Result<String, DomainError> {
+    let v = value.trim();
+    if v.is_empty() || v.chars().count() > MAX_NAME_CHARS || v.chars().any(char::is_control) {
+        return Err(DomainError::InvalidValue(format!(
+            "{field} must be 1 to {MAX_NAME_CHARS} printable characters, got {value:?}"
+        )));
+    }
+    Ok(v.to_owned())
+}
+
+pub fn email(field: &str, value: &str) -> Result<String, DomainError> {
+    let v = value.trim();
+    if email_address::EmailAddress::is_valid(v) {
+        Ok(v.to_owned())
+    } else {
+        Err(DomainError::InvalidValue(format!(
+            "{field} must be an e-mail address like name@example.com, got {value:?}"
+        )))
+    }
+}
+
+pub fn currency(value: &str) -> Result<String, DomainError> {
+    if value.len() == 3 && value.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(value.to_owned())
+    } else {
+        Err(DomainError::InvalidValue(format!(
+            "currency must be a three-letter ISO 4217 code like USD, got {value:?}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rejects_what_people_get_wrong() {
+        assert!(super::name("name", "  Acme ").is_ok_and(|n| n == "Acme"));
+        assert!(super::name("name", "   ").is_err());
+        assert!(super::name("name", "a\u{0}b").is_err());
+        assert!(super::email("email", "ann@example.com").is_ok());
+        assert!(super::email("email", "ann.example.com").is_err());
+        assert!(super::currency("EUR").is_ok());
+        assert!(super::currency("eur").is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Test fixtures that own their components: a throwaway redis-server on a unix socket,
+//! and the real patchbayd binary in a temp folder, driven over its control socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use patchbay_daemon::ctl::client::{CallError, Client};
+use serde_json::{Value, json};
+
+pub const PATCHBAYD: &str = env!("CARGO_BIN_EXE_patchbayd");
+pub const PATCHBAYCTL: &str = env!("CARGO_BIN_EXE_patchbayctl");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Redis,
+}
+
+/// A redis-server of our own on a unix socket; never the machine's shared one.
+pub struct Redis {
+    child: Child,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("redis.sock");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--unixsocketperm",
+                "700",
+            ])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        wait_for(Duration::from_secs(10), || socket.exists());
+        Redis {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One patchbayd process with its own folder, config and (for Redis) server.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    /// Kept for the daemon's lifetime: dropping it stops the server.
+    _redis: Option<Redis>,
+}
+
+impl Daemon {
+    pub fn config_text(backend: Backend, redis: Option<&Redis>, extra: &str) -> String {
+        let queue = match (backend, redis) {
+            (Backend::Redis, Some(r)) => format!(
+                "backend = \"redis\"\nredis_url = \"{}\"\nnamespace = \"t{}\"\n",
+                r.url(),
+                std::process::id()
+            ),
+            _ => "backend = \"sqlite\"\n".to_owned(),
+        };
+        format!(
+            "[queue]\n{queue}retry_base_ms = 100\nretry_max_ms = 1000\nshutdown_timeout_secs = 10\n\
+             [log]\nlevel = \"info,patchbay_daemon=debug\"\n{extra}"
+        )
+    }
+
+    pub fn start(backend: Backend) -> Daemon {
+        Daemon::start_with(backend, "")
+    }
+
+    pub fn start_with(backend: Backend, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redis = (backend == Backend::Redis).then(Redis::start);
+        let config = dir.path().join("patchbayd.toml");
+        std::fs::write(&config, Daemon::config_text(backend, redis.as_ref(), extra))
+            .expect("write config");
+        let socket = dir.path().join("var/patchbayd.sock");
+        let mut d = Daemon {
+            dir,
+            config,
+            socket,
+            child: None,
+            _redis: redis,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("patchbayd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the binary and waits until the socket answers `status`.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(PATCHBAYD)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn patchbayd");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        let start = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "patchbayd exited with {status} during start:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "patchbayd did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the crash the daemon must survive without losing or doubling work.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                panic!("patchbayd ignored SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect")
+    }
+
+    pub async fn call(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        self.client().await.call(method, params).await
+    }
+
+    pub async fn ok(&self, method: &str, params: Value) -> Value {
+        match self.call(method, params.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("{method} {params} failed: {e:?}\n{}", self.log()),
+        }
+    }
+
+    /// Calls a method that must fail with an application error of `kind`.
+    pub async fn fails(&self, method: &str, params: Value, kind: &str) -> String {
+        match self.call(method, params.clone()).await {
+            Err(CallError::Rpc {
+                code: -32000,
+                message,
+                kind: Some(k),
+            }) if k == kind => message,
+            other => panic!("{method} {params}: expected {kind}, got {other:?}"),
+        }
+    }
+
+    pub async fn account(&self, name: &str) -> (i64, i64) {
+        let r = self
+            .ok(
+                "account.create",
+                json!({"name": name, "admin": {"name": "Admin", "email": format!("admin@{name}.test")}}),
+            )
+            .await;
+        (
+            r["account"]["id"].as_i64().expect("id"),
+            r["admin"]["id"].as_i64().expect("admin id"),
+        )
+    }
+
+    /// Polls `job.get` until the job reaches one of `states`.
+    pub async fn job_until(&self, id: &str, states: &[&str], limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let job = self.ok("job.get", json!({ "id": id })).await;
+            if states.iter().any(|s| job["state"] == *s) {
+                return job;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "job {id} stuck in {job}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn ctl(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(PATCHBAYCTL)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run patchbayctl")
+}

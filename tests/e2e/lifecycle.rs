@@ -1,0 +1,64 @@
+//! Process lifecycle: sd_notify READY=1 / STOPPING=1, graceful SIGTERM with exit 0 and
+//! the socket removed, and a second daemon refusing to steal a live socket.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Backend, Daemon, PATCHBAYD};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_gracefully_and_notifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, "").expect("config");
+    let mut child = Command::new(PATCHBAYD)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut buf = [0u8; 4096];
+    let n = notify.recv(&mut buf).expect("READY message");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // READY means the socket accepts.
+    let socket = dir.path().join("var/patchbayd.sock");
+    let mut client = patchbay_daemon::ctl::client::Client::connect(&socket)
+        .await
+        .expect("connect after READY");
+    assert!(client.call("status", json!({})).await.is_ok());
+
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    let n = notify.recv(&mut buf).expect("STOPPING message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "socket removed on stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_does_not_steal_the_socket() {
+    let mut d = Daemon::start(Backend::Sqlite);
+    let out = Command::new(PATCHBAYD)
+        .arg("--config")
+        .arg(&d.config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another patchbayd is listening"));
+    assert!(d.ok("status", json!({})).await.is_object());
+    assert_eq!(d.terminate(), Some(0));
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real patchbayd binary, its control socket, real SQLite files
+//! and a real redis-server started per test. Run with `cargo test --workspace`.
+
+mod accounts;
+mod config;
+mod control;
+mod harness;
+mod jobs;
+mod lifecycle;
