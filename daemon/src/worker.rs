@@ -42,6 +42,11 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
         return;
     };
     let span = tracing::info_span!("job", id = %rec.id, kind = %kind, attempt = started.attempts);
+    tracing::Instrument::instrument(attempt(app, env, kind, started), span).await;
+}
+
+/// Runs one attempt and records its outcome; runs inside the job's span.
+async fn attempt(app: Arc<App>, env: Envelope, kind: JobKind, started: JobRecord) {
     let outcome = async {
         let payload = kind.parse_payload(&env.payload).map_err(JobError::from)?;
         match AssertUnwindSafe(handlers::run(&*app.store, &*app, &payload))
@@ -55,9 +60,8 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
                 panic_message(panic.as_ref())
             ))),
         }
-    };
-    let outcome = tracing::Instrument::instrument(outcome, span.clone()).await;
-    let _enter = span.enter();
+    }
+    .await;
     let (state, error, delay) = match outcome {
         Ok(()) => (JobState::Done, None, None),
         Err(JobError::Permanent(m)) => (JobState::Dead, Some(m), None),
@@ -80,7 +84,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
     let run_at = now_ms() + delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     if let Err(e) = app
         .store
-        .journal_finish(&rec.id, state, error.as_deref(), run_at)
+        .journal_finish(&started.id, state, error.as_deref(), run_at)
         .await
     {
         tracing::error!(error = %e, "cannot record the job's outcome");

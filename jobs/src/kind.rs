@@ -234,16 +234,13 @@ impl Payload {
     }
 
     /// Jobs that must exist at most once per key, whoever enqueues them (two daemons'
-    /// cron ticks, an operator's catch-up run).
+    /// cron ticks, an operator's catch-up run). Inbound messages have none on purpose:
+    /// their handler is idempotent on its own, and every delivery is worth a journal row.
     pub fn idempotency_key(&self) -> Option<String> {
         match self {
             Payload::BillingRun(b) => Some(format!("billing_run:{}", b.date)),
             Payload::ChargeAccount(c) => Some(format!("charge_account:{}:{}", c.account, c.date)),
             Payload::Topup(t) => Some(format!("topup:{}:{}", t.account, t.reference)),
-            Payload::InboundMessage(m) => Some(format!(
-                "inbound_message:{}:{}",
-                m.channel, m.external_message_id
-            )),
             _ => None,
         }
     }

@@ -67,6 +67,32 @@ impl Drop for Redis {
     }
 }
 
+/// The loopback connector cargo built for this test run (a dev-dependency).
+pub fn loopback_library() -> PathBuf {
+    let bin_dir = Path::new(PATCHBAYD).parent().expect("bin dir");
+    [
+        bin_dir.join("libloopback.so"),
+        bin_dir.join("deps/libloopback.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libloopback.so next to the test binaries")
+}
+
+/// Compiles a C connector from connectors/sdk/tests/c with the system compiler.
+pub fn compile_c(source: &str, out: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(out)
+        .arg("-I")
+        .arg(root.join("connectors/sdk/include"))
+        .arg(root.join("connectors/sdk/tests/c").join(source))
+        .status()
+        .expect("a C compiler (cc) must be installed");
+    assert!(status.success(), "cc failed for {source}");
+}
+
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -109,11 +135,26 @@ impl Daemon {
     }
 
     pub fn start_with(backend: Backend, extra: &str) -> Daemon {
+        Daemon::start_full(backend, extra, |_| {})
+    }
+
+    /// Starts with the loopback connector in the plugin folder; `plugins` may add more
+    /// libraries there before the daemon scans it.
+    pub fn start_full(backend: Backend, extra: &str, plugins: impl FnOnce(&Path)) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let redis = (backend == Backend::Redis).then(Redis::start);
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir(&plugin_dir).expect("plugin dir");
+        std::fs::copy(loopback_library(), plugin_dir.join("libloopback.so"))
+            .expect("copy loopback");
+        plugins(&plugin_dir);
         let config = dir.path().join("patchbayd.toml");
-        std::fs::write(&config, Daemon::config_text(backend, redis.as_ref(), extra))
-            .expect("write config");
+        let extra = format!("{extra}\n[plugins]\ndir = \"plugins\"\n");
+        std::fs::write(
+            &config,
+            Daemon::config_text(backend, redis.as_ref(), &extra),
+        )
+        .expect("write config");
         let socket = dir.path().join("var/patchbayd.sock");
         let mut d = Daemon {
             dir,
@@ -242,6 +283,43 @@ impl Daemon {
             r["account"]["id"].as_i64().expect("id"),
             r["admin"]["id"].as_i64().expect("admin id"),
         )
+    }
+
+    /// Polls `f` until it returns Some, failing after `limit`.
+    pub async fn until<T, F, Fut>(&self, what: &str, limit: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for {what}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Adds a loopback channel and waits until it is connected.
+    pub async fn loopback(&self, account: i64, actor: i64, config: Value) -> i64 {
+        let ch = self
+            .ok("channel.add", json!({"account": account, "actor": actor, "kind": "loopback", "name": "lb", "config": config}))
+            .await;
+        let id = ch["id"].as_i64().expect("channel id");
+        self.until("channel connected", Duration::from_secs(20), || async {
+            let list = self.ok("channel.list", json!({"account": account})).await;
+            list.as_array()?
+                .iter()
+                .any(|c| c["id"] == id && c["status"] == "connected")
+                .then_some(())
+        })
+        .await;
+        id
     }
 
     /// Polls `job.get` until the job reaches one of `states`.

@@ -2,6 +2,7 @@
 //! and a real redis-server started per test. Run with `cargo test --workspace`.
 
 mod accounts;
+mod channels;
 mod config;
 mod control;
 mod harness;

@@ -25,6 +25,8 @@ const EVENTS_PER_INSTANCE: usize = 4096;
 
 struct Running {
     stop: watch::Sender<bool>,
+    /// The instance whose events count: set at create, before start emits anything.
+    current: Option<u64>,
     /// The live instance, once started; sends go to it.
     instance: Option<Arc<Instance>>,
     /// The host never calls one instance concurrently: sends queue here instead of
@@ -73,6 +75,7 @@ impl Supervisor {
             id,
             Running {
                 stop,
+                current: None,
                 instance: None,
                 calls: Default::default(),
                 task,
@@ -99,10 +102,7 @@ impl Supervisor {
     /// Whether `instance` is the channel's current instance: events of an instance that
     /// was replaced or stopped are stale.
     pub fn is_current(&self, channel: Id, instance: u64) -> bool {
-        self.lock()
-            .get(&channel)
-            .and_then(|r| r.instance.as_ref())
-            .is_some_and(|i| i.id() == instance)
+        self.lock().get(&channel).and_then(|r| r.current) == Some(instance)
     }
 
     pub fn running_count(&self, kind: &str) -> usize {
@@ -161,6 +161,12 @@ impl Supervisor {
         }
     }
 
+    fn set_current(&self, channel: Id, instance: Option<u64>) {
+        if let Some(r) = self.lock().get_mut(&channel) {
+            r.current = instance;
+        }
+    }
+
     async fn status(&self, channel: Id, status: &str, reason: Option<&str>) {
         if let Err(e) = self.store.set_channel_status(channel, status, reason).await {
             tracing::warn!(channel, error = %e, "cannot record the channel status");
@@ -181,6 +187,7 @@ impl Supervisor {
                     backoff = Duration::from_secs(1);
                     let stopped = watch_instance(&instance, &mut stop).await;
                     self.set_instance(id, None);
+                    self.set_current(id, None);
                     if stopped {
                         finish(instance).await;
                         return;
@@ -205,7 +212,8 @@ impl Supervisor {
         }
     }
 
-    /// Creates and starts an instance on a blocking thread.
+    /// Creates and starts an instance, each on a blocking thread. The instance becomes
+    /// current between the two, so the status events `start` emits are not stale.
     async fn launch(&self, channel: &Channel) -> Result<Arc<Instance>, String> {
         let Some(lib) = self.registry.get(&channel.kind).cloned() else {
             return Err(format!(
@@ -215,21 +223,33 @@ impl Supervisor {
             ));
         };
         let (id, config, events) = (channel.id, channel.config.clone(), self.events.clone());
-        let call = tokio::task::spawn_blocking(move || {
-            let instance = Instance::create(&lib, id, &config, events, EVENTS_PER_INSTANCE)?;
-            instance.start()?;
-            Ok::<_, patchbay_connector_sdk::host::PluginError>(Arc::new(instance))
+        let create = tokio::task::spawn_blocking(move || {
+            Instance::create(&lib, id, &config, events, EVENTS_PER_INSTANCE).map(Arc::new)
         });
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(Ok(instance))) => Ok(instance),
-            Ok(Ok(Err(e))) => Err(format!(
-                "connector failed to start: {}: {}",
-                e.code, e.message
-            )),
-            Ok(Err(e)) => Err(format!("connector start failed: {e}")),
+        let instance = match tokio::time::timeout(CALL_TIMEOUT, create).await {
+            Ok(Ok(Ok(instance))) => instance,
+            Ok(Ok(Err(e))) => {
+                return Err(format!(
+                    "connector refused its configuration: {}: {}",
+                    e.code, e.message
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("connector create failed: {e}")),
             // The thread is abandoned with its instance: dropping it could block too.
-            Err(_) => Err(format!("connector did not start within {CALL_TIMEOUT:?}")),
-        }
+            Err(_) => return Err(format!("connector was not created within {CALL_TIMEOUT:?}")),
+        };
+        self.set_current(id, Some(instance.id()));
+        let starting = instance.clone();
+        let start = tokio::task::spawn_blocking(move || starting.start());
+        let failure = match tokio::time::timeout(CALL_TIMEOUT, start).await {
+            Ok(Ok(Ok(()))) => return Ok(instance),
+            Ok(Ok(Err(e))) => format!("connector failed to start: {}: {}", e.code, e.message),
+            Ok(Err(e)) => format!("connector start failed: {e}"),
+            Err(_) => return Err(format!("connector did not start within {CALL_TIMEOUT:?}")),
+        };
+        self.set_current(id, None);
+        finish(instance).await;
+        Err(failure)
     }
 }
 

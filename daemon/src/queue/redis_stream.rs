@@ -330,7 +330,11 @@ impl RedisQueue {
         // future (a "crash") stops the refreshes, so other daemons can reclaim.
         tokio::select! {
             res = run_monitor(monitor, shutdown, grace) => res,
-            _ = futures::future::join_all(keepers) => Ok(()),
+            // Keepers never finish; `pending` also covers an empty spec list.
+            _ = async {
+                futures::future::join_all(keepers).await;
+                std::future::pending::<()>().await
+            } => Ok(()),
         }
     }
 }

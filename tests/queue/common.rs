@@ -1,0 +1,303 @@
+//! Shared test helpers: throwaway redis-server, temp SQLite paths, a
+//! recording handler, and scenarios run against both backends.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use patchbay_daemon::queue::{Envelope, Queue, WorkerSpec};
+use tokio::sync::Notify;
+
+pub fn env(id: impl Into<String>, kind: &str) -> Envelope {
+    Envelope {
+        id: id.into(),
+        kind: kind.into(),
+        payload: serde_json::json!({}),
+        attempt: 0,
+    }
+}
+
+/// Our own redis-server on a unix socket; killed (by its pid) on drop.
+pub struct TestRedis {
+    child: Child,
+    socket: PathBuf,
+    pub url: String,
+}
+
+impl TestRedis {
+    pub async fn start(name: &str) -> TestRedis {
+        let socket = std::env::temp_dir().join(format!("pbq-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--unixsocket",
+            ])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let url = format!("redis+unix://{}", socket.display());
+        TestRedis { child, socket, url }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Fresh SQLite path (removed with its WAL files on drop).
+pub struct TempDb(pub PathBuf);
+
+impl TempDb {
+    pub fn new(name: &str) -> TempDb {
+        let p = std::env::temp_dir().join(format!("pbq-{name}-{}.db", std::process::id()));
+        let db = TempDb(p);
+        db.cleanup();
+        db
+    }
+    fn cleanup(&self) {
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", self.0.display()));
+        }
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Records every handled job id (with how often it ran) and wakes waiters.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub seen: Arc<Mutex<HashMap<String, usize>>>,
+    pub changed: Arc<Notify>,
+}
+
+impl Recorder {
+    pub fn record(&self, id: &str) {
+        *self.seen.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+        self.changed.notify_waiters();
+    }
+    pub fn distinct(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+    pub fn total(&self) -> usize {
+        self.seen.lock().unwrap().values().sum()
+    }
+    pub fn count(&self, id: &str) -> usize {
+        self.seen.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+    /// Waits until `pred` holds, or panics after `timeout`.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Recorder) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if pred(self) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what} (distinct={}, total={})",
+                self.distinct(),
+                self.total()
+            );
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), notified).await;
+        }
+    }
+}
+
+pub fn spec(queue: &str, concurrency: usize) -> Vec<WorkerSpec> {
+    vec![WorkerSpec {
+        queue: queue.into(),
+        concurrency,
+    }]
+}
+
+/// (b) A handler still running when shutdown is requested finishes within
+/// the grace period; jobs not yet taken stay queued and run on the next
+/// `run_workers`. Also: a panicking handler does not kill the worker.
+pub async fn graceful_shutdown_scenario(queue: Queue) {
+    let q = "patchbay:graceful";
+    // Two slow jobs occupy both slots; the rest must wait.
+    queue.push(q, &env("slow-1", "slow"), None).await.unwrap();
+    queue.push(q, &env("slow-2", "slow"), None).await.unwrap();
+    let rest: Vec<_> = (0..10).map(|i| env(format!("later-{i}"), "fast")).collect();
+    queue.push_many(q, &rest).await.unwrap();
+    assert_eq!(queue.depth(q).await.unwrap(), 12);
+
+    let rec = Recorder::default();
+    let started = Arc::new(Mutex::new(0usize));
+    let both_started = Arc::new(Notify::new());
+    let (r, s, b) = (rec.clone(), started.clone(), both_started.clone());
+    let handler = move |e: Envelope| {
+        let (r, s, b) = (r.clone(), s.clone(), b.clone());
+        async move {
+            if e.kind == "slow" {
+                let n = {
+                    let mut g = s.lock().unwrap();
+                    *g += 1;
+                    *g
+                };
+                if n == 2 {
+                    b.notify_one();
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            r.record(&e.id);
+        }
+    };
+    let t = Instant::now();
+    let signal = both_started.clone();
+    queue
+        .run_workers(
+            spec(q, 2),
+            handler.clone(),
+            async move { signal.notified().await },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // Returned only after the running handlers completed (not cut off).
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "returned too early: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(rec.count("slow-1"), 1);
+    assert_eq!(rec.count("slow-2"), 1);
+    assert_eq!(
+        rec.total(),
+        2,
+        "no other job may start after shutdown was requested"
+    );
+    assert_eq!(
+        queue.depth(q).await.unwrap(),
+        10,
+        "untaken jobs stay queued"
+    );
+
+    // Second run: the 10 leftovers plus a panicking job, all complete.
+    queue.push(q, &env("boom", "panic"), None).await.unwrap();
+    let rec2 = Recorder::default();
+    let r2 = rec2.clone();
+    let handler2 = move |e: Envelope| {
+        let r2 = r2.clone();
+        async move {
+            r2.record(&e.id);
+            if e.kind == "panic" {
+                panic!("handler exploded on purpose");
+            }
+        }
+    };
+    let waiter = rec2.clone();
+    queue
+        .run_workers(
+            spec(q, 2),
+            handler2,
+            async move {
+                waiter
+                    .wait_until(Duration::from_secs(30), "leftovers", |r| r.distinct() == 11)
+                    .await;
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    for i in 0..10 {
+        assert_eq!(rec2.count(&format!("later-{i}")), 1);
+    }
+    assert_eq!(rec2.count("boom"), 1);
+    // The panicked job counts as done: nothing left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue.depth(q).await.unwrap() != 0 {
+        assert!(Instant::now() < deadline, "depth never reached 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// (c) A consumer takes a job and "crashes" (its run_workers future is
+/// aborted: no ack, no graceful release). A second Queue instance gets the
+/// job once the backend's recovery timeout passed. Returns the delay between
+/// the crash and the redelivery.
+pub async fn crash_redelivery_scenario(first: Queue, second: Queue, q: &'static str) -> Duration {
+    first.push(q, &env("crashy", "x"), None).await.unwrap();
+
+    let taken = Arc::new(Notify::new());
+    let t2 = taken.clone();
+    let stuck = move |_e: Envelope| {
+        let t2 = t2.clone();
+        async move {
+            t2.notify_one();
+            std::future::pending::<()>().await; // never finishes, never acks
+        }
+    };
+    let crashed = tokio::spawn(async move {
+        first
+            .run_workers(
+                spec(q, 1),
+                stuck,
+                std::future::pending(),
+                Duration::from_secs(1),
+            )
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), taken.notified())
+        .await
+        .expect("first consumer never took the job");
+    crashed.abort(); // kill -9 equivalent for this process
+    let _ = crashed.await;
+    let crash_at = Instant::now();
+
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let handler = move |e: Envelope| {
+        let r = r.clone();
+        async move { r.record(&e.id) }
+    };
+    let waiter = rec.clone();
+    second
+        .run_workers(
+            spec(q, 1),
+            handler,
+            async move {
+                waiter
+                    .wait_until(Duration::from_secs(40), "redelivery", |r| {
+                        r.count("crashy") == 1
+                    })
+                    .await;
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    crash_at.elapsed()
+}

@@ -1,0 +1,149 @@
+//! SQLite backend: durable PRAGMAs on every pooled connection, graceful
+//! shutdown, crash recovery, idle pickup latency.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{Recorder, TempDb, env, spec};
+use patchbay_daemon::queue::{Envelope, Queue, SqliteTuning};
+
+/// setup() leaves synchronous=OFF on its connection; ours must all be durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pooled_connection_is_durable() {
+    let db = TempDb::new("pragma");
+    let Queue::Sqlite(sq) = Queue::open_sqlite(&db.0).await.unwrap() else {
+        unreachable!()
+    };
+    // Hold all connections at once so each distinct one is checked.
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(sq.pool().acquire().await.unwrap());
+    }
+    for c in conns.iter_mut() {
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
+        assert_eq!(sync, 1, "synchronous must be NORMAL (1)");
+        assert_eq!(mode, "wal");
+    }
+}
+
+/// (b) on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_sqlite() {
+    let db = TempDb::new("graceful");
+    let queue = Queue::open_sqlite(&db.0).await.unwrap();
+    crate::common::graceful_shutdown_scenario(queue).await;
+}
+
+/// (c) on SQLite: recovery is apalis' orphan detection (heartbeat 1 s x 2 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_worker_job_is_rerun() {
+    let db = TempDb::new("crash");
+    let tuning = SqliteTuning {
+        heartbeat: Duration::from_secs(1),
+        missed_heartbeats: 2,
+        ..SqliteTuning::default()
+    };
+    let a = Queue::open_sqlite_with(&db.0, tuning.clone())
+        .await
+        .unwrap();
+    let b = Queue::open_sqlite_with(&db.0, tuning).await.unwrap();
+    let after = crate::common::crash_redelivery_scenario(a, b.clone(), "patchbay:crash").await;
+    println!("re-run {after:?} after the crash");
+    assert!(
+        after < Duration::from_secs(10),
+        "recovery too slow: {after:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.depth("patchbay:crash").await.unwrap() != 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// poll_with_interval: an idle worker does not wait for its heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_worker_picks_up_quickly() {
+    let db = TempDb::new("idle");
+    let queue = Queue::open_sqlite(&db.0).await.unwrap();
+    let q = "patchbay:idle";
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let handler = move |e: Envelope| {
+        let r = r.clone();
+        async move { r.record(&e.id) }
+    };
+    let producer = queue.clone();
+    let waiter = rec.clone();
+    let latency = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        producer.push(q, &env("ping", "x"), None).await.unwrap();
+        waiter
+            .wait_until(Duration::from_secs(10), "ping", |r| r.total() == 1)
+            .await;
+        t.elapsed()
+    });
+    let w = rec.clone();
+    queue
+        .run_workers(
+            spec(q, 4),
+            handler,
+            async move {
+                w.wait_until(Duration::from_secs(15), "ping", |r| r.total() == 1)
+                    .await
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let latency = latency.await.unwrap();
+    println!("idle pickup latency {latency:?}");
+    assert!(
+        latency < Duration::from_millis(500),
+        "idle pickup took {latency:?}"
+    );
+}
+
+/// Delayed jobs wait (apalis-sqlite stores run_at in whole seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_job_waits() {
+    let db = TempDb::new("delay");
+    let queue = Queue::open_sqlite(&db.0).await.unwrap();
+    let q = "patchbay:delay";
+    let t = Instant::now();
+    queue
+        .push(q, &env("later", "x"), Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let handler = move |e: Envelope| {
+        let r = r.clone();
+        async move { r.record(&e.id) }
+    };
+    let w = rec.clone();
+    queue
+        .run_workers(
+            spec(q, 1),
+            handler,
+            async move {
+                w.wait_until(Duration::from_secs(10), "later", |r| r.total() == 1)
+                    .await
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "ran too early: {waited:?}"
+    );
+    assert_eq!(rec.count("later"), 1);
+}
