@@ -3,6 +3,7 @@
 
 mod accounts;
 mod channels;
+mod chats;
 mod config;
 mod control;
 mod harness;
