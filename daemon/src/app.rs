@@ -5,14 +5,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use patchbay_jobs::handlers::Effects;
+use chrono::NaiveDate;
+use patchbay_jobs::billing::{self, Prices};
+use patchbay_jobs::handlers::{Effects, Notice, NoticeKind};
 use patchbay_jobs::model::Channel;
-use patchbay_jobs::model::{Account, JobRecord, JobState, now_ms};
+use patchbay_jobs::model::{Account, Id, JobRecord, JobState, now_ms};
 use patchbay_jobs::store::JournalInsert;
 use patchbay_jobs::{DomainError, JobError, JobKind, Store};
 use serde_json::{Value, json};
 
-use crate::config::Settings;
+use crate::config::{BillingConfig, Settings};
+use crate::mail::{self, AccountFigures, Mailer};
 use crate::plugin_host::supervisor::Supervisor;
 use crate::queue::{Envelope, Queue};
 
@@ -22,6 +25,10 @@ pub struct App {
     pub queue: Queue,
     pub plugins: Arc<Supervisor>,
     pub started: Instant,
+    /// `[billing]` as last loaded: SIGHUP may replace it (prices), so read it through
+    /// `billing()`, not `settings.raw.billing`, which keeps the values from start.
+    pub billing: std::sync::RwLock<Arc<BillingConfig>>,
+    pub mailer: Mailer,
 }
 
 impl App {
@@ -56,6 +63,86 @@ impl App {
         }
         self.push(&rec, 0, None).await?;
         Ok((rec.id, false))
+    }
+
+    /// Records and queues many jobs of one kind: one journal transaction and one
+    /// batched push. Jobs whose idempotency key exists are skipped.
+    pub async fn enqueue_many(
+        &self,
+        kind: JobKind,
+        payloads: Vec<Value>,
+    ) -> Result<usize, DomainError> {
+        let now = now_ms();
+        let mut recs = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let parsed = kind.parse_payload(&payload)?;
+            recs.push(JobRecord {
+                id: ulid::Ulid::new().to_string(),
+                kind,
+                payload,
+                state: JobState::Pending,
+                attempts: 0,
+                max_attempts: self.settings.max_attempts(kind),
+                last_error: None,
+                idempotency_key: parsed.idempotency_key(),
+                created_at: now,
+                updated_at: now,
+                run_at: now,
+            });
+        }
+        let inserted = self.store.journal_insert_many(&recs).await?;
+        let envs: Vec<Envelope> = recs
+            .iter()
+            .zip(&inserted)
+            .filter(|(_, new)| **new)
+            .map(|(rec, _)| Envelope {
+                id: rec.id.clone(),
+                kind: kind.as_str().to_owned(),
+                payload: rec.payload.clone(),
+                attempt: 0,
+            })
+            .collect();
+        if let Err(e) = self.queue.push_many(&self.queue_name(kind), &envs).await {
+            let reason = format!("queue unavailable: {e}");
+            for env in &envs {
+                self.store
+                    .journal_finish(&env.id, JobState::Dead, Some(&reason), now_ms())
+                    .await?;
+            }
+            return Err(DomainError::Unavailable(format!(
+                "{reason}; {} jobs are recorded as dead and can be retried with job.retry",
+                envs.len()
+            )));
+        }
+        Ok(envs.len())
+    }
+
+    pub fn prices(&self) -> Prices {
+        let b = self.billing();
+        Prices {
+            default_price: b.default_price,
+            by_kind: b.prices.clone(),
+        }
+    }
+
+    /// Today in the billing time zone.
+    pub fn today(&self) -> NaiveDate {
+        let tz = billing::parse_timezone(&self.billing().timezone).unwrap_or(chrono_tz::UTC);
+        billing::billing_day(chrono::Utc::now(), tz)
+    }
+
+    /// Un-suspends the account's channels if its balance now pays for today, and starts
+    /// their connectors.
+    pub async fn resume(&self, account: Id) -> Result<usize, DomainError> {
+        let channels = self
+            .store
+            .resume_suspended(account, self.today(), &self.prices())
+            .await?;
+        let n = channels.len();
+        for channel in channels {
+            self.plugins.start(channel);
+        }
+        Ok(n)
     }
 
     /// Puts a recorded job on the queue. If the queue refuses, the job is marked dead
@@ -111,8 +198,17 @@ impl App {
         out
     }
 
+    /// The billing configuration in force now (see the `billing` field).
+    pub fn billing(&self) -> Arc<BillingConfig> {
+        // Only whole-Arc swaps happen under the lock, so a poisoned one is still sound.
+        self.billing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn price(&self, kind: &str) -> i64 {
-        let billing = &self.settings.raw.billing;
+        let billing = self.billing();
         billing
             .prices
             .get(kind)
@@ -144,5 +240,57 @@ impl App {
 impl Effects for App {
     async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError> {
         self.plugins.deliver(channel, outbound).await
+    }
+
+    fn prices(&self) -> Prices {
+        App::prices(self)
+    }
+
+    fn today(&self) -> NaiveDate {
+        App::today(self)
+    }
+
+    async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError> {
+        App::enqueue_many(self, kind, payloads).await?;
+        Ok(())
+    }
+
+    async fn channels_suspended(&self, channels: &[Id]) {
+        for &id in channels {
+            self.plugins.stop(id).await;
+        }
+    }
+
+    async fn send_notice(&self, notice: &Notice) -> Result<(), JobError> {
+        let acc = &notice.account;
+        let figures = AccountFigures {
+            name: &acc.name,
+            currency: &acc.currency,
+            balance: acc.balance,
+            daily_total: notice.daily_total,
+        };
+        let mail = match &notice.kind {
+            NoticeKind::Warning(w) => mail::balance_warning(
+                &notice.to,
+                &figures,
+                w.days,
+                w.disconnect_date,
+                &w.message_id(acc.id),
+            ),
+            NoticeKind::Disconnected { date } => mail::disconnected(
+                &notice.to,
+                &figures,
+                *date,
+                &format!("disconnected-{}-{date}@patchbay", acc.id),
+            ),
+        }?;
+        self.mailer.send(&mail).await?;
+        tracing::info!(account = acc.id, subject = %mail.subject, "balance e-mail sent");
+        Ok(())
+    }
+
+    fn deletion_pacing(&self) -> (u32, Duration) {
+        let d = &self.settings.raw.deletion;
+        (d.batch_size, Duration::from_millis(d.pause_ms))
     }
 }

@@ -462,6 +462,13 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "a time HH:MM, e.g. 00:05",
         ));
     }
+    if let Err(e) = patchbay_jobs::billing::parse_timezone(&raw.billing.timezone) {
+        return Err(ConfigError::new(
+            "billing.timezone",
+            &raw.billing.timezone,
+            e.to_string(),
+        ));
+    }
     if raw.billing.default_price < 0 {
         return Err(ConfigError::new(
             "billing.default_price",

@@ -1,28 +1,34 @@
-//! patchbayd's life: open the store and queue, bind the control socket, run the
-//! workers, and on SIGTERM/SIGINT stop in order — no new requests, workers finish
-//! in-flight jobs within `queue.shutdown_timeout_secs`, exit 0.
+//! patchbayd's life: open the store and queue, take or bind the control socket, run the
+//! workers, tell systemd (READY=1, then STATUS= and WATCHDOG=1 from `health`), reload on
+//! SIGHUP (`reload`), and on SIGTERM/SIGINT stop in order — STOPPING=1, no new requests,
+//! workers finish in-flight jobs within `queue.shutdown_timeout_secs`, exit 0.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use patchbay_jobs::{JobKind, SqliteStore, Store};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{QueueBackend, Settings};
 use crate::control::server::{self, Gate};
+use crate::mail::{Mailer, Transport};
 use crate::plugin_host::registry::Registry;
 use crate::plugin_host::supervisor::Supervisor;
 use crate::queue::{Queue, WorkerSpec};
-use crate::{notify, plugin_host, worker};
+use crate::reload::Reloader;
+use crate::{health, notify, plugin_host, worker};
 
 /// Connector events waiting to be handled, over all channels.
 const EVENT_QUEUE: usize = 65_536;
 
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT. `config_file` is what `--config` named: SIGHUP
+/// reads it again.
+pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     for dir in [
         settings.store_path.parent(),
         settings.queue_sqlite_path.parent(),
@@ -45,8 +51,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
     .context("cannot open the job queue")?;
-    let listener = server::bind(&settings.socket).await?;
-    let socket_path = settings.socket.clone();
+    let socket = server::open(&settings.socket).await?;
+    let (listener, socket_path, socket_owned) = (socket.listener, socket.path, socket.owned);
+    let mut reloader = Reloader::new(config_file, &settings);
     let gate = Gate::new(
         settings.raw.control.allowed_uids.clone(),
         settings.raw.control.allowed_gids.clone(),
@@ -57,13 +64,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let registry = Registry::scan(&settings.plugins_dir, &plugin_uids);
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
     let plugins = Arc::new(Supervisor::new(registry, store.clone(), events_tx));
+    let billing = std::sync::RwLock::new(Arc::new(settings.raw.billing.clone()));
+    let mail = &settings.raw.mail;
+    let mailer = Transport::from_config(&mail.transport, &settings.mail_spool_dir, &mail.smtp_url)
+        .and_then(|t| Mailer::new(t, &mail.from))
+        .context("cannot set up mail")?;
     let app = Arc::new(App {
         settings,
         store,
         queue,
         plugins,
         started: Instant::now(),
+        billing,
+        mailer,
     });
+    let cron = tokio::spawn(crate::billing::run_schedule(app.clone()));
     let events = tokio::spawn(plugin_host::events::run(app.clone(), events_rx));
     for channel in app
         .store
@@ -112,12 +127,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         store = %app.settings.store_path.display(),
         "patchbayd is ready"
     );
+    // Handlers go in before READY=1: systemd may send SIGHUP (reload) or SIGTERM as soon
+    // as it sees it, and SIGHUP's default action would kill the daemon.
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    );
     notify::ready(&format!("ready; queue {}", app.settings.raw.queue.backend));
+    let health = notify::enabled().then(|| tokio::spawn(health::run(app.clone(), stop.clone())));
 
-    let reason = wait_for_stop(&workers).await;
+    let reason = wait_for_stop(signals, &workers, &app, &mut reloader).await;
     tracing::info!(reason, "patchbayd is stopping");
     notify::stopping();
     stop.cancel();
+    if let Some(h) = health {
+        let _ = h.await;
+    }
     connections.close();
     let _ = control.await;
     if tokio::time::timeout(Duration::from_secs(5), connections.wait())
@@ -133,10 +158,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("workers did not stop within the shutdown timeout"),
     }
     // Connectors stop last: sends in flight needed them until the workers finished.
+    cron.abort();
     app.plugins.stop_all().await;
     drop(app);
     events.abort();
-    if let Err(e) = std::fs::remove_file(&socket_path) {
+    // A socket passed by systemd is the socket unit's to remove (RemoveOnStop=).
+    if socket_owned && let Err(e) = std::fs::remove_file(&socket_path) {
         tracing::debug!(error = %e, "control socket already gone");
     }
     tracing::info!("patchbayd stopped");
@@ -144,12 +171,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn wait_for_stop(
+    signals: (std::io::Result<Signal>, std::io::Result<Signal>),
     workers: &tokio::task::JoinHandle<Result<(), crate::queue::QueueError>>,
+    app: &Arc<App>,
+    reloader: &mut Reloader,
 ) -> &'static str {
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut term), Ok(mut hup)) = signals else {
         tracing::error!("cannot install signal handlers; stopping");
         return "no signal handlers";
     };
@@ -157,7 +184,8 @@ async fn wait_for_stop(
         tokio::select! {
             _ = term.recv() => return "SIGTERM",
             _ = tokio::signal::ctrl_c() => return "SIGINT",
-            _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload in this version"),
+            // A second SIGHUP during a reload waits in the signal stream and runs next.
+            _ = hup.recv() => reloader.reload(app).await,
             _ = wait_finished(workers) => return "the workers stopped unexpectedly",
         }
     }

@@ -3,12 +3,16 @@
 //! processes, sockets, queues and configuration.
 
 pub mod app;
+pub mod billing;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
+pub mod health;
 pub mod logging;
+pub mod mail;
 pub mod notify;
 pub mod plugin_host;
 pub mod queue;
+pub mod reload;
 pub mod worker;

@@ -14,6 +14,9 @@ CREATE TABLE accounts (
     mark_read_on_open BOOLEAN NOT NULL DEFAULT TRUE,
     phone_format TEXT NOT NULL DEFAULT 'none',
     balance_notify_days INTEGER NOT NULL DEFAULT 3,
+    -- The billing day whose run could not be paid (YYYY-MM-DD); a top-up that resumes
+    -- the channels pays that day, or today if later.
+    suspended_on TEXT,
     created_at BIGINT NOT NULL
 );
 

@@ -7,17 +7,47 @@
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
+use chrono::NaiveDate;
+
+use crate::billing::{self, Prices, Warning};
 use crate::error::{DomainError, JobError};
 use crate::kind::{JobKind, Payload};
-use crate::model::{Channel, Id};
+use crate::model::{Account, Channel, Id};
 use crate::phone;
-use crate::store::Store;
+use crate::store::{ChargeOutcome, Store};
 
 #[async_trait]
 pub trait Effects: Send + Sync {
     /// Hands an outbound message to its channel's running connector; returns the
     /// messenger's id for it.
     async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError>;
+    /// Rows per deletion batch and the pause between batches (`deletion.*` config).
+    fn deletion_pacing(&self) -> (u32, std::time::Duration);
+    /// Daily prices in force now.
+    fn prices(&self) -> Prices;
+    /// Today in the billing time zone.
+    fn today(&self) -> NaiveDate;
+    /// Queues jobs of one kind in bulk (journal and queue in batches).
+    async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError>;
+    /// Stops the connectors of channels the store just suspended.
+    async fn channels_suspended(&self, channels: &[Id]);
+    /// Sends an e-mail about the account's balance to its administrators.
+    async fn send_notice(&self, notice: &Notice) -> Result<(), JobError>;
+}
+
+/// A balance e-mail: a warning before disconnection, or the disconnection itself.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    pub account: Account,
+    pub to: Vec<String>,
+    pub daily_total: i64,
+    pub kind: NoticeKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum NoticeKind {
+    Warning(Warning),
+    Disconnected { date: NaiveDate },
 }
 
 pub async fn run(
@@ -57,10 +87,18 @@ pub async fn run(
             Ok(())
         }
         Payload::SendMessage(s) => send_message(store, effects, s.message).await,
-        Payload::BillingRun(_) => not_built(JobKind::BillingRun),
-        Payload::ChargeAccount(_) => not_built(JobKind::ChargeAccount),
-        Payload::BalanceCheck(_) => not_built(JobKind::BalanceCheck),
-        Payload::DataDeletion(_) => not_built(JobKind::DataDeletion),
+        Payload::BillingRun(b) => billing_run(store, effects, b.date).await,
+        Payload::ChargeAccount(c) => charge_account(store, effects, c.account, c.date).await,
+        Payload::BalanceCheck(b) => {
+            balance_check(
+                store,
+                effects,
+                b.account,
+                b.date.unwrap_or_else(|| effects.today()),
+            )
+            .await
+        }
+        Payload::DataDeletion(d) => data_deletion(store, effects, d.run).await,
     }
 }
 
@@ -108,10 +146,141 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
     }
 }
 
-/// Kinds whose handlers later work fills in fail permanently and visibly (`dead`, with
-/// this reason) rather than pretending to succeed.
-fn not_built(kind: JobKind) -> Result<(), JobError> {
-    Err(JobError::Permanent(format!(
-        "the {kind} handler is not implemented in this version of patchbayd"
-    )))
+/// Deletes a run's pre-cutoff data batch by batch until none is left. Each batch is
+/// its own short transaction that also advances the run's counts, so a crash resumes
+/// where it stopped with exact counts, and inbound traffic gets the store between
+/// batches.
+async fn data_deletion(store: &dyn Store, effects: &dyn Effects, run: Id) -> Result<(), JobError> {
+    let (batch, pause) = effects.deletion_pacing();
+    loop {
+        let outcome = store.delete_batch(run, batch).await?;
+        if outcome.finished {
+            tracing::info!(run, "data deletion finished");
+            return Ok(());
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Fans out one `charge_account` per account. Each carries the idempotency key
+/// `charge_account:<account>:<date>`, so a rerun of the same day, a retry or a second
+/// daemon's tick queues nothing new.
+async fn billing_run(
+    store: &dyn Store,
+    effects: &dyn Effects,
+    date: NaiveDate,
+) -> Result<(), JobError> {
+    const PAGE: u32 = 5_000;
+    let mut after = 0;
+    loop {
+        let ids = store.account_ids(after, PAGE).await?;
+        let Some(&last) = ids.last() else {
+            return Ok(());
+        };
+        let payloads = ids
+            .iter()
+            .map(|a| json!({ "account": a, "date": date }))
+            .collect();
+        effects
+            .enqueue_many(JobKind::ChargeAccount, payloads)
+            .await?;
+        after = last;
+    }
+}
+
+async fn charge_account(
+    store: &dyn Store,
+    effects: &dyn Effects,
+    account: Id,
+    date: NaiveDate,
+) -> Result<(), JobError> {
+    let prices = effects.prices();
+    match store.charge_day(account, date, &prices).await? {
+        ChargeOutcome::Suspended {
+            needed,
+            balance,
+            channels,
+        } => {
+            tracing::info!(
+                account,
+                needed,
+                balance,
+                "account cannot pay the day; channels suspended"
+            );
+            effects.channels_suspended(&channels).await;
+            if let Some(id) = store
+                .claim_notification(account, "disconnected", date)
+                .await?
+            {
+                let notice =
+                    notice(store, account, needed, NoticeKind::Disconnected { date }).await?;
+                effects.send_notice(&notice).await?;
+                store.mark_notification_sent(id).await?;
+            }
+        }
+        ChargeOutcome::Charged {
+            total,
+            balance,
+            channels,
+        } => {
+            tracing::debug!(account, total, balance, channels, "account charged");
+        }
+        ChargeOutcome::NothingDue { .. } => {}
+    }
+    let payload = json!({ "account": account, "date": date });
+    effects
+        .enqueue_many(JobKind::BalanceCheck, vec![payload])
+        .await
+}
+
+/// Sends the warning that is due after the day's charge, at most once per (account,
+/// kind, disconnection date): the notification row is claimed before sending and
+/// marked sent after, so a failed send is retried and a sent one never repeated.
+async fn balance_check(
+    store: &dyn Store,
+    effects: &dyn Effects,
+    account: Id,
+    date: NaiveDate,
+) -> Result<(), JobError> {
+    let acc = store.account(account).await?;
+    let kinds = store.active_channel_kinds(account).await?;
+    let total = billing::daily_total(&effects.prices(), &kinds);
+    let Some(warning) =
+        billing::warning_due(acc.balance, total, acc.settings.balance_notify_days, date)
+    else {
+        return Ok(());
+    };
+    let Some(id) = store
+        .claim_notification(account, &warning.kind, warning.disconnect_date)
+        .await?
+    else {
+        return Ok(());
+    };
+    let notice = notice(store, account, total, NoticeKind::Warning(warning)).await?;
+    effects.send_notice(&notice).await?;
+    store.mark_notification_sent(id).await?;
+    Ok(())
+}
+
+async fn notice(
+    store: &dyn Store,
+    account: Id,
+    daily_total: i64,
+    kind: NoticeKind,
+) -> Result<Notice, JobError> {
+    let acc = store.account(account).await?;
+    let to: Vec<String> = store
+        .administrators(account)
+        .await?
+        .into_iter()
+        .map(|u| u.email)
+        .collect();
+    Ok(Notice {
+        account: acc,
+        to,
+        daily_total,
+        kind,
+    })
 }

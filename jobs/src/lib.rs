@@ -5,6 +5,7 @@
 //! may run any number of times for one job and its effect happens once.
 
 pub mod access;
+pub mod billing;
 pub mod error;
 pub mod fields;
 pub mod handlers;

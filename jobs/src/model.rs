@@ -219,3 +219,19 @@ pub struct Message {
     pub sent_at: i64,
     pub created_at: i64,
 }
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeletionRun {
+    pub id: Id,
+    pub account: Id,
+    /// Unix ms: everything created before it is deleted.
+    pub cutoff: i64,
+    #[serde(skip)]
+    pub epoch: i64,
+    pub state: String,
+    pub deleted_messages: i64,
+    pub deleted_chats: i64,
+    pub deleted_contacts: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}

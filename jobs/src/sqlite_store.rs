@@ -15,15 +15,19 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
+use chrono::NaiveDate;
+
+use crate::billing::Prices;
 use crate::error::DomainError;
 use crate::fields::{FieldDef, FieldType};
 use crate::kind::{InboundMessage, JobKind};
 use crate::model::{
-    Account, CHANNEL_STATUSES, Channel, Chat, Contact, Id, JobRecord, JobState, LedgerEntry,
-    Message, Role, Settings, User, now_ms,
+    Account, CHANNEL_STATUSES, Channel, Chat, Contact, DeletionRun, Id, JobRecord, JobState,
+    LedgerEntry, Message, Role, Settings, User, now_ms,
 };
 use crate::store::{
-    ChatFilter, InboundOutcome, JobFilter, JournalInsert, NewAccount, NewUser, Store, StoreResult,
+    BatchOutcome, ChargeOutcome, ChatFilter, InboundOutcome, JobFilter, JournalInsert, NewAccount,
+    NewUser, Store, StoreResult,
 };
 use crate::validate;
 
@@ -248,6 +252,87 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<Message> {
         sent_at: r.try_get("sent_at")?,
         created_at: r.try_get("created_at")?,
     })
+}
+
+macro_rules! run_columns {
+    () => {
+        "id, account_id, cutoff, epoch, state, deleted_messages, deleted_chats, \
+         deleted_contacts, started_at, finished_at"
+    };
+}
+
+fn run_from_row(r: &SqliteRow) -> StoreResult<DeletionRun> {
+    Ok(DeletionRun {
+        id: r.try_get("id")?,
+        account: r.try_get("account_id")?,
+        cutoff: r.try_get("cutoff")?,
+        epoch: r.try_get("epoch")?,
+        state: r.try_get("state")?,
+        deleted_messages: r.try_get("deleted_messages")?,
+        deleted_chats: r.try_get("deleted_chats")?,
+        deleted_contacts: r.try_get("deleted_contacts")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+    })
+}
+
+/// The account's channels not yet charged for `day`, with their prices: active ones,
+/// plus suspended ones when resuming.
+async fn unpaid_channels(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    account: Id,
+    day: &str,
+    prices: &Prices,
+    include_suspended: bool,
+) -> StoreResult<Vec<(Id, i64)>> {
+    let rows: Vec<(Id, String)> = sqlx::query_as(
+        "SELECT c.id, c.kind FROM channels c WHERE c.account_id = $1 \
+         AND (c.status NOT IN ('removed', 'suspended') OR ($2 AND c.status = 'suspended')) \
+         AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $3) \
+         ORDER BY c.id",
+    )
+    .bind(account)
+    .bind(include_suspended)
+    .bind(day)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, kind)| (id, prices.price(&kind)))
+        .collect())
+}
+
+/// Writes one charge row per (channel, day) and the new balance; returns the balance.
+/// The UNIQUE (channel_id, day) constraint makes a second charge impossible.
+async fn charge(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    account: Id,
+    channels: &[(Id, i64)],
+    day: &str,
+    mut balance: i64,
+    now: i64,
+) -> StoreResult<i64> {
+    for (channel, price) in channels {
+        balance = balance.saturating_sub(*price);
+        sqlx::query(
+            "INSERT INTO ledger (account_id, kind, amount, balance_after, channel_id, day, created_at) \
+             VALUES ($1, 'charge', $2, $3, $4, $5, $6)",
+        )
+        .bind(account)
+        .bind(-price)
+        .bind(balance)
+        .bind(channel)
+        .bind(day)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    sqlx::query("UPDATE accounts SET balance = $1 WHERE id = $2")
+        .bind(balance)
+        .bind(account)
+        .execute(&mut **tx)
+        .await?;
+    Ok(balance)
 }
 
 /// Finds the account's contact by phone, else by username, in the current epoch;
@@ -562,6 +647,31 @@ impl Store for SqliteStore {
         existing
             .map(JournalInsert::Existing)
             .ok_or_else(|| DomainError::Unavailable("job journal insert lost a race".into()))
+    }
+
+    async fn journal_insert_many(&self, recs: &[JobRecord]) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(recs.len());
+        let mut tx = self.begin_write().await?;
+        for rec in recs {
+            let n = sqlx::query(
+                "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
+                 idempotency_key, created_at, updated_at, run_at) \
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $7, $7) ON CONFLICT DO NOTHING",
+            )
+            .bind(&rec.id)
+            .bind(rec.kind.as_str())
+            .bind(rec.payload.to_string())
+            .bind(rec.state.as_str())
+            .bind(i64::from(rec.max_attempts))
+            .bind(&rec.idempotency_key)
+            .bind(rec.created_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            out.push(n == 1);
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn journal_get(&self, id: &str) -> StoreResult<JobRecord> {
@@ -1205,6 +1315,375 @@ impl Store for SqliteStore {
             chat: chat.id,
             duplicate: false,
         })
+    }
+
+    async fn start_deletion(&self, account: Id) -> StoreResult<(DeletionRun, bool)> {
+        let mut tx = self.begin_write().await?;
+        let active = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM deletion_runs WHERE account_id = $1 AND state = 'running'"
+        ))
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = active {
+            return Ok((run_from_row(&row)?, false));
+        }
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE accounts SET data_epoch = data_epoch + 1 WHERE id = $1 RETURNING data_epoch",
+        )
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| DomainError::not_found("account", account))?;
+        let now = now_ms();
+        let row = sqlx::query(concat!(
+            "INSERT INTO deletion_runs (account_id, cutoff, epoch, state, started_at) \
+             VALUES ($1, $2, $3, 'running', $2) RETURNING ",
+            run_columns!()
+        ))
+        .bind(account)
+        .bind(now)
+        .bind(epoch)
+        .fetch_one(&mut *tx)
+        .await?;
+        let run = run_from_row(&row)?;
+        tx.commit().await?;
+        Ok((run, true))
+    }
+
+    async fn deletion_run(&self, id: Id) -> StoreResult<DeletionRun> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM deletion_runs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("deletion run", id))?;
+        run_from_row(&row)
+    }
+
+    async fn latest_deletion(&self, account: Id) -> StoreResult<Option<DeletionRun>> {
+        self.account(account).await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM deletion_runs WHERE account_id = $1 ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome> {
+        let run = self.deletion_run(run).await?;
+        if run.state != "running" {
+            return Ok(BatchOutcome {
+                deleted: 0,
+                finished: true,
+            });
+        }
+        let limit = i64::from(limit.max(1));
+        let mut tx = self.begin_write().await?;
+        // Messages first (the bulk), then what referenced them, then contacts: each
+        // step only when the one before is empty, so foreign keys always hold.
+        let messages = sqlx::query(
+            "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m \
+             JOIN chats c ON c.id = m.chat_id \
+             WHERE c.account_id = $1 AND c.epoch < $2 LIMIT $3)",
+        )
+        .bind(run.account)
+        .bind(run.epoch)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let mut chats = 0;
+        let mut contacts = 0;
+        if messages == 0 {
+            sqlx::query(
+                "DELETE FROM field_values WHERE chat_id IN (SELECT id FROM chats \
+                 WHERE account_id = $1 AND epoch < $2 LIMIT $3)",
+            )
+            .bind(run.account)
+            .bind(run.epoch)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+            chats = sqlx::query(
+                "DELETE FROM chats WHERE id IN (SELECT c.id FROM chats c \
+                 WHERE c.account_id = $1 AND c.epoch < $2 \
+                 AND NOT EXISTS (SELECT 1 FROM field_values v WHERE v.chat_id = c.id) LIMIT $3)",
+            )
+            .bind(run.account)
+            .bind(run.epoch)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if chats == 0 {
+                contacts = sqlx::query(
+                    "DELETE FROM contacts WHERE id IN (SELECT id FROM contacts \
+                     WHERE account_id = $1 AND epoch < $2 LIMIT $3)",
+                )
+                .bind(run.account)
+                .bind(run.epoch)
+                .bind(limit)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+        }
+        let finished = messages == 0 && chats == 0 && contacts == 0;
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        sqlx::query(
+            "UPDATE deletion_runs SET deleted_messages = deleted_messages + $1, \
+             deleted_chats = deleted_chats + $2, deleted_contacts = deleted_contacts + $3, \
+             state = CASE WHEN $4 THEN 'done' ELSE state END, \
+             finished_at = CASE WHEN $4 THEN $5 ELSE finished_at END WHERE id = $6",
+        )
+        .bind(to_i64(messages))
+        .bind(to_i64(chats))
+        .bind(to_i64(contacts))
+        .bind(finished)
+        .bind(now_ms())
+        .bind(run.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(BatchOutcome {
+            deleted: messages + chats + contacts,
+            finished,
+        })
+    }
+
+    async fn deletion_remaining(&self, run: &DeletionRun) -> StoreResult<i64> {
+        let (messages, chats): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM messages m JOIN chats c ON c.id = m.chat_id \
+             WHERE c.account_id = $1 AND c.epoch < $2), \
+             (SELECT COUNT(*) FROM chats WHERE account_id = $1 AND epoch < $2)",
+        )
+        .bind(run.account)
+        .bind(run.epoch)
+        .fetch_one(&self.pool)
+        .await?;
+        let contacts: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM contacts WHERE account_id = $1 AND epoch < $2",
+        )
+        .bind(run.account)
+        .bind(run.epoch)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(messages + chats + contacts)
+    }
+
+    async fn add_channel_charged(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+        day: NaiveDate,
+        price: i64,
+    ) -> StoreResult<Channel> {
+        let mut tx = self.begin_write().await?;
+        let balance: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| DomainError::not_found("account", account))?;
+        if balance < price {
+            return Err(DomainError::InsufficientFunds(format!(
+                "the balance {balance} cannot pay today's price {price} of a {kind} channel; \
+                 top the account up first"
+            )));
+        }
+        let now = now_ms();
+        let row = sqlx::query(concat!(
+            "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
+             VALUES ($1, $2, $3, $4, 'connecting', $5) RETURNING ",
+            channel_columns!()
+        ))
+        .bind(account)
+        .bind(kind)
+        .bind(name)
+        .bind(config.to_string())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let channel = channel_from_row(&row)?;
+        charge(
+            &mut tx,
+            account,
+            &[(channel.id, price)],
+            &day.to_string(),
+            balance,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(channel)
+    }
+
+    async fn charge_day(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<ChargeOutcome> {
+        let day = day.to_string();
+        let mut tx = self.begin_write().await?;
+        let balance: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| DomainError::not_found("account", account))?;
+        let unpaid = unpaid_channels(&mut tx, account, &day, prices, false).await?;
+        let total = unpaid.iter().fold(0i64, |s, (_, p)| s.saturating_add(*p));
+        if unpaid.is_empty() {
+            return Ok(ChargeOutcome::NothingDue { balance });
+        }
+        if balance < total {
+            let channels: Vec<Id> = sqlx::query_scalar(
+                "UPDATE channels SET status = 'suspended', status_reason = 'insufficient_funds' \
+                 WHERE account_id = $1 AND status NOT IN ('removed', 'suspended') RETURNING id",
+            )
+            .bind(account)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE accounts SET suspended_on = $1 WHERE id = $2")
+                .bind(&day)
+                .bind(account)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(ChargeOutcome::Suspended {
+                needed: total,
+                balance,
+                channels,
+            });
+        }
+        let left = charge(&mut tx, account, &unpaid, &day, balance, now_ms()).await?;
+        tx.commit().await?;
+        Ok(ChargeOutcome::Charged {
+            total,
+            balance: left,
+            channels: unpaid.len(),
+        })
+    }
+
+    async fn resume_suspended(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<Vec<Channel>> {
+        let day = day.to_string();
+        let mut tx = self.begin_write().await?;
+        let suspended: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM channels WHERE account_id = $1 AND status = 'suspended'",
+        )
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+        if suspended == 0 {
+            return Ok(Vec::new());
+        }
+        let (balance, suspended_on): (i64, Option<String>) =
+            sqlx::query_as("SELECT balance, suspended_on FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_one(&mut *tx)
+                .await?;
+        // ISO dates compare as strings.
+        let day = suspended_on.filter(|d| *d > day).unwrap_or(day);
+        let unpaid = unpaid_channels(&mut tx, account, &day, prices, true).await?;
+        let total = unpaid.iter().fold(0i64, |s, (_, p)| s.saturating_add(*p));
+        if balance < total {
+            return Ok(Vec::new());
+        }
+        charge(&mut tx, account, &unpaid, &day, balance, now_ms()).await?;
+        sqlx::query("UPDATE accounts SET suspended_on = NULL WHERE id = $1")
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(concat!(
+            "UPDATE channels SET status = 'connecting', status_reason = NULL \
+             WHERE account_id = $1 AND status = 'suspended' RETURNING ",
+            channel_columns!()
+        ))
+        .bind(account)
+        .fetch_all(&mut *tx)
+        .await?;
+        let channels = rows
+            .iter()
+            .map(channel_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(channels)
+    }
+
+    async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn administrators(&self, account: Id) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE account_id = $1 AND role = 'administrator' ORDER BY id"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn claim_notification(
+        &self,
+        account: Id,
+        kind: &str,
+        date: NaiveDate,
+    ) -> StoreResult<Option<Id>> {
+        let date = date.to_string();
+        sqlx::query(
+            "INSERT INTO notifications (account_id, kind, disconnect_date, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(account)
+        .bind(kind)
+        .bind(&date)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let (id, sent_at): (Id, Option<i64>) = sqlx::query_as(
+            "SELECT id, sent_at FROM notifications WHERE account_id = $1 AND kind = $2 \
+             AND disconnect_date = $3",
+        )
+        .bind(account)
+        .bind(kind)
+        .bind(&date)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(sent_at.is_none().then_some(id))
+    }
+
+    async fn mark_notification_sent(&self, id: Id) -> StoreResult<()> {
+        sqlx::query("UPDATE notifications SET sent_at = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

@@ -7,12 +7,15 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use chrono::NaiveDate;
+
+use crate::billing::Prices;
 use crate::error::DomainError;
 use crate::fields::{FieldDef, FieldType};
 use crate::kind::{InboundMessage, JobKind};
 use crate::model::{
-    Account, Channel, Chat, Contact, Id, JobRecord, JobState, LedgerEntry, Message, Role, Settings,
-    User,
+    Account, Channel, Chat, Contact, DeletionRun, Id, JobRecord, JobState, LedgerEntry, Message,
+    Role, Settings, User,
 };
 
 pub type StoreResult<T> = Result<T, DomainError>;
@@ -59,6 +62,34 @@ pub struct ChatFilter {
     pub limit: u32,
 }
 
+/// What charging an account for one day did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// The day's unpaid channels were charged `total`; `balance` is what is left.
+    Charged {
+        total: i64,
+        balance: i64,
+        channels: usize,
+    },
+    /// Every active channel was paid for that day already (or there are none).
+    NothingDue { balance: i64 },
+    /// The balance cannot cover the day: nothing was charged and these channels are
+    /// now suspended with reason `insufficient_funds`.
+    Suspended {
+        needed: i64,
+        balance: i64,
+        channels: Vec<Id>,
+    },
+}
+
+/// What one deletion batch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub deleted: u64,
+    /// Nothing of the run is left; the run is marked done.
+    pub finished: bool,
+}
+
 /// What storing an inbound message did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InboundOutcome {
@@ -86,6 +117,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records a job before it is pushed. A job whose idempotency key is taken is not
     /// recorded, and the existing job's id is returned.
     async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert>;
+    /// `journal_insert` for many jobs in one transaction; `true` where recorded.
+    async fn journal_insert_many(&self, recs: &[JobRecord]) -> StoreResult<Vec<bool>>;
     async fn journal_get(&self, id: &str) -> StoreResult<JobRecord>;
     async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
     /// Marks the job running and counts the attempt; `None` if it is already done or
@@ -178,4 +211,56 @@ pub trait Store: Send + Sync + 'static {
         msg: &InboundMessage,
         phone: Option<&str>,
     ) -> StoreResult<InboundOutcome>;
+
+    /// Starts a data deletion run with cutoff now: bumps the account's data epoch so
+    /// everything older is hidden at once and new traffic lands in fresh chats and
+    /// contacts. If a run is active, returns it instead (`false`).
+    async fn start_deletion(&self, account: Id) -> StoreResult<(DeletionRun, bool)>;
+    async fn deletion_run(&self, id: Id) -> StoreResult<DeletionRun>;
+    async fn latest_deletion(&self, account: Id) -> StoreResult<Option<DeletionRun>>;
+    /// Deletes up to `limit` rows of the run (messages, then field values and chats,
+    /// then contacts) in one transaction that also advances the run's counts.
+    async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome>;
+    /// Rows of the run not yet deleted.
+    async fn deletion_remaining(&self, run: &DeletionRun) -> StoreResult<i64>;
+
+    /// Adds a channel and charges today's price for it in one transaction; refused
+    /// with `insufficient_funds` (and nothing created) when the balance cannot pay.
+    async fn add_channel_charged(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+        day: NaiveDate,
+        price: i64,
+    ) -> StoreResult<Channel>;
+    /// Charges every active channel not yet paid for `day`, all or nothing; suspends
+    /// all the account's channels when the balance cannot cover the total.
+    async fn charge_day(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<ChargeOutcome>;
+    /// If the balance now covers `day` for every channel (suspended ones included),
+    /// charges what is unpaid and un-suspends; returns the channels to start.
+    async fn resume_suspended(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<Vec<Channel>>;
+    /// Accounts in id order after `after`, for the billing fan-out.
+    async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>>;
+    async fn administrators(&self, account: Id) -> StoreResult<Vec<User>>;
+    /// Reserves a notification (account, kind, date); `Some(id)` while it is still to be
+    /// sent, `None` once it was sent.
+    async fn claim_notification(
+        &self,
+        account: Id,
+        kind: &str,
+        date: NaiveDate,
+    ) -> StoreResult<Option<Id>>;
+    async fn mark_notification_sent(&self, id: Id) -> StoreResult<()>;
 }

@@ -69,14 +69,29 @@ impl Drop for Redis {
 
 /// The loopback connector cargo built for this test run (a dev-dependency).
 pub fn loopback_library() -> PathBuf {
+    connector_library("loopback")
+}
+
+/// The connector library `lib<name>.so` cargo built for this test run (each shipped
+/// connector is a dev-dependency of the daemon, so it lands beside the test binaries).
+pub fn connector_library(name: &str) -> PathBuf {
     let bin_dir = Path::new(PATCHBAYD).parent().expect("bin dir");
-    [
-        bin_dir.join("libloopback.so"),
-        bin_dir.join("deps/libloopback.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("libloopback.so next to the test binaries")
+    let file = format!("lib{name}.so");
+    // `cargo test` refreshes deps/; a top-level copy may be left from an older build.
+    [bin_dir.join("deps").join(&file), bin_dir.join(&file)]
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| panic!("{file} next to the test binaries"))
+}
+
+/// Copies the shipped connector `lib<name>.so` into a plugin folder: for the
+/// `start_full` closure, e.g. `|dir| install_connector(dir, "telegram")`.
+pub fn install_connector(plugin_dir: &Path, name: &str) {
+    let file = format!("lib{name}.so");
+    std::fs::copy(connector_library(name), plugin_dir.join(&file))
+        .unwrap_or_else(|e| panic!("copy {file}: {e}"));
 }
 
 /// Compiles a C connector from connectors/sdk/tests/c with the system compiler.
@@ -112,6 +127,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// Kept for the daemon's lifetime: dropping it stops the server.
     _redis: Option<Redis>,
+    /// Extra environment for the process (a sibling's own socket).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -149,7 +166,13 @@ impl Daemon {
             .expect("copy loopback");
         plugins(&plugin_dir);
         let config = dir.path().join("patchbayd.toml");
-        let extra = format!("{extra}\n[plugins]\ndir = \"plugins\"\n");
+        // Channels are free unless a test is about billing and says otherwise.
+        let billing = if extra.contains("[billing") {
+            ""
+        } else {
+            "[billing]\ndefault_price = 0\n"
+        };
+        let extra = format!("{extra}\n{billing}[plugins]\ndir = \"plugins\"\n");
         std::fs::write(
             &config,
             Daemon::config_text(backend, redis.as_ref(), &extra),
@@ -162,6 +185,28 @@ impl Daemon {
             socket,
             child: None,
             _redis: redis,
+            env: Vec::new(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// A second daemon on the same configuration — same store, queue, plugins — with a
+    /// control socket of its own.
+    pub fn sibling(&self) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sibling.sock");
+        let env = vec![(
+            "PATCHBAY__CONTROL__SOCKET".to_owned(),
+            socket.display().to_string(),
+        )];
+        let mut d = Daemon {
+            dir,
+            config: self.config.clone(),
+            socket,
+            child: None,
+            _redis: None,
+            env,
         };
         d.spawn();
         d
@@ -185,6 +230,7 @@ impl Daemon {
         let child = Command::new(PATCHBAYD)
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .stdout(log.try_clone().expect("log"))
@@ -353,4 +399,112 @@ pub fn ctl(config: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run patchbayctl")
+}
+
+/// A real SMTP server of our own: Debian's aiosmtpd writing every message it accepts
+/// into a Maildir (`apt-get install python3-aiosmtpd`; .ci/run installs it).
+pub struct Smtp {
+    child: Option<Child>,
+    pub port: u16,
+    pub maildir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Smtp {
+    /// Picks a free port without listening on it yet (for "down, then up" tests).
+    pub fn reserve() -> Smtp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        Smtp {
+            child: None,
+            port,
+            maildir: dir.path().join("maildir"),
+            _dir: dir,
+        }
+    }
+
+    pub fn start() -> Smtp {
+        let mut s = Smtp::reserve();
+        s.listen();
+        s
+    }
+
+    pub fn listen(&mut self) {
+        let python =
+            std::env::var("PATCHBAY_TEST_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
+        let child = Command::new(python)
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&self.maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with aiosmtpd (apt-get install python3-aiosmtpd)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(Duration::from_secs(15), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Every message received so far, as raw text.
+    pub fn messages(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(entries) = std::fs::read_dir(self.maildir.join(sub)) {
+                for e in entries.filter_map(Result::ok) {
+                    if let Ok(text) = std::fs::read_to_string(e.path()) {
+                        out.push(text);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A header's value from a raw message (first occurrence, unfolded).
+pub fn header(message: &str, name: &str) -> Option<String> {
+    let prefix = format!("{}:", name.to_lowercase());
+    let mut lines = message.lines();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            return None;
+        }
+        if line.to_lowercase().starts_with(&prefix) {
+            let mut value = line[prefix.len()..].trim().to_owned();
+            for cont in lines.by_ref() {
+                if cont.starts_with(' ') || cont.starts_with('\t') {
+                    value.push(' ');
+                    value.push_str(cont.trim());
+                } else {
+                    break;
+                }
+            }
+            return Some(value);
+        }
+    }
+    None
 }

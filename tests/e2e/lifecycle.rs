@@ -42,8 +42,13 @@ async fn sigterm_stops_gracefully_and_notifies() {
         .arg(child.id().to_string())
         .status()
         .expect("kill");
-    let n = notify.recv(&mut buf).expect("STOPPING message");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    // STATUS= health lines (systemd.rs tests them) may come first.
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING message");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "socket removed on stop");

@@ -2,10 +2,16 @@
 //! and a real redis-server started per test. Run with `cargo test --workspace`.
 
 mod accounts;
+mod billing;
 mod channels;
 mod chats;
 mod config;
 mod control;
+mod deletion;
+mod fake_http;
 mod harness;
 mod jobs;
 mod lifecycle;
+mod systemd;
+mod telegram;
+mod webhook;

@@ -7,6 +7,7 @@ use patchbay_daemon::config;
 use patchbay_daemon::ctl::client::{CallError, Client};
 use patchbay_daemon::ctl::commands::{Cli, to_call};
 use patchbay_daemon::ctl::render::render;
+use patchbay_daemon::ctl::watch;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -36,7 +37,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     let (method, params) = to_call(&cli.command)?;
     let mut client = Client::connect(&socket).await?;
-    match client.call(&method, params).await {
+    let mut result = client.call(&method, params).await;
+    if let (Ok(_), Some(account)) = (&result, cli.command.watch_deletion()) {
+        result = watch::deletion(&mut client, account).await;
+    }
+    match result {
         Ok(result) => {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&result)?);

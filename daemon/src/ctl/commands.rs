@@ -47,6 +47,10 @@ pub enum Command {
     Chat(ChatCmd),
     #[command(subcommand)]
     Message(MessageCmd),
+    #[command(subcommand)]
+    Data(DataCmd),
+    #[command(subcommand)]
+    Billing(BillingCmd),
     /// Call any method with JSON params: `patchbayctl call account.get '{"account": 1}'`.
     Call {
         method: String,
@@ -273,6 +277,56 @@ pub enum ChatCmd {
         field: i64,
         value: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum BillingCmd {
+    /// Queue the billing run of a day (default: today); a day is only ever run once.
+    Run {
+        /// YYYY-MM-DD
+        #[arg(long)]
+        date: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DataCmd {
+    /// Delete all messages, chats and contacts from before now, in the background
+    /// (administrators). Channels keep working; new traffic is kept.
+    Delete {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        actor: i64,
+        /// Follow the run with a progress bar until it finishes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// The latest deletion run: counts, remaining estimate, state.
+    Status {
+        #[arg(long)]
+        account: i64,
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+impl Command {
+    /// The account whose deletion run to follow, for `--watch`.
+    pub fn watch_deletion(&self) -> Option<i64> {
+        match self {
+            Command::Data(DataCmd::Delete {
+                account,
+                watch: true,
+                ..
+            })
+            | Command::Data(DataCmd::Status {
+                account,
+                watch: true,
+            }) => Some(*account),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -504,6 +558,16 @@ pub fn to_call(cmd: &Command) -> anyhow::Result<(String, Value)> {
                 )
             }
         },
+        Command::Billing(BillingCmd::Run { date }) => {
+            ("billing.run".into(), object(vec![("date", json!(date))]))
+        }
+        Command::Data(DataCmd::Delete { account, actor, .. }) => (
+            "data.delete".into(),
+            json!({ "account": account, "actor": actor }),
+        ),
+        Command::Data(DataCmd::Status { account, .. }) => {
+            ("data.deletion_status".into(), json!({ "account": account }))
+        }
         Command::Message(MessageCmd::Send { chat, actor, text }) => (
             "message.send".into(),
             json!({ "chat": chat, "actor": actor, "text": text }),

@@ -5,6 +5,20 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
 use serde_json::Value;
 
+/// Unix-millisecond times (`created_at`, `cutoff`, …) shown as UTC dates for people.
+fn time_cell(key: &str, v: &Value) -> Option<String> {
+    if !(key.ends_with("_at") || key == "cutoff") {
+        return None;
+    }
+    let ms = v.as_i64()?;
+    let t = chrono::DateTime::from_timestamp_millis(ms)?;
+    Some(t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn keyed_cell(key: &str, v: &Value) -> String {
+    time_cell(key, v).unwrap_or_else(|| cell(v))
+}
+
 pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -51,10 +65,10 @@ pub fn render(v: &Value) -> String {
                 let shown = match v {
                     Value::Object(inner) => inner
                         .iter()
-                        .map(|(ik, iv)| format!("{ik}: {}", cell(iv)))
+                        .map(|(ik, iv)| format!("{ik}: {}", keyed_cell(ik, iv)))
                         .collect::<Vec<_>>()
                         .join("\n"),
-                    other => cell(other),
+                    other => keyed_cell(k, other),
                 };
                 t.add_row(vec![k.replace('_', " "), shown]);
             }

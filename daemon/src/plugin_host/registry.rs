@@ -1,13 +1,14 @@
-//! Scans `plugins.dir` once at start and loads every connector library that passes the
+//! Scans `plugins.dir` at start and loads every connector library that passes the
 //! file checks and the ABI checks; each refusal is one log line and the daemon runs on.
-//! Libraries are never unloaded: upgrading a connector means restarting the daemon.
+//! SIGHUP rescans the folder for libraries added since (`load_new`). Libraries are never
+//! unloaded or replaced: upgrading a connector means restarting the daemon.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use patchbay_connector_sdk::host::{self, Library};
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Registry {
     by_kind: BTreeMap<String, Library>,
 }
@@ -15,11 +16,20 @@ pub struct Registry {
 impl Registry {
     pub fn scan(dir: &Path, allowed_uids: &[u32]) -> Registry {
         let mut registry = Registry::default();
+        registry.load_new(dir, allowed_uids);
+        registry
+    }
+
+    /// Loads the libraries in `dir` that are not loaded yet and returns the kinds added.
+    /// A file already loaded is skipped quietly, so a rescan does not repeat the
+    /// duplicate-kind warning for every connector that was there at start.
+    pub fn load_new(&mut self, dir: &Path, allowed_uids: &[u32]) -> Vec<String> {
+        let mut added = Vec::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot read the plugin folder; no connectors loaded");
-                return registry;
+                return added;
             }
         };
         let mut paths: Vec<_> = entries
@@ -36,9 +46,12 @@ impl Registry {
                     continue;
                 }
             };
+            if self.by_kind.values().any(|lib| lib.path() == checked) {
+                continue;
+            }
             match host::load(&checked) {
                 Ok(lib) => {
-                    if let Some(first) = registry.by_kind.get(lib.kind()) {
+                    if let Some(first) = self.by_kind.get(lib.kind()) {
                         tracing::warn!(
                             "plugin {}: kind {:?} is already provided by {}; refusing the duplicate",
                             checked.display(),
@@ -48,14 +61,15 @@ impl Registry {
                         continue;
                     }
                     tracing::info!(kind = lib.kind(), version = lib.version(), file = %checked.display(), "connector loaded");
-                    registry.by_kind.insert(lib.kind().to_owned(), lib);
+                    added.push(lib.kind().to_owned());
+                    self.by_kind.insert(lib.kind().to_owned(), lib);
                 }
                 // A library that is not a connector (a helper .so in the same folder)
                 // says so in the same one line.
                 Err(e) => tracing::warn!("{e}"),
             }
         }
-        registry
+        added
     }
 
     pub fn get(&self, kind: &str) -> Option<&Library> {

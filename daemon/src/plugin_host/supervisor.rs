@@ -7,7 +7,8 @@
 //! never run on the async workers.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use patchbay_connector_sdk::host::{Instance, InstanceState, RawEvent};
@@ -36,7 +37,9 @@ struct Running {
 }
 
 pub struct Supervisor {
-    registry: Registry,
+    /// Swapped whole by `rescan`; readers take a snapshot, so a rescan never waits for
+    /// (or disturbs) a channel that is launching or running.
+    registry: RwLock<Arc<Registry>>,
     store: Arc<dyn Store>,
     events: mpsc::Sender<RawEvent>,
     channels: Mutex<HashMap<Id, Running>>,
@@ -45,15 +48,33 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(registry: Registry, store: Arc<dyn Store>, events: mpsc::Sender<RawEvent>) -> Self {
         Supervisor {
-            registry,
+            registry: RwLock::new(Arc::new(registry)),
             store,
             events,
             channels: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// The connector libraries loaded now.
+    pub fn registry(&self) -> Arc<Registry> {
+        // Only whole-Arc swaps happen under the lock, so a poisoned one is still sound.
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads connector libraries added to `dir` since the last scan and returns their
+    /// kinds. Running channels keep their instances; channels waiting in `error` for a
+    /// missing kind find it at their next restart attempt. Blocking (dlopen runs plugin
+    /// code): call it on a blocking thread.
+    pub fn rescan(&self, dir: &Path, allowed_uids: &[u32]) -> Vec<String> {
+        let mut next = Registry::clone(&self.registry());
+        let added = next.load_new(dir, allowed_uids);
+        if !added.is_empty() {
+            *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        }
+        added
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Running>> {
@@ -215,11 +236,12 @@ impl Supervisor {
     /// Creates and starts an instance, each on a blocking thread. The instance becomes
     /// current between the two, so the status events `start` emits are not stale.
     async fn launch(&self, channel: &Channel) -> Result<Arc<Instance>, String> {
-        let Some(lib) = self.registry.get(&channel.kind).cloned() else {
+        let registry = self.registry();
+        let Some(lib) = registry.get(&channel.kind).cloned() else {
             return Err(format!(
                 "no connector plugin of kind {:?} is loaded (loaded: {})",
                 channel.kind,
-                self.registry.kinds().join(", ")
+                registry.kinds().join(", ")
             ));
         };
         let (id, config, events) = (channel.id, channel.config.clone(), self.events.clone());

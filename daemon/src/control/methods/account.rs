@@ -40,7 +40,10 @@ pub struct TopupParams {
 
 pub async fn topup(app: &App, p: TopupParams) -> Result<Value, RpcError> {
     let entry = app.store.topup(p.account, p.amount, &p.reference).await?;
-    to_json(&entry)
+    let resumed = app.resume(p.account).await?;
+    let mut v = to_json(&entry)?;
+    v["resumed_channels"] = json!(resumed);
+    Ok(v)
 }
 
 #[derive(Deserialize)]
@@ -57,4 +60,20 @@ fn default_limit() -> u32 {
 
 pub async fn ledger(app: &App, p: LedgerParams) -> Result<Value, RpcError> {
     to_json(&app.store.ledger(p.account, p.limit.min(10_000)).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingRunParams {
+    date: Option<chrono::NaiveDate>,
+}
+
+/// Queues the billing run of a day (default today): for operators catching up after
+/// downtime. A day already run is not run again (its idempotency key exists).
+pub async fn billing_run(app: &App, p: BillingRunParams) -> Result<Value, RpcError> {
+    let date = p.date.unwrap_or_else(|| app.today());
+    let (id, existing) = app
+        .enqueue(patchbay_jobs::JobKind::BillingRun, json!({ "date": date }))
+        .await?;
+    Ok(json!({ "job": id, "date": date, "existing": existing }))
 }

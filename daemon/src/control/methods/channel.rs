@@ -41,11 +41,17 @@ pub async fn add(app: &App, p: AddParams) -> Result<Value, RpcError> {
             .into());
         }
     };
+    // Charged for today at once: no channel runs a day unpaid.
+    let price = app.price(&p.kind);
     let channel = app
         .store
-        .add_channel(p.account, &p.kind, &name, &config)
+        .add_channel_charged(p.account, &p.kind, &name, &config, app.today(), price)
         .await?;
     app.plugins.start(channel.clone());
+    // A charge happened: the balance warning rules apply as after a daily run.
+    let check = json!({ "account": p.account, "date": app.today() });
+    app.enqueue(patchbay_jobs::JobKind::BalanceCheck, check)
+        .await?;
     channel_view(app, &channel)
 }
 

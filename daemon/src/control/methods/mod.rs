@@ -7,6 +7,7 @@
 mod account;
 mod channel;
 mod chat;
+mod data;
 mod field;
 mod job;
 mod settings;
@@ -48,6 +49,9 @@ pub const METHODS: &[&str] = &[
     "chat.close",
     "chat.set_field",
     "message.send",
+    "billing.run",
+    "data.delete",
+    "data.deletion_status",
 ];
 
 pub async fn call(app: &App, method: &str, params: Value) -> Result<Value, RpcError> {
@@ -80,6 +84,9 @@ pub async fn call(app: &App, method: &str, params: Value) -> Result<Value, RpcEr
         "chat.close" => chat::close(app, parse(method, params)?).await,
         "chat.set_field" => chat::set_field(app, parse(method, params)?).await,
         "message.send" => chat::send(app, parse(method, params)?).await,
+        "billing.run" => account::billing_run(app, parse(method, params)?).await,
+        "data.delete" => data::delete(app, parse(method, params)?).await,
+        "data.deletion_status" => data::status(app, parse(method, params)?).await,
         other => Err(RpcError::new(
             METHOD_NOT_FOUND,
             format!(

@@ -1,0 +1,242 @@
+//! A small blocking client for the Telegram Bot API: `POST {api_base}/bot{token}/{method}`
+//! with a JSON body, answered by `{"ok":true,"result":…}` or
+//! `{"ok":false,"error_code":…,"description":…,"parameters":{"retry_after":…}}`.
+//!
+//! Errors are sorted by what the caller should do about them (`ApiError`), following
+//! the Bot API docs: 401/404 mean the token is wrong, 409 that another getUpdates
+//! client or a webhook holds the bot, 429 carries `retry_after`, and 5xx or network
+//! trouble is worth retrying. The token never appears in an error message.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Largest response body read; getUpdates with 100 updates stays far below it.
+const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// What went wrong with a call, sorted by how to react.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// 401 or 404: the token is wrong or revoked. Retrying will not help.
+    #[error("invalid token: the Bot API answered {code} ({description})")]
+    InvalidToken { code: u16, description: String },
+    /// 429: wait `retry_after` seconds before the next call.
+    #[error("rate limited by the Bot API: retry after {retry_after} s ({description})")]
+    RateLimited {
+        retry_after: u64,
+        description: String,
+    },
+    /// 409: another client polls this bot, or a webhook is set for it.
+    #[error(
+        "conflict: {description}. Another program is receiving this bot's updates: a webhook \
+         is set (remove it with deleteWebhook) or another getUpdates poller runs with the same \
+         token; use one mode and one poller per bot"
+    )]
+    Conflict { description: String },
+    /// Another 4xx: the request itself is wrong (bad chat id, blocked by the user, …).
+    #[error("the Bot API refused the request ({code}: {description})")]
+    Rejected { code: u16, description: String },
+    /// 5xx, network trouble, timeouts, unreadable answers: retry with backoff.
+    #[error("the Bot API is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// Sorts a Bot API error answer (from `error_code`, else the HTTP status).
+    pub fn from_answer(code: u16, description: String, retry_after: Option<u64>) -> ApiError {
+        match code {
+            401 | 404 => ApiError::InvalidToken { code, description },
+            409 => ApiError::Conflict { description },
+            429 => ApiError::RateLimited {
+                // A 429 without the parameter still means "slow down".
+                retry_after: retry_after.unwrap_or(5).max(1),
+                description,
+            },
+            400..=499 => ApiError::Rejected { code, description },
+            _ => ApiError::Unavailable(format!("HTTP {code}: {description}")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    ok: bool,
+    #[serde(default = "Option::default")]
+    result: Option<T>,
+    #[serde(default)]
+    error_code: Option<u16>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+}
+
+#[derive(Deserialize)]
+struct Parameters {
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+/// `getMe`'s answer: the bot's own user.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Me {
+    pub id: i64,
+    pub first_name: String,
+    #[serde(default)]
+    pub username: Option<String>,
+}
+
+/// The client for one bot token.
+pub struct Api {
+    agent: ureq::Agent,
+    /// `{api_base}/bot{token}/`: secret, never logged.
+    prefix: String,
+    token: String,
+}
+
+impl Api {
+    pub fn new(api_base: &str, token: &str) -> Api {
+        let agent = ureq::Agent::config_builder()
+            // Error answers carry JSON the caller needs (retry_after, description).
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Api {
+            agent,
+            prefix: format!("{}/bot{token}/", api_base.trim_end_matches('/')),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Removes the token from text that may quote the URL (ureq errors can).
+    fn scrub(&self, text: String) -> String {
+        if self.token.is_empty() {
+            text
+        } else {
+            text.replace(&self.token, "<token>")
+        }
+    }
+
+    /// Calls `method` with JSON `params`; the whole exchange is bounded by `timeout`.
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let url = format!("{}{method}", self.prefix);
+        let result = self
+            .agent
+            .post(&url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .send_json(params);
+        let mut resp =
+            result.map_err(|e| ApiError::Unavailable(self.scrub(format!("{method}: {e}"))))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .map_err(|e| ApiError::Unavailable(self.scrub(format!("{method}: {e}"))))?;
+        parse_answer(method, status, &text)
+    }
+}
+
+/// Interprets one answer: the envelope's `ok`/`error_code` win over the HTTP status,
+/// which only decides when the body is not the Bot API's JSON (a proxy's error page).
+pub fn parse_answer<T: DeserializeOwned>(
+    method: &str,
+    status: u16,
+    text: &str,
+) -> Result<T, ApiError> {
+    match serde_json::from_str::<Envelope<T>>(text) {
+        Ok(Envelope {
+            ok: true,
+            result: Some(r),
+            ..
+        }) => Ok(r),
+        Ok(Envelope { ok: true, .. }) => Err(ApiError::Unavailable(format!(
+            "{method}: answer has ok=true but no result"
+        ))),
+        Ok(env) => Err(ApiError::from_answer(
+            env.error_code.unwrap_or(status),
+            env.description.unwrap_or_else(|| format!("HTTP {status}")),
+            env.parameters.and_then(|p| p.retry_after),
+        )),
+        Err(e) if (200..300).contains(&status) => Err(ApiError::Unavailable(format!(
+            "{method}: unreadable answer: {e}"
+        ))),
+        Err(_) => {
+            let snippet: String = text.chars().take(120).collect();
+            Err(ApiError::from_answer(status, snippet, None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn answers_are_sorted() {
+        let ok: Value = parse_answer("getMe", 200, r#"{"ok":true,"result":{"id":1}}"#).unwrap();
+        assert_eq!(ok["id"], 1);
+        let e = parse_answer::<Value>(
+            "getMe",
+            401,
+            r#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApiError::InvalidToken { code: 401, .. }));
+        assert!(e.to_string().starts_with("invalid token"), "{e}");
+        let e = parse_answer::<Value>(
+            "getMe",
+            404,
+            r#"{"ok":false,"error_code":404,"description":"Not Found"}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApiError::InvalidToken { code: 404, .. }));
+        let e = parse_answer::<Value>(
+            "sendMessage",
+            429,
+            r#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 7","parameters":{"retry_after":7}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApiError::RateLimited { retry_after: 7, .. }));
+        let e = parse_answer::<Value>(
+            "getUpdates",
+            409,
+            r#"{"ok":false,"error_code":409,"description":"Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("deleteWebhook"), "{e}");
+        let e = parse_answer::<Value>(
+            "sendMessage",
+            400,
+            r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApiError::Rejected { code: 400, .. }));
+        // Not the Bot API's JSON: the HTTP status decides.
+        let e = parse_answer::<Value>("getUpdates", 502, "<html>Bad Gateway</html>").unwrap_err();
+        assert!(matches!(e, ApiError::Unavailable(_)));
+        let e = parse_answer::<Value>("getUpdates", 200, "garbage").unwrap_err();
+        assert!(matches!(e, ApiError::Unavailable(_)));
+    }
+
+    #[test]
+    fn token_is_scrubbed() {
+        let api = Api::new("http://127.0.0.1:1/", "123:SECRET");
+        let e = api
+            .call::<Value>("getMe", &serde_json::json!({}), Duration::from_secs(2))
+            .unwrap_err();
+        assert!(matches!(e, ApiError::Unavailable(_)), "{e}");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        assert_eq!(api.prefix, "http://127.0.0.1:1/bot123:SECRET/");
+    }
+}

@@ -1,0 +1,880 @@
+//! telegram: a patchbay connector for the Telegram Bot API, built as `libtelegram.so`
+//! (kind `telegram`).
+//!
+//! On start it calls `getMe` (the channel's number becomes `@username`, its display
+//! name the bot's first name), then long-polls `getUpdates` on its own thread and
+//! emits each `message` update as an inbound message; `send` calls `sendMessage` (and
+//! `sendPhoto`/`sendDocument`/… for attachments given by `file_id` or URL).
+//!
+//! **Offsets.** The next offset is written to `<state_dir>/telegram-<bot id>.offset`
+//! only after the host took the update's event, and is sent with the next getUpdates,
+//! which is also how Telegram learns the updates were consumed. A restart therefore
+//! neither loses an update (an unconfirmed one is fetched again) nor stores one twice
+//! (external ids are `<chat id>:<message id>`, which the daemon stores once). Without
+//! `state_dir` the same holds through Telegram's own confirmation; the file only saves
+//! re-fetching the last batch.
+//!
+//! Written against the safe SDK only: this crate has no `unsafe`.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod update;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use patchbay_connector_sdk::{
+    ChannelState, Connector, ConnectorError, EmitError, Event, Host, Level, Outbound, Sent, Status,
+    export_connector,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use api::{Api, ApiError, Me};
+use update::Skip;
+
+export_connector!(
+    Telegram,
+    kind = "telegram",
+    version = env!("CARGO_PKG_VERSION")
+);
+
+/// The public Bot API.
+pub const DEFAULT_API_BASE: &str = "https://api.telegram.org";
+/// Telegram's limit for one text message, in characters.
+const MAX_TEXT: usize = 4096;
+/// Telegram's limit for a media caption, in characters.
+const MAX_CAPTION: usize = 1024;
+/// The longest 429 wait `send` sleeps through itself; longer ones fail retryably.
+const MAX_SEND_WAIT: Duration = Duration::from_secs(10);
+/// How long `stop` waits for an in-flight long poll before leaving its thread behind.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Wait between polls while another client holds the bot (409).
+const CONFLICT_WAIT: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The channel config object. Unknown keys are an error.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The bot token from @BotFather: `<bot id>:<secret>`.
+    pub token: String,
+    /// The Bot API server; point it at a local Bot API server or a test fake.
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    /// getUpdates long-poll timeout (0 = short polling, Telegram allows up to 50).
+    #[serde(default = "default_poll_timeout")]
+    pub poll_timeout_secs: u64,
+    /// Timeout of the other calls (getMe, sendMessage, …).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Folder for the offset file; created if missing. Unset: rely on Telegram's
+    /// server-side confirmation alone.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+}
+
+// The token is secret: keep it out of debug output.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("token", &"<redacted>")
+            .field("api_base", &self.api_base)
+            .field("poll_timeout_secs", &self.poll_timeout_secs)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+fn default_api_base() -> String {
+    DEFAULT_API_BASE.into()
+}
+fn default_poll_timeout() -> u64 {
+    25
+}
+fn default_request_timeout() -> u64 {
+    10
+}
+
+impl Config {
+    pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
+        let c: Config = serde_json::from_value(value)
+            .map_err(|e| ConnectorError::config(format!("telegram config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConnectorError> {
+        let bad = |key: &str, value: &dyn std::fmt::Debug, allowed: &str| {
+            Err(ConnectorError::config(format!(
+                "telegram config: {key} = {value:?}: {allowed}"
+            )))
+        };
+        // Never echo the token: name the key and the expected shape only.
+        let token_ok = self.token.split_once(':').is_some_and(|(id, secret)| {
+            !id.is_empty()
+                && id.bytes().all(|b| b.is_ascii_digit())
+                && !secret.is_empty()
+                && secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+        if !token_ok {
+            return Err(ConnectorError::config(
+                "telegram config: token must look like <bot id>:<secret> as @BotFather gives it",
+            ));
+        }
+        if !(self.api_base.starts_with("https://") || self.api_base.starts_with("http://")) {
+            return bad("api_base", &self.api_base, "an http:// or https:// URL");
+        }
+        if self.poll_timeout_secs > 50 {
+            return bad("poll_timeout_secs", &self.poll_timeout_secs, "0 to 50");
+        }
+        if !(1..=25).contains(&self.request_timeout_secs) {
+            return bad(
+                "request_timeout_secs",
+                &self.request_timeout_secs,
+                "1 to 25 (the daemon gives a send 30 s)",
+            );
+        }
+        Ok(())
+    }
+
+    fn bot_id(&self) -> &str {
+        self.token.split(':').next().unwrap_or_default()
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// The offset file of one bot.
+pub struct OffsetFile {
+    path: PathBuf,
+}
+
+impl OffsetFile {
+    pub fn new(dir: &Path, bot_id: &str) -> OffsetFile {
+        OffsetFile {
+            path: dir.join(format!("telegram-{bot_id}.offset")),
+        }
+    }
+
+    /// The saved offset; `Ok(None)` when there is none yet.
+    pub fn load(&self) -> std::io::Result<Option<i64>> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(s) => s.trim().parse().map(Some).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.path.display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the offset durably: temp file, fsync, rename, so a crash leaves the old
+    /// or the new value, never a torn one.
+    pub fn save(&self, offset: i64) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("offset.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{offset}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    inbound: AtomicU64,
+    skipped: AtomicU64,
+    sent: AtomicU64,
+    rate_limited: AtomicU64,
+}
+
+/// State shared by the connector and its polling thread.
+struct Shared {
+    config: Config,
+    host: Host,
+    api: Api,
+    /// Set by stop; the poller also watches its channel to wake from waits at once.
+    stop: AtomicBool,
+    state: Mutex<Status>,
+    /// Set once getMe answered: the number and name every later status repeats.
+    me: Mutex<Option<Me>>,
+    /// After a 401/404 nothing is called any more.
+    token_invalid: AtomicBool,
+    /// No send before this instant (a 429's retry_after).
+    send_not_before: Mutex<Option<Instant>>,
+    offset: Mutex<Option<i64>>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Records and emits a status, repeating the bot's identity once known. Emits only
+    /// on a change, so a flapping network does not flood the host.
+    fn set_status(&self, state: ChannelState, reason: Option<String>) {
+        let me = self.me.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let status = Status {
+            number: me
+                .as_ref()
+                .map(|m| format!("@{}", m.username.as_deref().unwrap_or("unknown"))),
+            display_name: me.as_ref().map(|m| m.first_name.clone()),
+            reason,
+            ..Status::new(state)
+        };
+        {
+            let mut cur = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if cur.state == status.state
+                && cur.reason == status.reason
+                && cur.number == status.number
+            {
+                return;
+            }
+            *cur = status.clone();
+        }
+        let _ = self.host.emit(&Event::Status(status));
+    }
+
+    fn invalid_token(&self, e: &ApiError) {
+        self.token_invalid.store(true, Ordering::Relaxed);
+        self.host.log(
+            Level::Error,
+            &format!("telegram: {e}; polling stopped until the channel's token is fixed"),
+        );
+        self.set_status(ChannelState::Error, Some(e.to_string()));
+    }
+}
+
+/// Sleeps `d` unless stop comes first; returns whether to stop.
+fn wait(stop: &Receiver<()>, d: Duration) -> bool {
+    !matches!(stop.recv_timeout(d), Err(RecvTimeoutError::Timeout))
+}
+
+/// What the poller does after a failed call.
+enum Next {
+    Retry(Duration),
+    Quit,
+}
+
+/// Turns an API error into a status and a wait; network trouble backs off 1 s → 60 s.
+fn on_error(shared: &Shared, e: ApiError, backoff: &mut Duration) -> Next {
+    match e {
+        ApiError::InvalidToken { .. } => {
+            shared.invalid_token(&e);
+            Next::Quit
+        }
+        ApiError::RateLimited { retry_after, .. } => {
+            shared.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            shared.host.log(Level::Warn, &format!("telegram: {e}"));
+            Next::Retry(Duration::from_secs(retry_after))
+        }
+        ApiError::Conflict { .. } => {
+            shared.host.log(Level::Warn, &format!("telegram: {e}"));
+            shared.set_status(ChannelState::Error, Some(e.to_string()));
+            Next::Retry(CONFLICT_WAIT)
+        }
+        ApiError::Rejected { .. } | ApiError::Unavailable(_) => {
+            let wait = *backoff;
+            *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            let state = if matches!(e, ApiError::Rejected { .. }) {
+                ChannelState::Error
+            } else {
+                ChannelState::Connecting
+            };
+            shared.host.log(
+                Level::Warn,
+                &format!("telegram: {e}; retrying in {}s", wait.as_secs()),
+            );
+            shared.set_status(state, Some(format!("{e}; retrying")));
+            Next::Retry(wait)
+        }
+    }
+}
+
+/// The polling thread: getMe, then getUpdates until stopped, the token is refused, or
+/// the host closes the instance.
+fn run(shared: Arc<Shared>, stop: Receiver<()>) {
+    let c = &shared.config;
+    let mut backoff = Duration::from_secs(1);
+    let me = loop {
+        match shared
+            .api
+            .call::<Me>("getMe", &json!({}), c.request_timeout())
+        {
+            Ok(me) => break me,
+            Err(e) => match on_error(&shared, e, &mut backoff) {
+                Next::Quit => return,
+                Next::Retry(d) => {
+                    if wait(&stop, d) {
+                        return;
+                    }
+                }
+            },
+        }
+    };
+    let bot_id = me.id.to_string();
+    shared.host.log(
+        Level::Info,
+        &format!(
+            "telegram: connected as @{} ({})",
+            me.username.as_deref().unwrap_or("?"),
+            me.first_name
+        ),
+    );
+    *shared.me.lock().unwrap_or_else(|p| p.into_inner()) = Some(me);
+    let file = c.state_dir.as_deref().map(|d| OffsetFile::new(d, &bot_id));
+    let mut offset = match file.as_ref().map(OffsetFile::load) {
+        Some(Ok(o)) => o,
+        Some(Err(e)) => {
+            // Without the file Telegram's own confirmation still applies: at worst the
+            // last batch comes again, and the daemon stores each message once.
+            shared.host.log(
+                Level::Warn,
+                &format!("telegram: cannot read the offset file ({e}); starting without it"),
+            );
+            None
+        }
+        None => None,
+    };
+    *shared.offset.lock().unwrap_or_else(|p| p.into_inner()) = offset;
+    shared.set_status(ChannelState::Connected, None);
+    backoff = Duration::from_secs(1);
+
+    // Long polls may legitimately last poll_timeout_secs; the client waits a bit more.
+    let poll_timeout = Duration::from_secs(c.poll_timeout_secs) + c.request_timeout();
+    while !shared.stopped() {
+        let mut params = json!({
+            "timeout": c.poll_timeout_secs,
+            "allowed_updates": ["message"],
+        });
+        if let (Some(o), Some(p)) = (offset, params.as_object_mut()) {
+            p.insert("offset".into(), o.into());
+        }
+        let updates = match shared
+            .api
+            .call::<Vec<Value>>("getUpdates", &params, poll_timeout)
+        {
+            Ok(u) => u,
+            Err(e) => match on_error(&shared, e, &mut backoff) {
+                Next::Quit => return,
+                Next::Retry(d) => {
+                    if wait(&stop, d) {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_secs(1);
+        shared.set_status(ChannelState::Connected, None);
+        let mut next = offset;
+        let mut closed = false;
+        for u in &updates {
+            let Some(id) = update::update_id(u) else {
+                shared.host.log(
+                    Level::Warn,
+                    "telegram: an update without update_id; skipped",
+                );
+                continue;
+            };
+            match update::to_inbound(u) {
+                Ok(msg) => match shared
+                    .host
+                    .emit_with_backoff(&Event::Inbound(msg), &shared.stop)
+                {
+                    Ok(()) => {
+                        shared.counters.inbound.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(EmitError::TooLarge) => {
+                        shared.host.log(
+                            Level::Warn,
+                            &format!("telegram: update {id} is too large for the host; skipped"),
+                        );
+                    }
+                    Err(_) => {
+                        // Stopping or closed: this update was not taken, so the offset
+                        // must not pass it.
+                        closed = true;
+                        break;
+                    }
+                },
+                Err(skip) => {
+                    shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                    if let Skip::Malformed(why) = skip {
+                        shared.host.log(
+                            Level::Warn,
+                            &format!("telegram: update {id} is unreadable ({why}); skipped"),
+                        );
+                    }
+                }
+            }
+            next = Some(next.map_or(id + 1, |n: i64| n.max(id + 1)));
+        }
+        if next != offset {
+            offset = next;
+            *shared.offset.lock().unwrap_or_else(|p| p.into_inner()) = offset;
+            if let (Some(f), Some(o)) = (&file, offset)
+                && let Err(e) = f.save(o)
+            {
+                shared.host.log(
+                    Level::Warn,
+                    &format!("telegram: cannot save the offset: {e}"),
+                );
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// The running poller: its thread, the sender whose drop wakes it, and the receiver
+/// that disconnects when the thread ends.
+struct Poller {
+    thread: JoinHandle<()>,
+    wake: mpsc::Sender<()>,
+    done: Receiver<()>,
+}
+
+/// One Telegram bot channel.
+pub struct Telegram {
+    shared: Arc<Shared>,
+    poller: Option<Poller>,
+}
+
+impl Telegram {
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let Some(p) = self.poller.take() else { return };
+        drop(p.wake);
+        // A long poll in flight cannot be interrupted (blocking HTTP); it ends within
+        // poll_timeout_secs. Wait a little, then leave the thread to finish alone: it
+        // only sees the stop flag and a closed host afterwards, and never emits.
+        match p.done.recv_timeout(STOP_GRACE) {
+            Err(RecvTimeoutError::Timeout) => self.shared.host.log(
+                Level::Debug,
+                "telegram: a long poll is still in flight; its thread ends when it returns",
+            ),
+            _ => {
+                if p.thread.join().is_err() {
+                    self.shared
+                        .host
+                        .log(Level::Error, "telegram polling thread panicked");
+                }
+            }
+        }
+    }
+
+    /// Calls one send method, sleeping through a short 429 once.
+    fn call_send(&self, method: &str, params: &Value) -> Result<Value, ConnectorError> {
+        let timeout = self.shared.config.request_timeout();
+        let mut waited = false;
+        loop {
+            match self.shared.api.call::<Value>(method, params, timeout) {
+                Ok(v) => return Ok(v),
+                Err(e @ ApiError::RateLimited { retry_after, .. }) => {
+                    self.shared
+                        .counters
+                        .rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                    let d = Duration::from_secs(retry_after);
+                    *self
+                        .shared
+                        .send_not_before
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
+                    if waited || d > MAX_SEND_WAIT {
+                        return Err(ConnectorError::new("rate_limited", e.to_string()).retryable());
+                    }
+                    self.shared.host.log(
+                        Level::Info,
+                        &format!("telegram: {method} rate limited; waiting {retry_after}s"),
+                    );
+                    std::thread::sleep(d);
+                    waited = true;
+                }
+                Err(e @ ApiError::InvalidToken { .. }) => {
+                    self.shared.invalid_token(&e);
+                    return Err(ConnectorError::new("invalid_token", e.to_string()));
+                }
+                Err(e @ ApiError::Unavailable(_)) => {
+                    return Err(ConnectorError::new("unavailable", e.to_string()).retryable());
+                }
+                Err(e @ ApiError::Conflict { .. }) => {
+                    return Err(ConnectorError::new("conflict", e.to_string()).retryable());
+                }
+                Err(e @ ApiError::Rejected { .. }) => {
+                    return Err(ConnectorError::new("rejected", e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// The Bot API calls that send `msg`: media by `file_id` or `url` (the first one
+/// carrying the text as caption when it fits), then the text in 4096-character parts.
+pub fn plan_send(
+    chat_id: &Value,
+    text: &str,
+    attachments: &[Value],
+) -> Result<Vec<(&'static str, Value)>, ConnectorError> {
+    let mut calls = Vec::new();
+    let mut text_done = text.is_empty();
+    for a in attachments {
+        let kind = a.get("type").and_then(Value::as_str).unwrap_or_default();
+        let (method, field) = match kind {
+            "photo" => ("sendPhoto", "photo"),
+            "document" => ("sendDocument", "document"),
+            "voice" => ("sendVoice", "voice"),
+            "video" => ("sendVideo", "video"),
+            "audio" => ("sendAudio", "audio"),
+            "animation" => ("sendAnimation", "animation"),
+            "sticker" => ("sendSticker", "sticker"),
+            other => {
+                return Err(ConnectorError::new(
+                    "unsupported_attachment",
+                    format!(
+                        "attachment type {other:?}: telegram sends photo, document, voice, video, audio, animation, sticker"
+                    ),
+                ));
+            }
+        };
+        let Some(file) = a
+            .get("file_id")
+            .or_else(|| a.get("url"))
+            .and_then(Value::as_str)
+        else {
+            return Err(ConnectorError::new(
+                "unsupported_attachment",
+                format!("{kind} attachment needs a file_id or a url"),
+            ));
+        };
+        let mut params = json!({"chat_id": chat_id, field: file});
+        if !text_done
+            && kind != "sticker"
+            && text.chars().count() <= MAX_CAPTION
+            && let Some(p) = params.as_object_mut()
+        {
+            p.insert("caption".into(), text.into());
+            text_done = true;
+        }
+        calls.push((method, params));
+    }
+    if !text_done {
+        let chars: Vec<char> = text.chars().collect();
+        for part in chars.chunks(MAX_TEXT) {
+            let part: String = part.iter().collect();
+            calls.push(("sendMessage", json!({"chat_id": chat_id, "text": part})));
+        }
+    }
+    if calls.is_empty() {
+        return Err(ConnectorError::new(
+            "invalid_message",
+            "nothing to send: no text and no attachments",
+        ));
+    }
+    Ok(calls)
+}
+
+impl Connector for Telegram {
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
+        let config = Config::parse(config)?;
+        let api = Api::new(&config.api_base, &config.token);
+        Ok(Telegram {
+            shared: Arc::new(Shared {
+                config,
+                host,
+                api,
+                stop: AtomicBool::new(false),
+                state: Mutex::new(
+                    Status::new(ChannelState::Disconnected).with_reason("not started"),
+                ),
+                me: Mutex::new(None),
+                token_invalid: AtomicBool::new(false),
+                send_not_before: Mutex::new(None),
+                offset: Mutex::new(None),
+                counters: Counters::default(),
+            }),
+            poller: None,
+        })
+    }
+
+    fn start(&mut self) -> Result<(), ConnectorError> {
+        if self.poller.is_some() {
+            return Err(ConnectorError::new(
+                "already_started",
+                "telegram is already running",
+            ));
+        }
+        self.shared.set_status(ChannelState::Connecting, None);
+        let (wake, wake_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel::<()>();
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("telegram-{}", self.shared.config.bot_id()))
+            .spawn(move || {
+                // Dropped when the thread ends, however it ends: stop sees it.
+                let _done = done_tx;
+                run(shared, wake_rx);
+            })
+            .map_err(|e| {
+                ConnectorError::new("start_failed", format!("cannot spawn thread: {e}")).retryable()
+            })?;
+        self.poller = Some(Poller { thread, wake, done });
+        Ok(())
+    }
+
+    fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
+        if self.shared.token_invalid.load(Ordering::Relaxed) {
+            return Err(ConnectorError::new(
+                "invalid_token",
+                "the Bot API refused this channel's token; fix it in the channel config",
+            ));
+        }
+        let chat = msg.external_chat_id.trim();
+        let chat_id: Value = if let Ok(n) = chat.parse::<i64>() {
+            n.into()
+        } else if chat.starts_with('@') {
+            chat.into()
+        } else {
+            return Err(ConnectorError::new(
+                "no_chat",
+                "a Telegram bot can only write to a chat the client opened: no chat id for this recipient",
+            ));
+        };
+        let calls = plan_send(&chat_id, &msg.text, &msg.attachments)?;
+        let not_before = *self
+            .shared
+            .send_not_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = not_before {
+            let left = t.saturating_duration_since(Instant::now());
+            if left > MAX_SEND_WAIT {
+                return Err(ConnectorError::new(
+                    "rate_limited",
+                    format!("rate limited by the Bot API for {}s more", left.as_secs()),
+                )
+                .retryable());
+            }
+            std::thread::sleep(left);
+        }
+        let mut first = None;
+        for (method, params) in &calls {
+            let sent = self.call_send(method, params)?;
+            if first.is_none() {
+                let chat = sent
+                    .get("chat")
+                    .and_then(|c| c.get("id"))
+                    .and_then(Value::as_i64);
+                let id = sent.get("message_id").and_then(Value::as_i64);
+                if let (Some(chat), Some(id)) = (chat, id) {
+                    first = Some(format!("{chat}:{id}"));
+                }
+            }
+        }
+        self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+        let external_message_id = first.ok_or_else(|| {
+            ConnectorError::new(
+                "unavailable",
+                "the Bot API answered without chat.id/message_id",
+            )
+        })?;
+        Ok(Sent {
+            external_message_id,
+        })
+    }
+
+    fn status(&self) -> Status {
+        let mut s = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let k = &self.shared.counters;
+        let offset = *self.shared.offset.lock().unwrap_or_else(|p| p.into_inner());
+        s.details = Some(json!({
+            "bot_id": self.shared.config.bot_id(),
+            "offset": offset,
+            "inbound": k.inbound.load(Ordering::Relaxed),
+            "skipped": k.skipped.load(Ordering::Relaxed),
+            "sent": k.sent.load(Ordering::Relaxed),
+            "rate_limited": k.rate_limited.load(Ordering::Relaxed),
+        }));
+        s
+    }
+
+    fn stop(&mut self) -> Result<(), ConnectorError> {
+        self.shutdown();
+        self.shared
+            .set_status(ChannelState::Disconnected, Some("stopped".into()));
+        Ok(())
+    }
+}
+
+impl Drop for Telegram {
+    // destroy without stop (after a panic): still stop the poller.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: Value) -> Value {
+        let mut v = json!({"token": "123456:ABC-def_1"});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        v
+    }
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let c = Config::parse(cfg(json!({}))).unwrap();
+        assert_eq!(c.api_base, DEFAULT_API_BASE);
+        assert_eq!(c.poll_timeout_secs, 25);
+        assert_eq!(c.bot_id(), "123456");
+        assert!(!format!("{c:?}").contains("ABC"));
+        for bad in [
+            json!({}),
+            json!({"token": "nocolon"}),
+            json!({"token": "abc:def"}),
+            json!({"token": "1:has space"}),
+            cfg(json!({"api_base": "ftp://x"})),
+            cfg(json!({"poll_timeout_secs": 51})),
+            cfg(json!({"request_timeout_secs": 0})),
+            cfg(json!({"poll_timeout": 1})),
+        ] {
+            let e = Config::parse(bad.clone()).unwrap_err();
+            assert_eq!(e.code, "invalid_config", "{bad}");
+            assert!(
+                !e.message.contains("ABC-def"),
+                "token leaked: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn offset_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = OffsetFile::new(&dir.path().join("sub"), "42");
+        assert_eq!(f.load().unwrap(), None);
+        f.save(17).unwrap();
+        assert_eq!(f.load().unwrap(), Some(17));
+        f.save(18).unwrap();
+        assert_eq!(f.load().unwrap(), Some(18));
+        std::fs::write(dir.path().join("sub/telegram-42.offset"), "junk").unwrap();
+        assert!(f.load().is_err());
+    }
+
+    #[test]
+    fn send_plans() {
+        let chat = json!(42);
+        let p = plan_send(&chat, "hi", &[]).unwrap();
+        assert_eq!(
+            p,
+            vec![("sendMessage", json!({"chat_id": 42, "text": "hi"}))]
+        );
+        let long = "x".repeat(MAX_TEXT + 1);
+        assert_eq!(plan_send(&chat, &long, &[]).unwrap().len(), 2);
+        let p = plan_send(
+            &chat,
+            "see",
+            &[
+                json!({"type": "photo", "file_id": "F"}),
+                json!({"type": "document", "url": "https://x/a.pdf"}),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p[0],
+            (
+                "sendPhoto",
+                json!({"chat_id": 42, "photo": "F", "caption": "see"})
+            )
+        );
+        assert_eq!(
+            p[1],
+            (
+                "sendDocument",
+                json!({"chat_id": 42, "document": "https://x/a.pdf"})
+            )
+        );
+        let p = plan_send(&chat, "hi", &[json!({"type": "sticker", "file_id": "S"})]).unwrap();
+        assert_eq!(p.len(), 2, "stickers take no caption: {p:?}");
+        assert_eq!(
+            plan_send(&chat, "", &[json!({"type": "hologram", "file_id": "H"})])
+                .unwrap_err()
+                .code,
+            "unsupported_attachment"
+        );
+        assert_eq!(
+            plan_send(&chat, "", &[]).unwrap_err().code,
+            "invalid_message"
+        );
+    }
+
+    #[test]
+    fn send_needs_a_chat_id() {
+        let mut t = Telegram::create(cfg(json!({})), Host::detached()).unwrap();
+        let e = t
+            .send(Outbound {
+                message: 1,
+                external_chat_id: String::new(),
+                to: Default::default(),
+                text: "x".into(),
+                attachments: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(e.code, "no_chat");
+    }
+
+    #[test]
+    fn stop_is_prompt_even_when_the_api_is_unreachable() {
+        // Port 1 on loopback refuses connections: getMe fails and backs off.
+        let mut t = Telegram::create(
+            cfg(json!({"api_base": "http://127.0.0.1:1", "request_timeout_secs": 1})),
+            Host::detached(),
+        )
+        .unwrap();
+        t.start().unwrap();
+        let waiting = Instant::now();
+        while t.status().reason.is_none() {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                t.status()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let s = t.status();
+        assert_eq!(s.state, ChannelState::Connecting, "{s:?}");
+        assert!(s.reason.unwrap_or_default().contains("unavailable"));
+        let started = Instant::now();
+        t.stop().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(t.status().state, ChannelState::Disconnected);
+    }
+}

@@ -1,0 +1,1003 @@
+//! webhook: a generic HTTP gateway connector for patchbay, built as `libwebhook.so`
+//! (kind `webhook`).
+//!
+//! Inbound, it listens on `listen` and accepts `POST <path>` with a JSON message signed
+//! with HMAC-SHA256 (see `signature`); it answers `200` only once the message was handed
+//! to the host, so a gateway that gets anything else knows to retry. Outbound, it POSTs
+//! each message as JSON to `outbound_url`, signed the same way, retrying 5xx answers and
+//! timeouts a bounded number of times inside `send`, and reports `delivered` on a 2xx.
+//!
+//! Written against the safe SDK only: this crate has no `unsafe`. It runs its own
+//! threads (tiny_http's accept thread and `workers` request threads); nothing of the
+//! daemon's runtime crosses the boundary.
+
+#![forbid(unsafe_code)]
+
+pub mod signature;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use patchbay_connector_sdk::chrono::{DateTime, FixedOffset, Utc};
+use patchbay_connector_sdk::{
+    ChannelState, Connector, ConnectorError, EmitError, Event, Host, Inbound, Level, Outbound,
+    Receipt, ReceiptStatus, Sender, Sent, Status, export_connector,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+pub use signature::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER, sign, verify};
+
+export_connector!(
+    Webhook,
+    kind = "webhook",
+    version = env!("CARGO_PKG_VERSION")
+);
+
+/// The largest inbound body: an event must fit the host's 1 MiB payload limit, with
+/// room for the fields the connector adds around the gateway's JSON.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024 - 4096;
+/// The daemon runs each call under a 30 s timeout; all of a send's attempts must fit.
+const SEND_BUDGET: Duration = Duration::from_secs(25);
+/// How long an inbound request waits for a busy host before answering 503.
+const EMIT_WAIT: Duration = Duration::from_secs(2);
+/// How long `stop` waits for request threads before leaving stuck ones behind.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The channel config object. Unknown keys are an error, so a typo (`max_skew_sec`)
+/// cannot silently fall back to a default.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Shared HMAC secret for inbound requests (and outbound, unless `outbound_secret`).
+    pub secret: String,
+    /// `host:port` to listen on; port 0 picks a free port (reported in the status).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The path inbound messages are POSTed to.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Largest accepted timestamp distance from this server's clock, either way.
+    #[serde(default = "default_max_skew")]
+    pub max_skew_secs: u64,
+    /// Largest accepted request body; larger ones get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Request threads (a slow client holds one while its body arrives).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Where outbound messages are POSTed; without it, sends fail permanently.
+    #[serde(default)]
+    pub outbound_url: Option<String>,
+    /// Secret for signing outbound requests; defaults to `secret`.
+    #[serde(default)]
+    pub outbound_secret: Option<String>,
+    /// Timeout of one outbound attempt (connect to last byte).
+    #[serde(default = "default_outbound_timeout")]
+    pub outbound_timeout_secs: u64,
+    /// Attempts per send before it fails retryably (the daemon's job retries later).
+    #[serde(default = "default_outbound_attempts")]
+    pub outbound_attempts: u32,
+    /// The number shown in `channel.list`; defaults to the inbound URL.
+    #[serde(default)]
+    pub number: Option<String>,
+    /// The display name shown in `channel.list`.
+    #[serde(default = "default_display_name")]
+    pub display_name: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8088".into()
+}
+fn default_path() -> String {
+    "/patchbay/inbound".into()
+}
+fn default_max_skew() -> u64 {
+    300
+}
+fn default_max_body() -> usize {
+    256 * 1024
+}
+fn default_workers() -> usize {
+    4
+}
+fn default_outbound_timeout() -> u64 {
+    5
+}
+fn default_outbound_attempts() -> u32 {
+    3
+}
+fn default_display_name() -> String {
+    "Webhook".into()
+}
+
+impl Config {
+    pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
+        let c: Config = serde_json::from_value(value)
+            .map_err(|e| ConnectorError::config(format!("webhook config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConnectorError> {
+        let bad = |key: &str, value: &dyn std::fmt::Debug, allowed: &str| {
+            Err(ConnectorError::config(format!(
+                "webhook config: {key} = {value:?}: {allowed}"
+            )))
+        };
+        // Never echo secrets into errors: name the key and the problem only.
+        if self.secret.len() < 16 {
+            return Err(ConnectorError::config(
+                "webhook config: secret must be at least 16 bytes",
+            ));
+        }
+        if matches!(&self.outbound_secret, Some(s) if s.len() < 16) {
+            return Err(ConnectorError::config(
+                "webhook config: outbound_secret must be at least 16 bytes",
+            ));
+        }
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad(
+                "listen",
+                &self.listen,
+                "an IP address and port, e.g. 127.0.0.1:8088 or [::]:8088",
+            );
+        }
+        if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
+            return bad(
+                "path",
+                &self.path,
+                "an absolute path without query, e.g. /patchbay/inbound",
+            );
+        }
+        if !(1..=86_400).contains(&self.max_skew_secs) {
+            return bad("max_skew_secs", &self.max_skew_secs, "1 to 86400");
+        }
+        if !(1..=MAX_BODY_BYTES).contains(&self.max_body_bytes) {
+            return bad(
+                "max_body_bytes",
+                &self.max_body_bytes,
+                &format!("1 to {MAX_BODY_BYTES}"),
+            );
+        }
+        if !(1..=64).contains(&self.workers) {
+            return bad("workers", &self.workers, "1 to 64");
+        }
+        if let Some(url) = &self.outbound_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad("outbound_url", url, "an http:// or https:// URL");
+        }
+        if !(1..=20).contains(&self.outbound_timeout_secs) {
+            return bad(
+                "outbound_timeout_secs",
+                &self.outbound_timeout_secs,
+                "1 to 20",
+            );
+        }
+        if !(1..=10).contains(&self.outbound_attempts) {
+            return bad("outbound_attempts", &self.outbound_attempts, "1 to 10");
+        }
+        if u64::from(self.outbound_attempts) * self.outbound_timeout_secs > SEND_BUDGET.as_secs() {
+            return bad(
+                "outbound_attempts",
+                &self.outbound_attempts,
+                "outbound_attempts x outbound_timeout_secs must be at most 25 s (the daemon gives a send 30 s)",
+            );
+        }
+        Ok(())
+    }
+
+    fn outbound_key(&self) -> &[u8] {
+        self.outbound_secret
+            .as_deref()
+            .unwrap_or(&self.secret)
+            .as_bytes()
+    }
+}
+
+/// The inbound JSON body. Unknown fields are ignored, so gateways may send more.
+#[derive(Debug, Deserialize)]
+struct WireInbound {
+    external_chat_id: String,
+    external_message_id: String,
+    sender: Sender,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    attachments: Vec<serde_json::Value>,
+    #[serde(default)]
+    sent_at: Option<DateTime<FixedOffset>>,
+}
+
+/// Why an inbound request was refused: the HTTP status and a message for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct Rejection {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        Rejection {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// The request line and headers of an inbound request, as the checks need them.
+#[derive(Debug, Default)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub url: &'a str,
+    pub content_length: Option<usize>,
+    pub timestamp: Option<&'a str>,
+    pub signature: Option<&'a str>,
+}
+
+/// Checks what can be checked before reading the body: method, path, declared size.
+pub fn check_head(config: &Config, head: &RequestHead) -> Result<(), Rejection> {
+    let path = head.url.split(['?', '#']).next().unwrap_or_default();
+    if path != config.path {
+        return Err(Rejection::new(404, format!("no such path {path:?}")));
+    }
+    if !head.method.eq_ignore_ascii_case("POST") {
+        return Err(Rejection::new(405, "use POST"));
+    }
+    if let Some(n) = head.content_length
+        && n > config.max_body_bytes
+    {
+        return Err(Rejection::new(
+            413,
+            format!(
+                "body of {n} bytes is over max_body_bytes ({})",
+                config.max_body_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads at most `max + 1` bytes, so an undeclared (chunked) oversized body is caught
+/// without buffering all of it.
+pub fn read_body(reader: impl Read, max: usize) -> Result<Vec<u8>, Rejection> {
+    let mut body = Vec::new();
+    reader
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Rejection::new(400, format!("cannot read the body: {e}")))?;
+    if body.len() > max {
+        return Err(Rejection::new(
+            413,
+            format!("body is over max_body_bytes ({max})"),
+        ));
+    }
+    Ok(body)
+}
+
+/// Authenticates and parses a body: 401 for a missing, wrong or stale signature (stale
+/// is 401 rather than 408 because it is an authentication failure, not a slow client),
+/// 400 for JSON that is not a valid message.
+pub fn check_body(
+    config: &Config,
+    head: &RequestHead,
+    body: &[u8],
+    now: i64,
+) -> Result<Inbound, Rejection> {
+    signature::verify(
+        config.secret.as_bytes(),
+        head.timestamp,
+        head.signature,
+        body,
+        now,
+        config.max_skew_secs,
+    )
+    .map_err(|e| Rejection::new(401, e.to_string()))?;
+    let wire: WireInbound = serde_json::from_slice(body)
+        .map_err(|e| Rejection::new(400, format!("invalid message JSON: {e}")))?;
+    let msg = Inbound {
+        external_chat_id: wire.external_chat_id,
+        external_message_id: wire.external_message_id,
+        sender: wire.sender,
+        text: wire.text,
+        attachments: wire.attachments,
+        sent_at: wire.sent_at.unwrap_or_else(|| Utc::now().fixed_offset()),
+    };
+    let event = Event::Inbound(msg);
+    event
+        .validate()
+        .map_err(|e| Rejection::new(400, e.to_string()))?;
+    match event {
+        Event::Inbound(m) => Ok(m),
+        // validate() keeps the variant; this arm only satisfies the match.
+        _ => Err(Rejection::new(500, "internal error")),
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    busy: AtomicU64,
+    sent: AtomicU64,
+    send_retries: AtomicU64,
+}
+
+/// State shared by the connector and its request threads.
+struct Shared {
+    config: Config,
+    host: Host,
+    stop: AtomicBool,
+    state: Mutex<Status>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn set_status(&self, status: Status) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = status.clone();
+        let _ = self.host.emit(&Event::Status(status));
+    }
+
+    /// Emits, backing off while the host is busy, for at most `wait`.
+    fn emit_for(&self, event: &Event, wait: Duration) -> Result<(), EmitError> {
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.host.emit(event) {
+                Err(EmitError::Busy)
+                    if Instant::now() < deadline && !self.stop.load(Ordering::Relaxed) =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Handles one request: every path ends in exactly one response.
+    fn handle(&self, mut req: tiny_http::Request) {
+        let header = |name: &str| {
+            req.headers()
+                .iter()
+                .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+                .map(|h| h.value.as_str().to_owned())
+        };
+        let timestamp = header(TIMESTAMP_HEADER);
+        let signature = header(SIGNATURE_HEADER);
+        let method = req.method().as_str().to_owned();
+        let url = req.url().to_owned();
+        let head = RequestHead {
+            method: &method,
+            url: &url,
+            content_length: req.body_length(),
+            timestamp: timestamp.as_deref(),
+            signature: signature.as_deref(),
+        };
+        let outcome = check_head(&self.config, &head)
+            .and_then(|()| read_body(req.as_reader(), self.config.max_body_bytes))
+            .and_then(|body| check_body(&self.config, &head, &body, Utc::now().timestamp()));
+        let msg = match outcome {
+            Ok(m) => m,
+            Err(r) => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.host.log(
+                    Level::Debug,
+                    &format!("webhook: refused {method} {url}: {r}"),
+                );
+                return respond(
+                    req,
+                    r.status,
+                    &json!({"ok": false, "error": r.message}),
+                    None,
+                );
+            }
+        };
+        let id = msg.external_message_id.clone();
+        match self.emit_for(&Event::Inbound(msg), EMIT_WAIT) {
+            Ok(()) => {
+                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                respond(
+                    req,
+                    200,
+                    &json!({"ok": true, "external_message_id": id}),
+                    None,
+                );
+            }
+            Err(EmitError::TooLarge) => respond(
+                req,
+                413,
+                &json!({"ok": false, "error": "message too large for the host"}),
+                None,
+            ),
+            Err(e) => {
+                // Busy: the daemon is behind; Closed: the channel is stopping. Either
+                // way nothing was taken and the gateway should try again shortly.
+                self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                respond(
+                    req,
+                    503,
+                    &json!({"ok": false, "error": e.to_string()}),
+                    Some(if e == EmitError::Busy { 1 } else { 5 }),
+                );
+            }
+        }
+    }
+}
+
+fn respond(
+    req: tiny_http::Request,
+    status: u16,
+    body: &serde_json::Value,
+    retry_after: Option<u32>,
+) {
+    let mut resp = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+        resp.add_header(h);
+    }
+    if let Some(secs) = retry_after
+        && let Ok(h) = tiny_http::Header::from_bytes("Retry-After", secs.to_string())
+    {
+        resp.add_header(h);
+    }
+    // The caller may have gone away; there is no one left to tell.
+    let _ = req.respond(resp);
+}
+
+/// Binds the listener. tiny_http closes a dropped server's socket on its accept thread,
+/// a moment after the drop, so a channel restarted in-process may find its port still
+/// held: retry that for up to a second instead of failing the start.
+fn bind(listen: &str) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match tiny_http::Server::http(listen) {
+            Err(e)
+                if Instant::now() < deadline
+                    && e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                        == Some(std::io::ErrorKind::AddrInUse) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The outcome of one outbound POST that may be worth repeating.
+enum Attempt {
+    /// 2xx, with the gateway's own id for the message if it named one.
+    Delivered(Option<String>),
+    /// 5xx, 408, 429 or a network error; `Retry-After` seconds if given.
+    Retry {
+        reason: String,
+        retry_after: Option<u64>,
+    },
+}
+
+/// A running listener: the server (its drop closes the socket) and the request threads.
+struct Listener {
+    server: Arc<tiny_http::Server>,
+    workers: Vec<JoinHandle<()>>,
+    /// Disconnects once every request thread has ended (each holds a sender).
+    done: mpsc::Receiver<()>,
+}
+
+/// One webhook channel.
+pub struct Webhook {
+    shared: Arc<Shared>,
+    agent: ureq::Agent,
+    listener: Option<Listener>,
+}
+
+impl Webhook {
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(l) = self.listener.take() {
+            l.server.unblock();
+            // tiny_http has no socket timeouts: a client that stalls mid-body holds its
+            // request thread. Wait a bounded time, then leave such threads behind (they
+            // end with the client's connection and cannot emit: the host is closed).
+            let deadline = Instant::now() + STOP_GRACE;
+            let all_ended = loop {
+                match l
+                    .done
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    Ok(()) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break true,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break false,
+                }
+            };
+            if all_ended {
+                for w in l.workers {
+                    if w.join().is_err() {
+                        self.shared
+                            .host
+                            .log(Level::Error, "webhook request thread panicked");
+                    }
+                }
+            } else {
+                self.shared.host.log(
+                    Level::Warn,
+                    "webhook: a client is still sending its request; leaving its thread behind",
+                );
+            }
+            // Dropping our reference (the last one, unless a thread was left behind)
+            // stops tiny_http's accept thread and frees the port for a restart.
+            drop(l.server);
+        }
+    }
+
+    /// One signed POST of `body`; `Err` when retrying cannot help.
+    fn attempt(&self, url: &str, body: &[u8]) -> Result<Attempt, ConnectorError> {
+        let c = &self.shared.config;
+        let ts = Utc::now().timestamp();
+        let sig = sign(c.outbound_key(), ts, body)
+            .map_err(|e| ConnectorError::new("internal", e.to_string()))?;
+        let result = self
+            .agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header(TIMESTAMP_HEADER, ts.to_string())
+            .header(SIGNATURE_HEADER, sig)
+            .send(body);
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                return match e {
+                    ureq::Error::Timeout(_)
+                    | ureq::Error::Io(_)
+                    | ureq::Error::ConnectionFailed
+                    | ureq::Error::HostNotFound
+                    | ureq::Error::Protocol(_) => Ok(Attempt::Retry {
+                        reason: format!("POST {url}: {e}"),
+                        retry_after: None,
+                    }),
+                    other => Err(ConnectorError::new(
+                        "send_failed",
+                        format!("POST {url}: {other}"),
+                    )),
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("Retry-After")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .unwrap_or_default();
+        match status {
+            200..=299 => {
+                // The gateway may name its own id for the message; otherwise ours.
+                let id = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("external_message_id")?.as_str().map(str::to_owned))
+                    .filter(|s| !s.is_empty() && s.len() <= 256);
+                Ok(Attempt::Delivered(id))
+            }
+            408 | 429 | 500..=599 => Ok(Attempt::Retry {
+                reason: format!("POST {url}: HTTP {status}: {}", snippet(&text)),
+                retry_after,
+            }),
+            _ => Err(ConnectorError::new(
+                "rejected",
+                format!("POST {url}: HTTP {status}: {}", snippet(&text)),
+            )),
+        }
+    }
+}
+
+fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(200).collect();
+    t.replace(['\r', '\n'], " ")
+}
+
+impl Connector for Webhook {
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
+        let config = Config::parse(config)?;
+        let timeout = Duration::from_secs(config.outbound_timeout_secs);
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        Ok(Webhook {
+            shared: Arc::new(Shared {
+                config,
+                host,
+                stop: AtomicBool::new(false),
+                state: Mutex::new(
+                    Status::new(ChannelState::Disconnected).with_reason("not started"),
+                ),
+                counters: Counters::default(),
+            }),
+            agent,
+            listener: None,
+        })
+    }
+
+    fn start(&mut self) -> Result<(), ConnectorError> {
+        if self.listener.is_some() {
+            return Err(ConnectorError::new(
+                "already_started",
+                "webhook is already running",
+            ));
+        }
+        let c = &self.shared.config;
+        self.shared.stop.store(false, Ordering::Relaxed);
+        self.shared
+            .set_status(Status::new(ChannelState::Connecting));
+        let server = match bind(&c.listen) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                // Usually the port is taken (by a previous instance still closing, or
+                // another program): worth retrying.
+                let reason = format!("cannot listen on {}: {e}", c.listen);
+                self.shared
+                    .set_status(Status::new(ChannelState::Error).with_reason(&reason));
+                return Err(ConnectorError::new("listen_failed", reason).retryable());
+            }
+        };
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| c.listen.clone());
+        let mut workers = Vec::new();
+        let (done_tx, done) = mpsc::channel::<()>();
+        for i in 0..c.workers {
+            let (shared, srv, worker_done) = (self.shared.clone(), server.clone(), done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("webhook-{i}"))
+                .spawn(move || {
+                    // Dropped when the thread ends, however it ends: shutdown sees it.
+                    let _done = worker_done;
+                    while !shared.stop.load(Ordering::Relaxed) {
+                        // A timeout, so the stop flag is seen even without traffic.
+                        match srv.recv_timeout(Duration::from_millis(200)) {
+                            Ok(Some(req)) => shared.handle(req),
+                            Ok(None) => {}
+                            Err(e) => {
+                                shared
+                                    .host
+                                    .log(Level::Warn, &format!("webhook: accept failed: {e}"));
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        }
+                    }
+                });
+            match spawned {
+                Ok(t) => workers.push(t),
+                Err(e) => {
+                    drop(done_tx);
+                    self.listener = Some(Listener {
+                        server,
+                        workers,
+                        done,
+                    });
+                    self.shutdown();
+                    return Err(ConnectorError::new(
+                        "start_failed",
+                        format!("cannot spawn a request thread: {e}"),
+                    )
+                    .retryable());
+                }
+            }
+        }
+        drop(done_tx);
+        self.listener = Some(Listener {
+            server,
+            workers,
+            done,
+        });
+        let number = c
+            .number
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}{}", c.path));
+        self.shared.host.log(
+            Level::Info,
+            &format!("webhook listening on http://{addr}{}", c.path),
+        );
+        self.shared.set_status(Status {
+            number: Some(number),
+            display_name: Some(c.display_name.clone()),
+            details: Some(json!({"listen": addr})),
+            ..Status::new(ChannelState::Connected)
+        });
+        Ok(())
+    }
+
+    /// POSTs the message, retrying 5xx/408/429 answers and network errors up to
+    /// `outbound_attempts` times with backoff (honouring a short `Retry-After`). When
+    /// all attempts fail the error is retryable, so the daemon's job retries later;
+    /// a 4xx is permanent. Delivery is at least once: the body carries the host's
+    /// `message` id for the gateway to de-duplicate.
+    fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
+        let c = &self.shared.config;
+        let Some(url) = c.outbound_url.clone() else {
+            return Err(ConnectorError::new(
+                "unsupported",
+                "this webhook channel has no outbound_url, so it cannot send",
+            ));
+        };
+        let body = serde_json::to_vec(&json!({
+            "message": msg.message,
+            "external_chat_id": msg.external_chat_id,
+            "to": msg.to,
+            "text": msg.text,
+            "attachments": msg.attachments,
+        }))
+        .map_err(|e| ConnectorError::new("invalid_message", e.to_string()))?;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(200);
+        let mut last = String::new();
+        for attempt in 1..=c.outbound_attempts {
+            match self.attempt(&url, &body)? {
+                Attempt::Delivered(id) => {
+                    let external_message_id =
+                        id.unwrap_or_else(|| format!("wh-out-{}", msg.message));
+                    self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    // A 2xx is the gateway's acknowledgement: that is what delivered
+                    // means for a webhook.
+                    let receipt = Event::Receipt(Receipt {
+                        message: msg.message,
+                        status: ReceiptStatus::Delivered,
+                        external_message_id: Some(external_message_id.clone()),
+                        reason: None,
+                    });
+                    if let Err(e) = self.shared.emit_for(&receipt, EMIT_WAIT) {
+                        self.shared.host.log(
+                            Level::Warn,
+                            &format!("webhook: receipt for message {} dropped: {e}", msg.message),
+                        );
+                    }
+                    return Ok(Sent {
+                        external_message_id,
+                    });
+                }
+                Attempt::Retry {
+                    reason,
+                    retry_after,
+                } => {
+                    last = reason;
+                    if attempt == c.outbound_attempts {
+                        break;
+                    }
+                    self.shared
+                        .counters
+                        .send_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    let wait = retry_after
+                        .map(Duration::from_secs)
+                        .unwrap_or(pause)
+                        .min(Duration::from_secs(5));
+                    // Never let the retries push the call past the daemon's timeout.
+                    let next_end =
+                        started.elapsed() + wait + Duration::from_secs(c.outbound_timeout_secs);
+                    if next_end > SEND_BUDGET {
+                        break;
+                    }
+                    std::thread::sleep(wait);
+                    pause *= 2;
+                }
+            }
+        }
+        Err(ConnectorError::new("unavailable", last).retryable())
+    }
+
+    fn status(&self) -> Status {
+        let mut s = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let k = &self.shared.counters;
+        let mut details = s.details.take().unwrap_or_else(|| json!({}));
+        if let Some(d) = details.as_object_mut() {
+            d.insert("accepted".into(), k.accepted.load(Ordering::Relaxed).into());
+            d.insert("rejected".into(), k.rejected.load(Ordering::Relaxed).into());
+            d.insert("busy".into(), k.busy.load(Ordering::Relaxed).into());
+            d.insert("sent".into(), k.sent.load(Ordering::Relaxed).into());
+            d.insert(
+                "send_retries".into(),
+                k.send_retries.load(Ordering::Relaxed).into(),
+            );
+        }
+        s.details = Some(details);
+        s
+    }
+
+    fn stop(&mut self) -> Result<(), ConnectorError> {
+        self.shutdown();
+        self.shared
+            .set_status(Status::new(ChannelState::Disconnected).with_reason("stopped"));
+        Ok(())
+    }
+}
+
+impl Drop for Webhook {
+    // destroy without stop (after a panic): still join the threads and free the port.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &str = "0123456789abcdef-secret";
+
+    fn config() -> Config {
+        Config::parse(json!({"secret": SECRET, "path": "/in", "max_body_bytes": 200})).unwrap()
+    }
+
+    fn head<'a>(ts: &'a str, sig: &'a str) -> RequestHead<'a> {
+        RequestHead {
+            method: "POST",
+            url: "/in",
+            content_length: None,
+            timestamp: Some(ts),
+            signature: Some(sig),
+        }
+    }
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let c = Config::parse(json!({"secret": SECRET})).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8088");
+        assert_eq!(c.path, "/patchbay/inbound");
+        assert_eq!(c.max_skew_secs, 300);
+        for bad in [
+            json!({}),
+            json!({"secret": "short"}),
+            json!({"secret": SECRET, "listen": "localhost"}),
+            json!({"secret": SECRET, "path": "in"}),
+            json!({"secret": SECRET, "max_body_bytes": 0}),
+            json!({"secret": SECRET, "max_body_bytes": 2_000_000}),
+            json!({"secret": SECRET, "outbound_url": "ftp://x"}),
+            json!({"secret": SECRET, "outbound_attempts": 10, "outbound_timeout_secs": 20}),
+            json!({"secret": SECRET, "max_skew": 3}),
+        ] {
+            let e = Config::parse(bad.clone()).unwrap_err();
+            assert_eq!(e.code, "invalid_config", "{bad}");
+            assert!(!e.message.contains(SECRET), "secret leaked: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn head_checks() {
+        let c = config();
+        assert_eq!(check_head(&c, &head("1", "x")), Ok(()));
+        let wrong_path = RequestHead {
+            url: "/other?x=1",
+            ..head("1", "x")
+        };
+        assert_eq!(check_head(&c, &wrong_path).unwrap_err().status, 404);
+        let query_ok = RequestHead {
+            url: "/in?x=1",
+            ..head("1", "x")
+        };
+        assert_eq!(check_head(&c, &query_ok), Ok(()));
+        let get = RequestHead {
+            method: "GET",
+            ..head("1", "x")
+        };
+        assert_eq!(check_head(&c, &get).unwrap_err().status, 405);
+        let big = RequestHead {
+            content_length: Some(201),
+            ..head("1", "x")
+        };
+        assert_eq!(check_head(&c, &big).unwrap_err().status, 413);
+        assert_eq!(read_body(&[b'a'; 201][..], 200).unwrap_err().status, 413);
+        assert_eq!(read_body(&[b'a'; 200][..], 200).unwrap().len(), 200);
+    }
+
+    #[test]
+    fn body_checks() {
+        let c = config();
+        let now = 1_700_000_000;
+        let ts = now.to_string();
+        let body = json!({
+            "external_chat_id": "c1", "external_message_id": "m1",
+            "sender": {"phone": "+15550001111", "name": "Ann"}, "text": "hi",
+            "attachments": [{"url": "https://x/y.png"}], "extra": true
+        })
+        .to_string();
+        let sig = sign(SECRET.as_bytes(), now, body.as_bytes()).unwrap();
+        let m = check_body(&c, &head(&ts, &sig), body.as_bytes(), now).unwrap();
+        assert_eq!(m.external_message_id, "m1");
+        assert_eq!(m.sender.name.as_deref(), Some("Ann"));
+        assert_eq!(m.attachments.len(), 1);
+
+        let with_date = json!({
+            "external_chat_id": "c1", "external_message_id": "m2",
+            "sender": {"username": "ann"}, "sent_at": "2026-01-02T03:04:05+01:00"
+        })
+        .to_string();
+        let sig2 = sign(SECRET.as_bytes(), now, with_date.as_bytes()).unwrap();
+        let m = check_body(&c, &head(&ts, &sig2), with_date.as_bytes(), now).unwrap();
+        assert_eq!(m.sent_at.to_rfc3339(), "2026-01-02T03:04:05+01:00");
+        assert_eq!(m.text, "");
+
+        // Authentication comes first: a bad signature on bad JSON is still 401.
+        assert_eq!(
+            check_body(&c, &head(&ts, "sha256=00"), b"{", now)
+                .unwrap_err()
+                .status,
+            401
+        );
+        let stale = check_body(&c, &head(&ts, &sig), body.as_bytes(), now + 301).unwrap_err();
+        assert_eq!(stale.status, 401);
+        assert!(stale.message.contains("301 s"), "{}", stale.message);
+
+        for bad in [
+            "{".to_owned(),
+            json!({"external_chat_id": "c"}).to_string(),
+            json!({"external_chat_id": "", "external_message_id": "m", "sender": {"name": "x"}})
+                .to_string(),
+            json!({"external_chat_id": "c", "external_message_id": "m", "sender": {}}).to_string(),
+        ] {
+            let sig = sign(SECRET.as_bytes(), now, bad.as_bytes()).unwrap();
+            let r = check_body(&c, &head(&ts, &sig), bad.as_bytes(), now).unwrap_err();
+            assert_eq!(r.status, 400, "{bad}: {r}");
+        }
+    }
+
+    #[test]
+    fn send_without_outbound_url_is_permanent() {
+        let mut w = Webhook::create(json!({"secret": SECRET}), Host::detached()).unwrap();
+        let e = w
+            .send(Outbound {
+                message: 1,
+                external_chat_id: "c".into(),
+                to: Default::default(),
+                text: "x".into(),
+                attachments: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(e.code, "unsupported");
+        assert!(!e.retryable);
+    }
+
+    #[test]
+    fn start_listens_and_stop_frees_the_port() {
+        let mut w = Webhook::create(
+            json!({"secret": SECRET, "listen": "127.0.0.1:0", "workers": 2}),
+            Host::detached(),
+        )
+        .unwrap();
+        w.start().unwrap();
+        let status = w.status();
+        assert_eq!(status.state, ChannelState::Connected);
+        let addr = status.details.unwrap()["listen"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(std::net::TcpStream::connect(&addr).is_ok());
+        let t = Instant::now();
+        w.stop().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "stop is prompt");
+        // The port is free again (tiny_http closes it on its accept thread, a moment
+        // after the drop), so a restarted channel can bind it.
+        let t = Instant::now();
+        while std::net::TcpListener::bind(&addr).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(2), "port still held");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

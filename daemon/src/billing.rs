@@ -1,0 +1,65 @@
+//! The daily billing schedule: an apalis-cron worker that, at `billing.run_at` in
+//! `billing.timezone`, enqueues that day's `billing_run`.
+//!
+//! apalis-cron fires on every daemon (no distributed lock, apalis#281) and does not
+//! catch up missed ticks; the tick only *enqueues* `billing_run` with the idempotency
+//! key `billing_run:<date>`, so two daemons (or a restart) queue the day once, and an
+//! operator catches up a missed day with `patchbayctl billing run --date`.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use apalis_core::error::BoxDynError;
+use apalis_core::task::data::Data;
+use apalis_core::worker::builder::WorkerBuilder;
+use apalis_cron::{CronScheduler, Tick};
+use chrono::{NaiveTime, Timelike};
+use chrono_tz::Tz;
+use patchbay_jobs::JobKind;
+use patchbay_jobs::billing;
+use serde_json::json;
+
+use crate::app::App;
+
+pub async fn run_schedule(app: Arc<App>) {
+    let config = app.billing();
+    let (Ok(at), Ok(tz)) = (
+        NaiveTime::parse_from_str(&config.run_at, "%H:%M"),
+        billing::parse_timezone(&config.timezone),
+    ) else {
+        tracing::error!("billing.run_at or billing.timezone is invalid; no daily billing runs");
+        return;
+    };
+    let expr = format!("0 {} {} * * *", at.minute(), at.hour());
+    let schedule = match cron::Schedule::from_str(&expr) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(expr, error = %e, "cannot build the billing schedule");
+            return;
+        }
+    };
+    tracing::info!(run_at = %config.run_at, timezone = %tz, "daily billing scheduled");
+    let name = format!("billing-cron:{}", std::process::id());
+    let worker = WorkerBuilder::new(name)
+        .backend(CronScheduler::new(schedule).with_timezone(tz))
+        .data(app.clone())
+        .data(tz)
+        .build(tick);
+    if let Err(e) = worker.run().await {
+        tracing::error!(error = %e, "the billing schedule stopped");
+    }
+}
+
+async fn tick(_tick: Tick<Tz>, app: Data<Arc<App>>, tz: Data<Tz>) -> Result<(), BoxDynError> {
+    let date = billing::billing_day(chrono::Utc::now(), *tz);
+    match app
+        .enqueue(JobKind::BillingRun, json!({ "date": date }))
+        .await
+    {
+        Ok((id, existing)) => {
+            tracing::info!(%date, job = %id, existing, "daily billing run queued")
+        }
+        Err(e) => tracing::error!(%date, error = %e, "cannot queue the daily billing run"),
+    }
+    Ok(())
+}

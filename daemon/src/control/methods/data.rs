@@ -1,0 +1,65 @@
+//! `data.delete` and `data.deletion_status`: background deletion of an account's
+//! messages, chats and contacts from before a cutoff.
+
+use patchbay_jobs::model::{DeletionRun, Id};
+use patchbay_jobs::{JobKind, access};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::control::rpc::RpcError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteParams {
+    account: Id,
+    actor: Id,
+}
+
+/// Starts a run (cutoff = now) or returns the one already running.
+pub async fn delete(app: &App, p: DeleteParams) -> Result<Value, RpcError> {
+    access::administrator(&*app.store, p.account, p.actor, "delete the account's data").await?;
+    let (run, created) = app.store.start_deletion(p.account).await?;
+    if created {
+        app.enqueue(JobKind::DataDeletion, json!({ "run": run.id }))
+            .await?;
+    }
+    let mut view = view(app, &run).await?;
+    view["created"] = json!(created);
+    Ok(view)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusParams {
+    account: Id,
+}
+
+pub async fn status(app: &App, p: StatusParams) -> Result<Value, RpcError> {
+    match app.store.latest_deletion(p.account).await? {
+        Some(run) => view(app, &run).await,
+        None => Ok(Value::Null),
+    }
+}
+
+async fn view(app: &App, run: &DeletionRun) -> Result<Value, RpcError> {
+    let remaining = if run.state == "running" {
+        app.store.deletion_remaining(run).await?
+    } else {
+        0
+    };
+    Ok(json!({
+        "run": run.id,
+        "account": run.account,
+        "cutoff": run.cutoff,
+        "state": run.state,
+        "deleted": {
+            "messages": run.deleted_messages,
+            "chats": run.deleted_chats,
+            "contacts": run.deleted_contacts,
+        },
+        "remaining_estimate": remaining,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    }))
+}

@@ -1,0 +1,329 @@
+//! The telegram connector in the real daemon against a fake Bot API on 127.0.0.1 that
+//! follows the documented shapes: getMe, getUpdates with offset confirmation and long
+//! polling, sendMessage, a 429 with retry_after, and 401 for an unknown token.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fake_http::{FakeServer, Request, Response};
+use crate::harness::{Backend, Daemon, install_connector};
+
+const TOKEN: &str = "123456:TEST-token_ok";
+const BAD_TOKEN: &str = "999:WRONG-token";
+
+/// The fake bot's state: pending updates (dropped once confirmed by a later offset),
+/// what getUpdates was asked, what was sent.
+#[derive(Default)]
+struct Bot {
+    updates: Vec<Value>,
+    next_update: i64,
+    next_message: i64,
+    offsets: Vec<Option<i64>>,
+    sent: Vec<Request>,
+    rate_limit_next_send: bool,
+}
+
+struct FakeBotApi {
+    state: Arc<(Mutex<Bot>, Condvar)>,
+    server: FakeServer,
+}
+
+fn answer(result: Value) -> Response {
+    Response::json(200, json!({"ok": true, "result": result}))
+}
+
+impl FakeBotApi {
+    fn start() -> FakeBotApi {
+        let state: Arc<(Mutex<Bot>, Condvar)> = Arc::default();
+        state.0.lock().unwrap().next_update = 1;
+        state.0.lock().unwrap().next_message = 100;
+        let s = state.clone();
+        let server = FakeServer::start(move |req| handle(&s, req));
+        FakeBotApi { state, server }
+    }
+
+    fn bot(&self) -> std::sync::MutexGuard<'_, Bot> {
+        self.state.0.lock().unwrap()
+    }
+
+    /// Queues a `message` update from user 42 in their private chat.
+    fn push(&self, extra: Value) {
+        let mut bot = self.bot();
+        let (update_id, message_id) = (bot.next_update, bot.next_message);
+        bot.next_update += 1;
+        bot.next_message += 1;
+        let mut message = json!({
+            "message_id": message_id, "date": 1_700_000_000 + message_id,
+            "from": {"id": 42, "is_bot": false, "first_name": "Ann", "last_name": "Lee", "username": "annlee"},
+            "chat": {"id": 42, "type": "private", "first_name": "Ann"},
+        });
+        message
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        bot.updates
+            .push(json!({"update_id": update_id, "message": message}));
+        drop(bot);
+        self.state.1.notify_all();
+    }
+
+    /// Requests made with `token`, by method.
+    fn calls(&self, token: &str, method: &str) -> Vec<Request> {
+        let path = format!("/bot{token}/{method}");
+        self.server
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+}
+
+fn handle(state: &(Mutex<Bot>, Condvar), req: &Request) -> Response {
+    let Some((token, method)) = req
+        .path
+        .strip_prefix("/bot")
+        .and_then(|p| p.split_once('/'))
+    else {
+        return Response::json(
+            404,
+            json!({"ok": false, "error_code": 404, "description": "Not Found"}),
+        );
+    };
+    if token != TOKEN {
+        return Response::json(
+            401,
+            json!({"ok": false, "error_code": 401, "description": "Unauthorized"}),
+        );
+    }
+    let params = req.json();
+    match method {
+        "getMe" => answer(json!({
+            "id": 123456, "is_bot": true, "first_name": "Patchbay Test", "username": "patchbay_test_bot"
+        })),
+        "getUpdates" => {
+            let offset = params["offset"].as_i64();
+            let timeout = Duration::from_secs(params["timeout"].as_u64().unwrap_or(0));
+            let deadline = Instant::now() + timeout;
+            let mut bot = state.0.lock().unwrap();
+            bot.offsets.push(offset);
+            // Documented: an offset confirms every update below it; they are gone.
+            if let Some(o) = offset {
+                bot.updates
+                    .retain(|u| u["update_id"].as_i64().unwrap() >= o);
+            }
+            while bot.updates.is_empty() && Instant::now() < deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                bot = state.1.wait_timeout(bot, left).unwrap().0;
+            }
+            let batch: Vec<Value> = bot.updates.iter().take(100).cloned().collect();
+            answer(Value::Array(batch))
+        }
+        "sendMessage" => {
+            let mut bot = state.0.lock().unwrap();
+            bot.sent.push(req.clone());
+            if std::mem::take(&mut bot.rate_limit_next_send) {
+                return Response::json(
+                    429,
+                    json!({"ok": false, "error_code": 429,
+                           "description": "Too Many Requests: retry after 1",
+                           "parameters": {"retry_after": 1}}),
+                );
+            }
+            let id = bot.next_message;
+            bot.next_message += 1;
+            answer(json!({
+                "message_id": id, "date": 1_700_000_000,
+                "chat": {"id": params["chat_id"], "type": "private"},
+                "text": params["text"],
+            }))
+        }
+        _ => Response::json(
+            404,
+            json!({"ok": false, "error_code": 404, "description": "Not Found: method not found"}),
+        ),
+    }
+}
+
+async fn inbound(d: &Daemon, account: i64) -> Vec<Value> {
+    let chats = d.ok("chat.list", json!({"account": account})).await;
+    let mut out = Vec::new();
+    for chat in chats.as_array().expect("chats") {
+        let m = d
+            .ok("chat.messages", json!({"chat": chat["id"], "limit": 100}))
+            .await;
+        out.extend(
+            m.as_array()
+                .expect("messages")
+                .iter()
+                .filter(|m| m["direction"] == "in")
+                .cloned(),
+        );
+    }
+    out
+}
+
+async fn channel(d: &Daemon, account: i64, id: i64) -> Option<Value> {
+    let list = d.ok("channel.list", json!({"account": account})).await;
+    list.as_array()?.iter().find(|c| c["id"] == id).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bot_api_polling_sending_and_errors() {
+    let api = FakeBotApi::start();
+    api.push(json!({"text": "one"}));
+    api.push(json!({"caption": "two", "photo": [
+        {"file_id": "small", "file_unique_id": "s", "width": 90, "height": 90},
+        {"file_id": "big", "file_unique_id": "b", "width": 900, "height": 900}
+    ]}));
+    api.push(
+        json!({"contact": {"phone_number": "15550004242", "first_name": "Ann", "user_id": 42}}),
+    );
+
+    let mut d = Daemon::start_full(Backend::Sqlite, "", |dir| {
+        install_connector(dir, "telegram")
+    });
+    let state_dir = d.dir.path().join("telegram-state");
+    let (acc, admin) = d.account("tg").await;
+    let cfg = json!({
+        "token": TOKEN, "api_base": api.server.url(), "poll_timeout_secs": 1,
+        "state_dir": state_dir,
+    });
+    let id = d
+        .ok(
+            "channel.add",
+            json!({"account": acc, "actor": admin, "kind": "telegram", "name": "bot", "config": cfg}),
+        )
+        .await["id"]
+        .as_i64()
+        .expect("id");
+    let c = d
+        .until("telegram connected", Duration::from_secs(20), || async {
+            channel(&d, acc, id)
+                .await
+                .filter(|c| c["status"] == "connected")
+        })
+        .await;
+    assert_eq!(c["number"], "@patchbay_test_bot", "{c}");
+    assert_eq!(c["display_name"], "Patchbay Test", "{c}");
+
+    // Inbound: the three queued updates, once each.
+    d.until("3 inbound", Duration::from_secs(20), || async {
+        (inbound(&d, acc).await.len() == 3).then_some(())
+    })
+    .await;
+    let msgs = inbound(&d, acc).await;
+    let by_id = |mid: &str| {
+        msgs.iter()
+            .find(|m| m["external_message_id"] == mid)
+            .unwrap_or_else(|| panic!("{mid} in {msgs:?}"))
+            .clone()
+    };
+    assert_eq!(by_id("42:100")["text"], "one");
+    let photo = by_id("42:101");
+    assert_eq!(photo["text"], "two");
+    assert_eq!(photo["attachments"][0]["type"], "photo");
+    assert_eq!(photo["attachments"][0]["file_id"], "big");
+    assert_eq!(by_id("42:102")["attachments"][0]["type"], "contact");
+    let chats = d.ok("chat.list", json!({"account": acc})).await;
+    assert_eq!(chats.as_array().map(Vec::len), Some(1), "{chats}");
+
+    // The offset reaches Telegram (confirming updates 1..=3) and the state file.
+    d.until("offset 4 confirmed", Duration::from_secs(10), || async {
+        api.bot().offsets.contains(&Some(4)).then_some(())
+    })
+    .await;
+    let file = state_dir.join("telegram-123456.offset");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("offset file").trim(),
+        "4"
+    );
+
+    // Crash, two more updates meanwhile, restart: only the new ones are added.
+    d.kill9();
+    let polls_before = api.bot().offsets.len();
+    api.push(json!({"text": "four"}));
+    api.push(json!({"text": "five"}));
+    d.spawn();
+    d.until(
+        "5 inbound after restart",
+        Duration::from_secs(30),
+        || async { (inbound(&d, acc).await.len() >= 5).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let msgs = inbound(&d, acc).await;
+    let ids: HashSet<String> = msgs
+        .iter()
+        .map(|m| m["external_message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(msgs.len(), 5, "nothing lost or doubled: {ids:?}");
+    assert_eq!(ids.len(), 5);
+    // The restarted connector resumed from the saved offset.
+    assert_eq!(api.bot().offsets[polls_before], Some(4));
+
+    // Send, with a 429 first: the connector waits retry_after, then sends once.
+    api.bot().rate_limit_next_send = true;
+    let chat = chats[0]["id"].clone();
+    let sent = d
+        .ok(
+            "message.send",
+            json!({"chat": chat, "actor": admin, "text": "hello from patchbay"}),
+        )
+        .await;
+    let out_id = sent["message"].as_i64().expect("message id");
+    let msg = d
+        .until("reply sent", Duration::from_secs(30), || async {
+            let m = d
+                .ok("chat.messages", json!({"chat": chat, "limit": 100}))
+                .await;
+            m.as_array()?
+                .iter()
+                .find(|m| m["id"] == out_id && m["status"] == "sent")
+                .cloned()
+        })
+        .await;
+    let sends = api.calls(TOKEN, "sendMessage");
+    assert_eq!(sends.len(), 2, "one 429, one success: {sends:?}");
+    assert!(
+        sends[1].at.duration_since(sends[0].at) >= Duration::from_millis(950),
+        "retry_after honoured: {:?}",
+        sends[1].at.duration_since(sends[0].at)
+    );
+    assert_eq!(sends[1].json()["chat_id"], 42);
+    assert_eq!(sends[1].json()["text"], "hello from patchbay");
+    let ext = msg["external_message_id"].as_str().expect("external id");
+    assert!(ext.starts_with("42:"), "{ext}");
+
+    // A bad token: channel error "invalid token", and no retry storm.
+    let bad = d
+        .ok(
+            "channel.add",
+            json!({"account": acc, "actor": admin, "kind": "telegram", "name": "bad",
+                   "config": {"token": BAD_TOKEN, "api_base": api.server.url(), "poll_timeout_secs": 1}}),
+        )
+        .await["id"]
+        .as_i64()
+        .expect("id");
+    let c = d
+        .until("bad token in error", Duration::from_secs(20), || async {
+            channel(&d, acc, bad)
+                .await
+                .filter(|c| c["status"] == "error")
+        })
+        .await;
+    assert!(
+        c["status_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid token"),
+        "{c}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = api.calls(BAD_TOKEN, "getMe").len() + api.calls(BAD_TOKEN, "getUpdates").len();
+    assert_eq!(tries, 1, "a refused token is not retried");
+    // The good channel is unaffected.
+    assert_eq!(channel(&d, acc, id).await.unwrap()["status"], "connected");
+}
