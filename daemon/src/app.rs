@@ -43,9 +43,19 @@ impl App {
         kind: JobKind,
         payload: Value,
     ) -> Result<(String, bool), DomainError> {
+        let rec = self.new_record(kind, payload)?;
+        if let JournalInsert::Existing(id) = self.store.journal_insert(&rec).await? {
+            return Ok((id, true));
+        }
+        self.push(&rec, 0, None).await?;
+        Ok((rec.id, false))
+    }
+
+    /// A new pending journal record for a validated payload.
+    fn new_record(&self, kind: JobKind, payload: Value) -> Result<JobRecord, DomainError> {
         let parsed = kind.parse_payload(&payload)?;
         let now = now_ms();
-        let rec = JobRecord {
+        Ok(JobRecord {
             id: ulid::Ulid::new().to_string(),
             kind,
             payload,
@@ -57,12 +67,7 @@ impl App {
             created_at: now,
             updated_at: now,
             run_at: now,
-        };
-        if let JournalInsert::Existing(id) = self.store.journal_insert(&rec).await? {
-            return Ok((id, true));
-        }
-        self.push(&rec, 0, None).await?;
-        Ok((rec.id, false))
+        })
     }
 
     /// Records and queues many jobs of one kind: one journal transaction and one
@@ -72,24 +77,10 @@ impl App {
         kind: JobKind,
         payloads: Vec<Value>,
     ) -> Result<usize, DomainError> {
-        let now = now_ms();
-        let mut recs = Vec::with_capacity(payloads.len());
-        for payload in payloads {
-            let parsed = kind.parse_payload(&payload)?;
-            recs.push(JobRecord {
-                id: ulid::Ulid::new().to_string(),
-                kind,
-                payload,
-                state: JobState::Pending,
-                attempts: 0,
-                max_attempts: self.settings.max_attempts(kind),
-                last_error: None,
-                idempotency_key: parsed.idempotency_key(),
-                created_at: now,
-                updated_at: now,
-                run_at: now,
-            });
-        }
+        let recs = payloads
+            .into_iter()
+            .map(|payload| self.new_record(kind, payload))
+            .collect::<Result<Vec<_>, _>>()?;
         let inserted = self.store.journal_insert_many(&recs).await?;
         let envs: Vec<Envelope> = recs
             .iter()
