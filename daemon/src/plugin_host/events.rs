@@ -7,95 +7,125 @@ use std::sync::Arc;
 use patchbay_connector_sdk::Event;
 use patchbay_connector_sdk::host::RawEvent;
 use patchbay_jobs::JobKind;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::app::App;
 
-/// Consumes the shared event channel until every sender is gone.
+/// Inbound events queued together: one journal transaction and one queue push.
+const BATCH: usize = 512;
+
+type Batch = Vec<(Value, RawEvent)>;
+
+/// Consumes the shared event channel until every sender is gone. Status and receipt
+/// events are applied in order here; inbound events are gathered into batches that a
+/// writer task beside the loop journals and queues, so a burst from many channels
+/// costs one store transaction per batch rather than per message.
 pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<RawEvent>) {
-    while let Some(raw) = events.recv().await {
-        let channel = raw.tag;
-        let event = match raw.parse() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(channel, "dropping a malformed connector event: {e}");
-                continue;
+    let (batches, pending) = mpsc::channel::<Batch>(4);
+    let writer = tokio::spawn(write_batches(app.clone(), pending));
+    let mut buf: Batch = Vec::with_capacity(BATCH);
+    while let Some(first) = events.recv().await {
+        let mut next = Some(first);
+        while let Some(raw) = next.take() {
+            handle(&app, raw, &mut buf).await;
+            if buf.len() < BATCH {
+                next = events.try_recv().ok();
             }
-        };
-        match event {
-            Event::Status(s) => {
-                if !app.plugins.is_current(channel, raw.instance) {
-                    continue;
-                }
-                let state = s.state.as_str();
+        }
+        if !buf.is_empty() && batches.send(std::mem::take(&mut buf)).await.is_err() {
+            break;
+        }
+    }
+    drop(batches);
+    let _ = writer.await;
+}
+
+/// Journals and queues inbound batches in arrival order. The raw events (and their
+/// slots in each instance's budget) live until their batch is queued.
+async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
+    while let Some(batch) = pending.recv().await {
+        let n = batch.len();
+        let (payloads, raws): (Vec<Value>, Vec<RawEvent>) = batch.into_iter().unzip();
+        if let Err(e) = app.enqueue_many(JobKind::InboundMessage, payloads).await {
+            tracing::warn!(events = n, error = %e, "dropping inbound events the queue refused");
+        }
+        drop(raws);
+    }
+}
+
+async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
+    let channel = raw.tag;
+    let event = match raw.parse() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(channel, "dropping a malformed connector event: {e}");
+            return;
+        }
+    };
+    match event {
+        Event::Status(s) => {
+            if !app.plugins.is_current(channel, raw.instance) {
+                return;
+            }
+            let state = s.state.as_str();
+            if let Err(e) = app
+                .store
+                .set_channel_status(channel, state, s.reason.as_deref())
+                .await
+            {
+                tracing::warn!(channel, error = %e, "cannot record the channel status");
+            }
+            if (s.number.is_some() || s.display_name.is_some())
+                && let Err(e) = app
+                    .store
+                    .set_channel_identity(channel, s.number.as_deref(), s.display_name.as_deref())
+                    .await
+            {
+                tracing::warn!(channel, error = %e, "cannot record the channel number");
+            }
+        }
+        Event::Inbound(m) => {
+            let payload = json!({
+                "channel": channel,
+                "external_chat_id": m.external_chat_id,
+                "external_message_id": m.external_message_id,
+                "sender": m.sender,
+                "text": m.text,
+                "attachments": m.attachments,
+                "sent_at": m.sent_at.to_rfc3339(),
+            });
+            // Checked one by one, so one bad event cannot sink its batch.
+            match JobKind::InboundMessage.parse_payload(&payload) {
+                Ok(_) => inbound.push((payload, raw)),
+                Err(e) => tracing::warn!(channel, "dropping an inbound event: {e}"),
+            }
+        }
+        Event::Receipt(r) => match app.store.message(r.message).await {
+            Ok(msg) if msg.channel == channel => {
+                let status = match r.status {
+                    patchbay_connector_sdk::ReceiptStatus::Delivered => "delivered",
+                    patchbay_connector_sdk::ReceiptStatus::Read => "read",
+                    patchbay_connector_sdk::ReceiptStatus::Failed => "failed",
+                };
                 if let Err(e) = app
                     .store
-                    .set_channel_status(channel, state, s.reason.as_deref())
+                    .set_message_status(
+                        msg.id,
+                        status,
+                        r.reason.as_deref(),
+                        r.external_message_id.as_deref(),
+                    )
                     .await
                 {
-                    tracing::warn!(channel, error = %e, "cannot record the channel status");
-                }
-                if (s.number.is_some() || s.display_name.is_some())
-                    && let Err(e) = app
-                        .store
-                        .set_channel_identity(
-                            channel,
-                            s.number.as_deref(),
-                            s.display_name.as_deref(),
-                        )
-                        .await
-                {
-                    tracing::warn!(channel, error = %e, "cannot record the channel number");
+                    tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
                 }
             }
-            Event::Inbound(m) => {
-                let payload = json!({
-                    "channel": channel,
-                    "external_chat_id": m.external_chat_id,
-                    "external_message_id": m.external_message_id,
-                    "sender": m.sender,
-                    "text": m.text,
-                    "attachments": m.attachments,
-                    "sent_at": m.sent_at.to_rfc3339(),
-                });
-                // Enqueueing waits on the store and the queue: do it beside the loop so
-                // one slow write does not hold up every channel's events. The raw event
-                // (and its slot in the instance's budget) lives until it is queued.
-                let app = app.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = app.enqueue(JobKind::InboundMessage, payload).await {
-                        tracing::warn!(channel, error = %e, "dropping an inbound event the queue refused");
-                    }
-                    drop(raw);
-                });
-            }
-            Event::Receipt(r) => match app.store.message(r.message).await {
-                Ok(msg) if msg.channel == channel => {
-                    let status = match r.status {
-                        patchbay_connector_sdk::ReceiptStatus::Delivered => "delivered",
-                        patchbay_connector_sdk::ReceiptStatus::Read => "read",
-                        patchbay_connector_sdk::ReceiptStatus::Failed => "failed",
-                    };
-                    if let Err(e) = app
-                        .store
-                        .set_message_status(
-                            msg.id,
-                            status,
-                            r.reason.as_deref(),
-                            r.external_message_id.as_deref(),
-                        )
-                        .await
-                    {
-                        tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
-                    }
-                }
-                _ => tracing::warn!(
-                    channel,
-                    message = r.message,
-                    "dropping a receipt for a message of another channel"
-                ),
-            },
-        }
+            _ => tracing::warn!(
+                channel,
+                message = r.message,
+                "dropping a receipt for a message of another channel"
+            ),
+        },
     }
 }
