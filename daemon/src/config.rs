@@ -188,9 +188,11 @@ impl Default for BillingConfig {
 
 impl Default for DeletionConfig {
     fn default() -> Self {
+        // Measured (BENCHMARKS.md): 5,000-row batches without a pause delete ~4x faster
+        // than 500 + 5 ms and disturb inbound traffic less overall.
         DeletionConfig {
-            batch_size: 500,
-            pause_ms: 5,
+            batch_size: 5000,
+            pause_ms: 0,
         }
     }
 }

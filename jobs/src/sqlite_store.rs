@@ -346,10 +346,13 @@ async fn find_or_create_contact(
     name: Option<&str>,
     now: i64,
 ) -> StoreResult<Id> {
-    let mut found: Option<Id> = None;
+    // (id, phone, username, name) of the match.
+    type Found = (Id, Option<String>, Option<String>, Option<String>);
+    let mut found: Option<Found> = None;
     if let Some(p) = phone {
-        found = sqlx::query_scalar(
-            "SELECT id FROM contacts WHERE account_id = $1 AND epoch = $2 AND phone = $3 \
+        found = sqlx::query_as(
+            "SELECT id, phone, username, name FROM contacts \
+             WHERE account_id = $1 AND epoch = $2 AND phone = $3 \
              ORDER BY id LIMIT 1",
         )
         .bind(account)
@@ -361,8 +364,9 @@ async fn find_or_create_contact(
     if found.is_none()
         && let Some(u) = username
     {
-        found = sqlx::query_scalar(
-            "SELECT id FROM contacts WHERE account_id = $1 AND epoch = $2 AND username = $3 \
+        found = sqlx::query_as(
+            "SELECT id, phone, username, name FROM contacts \
+             WHERE account_id = $1 AND epoch = $2 AND username = $3 \
              ORDER BY id LIMIT 1",
         )
         .bind(account)
@@ -372,7 +376,15 @@ async fn find_or_create_contact(
         .await?;
     }
     match found {
-        Some(id) => {
+        Some((id, has_phone, has_username, has_name)) => {
+            // Only fill in what the contact lacks; the common case writes nothing.
+            let fills = |have: &Option<String>, got: Option<&str>| have.is_none() && got.is_some();
+            if !(fills(&has_phone, phone)
+                || fills(&has_username, username)
+                || fills(&has_name, name))
+            {
+                return Ok(id);
+            }
             sqlx::query(
                 "UPDATE contacts SET name = COALESCE(name, $1), username = COALESCE(username, $2), \
                  phone = COALESCE(phone, $3) WHERE id = $4",
@@ -402,36 +414,39 @@ async fn find_or_create_contact(
 
 async fn find_or_create_chat(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    channel: &Channel,
+    (channel, account): (Id, Id),
     epoch: i64,
     external_chat_id: &str,
     contact: Id,
     now: i64,
 ) -> StoreResult<Chat> {
+    let find = || {
+        sqlx::query(concat!(
+            "SELECT ",
+            chat_columns!(),
+            " FROM chats c WHERE c.channel_id = $1 AND c.external_chat_id = $2 AND c.epoch = $3"
+        ))
+        .bind(channel)
+        .bind(external_chat_id)
+        .bind(epoch)
+    };
+    if let Some(row) = find().fetch_optional(&mut **tx).await? {
+        return chat_from_row(&row);
+    }
     sqlx::query(
         "INSERT INTO chats (account_id, epoch, channel_id, contact_id, external_chat_id, status, \
          created_at) VALUES ($1, $2, $3, $4, $5, 'open', $6) \
          ON CONFLICT (channel_id, external_chat_id, epoch) DO NOTHING",
     )
-    .bind(channel.account)
+    .bind(account)
     .bind(epoch)
-    .bind(channel.id)
+    .bind(channel)
     .bind(contact)
     .bind(external_chat_id)
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        chat_columns!(),
-        " FROM chats c WHERE c.channel_id = $1 AND c.external_chat_id = $2 AND c.epoch = $3"
-    ))
-    .bind(channel.id)
-    .bind(external_chat_id)
-    .bind(epoch)
-    .fetch_one(&mut **tx)
-    .await?;
-    chat_from_row(&row)
+    chat_from_row(&find().fetch_one(&mut **tx).await?)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -703,9 +718,30 @@ impl Store for SqliteStore {
     }
 
     async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>> {
+        // One autocommit statement in the usual case (the job was journalled when it
+        // was queued): this runs once per job, so every round trip counts.
+        let start = || {
+            sqlx::query(concat!(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = $1 \
+                 WHERE id = $2 AND state NOT IN ('done', 'dead') RETURNING ",
+                job_columns!()
+            ))
+            .bind(now_ms())
+            .bind(&rec.id)
+        };
+        if let Some(row) = start().fetch_optional(&self.pool).await? {
+            return job_from_row(&row).map(Some);
+        }
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+            .bind(&rec.id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if state.is_some() {
+            return Ok(None);
+        }
+        // The daemon died between queueing the job and journalling it: recreate the
+        // entry. The key is left out on purpose: the job is already in the queue.
         let now = now_ms();
-        let mut tx = self.begin_write().await?;
-        // The key is left out on purpose: a job recreated here is already in the queue.
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
              created_at, updated_at, run_at) VALUES ($1, $2, $3, 'pending', 0, $4, $5, $5, $5) \
@@ -716,19 +752,14 @@ impl Store for SqliteStore {
         .bind(rec.payload.to_string())
         .bind(i64::from(rec.max_attempts))
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        let row = sqlx::query(concat!(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = $1 \
-             WHERE id = $2 AND state NOT IN ('done', 'dead') RETURNING ",
-            job_columns!()
-        ))
-        .bind(now)
-        .bind(&rec.id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        row.as_ref().map(job_from_row).transpose()
+        start()
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(job_from_row)
+            .transpose()
     }
 
     async fn journal_finish(
@@ -1046,7 +1077,15 @@ impl Store for SqliteStore {
             now,
         )
         .await?;
-        let chat = find_or_create_chat(&mut tx, channel, epoch, phone, contact, now).await?;
+        let chat = find_or_create_chat(
+            &mut tx,
+            (channel.id, channel.account),
+            epoch,
+            phone,
+            contact,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(chat)
     }
@@ -1249,24 +1288,18 @@ impl Store for SqliteStore {
                 duplicate: true,
             });
         }
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            channel_columns!(),
-            " FROM channels WHERE id = $1"
-        ))
+        let (account, epoch): (Id, i64) = sqlx::query_as(
+            "SELECT c.account_id, a.data_epoch FROM channels c \
+             JOIN accounts a ON a.id = c.account_id WHERE c.id = $1",
+        )
         .bind(msg.channel)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| DomainError::not_found("channel", msg.channel))?;
-        let channel = channel_from_row(&row)?;
-        let epoch: i64 = sqlx::query_scalar("SELECT data_epoch FROM accounts WHERE id = $1")
-            .bind(channel.account)
-            .fetch_one(&mut *tx)
-            .await?;
         let s = &msg.sender;
         let contact = find_or_create_contact(
             &mut tx,
-            channel.account,
+            account,
             epoch,
             phone,
             s.username.as_deref(),
@@ -1276,7 +1309,7 @@ impl Store for SqliteStore {
         .await?;
         let chat = find_or_create_chat(
             &mut tx,
-            &channel,
+            (msg.channel, account),
             epoch,
             &msg.external_chat_id,
             contact,
@@ -1289,9 +1322,9 @@ impl Store for SqliteStore {
              text, attachments, status, sent_at, created_at) \
              VALUES ($1, $2, $3, 'in', $4, $5, $6, 'received', $7, $8) RETURNING id",
         )
-        .bind(channel.account)
+        .bind(account)
         .bind(chat.id)
-        .bind(channel.id)
+        .bind(msg.channel)
         .bind(&msg.external_message_id)
         .bind(&msg.text)
         .bind(serde_json::Value::from(msg.attachments.clone()).to_string())

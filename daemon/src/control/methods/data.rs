@@ -24,7 +24,9 @@ pub async fn delete(app: &App, p: DeleteParams) -> Result<Value, RpcError> {
         app.enqueue(JobKind::DataDeletion, json!({ "run": run.id }))
             .await?;
     }
-    let mut view = view(app, &run).await?;
+    // No remaining count here: counting pre-cutoff rows waits on the writer lock, and
+    // `data.deletion_status` answers it.
+    let mut view = view(app, &run, false).await?;
     view["created"] = json!(created);
     Ok(view)
 }
@@ -37,16 +39,16 @@ pub struct StatusParams {
 
 pub async fn status(app: &App, p: StatusParams) -> Result<Value, RpcError> {
     match app.store.latest_deletion(p.account).await? {
-        Some(run) => view(app, &run).await,
+        Some(run) => view(app, &run, true).await,
         None => Ok(Value::Null),
     }
 }
 
-async fn view(app: &App, run: &DeletionRun) -> Result<Value, RpcError> {
-    let remaining = if run.state == "running" {
-        app.store.deletion_remaining(run).await?
-    } else {
-        0
+async fn view(app: &App, run: &DeletionRun, count_remaining: bool) -> Result<Value, RpcError> {
+    let remaining = match (run.state.as_str(), count_remaining) {
+        ("running", true) => json!(app.store.deletion_remaining(run).await?),
+        ("running", false) => Value::Null,
+        _ => json!(0),
     };
     Ok(json!({
         "run": run.id,
