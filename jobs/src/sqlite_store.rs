@@ -36,6 +36,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection for every write: writers queue here, in order and without
+    /// sleeping, instead of racing for SQLite's write lock and backing off in its busy
+    /// handler (1-100 ms sleeps).
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -50,7 +54,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| {
                 DomainError::Unavailable(format!("cannot open store {}: {e}", path.display()))
@@ -58,7 +62,14 @@ impl SqliteStore {
         MIGRATOR.run(&pool).await.map_err(|e| {
             DomainError::Unavailable(format!("cannot migrate store {}: {e}", path.display()))
         })?;
-        Ok(SqliteStore { pool })
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                DomainError::Unavailable(format!("cannot open store {}: {e}", path.display()))
+            })?;
+        Ok(SqliteStore { pool, writer })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -66,7 +77,7 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
@@ -587,7 +598,7 @@ impl Store for SqliteStore {
         .bind(&email)
         .bind(role.as_str())
         .bind(now_ms())
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
@@ -647,7 +658,7 @@ impl Store for SqliteStore {
         .bind(rec.created_at)
         .bind(rec.updated_at)
         .bind(rec.run_at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if inserted == 1 {
@@ -729,7 +740,7 @@ impl Store for SqliteStore {
             .bind(now_ms())
             .bind(&rec.id)
         };
-        if let Some(row) = start().fetch_optional(&self.pool).await? {
+        if let Some(row) = start().fetch_optional(&self.writer).await? {
             return job_from_row(&row).map(Some);
         }
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
@@ -752,7 +763,7 @@ impl Store for SqliteStore {
         .bind(rec.payload.to_string())
         .bind(i64::from(rec.max_attempts))
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         start()
             .fetch_optional(&self.pool)
@@ -778,7 +789,7 @@ impl Store for SqliteStore {
         .bind(now_ms())
         .bind(run_at)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -792,7 +803,7 @@ impl Store for SqliteStore {
         ))
         .bind(now)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
         match row {
             Some(row) => job_from_row(&row),
@@ -827,7 +838,7 @@ impl Store for SqliteStore {
         .bind(&s.phone_format)
         .bind(s.balance_notify_days)
         .bind(account)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if n == 0 {
@@ -854,7 +865,7 @@ impl Store for SqliteStore {
         .bind(name)
         .bind(config.to_string())
         .bind(now_ms())
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await?;
         channel_from_row(&row)
     }
@@ -917,7 +928,7 @@ impl Store for SqliteStore {
         .bind(reason)
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -935,7 +946,7 @@ impl Store for SqliteStore {
         .bind(number)
         .bind(display_name)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -960,7 +971,7 @@ impl Store for SqliteStore {
         .bind(field_type.as_str())
         .bind(options_json)
         .bind(now_ms())
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
@@ -1028,7 +1039,7 @@ impl Store for SqliteStore {
             sqlx::query("DELETE FROM field_values WHERE chat_id = $1 AND field_id = $2")
                 .bind(chat)
                 .bind(field)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         } else {
             sqlx::query(
@@ -1038,7 +1049,7 @@ impl Store for SqliteStore {
             .bind(chat)
             .bind(field)
             .bind(value.to_string())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         }
         Ok(())
@@ -1169,7 +1180,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE chats SET responsible_user_id = $1 WHERE id = $2")
             .bind(user)
             .bind(chat)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         self.chat(chat).await
     }
@@ -1200,7 +1211,7 @@ impl Store for SqliteStore {
         )
         .bind(reset_responsible)
         .bind(chat)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.chat(chat).await
     }
@@ -1219,7 +1230,7 @@ impl Store for SqliteStore {
         .bind(author)
         .bind(text)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.writer)
         .await?;
         message_from_row(&row)
     }
@@ -1696,7 +1707,7 @@ impl Store for SqliteStore {
         .bind(kind)
         .bind(&date)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         let (id, sent_at): (Id, Option<i64>) = sqlx::query_as(
             "SELECT id, sent_at FROM notifications WHERE account_id = $1 AND kind = $2 \
@@ -1714,7 +1725,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE notifications SET sent_at = $1 WHERE id = $2")
             .bind(now_ms())
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }

@@ -1,0 +1,408 @@
+//! billing: one daily `billing.run` over 100,000 accounts with 300,000 channels, on the
+//! SQLite queue (the default) and on Redis, against the real release-built `patchbayd`.
+//!
+//!     cargo bench -p patchbay-daemon --bench billing
+//!
+//! Seeding: the daemon is started on a fresh folder (so its supervisor launches no
+//! connector instances: 300,000 loopback threads are not what this measures), then the
+//! bench inserts the accounts, one administrator each and three `loopback` channels each
+//! (status `connected`) straight into the store file with set-based SQL, while the
+//! daemon is idle. Price 100 per channel per day, so 300 per account:
+//! * 90 % of accounts hold 1,000,000 — charged, no e-mail;
+//! * 5 % (id ≡ 1 mod 20) hold 1,000 — charged, 700 left = 3 days: a warning e-mail;
+//! * 5 % (id ≡ 0 mod 20) hold 100 — cannot pay: channels suspended, "disconnected" e-mail.
+//!
+//! Phases, from the job journal's own timestamps: fan-out (the `billing_run` job queueing
+//! one `charge_account` per account), charging (every `charge_account` done) and balance
+//! checks (every `balance_check` the charges queued done). Then two reruns of the same
+//! day: (A) `billing.run` again, which the idempotency key turns into a no-op, and (B) a
+//! forced full re-execution — the bench clears the `billing_run` / `charge_account`
+//! idempotency keys in the journal so every account is charged again — which must
+//! change nothing (ledger, balances, suspensions, e-mails) thanks to the store's UNIQUE
+//! (channel, day) and notification constraints.
+//!
+//! Knobs: BILLING_BACKENDS (default "sqlite,redis"), BILLING_ACCOUNTS (100000),
+//! BILLING_TIMEOUT_SECS (per run, 150: an unfinished run reports its progress and rate
+//! and skips the reruns), plus PATCHBAYD_BIN / LOOPBACK_LIB / BENCH_TMPDIR.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use sqlx::SqlitePool;
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let backends: String = env_or("BILLING_BACKENDS", "sqlite,redis".to_owned());
+    let accounts: i64 = env_or("BILLING_ACCOUNTS", 100_000);
+    println!("billing bench — {}", machine());
+    println!(
+        "patchbayd: {}\n{accounts} accounts x 3 channels, price 100/channel/day\n",
+        patchbayd_bin().display()
+    );
+    let mut summary = Vec::new();
+    for b in backends.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let backend = match b {
+            "sqlite" => Backend::Sqlite,
+            "redis" => Backend::Redis,
+            other => return Err(format!("unknown backend {other}").into()),
+        };
+        summary.extend(bench(backend, accounts).await?);
+    }
+    println!("\n==== billing summary (load now {}) ====", loadavg());
+    for s in summary {
+        println!("{s}");
+    }
+    println!("target: whole run <= 10 s on SQLite; rerun changes nothing and takes no longer");
+    Ok(())
+}
+
+async fn seed(pool: &SqlitePool, accounts: i64) -> Res<f64> {
+    let t = Instant::now();
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
+         INSERT INTO accounts (name, currency, balance, created_at) \
+         SELECT 'acc' || i, 'RUB', \
+                CASE WHEN i % 20 = 0 THEN 100 WHEN i % 20 = 1 THEN 1000 ELSE 1000000 END, $2 \
+         FROM seq",
+    )
+    .bind(accounts)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO users (account_id, name, email, role, created_at) \
+         SELECT id, 'Admin', 'admin' || id || '@bench.test', 'administrator', $1 FROM accounts",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
+         SELECT a.id, 'loopback', 'ch' || k.k, '{}', 'connected', $1 FROM accounts a, \
+         (SELECT 1 AS k UNION ALL SELECT 2 UNION ALL SELECT 3) k ORDER BY a.id, k.k",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(pool)
+        .await?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+#[derive(Debug, PartialEq)]
+struct Effects {
+    charges: i64,
+    charged: i64,
+    balances: i64,
+    suspended: i64,
+    notifications: i64,
+    mails: usize,
+}
+
+async fn effects(pool: &SqlitePool, day: &str, spool: &std::path::Path) -> Res<Effects> {
+    let (charges, charged): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(-SUM(amount), 0) FROM ledger WHERE kind = 'charge' AND day = $1",
+    )
+    .bind(day)
+    .fetch_one(pool)
+    .await?;
+    let balances: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(balance), 0) FROM accounts")
+        .fetch_one(pool)
+        .await?;
+    let suspended: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM channels WHERE status = 'suspended'")
+            .fetch_one(pool)
+            .await?;
+    let notifications: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notifications")
+        .fetch_one(pool)
+        .await?;
+    let mails = std::fs::read_dir(spool).map_or(0, |d| d.count());
+    Ok(Effects {
+        charges,
+        charged,
+        balances,
+        suspended,
+        notifications,
+        mails,
+    })
+}
+
+/// Journal counts of the charge jobs not finished yet, and finished ones, by kind.
+async fn open_and_done(pool: &SqlitePool) -> Res<(i64, i64, i64, i64)> {
+    let open: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'failed') \
+         AND kind IN ('billing_run', 'charge_account', 'balance_check') GROUP BY kind",
+    )
+    .fetch_all(pool)
+    .await?;
+    let done: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('done', 'dead') \
+         AND kind IN ('charge_account', 'balance_check') GROUP BY kind",
+    )
+    .fetch_all(pool)
+    .await?;
+    let get = |v: &[(String, i64)], k: &str| v.iter().find(|r| r.0 == k).map_or(0, |r| r.1);
+    Ok((
+        get(&open, "charge_account") + get(&open, "billing_run"),
+        get(&open, "balance_check"),
+        get(&done, "charge_account"),
+        get(&done, "balance_check"),
+    ))
+}
+
+struct RunFigures {
+    /// False: the timeout came first; the figures are then the progress so far.
+    finished: bool,
+    total: f64,
+    fanout: f64,
+    charges_done: f64,
+    checks_done: f64,
+    charge_jobs: i64,
+    check_jobs: i64,
+    dead: i64,
+    cpu: f64,
+    redis_cpu: f64,
+}
+
+/// `billing.run` for `day`, then waits until every job it caused is finished.
+async fn run(
+    daemon: &Daemon,
+    redis: Option<&Redis>,
+    pool: &SqlitePool,
+    day: &str,
+    accounts: i64,
+) -> Res<RunFigures> {
+    let timeout = Duration::from_secs(env_or("BILLING_TIMEOUT_SECS", 150));
+    let mut finished = true;
+    let mut fanout_done;
+    let (_, _, base_charge, base_check) = open_and_done(pool).await?;
+    let cpu0 = cpu_secs(daemon.pid()).unwrap_or(0.0);
+    let rcpu0 = redis.and_then(|r| cpu_secs(r.pid())).unwrap_or(0.0);
+    let t_call = now_ms();
+    let started = Instant::now();
+    let r = daemon.call("billing.run", json!({ "date": day })).await?;
+    let job = r["job"].as_str().ok_or("no job id")?.to_owned();
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (open_c, open_b, done_c, done_b) = open_and_done(pool).await?;
+        let run_state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+            .bind(&job)
+            .fetch_one(pool)
+            .await?;
+        let (dc, db) = (done_c - base_charge, done_b - base_check);
+        fanout_done = run_state == "done";
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            println!(
+                "  t={:>5.1}s billing_run {run_state}, charge_account done {dc}, balance_check done {db}, open {} / {}",
+                started.elapsed().as_secs_f64(),
+                open_c,
+                open_b
+            );
+        }
+        if run_state == "done" && open_c == 0 && open_b == 0 && dc >= accounts && db >= accounts {
+            break;
+        }
+        if started.elapsed() > timeout {
+            println!(
+                "  NOT FINISHED after {timeout:?}: billing_run {run_state}, charge_account done \
+                 {dc}/{accounts}, balance_check done {db}/{accounts}"
+            );
+            finished = false;
+            break;
+        }
+    }
+    let cpu = cpu_secs(daemon.pid()).unwrap_or(0.0) - cpu0;
+    let redis_cpu = redis.and_then(|r| cpu_secs(r.pid())).unwrap_or(0.0) - rcpu0;
+    // Exact phase times from the journal (unix ms).
+    let run_done: i64 = sqlx::query_scalar("SELECT updated_at FROM jobs WHERE id = $1")
+        .bind(&job)
+        .fetch_one(pool)
+        .await?;
+    let (charge_jobs, charges_end, dead_c): (i64, Option<i64>, i64) = sqlx::query_as(
+        "SELECT COUNT(*), MAX(updated_at), COALESCE(SUM(state = 'dead'), 0) FROM jobs \
+         WHERE kind = 'charge_account' AND created_at >= $1",
+    )
+    .bind(t_call)
+    .fetch_one(pool)
+    .await?;
+    let (check_jobs, checks_end, dead_b): (i64, Option<i64>, i64) = sqlx::query_as(
+        "SELECT COUNT(*), MAX(updated_at), COALESCE(SUM(state = 'dead'), 0) FROM jobs \
+         WHERE kind = 'balance_check' AND created_at >= $1",
+    )
+    .bind(t_call)
+    .fetch_one(pool)
+    .await?;
+    let s = |t: i64| (t - t_call) as f64 / 1000.0;
+    let checks_done = s(checks_end.unwrap_or(t_call));
+    let charges_done = s(charges_end.unwrap_or(t_call));
+    if !finished {
+        // Progress so far: the time is the timeout, the job counts what got done.
+        let (_, _, done_c, done_b) = open_and_done(pool).await?;
+        let now = (now_ms() - t_call) as f64 / 1000.0;
+        return Ok(RunFigures {
+            finished,
+            total: now,
+            fanout: if fanout_done { s(run_done) } else { f64::NAN },
+            charges_done: now,
+            checks_done: now,
+            charge_jobs: done_c - base_charge,
+            check_jobs: done_b - base_check,
+            dead: dead_c + dead_b,
+            cpu,
+            redis_cpu,
+        });
+    }
+    Ok(RunFigures {
+        finished,
+        total: checks_done.max(charges_done).max(s(run_done)),
+        fanout: s(run_done),
+        charges_done,
+        checks_done,
+        charge_jobs,
+        check_jobs,
+        dead: dead_c + dead_b,
+        cpu,
+        redis_cpu,
+    })
+}
+
+fn print_run(label: &str, f: &RunFigures) -> String {
+    if !f.finished {
+        let rate = f.charge_jobs as f64 / f.total.max(0.001);
+        let line = format!(
+            "{label}: NOT FINISHED within {:.0} s — {} charge_account and {} balance_check jobs \
+             done ({rate:.0} accounts/s charged; fan-out done at {:.1} s); daemon CPU {:.1} s{}",
+            f.total,
+            f.charge_jobs,
+            f.check_jobs,
+            f.fanout,
+            f.cpu,
+            if f.redis_cpu > 0.0 {
+                format!(", redis CPU {:.1} s", f.redis_cpu)
+            } else {
+                String::new()
+            }
+        );
+        println!("  {line}");
+        return line;
+    }
+    let line = format!(
+        "{label}: whole run {:.1} s (fan-out of {} charge_account jobs done at {:.1} s, last charge \
+         at {:.1} s, last of {} balance_check at {:.1} s); {:.0} accounts/s; dead jobs {}; daemon \
+         CPU {:.1} s{}",
+        f.total,
+        f.charge_jobs,
+        f.fanout,
+        f.charges_done,
+        f.check_jobs,
+        f.checks_done,
+        f.charge_jobs as f64 / f.charges_done.max(0.001),
+        f.dead,
+        f.cpu,
+        if f.redis_cpu > 0.0 {
+            format!(", redis CPU {:.1} s", f.redis_cpu)
+        } else {
+            String::new()
+        }
+    );
+    println!("  {line}");
+    line
+}
+
+async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
+    println!("--- {} ---", backend.name());
+    let redis = match backend {
+        Backend::Redis => Some(Redis::start()?),
+        Backend::Sqlite => None,
+    };
+    let dir = tempdir(&format!("pb-bench-billing-{}-", backend.name()));
+    let mut daemon = Daemon::start(
+        dir.path(),
+        backend,
+        redis.as_ref(),
+        "[billing]\ndefault_price = 100\n",
+    )?;
+    let pool = daemon.store().await?;
+    let seed_secs = seed(&pool, accounts).await?;
+    println!(
+        "  seeded {accounts} accounts, {accounts} administrators, {} channels in {seed_secs:.1} s (load {})",
+        accounts * 3,
+        loadavg()
+    );
+    let day = chrono::Utc::now().date_naive().to_string();
+    let spool = dir.path().join("var/mail");
+    let before = effects(&pool, &day, &spool).await?;
+
+    let first = run(&daemon, redis.as_ref(), &pool, &day, accounts).await?;
+    let mut out = vec![print_run(&format!("{} first run", backend.name()), &first)];
+    if !first.finished {
+        out.push(format!(
+            "{} reruns skipped (first run unfinished; try BILLING_ACCOUNTS=10000)",
+            backend.name()
+        ));
+        drop(pool);
+        daemon.terminate();
+        return Ok(out);
+    }
+    let after = effects(&pool, &day, &spool).await?;
+    println!("  effects: {after:?} (before: {before:?})");
+    let payers = accounts - accounts / 20;
+    let expect_ok = after.charges == payers * 3 && after.suspended == (accounts / 20) * 3;
+    println!(
+        "  expected {} charges and {} suspended channels: {}",
+        payers * 3,
+        (accounts / 20) * 3,
+        if expect_ok { "ok" } else { "MISMATCH" }
+    );
+
+    // Rerun A: the same day through the API — the idempotency key answers `existing`.
+    let t = Instant::now();
+    let r = daemon.call("billing.run", json!({ "date": day })).await?;
+    let a_ms = t.elapsed().as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_a = effects(&pool, &day, &spool).await?;
+    let line = format!(
+        "{} rerun A (billing.run again): existing = {}, answered in {a_ms:.1} ms, effects unchanged: {}",
+        backend.name(),
+        r["existing"],
+        after_a == after
+    );
+    println!("  {line}");
+    out.push(line);
+
+    // Rerun B: forget the keys, so the fan-out and every charge really run again.
+    sqlx::query(
+        "UPDATE jobs SET idempotency_key = NULL WHERE kind IN ('billing_run', 'charge_account')",
+    )
+    .execute(&pool)
+    .await?;
+    let second = run(&daemon, redis.as_ref(), &pool, &day, accounts).await?;
+    let after_b = effects(&pool, &day, &spool).await?;
+    let mut line = print_run(
+        &format!(
+            "{} rerun B (forced re-execution of every charge)",
+            backend.name()
+        ),
+        &second,
+    );
+    let unchanged = after_b == after;
+    line.push_str(&format!(
+        "; effects unchanged: {unchanged}; no longer than the first run: {}",
+        second.total <= first.total
+    ));
+    println!("  effects unchanged: {unchanged} {after_b:?}");
+    out.push(line);
+    drop(pool);
+    daemon.terminate();
+    drop(redis);
+    Ok(out)
+}

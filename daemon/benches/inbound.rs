@@ -1,0 +1,305 @@
+//! inbound: loopback channels at full speed into the real release-built `patchbayd`,
+//! on the SQLite queue and on Redis. Reports inbound messages/s end to end (connector
+//! event -> `messages` row committed), latency percentiles and the daemon's RSS over
+//! the run, then the latency at a paced (sub-saturation) rate.
+//!
+//!     cargo bench -p patchbay-daemon --bench inbound
+//!
+//! Knobs (environment): INBOUND_BACKENDS (default "sqlite,redis"), INBOUND_SECS
+//! (saturated window, default 60), INBOUND_CHANNELS (default 4), INBOUND_CLIENTS
+//! (synthetic senders per channel, default 1000), INBOUND_PACED_SECS (default 15),
+//! INBOUND_PACED_RATE (messages/s over all channels; default 1000),
+//! plus PATCHBAYD_BIN / LOOPBACK_LIB / BENCH_TMPDIR (see common/mod.rs).
+//!
+//! Latency is reported two ways, both against the loopback's `sent_at` (unix ms taken
+//! when the connector generated the message, before `emit`):
+//! * `created_at − sent_at`: `messages.created_at` is taken by `store_inbound` when the
+//!   handler starts, *before* it waits for the store's write lock and commits;
+//! * `commit − sent_at`: commit time observed by polling `MAX(id)` every 5 ms (ids are
+//!   assigned in commit order), so it includes the lock wait and the commit, +≤5 ms.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const WARMUP: Duration = Duration::from_secs(5);
+
+struct Window {
+    first_id: i64,
+    last_id: i64,
+    secs: f64,
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let backends: String = env_or("INBOUND_BACKENDS", "sqlite,redis".to_owned());
+    let secs: u64 = env_or("INBOUND_SECS", 60);
+    let channels: usize = env_or("INBOUND_CHANNELS", 4);
+    let clients: u32 = env_or("INBOUND_CLIENTS", 1000);
+    let paced_secs: u64 = env_or("INBOUND_PACED_SECS", 15);
+    println!("inbound bench — {}", machine());
+    println!(
+        "patchbayd: {}\nsaturated: {channels} loopback channels, burst (as fast as the host takes \
+         events), {clients} clients each, {}s warm-up + {secs}s window\n",
+        patchbayd_bin().display(),
+        WARMUP.as_secs()
+    );
+    let mut summary = Vec::new();
+    for b in backends.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let backend = match b {
+            "sqlite" => Backend::Sqlite,
+            "redis" => Backend::Redis,
+            other => return Err(format!("unknown backend {other}").into()),
+        };
+        let sat = saturated(backend, secs, channels, clients).await?;
+        let rate: f64 = env_or("INBOUND_PACED_RATE", 1000.0);
+        let paced = paced(backend, paced_secs, channels, clients, rate).await?;
+        summary.push(format!(
+            "{:<6} saturated {sat:>7.0} msg/s | paced {rate:.0}/s offered: {paced}",
+            backend.name()
+        ));
+    }
+    println!(
+        "\n==== inbound summary ({} CPUs, load now {}) ====",
+        machine_cpus(),
+        loadavg()
+    );
+    for s in summary {
+        println!("{s}");
+    }
+    println!("targets: redis >= 16000 msg/s, sqlite >= 8000 msg/s, RSS flat over 60 s");
+    Ok(())
+}
+
+fn machine_cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+async fn max_message_id(pool: &sqlx::SqlitePool) -> Res<i64> {
+    Ok(
+        sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(id) FROM messages")
+            .fetch_one(pool)
+            .await?
+            .unwrap_or(0),
+    )
+}
+
+/// Journal rows ever inserted (the jobs table never deletes): the enqueue count.
+async fn journal_rows(pool: &sqlx::SqlitePool) -> Res<i64> {
+    Ok(
+        sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(rowid) FROM jobs")
+            .fetch_one(pool)
+            .await?
+            .unwrap_or(0),
+    )
+}
+
+async fn setup(
+    backend: Backend,
+    label: &str,
+) -> Res<(tempfile::TempDir, Option<Redis>, Daemon, i64, i64)> {
+    let redis = match backend {
+        Backend::Redis => Some(Redis::start()?),
+        Backend::Sqlite => None,
+    };
+    let dir = tempdir(&format!("pb-bench-inbound-{label}-"));
+    let daemon = Daemon::start(
+        dir.path(),
+        backend,
+        redis.as_ref(),
+        "[billing]\ndefault_price = 0\n",
+    )?;
+    let (account, admin) = daemon.account("bench").await?;
+    Ok((dir, redis, daemon, account, admin))
+}
+
+async fn latencies(
+    pool: &sqlx::SqlitePool,
+    w: &Window,
+    clock: &CommitClock,
+) -> Res<(Vec<i64>, Vec<i64>)> {
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, sent_at, created_at FROM messages WHERE id > $1 AND id <= $2 ORDER BY id",
+    )
+    .bind(w.first_id)
+    .bind(w.last_id)
+    .fetch_all(pool)
+    .await?;
+    let created = rows.iter().map(|r| r.2 - r.1).collect();
+    let committed = rows
+        .iter()
+        .filter_map(|r| clock.seen_at(r.0).map(|t| t - r.1))
+        .collect();
+    Ok((created, committed))
+}
+
+async fn saturated(backend: Backend, secs: u64, channels: usize, clients: u32) -> Res<f64> {
+    println!("--- {} saturated ---", backend.name());
+    let (_dir, redis, mut daemon, account, admin) = setup(backend, "sat").await?;
+    let pool = daemon.store().await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let clock = CommitClock::spawn(pool.clone(), Duration::from_millis(5), stop_rx);
+
+    let t0 = Instant::now();
+    for i in 0..channels {
+        daemon
+            .loopback(
+                account,
+                admin,
+                &format!("sat{i}"),
+                json!({"burst": 1_000_000_000u64, "clients": clients, "id_prefix": format!("sat{i}")}),
+            )
+            .await?;
+    }
+    let mut rss = RssSeries::default();
+    let mut redis_rss = RssSeries::default();
+    let mut start = None;
+    let end = WARMUP + Duration::from_secs(secs);
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = t0.elapsed();
+        if t >= WARMUP {
+            if start.is_none() {
+                start = Some((
+                    Instant::now(),
+                    max_message_id(&pool).await?,
+                    journal_rows(&pool).await?,
+                    cpu_secs(daemon.pid()).unwrap_or(0.0),
+                    redis
+                        .as_ref()
+                        .and_then(|r| cpu_secs(r.pid()))
+                        .unwrap_or(0.0),
+                ));
+            }
+            if let Some(k) = rss_kib(daemon.pid()) {
+                rss.push(t.as_secs_f64(), k);
+            }
+            if let Some(k) = redis.as_ref().and_then(|r| rss_kib(r.pid())) {
+                redis_rss.push(t.as_secs_f64(), k);
+            }
+        }
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            println!(
+                "  t={:>3}s stored {:>8} enqueued {:>8} daemon RSS {:.1} MiB load {}",
+                t.as_secs(),
+                max_message_id(&pool).await?,
+                journal_rows(&pool).await?,
+                rss_kib(daemon.pid()).unwrap_or(0) as f64 / 1024.0,
+                loadavg()
+            );
+        }
+        if t >= end {
+            break;
+        }
+    }
+    let (s_at, s_id, s_jobs, s_cpu, s_rcpu) = start.ok_or("no window start")?;
+    let e_id = max_message_id(&pool).await?;
+    let e_jobs = journal_rows(&pool).await?;
+    let e_cpu = cpu_secs(daemon.pid()).unwrap_or(0.0);
+    let e_rcpu = redis
+        .as_ref()
+        .and_then(|r| cpu_secs(r.pid()))
+        .unwrap_or(0.0);
+    let wsecs = s_at.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let clock = clock.await?;
+    let w = Window {
+        first_id: s_id,
+        last_id: e_id,
+        secs: wsecs,
+    };
+    let stored = (e_id - s_id) as f64 / w.secs;
+    let enq = (e_jobs - s_jobs) as f64 / w.secs;
+    let (created, committed) = latencies(&pool, &w, &clock).await?;
+    println!(
+        "{} saturated: {:.0} messages/s stored, {:.0} jobs/s enqueued (backlog grew by {} in {:.0} s)",
+        backend.name(),
+        stored,
+        enq,
+        (e_jobs - s_jobs) - (e_id - s_id),
+        w.secs
+    );
+    println!(
+        "  daemon CPU {:.0}% of one core{}",
+        (e_cpu - s_cpu) / w.secs * 100.0,
+        if redis.is_some() {
+            format!(
+                ", redis-server CPU {:.0}%",
+                (e_rcpu - s_rcpu) / w.secs * 100.0
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!("  latency created_at−sent_at: {}", latency_line(created));
+    println!("  latency commit−sent_at:     {}", latency_line(committed));
+    println!("  (saturated latency = time queued behind the backlog; see the paced run)");
+    println!("  daemon RSS: {}", rss.summary());
+    if redis.is_some() {
+        println!("  redis-server RSS: {}", redis_rss.summary());
+    }
+    drop(pool);
+    daemon.terminate();
+    drop(redis);
+    Ok(stored)
+}
+
+async fn paced(
+    backend: Backend,
+    secs: u64,
+    channels: usize,
+    clients: u32,
+    rate: f64,
+) -> Res<String> {
+    println!("--- {} paced at {rate:.0} msg/s ---", backend.name());
+    let (_dir, redis, mut daemon, account, admin) = setup(backend, "paced").await?;
+    let pool = daemon.store().await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let clock = CommitClock::spawn(pool.clone(), Duration::from_millis(5), stop_rx);
+    for i in 0..channels {
+        daemon
+            .loopback(
+                account,
+                admin,
+                &format!("paced{i}"),
+                json!({"rate_per_sec": rate / channels as f64, "clients": clients, "id_prefix": format!("p{i}")}),
+            )
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s_id = max_message_id(&pool).await?;
+    let s_cpu = cpu_secs(daemon.pid()).unwrap_or(0.0);
+    let s_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let e_id = max_message_id(&pool).await?;
+    let e_cpu = cpu_secs(daemon.pid()).unwrap_or(0.0);
+    let wsecs = s_at.elapsed().as_secs_f64();
+    // Let the last messages of the window commit before reading the clock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    let clock = clock.await?;
+    let w = Window {
+        first_id: s_id,
+        last_id: e_id,
+        secs: wsecs,
+    };
+    let (created, committed) = latencies(&pool, &w, &clock).await?;
+    let achieved = (e_id - s_id) as f64 / w.secs;
+    let c = latency_line(created);
+    let k = latency_line(committed);
+    println!(
+        "  stored {achieved:.0} msg/s, daemon CPU {:.0}% of one core",
+        (e_cpu - s_cpu) / wsecs * 100.0
+    );
+    println!("  latency created_at−sent_at: {c}");
+    println!("  latency commit−sent_at:     {k}");
+    drop(pool);
+    daemon.terminate();
+    drop(redis);
+    Ok(format!("stored {achieved:.0}/s, commit−sent {k}"))
+}
