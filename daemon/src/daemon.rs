@@ -53,6 +53,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     .context("cannot open the job queue")?;
     let socket = server::open(&settings.socket).await?;
     let (listener, socket_path, socket_owned) = (socket.listener, socket.path, socket.owned);
+    let embedded_default = config_file.is_none();
     let mut reloader = Reloader::new(config_file, &settings);
     let gate = Gate::new(
         settings.raw.control.allowed_uids.clone(),
@@ -87,6 +88,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         .context("cannot list channels")?
     {
         app.plugins.start(channel);
+    }
+    if embedded_default {
+        crate::demo::seed(&app).await;
     }
 
     let stop = CancellationToken::new();

@@ -54,7 +54,7 @@ pub fn render(v: &Value) -> String {
                 t.add_row(
                     columns
                         .iter()
-                        .map(|c| cell(row.get(c).unwrap_or(&Value::Null))),
+                        .map(|c| keyed_cell(c, row.get(c).unwrap_or(&Value::Null))),
                 );
             }
             format!("{t}\n{} row(s)", rows.len())
