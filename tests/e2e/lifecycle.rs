@@ -76,7 +76,11 @@ async fn embedded_default_starts_a_demo_account() {
     let dir = tempfile::tempdir().expect("tempdir");
     let release = dir.path().join("target/release");
     std::fs::create_dir_all(&release).expect("mkdir");
-    std::fs::copy(crate::harness::loopback_library(), release.join("libloopback.so")).expect("copy");
+    std::fs::copy(
+        crate::harness::loopback_library(),
+        release.join("libloopback.so"),
+    )
+    .expect("copy");
     let socket = dir.path().join("var/patchbayd.sock");
     for start in 0..2 {
         let mut child = Command::new(PATCHBAYD)
@@ -86,21 +90,37 @@ async fn embedded_default_starts_a_demo_account() {
             .spawn()
             .expect("spawn");
         crate::harness::wait_for(Duration::from_secs(30), || socket.exists());
-        let mut client = patchbay_daemon::ctl::client::Client::connect(&socket).await.expect("connect");
+        let mut client = patchbay_daemon::ctl::client::Client::connect(&socket)
+            .await
+            .expect("connect");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let chats = client.call("chat.list", json!({"account": 1})).await.expect("chat.list");
+            let chats = client
+                .call("chat.list", json!({"account": 1}))
+                .await
+                .expect("chat.list");
             if chats.as_array().is_some_and(|c| !c.is_empty()) {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "no demo traffic");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let channels = client.call("channel.list", json!({"account": 1})).await.expect("channels");
-        assert_eq!(channels.as_array().map(Vec::len), Some(1), "start {start}: one demo channel");
+        let channels = client
+            .call("channel.list", json!({"account": 1}))
+            .await
+            .expect("channels");
+        assert_eq!(
+            channels.as_array().map(Vec::len),
+            Some(1),
+            "start {start}: one demo channel"
+        );
         let missing = client.call("account.get", json!({"account": 2})).await;
         assert!(missing.is_err(), "start {start}: no second demo account");
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
         assert_eq!(child.wait().expect("wait").code(), Some(0));
     }
 }
