@@ -250,6 +250,11 @@ async fn abi_refusals_and_a_connector_written_in_c() {
         std::fs::copy(loopback_library(), &writable).expect("copy");
         std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     });
+    // The socket accepts before the plugin scan is logged: wait for the scan.
+    d.until("the plugin scan", Duration::from_secs(20), || async {
+        d.log().contains("libwritable.so").then_some(())
+    })
+    .await;
     let log = d.log();
     assert!(log.contains("libwrongversion.so: ABI version 999"), "{log}");
     assert!(

@@ -17,6 +17,9 @@ const BATCH: usize = 512;
 
 type Batch = Vec<(Value, RawEvent)>;
 
+/// Inbound jobs waiting in the queue beyond which connectors are slowed down.
+const MAX_INBOUND_BACKLOG: u64 = 20_000;
+
 /// Consumes the shared event channel until every sender is gone. Status and receipt
 /// events are applied in order here; inbound events are gathered into batches that a
 /// writer task beside the loop journals and queues, so a burst from many channels
@@ -44,7 +47,18 @@ pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<RawEvent>) {
 /// Journals and queues inbound batches in arrival order. The raw events (and their
 /// slots in each instance's budget) live until their batch is queued.
 async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
+    let queue = app.queue_name(JobKind::InboundMessage);
     while let Some(batch) = pending.recv().await {
+        // Backpressure: while the workers are this far behind, hold the batch. Its raw
+        // events keep their slots in each instance's budget, so connectors get BUSY and
+        // slow down instead of growing the queue (and Redis' memory) without bound, and
+        // the workers get the CPU that enqueueing would take.
+        while let Ok(depth) = app.queue.depth(&queue).await {
+            if depth <= MAX_INBOUND_BACKLOG {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let n = batch.len();
         let (payloads, raws): (Vec<Value>, Vec<RawEvent>) = batch.into_iter().unzip();
         if let Err(e) = app.enqueue_many(JobKind::InboundMessage, payloads).await {
