@@ -301,3 +301,42 @@ pub async fn crash_redelivery_scenario(first: Queue, second: Queue, q: &'static 
         .unwrap();
     crash_at.elapsed()
 }
+
+/// Pushes one job to an idle worker a second after it started and returns how long
+/// the job took to run: an idle worker must not wait for its heartbeat to poll.
+pub async fn idle_pickup_latency(queue: Queue) -> Duration {
+    let q = "patchbay:idle";
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let handler = move |e: Envelope| {
+        let r = r.clone();
+        async move { r.record(&e.id) }
+    };
+    let waiter = rec.clone();
+    let producer = queue.clone();
+    let latency = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        producer.push(q, &env("ping", "x"), None).await.unwrap();
+        waiter
+            .wait_until(Duration::from_secs(10), "ping", |r| r.total() == 1)
+            .await;
+        t.elapsed()
+    });
+    let w = rec.clone();
+    queue
+        .run_workers(
+            spec(q, 4),
+            handler,
+            async move {
+                w.wait_until(Duration::from_secs(15), "ping", |r| r.total() == 1)
+                    .await
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let latency = latency.await.unwrap();
+    println!("idle pickup latency {latency:?}");
+    latency
+}

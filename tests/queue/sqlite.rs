@@ -71,39 +71,7 @@ async fn crashed_worker_job_is_rerun() {
 async fn idle_worker_picks_up_quickly() {
     let db = TempDb::new("idle");
     let queue = Queue::open_sqlite(&db.0).await.unwrap();
-    let q = "patchbay:idle";
-    let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = move |e: Envelope| {
-        let r = r.clone();
-        async move { r.record(&e.id) }
-    };
-    let producer = queue.clone();
-    let waiter = rec.clone();
-    let latency = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let t = Instant::now();
-        producer.push(q, &env("ping", "x"), None).await.unwrap();
-        waiter
-            .wait_until(Duration::from_secs(10), "ping", |r| r.total() == 1)
-            .await;
-        t.elapsed()
-    });
-    let w = rec.clone();
-    queue
-        .run_workers(
-            spec(q, 4),
-            handler,
-            async move {
-                w.wait_until(Duration::from_secs(15), "ping", |r| r.total() == 1)
-                    .await
-            },
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    let latency = latency.await.unwrap();
-    println!("idle pickup latency {latency:?}");
+    let latency = crate::common::idle_pickup_latency(queue).await;
     assert!(
         latency < Duration::from_millis(500),
         "idle pickup took {latency:?}"
