@@ -1,9 +1,12 @@
 -- patchbay's whole schema. Portable SQL (SQLite and PostgreSQL): BIGINT ids and
 -- unix-millisecond times, TEXT for JSON, standard ON CONFLICT, partial unique indexes.
 -- The UNIQUE constraints are what make job handlers idempotent; do not drop them.
+-- Ids are AUTOINCREMENT (BIGSERIAL/identity on PostgreSQL): SQLite would otherwise reuse
+-- the ids of deleted rows, and a deleted chat's id held by an operator or a script must
+-- never come to name another client's chat.
 
 CREATE TABLE accounts (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     currency TEXT NOT NULL,
     balance BIGINT NOT NULL DEFAULT 0,
@@ -21,7 +24,7 @@ CREATE TABLE accounts (
 );
 
 CREATE TABLE users (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     name TEXT NOT NULL,
     email TEXT NOT NULL,
@@ -31,7 +34,7 @@ CREATE TABLE users (
 );
 
 CREATE TABLE channels (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     kind TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -47,7 +50,7 @@ CREATE TABLE channels (
 CREATE INDEX channels_account ON channels (account_id);
 
 CREATE TABLE contacts (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     epoch BIGINT NOT NULL,
     phone TEXT,
@@ -63,7 +66,7 @@ CREATE INDEX contacts_username ON contacts (account_id, epoch, username);
 CREATE INDEX contacts_created ON contacts (account_id, created_at);
 
 CREATE TABLE chats (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     epoch BIGINT NOT NULL,
     channel_id BIGINT NOT NULL REFERENCES channels(id),
@@ -80,7 +83,7 @@ CREATE INDEX chats_account ON chats (account_id, epoch, status);
 CREATE INDEX chats_created ON chats (account_id, created_at);
 
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     chat_id BIGINT NOT NULL REFERENCES chats(id),
     channel_id BIGINT NOT NULL REFERENCES channels(id),
@@ -101,7 +104,7 @@ CREATE INDEX messages_chat ON messages (chat_id, id);
 CREATE INDEX messages_created ON messages (account_id, created_at);
 
 CREATE TABLE field_definitions (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     name TEXT NOT NULL,
     -- lower-cased name: names are unique per account case-insensitively.
@@ -121,7 +124,7 @@ CREATE TABLE field_values (
 );
 
 CREATE TABLE ledger (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     kind TEXT NOT NULL CHECK (kind IN ('topup', 'charge')),
     -- Signed minor units: credits positive, charges negative.
@@ -138,7 +141,7 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_account ON ledger (account_id, id);
 
 CREATE TABLE notifications (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     kind TEXT NOT NULL,
     disconnect_date TEXT NOT NULL,
@@ -148,7 +151,7 @@ CREATE TABLE notifications (
 );
 
 CREATE TABLE deletion_runs (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
     cutoff BIGINT NOT NULL,
     -- Chats and contacts of epochs below this one belong to the run.

@@ -302,8 +302,10 @@ pub async fn crash_redelivery_scenario(first: Queue, second: Queue, q: &'static 
     crash_at.elapsed()
 }
 
-/// Pushes one job to an idle worker a second after it started and returns how long
-/// the job took to run: an idle worker must not wait for its heartbeat to poll.
+/// Returns how long a job pushed to an idle worker took to run: an idle worker must
+/// not wait for its heartbeat to poll. A warm-up job first proves the worker is polling,
+/// so a slow start-up on a loaded machine is not mistaken for a slow pickup; then the
+/// worker idles for 2 s (many poll intervals) before the measured push.
 pub async fn idle_pickup_latency(queue: Queue) -> Duration {
     let q = "patchbay:idle";
     let rec = Recorder::default();
@@ -315,11 +317,15 @@ pub async fn idle_pickup_latency(queue: Queue) -> Duration {
     let waiter = rec.clone();
     let producer = queue.clone();
     let latency = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        producer.push(q, &env("warm-up", "x"), None).await.unwrap();
+        waiter
+            .wait_until(Duration::from_secs(30), "warm-up", |r| r.total() == 1)
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let t = Instant::now();
         producer.push(q, &env("ping", "x"), None).await.unwrap();
         waiter
-            .wait_until(Duration::from_secs(10), "ping", |r| r.total() == 1)
+            .wait_until(Duration::from_secs(10), "ping", |r| r.total() == 2)
             .await;
         t.elapsed()
     });
@@ -329,7 +335,7 @@ pub async fn idle_pickup_latency(queue: Queue) -> Duration {
             spec(q, 4),
             handler,
             async move {
-                w.wait_until(Duration::from_secs(15), "ping", |r| r.total() == 1)
+                w.wait_until(Duration::from_secs(45), "ping", |r| r.total() == 2)
                     .await
             },
             Duration::from_secs(5),

@@ -223,7 +223,7 @@ async fn idle_worker_picks_up_quickly() {
     let queue = Queue::open_redis(&redis.url, "t").await.unwrap();
     let latency = crate::common::idle_pickup_latency(queue).await;
     assert!(
-        latency < Duration::from_millis(200),
+        latency < Duration::from_secs(1),
         "idle pickup took {latency:?}"
     );
 }
