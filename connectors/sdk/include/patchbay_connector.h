@@ -1,5 +1,6 @@
 /*
- * patchbay_connector.h — the patchbay connector plugin ABI, version 1.
+ * patchbay_connector.h — the patchbay connector plugin ABI, version 1 (header
+ * revision 1.1).
  *
  * This header is the normative description of the boundary between patchbayd (the
  * host) and a connector plugin (a shared library in the daemon's plugin folder). The
@@ -26,7 +27,13 @@
  *       struct_size < PB_CONNECTOR_V1_MIN_SIZE, and treats fields added later (beyond
  *       struct_size) as NULL;
  *     * a plugin must check pb_host.struct_size the same way before using a host
- *       callback added after version 1.0 of this header.
+ *       callback added after version 1.0 of this header: refuse a host smaller than
+ *       PB_HOST_V1_MIN_SIZE, and test PB_HOST_HAS(host, field) before reading a later
+ *       field (a host built against revision 1.0 gives a shorter struct).
+ * - Revisions of this header within ABI version 1 (PB_ABI_VERSION stays 1; old plugins
+ *   keep working with new hosts and new plugins with old hosts):
+ *     1.0  the original callbacks and descriptor.
+ *     1.1  pb_host.flush: wait until emitted events are durably recorded (section 6).
  * - The host never unloads a library (no dlclose): static data, thread-locals and
  *   code of a plugin stay valid until the process exits.
  *
@@ -131,6 +138,37 @@
  *   a poisoned instance, it returns PB_ERROR.
  * - pb_host.log may be called from any plugin thread from `create` until `destroy`
  *   returns; it never blocks for long.
+ *
+ * ---------------------------------------------------------------------------------
+ * 6. Durable acknowledgement: pb_host.flush (revision 1.1)
+ * ---------------------------------------------------------------------------------
+ * PB_OK from emit only means the host has queued the event in memory: if the host
+ * process dies right after, the event is gone. A connector that acknowledges messages
+ * to its messenger (advances a poll offset, answers an HTTP request with 200, acks a
+ * queue delivery) must not do so on emit alone. It calls
+ *       int32_t flush(void *ctx, uint32_t timeout_ms);
+ * which blocks the calling thread until every event this instance emitted with PB_OK
+ * before the call has been durably recorded by the host (an inbound message is
+ * journalled and queued, so it survives a crash of the host; a status or receipt is
+ * applied; an event the host dropped as malformed counts as recorded too), or until
+ * timeout_ms passes. Only then is it safe to acknowledge.
+ *   PB_OK     every such event is recorded: acknowledge them now.
+ *   PB_BUSY   timed out: the host is behind (back-pressure). The events are still on
+ *             their way; call flush again, or leave them unacknowledged.
+ *   PB_ERROR  they may never be recorded: the instance is not running, its `stop` has
+ *             begun (waiting flushes are woken at once), or the host failed to record
+ *             one of this instance's events (from then on every flush of the instance
+ *             answers PB_ERROR and the host replaces the instance). Do not acknowledge:
+ *             the messenger should deliver the messages again; the host stores each
+ *             (channel, external_message_id) once, so the repeat is harmless.
+ * Rules:
+ * - flush may be called from any plugin thread between `start` and `stop` returning,
+ *   also from inside `send`; called from inside `stop` it answers PB_ERROR at once.
+ *   Several threads may flush at once. It never changes what emit does: emit still
+ *   never blocks.
+ * - NULL, or beyond struct_size (PB_HOST_HAS(host, flush) is false): the host is older
+ *   than revision 1.1 and offers no durable acknowledgement; acknowledge after emit as
+ *   before.
  */
 #ifndef PATCHBAY_CONNECTOR_H
 #define PATCHBAY_CONNECTOR_H
@@ -198,7 +236,21 @@ typedef struct pb_host {
     int32_t (*emit)(void *ctx, const uint8_t *json, size_t len);
     /* Logs one UTF-8 line (no trailing newline needed) at a PB_LOG_* level. */
     void (*log)(void *ctx, int32_t level, const uint8_t *msg, size_t len);
+    /* Revision 1.1 (check PB_HOST_HAS(host, flush) first; may be NULL). Blocks until
+     * every event emitted before the call is durably recorded by the host, at most
+     * timeout_ms. PB_OK: recorded, safe to acknowledge. PB_BUSY: timed out, not yet.
+     * PB_ERROR: stopping, not running, or the host lost an event: do not acknowledge.
+     * See section 6. */
+    int32_t (*flush)(void *ctx, uint32_t timeout_ms);
 } pb_host;
+
+/* The pb_host of header revision 1.0 (up to `log`): a plugin refuses a smaller one. */
+#define PB_HOST_V1_MIN_SIZE (offsetof(pb_host, log) + sizeof(void (*)(void)))
+
+/* Whether the host struct `h` (a const pb_host *) is long enough to contain `field`;
+ * the field itself may still be NULL. */
+#define PB_HOST_HAS(h, field)                                                          \
+    ((size_t)(h)->struct_size >= offsetof(pb_host, field) + sizeof((h)->field))
 
 /* The descriptor the entry symbol returns. Fields are only ever added at the end.
  * create, start, stop and destroy are required (the host refuses a NULL one); send and

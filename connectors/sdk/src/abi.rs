@@ -43,6 +43,7 @@ pub struct pb_instance {
 pub type pb_write_fn = unsafe extern "C" fn(ctx: *mut c_void, ptr: *const u8, len: usize);
 pub type pb_emit_fn = unsafe extern "C" fn(ctx: *mut c_void, json: *const u8, len: usize) -> i32;
 pub type pb_log_fn = unsafe extern "C" fn(ctx: *mut c_void, level: i32, msg: *const u8, len: usize);
+pub type pb_flush_fn = unsafe extern "C" fn(ctx: *mut c_void, timeout_ms: u32) -> i32;
 
 /// A host-owned output buffer for one call (`pb_sink`).
 #[repr(C)]
@@ -59,7 +60,19 @@ pub struct pb_host {
     pub ctx: *mut c_void,
     pub emit: Option<pb_emit_fn>,
     pub log: Option<pb_log_fn>,
+    /// Added in header revision 1.1: read it only when `struct_size` covers it
+    /// (`PB_HOST_FLUSH_MIN_SIZE`).
+    pub flush: Option<pb_flush_fn>,
 }
+
+/// `PB_HOST_V1_MIN_SIZE`: the host struct of header revision 1.0 (up to `log`). A plugin
+/// refuses a smaller one and reads later fields only where `struct_size` covers them.
+pub const PB_HOST_V1_MIN_SIZE: usize =
+    std::mem::offset_of!(pb_host, log) + std::mem::size_of::<Option<pb_log_fn>>();
+
+/// The smallest `pb_host::struct_size` that includes `flush`.
+pub const PB_HOST_FLUSH_MIN_SIZE: usize =
+    std::mem::offset_of!(pb_host, flush) + std::mem::size_of::<Option<pb_flush_fn>>();
 
 pub type pb_create_fn = unsafe extern "C" fn(
     host: *const pb_host,
@@ -123,7 +136,10 @@ mod tests {
         assert_eq!(offset_of!(pb_host, ctx), 8);
         assert_eq!(offset_of!(pb_host, emit), 8 + P);
         assert_eq!(offset_of!(pb_host, log), 8 + 2 * P);
-        assert_eq!(size_of::<pb_host>(), 8 + 3 * P);
+        assert_eq!(offset_of!(pb_host, flush), 8 + 3 * P);
+        assert_eq!(size_of::<pb_host>(), 8 + 4 * P);
+        assert_eq!(PB_HOST_V1_MIN_SIZE, 8 + 3 * P);
+        assert_eq!(PB_HOST_FLUSH_MIN_SIZE, size_of::<pb_host>());
     }
 
     #[test]
@@ -151,5 +167,6 @@ mod tests {
     fn nullable_fn_pointers_are_pointer_sized() {
         assert_eq!(size_of::<Option<pb_emit_fn>>(), P);
         assert_eq!(size_of::<Option<pb_destroy_fn>>(), P);
+        assert_eq!(size_of::<Option<pb_flush_fn>>(), P);
     }
 }

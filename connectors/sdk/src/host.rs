@@ -9,17 +9,24 @@
 //!   destroys it. Events the plugin emits arrive as `RawEvent`s on the `EventSink` the
 //!   instance was created with; each instance may have at most `capacity` events in
 //!   flight (emitted and not yet dropped by the host), beyond which emit returns BUSY.
+//! - Durable acknowledgement (header section 6): the host marks each `RawEvent` with
+//!   `RawEvent::settle` once it is recorded (or deliberately dropped); a plugin thread
+//!   blocked in `flush` returns once every event it emitted before the call is settled.
+//!   An event dropped without `settle` counts as lost: every later flush of its
+//!   instance fails (`Instance::lost_events` tells the host to replace the instance).
 //!
 //! Every host callback catches panics; a plugin call that reports `PB_PANICKED` poisons
 //! the instance, after which only `destroy` (in `Drop`) reaches the plugin.
 
+use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::abi::{self, pb_connector_v1, pb_host, pb_instance, pb_sink};
 use crate::events::{Event, EventError, Outbound, Reply, Request, Sent, Status, snippet};
@@ -374,55 +381,115 @@ pub enum SinkError {
     Closed,
 }
 
-/// Where an instance's events go. Called from plugin threads: must not block.
+/// Where an instance's events go. Called from plugin threads: must not block. A refused
+/// event is handed back, so the host can withdraw it without counting it as lost.
 pub trait EventSink: Send + Sync + 'static {
-    fn try_send(&self, event: RawEvent) -> Result<(), SinkError>;
+    fn try_send(&self, event: RawEvent) -> Result<(), (SinkError, RawEvent)>;
 }
 
 impl EventSink for tokio::sync::mpsc::Sender<RawEvent> {
-    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
+    fn try_send(&self, event: RawEvent) -> Result<(), (SinkError, RawEvent)> {
         use tokio::sync::mpsc::error::TrySendError;
         tokio::sync::mpsc::Sender::try_send(self, event).map_err(|e| match e {
-            TrySendError::Full(_) => SinkError::Full,
-            TrySendError::Closed(_) => SinkError::Closed,
+            TrySendError::Full(ev) => (SinkError::Full, ev),
+            TrySendError::Closed(ev) => (SinkError::Closed, ev),
         })
     }
 }
 
 impl EventSink for tokio::sync::mpsc::UnboundedSender<RawEvent> {
-    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
-        self.send(event).map_err(|_| SinkError::Closed)
+    fn try_send(&self, event: RawEvent) -> Result<(), (SinkError, RawEvent)> {
+        self.send(event).map_err(|e| (SinkError::Closed, e.0))
     }
 }
 
 impl EventSink for std::sync::mpsc::SyncSender<RawEvent> {
-    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
+    fn try_send(&self, event: RawEvent) -> Result<(), (SinkError, RawEvent)> {
         use std::sync::mpsc::TrySendError;
         std::sync::mpsc::SyncSender::try_send(self, event).map_err(|e| match e {
-            TrySendError::Full(_) => SinkError::Full,
-            TrySendError::Disconnected(_) => SinkError::Closed,
+            TrySendError::Full(ev) => (SinkError::Full, ev),
+            TrySendError::Disconnected(ev) => (SinkError::Closed, ev),
         })
     }
 }
 
 impl EventSink for std::sync::mpsc::Sender<RawEvent> {
-    fn try_send(&self, event: RawEvent) -> Result<(), SinkError> {
-        self.send(event).map_err(|_| SinkError::Closed)
+    fn try_send(&self, event: RawEvent) -> Result<(), (SinkError, RawEvent)> {
+        self.send(event).map_err(|e| (SinkError::Closed, e.0))
     }
 }
 
-/// Holds one of an instance's `capacity` slots until the event is dropped.
-struct Permit(Arc<AtomicUsize>);
+/// Per-instance bookkeeping of emitted events until the host settles them: the in-flight
+/// budget and what `flush` waits for. Shared with the `RawEvent`s, which may outlive the
+/// instance.
+struct Tracker {
+    capacity: usize,
+    ledger: Mutex<Ledger>,
+    /// Notified whenever an event is settled or the instance stops taking flushes.
+    changed: Condvar,
+}
 
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+#[derive(Default)]
+struct Ledger {
+    /// The sequence number the next emitted event gets.
+    next_seq: u64,
+    /// Events handed to the sink and not yet settled or dropped.
+    outstanding: BTreeSet<u64>,
+    /// Events dropped without being settled: the host could not record them.
+    lost: u64,
+    /// Set when `stop` begins (or the instance fails): flushes answer PB_ERROR.
+    closing: bool,
+}
+
+impl Tracker {
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Only plain field updates happen under the lock; a poisoned one is consistent.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Takes a slot and a sequence number, or `None` when the budget is used up.
+    fn reserve(&self) -> Option<u64> {
+        let mut l = self.lock();
+        if l.outstanding.len() >= self.capacity {
+            return None;
+        }
+        let seq = l.next_seq;
+        l.next_seq += 1;
+        l.outstanding.insert(seq);
+        Some(seq)
+    }
+
+    fn finish(&self, seq: u64, lost: bool) {
+        let mut l = self.lock();
+        l.outstanding.remove(&seq);
+        if lost {
+            l.lost += 1;
+        }
+        drop(l);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.changed.notify_all();
+    }
+}
+
+/// How a `RawEvent` leaves its instance's ledger when dropped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Dropped unhandled: lost.
+    Pending,
+    /// `settle` was called: recorded (or deliberately dropped).
+    Settled,
+    /// The sink refused it; the plugin got BUSY or ERROR and keeps it.
+    Withdrawn,
 }
 
 /// One event as the plugin emitted it: unchecked bytes (use `parse`) tagged with the
-/// instance. Holds one of the instance's in-flight slots until dropped, so drop it once
-/// handled (or moved `json` out of it).
+/// instance. Holds one of the instance's in-flight slots until dropped. Call `settle`
+/// once it is durably recorded, or handled, or dropped on purpose (malformed, stale);
+/// dropping it without `settle` tells the plugin's `flush` that it was lost.
 pub struct RawEvent {
     /// The tag given to `Instance::create` (the daemon's channel id).
     pub tag: i64,
@@ -431,13 +498,27 @@ pub struct RawEvent {
     pub instance: u64,
     /// The bytes as emitted: not checked to be JSON, UTF-8 or an event.
     pub json: Vec<u8>,
-    _permit: Permit,
+    seq: u64,
+    tracker: Arc<Tracker>,
+    fate: Fate,
 }
 
 impl RawEvent {
     /// Parses and checks the event; the error says what is wrong, for a log line.
     pub fn parse(&self) -> Result<Event, EventError> {
         Event::parse(&self.json)
+    }
+
+    /// Marks the event as durably recorded (or handled, or dropped on purpose) and frees
+    /// its slot: flushes waiting for it may return.
+    pub fn settle(mut self) {
+        self.fate = Fate::Settled;
+    }
+}
+
+impl Drop for RawEvent {
+    fn drop(&mut self) {
+        self.tracker.finish(self.seq, self.fate == Fate::Pending);
     }
 }
 
@@ -486,8 +567,7 @@ struct Shared {
     id: u64,
     kind: String,
     state: AtomicU8,
-    capacity: usize,
-    in_flight: Arc<AtomicUsize>,
+    tracker: Arc<Tracker>,
     sink: Box<dyn EventSink>,
     accepted: AtomicU64,
     busy: AtomicU64,
@@ -495,36 +575,84 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(tag: i64, kind: &str, capacity: usize, sink: Box<dyn EventSink>) -> Shared {
+        Shared {
+            tag,
+            id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
+            kind: kind.to_owned(),
+            state: AtomicU8::new(CREATED),
+            tracker: Arc::new(Tracker {
+                capacity: capacity.max(1),
+                ledger: Mutex::new(Ledger::default()),
+                changed: Condvar::new(),
+            }),
+            sink,
+            accepted: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
     fn emit(&self, json: &[u8]) -> i32 {
         if self.state.load(Ordering::Acquire) != RUNNING || json.len() > abi::PB_MAX_PAYLOAD_BYTES {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return abi::PB_ERROR;
         }
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.capacity {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let Some(seq) = self.tracker.reserve() else {
             self.busy.fetch_add(1, Ordering::Relaxed);
             return abi::PB_BUSY;
-        }
+        };
         let event = RawEvent {
             tag: self.tag,
             instance: self.id,
             json: json.to_vec(),
-            _permit: Permit(self.in_flight.clone()),
+            seq,
+            tracker: self.tracker.clone(),
+            fate: Fate::Pending,
         };
-        // A refused event drops here, releasing its slot.
         match self.sink.try_send(event) {
             Ok(()) => {
                 self.accepted.fetch_add(1, Ordering::Relaxed);
                 abi::PB_OK
             }
-            Err(SinkError::Full) => {
-                self.busy.fetch_add(1, Ordering::Relaxed);
-                abi::PB_BUSY
+            Err((refusal, mut event)) => {
+                // Not taken, so not lost: the plugin was told and still holds it.
+                event.fate = Fate::Withdrawn;
+                drop(event);
+                if refusal == SinkError::Full {
+                    self.busy.fetch_add(1, Ordering::Relaxed);
+                    abi::PB_BUSY
+                } else {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    abi::PB_ERROR
+                }
             }
-            Err(SinkError::Closed) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                abi::PB_ERROR
+        }
+    }
+
+    /// Waits until every event emitted before the call is settled (header section 6).
+    fn flush(&self, timeout_ms: u32) -> i32 {
+        let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        let tracker = &self.tracker;
+        let mut l = tracker.lock();
+        // Every event emitted (and taken) before this call has a lower number.
+        let target = l.next_seq;
+        loop {
+            if l.closing || l.lost > 0 || self.state.load(Ordering::Acquire) != RUNNING {
+                return abi::PB_ERROR;
             }
+            if l.outstanding.first().is_none_or(|&oldest| oldest >= target) {
+                return abi::PB_OK;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return abi::PB_BUSY;
+            }
+            l = tracker
+                .changed
+                .wait_timeout(l, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -563,6 +691,18 @@ unsafe extern "C" fn host_emit(ctx: *mut c_void, json: *const u8, len: usize) ->
             unsafe { std::slice::from_raw_parts(json, len) }
         };
         shared.emit(bytes)
+    }))
+    .unwrap_or(abi::PB_ERROR)
+}
+
+unsafe extern "C" fn host_flush(ctx: *mut c_void, timeout_ms: u32) -> i32 {
+    catch_unwind(AssertUnwindSafe(|| {
+        if ctx.is_null() {
+            return abi::PB_ERROR;
+        }
+        // SAFETY: as in host_emit.
+        let shared = unsafe { &*(ctx as *const Shared) };
+        shared.flush(timeout_ms)
     }))
     .unwrap_or(abi::PB_ERROR)
 }
@@ -718,24 +858,14 @@ impl Instance {
     ) -> Result<Instance, PluginError> {
         let config = serde_json::to_vec(config)
             .map_err(|e| PluginError::host(codes::INVALID_CONFIG, e.to_string(), false))?;
-        let shared = Arc::new(Shared {
-            tag,
-            id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
-            kind: lib.kind().to_owned(),
-            state: AtomicU8::new(CREATED),
-            capacity: capacity.max(1),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            sink: Box::new(events),
-            accepted: AtomicU64::new(0),
-            busy: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(tag, lib.kind(), capacity, Box::new(events)));
         let host = Box::new(pb_host {
             struct_size: std::mem::size_of::<pb_host>() as u32,
             abi_version: abi::PB_ABI_VERSION,
             ctx: Arc::as_ptr(&shared).cast_mut().cast(),
             emit: Some(host_emit),
             log: Some(host_log),
+            flush: Some(host_flush),
         });
         let mut raw: *mut pb_instance = std::ptr::null_mut();
         let (status, output) = with_sink(|err| {
@@ -792,6 +922,13 @@ impl Instance {
         self.state() == InstanceState::Poisoned
     }
 
+    /// Events of this instance the host dropped without settling them. Once it is not
+    /// zero every flush of the instance fails, so the plugin acknowledges nothing more:
+    /// replace the instance (its successor gets the unacknowledged messages again).
+    pub fn lost_events(&self) -> u64 {
+        self.shared.tracker.lock().lost
+    }
+
     pub fn emit_stats(&self) -> EmitStats {
         EmitStats {
             accepted: self.shared.accepted.load(Ordering::Relaxed),
@@ -828,6 +965,7 @@ impl Instance {
             abi::PB_OK => output,
             abi::PB_PANICKED => {
                 self.shared.state.store(POISONED, Ordering::Release);
+                self.shared.tracker.close();
                 Err(status_error(status, output))
             }
             _ => Err(status_error(status, output)),
@@ -848,6 +986,7 @@ impl Instance {
         let r = self.call(|vt, inst, err| unsafe { (vt.start)(inst, err) });
         if r.is_err() {
             // A failed start leaves nothing running: refuse its later emits.
+            self.shared.tracker.close();
             let _ = self.shared.state.compare_exchange(
                 RUNNING,
                 STOPPED,
@@ -946,6 +1085,8 @@ impl Instance {
             }
             _ => return Err(self.wrong_state("stop")),
         }
+        // Wake plugin threads blocked in flush before stop joins them.
+        self.shared.tracker.close();
         // SAFETY: the header's stop on our live instance.
         let r = self.call(|vt, inst, err| unsafe { (vt.stop)(inst, err) });
         // Even a failed stop ends the emit window; a panicked one stays poisoned.
@@ -980,6 +1121,7 @@ impl Drop for Instance {
         if !self.is_poisoned() {
             self.shared.state.store(STOPPED, Ordering::Release);
         }
+        self.shared.tracker.close();
         // SAFETY: destroy exactly once, last; the host struct and ctx stay alive until
         // it returns (fields drop after this body).
         unsafe { (self.lib.inner.vtable.destroy)(self.raw) };
@@ -1002,29 +1144,106 @@ mod tests {
         send_sync::<PluginError>();
     }
 
+    fn running(capacity: usize, sink: impl EventSink) -> Shared {
+        let shared = Shared::new(5, "t", capacity, Box::new(sink));
+        shared.state.store(RUNNING, Ordering::Release);
+        shared
+    }
+
     #[test]
     fn permits_bound_in_flight_events() {
         let (tx, rx) = std::sync::mpsc::sync_channel(10);
-        let shared = Shared {
-            tag: 5,
-            id: 1,
-            kind: "t".into(),
-            state: AtomicU8::new(RUNNING),
-            capacity: 2,
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            sink: Box::new(tx),
-            accepted: AtomicU64::new(0),
-            busy: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-        };
+        let shared = running(2, tx);
         assert_eq!(shared.emit(b"1"), abi::PB_OK);
         assert_eq!(shared.emit(b"2"), abi::PB_OK);
         assert_eq!(shared.emit(b"3"), abi::PB_BUSY);
         let first = rx.recv().unwrap();
         assert_eq!((first.tag, first.json.as_slice()), (5, &b"1"[..]));
-        drop(first);
+        first.settle();
         assert_eq!(shared.emit(b"4"), abi::PB_OK);
         shared.state.store(STOPPED, Ordering::Release);
         assert_eq!(shared.emit(b"5"), abi::PB_ERROR);
+    }
+
+    #[test]
+    fn flush_waits_for_earlier_events_only() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(10);
+        let shared = Arc::new(running(10, tx));
+        assert_eq!(shared.flush(0), abi::PB_OK, "nothing emitted yet");
+        assert_eq!(shared.emit(b"1"), abi::PB_OK);
+        assert_eq!(shared.emit(b"2"), abi::PB_OK);
+        assert_eq!(shared.flush(10), abi::PB_BUSY, "two unsettled");
+        let flusher = {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.flush(5_000))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        // A later event does not hold up a flush that began before it.
+        assert_eq!(shared.emit(b"3"), abi::PB_OK);
+        let (one, two) = (rx.recv().unwrap(), rx.recv().unwrap());
+        // Settling out of order is fine.
+        two.settle();
+        assert!(!flusher.is_finished());
+        one.settle();
+        assert_eq!(flusher.join().unwrap(), abi::PB_OK);
+        assert_eq!(shared.flush(10), abi::PB_BUSY, "event 3 is still out");
+        rx.recv().unwrap().settle();
+        assert_eq!(shared.flush(10), abi::PB_OK);
+    }
+
+    #[test]
+    fn refused_events_are_not_lost() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let shared = running(10, tx);
+        assert_eq!(shared.emit(b"1"), abi::PB_OK);
+        assert_eq!(shared.emit(b"2"), abi::PB_BUSY, "the channel is full");
+        rx.recv().unwrap().settle();
+        assert_eq!(
+            shared.flush(0),
+            abi::PB_OK,
+            "the refused event is not waited for"
+        );
+        drop(rx);
+        assert_eq!(shared.emit(b"3"), abi::PB_ERROR);
+        assert_eq!(shared.flush(0), abi::PB_OK);
+        assert_eq!(shared.tracker.lock().lost, 0);
+    }
+
+    #[test]
+    fn a_lost_event_fails_every_later_flush() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(10);
+        let shared = Arc::new(running(10, tx));
+        assert_eq!(shared.emit(b"1"), abi::PB_OK);
+        let flusher = {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.flush(5_000))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(rx.recv().unwrap()); // dropped without settle: the host lost it
+        assert_eq!(flusher.join().unwrap(), abi::PB_ERROR);
+        assert_eq!(shared.emit(b"2"), abi::PB_OK);
+        rx.recv().unwrap().settle();
+        assert_eq!(shared.flush(0), abi::PB_ERROR, "sticky until replaced");
+        assert_eq!(shared.tracker.lock().lost, 1);
+    }
+
+    #[test]
+    fn closing_wakes_flushes() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(10);
+        let shared = Arc::new(running(10, tx));
+        assert_eq!(shared.emit(b"1"), abi::PB_OK);
+        let flusher = {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.flush(60_000))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        shared.tracker.close();
+        assert_eq!(flusher.join().unwrap(), abi::PB_ERROR);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Still running (emits allowed inside stop), but flushes answer at once.
+        assert_eq!(shared.emit(b"2"), abi::PB_OK);
+        assert_eq!(shared.flush(60_000), abi::PB_ERROR);
+        drop(rx);
     }
 }

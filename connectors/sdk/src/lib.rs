@@ -55,7 +55,7 @@ pub use events::{
     ChannelState, ErrorBody, Event, EventError, Inbound, Outbound, Receipt, ReceiptStatus,
     Recipient, Sender, Sent, Status,
 };
-pub use plugin::{Connector, ConnectorError, EmitError, Host, Level};
+pub use plugin::{Connector, ConnectorError, EmitError, FlushError, Host, Level};
 
 // Re-exported so connectors can build `Event`s without naming chrono themselves.
 pub use chrono;

@@ -92,6 +92,24 @@ pub enum EmitError {
     TooLarge,
 }
 
+/// Why `Host::flush` did not confirm that the events are recorded. In every case the
+/// events must not be acknowledged to the messenger yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlushError {
+    /// The host did not record them within the timeout (it is behind): flush again, or
+    /// leave them unacknowledged.
+    #[error("the host has not recorded the events yet")]
+    Timeout,
+    /// They may never be recorded: the instance is stopping or not running, or the host
+    /// lost one of its events (it will replace the instance). Do not acknowledge.
+    #[error("the host will not confirm the events: the instance is stopping or failed")]
+    Closed,
+    /// The host predates durable acknowledgement (header revision 1.0): emit is all it
+    /// offers, so acknowledging after emit is the best there is.
+    #[error("the host does not support flush")]
+    Unsupported,
+}
+
 /// Log levels, as in `PB_LOG_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
@@ -108,6 +126,8 @@ struct RawHost {
     ctx: *mut c_void,
     emit: abi::pb_emit_fn,
     log: Option<abi::pb_log_fn>,
+    /// `None` for hosts of header revision 1.0.
+    flush: Option<abi::pb_flush_fn>,
 }
 
 // SAFETY: the header makes `emit` and `log` thread-safe for their `ctx`, and the `ctx`
@@ -204,6 +224,29 @@ impl Host {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Blocks until every event this instance emitted before the call is durably
+    /// recorded by the host (header section 6), for at most `timeout`. Acknowledge
+    /// messages to the messenger (advance an offset, answer 200) only after `Ok`.
+    /// Call it from your own threads (or `send`), never while holding a lock that
+    /// `stop` needs; `stop` wakes it with `Closed`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let guard = self.inner.raw.read().unwrap_or_else(|p| p.into_inner());
+        let Some(raw) = *guard else {
+            return Err(FlushError::Closed);
+        };
+        let Some(flush) = raw.flush else {
+            return Err(FlushError::Unsupported);
+        };
+        // SAFETY: as in emit_raw; destroy waits for the read lock, and the host wakes
+        // flushes when stop begins, which comes before destroy.
+        match unsafe { flush(raw.ctx, ms) } {
+            abi::PB_OK => Ok(()),
+            abi::PB_BUSY => Err(FlushError::Timeout),
+            _ => Err(FlushError::Closed),
         }
     }
 
@@ -418,12 +461,13 @@ unsafe extern "C" fn create<C: Connector>(
             );
             return abi::PB_ERROR;
         }
-        // SAFETY: non-null host stays valid until destroy; read only the v1 prefix
-        // after checking the host says it has one.
-        let h = unsafe { &*host };
-        if h.abi_version != abi::PB_ABI_VERSION
-            || (h.struct_size as usize) < std::mem::size_of::<pb_host>()
-        {
+        // SAFETY: non-null host stays valid until destroy; every revision starts with
+        // the two u32s.
+        let (struct_size, abi_version) = unsafe {
+            let head = host.cast::<u32>();
+            (head.read_unaligned(), head.add(1).read_unaligned())
+        };
+        if abi_version != abi::PB_ABI_VERSION || (struct_size as usize) < abi::PB_HOST_V1_MIN_SIZE {
             write_error(
                 err,
                 "unsupported_host",
@@ -432,6 +476,16 @@ unsafe extern "C" fn create<C: Connector>(
             );
             return abi::PB_UNSUPPORTED;
         }
+        // Copy no more than the host declared: a revision-1.0 host's struct ends after
+        // `log`, and the fields beyond it stay zero (NULL) here.
+        let mut local = std::mem::MaybeUninit::<pb_host>::zeroed();
+        let n = (struct_size as usize).min(std::mem::size_of::<pb_host>());
+        // SAFETY: the host promises struct_size readable bytes; all-zero is a valid
+        // pb_host (null ctx, no callbacks).
+        let h = unsafe {
+            std::ptr::copy_nonoverlapping(host.cast::<u8>(), local.as_mut_ptr().cast::<u8>(), n);
+            local.assume_init()
+        };
         let Some(emit) = h.emit else {
             write_error(err, "invalid_argument", "host emit callback is NULL", false);
             return abi::PB_ERROR;
@@ -456,6 +510,7 @@ unsafe extern "C" fn create<C: Connector>(
             ctx: h.ctx,
             emit,
             log: h.log,
+            flush: h.flush,
         });
         match C::create(config, host.clone()) {
             Ok(conn) => {
@@ -562,11 +617,95 @@ mod tests {
         assert!(!valid_kind(&"a".repeat(65)));
     }
 
+    /// Keeps its host so the test can call it.
+    struct Keeper(Host);
+
+    impl Connector for Keeper {
+        fn create(_: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
+            Ok(Keeper(host))
+        }
+        fn start(&mut self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+        fn send(&mut self, _: Outbound) -> Result<Sent, ConnectorError> {
+            Err(ConnectorError::new("unsupported", "no"))
+        }
+        fn status(&self) -> Status {
+            Status::new(crate::events::ChannelState::Connected)
+        }
+        fn stop(&mut self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    unsafe extern "C" fn ok_emit(_: *mut c_void, _: *const u8, _: usize) -> i32 {
+        abi::PB_OK
+    }
+
+    unsafe extern "C" fn slow_flush(_: *mut c_void, timeout_ms: u32) -> i32 {
+        if timeout_ms == 0 {
+            abi::PB_BUSY
+        } else {
+            abi::PB_OK
+        }
+    }
+
+    /// Creates a `Keeper` through the C entry point; returns the instance and its host.
+    fn create_keeper(host: &pb_host) -> Result<(*mut pb_instance, Host), i32> {
+        let mut out: *mut pb_instance = std::ptr::null_mut();
+        // SAFETY: a valid host struct and config, as the header describes.
+        let status =
+            unsafe { create::<Keeper>(host, b"{}".as_ptr(), 2, &mut out, std::ptr::null()) };
+        if status != abi::PB_OK {
+            assert!(out.is_null());
+            return Err(status);
+        }
+        // SAFETY: created just above by create::<Keeper>, not yet destroyed.
+        let inst = unsafe { &*(out as *const Instance<Keeper>) };
+        let h = inst.conn.lock().unwrap().as_ref().unwrap().0.clone();
+        Ok((out, h))
+    }
+
+    #[test]
+    fn flush_maps_statuses_and_old_hosts() {
+        let mut host = pb_host {
+            struct_size: std::mem::size_of::<pb_host>() as u32,
+            abi_version: abi::PB_ABI_VERSION,
+            ctx: std::ptr::null_mut(),
+            emit: Some(ok_emit),
+            log: None,
+            flush: Some(slow_flush),
+        };
+        let (inst, h) = create_keeper(&host).unwrap();
+        assert_eq!(h.flush(Duration::from_millis(5)), Ok(()));
+        assert_eq!(h.flush(Duration::ZERO), Err(FlushError::Timeout));
+        // SAFETY: destroy exactly once.
+        unsafe { destroy::<Keeper>(inst) };
+        assert_eq!(h.flush(Duration::from_millis(5)), Err(FlushError::Closed));
+
+        // A revision-1.0 host: struct_size ends after `log`; whatever lies beyond (here
+        // a flush pointer) must not be read.
+        host.struct_size = abi::PB_HOST_V1_MIN_SIZE as u32;
+        let (inst, h) = create_keeper(&host).unwrap();
+        assert_eq!(
+            h.flush(Duration::from_millis(5)),
+            Err(FlushError::Unsupported)
+        );
+        assert_eq!(h.emit_raw(b"{}"), Ok(()));
+        // SAFETY: destroy exactly once.
+        unsafe { destroy::<Keeper>(inst) };
+
+        // Smaller than revision 1.0: refused.
+        host.struct_size -= 1;
+        assert_eq!(create_keeper(&host).unwrap_err(), abi::PB_UNSUPPORTED);
+    }
+
     #[test]
     fn detached_host_refuses() {
         let h = Host::detached();
         let ev = Event::Status(Status::new(crate::events::ChannelState::Connecting));
         assert_eq!(h.emit(&ev), Err(EmitError::Closed));
+        assert_eq!(h.flush(Duration::from_secs(1)), Err(FlushError::Closed));
         h.log(Level::Info, "dropped");
     }
 }

@@ -54,6 +54,8 @@ fn header_layout_matches_rust_abi() {
         ("pb_host.ctx", offset_of!(abi::pb_host, ctx)),
         ("pb_host.emit", offset_of!(abi::pb_host, emit)),
         ("pb_host.log", offset_of!(abi::pb_host, log)),
+        ("pb_host.flush", offset_of!(abi::pb_host, flush)),
+        ("PB_HOST_V1_MIN_SIZE", abi::PB_HOST_V1_MIN_SIZE),
         ("pb_connector_v1", size_of::<abi::pb_connector_v1>()),
         (
             "pb_connector_v1.struct_size",
@@ -294,6 +296,7 @@ fn c_connector_errors_are_values() {
 }
 
 type EmitFn = unsafe extern "C" fn(*const std::ffi::c_char) -> i32;
+type FlushFn = unsafe extern "C" fn(u32) -> i32;
 type EmitLenFn = unsafe extern "C" fn(usize) -> i32;
 type CountFn = unsafe extern "C" fn() -> i32;
 
@@ -318,6 +321,9 @@ impl Hooks {
                 .get::<EmitLenFn>(b"misbehaving_emit_len\0")
                 .unwrap()(len)
         }
+    }
+    fn flush(&self, timeout_ms: u32) -> i32 {
+        unsafe { self.lib.get::<FlushFn>(b"misbehaving_flush\0").unwrap()(timeout_ms) }
     }
     fn calls(&self) -> i32 {
         unsafe { self.lib.get::<CountFn>(b"misbehaving_calls\0").unwrap()() }
@@ -387,6 +393,74 @@ fn emit_busy_when_in_flight_limit_or_queue_is_full() {
     assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_BUSY);
     drop(rx);
     assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_ERROR);
+    inst.stop().unwrap();
+}
+
+#[test]
+fn flush_waits_until_the_host_settles_events() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = std::sync::Arc::new(Hooks::open(&so));
+    let (tx, rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 4, &json!({}), tx, 64).unwrap();
+    assert_eq!(hooks.flush(0), abi::PB_ERROR, "not running yet");
+    inst.start().unwrap();
+    assert_eq!(hooks.flush(0), abi::PB_OK, "nothing emitted");
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    assert_eq!(
+        hooks.flush(20),
+        abi::PB_BUSY,
+        "timed out: nothing settled yet"
+    );
+
+    // A plugin thread blocks in flush until the host settles both events.
+    let waiter = {
+        let hooks = hooks.clone();
+        std::thread::spawn(move || hooks.flush(10_000))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let first = rx.recv().unwrap();
+    first.settle();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!waiter.is_finished(), "one event is still unsettled");
+    rx.recv().unwrap().settle();
+    assert_eq!(waiter.join().unwrap(), abi::PB_OK);
+
+    // stop wakes a waiting flush at once, with PB_ERROR.
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    let waiter = {
+        let hooks = hooks.clone();
+        std::thread::spawn(move || hooks.flush(60_000))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let stopping = std::time::Instant::now();
+    inst.stop().unwrap();
+    assert_eq!(waiter.join().unwrap(), abi::PB_ERROR);
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+    assert_eq!(inst.lost_events(), 0);
+    rx.recv().unwrap().settle();
+}
+
+#[test]
+fn an_event_dropped_unsettled_fails_flushes() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = Hooks::open(&so);
+    let (tx, rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 4, &json!({}), tx, 64).unwrap();
+    inst.start().unwrap();
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    drop(rx.recv().unwrap()); // e.g. the store refused its batch
+    assert_eq!(inst.lost_events(), 1);
+    assert_eq!(hooks.flush(1_000), abi::PB_ERROR);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK, "emit is unaffected");
+    rx.recv().unwrap().settle();
+    assert_eq!(
+        hooks.flush(1_000),
+        abi::PB_ERROR,
+        "until the instance is replaced"
+    );
     inst.stop().unwrap();
 }
 

@@ -1,6 +1,10 @@
 //! What connector events become: `status` updates the channel, `inbound` becomes an
 //! `inbound_message` job, `receipt` updates the outbound message's status. Malformed or
 //! stale events (from an instance that was replaced) are logged and dropped.
+//!
+//! Every event is `settle`d once handled (an inbound one only after its job is
+//! journalled and queued), which is what a connector's `flush` waits for before it
+//! acknowledges messages to its messenger. An event dropped unsettled counts as lost.
 
 use std::sync::Arc;
 
@@ -61,10 +65,16 @@ async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
         }
         let n = batch.len();
         let (payloads, raws): (Vec<Value>, Vec<RawEvent>) = batch.into_iter().unzip();
-        if let Err(e) = app.enqueue_many(JobKind::InboundMessage, payloads).await {
-            tracing::warn!(events = n, error = %e, "dropping inbound events the queue refused");
+        match app.enqueue_many(JobKind::InboundMessage, payloads).await {
+            // Journalled and queued: durable, so connectors may acknowledge them.
+            Ok(_) => raws.into_iter().for_each(RawEvent::settle),
+            // Dropped unsettled: the connectors' flushes fail, they acknowledge nothing,
+            // and the supervisor replaces them so the messages come again.
+            Err(e) => {
+                tracing::warn!(events = n, error = %e, "dropping inbound events the queue refused");
+                drop(raws);
+            }
         }
-        drop(raws);
     }
 }
 
@@ -74,12 +84,15 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(channel, "dropping a malformed connector event: {e}");
+            // Dropped on purpose, not lost: retrying it would not help.
+            raw.settle();
             return;
         }
     };
     match event {
         Event::Status(s) => {
             if !app.plugins.is_current(channel, raw.instance) {
+                raw.settle();
                 return;
             }
             let state = s.state.as_str();
@@ -98,6 +111,7 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
             {
                 tracing::warn!(channel, error = %e, "cannot record the channel number");
             }
+            raw.settle();
         }
         Event::Inbound(m) => {
             let payload = json!({
@@ -112,34 +126,40 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
             // Checked one by one, so one bad event cannot sink its batch.
             match JobKind::InboundMessage.parse_payload(&payload) {
                 Ok(_) => inbound.push((payload, raw)),
-                Err(e) => tracing::warn!(channel, "dropping an inbound event: {e}"),
-            }
-        }
-        Event::Receipt(r) => match app.store.message(r.message).await {
-            Ok(msg) if msg.channel == channel => {
-                let status = match r.status {
-                    patchbay_connector_sdk::ReceiptStatus::Delivered => "delivered",
-                    patchbay_connector_sdk::ReceiptStatus::Read => "read",
-                    patchbay_connector_sdk::ReceiptStatus::Failed => "failed",
-                };
-                if let Err(e) = app
-                    .store
-                    .set_message_status(
-                        msg.id,
-                        status,
-                        r.reason.as_deref(),
-                        r.external_message_id.as_deref(),
-                    )
-                    .await
-                {
-                    tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
+                Err(e) => {
+                    tracing::warn!(channel, "dropping an inbound event: {e}");
+                    raw.settle();
                 }
             }
-            _ => tracing::warn!(
-                channel,
-                message = r.message,
-                "dropping a receipt for a message of another channel"
-            ),
-        },
+        }
+        Event::Receipt(r) => {
+            match app.store.message(r.message).await {
+                Ok(msg) if msg.channel == channel => {
+                    let status = match r.status {
+                        patchbay_connector_sdk::ReceiptStatus::Delivered => "delivered",
+                        patchbay_connector_sdk::ReceiptStatus::Read => "read",
+                        patchbay_connector_sdk::ReceiptStatus::Failed => "failed",
+                    };
+                    if let Err(e) = app
+                        .store
+                        .set_message_status(
+                            msg.id,
+                            status,
+                            r.reason.as_deref(),
+                            r.external_message_id.as_deref(),
+                        )
+                        .await
+                    {
+                        tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
+                    }
+                }
+                _ => tracing::warn!(
+                    channel,
+                    message = r.message,
+                    "dropping a receipt for a message of another channel"
+                ),
+            }
+            raw.settle();
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! thread, with a timeout), watch it, and when it fails or panics put the channel in
 //! `error` with the reason and start a fresh instance after an exponential backoff
 //! (1 s doubling to 60 s). A failing channel never touches the others. Plugin calls
-//! never run on the async workers.
+//! never run on the async workers. An instance some of whose events the daemon could
+//! not store is replaced the same way, so its messenger delivers them again.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -213,8 +214,14 @@ impl Supervisor {
                         finish(instance).await;
                         return;
                     }
+                    let lost = instance.lost_events();
                     let reason = if instance.is_poisoned() {
                         "the connector panicked; restarting it".to_owned()
+                    } else if lost > 0 {
+                        format!(
+                            "the daemon could not store {lost} inbound event(s) of this channel; \
+                             restarting the connector so the messenger delivers them again"
+                        )
                     } else {
                         "the connector stopped by itself; restarting it".to_owned()
                     };
@@ -275,10 +282,15 @@ impl Supervisor {
     }
 }
 
-/// Waits until the channel is told to stop (true) or the instance dies (false).
+/// Waits until the channel is told to stop (true) or the instance dies (false). An
+/// instance that lost events dies too: its flushes fail from then on, so it would never
+/// acknowledge a message again.
 async fn watch_instance(instance: &Instance, stop: &mut watch::Receiver<bool>) -> bool {
     loop {
-        if instance.is_poisoned() || instance.state() != InstanceState::Running {
+        if instance.is_poisoned()
+            || instance.state() != InstanceState::Running
+            || instance.lost_events() > 0
+        {
             return false;
         }
         tokio::select! {

@@ -15,6 +15,9 @@
  *   stop    emits status disconnected.
  *
  * It has no threads: every emit happens inside a host call, which the ABI allows.
+ * It accepts hosts of header revision 1.0 (PB_HOST_V1_MIN_SIZE) and uses no later
+ * callback; a connector that acknowledges messages to its messenger would call
+ * host->flush where PB_HOST_HAS(host, flush) (see the header, section 6).
  *
  * Build: cc -shared -fPIC -I connectors/sdk/include -o libhello.so hello_connector.c
  */
@@ -84,7 +87,7 @@ static int json_int(const uint8_t *json, size_t len, const char *key, long long 
 static int32_t hello_create(const pb_host *host, const uint8_t *config, size_t len,
                             pb_instance **out, const pb_sink *err) {
     if (!host || !out || host->abi_version != PB_ABI_VERSION ||
-        host->struct_size < sizeof(pb_host) || !host->emit) {
+        host->struct_size < PB_HOST_V1_MIN_SIZE || !host->emit) {
         error_json(err, "unsupported_host", "host callbacks are not ABI version 1");
         return PB_UNSUPPORTED;
     }

@@ -17,6 +17,8 @@ int main(void) {
     OFF(pb_host, ctx);
     OFF(pb_host, emit);
     OFF(pb_host, log);
+    OFF(pb_host, flush);
+    printf("PB_HOST_V1_MIN_SIZE %zu\n", (size_t)PB_HOST_V1_MIN_SIZE);
     SIZE(pb_connector_v1);
     OFF(pb_connector_v1, struct_size);
     OFF(pb_connector_v1, abi_version);

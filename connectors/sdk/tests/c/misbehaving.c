@@ -12,6 +12,7 @@
  *   "unsupported" send returns PB_UNSUPPORTED
  *   anything else a normal {"type":"sent",...}
  * status writes more than PB_MAX_PAYLOAD_BYTES when the config contains "huge_status".
+ * misbehaving_flush calls the host's flush callback (revision 1.1) from any thread.
  */
 #define _GNU_SOURCE /* memmem */
 #include "patchbay_connector.h"
@@ -40,6 +41,12 @@ PB_EXPORT int32_t misbehaving_emit_len(size_t len) {
     int32_t rc = g_host->emit(g_host->ctx, buf, len);
     free(buf);
     return rc;
+}
+
+/* Calls the host's flush from the test's thread: -1 without a host or a flush. */
+PB_EXPORT int32_t misbehaving_flush(uint32_t timeout_ms) {
+    if (!g_host || !PB_HOST_HAS(g_host, flush) || !g_host->flush) return -1;
+    return g_host->flush(g_host->ctx, timeout_ms);
 }
 
 PB_EXPORT int misbehaving_calls(void) { return g_calls; }
