@@ -1,6 +1,7 @@
 //! The telegram connector in the real daemon against a fake Bot API on 127.0.0.1 that
 //! follows the documented shapes: getMe, getUpdates with offset confirmation and long
-//! polling, sendMessage, a 429 with retry_after, and 401 for an unknown token.
+//! polling, sendMessage, a 429 with retry_after (on a send and on a poll), 409 while
+//! another client holds the bot, and 401 for an unknown token.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
@@ -13,6 +14,8 @@ use crate::harness::{Backend, Daemon, install_connector};
 
 const TOKEN: &str = "123456:TEST-token_ok";
 const BAD_TOKEN: &str = "999:WRONG-token";
+/// A bot whose updates a webhook receives: getUpdates answers 409.
+const CONFLICT_TOKEN: &str = "777:CONFLICT-token";
 
 /// The fake bot's state: pending updates (dropped once confirmed by a later offset),
 /// what getUpdates was asked, what was sent.
@@ -24,6 +27,7 @@ struct Bot {
     offsets: Vec<Option<i64>>,
     sent: Vec<Request>,
     rate_limit_next_send: bool,
+    rate_limit_next_poll: bool,
 }
 
 struct FakeBotApi {
@@ -92,7 +96,14 @@ fn handle(state: &(Mutex<Bot>, Condvar), req: &Request) -> Response {
             json!({"ok": false, "error_code": 404, "description": "Not Found"}),
         );
     };
-    if token != TOKEN {
+    if token == CONFLICT_TOKEN && method == "getUpdates" {
+        return Response::json(
+            409,
+            json!({"ok": false, "error_code": 409,
+                   "description": "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first"}),
+        );
+    }
+    if token != TOKEN && token != CONFLICT_TOKEN {
         return Response::json(
             401,
             json!({"ok": false, "error_code": 401, "description": "Unauthorized"}),
@@ -108,6 +119,14 @@ fn handle(state: &(Mutex<Bot>, Condvar), req: &Request) -> Response {
             let timeout = Duration::from_secs(params["timeout"].as_u64().unwrap_or(0));
             let deadline = Instant::now() + timeout;
             let mut bot = state.0.lock().unwrap();
+            if std::mem::take(&mut bot.rate_limit_next_poll) {
+                return Response::json(
+                    429,
+                    json!({"ok": false, "error_code": 429,
+                           "description": "Too Many Requests: retry after 2",
+                           "parameters": {"retry_after": 2}}),
+                );
+            }
             bot.offsets.push(offset);
             // Documented: an offset confirms every update below it; they are gone.
             if let Some(o) = offset {
@@ -264,6 +283,51 @@ async fn bot_api_polling_sending_and_errors() {
     // The restarted connector resumed from the saved offset.
     assert_eq!(api.bot().offsets[polls_before], Some(4));
 
+    // The offset is confirmed only once the daemon has the update durably: killed the
+    // moment Telegram learns of it, the restarted daemon still stores the message.
+    api.push(json!({"text": "six"}));
+    d.until("offset 7 confirmed", Duration::from_secs(20), || async {
+        api.bot().offsets.contains(&Some(7)).then_some(())
+    })
+    .await;
+    d.kill9();
+    d.spawn();
+    d.until(
+        "6 inbound after a crash",
+        Duration::from_secs(30),
+        || async { (inbound(&d, acc).await.len() >= 6).then_some(()) },
+    )
+    .await;
+
+    // A 429 on getUpdates: the poller waits retry_after (2 s) before polling again,
+    // where it otherwise polls back to back (1 s long polls).
+    let before = api.calls(TOKEN, "getUpdates").len();
+    api.bot().rate_limit_next_poll = true;
+    api.push(json!({"text": "seven"}));
+    d.until("7 inbound", Duration::from_secs(30), || async {
+        (inbound(&d, acc).await.len() >= 7).then_some(())
+    })
+    .await;
+    d.until(
+        "polling again after the 429",
+        Duration::from_secs(20),
+        || async {
+            let polls = api.calls(TOKEN, "getUpdates");
+            let gaps: Vec<Duration> = polls[before..]
+                .windows(2)
+                .map(|w| w[1].at.duration_since(w[0].at))
+                .collect();
+            (!api.bot().rate_limit_next_poll
+                && gaps.iter().any(|g| *g >= Duration::from_millis(1900)))
+            .then_some(())
+        },
+    )
+    .await;
+    let status = channel(&d, acc, id).await.expect("channel");
+    assert_eq!(status["status"], "connected", "a 429 is no error: {status}");
+    let msgs = inbound(&d, acc).await;
+    assert_eq!(msgs.len(), 7, "nothing lost or doubled: {msgs:?}");
+
     // Send, with a 429 first: the connector waits retry_after, then sends once.
     api.bot().rate_limit_next_send = true;
     let chat = chats[0]["id"].clone();
@@ -326,4 +390,31 @@ async fn bot_api_polling_sending_and_errors() {
     assert_eq!(tries, 1, "a refused token is not retried");
     // The good channel is unaffected.
     assert_eq!(channel(&d, acc, id).await.unwrap()["status"], "connected");
+
+    // 409: a webhook holds the bot. The channel shows error with what to do about it.
+    let held = d
+        .ok(
+            "channel.add",
+            json!({"account": acc, "actor": admin, "kind": "telegram", "name": "held",
+                   "config": {"token": CONFLICT_TOKEN, "api_base": api.server.url(), "poll_timeout_secs": 1}}),
+        )
+        .await["id"]
+        .as_i64()
+        .expect("id");
+    let c = d
+        .until("conflict explained", Duration::from_secs(20), || async {
+            channel(&d, acc, held)
+                .await
+                .filter(|c| c["status"] == "error")
+        })
+        .await;
+    let reason = c["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("conflict") && reason.contains("deleteWebhook"),
+        "{c}"
+    );
+    assert!(reason.contains("another getUpdates poller"), "{c}");
+    // Not a retry storm either: one poll, then the 30 s wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.calls(CONFLICT_TOKEN, "getUpdates").len(), 1);
 }

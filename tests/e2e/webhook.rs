@@ -1,6 +1,7 @@
 //! The webhook connector in the real daemon: signed inbound requests are stored, bad
-//! ones are refused with the documented status and store nothing, and an outbound
-//! message survives one 500 from the gateway and is delivered once.
+//! ones are refused with the documented status and store nothing, a 200 means the
+//! message survives a kill -9 of the daemon right after it, and an outbound message
+//! survives one 500 from the gateway and is delivered once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,7 +53,7 @@ async fn signed_inbound_and_retried_outbound() {
         }
     });
 
-    let d = Daemon::start_full(Backend::Sqlite, "", |dir| install_connector(dir, "webhook"));
+    let mut d = Daemon::start_full(Backend::Sqlite, "", |dir| install_connector(dir, "webhook"));
     let (acc, admin) = d.account("hooks").await;
     let config = json!({
         "secret": SECRET, "listen": "127.0.0.1:0", "path": "/in", "max_body_bytes": 2048,
@@ -187,4 +188,23 @@ async fn signed_inbound_and_retried_outbound() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0]["status"], "delivered");
     assert_eq!(out[0]["external_message_id"], "gw-1");
+
+    // 200 only once the message is durable: a kill -9 the moment the gateway has its
+    // answer loses nothing; the restarted daemon stores it.
+    let durable = message("m-durable");
+    let (status, text) = post(&url, &signed(now(), durable.as_bytes()), durable.as_bytes());
+    assert_eq!(status, 200, "{text}");
+    d.kill9();
+    d.spawn();
+    d.until(
+        "the acknowledged message stored after a crash",
+        Duration::from_secs(30),
+        || async {
+            let all = all_messages(&d, acc).await;
+            all.iter()
+                .any(|m| m["external_message_id"] == "m-durable")
+                .then_some(())
+        },
+    )
+    .await;
 }

@@ -1,11 +1,12 @@
-//! A small blocking client for the Telegram Bot API: `POST {api_base}/bot{token}/{method}`
+//! A small async client for the Telegram Bot API: `POST {api_base}/bot{token}/{method}`
 //! with a JSON body, answered by `{"ok":true,"result":…}` or
 //! `{"ok":false,"error_code":…,"description":…,"parameters":{"retry_after":…}}`.
 //!
 //! Errors are sorted by what the caller should do about them (`ApiError`), following
 //! the Bot API docs: 401/404 mean the token is wrong, 409 that another getUpdates
 //! client or a webhook holds the bot, 429 carries `retry_after`, and 5xx or network
-//! trouble is worth retrying. The token never appears in an error message.
+//! trouble is worth retrying. The token never appears in an error message. Calls are
+//! futures, so the poller can drop a long poll the moment the channel stops.
 
 use std::time::Duration;
 
@@ -13,7 +14,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 /// Largest response body read; getUpdates with 100 updates stays far below it.
-const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// The longest `retry_after` believed: a larger (or absurd) value from a server would
+/// otherwise overflow `Instant + Duration` or park the channel for days.
+pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
 
 /// What went wrong with a call, sorted by how to react.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,7 +25,7 @@ pub enum ApiError {
     /// 401 or 404: the token is wrong or revoked. Retrying will not help.
     #[error("invalid token: the Bot API answered {code} ({description})")]
     InvalidToken { code: u16, description: String },
-    /// 429: wait `retry_after` seconds before the next call.
+    /// 429: wait `retry_after` seconds (1 to `MAX_RETRY_AFTER_SECS`) before the next call.
     #[error("rate limited by the Bot API: retry after {retry_after} s ({description})")]
     RateLimited {
         retry_after: u64,
@@ -50,7 +54,7 @@ impl ApiError {
             409 => ApiError::Conflict { description },
             429 => ApiError::RateLimited {
                 // A 429 without the parameter still means "slow down".
-                retry_after: retry_after.unwrap_or(5).max(1),
+                retry_after: retry_after.unwrap_or(5).clamp(1, MAX_RETRY_AFTER_SECS),
                 description,
             },
             400..=499 => ApiError::Rejected { code, description },
@@ -87,29 +91,30 @@ pub struct Me {
     pub username: Option<String>,
 }
 
-/// The client for one bot token.
+/// The client for one bot token. Cheap to clone (the connection pool is shared); use it
+/// on the runtime it was first used on.
+#[derive(Clone)]
 pub struct Api {
-    agent: ureq::Agent,
+    client: reqwest::Client,
     /// `{api_base}/bot{token}/`: secret, never logged.
     prefix: String,
     token: String,
 }
 
 impl Api {
-    pub fn new(api_base: &str, token: &str) -> Api {
-        let agent = ureq::Agent::config_builder()
-            // Error answers carry JSON the caller needs (retry_after, description).
-            .http_status_as_error(false)
+    pub fn new(api_base: &str, token: &str) -> Result<Api, ApiError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
             .build()
-            .into();
-        Api {
-            agent,
+            .map_err(|e| ApiError::Unavailable(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Api {
+            client,
             prefix: format!("{}/bot{token}/", api_base.trim_end_matches('/')),
             token: token.to_owned(),
-        }
+        })
     }
 
-    /// Removes the token from text that may quote the URL (ureq errors can).
+    /// Removes the token from text that may quote the URL (reqwest errors do).
     fn scrub(&self, text: String) -> String {
         if self.token.is_empty() {
             text
@@ -118,31 +123,44 @@ impl Api {
         }
     }
 
+    fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
+        ApiError::Unavailable(self.scrub(format!("{method}: {e}")))
+    }
+
     /// Calls `method` with JSON `params`; the whole exchange is bounded by `timeout`.
-    pub fn call<T: DeserializeOwned>(
+    pub async fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         params: &serde_json::Value,
         timeout: Duration,
     ) -> Result<T, ApiError> {
         let url = format!("{}{method}", self.prefix);
-        let result = self
-            .agent
-            .post(&url)
-            .config()
-            .timeout_global(Some(timeout))
-            .build()
-            .send_json(params);
-        let mut resp =
-            result.map_err(|e| ApiError::Unavailable(self.scrub(format!("{method}: {e}"))))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BYTES)
-            .read_to_string()
-            .map_err(|e| ApiError::Unavailable(self.scrub(format!("{method}: {e}"))))?;
-        parse_answer(method, status, &text)
+        let exchange = async {
+            let mut resp = self
+                .client
+                .post(&url)
+                .json(params)
+                .send()
+                .await
+                .map_err(|e| self.unavailable(method, e.without_url()))?;
+            let status = resp.status().as_u16();
+            let mut body = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| self.unavailable(method, e.without_url()))?
+            {
+                if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(self.unavailable(method, "answer too large"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok((status, body))
+        };
+        let (status, body) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| self.unavailable(method, format!("no answer within {timeout:?}")))??;
+        parse_answer(method, status, &String::from_utf8_lossy(&body))
     }
 }
 
@@ -230,10 +248,28 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_clamped() {
+        let e = ApiError::from_answer(429, "slow".into(), Some(u64::MAX));
+        assert!(matches!(
+            e,
+            ApiError::RateLimited {
+                retry_after: MAX_RETRY_AFTER_SECS,
+                ..
+            }
+        ));
+        let e = ApiError::from_answer(429, "slow".into(), Some(0));
+        assert!(matches!(e, ApiError::RateLimited { retry_after: 1, .. }));
+    }
+
+    #[test]
     fn token_is_scrubbed() {
-        let api = Api::new("http://127.0.0.1:1/", "123:SECRET");
-        let e = api
-            .call::<Value>("getMe", &serde_json::json!({}), Duration::from_secs(2))
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let api = Api::new("http://127.0.0.1:1/", "123:SECRET").unwrap();
+        let e = rt
+            .block_on(api.call::<Value>("getMe", &serde_json::json!({}), Duration::from_secs(2)))
             .unwrap_err();
         assert!(matches!(e, ApiError::Unavailable(_)), "{e}");
         assert!(!e.to_string().contains("SECRET"), "{e}");

@@ -1,13 +1,16 @@
 //! telegram: a patchbay connector for the Telegram Bot API, built as `libtelegram.so`
 //! (kind `telegram`).
 //!
-//! On start it calls `getMe` (the channel's number becomes `@username`, its display
-//! name the bot's first name), then long-polls `getUpdates` on its own thread and
-//! emits each `message` update as an inbound message; `send` calls `sendMessage` (and
-//! `sendPhoto`/`sendDocument`/… for attachments given by `file_id` or URL).
+//! On start it builds a small tokio runtime of its own (one worker), calls `getMe` (the
+//! channel's number becomes `@username`, its display name the bot's first name), then
+//! long-polls `getUpdates` and emits each `message` update as an inbound message; `send`
+//! calls `sendMessage` (and `sendPhoto`/`sendDocument`/… for attachments given by
+//! `file_id` or URL) on the same runtime. `stop` cancels the long poll and joins the
+//! poller, so nothing is emitted after it returns.
 //!
 //! **Offsets.** The next offset is written to `<state_dir>/telegram-<bot id>.offset`
-//! only after the host took the update's event, and is sent with the next getUpdates,
+//! only after the host's `flush` confirmed that the batch's events are durably
+//! recorded (journalled and queued), and is sent with the next getUpdates,
 //! which is also how Telegram learns the updates were consumed. A restart therefore
 //! neither loses an update (an unconfirmed one is fetched again) nor stores one twice
 //! (external ids are `<chat id>:<message id>`, which the daemon stores once). Without
@@ -23,17 +26,16 @@ pub mod update;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use patchbay_connector_sdk::{
-    ChannelState, Connector, ConnectorError, EmitError, Event, Host, Level, Outbound, Sent, Status,
-    export_connector,
+    ChannelState, Connector, ConnectorError, EmitError, Event, FlushError, Host, Level, Outbound,
+    Sent, Status, export_connector,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use api::{Api, ApiError, Me};
 use update::Skip;
@@ -52,8 +54,12 @@ const MAX_TEXT: usize = 4096;
 const MAX_CAPTION: usize = 1024;
 /// The longest 429 wait `send` sleeps through itself; longer ones fail retryably.
 const MAX_SEND_WAIT: Duration = Duration::from_secs(10);
-/// How long `stop` waits for an in-flight long poll before leaving its thread behind.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+/// A whole send (waits, retries, every part) stays below the daemon's 30 s call timeout.
+const SEND_BUDGET: Duration = Duration::from_secs(25);
+/// One flush of the host; the poller flushes again while the daemon is merely behind.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// Bound on joining the poller in stop (it gives way at once; this guards a bug).
+const STOP_WAIT: Duration = Duration::from_secs(5);
 /// Wait between polls while another client holds the bot (409).
 const CONFLICT_WAIT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -204,12 +210,12 @@ struct Counters {
     rate_limited: AtomicU64,
 }
 
-/// State shared by the connector and its polling thread.
+/// State shared by the connector and its poller task.
 struct Shared {
     config: Config,
     host: Host,
     api: Api,
-    /// Set by stop; the poller also watches its channel to wake from waits at once.
+    /// Set by stop before the poller is told to end: no status is emitted after it.
     stop: AtomicBool,
     state: Mutex<Status>,
     /// Set once getMe answered: the number and name every later status repeats.
@@ -228,8 +234,16 @@ impl Shared {
     }
 
     /// Records and emits a status, repeating the bot's identity once known. Emits only
-    /// on a change, so a flapping network does not flood the host.
+    /// on a change, so a flapping network does not flood the host, and never once stop
+    /// has begun (stop reports the final state itself).
     fn set_status(&self, state: ChannelState, reason: Option<String>) {
+        if self.stopped() {
+            return;
+        }
+        self.record_status(state, reason);
+    }
+
+    fn record_status(&self, state: ChannelState, reason: Option<String>) {
         let me = self.me.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let status = Status {
             number: me
@@ -260,11 +274,31 @@ impl Shared {
         );
         self.set_status(ChannelState::Error, Some(e.to_string()));
     }
+
+    /// Records a 429 for later sends: none before `retry_after` has passed.
+    fn rate_limited(&self, retry_after: u64) -> Duration {
+        self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let d = Duration::from_secs(retry_after.min(api::MAX_RETRY_AFTER_SECS));
+        *self
+            .send_not_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Instant::now().checked_add(d);
+        d
+    }
+}
+
+/// Resolves once stop has been signalled (or the instance is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Sleeps `d` unless stop comes first; returns whether to stop.
-fn wait(stop: &Receiver<()>, d: Duration) -> bool {
-    !matches!(stop.recv_timeout(d), Err(RecvTimeoutError::Timeout))
+async fn wait(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stopping(stop) => true,
+    }
 }
 
 /// What the poller does after a failed call.
@@ -281,9 +315,9 @@ fn on_error(shared: &Shared, e: ApiError, backoff: &mut Duration) -> Next {
             Next::Quit
         }
         ApiError::RateLimited { retry_after, .. } => {
-            shared.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let d = shared.rate_limited(retry_after);
             shared.host.log(Level::Warn, &format!("telegram: {e}"));
-            Next::Retry(Duration::from_secs(retry_after))
+            Next::Retry(d)
         }
         ApiError::Conflict { .. } => {
             shared.host.log(Level::Warn, &format!("telegram: {e}"));
@@ -308,21 +342,65 @@ fn on_error(shared: &Shared, e: ApiError, backoff: &mut Duration) -> Next {
     }
 }
 
-/// The polling thread: getMe, then getUpdates until stopped, the token is refused, or
-/// the host closes the instance.
-fn run(shared: Arc<Shared>, stop: Receiver<()>) {
+/// Emits one event, backing off while the host is busy; `Err` when it will not take it.
+async fn emit(
+    shared: &Shared,
+    event: &Event,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), EmitError> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match shared.host.emit(event) {
+            Err(EmitError::Busy) => {
+                if wait(stop, pause).await {
+                    return Err(EmitError::Closed);
+                }
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Waits until the host has durably recorded every event emitted so far, so the offset
+/// may pass them. `false`: it will not confirm them (stopping, or it lost one and will
+/// replace this instance); the offset must stay.
+async fn flushed(shared: &Arc<Shared>, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        let s = shared.clone();
+        // flush blocks its thread, so it runs off the runtime's single worker.
+        let r = tokio::task::spawn_blocking(move || s.host.flush(FLUSH_WAIT)).await;
+        match r {
+            Ok(Ok(())) => return true,
+            // A host older than flush: acknowledging after emit is all it allows.
+            Ok(Err(FlushError::Unsupported)) => return true,
+            // The daemon is behind (back-pressure): keep the offset until it catches up.
+            Ok(Err(FlushError::Timeout)) if !*stop.borrow() => continue,
+            _ => return false,
+        }
+    }
+}
+
+/// The poller: getMe, then getUpdates until stopped, the token is refused, or the host
+/// closes the instance. Every wait and call gives way to stop at once.
+async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let c = &shared.config;
     let mut backoff = Duration::from_secs(1);
+    let no_params = json!({});
     let me = loop {
-        match shared
+        let call = shared
             .api
-            .call::<Me>("getMe", &json!({}), c.request_timeout())
-        {
+            .call::<Me>("getMe", &no_params, c.request_timeout());
+        let result = tokio::select! {
+            r = call => r,
+            _ = stopping(&mut stop) => return,
+        };
+        match result {
             Ok(me) => break me,
             Err(e) => match on_error(&shared, e, &mut backoff) {
                 Next::Quit => return,
                 Next::Retry(d) => {
-                    if wait(&stop, d) {
+                    if wait(&mut stop, d).await {
                         return;
                     }
                 }
@@ -367,15 +445,20 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>) {
         if let (Some(o), Some(p)) = (offset, params.as_object_mut()) {
             p.insert("offset".into(), o.into());
         }
-        let updates = match shared
+        let call = shared
             .api
-            .call::<Vec<Value>>("getUpdates", &params, poll_timeout)
-        {
+            .call::<Vec<Value>>("getUpdates", &params, poll_timeout);
+        let result = tokio::select! {
+            r = call => r,
+            // Dropping the call closes its connection: nothing of it arrives later.
+            _ = stopping(&mut stop) => return,
+        };
+        let updates = match result {
             Ok(u) => u,
             Err(e) => match on_error(&shared, e, &mut backoff) {
                 Next::Quit => return,
                 Next::Retry(d) => {
-                    if wait(&stop, d) {
+                    if wait(&mut stop, d).await {
                         return;
                     }
                     continue;
@@ -395,10 +478,7 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>) {
                 continue;
             };
             match update::to_inbound(u) {
-                Ok(msg) => match shared
-                    .host
-                    .emit_with_backoff(&Event::Inbound(msg), &shared.stop)
-                {
+                Ok(msg) => match emit(&shared, &Event::Inbound(msg), &mut stop).await {
                     Ok(()) => {
                         shared.counters.inbound.fetch_add(1, Ordering::Relaxed);
                     }
@@ -425,9 +505,18 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>) {
                     }
                 }
             }
-            next = Some(next.map_or(id + 1, |n: i64| n.max(id + 1)));
+            // An id at i64::MAX cannot be passed; it simply comes again (and is stored
+            // once) rather than wrapping the offset around.
+            if let Some(after) = id.checked_add(1) {
+                next = Some(next.map_or(after, |n: i64| n.max(after)));
+            }
         }
         if next != offset {
+            // Only what the host has durably recorded may be confirmed to Telegram:
+            // the offset is how Telegram forgets updates.
+            if !flushed(&shared, &mut stop).await {
+                return;
+            }
             offset = next;
             *shared.offset.lock().unwrap_or_else(|p| p.into_inner()) = offset;
             if let (Some(f), Some(o)) = (&file, offset)
@@ -445,12 +534,11 @@ fn run(shared: Arc<Shared>, stop: Receiver<()>) {
     }
 }
 
-/// The running poller: its thread, the sender whose drop wakes it, and the receiver
-/// that disconnects when the thread ends.
+/// The running instance's runtime and poller.
 struct Poller {
-    thread: JoinHandle<()>,
-    wake: mpsc::Sender<()>,
-    done: Receiver<()>,
+    runtime: tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
 }
 
 /// One Telegram bot channel.
@@ -460,55 +548,70 @@ pub struct Telegram {
 }
 
 impl Telegram {
+    /// Stops the poller and joins it: after this, nothing of this instance runs.
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         let Some(p) = self.poller.take() else { return };
-        drop(p.wake);
-        // A long poll in flight cannot be interrupted (blocking HTTP); it ends within
-        // poll_timeout_secs. Wait a little, then leave the thread to finish alone: it
-        // only sees the stop flag and a closed host afterwards, and never emits.
-        match p.done.recv_timeout(STOP_GRACE) {
-            Err(RecvTimeoutError::Timeout) => self.shared.host.log(
-                Level::Debug,
-                "telegram: a long poll is still in flight; its thread ends when it returns",
-            ),
-            _ => {
-                if p.thread.join().is_err() {
-                    self.shared
-                        .host
-                        .log(Level::Error, "telegram polling thread panicked");
-                }
-            }
+        let _ = p.stop.send(true);
+        // The poller gives way at every await; the bound only guards against a bug.
+        let joined = p
+            .runtime
+            .block_on(async { tokio::time::timeout(STOP_WAIT, p.task).await });
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_panic() => self
+                .shared
+                .host
+                .log(Level::Error, "telegram: the poller panicked"),
+            _ => self
+                .shared
+                .host
+                .log(Level::Error, "telegram: the poller did not stop in time"),
         }
+        // Ends the worker and blocking threads (a flush in progress was woken by stop).
+        p.runtime.shutdown_timeout(STOP_WAIT);
     }
 
-    /// Calls one send method, sleeping through a short 429 once.
-    fn call_send(&self, method: &str, params: &Value) -> Result<Value, ConnectorError> {
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime, ConnectorError> {
+        self.poller.as_ref().map(|p| &p.runtime).ok_or_else(|| {
+            ConnectorError::new("not_running", "telegram is not started").retryable()
+        })
+    }
+
+    /// Calls one send method within `deadline`, sleeping through a 429 that ends before it.
+    async fn call_send(
+        &self,
+        method: &str,
+        params: &Value,
+        deadline: Instant,
+    ) -> Result<Value, ConnectorError> {
         let timeout = self.shared.config.request_timeout();
-        let mut waited = false;
         loop {
-            match self.shared.api.call::<Value>(method, params, timeout) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ConnectorError::new(
+                    "timeout",
+                    format!("{method}: out of time for this send; will retry"),
+                )
+                .retryable());
+            }
+            match self
+                .shared
+                .api
+                .call::<Value>(method, params, timeout.min(left))
+                .await
+            {
                 Ok(v) => return Ok(v),
                 Err(e @ ApiError::RateLimited { retry_after, .. }) => {
-                    self.shared
-                        .counters
-                        .rate_limited
-                        .fetch_add(1, Ordering::Relaxed);
-                    let d = Duration::from_secs(retry_after);
-                    *self
-                        .shared
-                        .send_not_before
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
-                    if waited || d > MAX_SEND_WAIT {
+                    let d = self.shared.rate_limited(retry_after);
+                    if d > MAX_SEND_WAIT || Instant::now() + d >= deadline {
                         return Err(ConnectorError::new("rate_limited", e.to_string()).retryable());
                     }
                     self.shared.host.log(
                         Level::Info,
-                        &format!("telegram: {method} rate limited; waiting {retry_after}s"),
+                        &format!("telegram: {method} rate limited; waiting {}s", d.as_secs()),
                     );
-                    std::thread::sleep(d);
-                    waited = true;
+                    tokio::time::sleep(d).await;
                 }
                 Err(e @ ApiError::InvalidToken { .. }) => {
                     self.shared.invalid_token(&e);
@@ -525,6 +628,51 @@ impl Telegram {
                 }
             }
         }
+    }
+
+    /// Makes the calls of one message in order. Once a part has reached Telegram a
+    /// retry would send it twice, so a later failure is permanent, naming what was sent.
+    async fn send_all(
+        &self,
+        calls: &[(&'static str, Value)],
+        deadline: Instant,
+    ) -> Result<String, ConnectorError> {
+        let mut first = None;
+        for (i, (method, params)) in calls.iter().enumerate() {
+            let sent = match self.call_send(method, params, deadline).await {
+                Ok(v) => v,
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => {
+                    return Err(ConnectorError::new(
+                        "partially_sent",
+                        format!(
+                            "sent {i} of {} parts (first {}), then {}: {}; not retried, so the sent parts do not repeat",
+                            calls.len(),
+                            first.as_deref().unwrap_or("?"),
+                            e.code,
+                            e.message
+                        ),
+                    ));
+                }
+            };
+            if first.is_none() {
+                let chat = sent
+                    .get("chat")
+                    .and_then(|c| c.get("id"))
+                    .and_then(Value::as_i64);
+                let id = sent.get("message_id").and_then(Value::as_i64);
+                if let (Some(chat), Some(id)) = (chat, id) {
+                    first = Some(format!("{chat}:{id}"));
+                } else if i == 0 {
+                    // Telegram has the part but answered oddly: a retry would repeat it.
+                    return Err(ConnectorError::new(
+                        "bad_answer",
+                        "the Bot API answered without chat.id/message_id; not retried",
+                    ));
+                }
+            }
+        }
+        first.ok_or_else(|| ConnectorError::new("invalid_message", "nothing to send"))
     }
 }
 
@@ -596,7 +744,8 @@ pub fn plan_send(
 impl Connector for Telegram {
     fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
         let config = Config::parse(config)?;
-        let api = Api::new(&config.api_base, &config.token);
+        let api = Api::new(&config.api_base, &config.token)
+            .map_err(|e| ConnectorError::new("internal", e.to_string()))?;
         Ok(Telegram {
             shared: Arc::new(Shared {
                 config,
@@ -623,25 +772,31 @@ impl Connector for Telegram {
                 "telegram is already running",
             ));
         }
-        self.shared.set_status(ChannelState::Connecting, None);
-        let (wake, wake_rx) = mpsc::channel();
-        let (done_tx, done) = mpsc::channel::<()>();
-        let shared = self.shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("telegram-{}", self.shared.config.bot_id()))
-            .spawn(move || {
-                // Dropped when the thread ends, however it ends: stop sees it.
-                let _done = done_tx;
-                run(shared, wake_rx);
-            })
+        // One worker is plenty for one bot: a long poll and the occasional send.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(4)
+            .thread_name(format!("telegram-{}", self.shared.config.bot_id()))
+            .enable_all()
+            .build()
             .map_err(|e| {
-                ConnectorError::new("start_failed", format!("cannot spawn thread: {e}")).retryable()
+                ConnectorError::new("start_failed", format!("cannot start a runtime: {e}"))
+                    .retryable()
             })?;
-        self.poller = Some(Poller { thread, wake, done });
+        self.shared.set_status(ChannelState::Connecting, None);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = runtime.spawn(run(self.shared.clone(), stop_rx));
+        self.poller = Some(Poller {
+            runtime,
+            task,
+            stop,
+        });
         Ok(())
     }
 
     fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
+        // The daemon gives a call 30 s; everything below fits in SEND_BUDGET.
+        let deadline = Instant::now() + SEND_BUDGET;
         if self.shared.token_invalid.load(Ordering::Relaxed) {
             return Err(ConnectorError::new(
                 "invalid_token",
@@ -665,38 +820,24 @@ impl Connector for Telegram {
             .send_not_before
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = not_before {
-            let left = t.saturating_duration_since(Instant::now());
-            if left > MAX_SEND_WAIT {
-                return Err(ConnectorError::new(
-                    "rate_limited",
-                    format!("rate limited by the Bot API for {}s more", left.as_secs()),
-                )
-                .retryable());
-            }
-            std::thread::sleep(left);
-        }
-        let mut first = None;
-        for (method, params) in &calls {
-            let sent = self.call_send(method, params)?;
-            if first.is_none() {
-                let chat = sent
-                    .get("chat")
-                    .and_then(|c| c.get("id"))
-                    .and_then(Value::as_i64);
-                let id = sent.get("message_id").and_then(Value::as_i64);
-                if let (Some(chat), Some(id)) = (chat, id) {
-                    first = Some(format!("{chat}:{id}"));
-                }
-            }
-        }
-        self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-        let external_message_id = first.ok_or_else(|| {
-            ConnectorError::new(
-                "unavailable",
-                "the Bot API answered without chat.id/message_id",
+        let wait = not_before.map(|t| t.saturating_duration_since(Instant::now()));
+        if let Some(left) = wait
+            && left > MAX_SEND_WAIT
+        {
+            return Err(ConnectorError::new(
+                "rate_limited",
+                format!("rate limited by the Bot API for {}s more", left.as_secs()),
             )
+            .retryable());
+        }
+        let runtime = self.runtime()?;
+        let external_message_id = runtime.block_on(async {
+            if let Some(left) = wait {
+                tokio::time::sleep(left).await;
+            }
+            self.send_all(&calls, deadline).await
         })?;
+        self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
         Ok(Sent {
             external_message_id,
         })
@@ -724,8 +865,9 @@ impl Connector for Telegram {
 
     fn stop(&mut self) -> Result<(), ConnectorError> {
         self.shutdown();
+        // The poller is joined: this is the instance's last event.
         self.shared
-            .set_status(ChannelState::Disconnected, Some("stopped".into()));
+            .record_status(ChannelState::Disconnected, Some("stopped".into()));
         Ok(())
     }
 }
@@ -849,6 +991,41 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(e.code, "no_chat");
+    }
+
+    #[test]
+    fn stop_cancels_a_call_in_flight_and_joins() {
+        // A server that accepts and never answers: getMe hangs like a long poll.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = std::thread::spawn(move || silent.accept().map(|(conn, _)| conn));
+        let mut t = Telegram::create(
+            cfg(json!({"api_base": format!("http://{addr}"), "request_timeout_secs": 25})),
+            Host::detached(),
+        )
+        .unwrap();
+        t.start().unwrap();
+        // Wait until the call is in flight.
+        let conn = held.join().unwrap().unwrap();
+        let started = Instant::now();
+        t.stop().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(t.poller.is_none());
+        // The call was dropped with its connection: the server sees EOF.
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut conn = conn;
+        loop {
+            match std::io::Read::read(&mut conn, &mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => panic!("connection still open after stop: {e}"),
+            }
+        }
     }
 
     #[test]

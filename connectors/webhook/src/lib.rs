@@ -2,33 +2,44 @@
 //! (kind `webhook`).
 //!
 //! Inbound, it listens on `listen` and accepts `POST <path>` with a JSON message signed
-//! with HMAC-SHA256 (see `signature`); it answers `200` only once the message was handed
-//! to the host, so a gateway that gets anything else knows to retry. Outbound, it POSTs
-//! each message as JSON to `outbound_url`, signed the same way, retrying 5xx answers and
-//! timeouts a bounded number of times inside `send`, and reports `delivered` on a 2xx.
+//! with HMAC-SHA256 (see `signature`); it answers `200` only once the host's `flush`
+//! confirmed the message durably recorded, so a gateway that gets anything else knows
+//! to retry. Outbound, it POSTs each message as JSON to `outbound_url`, signed the same
+//! way, retrying 5xx answers and timeouts a bounded number of times inside `send`, and
+//! reports `delivered` on a 2xx.
 //!
-//! Written against the safe SDK only: this crate has no `unsafe`. It runs its own
-//! threads (tiny_http's accept thread and `workers` request threads); nothing of the
-//! daemon's runtime crosses the boundary.
+//! Written against the safe SDK only: this crate has no `unsafe`. Each started instance
+//! owns a small tokio runtime (`workers` threads) with a hyper HTTP/1 server: header and
+//! body read timeouts, a body size limit, and a graceful shutdown that `stop` joins;
+//! nothing of the daemon's runtime crosses the boundary.
 
 #![forbid(unsafe_code)]
 
 pub mod signature;
 
-use std::io::Read;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use patchbay_connector_sdk::chrono::{DateTime, FixedOffset, Utc};
 use patchbay_connector_sdk::{
-    ChannelState, Connector, ConnectorError, EmitError, Event, Host, Inbound, Level, Outbound,
-    Receipt, ReceiptStatus, Sender, Sent, Status, export_connector,
+    ChannelState, Connector, ConnectorError, EmitError, Event, FlushError, Host, Inbound, Level,
+    Outbound, Receipt, ReceiptStatus, Sender, Sent, Status, export_connector,
 };
 use serde::Deserialize;
 use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 pub use signature::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER, sign, verify};
 
@@ -45,12 +56,20 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024 - 4096;
 const SEND_BUDGET: Duration = Duration::from_secs(25);
 /// How long an inbound request waits for a busy host before answering 503.
 const EMIT_WAIT: Duration = Duration::from_secs(2);
-/// How long `stop` waits for request threads before leaving stuck ones behind.
+/// How long an inbound request waits for the host to record its message durably
+/// before answering 503 (nothing is lost: the gateway sends it again).
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// A client must send its request headers (and, on a kept-alive connection, the next
+/// request) within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send its whole body within this (408 otherwise).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` lets requests in progress finish before closing their connections.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// The channel config object. Unknown keys are an error, so a typo (`max_skew_sec`)
 /// cannot silently fall back to a default.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Shared HMAC secret for inbound requests (and outbound, unless `outbound_secret`).
@@ -67,7 +86,8 @@ pub struct Config {
     /// Largest accepted request body; larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    /// Request threads (a slow client holds one while its body arrives).
+    /// Worker threads of the connector's runtime (requests are async: a slow client
+    /// holds no thread).
     #[serde(default = "default_workers")]
     pub workers: usize,
     /// Where outbound messages are POSTed; without it, sends fail permanently.
@@ -90,6 +110,29 @@ pub struct Config {
     pub display_name: String,
 }
 
+// The secrets stay out of debug output.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("secret", &"<redacted>")
+            .field("listen", &self.listen)
+            .field("path", &self.path)
+            .field("max_skew_secs", &self.max_skew_secs)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("workers", &self.workers)
+            .field("outbound_url", &self.outbound_url)
+            .field(
+                "outbound_secret",
+                &self.outbound_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("outbound_timeout_secs", &self.outbound_timeout_secs)
+            .field("outbound_attempts", &self.outbound_attempts)
+            .field("number", &self.number)
+            .field("display_name", &self.display_name)
+            .finish()
+    }
+}
+
 fn default_listen() -> String {
     "127.0.0.1:8088".into()
 }
@@ -103,7 +146,7 @@ fn default_max_body() -> usize {
     256 * 1024
 }
 fn default_workers() -> usize {
-    4
+    2
 }
 fn default_outbound_timeout() -> u64 {
     5
@@ -264,21 +307,21 @@ pub fn check_head(config: &Config, head: &RequestHead) -> Result<(), Rejection> 
     Ok(())
 }
 
-/// Reads at most `max + 1` bytes, so an undeclared (chunked) oversized body is caught
-/// without buffering all of it.
-pub fn read_body(reader: impl Read, max: usize) -> Result<Vec<u8>, Rejection> {
-    let mut body = Vec::new();
-    reader
-        .take(max as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| Rejection::new(400, format!("cannot read the body: {e}")))?;
-    if body.len() > max {
-        return Err(Rejection::new(
+/// Reads the body, refusing more than `max` bytes (413) as they arrive, so an
+/// undeclared (chunked) oversized body is caught without buffering all of it.
+pub async fn read_body<B>(body: B, max: usize) -> Result<Vec<u8>, Rejection>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Rejection::new(
             413,
             format!("body is over max_body_bytes ({max})"),
-        ));
+        )),
+        Err(e) => Err(Rejection::new(400, format!("cannot read the body: {e}"))),
     }
-    Ok(body)
 }
 
 /// Authenticates and parses a body: 401 for a missing, wrong or stale signature (stale
@@ -329,7 +372,7 @@ struct Counters {
     send_retries: AtomicU64,
 }
 
-/// State shared by the connector and its request threads.
+/// State shared by the connector, its server tasks and sends.
 struct Shared {
     config: Config,
     host: Host,
@@ -344,124 +387,199 @@ impl Shared {
         let _ = self.host.emit(&Event::Status(status));
     }
 
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
     /// Emits, backing off while the host is busy, for at most `wait`.
-    fn emit_for(&self, event: &Event, wait: Duration) -> Result<(), EmitError> {
+    async fn emit_for(&self, event: &Event, wait: Duration) -> Result<(), EmitError> {
         let deadline = Instant::now() + wait;
         let mut pause = Duration::from_millis(1);
         loop {
             match self.host.emit(event) {
-                Err(EmitError::Busy)
-                    if Instant::now() < deadline && !self.stop.load(Ordering::Relaxed) =>
-                {
-                    std::thread::sleep(pause);
+                Err(EmitError::Busy) if Instant::now() < deadline && !self.stopped() => {
+                    tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
                 other => return other,
             }
         }
     }
+}
 
-    /// Handles one request: every path ends in exactly one response.
-    fn handle(&self, mut req: tiny_http::Request) {
-        let header = |name: &str| {
-            req.headers()
-                .iter()
-                .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-                .map(|h| h.value.as_str().to_owned())
-        };
-        let timestamp = header(TIMESTAMP_HEADER);
-        let signature = header(SIGNATURE_HEADER);
-        let method = req.method().as_str().to_owned();
-        let url = req.url().to_owned();
-        let head = RequestHead {
-            method: &method,
-            url: &url,
-            content_length: req.body_length(),
-            timestamp: timestamp.as_deref(),
-            signature: signature.as_deref(),
-        };
-        let outcome = check_head(&self.config, &head)
-            .and_then(|()| read_body(req.as_reader(), self.config.max_body_bytes))
-            .and_then(|body| check_body(&self.config, &head, &body, Utc::now().timestamp()));
-        let msg = match outcome {
-            Ok(m) => m,
-            Err(r) => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                self.host.log(
-                    Level::Debug,
-                    &format!("webhook: refused {method} {url}: {r}"),
-                );
-                return respond(
-                    req,
-                    r.status,
-                    &json!({"ok": false, "error": r.message}),
-                    None,
-                );
-            }
-        };
-        let id = msg.external_message_id.clone();
-        match self.emit_for(&Event::Inbound(msg), EMIT_WAIT) {
-            Ok(()) => {
-                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                respond(
-                    req,
-                    200,
-                    &json!({"ok": true, "external_message_id": id}),
-                    None,
-                );
-            }
-            Err(EmitError::TooLarge) => respond(
-                req,
+/// Waits until the host has durably recorded the events emitted so far.
+async fn flush(shared: &Arc<Shared>) -> Result<(), FlushError> {
+    let s = shared.clone();
+    // flush blocks its thread: keep it off the runtime's workers.
+    match tokio::task::spawn_blocking(move || s.host.flush(FLUSH_WAIT)).await {
+        Ok(r) => r,
+        Err(_) => Err(FlushError::Closed),
+    }
+}
+
+fn header<'a>(parts: &'a hyper::http::request::Parts, name: &str) -> Option<&'a str> {
+    parts.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Answers one request: every path ends in exactly one response.
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let url = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+    let head = RequestHead {
+        method: parts.method.as_str(),
+        url: &url,
+        content_length: header(&parts, "content-length").and_then(|v| v.trim().parse().ok()),
+        timestamp: header(&parts, TIMESTAMP_HEADER),
+        signature: header(&parts, SIGNATURE_HEADER),
+    };
+    let config = &shared.config;
+    let checked = async {
+        check_head(config, &head)?;
+        // A client that trickles its body is cut off rather than holding a task.
+        let body = tokio::time::timeout(BODY_TIMEOUT, read_body(body, config.max_body_bytes))
+            .await
+            .map_err(|_| {
+                Rejection::new(
+                    408,
+                    format!("body not received within {}s", BODY_TIMEOUT.as_secs()),
+                )
+            })??;
+        check_body(config, &head, &body, Utc::now().timestamp())
+    };
+    let msg = match checked.await {
+        Ok(m) => m,
+        Err(r) => {
+            shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            shared.host.log(
+                Level::Debug,
+                &format!("webhook: refused {} {url}: {r}", head.method),
+            );
+            return respond(r.status, &json!({"ok": false, "error": r.message}), None);
+        }
+    };
+    let id = msg.external_message_id.clone();
+    if let Err(e) = shared.emit_for(&Event::Inbound(msg), EMIT_WAIT).await {
+        if e == EmitError::TooLarge {
+            return respond(
                 413,
                 &json!({"ok": false, "error": "message too large for the host"}),
                 None,
-            ),
-            Err(e) => {
-                // Busy: the daemon is behind; Closed: the channel is stopping. Either
-                // way nothing was taken and the gateway should try again shortly.
-                self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                respond(
-                    req,
-                    503,
-                    &json!({"ok": false, "error": e.to_string()}),
-                    Some(if e == EmitError::Busy { 1 } else { 5 }),
-                );
-            }
+            );
+        }
+        // Busy: the daemon is behind; Closed: the channel is stopping. Either way
+        // nothing was taken and the gateway should try again shortly.
+        shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+        let retry = if e == EmitError::Busy { 1 } else { 5 };
+        return respond(
+            503,
+            &json!({"ok": false, "error": e.to_string()}),
+            Some(retry),
+        );
+    }
+    // 200 promises the gateway it may forget the message: only once it is durable.
+    match flush(&shared).await {
+        // A host older than flush offers nothing better than emit.
+        Ok(()) | Err(FlushError::Unsupported) => {
+            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            respond(200, &json!({"ok": true, "external_message_id": id}), None)
+        }
+        Err(e) => {
+            shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+            let retry = if e == FlushError::Timeout { 1 } else { 5 };
+            respond(
+                503,
+                &json!({"ok": false, "error": format!("{e}; send it again")}),
+                Some(retry),
+            )
         }
     }
 }
 
 fn respond(
-    req: tiny_http::Request,
     status: u16,
     body: &serde_json::Value,
     retry_after: Option<u32>,
-) {
-    let mut resp = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
-    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
-        resp.add_header(h);
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(secs) = retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
     }
-    if let Some(secs) = retry_after
-        && let Ok(h) = tiny_http::Header::from_bytes("Retry-After", secs.to_string())
-    {
-        resp.add_header(h);
-    }
-    // The caller may have gone away; there is no one left to tell.
-    let _ = req.respond(resp);
+    resp
 }
 
-/// Binds the listener. tiny_http closes a dropped server's socket on its accept thread,
-/// a moment after the drop, so a channel restarted in-process may find its port still
-/// held: retry that for up to a second instead of failing the start.
-fn bind(listen: &str) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
+/// Resolves once stop has been signalled (or the listener is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves one connection until the client is done or stop asks it to finish the
+/// request in progress and close.
+async fn connection(stream: TcpStream, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+    });
+    let mut http = http1::Builder::new();
+    // Slow or idle clients lose their connection instead of holding it (slowloris).
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopping(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Accepts until stop, then closes the port, lets requests in progress finish for up
+/// to `STOP_GRACE` and drops the rest.
+async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(connection(stream, shared.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: pause rather than spin.
+                    shared.host.log(Level::Warn, &format!("webhook: accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopping(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        shared.host.log(
+            Level::Warn,
+            "webhook: requests still in progress at stop; closing their connections",
+        );
+        conns.shutdown().await;
+    }
+}
+
+/// Binds the listener, retrying a port still held by a previous instance for a second.
+fn bind(listen: &str) -> std::io::Result<std::net::TcpListener> {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        match tiny_http::Server::http(listen) {
-            Err(e)
-                if Instant::now() < deadline
-                    && e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
-                        == Some(std::io::ErrorKind::AddrInUse) =>
-            {
+        match std::net::TcpListener::bind(listen) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             other => return other,
@@ -480,90 +598,70 @@ enum Attempt {
     },
 }
 
-/// A running listener: the server (its drop closes the socket) and the request threads.
+/// A running instance: its runtime, the server task and the signal that stops it.
 struct Listener {
-    server: Arc<tiny_http::Server>,
-    workers: Vec<JoinHandle<()>>,
-    /// Disconnects once every request thread has ended (each holds a sender).
-    done: mpsc::Receiver<()>,
+    runtime: tokio::runtime::Runtime,
+    server: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
 }
 
 /// One webhook channel.
 pub struct Webhook {
     shared: Arc<Shared>,
-    agent: ureq::Agent,
+    client: reqwest::Client,
     listener: Option<Listener>,
 }
 
 impl Webhook {
+    /// Stops the server and joins it: after this no request is handled (nor emits).
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(l) = self.listener.take() {
-            l.server.unblock();
-            // tiny_http has no socket timeouts: a client that stalls mid-body holds its
-            // request thread. Wait a bounded time, then leave such threads behind (they
-            // end with the client's connection and cannot emit: the host is closed).
-            let deadline = Instant::now() + STOP_GRACE;
-            let all_ended = loop {
-                match l
-                    .done
-                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                {
-                    Ok(()) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break true,
-                    Err(mpsc::RecvTimeoutError::Timeout) => break false,
-                }
-            };
-            if all_ended {
-                for w in l.workers {
-                    if w.join().is_err() {
-                        self.shared
-                            .host
-                            .log(Level::Error, "webhook request thread panicked");
-                    }
-                }
-            } else {
-                self.shared.host.log(
-                    Level::Warn,
-                    "webhook: a client is still sending its request; leaving its thread behind",
-                );
-            }
-            // Dropping our reference (the last one, unless a thread was left behind)
-            // stops tiny_http's accept thread and frees the port for a restart.
-            drop(l.server);
+        let Some(l) = self.listener.take() else {
+            return;
+        };
+        let _ = l.stop.send(true);
+        // serve() bounds its own drain by STOP_GRACE; the extra second guards a bug.
+        let joined = l.runtime.block_on(async {
+            tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), l.server).await
+        });
+        if !matches!(joined, Ok(Ok(()))) {
+            self.shared
+                .host
+                .log(Level::Error, "webhook: the server did not stop cleanly");
         }
+        l.runtime.shutdown_timeout(Duration::from_secs(1));
     }
 
     /// One signed POST of `body`; `Err` when retrying cannot help.
-    fn attempt(&self, url: &str, body: &[u8]) -> Result<Attempt, ConnectorError> {
+    async fn attempt(&self, url: &str, body: &[u8]) -> Result<Attempt, ConnectorError> {
         let c = &self.shared.config;
         let ts = Utc::now().timestamp();
         let sig = sign(c.outbound_key(), ts, body)
             .map_err(|e| ConnectorError::new("internal", e.to_string()))?;
         let result = self
-            .agent
+            .client
             .post(url)
             .header("Content-Type", "application/json")
             .header(TIMESTAMP_HEADER, ts.to_string())
             .header(SIGNATURE_HEADER, sig)
-            .send(body);
+            .body(body.to_vec())
+            .send()
+            .await;
         let mut resp = match result {
             Ok(r) => r,
+            // A bad URL or header cannot get better; everything else (connect, timeout,
+            // reset) is the network's trouble.
+            Err(e) if e.is_builder() => {
+                return Err(ConnectorError::new(
+                    "send_failed",
+                    format!("POST {url}: {e}"),
+                ));
+            }
             Err(e) => {
-                return match e {
-                    ureq::Error::Timeout(_)
-                    | ureq::Error::Io(_)
-                    | ureq::Error::ConnectionFailed
-                    | ureq::Error::HostNotFound
-                    | ureq::Error::Protocol(_) => Ok(Attempt::Retry {
-                        reason: format!("POST {url}: {e}"),
-                        retry_after: None,
-                    }),
-                    other => Err(ConnectorError::new(
-                        "send_failed",
-                        format!("POST {url}: {other}"),
-                    )),
-                };
+                return Ok(Attempt::Retry {
+                    reason: format!("POST {url}: {e}"),
+                    retry_after: None,
+                });
             }
         };
         let status = resp.status().as_u16();
@@ -572,12 +670,14 @@ impl Webhook {
             .get("Retry-After")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024)
-            .read_to_string()
-            .unwrap_or_default();
+        let mut text = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            text.extend_from_slice(&chunk);
+            if text.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
         match status {
             200..=299 => {
                 // The gateway may name its own id for the message; otherwise ours.
@@ -597,170 +697,30 @@ impl Webhook {
             )),
         }
     }
-}
 
-fn snippet(text: &str) -> String {
-    let t: String = text.chars().take(200).collect();
-    t.replace(['\r', '\n'], " ")
-}
-
-impl Connector for Webhook {
-    fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
-        let config = Config::parse(config)?;
-        let timeout = Duration::from_secs(config.outbound_timeout_secs);
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .build()
-            .into();
-        Ok(Webhook {
-            shared: Arc::new(Shared {
-                config,
-                host,
-                stop: AtomicBool::new(false),
-                state: Mutex::new(
-                    Status::new(ChannelState::Disconnected).with_reason("not started"),
-                ),
-                counters: Counters::default(),
-            }),
-            agent,
-            listener: None,
-        })
-    }
-
-    fn start(&mut self) -> Result<(), ConnectorError> {
-        if self.listener.is_some() {
-            return Err(ConnectorError::new(
-                "already_started",
-                "webhook is already running",
-            ));
-        }
+    /// The attempts of one send, within `SEND_BUDGET`.
+    async fn deliver(&self, url: &str, body: &[u8], message: i64) -> Result<Sent, ConnectorError> {
         let c = &self.shared.config;
-        self.shared.stop.store(false, Ordering::Relaxed);
-        self.shared
-            .set_status(Status::new(ChannelState::Connecting));
-        let server = match bind(&c.listen) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                // Usually the port is taken (by a previous instance still closing, or
-                // another program): worth retrying.
-                let reason = format!("cannot listen on {}: {e}", c.listen);
-                self.shared
-                    .set_status(Status::new(ChannelState::Error).with_reason(&reason));
-                return Err(ConnectorError::new("listen_failed", reason).retryable());
-            }
-        };
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| c.listen.clone());
-        let mut workers = Vec::new();
-        let (done_tx, done) = mpsc::channel::<()>();
-        for i in 0..c.workers {
-            let (shared, srv, worker_done) = (self.shared.clone(), server.clone(), done_tx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("webhook-{i}"))
-                .spawn(move || {
-                    // Dropped when the thread ends, however it ends: shutdown sees it.
-                    let _done = worker_done;
-                    while !shared.stop.load(Ordering::Relaxed) {
-                        // A timeout, so the stop flag is seen even without traffic.
-                        match srv.recv_timeout(Duration::from_millis(200)) {
-                            Ok(Some(req)) => shared.handle(req),
-                            Ok(None) => {}
-                            Err(e) => {
-                                shared
-                                    .host
-                                    .log(Level::Warn, &format!("webhook: accept failed: {e}"));
-                                std::thread::sleep(Duration::from_millis(100));
-                            }
-                        }
-                    }
-                });
-            match spawned {
-                Ok(t) => workers.push(t),
-                Err(e) => {
-                    drop(done_tx);
-                    self.listener = Some(Listener {
-                        server,
-                        workers,
-                        done,
-                    });
-                    self.shutdown();
-                    return Err(ConnectorError::new(
-                        "start_failed",
-                        format!("cannot spawn a request thread: {e}"),
-                    )
-                    .retryable());
-                }
-            }
-        }
-        drop(done_tx);
-        self.listener = Some(Listener {
-            server,
-            workers,
-            done,
-        });
-        let number = c
-            .number
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}{}", c.path));
-        self.shared.host.log(
-            Level::Info,
-            &format!("webhook listening on http://{addr}{}", c.path),
-        );
-        self.shared.set_status(Status {
-            number: Some(number),
-            display_name: Some(c.display_name.clone()),
-            details: Some(json!({"listen": addr})),
-            ..Status::new(ChannelState::Connected)
-        });
-        Ok(())
-    }
-
-    /// POSTs the message, retrying 5xx/408/429 answers and network errors up to
-    /// `outbound_attempts` times with backoff (honouring a short `Retry-After`). When
-    /// all attempts fail the error is retryable, so the daemon's job retries later;
-    /// a 4xx is permanent. Delivery is at least once: the body carries the host's
-    /// `message` id for the gateway to de-duplicate.
-    fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
-        let c = &self.shared.config;
-        let Some(url) = c.outbound_url.clone() else {
-            return Err(ConnectorError::new(
-                "unsupported",
-                "this webhook channel has no outbound_url, so it cannot send",
-            ));
-        };
-        let body = serde_json::to_vec(&json!({
-            "message": msg.message,
-            "external_chat_id": msg.external_chat_id,
-            "to": msg.to,
-            "text": msg.text,
-            "attachments": msg.attachments,
-        }))
-        .map_err(|e| ConnectorError::new("invalid_message", e.to_string()))?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(200);
         let mut last = String::new();
         for attempt in 1..=c.outbound_attempts {
-            match self.attempt(&url, &body)? {
+            match self.attempt(url, body).await? {
                 Attempt::Delivered(id) => {
-                    let external_message_id =
-                        id.unwrap_or_else(|| format!("wh-out-{}", msg.message));
+                    let external_message_id = id.unwrap_or_else(|| format!("wh-out-{message}"));
                     self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
                     // A 2xx is the gateway's acknowledgement: that is what delivered
                     // means for a webhook.
                     let receipt = Event::Receipt(Receipt {
-                        message: msg.message,
+                        message,
                         status: ReceiptStatus::Delivered,
                         external_message_id: Some(external_message_id.clone()),
                         reason: None,
                     });
-                    if let Err(e) = self.shared.emit_for(&receipt, EMIT_WAIT) {
+                    if let Err(e) = self.shared.emit_for(&receipt, EMIT_WAIT).await {
                         self.shared.host.log(
                             Level::Warn,
-                            &format!("webhook: receipt for message {} dropped: {e}", msg.message),
+                            &format!("webhook: receipt for message {message} dropped: {e}"),
                         );
                     }
                     return Ok(Sent {
@@ -789,12 +749,129 @@ impl Connector for Webhook {
                     if next_end > SEND_BUDGET {
                         break;
                     }
-                    std::thread::sleep(wait);
+                    tokio::time::sleep(wait).await;
                     pause *= 2;
                 }
             }
         }
         Err(ConnectorError::new("unavailable", last).retryable())
+    }
+}
+
+fn snippet(text: &str) -> String {
+    let t: String = text.chars().take(200).collect();
+    t.replace(['\r', '\n'], " ")
+}
+
+impl Connector for Webhook {
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
+        let config = Config::parse(config)?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.outbound_timeout_secs))
+            .build()
+            .map_err(|e| ConnectorError::new("internal", format!("HTTP client: {e}")))?;
+        Ok(Webhook {
+            shared: Arc::new(Shared {
+                config,
+                host,
+                stop: AtomicBool::new(false),
+                state: Mutex::new(
+                    Status::new(ChannelState::Disconnected).with_reason("not started"),
+                ),
+                counters: Counters::default(),
+            }),
+            client,
+            listener: None,
+        })
+    }
+
+    fn start(&mut self) -> Result<(), ConnectorError> {
+        if self.listener.is_some() {
+            return Err(ConnectorError::new(
+                "already_started",
+                "webhook is already running",
+            ));
+        }
+        let c = &self.shared.config;
+        self.shared.stop.store(false, Ordering::Relaxed);
+        self.shared
+            .set_status(Status::new(ChannelState::Connecting));
+        let fail = |shared: &Shared, reason: String| {
+            shared.set_status(Status::new(ChannelState::Error).with_reason(&reason));
+            ConnectorError::new("listen_failed", reason).retryable()
+        };
+        // Usually the port is taken (by a previous instance still closing, or another
+        // program): worth retrying.
+        let std_listener = bind(&c.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| fail(&self.shared, format!("cannot listen on {}: {e}", c.listen)))?;
+        let addr = std_listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| c.listen.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(c.workers)
+            .max_blocking_threads(c.workers.max(4))
+            .thread_name("webhook")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                ConnectorError::new("start_failed", format!("cannot start a runtime: {e}"))
+                    .retryable()
+            })?;
+        let listener = {
+            let _inside = runtime.enter();
+            TcpListener::from_std(std_listener)
+                .map_err(|e| fail(&self.shared, format!("cannot listen on {addr}: {e}")))?
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let server = runtime.spawn(serve(listener, self.shared.clone(), stop_rx));
+        self.listener = Some(Listener {
+            runtime,
+            server,
+            stop,
+        });
+        let number = c
+            .number
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}{}", c.path));
+        self.shared.host.log(
+            Level::Info,
+            &format!("webhook listening on http://{addr}{}", c.path),
+        );
+        self.shared.set_status(Status {
+            number: Some(number),
+            display_name: Some(c.display_name.clone()),
+            details: Some(json!({"listen": addr})),
+            ..Status::new(ChannelState::Connected)
+        });
+        Ok(())
+    }
+
+    /// POSTs the message, retrying 5xx/408/429 answers and network errors up to
+    /// `outbound_attempts` times with backoff (honouring a short `Retry-After`). When
+    /// all attempts fail the error is retryable, so the daemon's job retries later;
+    /// a 4xx is permanent. Delivery is at least once: the body carries the host's
+    /// `message` id for the gateway to de-duplicate.
+    fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
+        let Some(url) = self.shared.config.outbound_url.clone() else {
+            return Err(ConnectorError::new(
+                "unsupported",
+                "this webhook channel has no outbound_url, so it cannot send",
+            ));
+        };
+        let body = serde_json::to_vec(&json!({
+            "message": msg.message,
+            "external_chat_id": msg.external_chat_id,
+            "to": msg.to,
+            "text": msg.text,
+            "attachments": msg.attachments,
+        }))
+        .map_err(|e| ConnectorError::new("invalid_message", e.to_string()))?;
+        let Some(l) = self.listener.as_ref() else {
+            return Err(ConnectorError::new("not_running", "webhook is not started").retryable());
+        };
+        l.runtime.block_on(self.deliver(&url, &body, msg.message))
     }
 
     fn status(&self) -> Status {
@@ -903,8 +980,29 @@ mod tests {
             ..head("1", "x")
         };
         assert_eq!(check_head(&c, &big).unwrap_err().status, 413);
-        assert_eq!(read_body(&[b'a'; 201][..], 200).unwrap_err().status, 413);
-        assert_eq!(read_body(&[b'a'; 200][..], 200).unwrap().len(), 200);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let body = |n: usize| Full::new(Bytes::from(vec![b'a'; n]));
+        assert_eq!(
+            rt.block_on(read_body(body(201), 200)).unwrap_err().status,
+            413
+        );
+        assert_eq!(rt.block_on(read_body(body(200), 200)).unwrap().len(), 200);
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = Config::parse(
+            json!({"secret": SECRET, "outbound_secret": "another-secret-0123456789"}),
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains(SECRET) && !shown.contains("another-secret"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]
@@ -992,12 +1090,79 @@ mod tests {
         let t = Instant::now();
         w.stop().unwrap();
         assert!(t.elapsed() < Duration::from_secs(2), "stop is prompt");
-        // The port is free again (tiny_http closes it on its accept thread, a moment
-        // after the drop), so a restarted channel can bind it.
-        let t = Instant::now();
-        while std::net::TcpListener::bind(&addr).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(2), "port still held");
-            std::thread::sleep(Duration::from_millis(20));
+        // The port is free again once stop returns, so a restarted channel can bind it.
+        std::net::TcpListener::bind(&addr).expect("port freed by stop");
+    }
+
+    /// Starts a webhook on a free port; returns it and its address.
+    fn started(extra: serde_json::Value) -> (Webhook, String) {
+        let mut config = json!({"secret": SECRET, "listen": "127.0.0.1:0", "path": "/in"});
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
         }
+        let mut w = Webhook::create(config, Host::detached()).unwrap();
+        w.start().unwrap();
+        let addr = w.status().details.unwrap()["listen"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (w, addr)
+    }
+
+    fn read_all(conn: &mut std::net::TcpStream) -> String {
+        use std::io::Read;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = conn.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn a_stalled_body_gets_408_and_a_big_one_413() {
+        use std::io::Write;
+        let (mut w, addr) = started(json!({"max_body_bytes": 100}));
+        // Declares 50 bytes, sends 5, then stalls: cut off after BODY_TIMEOUT.
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.write_all(b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nhello")
+            .unwrap();
+        let t = Instant::now();
+        let answer = read_all(&mut conn);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(t.elapsed() >= BODY_TIMEOUT - Duration::from_secs(1));
+        // Chunked (undeclared) and too large: 413 once the limit is passed.
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.write_all(b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
+        for _ in 0..3 {
+            let _ = conn.write_all(format!("40\r\n{}\r\n", "a".repeat(64)).as_bytes());
+        }
+        let _ = conn.write_all(b"0\r\n\r\n");
+        let answer = read_all(&mut conn);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        w.stop().unwrap();
+    }
+
+    #[test]
+    fn stop_closes_idle_and_slow_connections() {
+        use std::io::Write;
+        let (mut w, addr) = started(json!({}));
+        // One idle kept-alive connection, one that sent half its headers.
+        let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+        let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+        slow.write_all(b"POST /in HTTP/1.1\r\nHost: x\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        w.stop().unwrap();
+        assert!(
+            t.elapsed() < STOP_GRACE + Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        // Both see their connection closed (EOF) right away, not after a timeout.
+        let t = Instant::now();
+        read_all(&mut idle);
+        read_all(&mut slow);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 }
