@@ -303,7 +303,10 @@ async fn bot_api_polling_sending_and_errors() {
     // where it otherwise polls back to back (1 s long polls).
     let before = api.calls(TOKEN, "getUpdates").len();
     api.bot().rate_limit_next_poll = true;
-    api.push(json!({"text": "seven"}));
+    // "seven" answers "one" (42:100): the reply survives as an attachment.
+    api.push(json!({"text": "seven", "reply_to_message": {
+        "message_id": 100, "date": 1_700_000_100, "chat": {"id": 42, "type": "private"}, "text": "one"
+    }}));
     d.until("7 inbound", Duration::from_secs(30), || async {
         (inbound(&d, acc).await.len() >= 7).then_some(())
     })
@@ -325,6 +328,16 @@ async fn bot_api_polling_sending_and_errors() {
     .await;
     let status = channel(&d, acc, id).await.expect("channel");
     assert_eq!(status["status"], "connected", "a 429 is no error: {status}");
+    let seven = inbound(&d, acc)
+        .await
+        .into_iter()
+        .find(|m| m["text"] == "seven")
+        .expect("seven stored");
+    assert_eq!(
+        seven["attachments"][0],
+        json!({"type": "reply", "external_message_id": "42:100", "text": "one"}),
+        "{seven}"
+    );
     let msgs = inbound(&d, acc).await;
     assert_eq!(msgs.len(), 7, "nothing lost or doubled: {msgs:?}");
 

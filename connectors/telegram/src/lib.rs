@@ -676,8 +676,40 @@ impl Telegram {
     }
 }
 
+/// `reply_parameters` for a `{"type":"reply","external_message_id":"<chat>:<id>"}`
+/// attachment (as inbound replies carry them): the first call answers that message.
+fn reply_parameters(chat_id: &Value, a: &Value) -> Result<Value, ConnectorError> {
+    let bad = || {
+        ConnectorError::new(
+            "invalid_message",
+            "a reply attachment needs external_message_id \"<chat id>:<message id>\"",
+        )
+    };
+    let id = a
+        .get("external_message_id")
+        .and_then(Value::as_str)
+        .ok_or_else(bad)?;
+    let (chat, message) = id.rsplit_once(':').ok_or_else(bad)?;
+    let message: i64 = message.parse().map_err(|_| bad())?;
+    // A deleted original must not make the answer itself fail.
+    let mut params = json!({"message_id": message, "allow_sending_without_reply": true});
+    let same_chat = match chat_id {
+        Value::String(name) => name == chat,
+        other => other.as_i64().is_some_and(|n| n.to_string() == chat),
+    };
+    if !same_chat && let Some(p) = params.as_object_mut() {
+        p.insert(
+            "chat_id".into(),
+            chat.parse::<i64>()
+                .map_or_else(|_| chat.into(), Value::from),
+        );
+    }
+    Ok(params)
+}
+
 /// The Bot API calls that send `msg`: media by `file_id` or `url` (the first one
 /// carrying the text as caption when it fits), then the text in 4096-character parts.
+/// A `reply` attachment makes the first call a reply to that message.
 pub fn plan_send(
     chat_id: &Value,
     text: &str,
@@ -685,8 +717,13 @@ pub fn plan_send(
 ) -> Result<Vec<(&'static str, Value)>, ConnectorError> {
     let mut calls = Vec::new();
     let mut text_done = text.is_empty();
+    let mut reply_to = None;
     for a in attachments {
         let kind = a.get("type").and_then(Value::as_str).unwrap_or_default();
+        if kind == "reply" {
+            reply_to = Some(reply_parameters(chat_id, a)?);
+            continue;
+        }
         let (method, field) = match kind {
             "photo" => ("sendPhoto", "photo"),
             "document" => ("sendDocument", "document"),
@@ -737,6 +774,11 @@ pub fn plan_send(
             "invalid_message",
             "nothing to send: no text and no attachments",
         ));
+    }
+    if let (Some(r), Some((_, first))) = (reply_to, calls.first_mut())
+        && let Some(p) = first.as_object_mut()
+    {
+        p.insert("reply_parameters".into(), r);
     }
     Ok(calls)
 }
@@ -976,6 +1018,39 @@ mod tests {
             plan_send(&chat, "", &[]).unwrap_err().code,
             "invalid_message"
         );
+        // A reply: the first call answers the message; the reply alone sends nothing.
+        let reply = json!({"type": "reply", "external_message_id": "42:5"});
+        let p = plan_send(&chat, "yes", std::slice::from_ref(&reply)).unwrap();
+        assert_eq!(
+            p,
+            vec![(
+                "sendMessage",
+                json!({"chat_id": 42, "text": "yes",
+                       "reply_parameters": {"message_id": 5, "allow_sending_without_reply": true}})
+            )]
+        );
+        let p = plan_send(
+            &chat,
+            "",
+            &[
+                json!({"type": "reply", "external_message_id": "7:5"}),
+                json!({"type": "photo", "file_id": "F"}),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p[0].1["reply_parameters"],
+            json!({"message_id": 5, "chat_id": 7, "allow_sending_without_reply": true})
+        );
+        assert_eq!(
+            plan_send(&chat, "", &[reply]).unwrap_err().code,
+            "invalid_message"
+        );
+        let bad = json!({"type": "reply", "external_message_id": "nonsense"});
+        assert_eq!(
+            plan_send(&chat, "x", &[bad]).unwrap_err().code,
+            "invalid_message"
+        );
     }
 
     #[test]
@@ -991,6 +1066,109 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(e.code, "no_chat");
+    }
+
+    /// A Bot API stand-in: answers each request by method from `answer` (status, body),
+    /// one connection per request, and records the methods called.
+    fn fake_api(
+        answer: impl Fn(&str) -> (u16, Value) + Send + Sync + 'static,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (seen, answer) = (calls.clone(), Arc::new(answer));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (seen, answer) = (seen.clone(), answer.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn);
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    let method = line.split('/').nth(2).unwrap_or("").split(' ').next();
+                    let method = method.unwrap_or("").to_owned();
+                    let mut len = 0;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    if method == "getUpdates" {
+                        // A long poll that finds nothing.
+                        std::thread::sleep(Duration::from_millis(500));
+                    } else {
+                        seen.lock().unwrap().push(method.clone());
+                    }
+                    let (status, body) = answer(&method);
+                    let body = body.to_string();
+                    let out = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = r.into_inner().write_all(out.as_bytes());
+                });
+            }
+        });
+        (url, calls)
+    }
+
+    #[test]
+    fn a_part_that_fails_after_another_was_sent_is_not_retried() {
+        let (url, calls) = fake_api(|method| match method {
+            "getMe" => (
+                200,
+                json!({"ok": true, "result": {"id": 1, "first_name": "B"}}),
+            ),
+            "getUpdates" => (200, json!({"ok": true, "result": []})),
+            "sendPhoto" => (
+                200,
+                json!({"ok": true, "result": {"message_id": 7, "chat": {"id": 42}}}),
+            ),
+            _ => (
+                502,
+                json!({"ok": false, "error_code": 502, "description": "Bad Gateway"}),
+            ),
+        });
+        let mut t = Telegram::create(
+            cfg(json!({"api_base": url, "request_timeout_secs": 2, "poll_timeout_secs": 0})),
+            Host::detached(),
+        )
+        .unwrap();
+        t.start().unwrap();
+        let msg = |text: String, attachments| Outbound {
+            message: 1,
+            external_chat_id: "42".into(),
+            to: Default::default(),
+            text,
+            attachments,
+        };
+        // Photo first (caption too long to ride along), then the text: the text fails.
+        let photo = vec![json!({"type": "photo", "file_id": "F"})];
+        let e = t
+            .send(msg("x".repeat(MAX_CAPTION + 1), photo.clone()))
+            .unwrap_err();
+        assert_eq!(e.code, "partially_sent", "{e:?}");
+        assert!(!e.retryable, "a retry would send the photo twice");
+        assert!(e.message.contains("42:7"), "{}", e.message);
+        // Nothing sent yet when the first part fails: retryable as usual.
+        let e = t.send(msg("hi".into(), vec![])).unwrap_err();
+        assert_eq!((e.code.as_str(), e.retryable), ("unavailable", true));
+        let sends: Vec<String> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.starts_with("send"))
+            .cloned()
+            .collect();
+        assert_eq!(sends, ["sendPhoto", "sendMessage", "sendMessage"]);
+        t.stop().unwrap();
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Only `message` updates become messages (edits, channel posts, callbacks and the
 //! rest are skipped, but their update id still advances the offset). Media become
-//! attachments by `file_id` (fetchable with getFile), with the metadata Telegram gives.
+//! attachments by `file_id` (fetchable with getFile), with the metadata Telegram gives;
+//! a reply carries `{"type":"reply","external_message_id":…}` naming the message it
+//! answers (in the same `<chat id>:<message id>` form as inbound ids).
 
 use patchbay_connector_sdk::chrono::{DateTime, Utc};
 use patchbay_connector_sdk::{Inbound, Sender};
@@ -140,6 +142,30 @@ fn attachments(raw: &Value) -> Vec<Value> {
     out
 }
 
+/// The `reply` attachment for a `reply_to_message`: which message is answered, with
+/// a short quote of it for operators. `None` when it names no message.
+fn reply(replied: &Value, chat_id: i64) -> Option<Value> {
+    let message_id = replied.get("message_id")?.as_i64()?;
+    // A reply within the chat, as Telegram sends it; the chat field wins if present.
+    let chat = replied
+        .get("chat")
+        .and_then(|c| c.get("id"))
+        .and_then(Value::as_i64)
+        .unwrap_or(chat_id);
+    let mut a = json!({"type": "reply", "external_message_id": format!("{chat}:{message_id}")});
+    let quote = replied
+        .get("text")
+        .or_else(|| replied.get("caption"))
+        .and_then(Value::as_str);
+    if let (Some(q), Some(o)) = (quote, a.as_object_mut()) {
+        o.insert(
+            "text".into(),
+            q.chars().take(200).collect::<String>().into(),
+        );
+    }
+    Some(a)
+}
+
 /// A phone as Telegram shares it ("15550001111" or "+15550001111") in E.164 form.
 fn normalize_phone(p: &str) -> Option<String> {
     let digits: String = p.chars().filter(char::is_ascii_digit).collect();
@@ -167,10 +193,16 @@ pub fn to_inbound(update: &Value) -> Result<Inbound, Skip> {
     let raw = update.get("message").ok_or(Skip::NotAMessage)?;
     let m: Message =
         serde_json::from_value(raw.clone()).map_err(|e| Skip::Malformed(e.to_string()))?;
-    let attachments = attachments(raw);
+    let mut attachments = attachments(raw);
     let text = m.text.or(m.caption).unwrap_or_default();
     if text.is_empty() && attachments.is_empty() {
         return Err(Skip::Empty);
+    }
+    if let Some(r) = raw
+        .get("reply_to_message")
+        .and_then(|r| reply(r, m.chat.id))
+    {
+        attachments.push(r);
     }
     let sender = match &m.from {
         Some(u) => {
@@ -278,6 +310,22 @@ mod tests {
             assert_eq!(m.attachments[0]["type"], kind);
             assert_eq!(m.attachments[0]["file_id"], format!("{kind}-id"));
         }
+    }
+
+    #[test]
+    fn replies_name_the_message_they_answer() {
+        let u = json!({"update_id": 20, "message": {
+            "message_id": 9, "date": 1, "from": {"id": 42, "first_name": "Ann"},
+            "chat": {"id": 42}, "text": "yes, that one",
+            "reply_to_message": {"message_id": 5, "date": 0, "chat": {"id": 42},
+                                 "text": "which colour?"}
+        }});
+        let m = to_inbound(&u).unwrap();
+        assert_eq!(
+            m.attachments,
+            vec![json!({"type": "reply", "external_message_id": "42:5", "text": "which colour?"})]
+        );
+        Event::Inbound(m).validate().unwrap();
     }
 
     #[test]
