@@ -430,4 +430,21 @@ async fn bot_api_polling_sending_and_errors() {
     // Not a retry storm either: one poll, then the 30 s wait.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(api.calls(CONFLICT_TOKEN, "getUpdates").len(), 1);
+
+    // Removing a channel stops its connector inside the daemon: the long poll in
+    // flight is cancelled and the poller joined, so no call follows.
+    d.ok(
+        "channel.remove",
+        json!({"account": acc, "actor": admin, "channel": id}),
+    )
+    .await;
+    let polls = api.calls(TOKEN, "getUpdates").len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        api.calls(TOKEN, "getUpdates").len(),
+        polls,
+        "no poll after stop"
+    );
+    let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -207,4 +207,34 @@ async fn signed_inbound_and_retried_outbound() {
         },
     )
     .await;
+
+    // Removing the channel stops the connector inside the daemon: its port is closed
+    // once channel.remove returns, and the stop did not panic.
+    let url = d
+        .until(
+            "webhook connected again",
+            Duration::from_secs(20),
+            || async {
+                let list = d.ok("channel.list", json!({"account": acc})).await;
+                let c = list.as_array()?.iter().find(|c| c["id"] == id)?.clone();
+                (c["status"] == "connected").then(|| c["number"].as_str().map(str::to_owned))?
+            },
+        )
+        .await;
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/in")
+        .to_owned();
+    assert!(std::net::TcpStream::connect(&addr).is_ok(), "{addr}");
+    d.ok(
+        "channel.remove",
+        json!({"account": acc, "actor": admin, "channel": id}),
+    )
+    .await;
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the port is closed once the channel is removed"
+    );
+    let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
 }
