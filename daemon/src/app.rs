@@ -15,6 +15,7 @@ use patchbay_jobs::{DomainError, JobError, JobKind, Store};
 use serde_json::{Value, json};
 
 use crate::config::{BillingConfig, Settings};
+use crate::inbound_batcher::InboundBatcher;
 use crate::mail::{self, AccountFigures, Mailer};
 use crate::plugin_host::supervisor::Supervisor;
 use crate::queue::{Envelope, Queue};
@@ -29,6 +30,8 @@ pub struct App {
     /// `billing()`, not `settings.raw.billing`, which keeps the values from start.
     pub billing: std::sync::RwLock<Arc<BillingConfig>>,
     pub mailer: Mailer,
+    /// Group commit for `inbound_message` jobs (see `inbound_batcher`).
+    pub inbound: InboundBatcher,
 }
 
 impl App {

@@ -225,7 +225,9 @@ impl Settings {
 
     pub fn concurrency(&self, kind: JobKind) -> usize {
         let default = match kind {
-            JobKind::InboundMessage | JobKind::SendMessage => 32,
+            // Inbound handlers mostly wait for the batcher: many in flight make big batches.
+            JobKind::InboundMessage => 512,
+            JobKind::SendMessage => 32,
             // Deletion is paced and must never crowd out inbound work.
             JobKind::DataDeletion => 1,
             _ => 8,

@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod health;
+pub mod inbound_batcher;
 pub mod logging;
 pub mod mail;
 pub mod notify;

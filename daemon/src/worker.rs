@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use patchbay_jobs::model::{JobRecord, JobState, now_ms};
-use patchbay_jobs::{JobError, JobKind, handlers};
+use patchbay_jobs::store::InboundJob;
+use patchbay_jobs::{JobError, JobKind, Payload, handlers};
 
 use crate::app::App;
 use crate::queue::Envelope;
@@ -24,6 +25,32 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
             return;
         }
     };
+    if kind == JobKind::InboundMessage
+        && let Some(job) = batchable(&env)
+        && app.inbound.submit(job).await
+    {
+        return;
+    }
+    run_single(app, env, kind).await
+}
+
+/// The job as the inbound batcher takes it; `None` when its payload is bad, which the
+/// per-job path turns into a dead job with the reason.
+fn batchable(env: &Envelope) -> Option<InboundJob> {
+    let Ok(Payload::InboundMessage(msg)) = JobKind::InboundMessage.parse_payload(&env.payload)
+    else {
+        return None;
+    };
+    let phone = handlers::inbound_sender_phone(&msg).ok()?;
+    Some(InboundJob {
+        job: env.id.clone(),
+        msg,
+        phone,
+    })
+}
+
+/// The per-job path: journal the attempt, run the handler, journal the outcome.
+async fn run_single(app: Arc<App>, env: Envelope, kind: JobKind) {
     let now = now_ms();
     let rec = JobRecord {
         id: env.id.clone(),

@@ -11,7 +11,7 @@ use chrono::NaiveDate;
 
 use crate::billing::{self, Prices, Warning};
 use crate::error::{DomainError, JobError};
-use crate::kind::{JobKind, Payload};
+use crate::kind::{InboundMessage, JobKind, Payload};
 use crate::model::{Account, Channel, Id};
 use crate::phone;
 use crate::store::{ChargeOutcome, Store};
@@ -61,20 +61,9 @@ pub async fn run(
             Ok(())
         }
         Payload::InboundMessage(m) => {
-            let phone = m
-                .sender
-                .phone
-                .as_deref()
-                .and_then(phone::normalize_reported);
-            if phone.is_none() && m.sender.username.is_none() {
-                return Err(JobError::Permanent(format!(
-                    "sender phone {:?} is not a phone number and there is no username",
-                    m.sender.phone
-                )));
-            }
-            let out = store.store_inbound(m, phone.as_deref()).await?;
-            if out.duplicate {
-                tracing::debug!(message = out.message, "inbound message was stored before");
+            let phone = inbound_sender_phone(m)?;
+            if !store.store_inbound(m, phone.as_deref()).await? {
+                tracing::debug!(message = %m.external_message_id, "inbound message was stored before");
             }
             Ok(())
         }
@@ -100,6 +89,23 @@ pub async fn run(
         }
         Payload::DataDeletion(d) => data_deletion(store, effects, d.run).await,
     }
+}
+
+/// The sender's phone in E.164, which (else the username) identifies the contact; a
+/// permanent error when neither can.
+pub fn inbound_sender_phone(m: &InboundMessage) -> Result<Option<String>, JobError> {
+    let phone = m
+        .sender
+        .phone
+        .as_deref()
+        .and_then(phone::normalize_reported);
+    if phone.is_none() && m.sender.username.is_none() {
+        return Err(JobError::Permanent(format!(
+            "sender phone {:?} is not a phone number and there is no username",
+            m.sender.phone
+        )));
+    }
+    Ok(phone)
 }
 
 async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Result<(), JobError> {

@@ -90,13 +90,26 @@ pub struct BatchOutcome {
     pub finished: bool,
 }
 
-/// What storing an inbound message did.
+/// One queued `inbound_message` job for `Store::run_inbound_batch`: its journal id, the
+/// payload, and the sender's phone normalised by `handlers::inbound_sender_phone`.
+#[derive(Clone, Debug)]
+pub struct InboundJob {
+    pub job: String,
+    pub msg: InboundMessage,
+    pub phone: Option<String>,
+}
+
+/// What `run_inbound_batch` did with one job of the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InboundOutcome {
-    pub message: Id,
-    pub chat: Id,
-    /// The message was stored before (a redelivered job); nothing changed.
-    pub duplicate: bool,
+pub enum BatchedJob {
+    /// Its message is stored (now, or by an earlier delivery) and the job is `done`.
+    Done,
+    /// The journal says done or dead already (a redelivered copy): nothing ran.
+    AlreadyFinished,
+    /// No journal row: the caller runs it on the per-job path, which recreates it.
+    NotJournalled,
+    /// It can never succeed (its channel does not exist); journalled `dead` with this.
+    Dead(String),
 }
 
 #[async_trait]
@@ -206,11 +219,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Upserts contact and chat, reopens a closed chat, stores the message once per
     /// (channel, external message id) and bumps the unread count — in one transaction.
-    async fn store_inbound(
-        &self,
-        msg: &InboundMessage,
-        phone: Option<&str>,
-    ) -> StoreResult<InboundOutcome>;
+    /// `false` when it was stored before (a redelivered job): nothing changed.
+    async fn store_inbound(&self, msg: &InboundMessage, phone: Option<&str>) -> StoreResult<bool>;
+    /// Runs many `inbound_message` jobs in one transaction: for each job still to run,
+    /// what `store_inbound` does, and its journal row goes to `done` (or `dead`) in the
+    /// same commit. One outcome per job, in order. An `Err` means nothing was written
+    /// and the caller should run the jobs one by one.
+    async fn run_inbound_batch(&self, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>>;
 
     /// Starts a data deletion run with cutoff now: bumps the account's data epoch so
     /// everything older is hidden at once and new traffic lands in fresh chats and

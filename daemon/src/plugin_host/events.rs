@@ -21,8 +21,10 @@ const BATCH: usize = 512;
 
 type Batch = Vec<(Value, RawEvent)>;
 
-/// Inbound jobs waiting in the queue beyond which connectors are slowed down.
-const MAX_INBOUND_BACKLOG: u64 = 20_000;
+/// Inbound jobs waiting in the queue beyond which connectors are slowed down. Enough
+/// to keep every inbound worker (512 by default) busy several times over; more only
+/// adds latency, memory, and work to each SQLite queue fetch.
+const MAX_INBOUND_BACKLOG: u64 = 8_192;
 
 /// Consumes the shared event channel until every sender is gone. Status and receipt
 /// events are applied in order here; inbound events are gathered into batches that a
@@ -95,14 +97,7 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                 raw.settle();
                 return;
             }
-            let state = s.state.as_str();
-            if let Err(e) = app
-                .store
-                .set_channel_status(channel, state, s.reason.as_deref())
-                .await
-            {
-                tracing::warn!(channel, error = %e, "cannot record the channel status");
-            }
+            // Number and name first: whoever sees "connected" must see them too.
             if (s.number.is_some() || s.display_name.is_some())
                 && let Err(e) = app
                     .store
@@ -110,6 +105,13 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                     .await
             {
                 tracing::warn!(channel, error = %e, "cannot record the channel number");
+            }
+            if let Err(e) = app
+                .store
+                .set_channel_status(channel, s.state.as_str(), s.reason.as_deref())
+                .await
+            {
+                tracing::warn!(channel, error = %e, "cannot record the channel status");
             }
             raw.settle();
         }

@@ -77,7 +77,11 @@ impl SqliteQueue {
         let base = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
-            .busy_timeout(tuning.busy_timeout);
+            .busy_timeout(tuning.busy_timeout)
+            // Reads through a memory map and a larger page cache than SQLite's 2 MB:
+            // fetches and acks otherwise spend their time in pread().
+            .pragma("mmap_size", "268435456")
+            .pragma("cache_size", "-16384");
 
         // apalis' setup() runs `PRAGMA synchronous = OFF` on whichever pooled
         // connection it gets, and that sticks for the connection's lifetime.
@@ -206,10 +210,14 @@ impl SqliteQueue {
     }
 
     pub(super) async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        // `status IN` lets SQLite walk only these statuses in the (job_type, status,
+        // run_at) index; `job_type = ?` alone made it visit every job the queue kept,
+        // finished ones included, on each call (the inbound backpressure check runs
+        // this per batch).
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM Jobs WHERE job_type = ?1 AND \
-             (status IN ('Pending', 'Queued', 'Running') \
-              OR (status = 'Failed' AND attempts < max_attempts))",
+            "SELECT COUNT(*) FROM Jobs WHERE job_type = ?1 \
+             AND status IN ('Pending', 'Queued', 'Running', 'Failed') \
+             AND (status <> 'Failed' OR attempts < max_attempts)",
         )
         .bind(queue)
         .fetch_one(&self.pool)

@@ -1,0 +1,677 @@
+//! Storing inbound messages, the store's hot path: `Store::run_inbound_batch` (many
+//! `inbound_message` jobs) and `Store::store_inbound` (one) share `store_messages`.
+//!
+//! One `BEGIN IMMEDIATE` transaction takes a batch of jobs: it reads their journal
+//! states, stores every message that is not stored yet (contact by phone else username,
+//! chat per channel + external id in the account's current data epoch, reopen, unread,
+//! last message time), and marks the jobs done in the same commit. Lookups and writes run once per batch (or per channel / account),
+//! not once per message: each statement costs a round trip to sqlx's connection
+//! thread, which is what bounded the per-job path. The batch statements pass their rows
+//! as one JSON array read with SQLite's `json_each`; a PostgreSQL store would use
+//! `jsonb_array_elements` in the same places.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Value, json};
+
+use super::SqliteStore;
+use crate::kind::InboundMessage;
+use crate::model::{Id, now_ms};
+use crate::store::{BatchedJob, InboundJob, StoreResult};
+
+type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// Contacts of ($1 account, $2 epoch) whose phone / username is in the JSON array $3,
+/// oldest first: the first match wins, as it always has.
+const BY_PHONE: &str = "SELECT id, phone, username, name FROM contacts \
+     WHERE account_id = $1 AND epoch = $2 \
+     AND phone IN (SELECT value FROM json_each($3)) ORDER BY id";
+const BY_USERNAME: &str = "SELECT id, phone, username, name FROM contacts \
+     WHERE account_id = $1 AND epoch = $2 \
+     AND username IN (SELECT value FROM json_each($3)) ORDER BY id";
+
+/// A contact as the batch knows it: enough to decide whether a message fills a gap.
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct ContactRow {
+    id: Id,
+    phone: Option<String>,
+    username: Option<String>,
+    name: Option<String>,
+}
+
+/// The contacts of one (account, epoch) that this batch looked up or created.
+#[derive(Default)]
+struct Contacts {
+    by_phone: HashMap<String, ContactRow>,
+    by_username: HashMap<String, ContactRow>,
+}
+
+impl Contacts {
+    fn find(&self, phone: Option<&str>, username: Option<&str>) -> Option<ContactRow> {
+        phone
+            .and_then(|p| self.by_phone.get(p))
+            .or_else(|| username.and_then(|u| self.by_username.get(u)))
+            .cloned()
+    }
+
+    /// Remembers a contact under its phone and username; the first (lowest id) wins,
+    /// as in the per-message lookup's `ORDER BY id`.
+    fn remember(&mut self, c: &ContactRow) {
+        for (key, map) in [
+            (&c.phone, &mut self.by_phone),
+            (&c.username, &mut self.by_username),
+        ] {
+            if let Some(key) = key {
+                map.entry(key.clone()).or_insert_with(|| c.clone());
+            }
+        }
+    }
+
+    /// After a fill-in: later messages of the batch must see the contact as it is now.
+    fn refresh(&mut self, c: &ContactRow) {
+        for map in [&mut self.by_phone, &mut self.by_username] {
+            for v in map.values_mut().filter(|v| v.id == c.id) {
+                *v = c.clone();
+            }
+        }
+        self.remember(c);
+    }
+}
+
+pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>> {
+    let mut out = vec![BatchedJob::Done; jobs.len()];
+    if jobs.is_empty() {
+        return Ok(out);
+    }
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+
+    // Journal: which jobs still have to run.
+    let ids = Value::from(jobs.iter().map(|j| j.job.as_str()).collect::<Vec<_>>()).to_string();
+    let states: HashMap<String, String> =
+        sqlx::query_as("SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each($1))")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut live = Vec::with_capacity(jobs.len());
+    let mut taken = HashSet::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match states.get(&job.job).map(String::as_str) {
+            None => out[i] = BatchedJob::NotJournalled,
+            Some("done" | "dead") => out[i] = BatchedJob::AlreadyFinished,
+            // The same job delivered twice into one batch runs once.
+            Some(_) if !taken.insert(job.job.as_str()) => out[i] = BatchedJob::AlreadyFinished,
+            Some(_) => live.push(i),
+        }
+    }
+    let msgs: Vec<(&InboundMessage, Option<&str>)> = live
+        .iter()
+        .map(|&i| (&jobs[i].msg, jobs[i].phone.as_deref()))
+        .collect();
+    let stored = store_messages(&mut tx, &msgs, now).await?;
+    for (&i, s) in live.iter().zip(stored) {
+        if s == Stored::UnknownChannel {
+            let channel = jobs[i].msg.channel;
+            out[i] = BatchedJob::Dead(format!("channel {channel} does not exist"));
+        }
+    }
+
+    // Journal: every job that ran is done (duplicates included), in the same commit.
+    let done = Value::from(
+        live.iter()
+            .filter(|&&i| out[i] == BatchedJob::Done)
+            .map(|&i| jobs[i].job.as_str())
+            .collect::<Vec<_>>(),
+    );
+    sqlx::query(
+        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2 \
+         WHERE id IN (SELECT value FROM json_each($1)) AND state NOT IN ('done', 'dead')",
+    )
+    .bind(done.to_string())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    for (job, outcome) in jobs.iter().zip(&out) {
+        if let BatchedJob::Dead(reason) = outcome {
+            sqlx::query(
+                "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = $1, \
+                 updated_at = $2 WHERE id = $3 AND state NOT IN ('done', 'dead')",
+            )
+            .bind(reason)
+            .bind(now)
+            .bind(&job.job)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// What `store_messages` did with one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stored {
+    New,
+    /// Stored before, or earlier in the same call: nothing changed.
+    Duplicate,
+    UnknownChannel,
+}
+
+/// Stores inbound messages (each with its sender's normalised phone) inside `tx`:
+/// contacts and chats found or created in the account's current data epoch, each
+/// message once per (channel, external id), chats reopened with unread and last
+/// message time bumped. `now` must be taken after `tx` took the write lock, so a data
+/// deletion run committed before has its cutoff at or before it and its epoch is seen.
+pub(super) async fn store_messages(
+    tx: &mut Tx,
+    msgs: &[(&InboundMessage, Option<&str>)],
+    now: i64,
+) -> StoreResult<Vec<Stored>> {
+    let mut out = vec![Stored::New; msgs.len()];
+    // Channels: their account and the account's current data epoch.
+    let channel_ids: Vec<Id> = distinct(msgs.iter().map(|(m, _)| m.channel));
+    let channels: HashMap<Id, (Id, i64)> = sqlx::query_as::<_, (Id, Id, i64)>(
+        "SELECT c.id, c.account_id, a.data_epoch FROM channels c \
+         JOIN accounts a ON a.id = c.account_id \
+         WHERE c.id IN (SELECT value FROM json_each($1))",
+    )
+    .bind(Value::from(channel_ids).to_string())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|(id, account, epoch)| (id, (account, epoch)))
+    .collect();
+    let mut live: Vec<usize> = (0..msgs.len()).collect();
+    live.retain(|&i| {
+        let known = channels.contains_key(&msgs[i].0.channel);
+        if !known {
+            out[i] = Stored::UnknownChannel;
+        }
+        known
+    });
+
+    // Messages stored before, and repeats within this call, touch no contact or chat.
+    let keys = Value::from(
+        live.iter()
+            .map(|&i| json!([msgs[i].0.channel, msgs[i].0.external_message_id]))
+            .collect::<Vec<_>>(),
+    );
+    let mut stored: HashSet<(Id, String)> = sqlx::query_as::<_, (Id, String)>(
+        "SELECT m.channel_id, m.external_message_id FROM json_each($1) j \
+         JOIN messages m ON m.channel_id = j.value ->> 0 \
+         AND m.external_message_id = j.value ->> 1",
+    )
+    .bind(keys.to_string())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    live.retain(|&i| {
+        let m = msgs[i].0;
+        let new = stored.insert((m.channel, m.external_message_id.clone()));
+        if !new {
+            out[i] = Stored::Duplicate;
+        }
+        new
+    });
+
+    // Contacts and chats already there, looked up in bulk per account and channel.
+    let mut contacts = lookup_contacts(tx, msgs, &live, &channels).await?;
+    let mut chats = lookup_chats(tx, msgs, &live, &channels).await?;
+
+    let mut rows = Vec::with_capacity(live.len());
+    // chat id -> (new messages, latest sent_at)
+    let mut bumps: HashMap<Id, (i64, i64)> = HashMap::new();
+    for &i in &live {
+        let (msg, phone) = msgs[i];
+        let (account, epoch) = channels[&msg.channel];
+        let book = contacts.entry((account, epoch)).or_default();
+        let sender = Sender::of(msg, phone);
+        let contact = contact_for(tx, book, (account, epoch), sender, now).await?;
+        let chat_key = (msg.channel, msg.external_chat_id.clone());
+        let chat = match chats.get(&chat_key) {
+            Some(&id) => id,
+            None => {
+                let id: Id = sqlx::query_scalar(
+                    "INSERT INTO chats (account_id, epoch, channel_id, contact_id, \
+                     external_chat_id, status, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, 'open', $6) RETURNING id",
+                )
+                .bind(account)
+                .bind(epoch)
+                .bind(msg.channel)
+                .bind(contact)
+                .bind(&msg.external_chat_id)
+                .bind(now)
+                .fetch_one(&mut **tx)
+                .await?;
+                chats.insert(chat_key, id);
+                id
+            }
+        };
+        let sent_at = msg.sent_at.timestamp_millis();
+        rows.push(json!([
+            account,
+            chat,
+            msg.channel,
+            msg.external_message_id,
+            msg.text,
+            Value::from(msg.attachments.clone()).to_string(),
+            sent_at,
+        ]));
+        let bump = bumps.entry(chat).or_insert((0, sent_at));
+        bump.0 += 1;
+        bump.1 = bump.1.max(sent_at);
+    }
+    if rows.is_empty() {
+        return Ok(out);
+    }
+    sqlx::query(
+        "INSERT INTO messages (account_id, chat_id, channel_id, direction, \
+         external_message_id, text, attachments, status, sent_at, created_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, 'in', value ->> 3, value ->> 4, \
+         value ->> 5, 'received', value ->> 6, $2 FROM json_each($1)",
+    )
+    .bind(Value::from(rows).to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    // Reopening leaves the responsible user as it is: none if closing reset it.
+    let bumps: Vec<Value> = bumps
+        .into_iter()
+        .map(|(chat, (n, t))| json!([chat, n, t]))
+        .collect();
+    sqlx::query(
+        "UPDATE chats SET unread = unread + j.n, status = 'open', \
+         last_message_at = max(coalesce(last_message_at, j.t), j.t) \
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS n, value ->> 2 AS t \
+               FROM json_each($1)) AS j \
+         WHERE chats.id = j.id",
+    )
+    .bind(Value::from(bumps).to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(out)
+}
+
+fn distinct<T: Eq + std::hash::Hash + Copy>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut seen = HashSet::new();
+    items.filter(|x| seen.insert(*x)).collect()
+}
+
+/// The existing contacts the batch's senders may match, per (account, epoch): by phone,
+/// and by username for senders whose phone (if any) matched nobody.
+async fn lookup_contacts(
+    tx: &mut Tx,
+    msgs: &[(&InboundMessage, Option<&str>)],
+    live: &[usize],
+    channels: &HashMap<Id, (Id, i64)>,
+) -> StoreResult<HashMap<(Id, i64), Contacts>> {
+    // (account, epoch) -> (phones, usernames) to look up
+    type Keys<'a> = (Vec<&'a str>, Vec<&'a str>);
+    let mut wanted: HashMap<(Id, i64), Keys> = HashMap::new();
+    for &i in live {
+        let (msg, phone) = msgs[i];
+        let entry = wanted.entry(channels[&msg.channel]).or_default();
+        if let Some(p) = phone {
+            entry.0.push(p);
+        }
+        if let Some(u) = msg.sender.username.as_deref() {
+            entry.1.push(u);
+        }
+    }
+    let mut books = HashMap::new();
+    for ((account, epoch), (phones, usernames)) in wanted {
+        let mut book = Contacts::default();
+        for (sql, values) in [(BY_PHONE, phones), (BY_USERNAME, usernames)] {
+            if values.is_empty() {
+                continue;
+            }
+            let found: Vec<ContactRow> = sqlx::query_as(sql)
+                .bind(account)
+                .bind(epoch)
+                .bind(Value::from(values).to_string())
+                .fetch_all(&mut **tx)
+                .await?;
+            for c in &found {
+                book.remember(c);
+            }
+        }
+        books.insert((account, epoch), book);
+    }
+    Ok(books)
+}
+
+/// The existing chats of the batch, by (channel, external chat id), in each channel's
+/// current epoch.
+async fn lookup_chats(
+    tx: &mut Tx,
+    msgs: &[(&InboundMessage, Option<&str>)],
+    live: &[usize],
+    channels: &HashMap<Id, (Id, i64)>,
+) -> StoreResult<HashMap<(Id, String), Id>> {
+    let keys = Value::from(
+        live.iter()
+            .map(|&i| {
+                let m = msgs[i].0;
+                json!([m.channel, channels[&m.channel].1, m.external_chat_id])
+            })
+            .collect::<Vec<_>>(),
+    );
+    let rows: Vec<(Id, Id, String)> = sqlx::query_as(
+        "SELECT DISTINCT c.id, c.channel_id, c.external_chat_id FROM json_each($1) j \
+         JOIN chats c ON c.channel_id = j.value ->> 0 AND c.external_chat_id = j.value ->> 2 \
+         AND c.epoch = j.value ->> 1",
+    )
+    .bind(keys.to_string())
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, channel, external)| ((channel, external), id))
+        .collect())
+}
+
+/// Who sent a message, as far as the contact is concerned.
+#[derive(Clone, Copy)]
+pub(super) struct Sender<'a> {
+    pub phone: Option<&'a str>,
+    pub username: Option<&'a str>,
+    pub name: Option<&'a str>,
+}
+
+impl<'a> Sender<'a> {
+    fn of(msg: &'a InboundMessage, phone: Option<&'a str>) -> Self {
+        Sender {
+            phone,
+            username: msg.sender.username.as_deref(),
+            name: msg.sender.name.as_deref(),
+        }
+    }
+}
+
+/// The one contact of `(account, epoch)` that `sender` is, found or created (for a
+/// chat an operator opens to a phone number).
+pub(super) async fn find_or_create_contact(
+    tx: &mut Tx,
+    (account, epoch): (Id, i64),
+    sender: Sender<'_>,
+    now: i64,
+) -> StoreResult<Id> {
+    let mut book = Contacts::default();
+    for (sql, key) in [(BY_PHONE, sender.phone), (BY_USERNAME, sender.username)] {
+        if let Some(key) = key {
+            let found: Vec<ContactRow> = sqlx::query_as(sql)
+                .bind(account)
+                .bind(epoch)
+                .bind(json!([key]).to_string())
+                .fetch_all(&mut **tx)
+                .await?;
+            found.iter().for_each(|c| book.remember(c));
+        }
+    }
+    contact_for(tx, &mut book, (account, epoch), sender, now).await
+}
+
+/// The contact a message's sender is: found by phone else username, filled in where it
+/// lacked what the message tells, or created.
+async fn contact_for(
+    tx: &mut Tx,
+    book: &mut Contacts,
+    (account, epoch): (Id, i64),
+    Sender {
+        phone,
+        username,
+        name,
+    }: Sender<'_>,
+    now: i64,
+) -> StoreResult<Id> {
+    match book.find(phone, username) {
+        Some(mut c) => {
+            let fills = |have: &Option<String>, got: Option<&str>| have.is_none() && got.is_some();
+            if fills(&c.phone, phone) || fills(&c.username, username) || fills(&c.name, name) {
+                sqlx::query(
+                    "UPDATE contacts SET name = COALESCE(name, $1), \
+                     username = COALESCE(username, $2), phone = COALESCE(phone, $3) \
+                     WHERE id = $4",
+                )
+                .bind(name)
+                .bind(username)
+                .bind(phone)
+                .bind(c.id)
+                .execute(&mut **tx)
+                .await?;
+                c.phone = c.phone.or_else(|| phone.map(str::to_owned));
+                c.username = c.username.or_else(|| username.map(str::to_owned));
+                c.name = c.name.or_else(|| name.map(str::to_owned));
+                book.refresh(&c);
+            }
+            Ok(c.id)
+        }
+        None => {
+            let id: Id = sqlx::query_scalar(
+                "INSERT INTO contacts (account_id, epoch, phone, username, name, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            )
+            .bind(account)
+            .bind(epoch)
+            .bind(phone)
+            .bind(username)
+            .bind(name)
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await?;
+            book.remember(&ContactRow {
+                id,
+                phone: phone.map(str::to_owned),
+                username: username.map(str::to_owned),
+                name: name.map(str::to_owned),
+            });
+            Ok(id)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{JobRecord, JobState};
+    use crate::store::{NewAccount, NewUser, Store};
+    use crate::{JobKind, handlers};
+
+    async fn store(dir: &tempfile::TempDir, name: &str) -> (SqliteStore, Id) {
+        let s = SqliteStore::open(&dir.path().join(name))
+            .await
+            .expect("open");
+        let new = NewAccount {
+            name: "Acme".into(),
+            currency: "EUR".into(),
+            admin: NewUser {
+                name: "Ann".into(),
+                email: "ann@acme.test".into(),
+            },
+        };
+        let (acc, _) = s.create_account(&new).await.expect("account");
+        let ch = s
+            .add_channel(acc.id, "loopback", "Demo", &json!({}))
+            .await
+            .expect("channel");
+        (s, ch.id)
+    }
+
+    fn msg(channel: Id, chat: &str, id: &str, sender: Value, minute: u32) -> InboundMessage {
+        serde_json::from_value(json!({
+            "channel": channel, "external_chat_id": chat, "external_message_id": id,
+            "sender": sender, "text": format!("text {id}"), "attachments": [{"type": "image"}],
+            "sent_at": format!("2026-11-25T10:{minute:02}:00Z"),
+        }))
+        .expect("message")
+    }
+
+    /// Traffic that exercises every rule: a contact found by phone written two ways, one
+    /// known by username that later gives its phone and name, two chats of one contact,
+    /// repeats of one message, and messages out of time order.
+    fn traffic(channel: Id) -> Vec<InboundMessage> {
+        vec![
+            msg(
+                channel,
+                "a",
+                "1",
+                json!({"phone": "+7 916 123-45-67", "name": "Ivan"}),
+                5,
+            ),
+            msg(channel, "a", "2", json!({"phone": "79161234567"}), 3),
+            msg(channel, "b", "3", json!({"username": "olga"}), 1),
+            msg(
+                channel,
+                "b",
+                "4",
+                json!({"username": "olga", "phone": "+4915112345678", "name": "Olga"}),
+                2,
+            ),
+            msg(channel, "a", "1", json!({"phone": "+79161234567"}), 9),
+            msg(channel, "c", "5", json!({"phone": "+79161234567"}), 4),
+            msg(channel, "b", "6", json!({"phone": "+4915112345678"}), 7),
+        ]
+    }
+
+    fn job(i: usize, m: InboundMessage) -> InboundJob {
+        let phone = handlers::inbound_sender_phone(&m).expect("sender");
+        InboundJob {
+            job: format!("job-{i}"),
+            msg: m,
+            phone,
+        }
+    }
+
+    async fn journal(s: &SqliteStore, jobs: &[InboundJob]) {
+        let recs: Vec<JobRecord> = jobs
+            .iter()
+            .map(|j| JobRecord {
+                id: j.job.clone(),
+                kind: JobKind::InboundMessage,
+                payload: json!({}),
+                state: JobState::Pending,
+                attempts: 0,
+                max_attempts: 8,
+                last_error: None,
+                idempotency_key: None,
+                created_at: 0,
+                updated_at: 0,
+                run_at: 0,
+            })
+            .collect();
+        s.journal_insert_many(&recs).await.expect("journal");
+    }
+
+    /// Everything a reader sees of the inbound data, without ids' absolute values and times.
+    async fn snapshot(s: &SqliteStore) -> Vec<String> {
+        let mut out: Vec<String> = sqlx::query_as::<_, (String,)>(
+            "SELECT 'contact ' || coalesce(phone, '-') || ' ' || coalesce(username, '-') || ' ' \
+             || coalesce(name, '-') FROM contacts \
+             UNION ALL SELECT 'chat ' || c.external_chat_id || ' ' || coalesce(k.phone, k.username) \
+             || ' ' || c.status || ' unread ' || c.unread || ' last ' || c.last_message_at \
+             FROM chats c JOIN contacts k ON k.id = c.contact_id \
+             UNION ALL SELECT 'message ' || m.external_message_id || ' in ' || c.external_chat_id \
+             || ' ' || m.text || ' ' || m.attachments || ' ' || m.sent_at \
+             FROM messages m JOIN chats c ON c.id = m.chat_id",
+        )
+        .fetch_all(&s.pool)
+        .await
+        .expect("snapshot")
+        .into_iter()
+        .map(|(r,)| r)
+        .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_batch_stores_what_message_by_message_stores() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (one, ch1) = store(&dir, "one.db").await;
+        let (batch, ch2) = store(&dir, "batch.db").await;
+        for m in traffic(ch1) {
+            let phone = handlers::inbound_sender_phone(&m).expect("sender");
+            one.store_inbound(&m, phone.as_deref())
+                .await
+                .expect("store");
+        }
+        let jobs: Vec<InboundJob> = traffic(ch2)
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| job(i, m))
+            .collect();
+        journal(&batch, &jobs).await;
+        let out = batch.run_inbound_batch(&jobs).await.expect("batch");
+        assert_eq!(out, vec![BatchedJob::Done; jobs.len()]);
+        let expected = snapshot(&one).await;
+        assert_eq!(snapshot(&batch).await, expected);
+        assert!(
+            expected.contains(&"contact +79161234567 - Ivan".to_owned()),
+            "{expected:?}"
+        );
+        assert!(expected.contains(&"contact +4915112345678 olga Olga".to_owned()));
+        assert!(
+            expected
+                .iter()
+                .any(|r| r.starts_with("chat a +79161234567 open unread 2"))
+        );
+
+        // Run again, and as one-message batches: nothing changes, every job stays done.
+        assert_eq!(
+            batch.run_inbound_batch(&jobs).await.expect("again"),
+            vec![BatchedJob::AlreadyFinished; jobs.len()]
+        );
+        for j in &jobs {
+            batch
+                .run_inbound_batch(std::slice::from_ref(j))
+                .await
+                .expect("single");
+        }
+        assert_eq!(snapshot(&batch).await, expected);
+        let states: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, attempts FROM jobs ORDER BY id")
+                .fetch_all(&batch.pool)
+                .await
+                .expect("journal");
+        assert!(
+            states.iter().all(|(s, a)| s == "done" && *a == 1),
+            "{states:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_channels_die_and_unjournalled_jobs_are_handed_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, ch) = store(&dir, "s.db").await;
+        let good = job(0, msg(ch, "a", "1", json!({"phone": "+79161234567"}), 1));
+        let lost = job(
+            1,
+            msg(ch + 100, "a", "1", json!({"phone": "+79161234567"}), 1),
+        );
+        let stray = job(2, msg(ch, "a", "2", json!({"phone": "+79161234567"}), 1));
+        journal(&s, &[good.clone(), lost.clone()]).await;
+        let out = s
+            .run_inbound_batch(&[good, lost, stray])
+            .await
+            .expect("batch");
+        assert_eq!(out[0], BatchedJob::Done);
+        assert!(
+            matches!(&out[1], BatchedJob::Dead(r) if r.contains("does not exist")),
+            "{out:?}"
+        );
+        assert_eq!(out[2], BatchedJob::NotJournalled);
+        let dead = s.journal_get("job-1").await.expect("job");
+        assert_eq!(dead.state, JobState::Dead);
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
+            .fetch_one(&s.pool)
+            .await
+            .expect("count");
+        assert_eq!(stored, 1, "only the journalled job of a known channel ran");
+    }
+}
