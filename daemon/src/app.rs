@@ -19,6 +19,7 @@ use crate::inbound_batcher::InboundBatcher;
 use crate::mail::{self, AccountFigures, Mailer};
 use crate::plugin_host::supervisor::Supervisor;
 use crate::queue::{Envelope, Queue};
+use tokio_util::sync::CancellationToken;
 
 pub struct App {
     pub settings: Settings,
@@ -32,6 +33,8 @@ pub struct App {
     pub mailer: Mailer,
     /// Group commit for `inbound_message` jobs (see `inbound_batcher`).
     pub inbound: InboundBatcher,
+    /// Cancelled when the daemon starts to stop.
+    pub stop: CancellationToken,
 }
 
 impl App {
@@ -96,7 +99,12 @@ impl App {
                 attempt: 0,
             })
             .collect();
-        if let Err(e) = self.queue.push_many(&self.queue_name(kind), &envs).await {
+        let pushed = self.queue.push_many(&self.queue_name(kind), &envs).await;
+        if pushed.is_ok() {
+            let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
+            self.mark_pushed(&ids).await;
+        }
+        if let Err(e) = pushed {
             let reason = format!("queue unavailable: {e}");
             for env in &envs {
                 self.store
@@ -166,6 +174,30 @@ impl App {
                 "{reason}; the job {} is recorded as dead and can be retried with job.retry",
                 rec.id
             )));
+        }
+        if rec.state == JobState::Pending {
+            self.mark_pushed(std::slice::from_ref(&rec.id)).await;
+        }
+        Ok(())
+    }
+
+    /// Tells the journal these jobs are queued. Failing that, the lost-job sweep queues
+    /// them once more later: a duplicate delivery, which handlers are built for.
+    async fn mark_pushed(&self, ids: &[String]) {
+        if let Err(e) = self.store.journal_mark_pushed(ids).await {
+            tracing::warn!(jobs = ids.len(), error = %e, "cannot record jobs as queued");
+        }
+    }
+
+    /// Makes sure the `data_deletion` job of a running run is queued or running: queues
+    /// it if it was never queued, revives it if it went dead.
+    pub async fn ensure_deletion_job(&self, run: Id) -> Result<(), DomainError> {
+        let (id, existing) = self
+            .enqueue(JobKind::DataDeletion, json!({ "run": run }))
+            .await?;
+        if existing && self.store.journal_get(&id).await?.state == JobState::Dead {
+            tracing::warn!(run, job = %id, "reviving the dead job of a running deletion run");
+            self.retry(&id).await?;
         }
         Ok(())
     }
@@ -281,6 +313,10 @@ impl Effects for App {
         self.mailer.send(&mail).await?;
         tracing::info!(account = acc.id, subject = %mail.subject, "balance e-mail sent");
         Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.is_cancelled()
     }
 
     fn deletion_pacing(&self) -> (u32, Duration) {

@@ -82,6 +82,9 @@ pub struct QueueConfig {
     pub concurrency: BTreeMap<String, usize>,
     /// Per job kind: attempts before `dead`.
     pub max_attempts: BTreeMap<String, u32>,
+    /// A job recorded but not queued this long (the daemon died in between) is queued
+    /// by the lost-job sweep; also how often the sweep runs.
+    pub lost_job_grace_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,6 +153,7 @@ impl Default for QueueConfig {
             shutdown_timeout_secs: 30,
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
+            lost_job_grace_secs: 30,
             concurrency: BTreeMap::new(),
             max_attempts: BTreeMap::new(),
         }
@@ -238,6 +242,10 @@ impl Settings {
             .get(kind.as_str())
             .copied()
             .unwrap_or(default)
+    }
+
+    pub fn lost_job_grace(&self) -> Duration {
+        Duration::from_secs(self.raw.queue.lost_job_grace_secs)
     }
 
     pub fn max_attempts(&self, kind: JobKind) -> u32 {
@@ -400,6 +408,13 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             ),
         ));
     }
+    if !(1..=86_400).contains(&raw.queue.lost_job_grace_secs) {
+        return Err(ConfigError::new(
+            "queue.lost_job_grace_secs",
+            raw.queue.lost_job_grace_secs,
+            "seconds from 1 to 86400",
+        ));
+    }
     for (map, what, max) in [
         (
             &raw.queue
@@ -558,6 +573,10 @@ mod tests {
             ("[billing]\nrun_at = \"25:00\"", "billing.run_at"),
             ("[billing.prices]\nloopback = -1", "billing.prices.loopback"),
             ("[log]\nformat = \"xml\"", "log.format"),
+            (
+                "[queue]\nlost_job_grace_secs = 0",
+                "queue.lost_job_grace_secs",
+            ),
             ("[control]\nsockett = \"x\"", "sockett"),
         ] {
             let err = load_toml(text)

@@ -72,9 +72,11 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         .and_then(|t| Mailer::new(t, &mail.from))
         .context("cannot set up mail")?;
     let inbound = InboundBatcher::start(store.clone());
+    let stop = CancellationToken::new();
     let app = Arc::new(App {
         settings,
         inbound,
+        stop: stop.clone(),
         store,
         queue,
         plugins,
@@ -95,8 +97,8 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     if embedded_default {
         crate::demo::seed(&app).await;
     }
+    resume_deletions(&app).await;
 
-    let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let control = tokio::spawn(server::serve(
         listener,
@@ -112,6 +114,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
             concurrency: app.settings.concurrency(kind),
         })
         .collect();
+    let sweep = tokio::spawn(crate::sweep::run(app.clone(), stop.clone()));
     let worker_app = app.clone();
     let workers_stop = stop.clone();
     let workers = tokio::spawn({
@@ -166,6 +169,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     }
     // Connectors stop last: sends in flight needed them until the workers finished.
     cron.abort();
+    let _ = sweep.await;
     app.plugins.stop_all().await;
     drop(app);
     events.abort();
@@ -175,6 +179,19 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     }
     tracing::info!("patchbayd stopped");
     Ok(())
+}
+
+/// A deletion run left `running` resumes with its job (see `App::ensure_deletion_job`).
+async fn resume_deletions(app: &App) {
+    let runs = match app.store.running_deletions().await {
+        Ok(runs) => runs,
+        Err(e) => return tracing::warn!(error = %e, "cannot list running deletion runs"),
+    };
+    for run in runs {
+        if let Err(e) = app.ensure_deletion_job(run.id).await {
+            tracing::warn!(run = run.id, error = %e, "cannot resume a deletion run");
+        }
+    }
 }
 
 async fn wait_for_stop(

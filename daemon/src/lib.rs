@@ -17,4 +17,5 @@ pub mod notify;
 pub mod plugin_host;
 pub mod queue;
 pub mod reload;
+pub mod sweep;
 pub mod worker;

@@ -176,6 +176,9 @@ CREATE TABLE jobs (
     max_attempts INTEGER NOT NULL,
     last_error TEXT,
     idempotency_key TEXT UNIQUE,
+    -- Set once the job reached the queue. A pending job without it is one the daemon
+    -- died before queueing: the lost-job sweep queues it (see journal_claim_lost).
+    pushed BOOLEAN NOT NULL DEFAULT FALSE,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
     run_at BIGINT NOT NULL

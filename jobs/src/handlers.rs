@@ -23,6 +23,8 @@ pub trait Effects: Send + Sync {
     async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError>;
     /// Rows per deletion batch and the pause between batches (`deletion.*` config).
     fn deletion_pacing(&self) -> (u32, std::time::Duration);
+    /// The daemon is shutting down: long handlers stop at their next safe point.
+    fn stopping(&self) -> bool;
     /// Daily prices in force now.
     fn prices(&self) -> Prices;
     /// Today in the billing time zone.
@@ -109,7 +111,18 @@ pub fn inbound_sender_phone(m: &InboundMessage) -> Result<Option<String>, JobErr
 }
 
 async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Result<(), JobError> {
-    let message = store.message(id).await?;
+    let message = match store.message(id).await {
+        Ok(m) => m,
+        // A data deletion run took it (or its chat, below): nothing is left to send.
+        Err(DomainError::NotFound(_)) => {
+            tracing::info!(
+                message = id,
+                "outbound message was deleted before it was sent"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if message.direction != "out" {
         return Err(JobError::Permanent(format!(
             "message {id} is not an outbound message"
@@ -119,12 +132,17 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
         // Sent before: a redelivered job must not send it twice.
         return Ok(());
     }
-    let chat = store.chat(message.chat).await.map_err(|e| match e {
-        DomainError::NotFound(_) => {
-            JobError::Permanent(format!("chat of message {id} was deleted"))
+    let chat = match store.chat(message.chat).await {
+        Ok(chat) => chat,
+        Err(DomainError::NotFound(_)) => {
+            tracing::info!(
+                message = id,
+                "the chat was deleted before the message was sent"
+            );
+            return Ok(());
         }
-        other => other.into(),
-    })?;
+        Err(e) => return Err(e.into()),
+    };
     let channel = store.channel(message.channel).await?;
     let contact = store.contact(chat.contact).await?;
     let outbound = json!({
@@ -163,6 +181,12 @@ async fn data_deletion(store: &dyn Store, effects: &dyn Effects, run: Id) -> Res
         if outcome.finished {
             tracing::info!(run, "data deletion finished");
             return Ok(());
+        }
+        if effects.stopping() {
+            // Counts are checkpointed with every batch: the next start resumes here.
+            return Err(JobError::Retryable(
+                "the daemon is stopping; the run resumes where it stopped".into(),
+            ));
         }
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;

@@ -244,9 +244,16 @@ impl Payload {
             Payload::BillingRun(b) => Some(format!("billing_run:{}", b.date)),
             Payload::ChargeAccount(c) => Some(format!("charge_account:{}:{}", c.account, c.date)),
             Payload::Topup(t) => Some(format!("topup:{}:{}", t.account, t.reference)),
+            // One job per run: data.delete and the start-up check enqueue it again freely.
+            Payload::DataDeletion(d) => Some(data_deletion_key(d.run)),
             _ => None,
         }
     }
+}
+
+/// The idempotency key of a deletion run's one `data_deletion` job.
+pub fn data_deletion_key(run: i64) -> String {
+    format!("data_deletion:{run}")
 }
 
 #[cfg(test)]

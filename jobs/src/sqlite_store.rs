@@ -652,6 +652,18 @@ impl Store for SqliteStore {
         job_from_row(&row)
     }
 
+    async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE idempotency_key = $1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
     async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
@@ -733,10 +745,47 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn journal_mark_pushed(&self, ids: &[String]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE jobs SET pushed = TRUE \
+             WHERE id IN (SELECT value FROM json_each($1)) AND NOT pushed",
+        )
+        .bind(serde_json::Value::from(ids).to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn journal_claim_lost(
+        &self,
+        now: i64,
+        grace_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "UPDATE jobs SET pushed = TRUE, run_at = $1, updated_at = $1 WHERE id IN ( \
+             SELECT id FROM jobs WHERE state = 'pending' AND NOT pushed AND updated_at < $2 \
+             UNION ALL SELECT id FROM jobs WHERE state = 'failed' AND run_at < $2 LIMIT $3) \
+             RETURNING ",
+            job_columns!()
+        ))
+        .bind(now)
+        .bind(now.saturating_sub(grace_ms))
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
     async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord> {
         let now = now_ms();
+        // Not pushed until App::push succeeds: a crash in between leaves it to the sweep.
         let row = sqlx::query(concat!(
-            "UPDATE jobs SET state = 'pending', attempts = 0, updated_at = $1, run_at = $1 \
+            "UPDATE jobs SET state = 'pending', attempts = 0, pushed = FALSE, updated_at = $1, \
+             run_at = $1 \
              WHERE id = $2 AND state = 'dead' RETURNING ",
             job_columns!()
         ))
@@ -1155,21 +1204,25 @@ impl Store for SqliteStore {
     }
 
     async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message> {
-        let now = now_ms();
+        // One statement, so the epoch check and the insert see the same state: a data
+        // deletion run started since the caller read the chat makes it `not_found`
+        // rather than adding a message after the cutoff to a chat about to be deleted.
         let row = sqlx::query(concat!(
             "INSERT INTO messages (account_id, chat_id, channel_id, direction, author_user_id, \
-             text, status, sent_at, created_at) VALUES ($1, $2, $3, 'out', $4, $5, 'queued', $6, $6) \
+             text, status, sent_at, created_at) \
+             SELECT c.account_id, c.id, c.channel_id, 'out', $2, $3, 'queued', $4, $4 \
+             FROM chats c JOIN accounts a ON a.id = c.account_id \
+             WHERE c.id = $1 AND c.epoch = a.data_epoch \
              RETURNING ",
             message_columns!()
         ))
-        .bind(chat.account)
         .bind(chat.id)
-        .bind(chat.channel)
         .bind(author)
         .bind(text)
-        .bind(now)
-        .fetch_one(&self.writer)
-        .await?;
+        .bind(now_ms())
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or_else(|| DomainError::not_found("chat", chat.id))?;
         message_from_row(&row)
     }
 
@@ -1292,6 +1345,17 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn running_deletions(&self) -> StoreResult<Vec<DeletionRun>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM deletion_runs WHERE state = 'running' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
     }
 
     async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome> {

@@ -133,6 +133,8 @@ pub trait Store: Send + Sync + 'static {
     /// `journal_insert` for many jobs in one transaction; `true` where recorded.
     async fn journal_insert_many(&self, recs: &[JobRecord]) -> StoreResult<Vec<bool>>;
     async fn journal_get(&self, id: &str) -> StoreResult<JobRecord>;
+    /// The job holding this idempotency key, if any.
+    async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>>;
     async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
     /// Marks the job running and counts the attempt; `None` if it is already done or
     /// dead (a redelivered copy). `rec` recreates a missing entry.
@@ -144,6 +146,19 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         run_at: i64,
     ) -> StoreResult<()>;
+    /// Records that these jobs reached the queue.
+    async fn journal_mark_pushed(&self, ids: &[String]) -> StoreResult<()>;
+    /// Claims up to `limit` jobs the queue lost, to be queued again: pending jobs recorded
+    /// more than `grace_ms` ago that never reached the queue (the daemon died between
+    /// journal and queue), and failed jobs whose retry is `grace_ms` overdue (it died
+    /// before queueing the retry). A claimed job counts as queued, so two daemons
+    /// sweeping one store never claim the same job.
+    async fn journal_claim_lost(
+        &self,
+        now: i64,
+        grace_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<JobRecord>>;
     /// Moves a dead job back to pending with a fresh attempt budget.
     async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord>;
     async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>>;
@@ -233,6 +248,8 @@ pub trait Store: Send + Sync + 'static {
     async fn start_deletion(&self, account: Id) -> StoreResult<(DeletionRun, bool)>;
     async fn deletion_run(&self, id: Id) -> StoreResult<DeletionRun>;
     async fn latest_deletion(&self, account: Id) -> StoreResult<Option<DeletionRun>>;
+    /// Every run still `running`, of all accounts.
+    async fn running_deletions(&self) -> StoreResult<Vec<DeletionRun>>;
     /// Deletes up to `limit` rows of the run (messages, then field values and chats,
     /// then contacts) in one transaction that also advances the run's counts.
     async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome>;

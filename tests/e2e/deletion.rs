@@ -239,3 +239,45 @@ async fn only_administrators_delete_and_one_run_at_a_time() {
         "a finished run makes room for a new one"
     );
 }
+
+/// A run recorded just before a crash, whose job was never queued (written here into
+/// the stopped daemon's store as the crash leaves it), is resumed at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_without_its_job_resumes_at_start() {
+    let mut d = Daemon::start_with(
+        Backend::Sqlite,
+        "[deletion]\nbatch_size = 5000\npause_ms = 0\n",
+    );
+    let (acc, _, _) = seed(&d).await;
+    d.kill9();
+    let db = d.dir.path().join("var/patchbay.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open store");
+    let now = chrono::Utc::now().timestamp_millis();
+    let epoch: i64 = sqlx::query_scalar(
+        "UPDATE accounts SET data_epoch = data_epoch + 1 WHERE id = $1 RETURNING data_epoch",
+    )
+    .bind(acc)
+    .fetch_one(&mut conn)
+    .await
+    .expect("epoch");
+    sqlx::query(
+        "INSERT INTO deletion_runs (account_id, cutoff, epoch, state, started_at) \
+         VALUES ($1, $2, $3, 'running', $2)",
+    )
+    .bind(acc)
+    .bind(now)
+    .bind(epoch)
+    .execute(&mut conn)
+    .await
+    .expect("run");
+    conn.close().await.expect("close");
+    d.spawn();
+    let status = wait_done(&d, acc, Duration::from_secs(120)).await;
+    assert_eq!(
+        status["deleted"],
+        json!({"messages": OLD_MESSAGES, "chats": CHATS, "contacts": CHATS}),
+        "{status}"
+    );
+}

@@ -143,6 +143,7 @@ impl Daemon {
         };
         format!(
             "[queue]\n{queue}retry_base_ms = 100\nretry_max_ms = 1000\nshutdown_timeout_secs = 10\n\
+             lost_job_grace_secs = 2\n\
              [log]\nlevel = \"info,patchbay_daemon=debug\"\n{extra}"
         )
     }

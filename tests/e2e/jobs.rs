@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{Backend, Daemon, ctl};
 
@@ -102,43 +102,53 @@ async fn job_lifecycle_redis() {
     lifecycle(Backend::Redis).await;
 }
 
-/// 1,000 countable jobs; the daemon is killed with SIGKILL while they run and
-/// restarted. Every job completes and the balance is exactly the sum, once.
+fn topup(acc: i64, i: i64) -> Value {
+    json!({"kind": "topup", "payload": {"account": acc, "amount": 1, "reference": format!("c-{i}")}})
+}
+
+/// 1,000 countable jobs; the daemon is killed with SIGKILL while they are being
+/// enqueued and run — so also between a job's journal row and its push — and
+/// restarted. The client then enqueues all 1,000 again, as a client whose calls were
+/// cut off would (same references, so the jobs that exist come back instead). Every
+/// job completes, the balance is exactly the sum, once.
 async fn crash(backend: Backend) {
     const JOBS: i64 = 1000;
+    // The harness sets queue.lost_job_grace_secs = 2.
     let mut d = Daemon::start_with(backend, "[queue.concurrency]\ntopup = 4\n");
     let (acc, _) = d.account("crash").await;
+    let mut client = d.client().await;
+    let enqueuer = tokio::spawn(async move {
+        let mut accepted = 0;
+        for i in 0..JOBS {
+            if client.call("job.enqueue", topup(acc, i)).await.is_err() {
+                break;
+            }
+            accepted += 1;
+        }
+        accepted
+    });
+    // Kill as soon as some are done: the enqueuer is still at work.
+    d.until("a top-up applied", Duration::from_secs(30), || async {
+        let bal = d.ok("account.get", json!({"account": acc})).await["balance"].as_i64();
+        (bal.unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    d.kill9();
+    let accepted = enqueuer.await.expect("enqueuer");
+    assert!(
+        accepted < JOBS,
+        "enqueueing finished before the kill; make the test harder"
+    );
+    d.spawn();
     let mut client = d.client().await;
     let mut ids = Vec::new();
     for i in 0..JOBS {
         let r = client
-            .call("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 1, "reference": format!("c-{i}")}}))
+            .call("job.enqueue", topup(acc, i))
             .await
             .expect("enqueue");
         ids.push(r["id"].as_str().expect("id").to_owned());
     }
-    // Kill once some, but not all, are done.
-    let start = Instant::now();
-    loop {
-        let bal = d.ok("account.get", json!({"account": acc})).await["balance"]
-            .as_i64()
-            .unwrap_or(0);
-        if bal > 0 {
-            assert!(
-                bal < JOBS,
-                "all jobs finished before the kill; make the test harder"
-            );
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no job ran\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    d.kill9();
-    d.spawn();
     let start = Instant::now();
     loop {
         let status = d.ok("status", json!({})).await;
@@ -172,4 +182,58 @@ async fn crash_and_restart_sqlite() {
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_and_restart_redis() {
     crash(Backend::Redis).await;
+}
+
+/// A job the daemon journalled but died before queueing (written here straight into
+/// the stopped daemon's store, as the crash would leave it) is queued by the lost-job
+/// sweep after the restart and runs once; so is a retry that was never queued.
+async fn lost_jobs(backend: Backend) {
+    use sqlx::Connection;
+    let mut d = Daemon::start(backend);
+    let (acc, _) = d.account("lost").await;
+    d.kill9();
+    let db = d.dir.path().join("var/patchbay.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open store");
+    for (id, state, reference) in [
+        ("lost-pending", "pending", "p"),
+        ("lost-retry", "failed", "f"),
+    ] {
+        let payload = json!({"account": acc, "amount": 7, "reference": reference});
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
+             idempotency_key, pushed, created_at, updated_at, run_at) \
+             VALUES ($1, 'topup', $2, $3, $4, 8, $5, $6, 1000, 1000, 1000)",
+        )
+        .bind(id)
+        .bind(payload.to_string())
+        .bind(state)
+        .bind(i64::from(state == "failed"))
+        .bind(format!("topup:{acc}:{reference}"))
+        .bind(state == "failed")
+        .execute(&mut conn)
+        .await
+        .expect("journal row");
+    }
+    conn.close().await.expect("close");
+    d.spawn();
+    for id in ["lost-pending", "lost-retry"] {
+        d.job_until(id, &["done"], Duration::from_secs(30)).await;
+    }
+    assert_eq!(
+        d.ok("account.get", json!({"account": acc})).await["balance"],
+        14
+    );
+    assert!(d.log().contains("queueing a job the queue never got"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_jobs_are_queued_by_the_sweep_sqlite() {
+    lost_jobs(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_jobs_are_queued_by_the_sweep_redis() {
+    lost_jobs(Backend::Redis).await;
 }

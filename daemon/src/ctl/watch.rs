@@ -24,6 +24,7 @@ pub async fn deletion(client: &mut Client, account: i64) -> Result<Value, CallEr
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    let mut first = true;
     loop {
         let status = client
             .call("data.deletion_status", json!({ "account": account }))
@@ -36,7 +37,19 @@ pub async fn deletion(client: &mut Client, account: i64) -> Result<Value, CallEr
         let remaining = status["remaining_estimate"].as_u64().unwrap_or(0);
         bar.set_length(done + remaining);
         bar.set_position(done);
+        if std::mem::take(&mut first) {
+            // Attached to a run already under way: its rows so far are not our rate.
+            bar.reset_eta();
+        }
         bar.set_message(format!("run {}", status["run"]));
+        // A run whose job went dead would never finish: say so instead of waiting.
+        if status["state"] == "running" && status["job"]["state"] == "dead" {
+            bar.abandon_with_message(format!(
+                "run {} stalled: its job is dead ({}); `patchbayctl data delete` restarts it",
+                status["run"], status["job"]["last_error"]
+            ));
+            return Ok(status);
+        }
         if status["state"] != "running" {
             bar.finish_with_message(format!("run {} {}", status["run"], status["state"]));
             return Ok(status);

@@ -1,8 +1,8 @@
 //! `data.delete` and `data.deletion_status`: background deletion of an account's
 //! messages, chats and contacts from before a cutoff.
 
+use patchbay_jobs::access;
 use patchbay_jobs::model::{DeletionRun, Id};
-use patchbay_jobs::{JobKind, access};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -20,10 +20,9 @@ pub struct DeleteParams {
 pub async fn delete(app: &App, p: DeleteParams) -> Result<Value, RpcError> {
     access::administrator(&*app.store, p.account, p.actor, "delete the account's data").await?;
     let (run, created) = app.store.start_deletion(p.account).await?;
-    if created {
-        app.enqueue(JobKind::DataDeletion, json!({ "run": run.id }))
-            .await?;
-    }
+    // Also for a run found running: its job may never have been queued (a crash right
+    // after the run was recorded) or may have run out of attempts.
+    app.ensure_deletion_job(run.id).await?;
     // No remaining count here: counting pre-cutoff rows waits on the writer lock, and
     // `data.deletion_status` answers it.
     let mut view = view(app, &run, false).await?;
@@ -50,8 +49,14 @@ async fn view(app: &App, run: &DeletionRun, count_remaining: bool) -> Result<Val
         ("running", false) => Value::Null,
         _ => json!(0),
     };
+    let job = app
+        .store
+        .journal_by_key(&patchbay_jobs::kind::data_deletion_key(run.id))
+        .await?
+        .map(|j| json!({"id": j.id, "state": j.state, "attempts": j.attempts, "last_error": j.last_error}));
     Ok(json!({
         "run": run.id,
+        "job": job,
         "account": run.account,
         "cutoff": run.cutoff,
         "state": run.state,

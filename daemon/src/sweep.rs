@@ -1,0 +1,55 @@
+//! The lost-job sweep: queues again the jobs the journal holds but the queue never got.
+//!
+//! A job is journalled, then pushed; a retry is journalled `failed`, then pushed with a
+//! delay. A daemon killed between the two steps leaves a journal row that nothing will
+//! ever run, and whose idempotency key (a billing day, a top-up reference) makes every
+//! later enqueue return it instead of queueing anew. Every `queue.lost_job_grace_secs`
+//! this task claims such rows (`Store::journal_claim_lost`) and pushes them. A job that
+//! was in the queue after all (a crash after the push, before the journal heard of it)
+//! runs twice, which every handler is built to absorb.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchbay_jobs::model::now_ms;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+
+/// Jobs claimed and pushed per store round trip.
+const CLAIM: u32 = 500;
+
+pub async fn run(app: Arc<App>, stop: CancellationToken) {
+    let grace = app.settings.lost_job_grace();
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(grace.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        loop {
+            let lost = match app
+                .store
+                .journal_claim_lost(now_ms(), grace_ms, CLAIM)
+                .await
+            {
+                Ok(lost) => lost,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for lost jobs");
+                    break;
+                }
+            };
+            for rec in &lost {
+                tracing::warn!(job = %rec.id, kind = %rec.kind, state = %rec.state,
+                    "queueing a job the queue never got (the daemon stopped in between)");
+                // On failure push() records the job dead with the reason: visible, retryable.
+                let _ = app.push(rec, rec.attempts, None).await;
+            }
+            if lost.len() < CLAIM as usize {
+                break;
+            }
+        }
+    }
+}
