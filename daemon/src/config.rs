@@ -373,16 +373,14 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             ));
         }
     };
-    if queue == QueueBackend::Redis
-        && !(raw.queue.redis_url.starts_with("redis://")
-            || raw.queue.redis_url.starts_with("rediss://")
-            || raw.queue.redis_url.starts_with("redis+unix://")
-            || raw.queue.redis_url.starts_with("unix://"))
-    {
+    if queue == QueueBackend::Redis {
+        check_redis_url(&raw.queue.redis_url)?;
+    }
+    if queue == QueueBackend::Sqlite && raw.queue.sqlite_path.as_os_str().is_empty() {
         return Err(ConfigError::new(
-            "queue.redis_url",
-            &raw.queue.redis_url,
-            "a redis://, rediss://, redis+unix:// or unix:// URL",
+            "queue.sqlite_path",
+            "",
+            "a file path for the SQLite queue (queue.backend = \"sqlite\")",
         ));
     }
     if raw.queue.namespace.is_empty()
@@ -467,11 +465,21 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "one of file, smtp",
         ));
     }
-    if raw.mail.transport == "smtp" && !raw.mail.smtp_url.starts_with("smtp") {
+    if raw.mail.transport == "smtp" {
+        check_smtp_url(&raw.mail.smtp_url)?;
+    }
+    if raw.mail.transport == "file" && raw.mail.spool_dir.as_os_str().is_empty() {
         return Err(ConfigError::new(
-            "mail.smtp_url",
-            &raw.mail.smtp_url,
-            "smtp://HOST:PORT or smtps://HOST:PORT (add ?tls=required for STARTTLS)",
+            "mail.spool_dir",
+            "",
+            "a folder for the .eml files (mail.transport = \"file\")",
+        ));
+    }
+    if let Err(e) = raw.mail.from.parse::<lettre::message::Mailbox>() {
+        return Err(ConfigError::new(
+            "mail.from",
+            &raw.mail.from,
+            format!("an e-mail address such as \"patchbay <billing@example.com>\" ({e})"),
         ));
     }
     if chrono::NaiveTime::parse_from_str(&raw.billing.run_at, "%H:%M").is_err() {
@@ -525,8 +533,9 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "one of text, json",
         ));
     }
+    let socket = check_socket(base, &raw.control.socket)?;
     Ok(Settings {
-        socket: resolve(base, &raw.control.socket),
+        socket,
         store_path,
         queue,
         queue_sqlite_path: resolve(base, &raw.queue.sqlite_path),
@@ -534,6 +543,115 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
         mail_spool_dir: resolve(base, &raw.mail.spool_dir),
         raw,
     })
+}
+
+/// Longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// `control.socket` resolved; binding an empty or over-long path fails only at start,
+/// with an error that names no key.
+fn check_socket(base: &Path, socket: &Path) -> Result<PathBuf, ConfigError> {
+    if socket.as_os_str().is_empty() {
+        return Err(ConfigError::new(
+            "control.socket",
+            "",
+            "a path for the control socket, e.g. var/patchbayd.sock",
+        ));
+    }
+    let path = resolve(base, socket);
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ConfigError::new(
+            "control.socket",
+            path.display().to_string(),
+            format!("a path of at most {MAX_SOCKET_PATH} bytes once resolved (this is {len})"),
+        ));
+    }
+    Ok(path)
+}
+
+/// Parses `queue.redis_url` as the daemon will (`redis::Client::open` only parses; it
+/// does not connect). The value shown has its password replaced by `***`.
+fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    const ALLOWED: &str = "redis://[:PASSWORD@]HOST[:PORT][/DB] or redis+unix:///PATH (TLS, rediss://, is not built in)";
+    let shown = crate::mail::redact_url(url);
+    // The redis crate's own messages never quote the URL, so they are safe to show.
+    match redis::Client::open(url) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // "Redis URL did not parse - InvalidClientConfig": the kind adds nothing.
+            let text = e.to_string();
+            let reason = text.split(" - ").next().unwrap_or(&text);
+            Err(ConfigError::new(
+                "queue.redis_url",
+                shown,
+                format!("{ALLOWED}: {reason}"),
+            ))
+        }
+    }
+}
+
+/// Checks `mail.smtp_url` by lettre's rules (scheme, host, `tls=`, percent-encoded
+/// credentials) without building its TLS settings, which would read the system's
+/// certificates. The value shown has its password replaced by `***`.
+fn check_smtp_url(raw: &str) -> Result<(), ConfigError> {
+    const ALLOWED: &str = "smtp://HOST:PORT (plain), smtp://HOST:587?tls=required (STARTTLS) \
+                           or smtps://HOST:465 (TLS), with optional USER:PASSWORD@";
+    let bad = |why: String| {
+        Err(ConfigError::new(
+            "mail.smtp_url",
+            crate::mail::redact_url(raw),
+            format!("{ALLOWED}: {why}"),
+        ))
+    };
+    // url's messages describe the problem without quoting the input.
+    let url = match url::Url::parse(raw) {
+        Ok(url) => url,
+        Err(e) => return bad(e.to_string()),
+    };
+    if url.host_str().is_none_or(str::is_empty) {
+        return bad("no host".into());
+    }
+    let tls = url.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v);
+    match (url.scheme(), tls.as_deref()) {
+        ("smtp", None | Some("required" | "opportunistic")) | ("smtps", _) => {}
+        ("smtp", Some(other)) => {
+            return bad(format!(
+                "tls={other:?} is not one of required, opportunistic"
+            ));
+        }
+        (scheme, _) => return bad(format!("scheme {scheme:?} is not smtp or smtps")),
+    }
+    let credentials = [url.username(), url.password().unwrap_or("")];
+    if url.password().is_some() && !credentials.iter().all(|s| percent_decodes_to_utf8(s)) {
+        return bad("the user name and password must be percent-encoded UTF-8".into());
+    }
+    Ok(())
+}
+
+/// Whether `%XX` decoding `s` gives UTF-8, as lettre requires of SMTP credentials (a
+/// `%` not followed by two hex digits stays as it is, as in lettre).
+fn percent_decodes_to_utf8(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, hex) {
+            (b'%', Some(decoded)) => {
+                out.push(decoded);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).is_ok()
 }
 
 #[cfg(test)]
@@ -578,6 +696,31 @@ mod tests {
                 "queue.lost_job_grace_secs",
             ),
             ("[control]\nsockett = \"x\"", "sockett"),
+            // Each of these passed once and then failed the daemon's start with exit 1.
+            ("[mail]\nfrom = \"not an address\"", "mail.from"),
+            (
+                "[queue]\nbackend = \"redis\"\nredis_url = \"redis://[::bad\"",
+                "queue.redis_url",
+            ),
+            (
+                "[queue]\nbackend = \"redis\"\nredis_url = \"rediss://cache.example/\"",
+                "queue.redis_url",
+            ),
+            (
+                "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtpx://relay\"",
+                "mail.smtp_url",
+            ),
+            (
+                "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtp://relay?tls=maybe\"",
+                "mail.smtp_url",
+            ),
+            (
+                "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtp://\"",
+                "mail.smtp_url",
+            ),
+            ("[mail]\nspool_dir = \"\"", "mail.spool_dir"),
+            ("[control]\nsocket = \"\"", "control.socket"),
+            ("[queue]\nsqlite_path = \"\"", "queue.sqlite_path"),
         ] {
             let err = load_toml(text)
                 .err()
@@ -585,5 +728,54 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains(key), "{text:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn secrets_in_urls_are_never_shown() {
+        for (text, key) in [
+            (
+                "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtpx://mailer:hunter2@relay:25\"",
+                "mail.smtp_url",
+            ),
+            (
+                "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtp://mailer:hunter2@relay:99999\"",
+                "mail.smtp_url",
+            ),
+            (
+                "[queue]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2@[::bad/\"",
+                "queue.redis_url",
+            ),
+            (
+                "[queue]\nbackend = \"redis\"\nredis_url = \"http://:hunter2@cache/\"",
+                "queue.redis_url",
+            ),
+        ] {
+            let err = load_toml(text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(key) && err.contains("***"),
+                "{text:?} gave {err:?}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn urls_the_daemon_accepts_pass() {
+        for text in [
+            "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtp://127.0.0.1:2525\"",
+            "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtp://relay:587?tls=required\"",
+            "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtps://user:p%40ss@smtp.example.com:465\"",
+            "[queue]\nbackend = \"redis\"\nredis_url = \"redis://:secret@127.0.0.1:6379/2\"",
+            "[queue]\nbackend = \"redis\"\nredis_url = \"redis+unix:///run/redis.sock\"",
+            "[mail]\nfrom = \"billing@example.com\"",
+        ] {
+            if let Err(e) = load_toml(text) {
+                panic!("{text:?}: {e}");
+            }
+        }
+        assert!(!percent_decodes_to_utf8("%FF%FE") && percent_decodes_to_utf8("p%40ss%"));
     }
 }

@@ -55,6 +55,20 @@ fn each_invalid_key_exits_78_naming_it() {
             "queue.max_attempts.topup",
         ),
         ("[contorl]\nsocket = \"x\"\n", &[], "contorl"),
+        // These once passed --check-config and failed the start with exit 1.
+        ("[mail]\nfrom = \"not an address\"\n", &[], "mail.from"),
+        (
+            "[queue]\nbackend = \"redis\"\nredis_url = \"redis://[::bad\"\n",
+            &[],
+            "queue.redis_url",
+        ),
+        (
+            "[mail]\ntransport = \"smtp\"\nsmtp_url = \"smtpz://relay:25\"\n",
+            &[],
+            "mail.smtp_url",
+        ),
+        ("[control]\nsocket = \"\"\n", &[], "control.socket"),
+        ("", &[("PATCHBAY__MAIL__FROM", "nobody")], "mail.from"),
         ("this is not toml", &[], "TOML"),
         ("", &[("PATCHBAY__QUEUE__BACKEND", "mq")], "queue.backend"),
         (
@@ -70,6 +84,39 @@ fn each_invalid_key_exits_78_naming_it() {
         assert!(
             stderr.contains(key),
             "{text:?} {env:?} should name {key}: {stderr}"
+        );
+    }
+}
+
+/// The daemon itself (not only --check-config) refuses these with 78 before doing
+/// anything, and a password in a URL never reaches the terminal or the journal.
+#[test]
+fn bad_urls_stop_the_start_with_78_and_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (text, key) in [
+        (
+            "[mail]\ntransport = \"smtp\"\nsmtp_url = \"http://mailer:hunter2@relay:25\"\n",
+            "mail.smtp_url",
+        ),
+        (
+            "[queue]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2@[::bad/\"\n",
+            "queue.redis_url",
+        ),
+    ] {
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(PATCHBAYD)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{text:?}: {stderr}");
+        assert!(stderr.contains(key) && stderr.contains(":***@"), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+        assert!(
+            !dir.path().join("var").exists(),
+            "a bad config creates nothing"
         );
     }
 }
@@ -96,4 +143,23 @@ fn valid_config_and_env_overrides() {
         .output()
         .expect("run");
     assert_eq!(missing.status.code(), Some(78));
+}
+
+/// The shipped files document real, working values.
+#[test]
+fn shipped_configuration_files_pass_the_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["config/patchbayd.toml", "config/production.example.toml"] {
+        let out = Command::new(PATCHBAYD)
+            .arg("--check-config")
+            .arg("--config")
+            .arg(root.join(file))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
