@@ -42,14 +42,20 @@ pub fn can_see(user: &User, chat: &Chat) -> bool {
             || chat.responsible == Some(user.id))
 }
 
+/// `forbidden`, naming the rule, unless `user` may see `chat`.
+pub fn check_visible(user: &User, chat: &Chat) -> Result<(), DomainError> {
+    if can_see(user, chat) {
+        return Ok(());
+    }
+    Err(DomainError::Forbidden(format!(
+        "chat {} is assigned to another user; only they and administrators may act on it",
+        chat.id
+    )))
+}
+
 /// The actor, checked to be a member who can see the chat.
 pub async fn chat_actor(store: &dyn Store, chat: &Chat, actor: Id) -> Result<User, DomainError> {
     let user = member(store, chat.account, actor).await?;
-    if !can_see(&user, chat) {
-        return Err(DomainError::Forbidden(format!(
-            "chat {} is assigned to another user; only they and administrators may act on it",
-            chat.id
-        )));
-    }
+    check_visible(&user, chat)?;
     Ok(user)
 }

@@ -119,7 +119,15 @@ pub fn check_definition(
 }
 
 /// Validates `value` for `field` and returns the form to store. `null` clears it.
-pub fn check_value(field: &FieldDef, value: &Value) -> Result<Value, DomainError> {
+/// `phone_mask` is the account's `phone_format`: a phone field takes numbers typed in it
+/// as well as in international form. Every type reads a string as typed by a person
+/// ("42", "true", "89161234567"); text-like types take only strings, so a JSON number
+/// is not silently turned into text.
+pub fn check_value(
+    field: &FieldDef,
+    value: &Value,
+    phone_mask: &str,
+) -> Result<Value, DomainError> {
     if value.is_null() {
         return Ok(Value::Null);
     }
@@ -162,12 +170,18 @@ pub fn check_value(field: &FieldDef, value: &Value) -> Result<Value, DomainError
             Some(Ok(e)) => Ok(Value::from(e)),
             _ => bad("an e-mail address like name@example.com"),
         },
-        FieldType::Phone => match text.map(|s| phone::parse_with_mask(s, phone::NO_MASK)) {
-            Some(Ok(p)) => Ok(Value::from(p)),
-            _ => bad("a phone number of 5 to 15 digits, e.g. +7 916 123-45-67"),
+        FieldType::Phone => match text {
+            Some(s) => phone::parse_field(s, phone_mask)
+                .map(Value::from)
+                .map_err(|e| DomainError::InvalidValue(format!("field {:?}: {e}", field.name))),
+            None => bad("a phone number as a string, e.g. \"+7 916 123-45-67\""),
         },
-        FieldType::Checkbox => match value {
-            Value::Bool(b) => Ok(Value::from(*b)),
+        // Like numbers, a checkbox also reads its typed text ("true"), so a client that
+        // sends what the user typed (patchbayctl) works for every type.
+        FieldType::Checkbox => match (value, text.map(str::trim)) {
+            (Value::Bool(b), _) => Ok(Value::from(*b)),
+            (_, Some("true")) => Ok(Value::from(true)),
+            (_, Some("false")) => Ok(Value::from(false)),
             _ => bad("true or false"),
         },
         FieldType::List => {
@@ -259,9 +273,54 @@ mod tests {
         ];
         for (t, opts, good, stored, bad) in cases {
             let f = field(t, opts);
-            assert_eq!(check_value(&f, &good).ok(), Some(stored), "{t:?}");
-            assert!(check_value(&f, &bad).is_err(), "{t:?} {bad}");
+            assert_eq!(
+                check_value(&f, &good, phone::NO_MASK).ok(),
+                Some(stored),
+                "{t:?}"
+            );
+            assert!(
+                check_value(&f, &bad, phone::NO_MASK).is_err(),
+                "{t:?} {bad}"
+            );
         }
+    }
+
+    #[test]
+    fn phone_fields_use_libphonenumber_and_the_mask() {
+        let f = field(FieldType::Phone, None);
+        let mask = "+7 (###) ###-##-##";
+        let stored = |v: Value, m: &str| check_value(&f, &v, m).ok();
+        assert_eq!(
+            stored(json!("8 916 123 45 67"), phone::NO_MASK),
+            None,
+            "a trunk prefix is not a country code"
+        );
+        assert_eq!(
+            stored(json!("916 123-45-67"), mask),
+            Some(json!("+79161234567"))
+        );
+        assert_eq!(
+            stored(json!("+1 (650) 253-0000"), mask),
+            Some(json!("+16502530000"))
+        );
+        assert_eq!(stored(json!("+7 000 000 00 00"), phone::NO_MASK), None);
+        assert_eq!(stored(json!(79161234567_i64), phone::NO_MASK), None);
+        assert_eq!(stored(Value::Null, mask), Some(Value::Null));
+    }
+
+    #[test]
+    fn typed_text_is_read_by_the_field_type() {
+        let typed = |t: FieldType, s: &str| check_value(&field(t, None), &json!(s), "none").ok();
+        assert_eq!(typed(FieldType::Text, "42"), Some(json!("42")));
+        assert_eq!(typed(FieldType::Text, "true"), Some(json!("true")));
+        assert_eq!(typed(FieldType::Number, "42"), Some(json!(42)));
+        assert_eq!(typed(FieldType::Checkbox, "true"), Some(json!(true)));
+        assert_eq!(typed(FieldType::Checkbox, "false"), Some(json!(false)));
+        assert_eq!(typed(FieldType::Checkbox, "yes"), None);
+        assert_eq!(
+            typed(FieldType::Phone, "79161234567"),
+            Some(json!("+79161234567"))
+        );
     }
 
     #[test]

@@ -219,6 +219,10 @@ impl Payload {
                 if s.phone.is_none() && s.username.is_none() {
                     return bad("sender needs a phone or a username".into());
                 }
+                // Contacts are found by username: "" would make all such senders one.
+                if s.username.as_deref().is_some_and(|u| u.trim().is_empty()) {
+                    return bad("sender.username must not be empty; leave it out instead".into());
+                }
             }
             Payload::Topup(t) => {
                 if t.amount <= 0 {
@@ -299,5 +303,15 @@ mod tests {
         let mut no_sender = inbound.clone();
         no_sender["sender"] = json!({"name": "Ann"});
         assert!(JobKind::InboundMessage.parse_payload(&no_sender).is_err());
+        for username in ["", "  "] {
+            let mut empty = inbound.clone();
+            empty["sender"] = json!({"phone": "+79161234567", "username": username});
+            let err = JobKind::InboundMessage
+                .parse_payload(&empty)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("sender.username must not be empty"), "{err}");
+        }
     }
 }

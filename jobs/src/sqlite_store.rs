@@ -816,23 +816,41 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn set_settings(&self, account: Id, s: &Settings) -> StoreResult<()> {
-        let n = sqlx::query(
-            "UPDATE accounts SET reset_responsible_on_close = $1, mark_read_on_open = $2, \
-             phone_format = $3, balance_notify_days = $4 WHERE id = $5",
-        )
-        .bind(s.reset_responsible_on_close)
-        .bind(s.mark_read_on_open)
-        .bind(&s.phone_format)
-        .bind(s.balance_notify_days)
-        .bind(account)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(DomainError::not_found("account", account));
+    async fn set_setting(
+        &self,
+        account: Id,
+        setting: &crate::settings::Setting,
+    ) -> StoreResult<Settings> {
+        use crate::settings::Setting;
+        // Only the changed column: rewriting all four from an earlier read would undo a
+        // concurrent change of another setting.
+        macro_rules! update {
+            ($column:literal) => {
+                sqlx::query(concat!(
+                    "UPDATE accounts SET ",
+                    $column,
+                    " = $1 WHERE id = $2 RETURNING reset_responsible_on_close, \
+                     mark_read_on_open, phone_format, balance_notify_days"
+                ))
+            };
         }
-        Ok(())
+        let query = match setting {
+            Setting::ResetResponsibleOnClose(b) => update!("reset_responsible_on_close").bind(*b),
+            Setting::MarkReadOnOpen(b) => update!("mark_read_on_open").bind(*b),
+            Setting::PhoneFormat(mask) => update!("phone_format").bind(mask.as_str()),
+            Setting::BalanceNotifyDays(days) => update!("balance_notify_days").bind(*days),
+        };
+        let row = query
+            .bind(account)
+            .fetch_optional(&self.writer)
+            .await?
+            .ok_or_else(|| DomainError::not_found("account", account))?;
+        Ok(Settings {
+            reset_responsible_on_close: row.try_get("reset_responsible_on_close")?,
+            mark_read_on_open: row.try_get("mark_read_on_open")?,
+            phone_format: row.try_get("phone_format")?,
+            balance_notify_days: row.try_get("balance_notify_days")?,
+        })
     }
 
     async fn add_channel(

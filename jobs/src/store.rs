@@ -163,7 +163,13 @@ pub trait Store: Send + Sync + 'static {
     async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord>;
     async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>>;
 
-    async fn set_settings(&self, account: Id, settings: &Settings) -> StoreResult<()>;
+    /// Stores one setting (that column alone, so concurrent changes of different
+    /// settings all stick); returns the account's settings as they are now.
+    async fn set_setting(
+        &self,
+        account: Id,
+        setting: &crate::settings::Setting,
+    ) -> StoreResult<Settings>;
 
     async fn add_channel(
         &self,

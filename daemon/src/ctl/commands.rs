@@ -218,7 +218,8 @@ pub enum FieldCmd {
 
 #[derive(Subcommand)]
 pub enum ChatCmd {
-    /// Start a chat with a phone number, checked against the account's mask.
+    /// Start a chat with a phone number, checked against the account's mask; the
+    /// channel's existing chat with it comes back as it is (a closed one stays closed).
     Create {
         #[arg(long)]
         account: i64,
@@ -268,14 +269,19 @@ pub enum ChatCmd {
         #[arg(long)]
         actor: i64,
     },
-    /// Set an additional field's value (JSON, null clears).
+    /// Set an additional field's value as you would type it; the daemon reads it by the
+    /// field's type: `42`, `2026-11-25`, `true`, `+7 916 123-45-67`, `vip`, any text.
     SetField {
         chat: i64,
         #[arg(long)]
         actor: i64,
         #[arg(long)]
         field: i64,
-        value: String,
+        #[arg(required_unless_present = "clear")]
+        value: Option<String>,
+        /// Remove the value instead.
+        #[arg(long, conflicts_with = "value")]
+        clear: bool,
     },
 }
 
@@ -550,8 +556,12 @@ pub fn to_call(cmd: &Command) -> anyhow::Result<(String, Value)> {
                 actor,
                 field,
                 value,
+                clear,
             } => {
-                let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
+                // Sent as the text typed, never guessed into JSON: `42` or `89161234567`
+                // must reach a text or phone field as a string. The daemon reads it by
+                // the field's type, the one place that knows it.
+                let value = if *clear { Value::Null } else { json!(value) };
                 (
                     "chat.set_field".into(),
                     json!({ "chat": chat, "actor": actor, "field": field, "value": value }),

@@ -20,15 +20,24 @@ pub struct CreateParams {
     phone: String,
 }
 
+/// A new chat to the number, or the chat the channel already has with it — as it is:
+/// a closed one stays closed (and keeps its responsible user) until the client writes
+/// again; messages can be sent to it meanwhile. An existing chat the actor cannot see
+/// (assigned to another operator) is `forbidden`, never handed out.
 pub async fn create(app: &App, p: CreateParams) -> Result<Value, RpcError> {
-    access::member(&*app.store, p.account, p.actor).await?;
+    let actor = access::member(&*app.store, p.account, p.actor).await?;
     let account = app.store.account(p.account).await?;
     let channel = app.store.channel(p.channel).await?;
     if channel.account != p.account || channel.status == "removed" {
         return Err(DomainError::not_found("channel", p.channel).into());
     }
     let e164 = phone::parse_with_mask(&p.phone, &account.settings.phone_format)?;
-    to_json(&app.store.create_chat(&channel, &e164).await?)
+    // Checked after the lookup: create_chat leaves an existing chat (and its contact,
+    // found by this very phone) untouched, and a new chat has nobody responsible, so
+    // refusing here changes nothing.
+    let chat = app.store.create_chat(&channel, &e164).await?;
+    access::check_visible(&actor, &chat)?;
+    to_json(&chat)
 }
 
 #[derive(Deserialize)]
@@ -170,7 +179,8 @@ pub async fn set_field(app: &App, p: SetFieldParams) -> Result<Value, RpcError> 
     if field.account != chat.account {
         return Err(DomainError::not_found("field", p.field).into());
     }
-    let value = fields::check_value(&field, &p.value)?;
+    let mask = app.store.account(chat.account).await?.settings.phone_format;
+    let value = fields::check_value(&field, &p.value, &mask)?;
     app.store.set_field_value(chat.id, field.id, &value).await?;
     Ok(json!({ "chat": chat.id, "field": field.id, "value": value }))
 }

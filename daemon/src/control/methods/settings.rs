@@ -30,8 +30,6 @@ pub struct SetParams {
 
 pub async fn set(app: &App, p: SetParams) -> Result<Value, RpcError> {
     access::administrator(&*app.store, p.account, p.actor, "change settings").await?;
-    let mut current = app.store.account(p.account).await?.settings;
-    settings::apply(&mut current, &p.key, &p.value)?;
-    app.store.set_settings(p.account, &current).await?;
-    to_json(&current)
+    let setting = settings::parse(&p.key, &p.value)?;
+    to_json(&app.store.set_setting(p.account, &setting).await?)
 }
