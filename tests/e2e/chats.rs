@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::Connection;
+use sqlx::sqlite::SqliteConnectOptions;
 
-use crate::harness::{Backend, Daemon};
+use crate::harness::{Backend, Daemon, ctl};
 
 struct Setup {
     d: Daemon,
@@ -66,6 +68,21 @@ async fn the_chat(s: &Setup) -> Value {
         .as_array()
         .and_then(|c| c.first().cloned())
         .expect("one chat")
+}
+
+/// Stored values of a field, counted in the daemon's own SQLite file (read-only).
+async fn field_values_in_store(d: &Daemon, field: i64) -> i64 {
+    let options = SqliteConnectOptions::new()
+        .filename(d.dir.path().join("var/patchbay.db"))
+        .read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("open the store read-only");
+    sqlx::query_scalar("SELECT COUNT(*) FROM field_values WHERE field_id = $1")
+        .bind(field)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count field values")
 }
 
 async fn visible(s: &Setup, user: i64) -> usize {
@@ -174,9 +191,8 @@ async fn reset_responsible_on_close_redis() {
     reset_on_close_and_reopen(Backend::Redis).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn without_reset_close_keeps_the_responsible_user() {
-    let s = setup(Backend::Sqlite).await;
+async fn close_without_reset_keeps_the_responsible_user(backend: Backend) {
+    let s = setup(backend).await;
     deliver(&s, "c1", "m1").await;
     let chat = the_chat(&s).await;
     s.d.ok(
@@ -197,8 +213,17 @@ async fn without_reset_close_keeps_the_responsible_user() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn mark_read_on_open_on_and_off() {
-    let s = setup(Backend::Sqlite).await;
+async fn without_reset_close_keeps_the_responsible_user_sqlite() {
+    close_without_reset_keeps_the_responsible_user(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_reset_close_keeps_the_responsible_user_redis() {
+    close_without_reset_keeps_the_responsible_user(Backend::Redis).await;
+}
+
+async fn opening_marks_read_only_when_on(backend: Backend) {
+    let s = setup(backend).await;
     deliver(&s, "c1", "m1").await;
     deliver(&s, "c1", "m2").await;
     let chat = the_chat(&s).await;
@@ -240,6 +265,16 @@ async fn mark_read_on_open_on_and_off() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn mark_read_on_open_on_and_off_sqlite() {
+    opening_marks_read_only_when_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mark_read_on_open_on_and_off_redis() {
+    opening_marks_read_only_when_on(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn settings_defaults_and_validation() {
     let s = setup(Backend::Sqlite).await;
     let got = s.d.ok("settings.get", json!({"account": s.acc})).await;
@@ -247,28 +282,85 @@ async fn settings_defaults_and_validation() {
         got,
         json!({"reset_responsible_on_close": false, "mark_read_on_open": true, "phone_format": "none", "balance_notify_days": 3})
     );
-    for (key, value) in [
-        ("balance_notify_days", json!(0)),
-        ("balance_notify_days", json!(31)),
-        ("balance_notify_days", json!("3")),
-        ("mark_read_on_open", json!(1)),
-        ("phone_format", json!("+7 (XXX)")),
-        ("colour", json!("red")),
+    let set = |key: &str, value: Value| json!({"account": s.acc, "actor": s.admin, "key": key, "value": value});
+    // The ends of the range are allowed; set returns the settings as they now are.
+    for days in [1, 30] {
+        let now =
+            s.d.ok("settings.set", set("balance_notify_days", json!(days)))
+                .await;
+        assert_eq!(now["balance_notify_days"], days);
+    }
+    s.d.ok("settings.set", set("balance_notify_days", json!(3)))
+        .await;
+    for (key, value, says) in [
+        ("balance_notify_days", json!(0), "from 1 to 30"),
+        ("balance_notify_days", json!(31), "from 1 to 30"),
+        ("balance_notify_days", json!("3"), "from 1 to 30"),
+        ("mark_read_on_open", json!(1), "true or false"),
+        ("phone_format", json!("+7 (XXX)"), "\"+7 (###) ###-##-##\""),
+        // No country code: no phone could ever fit these.
+        (
+            "phone_format",
+            json!("8 (###) ###-##-##"),
+            "starts with '+' and the country calling code",
+        ),
+        (
+            "phone_format",
+            json!("(###) ###-####"),
+            "starts with '+' and the country calling code",
+        ),
+        (
+            "phone_format",
+            json!("+0 (###) ###-##-##"),
+            "does not begin with a country calling code",
+        ),
+        (
+            "colour",
+            json!("red"),
+            "settings are reset_responsible_on_close",
+        ),
     ] {
         let msg =
-            s.d.fails(
-                "settings.set",
-                json!({"account": s.acc, "actor": s.admin, "key": key, "value": value}),
-                "invalid_value",
-            )
-            .await;
-        assert!(!msg.is_empty());
+            s.d.fails("settings.set", set(key, value.clone()), "invalid_value")
+                .await;
+        assert!(msg.contains(says), "{key} = {value}: {msg}");
     }
     assert_eq!(
         s.d.ok("settings.get", json!({"account": s.acc})).await,
         got,
         "nothing changed"
     );
+}
+
+/// settings.set stores only the setting it changes: administrators changing different
+/// settings at the same time never undo each other's change.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_settings_changes_all_stick() {
+    let s = setup(Backend::Sqlite).await;
+    let set = |key: &str, value: Value| json!({"account": s.acc, "actor": s.admin, "key": key, "value": value});
+    for round in 0..20_i64 {
+        let (days, read, reset) = (1 + round % 30, round % 2 == 0, round % 3 == 0);
+        let mask = if round % 2 == 0 {
+            "+7 (###) ###-##-##"
+        } else {
+            "none"
+        };
+        tokio::join!(
+            s.d.ok("settings.set", set("balance_notify_days", json!(days))),
+            s.d.ok("settings.set", set("mark_read_on_open", json!(read))),
+            s.d.ok(
+                "settings.set",
+                set("reset_responsible_on_close", json!(reset))
+            ),
+            s.d.ok("settings.set", set("phone_format", json!(mask))),
+        );
+        assert_eq!(
+            s.d.ok("settings.get", json!({"account": s.acc})).await,
+            json!({"reset_responsible_on_close": reset, "mark_read_on_open": read,
+                   "phone_format": mask, "balance_notify_days": days}),
+            "round {round}"
+        );
+    }
 }
 
 /// SPEC §5 phone masks: digits fill '#', punctuation may be typed or left out.
@@ -298,6 +390,11 @@ async fn phone_mask_accepts_and_rejects() {
         let msg = s.d.fails("chat.create", create(bad), "invalid_value").await;
         assert!(msg.contains(mask), "names the expected mask: {msg}");
     }
+    // Why 89161234567 is refused: 11 digits fill the whole mask, fixed 7 included.
+    let msg =
+        s.d.fails("chat.create", create("89161234567"), "invalid_value")
+            .await;
+    assert!(msg.contains("the mask has 7 where 8 was typed"), "{msg}");
     s.d.ok(
         "settings.set",
         json!({"account": s.acc, "actor": s.admin, "key": "phone_format", "value": "none"}),
@@ -308,9 +405,8 @@ async fn phone_mask_accepts_and_rejects() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn additional_fields_on_the_chat_card() {
-    let s = setup(Backend::Sqlite).await;
+async fn fields_on_the_chat_card(backend: Backend) {
+    let s = setup(backend).await;
     deliver(&s, "c1", "m1").await;
     let chat = the_chat(&s).await;
     let add = |name: &str, t: &str, options: Value| json!({"account": s.acc, "actor": s.admin, "name": name, "type": t, "options": options});
@@ -399,11 +495,49 @@ async fn additional_fields_on_the_chat_card() {
     assert_eq!(value("Tier"), Some(json!("vip")));
     assert_eq!(value("Birthday"), Some(json!("1990-02-28")));
 
+    // Phone fields: libphonenumber-checked, stored E.164, typed in the mask or
+    // internationally; a trunk-prefixed national number fits neither.
     s.d.ok(
-        "field.remove",
-        json!({"account": s.acc, "actor": s.admin, "field": ids["Comment"]}),
+        "settings.set",
+        json!({"account": s.acc, "actor": s.admin, "key": "phone_format", "value": "+7 (###) ###-##-##"}),
     )
     .await;
+    let phone = ids["Second phone"];
+    for (typed, stored) in [
+        ("916 123 45 67", "+79161234567"),
+        ("+44 20 7946 0958", "+442079460958"),
+    ] {
+        let r =
+            s.d.ok(
+                "chat.set_field",
+                json!({"chat": chat["id"], "actor": s.op1, "field": phone, "value": typed}),
+            )
+            .await;
+        assert_eq!(r["value"], stored, "{typed}");
+    }
+    for bad in ["89161234567", "+7 000 000-00-00"] {
+        let msg =
+            s.d.fails(
+                "chat.set_field",
+                json!({"chat": chat["id"], "actor": s.op1, "field": phone, "value": bad}),
+                "invalid_value",
+            )
+            .await;
+        assert!(msg.contains("not a valid phone number"), "{bad}: {msg}");
+    }
+
+    let comment = ids["Comment"];
+    assert_eq!(field_values_in_store(&s.d, comment).await, 1);
+    s.d.ok(
+        "field.remove",
+        json!({"account": s.acc, "actor": s.admin, "field": comment}),
+    )
+    .await;
+    assert_eq!(
+        field_values_in_store(&s.d, comment).await,
+        0,
+        "removing a field removes its values"
+    );
     let card = s.d.ok("chat.get", json!({"chat": chat["id"]})).await;
     assert!(
         card["fields"]
@@ -419,6 +553,16 @@ async fn additional_fields_on_the_chat_card() {
             .map(Vec::len),
         Some(7)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn additional_fields_on_the_chat_card_sqlite() {
+    fields_on_the_chat_card(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn additional_fields_on_the_chat_card_redis() {
+    fields_on_the_chat_card(Backend::Redis).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -453,6 +597,7 @@ async fn operators_are_refused_every_admin_only_method() {
             "field.remove",
             json!({"account": s.acc, "actor": s.op1, "field": field["id"]}),
         ),
+        ("data.delete", json!({"account": s.acc, "actor": s.op1})),
     ] {
         let msg = s.d.fails(method, params, "forbidden").await;
         assert!(msg.contains("only administrators may"), "{method}: {msg}");
@@ -474,6 +619,12 @@ async fn operators_are_refused_every_admin_only_method() {
         before_settings
     );
     assert_eq!(
+        s.d.ok("data.deletion_status", json!({"account": s.acc}))
+            .await,
+        Value::Null,
+        "no deletion run was started"
+    );
+    assert_eq!(
         s.d.ok("field.list", json!({"account": s.acc}))
             .await
             .as_array()
@@ -482,9 +633,8 @@ async fn operators_are_refused_every_admin_only_method() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn message_send_is_delivered_through_the_connector() {
-    let s = setup(Backend::Sqlite).await;
+async fn send_is_delivered_and_bad_inbound_is_dead(backend: Backend) {
+    let s = setup(backend).await;
     deliver(&s, "c1", "m1").await;
     let chat = the_chat(&s).await;
     let sent =
@@ -533,5 +683,608 @@ async fn message_send_is_delivered_through_the_connector() {
             .unwrap_or("")
             .contains("not a phone number"),
         "{dead}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_send_and_dead_letters_sqlite() {
+    send_is_delivered_and_bad_inbound_is_dead(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_send_and_dead_letters_redis() {
+    send_is_delivered_and_bad_inbound_is_dead(Backend::Redis).await;
+}
+
+/// An inbound message from any sender, at `sent_at`.
+fn inbound_from(channel: i64, chat: &str, msg: &str, sender: Value, sent_at: &str) -> Value {
+    json!({"kind": "inbound_message", "payload": {
+        "channel": channel, "external_chat_id": chat, "external_message_id": msg,
+        "sender": sender, "text": format!("text of {msg}"),
+        "attachments": [], "sent_at": sent_at}})
+}
+
+async fn deliver_from(s: &Setup, chat: &str, msg: &str, sender: Value, sent_at: &str) {
+    let r =
+        s.d.ok(
+            "job.enqueue",
+            inbound_from(s.channel, chat, msg, sender, sent_at),
+        )
+        .await;
+    s.d.job_until(
+        r["id"].as_str().expect("id"),
+        &["done"],
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+async fn chat_by_external_id(s: &Setup, external: &str) -> Value {
+    let chats = s.d.ok("chat.list", json!({"account": s.acc})).await;
+    chats
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["external_chat_id"] == external))
+        .cloned()
+        .unwrap_or_else(|| panic!("no chat {external} in {chats}"))
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .expect("time")
+        .timestamp_millis()
+}
+
+/// Contacts: found by the normalised phone however it is written, else by username;
+/// each external chat id is its own chat; last_message_at follows the newest message;
+/// chat.messages pages newest first.
+async fn inbound_contacts_chats_and_paging(backend: Backend) {
+    let s = setup(backend).await;
+    let t0 = "2026-11-25T10:00:00Z";
+    deliver_from(&s, "c1", "m1", json!({"phone": "79161234567"}), t0).await;
+    deliver_from(
+        &s,
+        "c2",
+        "m2",
+        json!({"phone": "+7 916 123-45-67", "name": "Ann"}),
+        t0,
+    )
+    .await;
+    let (c1, c2) = (
+        chat_by_external_id(&s, "c1").await,
+        chat_by_external_id(&s, "c2").await,
+    );
+    assert_ne!(c1["id"], c2["id"], "two external chat ids, two chats");
+    assert_eq!(
+        c1["contact"], c2["contact"],
+        "one contact for both spellings"
+    );
+    let card = s.d.ok("chat.get", json!({"chat": c1["id"]})).await;
+    assert_eq!(card["contact"]["phone"], "+79161234567");
+    assert_eq!(
+        card["contact"]["name"], "Ann",
+        "filled in by the later message"
+    );
+
+    deliver_from(
+        &s,
+        "u1",
+        "m3",
+        json!({"username": "ann_tg", "name": "Ann T"}),
+        t0,
+    )
+    .await;
+    deliver_from(&s, "u2", "m4", json!({"username": "ann_tg"}), t0).await;
+    let (u1, u2) = (
+        chat_by_external_id(&s, "u1").await,
+        chat_by_external_id(&s, "u2").await,
+    );
+    assert_ne!(u1["id"], u2["id"]);
+    assert_eq!(u1["contact"], u2["contact"], "found by username");
+    assert_ne!(u1["contact"], c1["contact"]);
+    let card = s.d.ok("chat.get", json!({"chat": u1["id"]})).await;
+    assert_eq!(card["contact"]["username"], "ann_tg");
+    assert_eq!(card["contact"]["phone"], Value::Null);
+
+    // An empty username would make every such sender one contact: refused up front.
+    let msg =
+        s.d.fails(
+            "job.enqueue",
+            inbound_from(
+                s.channel,
+                "u3",
+                "m5",
+                json!({"phone": "+79160000001", "username": ""}),
+                t0,
+            ),
+            "invalid_value",
+        )
+        .await;
+    assert!(msg.contains("sender.username must not be empty"), "{msg}");
+
+    // last_message_at: the newest message's time; an older one arriving late keeps it.
+    assert_eq!(c1["last_message_at"], ms(t0));
+    let t1 = "2026-11-25T10:05:00Z";
+    deliver_from(&s, "c1", "m6", json!({"phone": "79161234567"}), t1).await;
+    assert_eq!(
+        chat_by_external_id(&s, "c1").await["last_message_at"],
+        ms(t1)
+    );
+    deliver_from(
+        &s,
+        "c1",
+        "m7",
+        json!({"phone": "79161234567"}),
+        "2026-11-25T09:00:00Z",
+    )
+    .await;
+    let c1 = chat_by_external_id(&s, "c1").await;
+    assert_eq!(c1["last_message_at"], ms(t1));
+    assert_eq!(c1["unread"], 3);
+
+    // Paging: newest first, `limit` per page, `before` a message id.
+    for m in ["m8", "m9"] {
+        deliver_from(&s, "c1", m, json!({"phone": "79161234567"}), t1).await;
+    }
+    let page = |before: Option<i64>| {
+        let d = &s.d;
+        let chat = c1["id"].clone();
+        async move {
+            let msgs = d
+                .ok(
+                    "chat.messages",
+                    json!({"chat": chat, "limit": 2, "before": before}),
+                )
+                .await;
+            msgs.as_array().expect("messages").clone()
+        }
+    };
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let msgs = page(before).await;
+        if msgs.is_empty() {
+            break;
+        }
+        assert!(msgs.len() <= 2);
+        before = msgs.last().and_then(|m| m["id"].as_i64());
+        seen.extend(
+            msgs.iter()
+                .map(|m| m["text"].as_str().unwrap_or("").to_owned()),
+        );
+    }
+    assert_eq!(
+        seen,
+        ["m9", "m8", "m7", "m6", "m1"].map(|m| format!("text of {m}")),
+        "newest first, every message once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_contacts_chats_and_paging_sqlite() {
+    inbound_contacts_chats_and_paging(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_contacts_chats_and_paging_redis() {
+    inbound_contacts_chats_and_paging(Backend::Redis).await;
+}
+
+/// Visibility on every chat method: an operator who cannot see a chat (assigned to
+/// someone else) may not close it, write in it, set its fields, or get it handed out by
+/// chat.create; chat.list filters by status; nobody is made responsible across accounts.
+async fn visibility_and_status_filter(backend: Backend) {
+    let s = setup(backend).await;
+    deliver(&s, "c1", "m1").await;
+    let chat = the_chat(&s).await;
+    let id = chat["id"].clone();
+    s.d.ok(
+        "chat.assign",
+        json!({"chat": id, "actor": s.admin, "user": s.op1}),
+    )
+    .await;
+    let field =
+        s.d.ok(
+            "field.add",
+            json!({"account": s.acc, "actor": s.admin, "name": "Note", "type": "text"}),
+        )
+        .await["id"]
+            .clone();
+    let jobs_before = s.d.ok("job.list", json!({"kind": "chat_close"})).await;
+    for (method, params) in [
+        ("chat.close", json!({"chat": id, "actor": s.op2})),
+        (
+            "message.send",
+            json!({"chat": id, "actor": s.op2, "text": "hi"}),
+        ),
+        (
+            "chat.set_field",
+            json!({"chat": id, "actor": s.op2, "field": field, "value": "x"}),
+        ),
+        (
+            "chat.assign",
+            json!({"chat": id, "actor": s.op2, "user": s.op2}),
+        ),
+    ] {
+        let msg = s.d.fails(method, params, "forbidden").await;
+        assert!(
+            msg.contains("assigned to another user; only they and administrators"),
+            "{method}: {msg}"
+        );
+    }
+    let card = s.d.ok("chat.get", json!({"chat": id})).await;
+    assert_eq!(card["status"], "open");
+    assert_eq!(card["responsible"], s.op1);
+    assert_eq!(card["fields"][0]["value"], Value::Null);
+    let msgs = s.d.ok("chat.messages", json!({"chat": id})).await;
+    assert_eq!(msgs.as_array().map(Vec::len), Some(1), "nothing was sent");
+    assert_eq!(
+        s.d.ok("job.list", json!({"kind": "chat_close"})).await,
+        jobs_before,
+        "no chat_close job"
+    );
+
+    // A user of another account is never made responsible.
+    let (_, stranger) = s.d.account("elsewhere").await;
+    let msg =
+        s.d.fails(
+            "chat.assign",
+            json!({"chat": id, "actor": s.admin, "user": stranger}),
+            "forbidden",
+        )
+        .await;
+    assert!(msg.contains("does not belong to account"), "{msg}");
+    assert_eq!(
+        s.d.ok("chat.get", json!({"chat": id})).await["responsible"],
+        s.op1
+    );
+
+    // chat.create hands out an existing chat only to those who may see it.
+    let create = |actor: i64| json!({"account": s.acc, "actor": actor, "channel": s.channel, "phone": "+7 916 555-00-11"});
+    let made = s.d.ok("chat.create", create(s.op1)).await;
+    s.d.ok(
+        "chat.assign",
+        json!({"chat": made["id"], "actor": s.admin, "user": s.op1}),
+    )
+    .await;
+    let msg = s.d.fails("chat.create", create(s.op2), "forbidden").await;
+    assert!(msg.contains("assigned to another user"), "{msg}");
+    assert_eq!(
+        s.d.ok("chat.create", create(s.admin)).await["id"],
+        made["id"]
+    );
+    // A closed chat comes back as it is: closed, its responsible user kept.
+    close(&s, &made, s.op1).await;
+    let again = s.d.ok("chat.create", create(s.op1)).await;
+    assert_eq!(again["id"], made["id"]);
+    assert_eq!(again["status"], "closed");
+    assert_eq!(again["responsible"], s.op1);
+    s.d.fails("chat.create", create(s.op2), "forbidden").await;
+
+    // chat.list by status, combined with visibility.
+    let list = |status: &str, as_user: Option<i64>| {
+        let d = &s.d;
+        let params = json!({"account": s.acc, "status": status, "as_user": as_user});
+        async move {
+            let chats = d.ok("chat.list", params).await;
+            chats
+                .as_array()
+                .expect("chats")
+                .iter()
+                .map(|c| c["id"].clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list("open", None).await, vec![id.clone()]);
+    assert_eq!(list("closed", None).await, vec![made["id"].clone()]);
+    assert_eq!(list("closed", Some(s.op2)).await, Vec::<Value>::new());
+    assert_eq!(list("closed", Some(s.op1)).await, vec![made["id"].clone()]);
+    let msg =
+        s.d.fails(
+            "chat.list",
+            json!({"account": s.acc, "status": "archived"}),
+            "invalid_value",
+        )
+        .await;
+    assert!(msg.contains("use open or closed"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn visibility_on_every_chat_method_sqlite() {
+    visibility_and_status_filter(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn visibility_on_every_chat_method_redis() {
+    visibility_and_status_filter(Backend::Redis).await;
+}
+
+/// Runs the real patchbayctl; returns (success, stdout, stderr).
+fn pb(s: &Setup, args: &[&str]) -> (bool, String, String) {
+    let out = ctl(&s.d.config, args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `patchbayctl --json …`, which must succeed; its output parsed.
+fn pb_json(s: &Setup, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = pb(s, &all);
+    assert!(ok, "patchbayctl {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// patchbayctl for settings, fields and chats: tables for people, --json for scripts,
+/// values typed as a person types them, and a non-zero exit with the daemon's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn patchbayctl_settings_fields_and_chats() {
+    let s = setup(Backend::Sqlite).await;
+    let (acc, admin, op1, op2) = (
+        s.acc.to_string(),
+        s.admin.to_string(),
+        s.op1.to_string(),
+        s.op2.to_string(),
+    );
+    let mask = "+7 (###) ###-##-##";
+    let (ok, out, err) = pb(
+        &s,
+        &[
+            "settings",
+            "set",
+            "--account",
+            &acc,
+            "--actor",
+            &admin,
+            "phone_format",
+            mask,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("phone format") && out.contains(mask), "{out}");
+    let now = pb_json(
+        &s,
+        &[
+            "settings",
+            "set",
+            "--account",
+            &acc,
+            "--actor",
+            &admin,
+            "balance_notify_days",
+            "7",
+        ],
+    );
+    assert_eq!(now["balance_notify_days"], 7);
+    assert_eq!(now["phone_format"], mask);
+    let (ok, _, err) = pb(
+        &s,
+        &[
+            "settings",
+            "set",
+            "--account",
+            &acc,
+            "--actor",
+            &admin,
+            "balance_notify_days",
+            "31",
+        ],
+    );
+    assert!(!ok && err.contains("from 1 to 30"), "{err}");
+
+    let tier = pb_json(
+        &s,
+        &[
+            "field",
+            "add",
+            "--account",
+            &acc,
+            "--actor",
+            &admin,
+            "--name",
+            "Tier",
+            "--type",
+            "list",
+            "--option",
+            "new",
+            "--option",
+            "vip",
+        ],
+    );
+    assert_eq!(tier["options"], json!(["new", "vip"]));
+    let mut field = std::collections::HashMap::new();
+    for (name, t) in [
+        ("Code", "text"),
+        ("Mobile", "phone"),
+        ("Orders", "number"),
+        ("Consent", "checkbox"),
+    ] {
+        let f = pb_json(
+            &s,
+            &[
+                "field",
+                "add",
+                "--account",
+                &acc,
+                "--actor",
+                &admin,
+                "--name",
+                name,
+                "--type",
+                t,
+            ],
+        );
+        field.insert(name, f["id"].to_string());
+    }
+    field.insert("Tier", tier["id"].to_string());
+    let (ok, out, _) = pb(&s, &["field", "list", "--account", &acc]);
+    assert!(
+        ok && out.contains("Tier") && out.contains("5 row(s)"),
+        "{out}"
+    );
+
+    let chat = pb_json(
+        &s,
+        &[
+            "chat",
+            "create",
+            "--account",
+            &acc,
+            "--actor",
+            &op1,
+            "--channel",
+            &s.channel.to_string(),
+            "--phone",
+            "916 123 45 67",
+        ],
+    );
+    assert_eq!(chat["external_chat_id"], "+79161234567");
+    let id = chat["id"].to_string();
+
+    // Each value as typed; the daemon reads it by the field's type.
+    for (name, typed, stored) in [
+        ("Code", "42", json!("42")),
+        ("Code", "89161234567", json!("89161234567")),
+        ("Mobile", "79161234567", json!("+79161234567")),
+        ("Orders", "42", json!(42)),
+        ("Consent", "true", json!(true)),
+        ("Tier", "vip", json!("vip")),
+    ] {
+        let r = pb_json(
+            &s,
+            &[
+                "chat",
+                "set-field",
+                &id,
+                "--actor",
+                &op1,
+                "--field",
+                &field[name],
+                typed,
+            ],
+        );
+        assert_eq!(r["value"], stored, "{name} {typed}");
+    }
+    let (ok, out, err) = pb(
+        &s,
+        &[
+            "chat",
+            "set-field",
+            &id,
+            "--actor",
+            &op1,
+            "--field",
+            &field["Orders"],
+            "7",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("value") && out.contains('7'), "a table: {out}");
+    let (ok, _, err) = pb(
+        &s,
+        &[
+            "chat",
+            "set-field",
+            &id,
+            "--actor",
+            &op1,
+            "--field",
+            &field["Mobile"],
+            "89161234567",
+        ],
+    );
+    assert!(!ok && err.contains("not a valid phone number"), "{err}");
+    let cleared = pb_json(
+        &s,
+        &[
+            "chat",
+            "set-field",
+            &id,
+            "--actor",
+            &op1,
+            "--field",
+            &field["Code"],
+            "--clear",
+        ],
+    );
+    assert_eq!(cleared["value"], Value::Null);
+
+    let card = pb_json(&s, &["chat", "get", &id]);
+    let value = |name: &str| {
+        card["fields"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["name"] == name))
+            .map(|f| f["value"].clone())
+    };
+    assert_eq!(value("Code"), Some(Value::Null));
+    assert_eq!(value("Mobile"), Some(json!("+79161234567")));
+    assert_eq!(value("Orders"), Some(json!(7)));
+    let (ok, out, _) = pb(&s, &["chat", "get", &id]);
+    assert!(
+        ok && out.contains("external chat id") && out.contains("+79161234567"),
+        "{out}"
+    );
+
+    let (ok, out, _) = pb(&s, &["chat", "list", "--account", &acc]);
+    assert!(
+        ok && out.contains("+79161234567") && out.contains("1 row(s)"),
+        "{out}"
+    );
+    let list = pb_json(&s, &["chat", "list", "--account", &acc, "--status", "open"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+    // Refusals: non-zero exit, the daemon's message and kind on stderr, nothing changed.
+    pb_json(
+        &s,
+        &["chat", "assign", &id, "--actor", &admin, "--user", &op1],
+    );
+    let (ok, out, err) = pb(
+        &s,
+        &[
+            "chat",
+            "set-field",
+            &id,
+            "--actor",
+            &op2,
+            "--field",
+            &field["Tier"],
+            "new",
+        ],
+    );
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(
+        err.contains("chat.set_field failed: chat")
+            && err.contains("is assigned to another user")
+            && err.contains("forbidden"),
+        "{err}"
+    );
+    let (ok, _, err) = pb(
+        &s,
+        &[
+            "settings",
+            "set",
+            "--account",
+            &acc,
+            "--actor",
+            &op1,
+            "mark_read_on_open",
+            "false",
+        ],
+    );
+    assert!(
+        !ok && err.contains("only administrators may change settings") && err.contains("forbidden"),
+        "{err}"
+    );
+    let card = pb_json(&s, &["chat", "get", &id]);
+    let tier_value = card["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "Tier"))
+        .map(|f| f["value"].clone());
+    assert_eq!(tier_value, Some(json!("vip")));
+    assert_eq!(
+        pb_json(&s, &["settings", "get", "--account", &acc])["mark_read_on_open"],
+        true
     );
 }
