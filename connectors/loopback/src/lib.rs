@@ -2,12 +2,14 @@
 //! `libloopback.so` (kind `loopback`). It "connects" at once (or after
 //! `connect_delay_ms`), generates inbound traffic from `clients` synthetic senders at
 //! `rate_per_sec` and/or as a `burst`, accepts every send and echoes a delivery receipt,
-//! and can inject faults (failing or panicking start/send, malformed events).
+//! and can inject faults (failing or panicking start/send, malformed events, an error
+//! reported while running), on every start or only on the first few of a channel.
 //!
 //! Written against the safe SDK only: this crate has no `unsafe`.
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -68,6 +70,14 @@ pub struct Config {
     /// Right after `connected`, emit the `MALFORMED` events (invalid JSON, unknown type,
     /// missing fields, non-UTF-8), then carry on normally.
     pub malformed_events: bool,
+    /// Right after `connected` (and any malformed events), report status `error` with
+    /// this reason and stay there, generating no traffic: a connector whose messenger
+    /// refuses it while its threads run on.
+    pub report_error: Option<String>,
+    /// The faults above apply to the first `fault_starts` starts of this configuration
+    /// in the process only, later starts run clean (0 = every start): a channel that
+    /// fails, is restarted by the daemon, and recovers.
+    pub fault_starts: u64,
 }
 
 impl Default for Config {
@@ -88,6 +98,8 @@ impl Default for Config {
             panic_on_start: false,
             panic_on_send: false,
             malformed_events: false,
+            report_error: None,
+            fault_starts: 0,
         }
     }
 }
@@ -114,8 +126,18 @@ impl Config {
                 "loopback config: {key} = {value:?}: {allowed}"
             )))
         };
-        if self.number.trim().is_empty() {
-            return bad("number", &self.number, "must not be empty");
+        // Within the host's bounds, so a long value is refused here instead of the
+        // host dropping the status events that carry it.
+        if self.number.trim().is_empty() || self.number.chars().count() > 256 {
+            return bad("number", &self.number, "1 to 256 characters");
+        }
+        if self.display_name.chars().count() > 256 {
+            return bad("display_name", &self.display_name, "at most 256 characters");
+        }
+        if let Some(r) = &self.report_error
+            && (r.trim().is_empty() || r.chars().count() > 1024)
+        {
+            return bad("report_error", r, "1 to 1024 characters");
         }
         if !self.rate_per_sec.is_finite() || !(0.0..=1_000_000.0).contains(&self.rate_per_sec) {
             return bad(
@@ -142,6 +164,18 @@ impl Config {
     }
 }
 
+/// Starts so far of each configuration (its JSON text), for `fault_starts`: the daemon
+/// creates a new instance for every restart, so the count lives in the library.
+static STARTS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// Counts one more start of the configuration `key`; returns its number (1-based).
+fn count_start(key: &str) -> u64 {
+    let mut starts = STARTS.lock().unwrap_or_else(|p| p.into_inner());
+    let n = starts.entry(key.to_owned()).or_insert(0);
+    *n += 1;
+    *n
+}
+
 /// The phone of synthetic client `i`.
 pub fn client_phone(i: u32) -> String {
     format!("+1555000{i:04}")
@@ -166,6 +200,8 @@ struct Shared {
     config: Config,
     host: Host,
     stop: AtomicBool,
+    /// Whether this start injects the configured faults (see `fault_starts`).
+    faulty: AtomicBool,
     state: Mutex<Status>,
     counters: Counters,
 }
@@ -256,7 +292,8 @@ fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
         .host
         .log(Level::Info, &format!("loopback {} connected", c.number));
 
-    if c.malformed_events {
+    let faulty = shared.faulty.load(Ordering::Relaxed);
+    if faulty && c.malformed_events {
         for bad in MALFORMED {
             if shared.emit_bytes(bad).is_err() {
                 return;
@@ -264,9 +301,19 @@ fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
             shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
         }
     }
+    let failing = match c.report_error.as_ref().filter(|_| faulty) {
+        Some(reason) => {
+            let error = Status::new(ChannelState::Error).with_reason(reason.clone());
+            if shared.emit_status(error).is_err() {
+                return;
+            }
+            true
+        }
+        None => false,
+    };
 
     let mut n: u64 = 0;
-    let under_limit = |n: u64| c.limit == 0 || n < c.limit;
+    let under_limit = |n: u64| !failing && (c.limit == 0 || n < c.limit);
     let emit_receipt = |r: Receipt| -> Result<(), EmitError> {
         shared.emit(&Event::Receipt(r))?;
         shared.counters.receipts.fetch_add(1, Ordering::Relaxed);
@@ -341,6 +388,8 @@ fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
 /// One loopback channel.
 pub struct Loopback {
     shared: Arc<Shared>,
+    /// The configuration's JSON text, counting its starts for `fault_starts`.
+    key: String,
     prefix: String,
     receipts: Option<mpsc::Sender<Receipt>>,
     thread: Option<JoinHandle<()>>,
@@ -360,6 +409,7 @@ impl Loopback {
 
 impl Connector for Loopback {
     fn create(config: serde_json::Value, host: Host) -> Result<Self, ConnectorError> {
+        let key = config.to_string();
         // The daemon may pass null for "no config": all defaults.
         let config = if config.is_null() {
             Config::default()
@@ -375,11 +425,14 @@ impl Connector for Loopback {
                 config,
                 host,
                 stop: AtomicBool::new(false),
+                // Decided at start; the faults hold until then.
+                faulty: AtomicBool::new(true),
                 state: Mutex::new(
                     Status::new(ChannelState::Disconnected).with_reason("not started"),
                 ),
                 counters: Counters::default(),
             }),
+            key,
             prefix,
             receipts: None,
             thread: None,
@@ -388,19 +441,21 @@ impl Connector for Loopback {
 
     fn start(&mut self) -> Result<(), ConnectorError> {
         let c = &self.shared.config;
-        if c.panic_on_start {
-            panic!("loopback: panic_on_start is set");
-        }
         if self.thread.is_some() {
             return Err(ConnectorError::new(
                 "already_started",
                 "loopback is already running",
             ));
         }
+        let faulty = c.fault_starts == 0 || count_start(&self.key) <= c.fault_starts;
+        self.shared.faulty.store(faulty, Ordering::Relaxed);
+        if faulty && c.panic_on_start {
+            panic!("loopback: panic_on_start is set");
+        }
         let _ = self
             .shared
             .emit_status(Status::new(ChannelState::Connecting));
-        if c.fail_start {
+        if faulty && c.fail_start {
             let reason = "fail_start is set";
             let _ = self
                 .shared
@@ -423,10 +478,11 @@ impl Connector for Loopback {
 
     fn send(&mut self, msg: Outbound) -> Result<Sent, ConnectorError> {
         let c = &self.shared.config;
-        if c.panic_on_send {
+        let faulty = self.shared.faulty.load(Ordering::Relaxed);
+        if faulty && c.panic_on_send {
             panic!("loopback: panic_on_send is set");
         }
-        if c.fail_send {
+        if faulty && c.fail_send {
             return Err(ConnectorError::new("unavailable", "fail_send is set").retryable());
         }
         if msg.external_chat_id.is_empty() && msg.to.phone.is_none() && msg.to.username.is_none() {
@@ -561,6 +617,27 @@ mod tests {
         lb.start().unwrap();
         lb.stop().unwrap();
         assert_eq!(lb.status().state, ChannelState::Disconnected);
+    }
+
+    #[test]
+    fn faults_apply_to_the_first_starts_only() {
+        // A config of its own: the start count is per configuration and process.
+        let config = json!({"fail_start": true, "fault_starts": 2, "id_prefix": "fs"});
+        for expect_fail in [true, true, false, false] {
+            let mut lb = Loopback::create(config.clone(), Host::detached()).unwrap();
+            assert_eq!(lb.start().is_err(), expect_fail);
+            lb.stop().unwrap();
+        }
+        let mut always = Loopback::create(json!({"fail_start": true}), Host::detached()).unwrap();
+        assert!(always.start().is_err(), "0 = every start");
+        for bad in [
+            json!({"report_error": ""}),
+            json!({"report_error": "x".repeat(1025)}),
+            json!({"number": "1".repeat(257)}),
+            json!({"display_name": "n".repeat(257)}),
+        ] {
+            assert_eq!(Config::parse(bad).unwrap_err().code, "invalid_config");
+        }
     }
 
     #[test]

@@ -83,6 +83,10 @@
  *   {"type":"receipt","message":<i64 host message id>,
  *    "status":"delivered|failed|read","external_message_id":"...","reason":"..."}
  *
+ * Bounds: external ids are 1..256 bytes; a status's number and display_name at most
+ * 256 characters, a reason (status or receipt) at most 1024. An event outside them is
+ * malformed: the host logs and drops it; a status result outside them is an error.
+ *
  * external_message_id of inbound events must be unique and stable per channel: the
  * host stores each (channel, external_message_id) once, so re-emitting an event after
  * a reconnect is harmless and a reused id loses a message. external_chat_id
@@ -120,10 +124,18 @@
  *   send:    deliver one outbound message; only between a successful start and stop.
  *   status:  current state, any time between create and destroy.
  *   stop:    disconnect, join every thread the instance started; after it returns the
- *            plugin never calls emit for this instance again.
+ *            plugin never calls emit for this instance again. PB_BUSY means "not
+ *            stopped": the instance stays running and the host asks again later.
  *   destroy: free the instance; called exactly once for every successfully created
  *            instance, also after PB_PANICKED and also without start/stop. After it
- *            returns the plugin must not touch the pb_host or its ctx again.
+ *            returns the plugin must not touch the pb_host or its ctx again. The host
+ *            destroys a started instance only after its stop returned something other
+ *            than PB_BUSY; one whose stop keeps answering PB_BUSY is never destroyed
+ *            (the host leaks it, keeping pb_host valid and refusing its emits).
+ * - The host asks `status` every few seconds while an instance runs, and replaces the
+ *   instance (a new create and start) when it reports "error" for long (about 15 s),
+ *   or a status call does not return in time: report "connecting" while you retry a
+ *   passing failure yourself.
  *
  * - The host never calls into one instance from two threads at once, but it may call
  *   different instances concurrently, each call from any host thread (instances must

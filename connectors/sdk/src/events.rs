@@ -11,6 +11,16 @@ use serde::{Deserialize, Serialize};
 /// Longest external id (chat or message) the host accepts, in bytes.
 pub const MAX_EXTERNAL_ID_LEN: usize = 256;
 
+/// Longest `number` of a status the host accepts, in characters: it is shown in every
+/// channel list, so a runaway plugin must not fill the store through it.
+pub const MAX_NUMBER_CHARS: usize = 256;
+
+/// Longest `display_name` of a status the host accepts, in characters.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 256;
+
+/// Longest `reason` (of a status or a receipt) the host accepts, in characters.
+pub const MAX_REASON_CHARS: usize = 1024;
+
 /// An event a plugin emits: `{"type":"status"|"inbound"|"receipt", ...}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -72,6 +82,35 @@ impl Status {
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
         self
+    }
+
+    /// The bounds serde cannot express: `number`, `display_name` and `reason` are at
+    /// most `MAX_NUMBER_CHARS`, `MAX_DISPLAY_NAME_CHARS` and `MAX_REASON_CHARS`.
+    pub fn check(&self) -> Result<(), EventError> {
+        bounded("status", "number", self.number.as_deref(), MAX_NUMBER_CHARS)?;
+        bounded(
+            "status",
+            "display_name",
+            self.display_name.as_deref(),
+            MAX_DISPLAY_NAME_CHARS,
+        )?;
+        bounded("status", "reason", self.reason.as_deref(), MAX_REASON_CHARS)
+    }
+}
+
+/// An optional plugin string of at most `max` characters.
+fn bounded(
+    kind: &'static str,
+    name: &str,
+    value: Option<&str>,
+    max: usize,
+) -> Result<(), EventError> {
+    match value.map(|v| v.chars().count()) {
+        Some(n) if n > max => Err(EventError::Invalid {
+            kind,
+            problem: format!("{name} must be at most {max} characters, got {n}"),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -200,7 +239,8 @@ impl Event {
         Ok(event)
     }
 
-    /// The checks serde cannot express: non-empty, bounded ids; a sender.
+    /// The checks serde cannot express: non-empty, bounded ids; a sender; bounded
+    /// number, display name and reasons.
     pub fn validate(&self) -> Result<(), EventError> {
         fn id(kind: &'static str, name: &str, value: &str) -> Result<(), EventError> {
             if value.is_empty() || value.len() > MAX_EXTERNAL_ID_LEN {
@@ -215,7 +255,7 @@ impl Event {
             Ok(())
         }
         match self {
-            Event::Status(_) => Ok(()),
+            Event::Status(s) => s.check(),
             Event::Inbound(m) => {
                 id("inbound", "external_chat_id", &m.external_chat_id)?;
                 id("inbound", "external_message_id", &m.external_message_id)?;
@@ -228,10 +268,12 @@ impl Event {
                 }
                 Ok(())
             }
-            Event::Receipt(r) => match &r.external_message_id {
-                Some(x) => id("receipt", "external_message_id", x),
-                None => Ok(()),
-            },
+            Event::Receipt(r) => {
+                if let Some(x) = &r.external_message_id {
+                    id("receipt", "external_message_id", x)?;
+                }
+                bounded("receipt", "reason", r.reason.as_deref(), MAX_REASON_CHARS)
+            }
         }
     }
 }
@@ -312,6 +354,35 @@ mod tests {
         let r: Event =
             serde_json::from_str(r#"{"type":"receipt","message":7,"status":"read"}"#).unwrap();
         assert!(matches!(r, Event::Receipt(Receipt { message: 7, .. })));
+    }
+
+    #[test]
+    fn over_long_strings_are_malformed() {
+        let status = |field: &str, n: usize| {
+            let mut v = json!({"type": "status", "state": "error"});
+            v[field] = json!("é".repeat(n));
+            Event::parse(v.to_string().as_bytes())
+        };
+        // Characters, not bytes: "é" is two bytes.
+        for (field, max) in [
+            ("number", MAX_NUMBER_CHARS),
+            ("display_name", MAX_DISPLAY_NAME_CHARS),
+            ("reason", MAX_REASON_CHARS),
+        ] {
+            status(field, max).unwrap();
+            let e = status(field, max + 1).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("{field} must be at most {max} characters")),
+                "{e}"
+            );
+        }
+        let receipt = |n: usize| {
+            let v = json!({"type": "receipt", "message": 1, "status": "failed", "reason": "x".repeat(n)});
+            Event::parse(v.to_string().as_bytes())
+        };
+        receipt(MAX_REASON_CHARS).unwrap();
+        assert!(receipt(MAX_REASON_CHARS + 1).is_err());
     }
 
     #[test]

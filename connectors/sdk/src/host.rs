@@ -6,7 +6,10 @@
 //!   descriptor, turning every way a plugin can be unfit into a `LoadError`.
 //! - `Instance` is one channel's connector: `create`, then blocking `start`, `send`,
 //!   `status`, `stop` (call them from a blocking thread, one at a time), and `Drop`
-//!   destroys it. Events the plugin emits arrive as `RawEvent`s on the `EventSink` the
+//!   destroys it. An instance counts as stopped only once the plugin's own `stop` ran:
+//!   `stop` waits (bounded) for a call in progress, and `Drop` runs the plugin's `stop`
+//!   if it never completed, or leaks the instance rather than destroy it under threads
+//!   that may still call the host. Events the plugin emits arrive as `RawEvent`s on the `EventSink` the
 //!   instance was created with; each instance may have at most `capacity` events in
 //!   flight (emitted and not yet dropped by the host), beyond which emit returns BUSY.
 //! - Durable acknowledgement (header section 6): the host marks each `RawEvent` with
@@ -44,7 +47,7 @@ pub enum LoadError {
     #[error("plugin {path}: group- or world-writable (mode {mode:04o}); refusing to load it")]
     Writable { path: PathBuf, mode: u32 },
     #[error(
-        "plugin {path}: owned by uid {uid}, not by root or an allowed user; refusing to load it"
+        "plugin {path}: owned by uid {uid}, not by root or the daemon's user; refusing to load it"
     )]
     Owner { path: PathBuf, uid: u32 },
     #[error("plugin {path}: resolves to {resolved}, outside the plugin folder {dir}")]
@@ -91,7 +94,8 @@ pub enum LoadError {
 /// - it must resolve (symlinks followed) to a regular file inside the canonical
 ///   `plugin_dir`;
 /// - it must not be group- or world-writable;
-/// - it must be owned by root or by one of `allowed_uids` (pass the daemon's own uid).
+/// - it must be owned by root or by one of `allowed_uids`: pass the daemon's own uid
+///   and nothing else, since whoever owns a plugin file decides what the daemon runs.
 pub fn check_file(
     path: &Path,
     plugin_dir: &Path,
@@ -222,14 +226,19 @@ unsafe fn bounded_cstr(ptr: *const std::ffi::c_char, max: usize) -> Option<Vec<u
 /// code, so call `check_file` first), calls `patchbay_connector_v1(1)` and validates the
 /// descriptor. The library is never unloaded, also when it is refused. Load each file
 /// once per process.
+///
+/// Symbols are bound at load (`RTLD_NOW`): a library that needs a symbol nothing
+/// provides is refused here, instead of crashing the daemon at its first call.
+/// `RTLD_LOCAL` keeps one plugin's symbols from resolving another's.
 pub fn load(path: &Path) -> Result<Library, LoadError> {
+    use libloading::os::unix::{Library as UnixLibrary, RTLD_LOCAL, RTLD_NOW};
     let p = || path.to_owned();
     // SAFETY: loading runs the library's initialisers; the plugin folder is trusted
     // (check_file), which is the premise of any plugin host.
-    let lib = unsafe { libloading::Library::new(path) }
+    let lib = unsafe { UnixLibrary::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
         .map_err(|source| LoadError::Open { path: p(), source })?;
     // Never unloaded: code, statics and thread-locals of the plugin stay valid.
-    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    let lib: &'static UnixLibrary = Box::leak(Box::new(lib));
     // SAFETY: the symbol's type is fixed by the header.
     let entry = unsafe { lib.get::<abi::pb_entry_v1_fn>(abi::ENTRY_SYMBOL_V1) }.map_err(|_| {
         LoadError::MissingSymbol {
@@ -816,17 +825,80 @@ fn status_error(status: i32, output: Result<Vec<u8>, PluginError>) -> PluginErro
 
 static NEXT_INSTANCE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How long `Instance::stop` waits for a call in progress on the instance (a slow send,
+/// say) before giving up with a `busy` error.
+pub const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// How long `Drop` keeps asking a plugin whose `stop` answers `PB_BUSY` before it leaks
+/// the instance instead of destroying it.
+const DROP_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// One plugin call at a time per instance. A flag and a condvar rather than a
+/// `Mutex<()>`, because `stop` has to wait for a call in progress with a bound, which a
+/// std mutex cannot do.
+#[derive(Default)]
+struct CallLock {
+    busy: Mutex<bool>,
+    released: Condvar,
+}
+
+struct CallGuard<'a>(&'a CallLock);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = false;
+        self.0.released.notify_one();
+    }
+}
+
+impl CallLock {
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        // Only the flag is written under the lock; a poisoned one is consistent.
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_acquire(&self) -> Option<CallGuard<'_>> {
+        let mut busy = self.lock();
+        if *busy {
+            return None;
+        }
+        *busy = true;
+        Some(CallGuard(self))
+    }
+
+    /// Waits up to `wait` for the call in progress to return.
+    fn acquire_within(&self, wait: Duration) -> Option<CallGuard<'_>> {
+        let deadline = Instant::now() + wait;
+        let mut busy = self.lock();
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            busy = self
+                .released
+                .wait_timeout(busy, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *busy = true;
+        Some(CallGuard(self))
+    }
+}
+
 /// One running connector instance (one channel). Blocking calls: run them off the async
-/// runtime (`spawn_blocking`), one at a time; a second concurrent call gets a `busy`
-/// error instead of waiting. `Drop` stops a running instance and destroys it, so drop it
-/// on a blocking thread too.
+/// runtime (`spawn_blocking`), one at a time; a second concurrent `start`, `send` or
+/// `status` gets a `busy` error instead of waiting, while `stop` waits for the call in
+/// progress (up to `STOP_WAIT`). `Drop` stops a running instance and destroys it, so
+/// drop it on a blocking thread too.
 pub struct Instance {
     lib: Library,
     raw: *mut pb_instance,
     shared: Arc<Shared>,
-    // Boxed so its address is stable: the plugin may keep the pointer.
-    _host: Box<pb_host>,
-    calls: Mutex<()>,
+    // Boxed so its address is stable: the plugin may keep the pointer. Taken (and
+    // leaked) by `Drop` when the plugin never stopped.
+    host: Option<Box<pb_host>>,
+    calls: CallLock,
 }
 
 // SAFETY: the header requires instances to be callable from any host thread; `calls`
@@ -889,8 +961,8 @@ impl Instance {
             lib: lib.clone(),
             raw,
             shared,
-            _host: host,
-            calls: Mutex::new(()),
+            host: Some(host),
+            calls: CallLock::default(),
         })
     }
 
@@ -937,22 +1009,27 @@ impl Instance {
         }
     }
 
-    /// Runs one plugin call under the call lock; poisons on PANICKED.
+    /// Runs one plugin call under the call lock, or answers `busy` if another call is
+    /// running; poisons on PANICKED.
     fn call(
         &self,
         f: impl FnOnce(&VTable, *mut pb_instance, *const pb_sink) -> i32,
     ) -> Result<Vec<u8>, PluginError> {
-        let _guard = self.calls.try_lock().map_err(|e| match e {
-            std::sync::TryLockError::WouldBlock => PluginError::host(
+        let Some(_guard) = self.calls.try_acquire() else {
+            return Err(PluginError::host(
                 codes::BUSY,
                 "another call on this instance is in progress",
                 true,
-            ),
-            // Nothing panics while holding it; treat as free.
-            std::sync::TryLockError::Poisoned(_) => {
-                PluginError::host(codes::BUSY, "call lock poisoned", true)
-            }
-        })?;
+            ));
+        };
+        self.call_held(f)
+    }
+
+    /// Runs one plugin call; the caller holds the call lock (or owns the instance).
+    fn call_held(
+        &self,
+        f: impl FnOnce(&VTable, *mut pb_instance, *const pb_sink) -> i32,
+    ) -> Result<Vec<u8>, PluginError> {
         if self.is_poisoned() {
             return Err(PluginError::host(
                 codes::POISONED,
@@ -997,40 +1074,9 @@ impl Instance {
         r.map(drop)
     }
 
-    /// Sends one message; only while running.
+    /// Sends one message; only while running. The result must be `{"type":"sent"}` with
+    /// a non-empty `external_message_id`; anything else is a `bad_output` error.
     pub fn send(&self, msg: &Outbound) -> Result<Sent, PluginError> {
-        let request = serde_json::to_vec(&Request::Send(msg.clone()))
-            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
-        let out = self.send_bytes(&request)?;
-        match serde_json::from_slice::<Reply>(&out) {
-            Ok(Reply::Sent(s)) if !s.external_message_id.is_empty() => Ok(s),
-            _ => Err(PluginError::host(
-                codes::BAD_OUTPUT,
-                format!(
-                    "send result is not {{\"type\":\"sent\",...}}: {}",
-                    snippet(&out)
-                ),
-                false,
-            )),
-        }
-    }
-
-    /// `send` for a prebuilt `{"type":"send",...}` value; returns the plugin's result
-    /// object unchecked beyond being JSON.
-    pub fn send_json(&self, msg: &serde_json::Value) -> Result<serde_json::Value, PluginError> {
-        let request = serde_json::to_vec(msg)
-            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
-        let out = self.send_bytes(&request)?;
-        serde_json::from_slice(&out).map_err(|e| {
-            PluginError::host(
-                codes::BAD_OUTPUT,
-                format!("send result is not JSON: {e}"),
-                false,
-            )
-        })
-    }
-
-    fn send_bytes(&self, request: &[u8]) -> Result<Vec<u8>, PluginError> {
         if self.shared.state.load(Ordering::Acquire) != RUNNING {
             return Err(self.wrong_state("send"));
         }
@@ -1041,11 +1087,53 @@ impl Instance {
                 false,
             ));
         };
+        let request = serde_json::to_vec(&Request::Send(msg.clone()))
+            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
         // SAFETY: the header's send; request outlives the call.
-        self.call(|_, inst, out| unsafe { send(inst, request.as_ptr(), request.len(), out) })
+        let out =
+            self.call(|_, inst, out| unsafe { send(inst, request.as_ptr(), request.len(), out) })?;
+        match serde_json::from_slice::<Reply>(&out) {
+            Ok(Reply::Sent(s)) if !s.external_message_id.is_empty() => Ok(s),
+            _ => Err(PluginError::host(
+                codes::BAD_OUTPUT,
+                format!(
+                    "send result is not {{\"type\":\"sent\",\"external_message_id\":\"...\"}}: {}",
+                    snippet(&out)
+                ),
+                false,
+            )),
+        }
     }
 
-    /// The connector's own view of its state.
+    /// `send` for a prebuilt `{"type":"send",...}` value; returns the plugin's result
+    /// object unchecked beyond being JSON. Prefer `send`, which checks the result.
+    pub fn send_json(&self, msg: &serde_json::Value) -> Result<serde_json::Value, PluginError> {
+        if self.shared.state.load(Ordering::Acquire) != RUNNING {
+            return Err(self.wrong_state("send"));
+        }
+        let Some(send) = self.lib.inner.vtable.send else {
+            return Err(PluginError::host(
+                codes::UNSUPPORTED,
+                "connector cannot send",
+                false,
+            ));
+        };
+        let request = serde_json::to_vec(msg)
+            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
+        // SAFETY: the header's send; request outlives the call.
+        let out =
+            self.call(|_, inst, out| unsafe { send(inst, request.as_ptr(), request.len(), out) })?;
+        serde_json::from_slice(&out).map_err(|e| {
+            PluginError::host(
+                codes::BAD_OUTPUT,
+                format!("send result is not JSON: {e}"),
+                false,
+            )
+        })
+    }
+
+    /// The connector's own view of its state. A result that is not a valid status
+    /// (wrong shape, over-long strings) is a `bad_output` error.
     pub fn status(&self) -> Result<Status, PluginError> {
         let Some(status) = self.lib.inner.vtable.status else {
             return Err(PluginError::host(
@@ -1056,22 +1144,31 @@ impl Instance {
         };
         // SAFETY: the header's status on our live instance.
         let out = self.call(|_, inst, out| unsafe { status(inst, out) })?;
+        let bad = |why: String| PluginError::host(codes::BAD_OUTPUT, why, false);
         match serde_json::from_slice::<Reply>(&out) {
-            Ok(Reply::Status(s)) => Ok(s),
-            _ => Err(PluginError::host(
-                codes::BAD_OUTPUT,
-                format!(
-                    "status result is not {{\"type\":\"status\",...}}: {}",
-                    snippet(&out)
-                ),
-                false,
-            )),
+            Ok(Reply::Status(s)) => match s.check() {
+                Ok(()) => Ok(s),
+                Err(problem) => Err(bad(format!("status result: {problem}"))),
+            },
+            _ => Err(bad(format!(
+                "status result is not {{\"type\":\"status\",...}}: {}",
+                snippet(&out)
+            ))),
         }
     }
 
     /// Stops the connector (joining its threads); emits are refused once it returns.
-    /// A no-op before start or after a previous stop.
+    /// A no-op before start or after a previous stop. Waits up to `STOP_WAIT` for a call
+    /// in progress; see `stop_within`.
     pub fn stop(&self) -> Result<(), PluginError> {
+        self.stop_within(STOP_WAIT)
+    }
+
+    /// `stop`, waiting at most `wait` for a call in progress. The instance becomes
+    /// `Stopped` only once the plugin's `stop` ran: if the wait runs out, or the plugin
+    /// answers `PB_BUSY`, the error is `busy` and the instance stays `Running` (its
+    /// threads may still emit), so call `stop` again or leave it to `Drop`.
+    pub fn stop_within(&self, wait: Duration) -> Result<(), PluginError> {
         match self.shared.state.load(Ordering::Acquire) {
             RUNNING => {}
             CREATED | STOPPED => {
@@ -1085,17 +1182,42 @@ impl Instance {
             }
             _ => return Err(self.wrong_state("stop")),
         }
-        // Wake plugin threads blocked in flush before stop joins them.
+        // Wake plugin threads blocked in flush before stop joins them; a call in
+        // progress may be one of those waiting for a flush.
         self.shared.tracker.close();
+        let Some(_guard) = self.calls.acquire_within(wait) else {
+            return Err(PluginError::host(
+                codes::BUSY,
+                format!("another call on this instance did not return within {wait:?}"),
+                true,
+            ));
+        };
+        // The call we waited for may have been a stop, or a start that failed.
+        match self.shared.state.load(Ordering::Acquire) {
+            RUNNING => self.stop_held(),
+            POISONED => Err(self.wrong_state("stop")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Calls the plugin's `stop`; the caller holds the call lock (or owns the instance).
+    fn stop_held(&self) -> Result<(), PluginError> {
         // SAFETY: the header's stop on our live instance.
-        let r = self.call(|vt, inst, err| unsafe { (vt.stop)(inst, err) });
-        // Even a failed stop ends the emit window; a panicked one stays poisoned.
-        let _ = self.shared.state.compare_exchange(
-            RUNNING,
-            STOPPED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let r = self.call_held(|vt, inst, err| unsafe { (vt.stop)(inst, err) });
+        match &r {
+            // PB_BUSY: the plugin did not stop, its threads may still emit.
+            Err(e) if e.code == codes::BUSY => {}
+            // Any other return, even an error, ends the emit window (header section 5);
+            // a panicked stop stays poisoned.
+            _ => {
+                let _ = self.shared.state.compare_exchange(
+                    RUNNING,
+                    STOPPED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+        }
         r.map(drop)
     }
 
@@ -1115,13 +1237,41 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        self.shared.tracker.close();
+        // A stop that never completed (it found the instance busy, the plugin answered
+        // PB_BUSY, or nobody called it): destroying now would free the host struct under
+        // plugin threads that may still emit. Nothing else can call in here (we own the
+        // instance), so a PB_BUSY is the plugin's own; ask again for a while.
+        let deadline = Instant::now() + DROP_STOP_WAIT;
+        let mut pause = Duration::from_millis(10);
+        while self.state() == InstanceState::Running {
+            match self.stop_held() {
+                Err(e) if e.code == codes::BUSY && Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                _ => break,
+            }
+        }
         if self.state() == InstanceState::Running {
-            let _ = self.stop();
+            tracing::error!(
+                kind = self.lib.kind(),
+                channel = self.shared.tag,
+                "connector did not stop; leaking its instance instead of destroying it \
+                 under threads that may still use it"
+            );
+            // Emits are refused from now on; the host struct and its ctx stay valid for
+            // whatever the plugin still does, and the plugin is never called again.
+            self.shared.state.store(STOPPED, Ordering::Release);
+            std::mem::forget(self.shared.clone());
+            if let Some(host) = self.host.take() {
+                Box::leak(host);
+            }
+            return;
         }
         if !self.is_poisoned() {
             self.shared.state.store(STOPPED, Ordering::Release);
         }
-        self.shared.tracker.close();
         // SAFETY: destroy exactly once, last; the host struct and ctx stay alive until
         // it returns (fields drop after this body).
         unsafe { (self.lib.inner.vtable.destroy)(self.raw) };

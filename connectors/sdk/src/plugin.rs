@@ -369,6 +369,12 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+/// Leaks a caught panic's payload: its `Drop` runs plugin code outside `catch_unwind`,
+/// and a panic there would unwind into the host (undefined behaviour) or abort it.
+fn forget_panic(payload: Box<dyn Any + Send>) {
+    std::mem::forget(payload);
+}
+
 fn bytes<'a>(ptr: *const u8, len: usize) -> Option<&'a [u8]> {
     if len == 0 {
         Some(&[])
@@ -427,6 +433,7 @@ fn with_instance<C: Connector>(
         Err(payload) => {
             inst.poisoned.store(true, Ordering::Release);
             let msg = panic_message(payload.as_ref());
+            forget_panic(payload);
             inst.host.log(Level::Error, &msg);
             write_error(sink, "panicked", msg, false);
             abi::PB_PANICKED
@@ -531,7 +538,9 @@ unsafe extern "C" fn create<C: Connector>(
         }
     }));
     result.unwrap_or_else(|payload| {
-        write_error(err, "panicked", panic_message(payload.as_ref()), false);
+        let msg = panic_message(payload.as_ref());
+        forget_panic(payload);
+        write_error(err, "panicked", msg, false);
         abi::PB_PANICKED
     })
 }
@@ -598,8 +607,7 @@ unsafe extern "C" fn destroy<C: Connector>(inst: *mut pb_instance) {
     inst.host.close();
     let dropped = catch_unwind(AssertUnwindSafe(move || drop(inst)));
     if let Err(payload) = dropped {
-        // Dropping the payload could panic again; leak it instead.
-        std::mem::forget(payload);
+        forget_panic(payload);
     }
 }
 
@@ -698,6 +706,77 @@ mod tests {
         // Smaller than revision 1.0: refused.
         host.struct_size -= 1;
         assert_eq!(create_keeper(&host).unwrap_err(), abi::PB_UNSUPPORTED);
+    }
+
+    /// A panic payload whose own `Drop` panics.
+    struct DropBomb;
+
+    impl Drop for DropBomb {
+        fn drop(&mut self) {
+            panic!("the payload's drop panicked");
+        }
+    }
+
+    /// Panics with a `DropBomb` in create (config `{"in": "create"}`) or start.
+    struct Bomber;
+
+    impl Connector for Bomber {
+        fn create(config: serde_json::Value, _: Host) -> Result<Self, ConnectorError> {
+            if config["in"] == "create" {
+                std::panic::panic_any(DropBomb);
+            }
+            Ok(Bomber)
+        }
+        fn start(&mut self) -> Result<(), ConnectorError> {
+            std::panic::panic_any(DropBomb)
+        }
+        fn send(&mut self, _: Outbound) -> Result<Sent, ConnectorError> {
+            Err(ConnectorError::new("unsupported", "no"))
+        }
+        fn status(&self) -> Status {
+            Status::new(crate::events::ChannelState::Connected)
+        }
+        fn stop(&mut self) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panic_payload_that_panics_on_drop_is_leaked() {
+        // Were the payload dropped outside catch_unwind, its panic would leave an
+        // extern "C" function and abort this test binary.
+        let host = pb_host {
+            struct_size: std::mem::size_of::<pb_host>() as u32,
+            abi_version: abi::PB_ABI_VERSION,
+            ctx: std::ptr::null_mut(),
+            emit: Some(ok_emit),
+            log: None,
+            flush: None,
+        };
+        let mut out: *mut pb_instance = std::ptr::null_mut();
+        let config = br#"{"in":"create"}"#;
+        // SAFETY: a valid host struct and config, as the header describes.
+        let status = unsafe {
+            create::<Bomber>(
+                &host,
+                config.as_ptr(),
+                config.len(),
+                &mut out,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(status, abi::PB_PANICKED);
+        assert!(out.is_null());
+
+        // SAFETY: as above.
+        let status =
+            unsafe { create::<Bomber>(&host, b"{}".as_ptr(), 2, &mut out, std::ptr::null()) };
+        assert_eq!(status, abi::PB_OK);
+        // SAFETY: a live instance from create; destroy exactly once.
+        unsafe {
+            assert_eq!(start::<Bomber>(out, std::ptr::null()), abi::PB_PANICKED);
+            destroy::<Bomber>(out);
+        }
     }
 
     #[test]

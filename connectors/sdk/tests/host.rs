@@ -189,6 +189,21 @@ fn refuses_broken_descriptors() {
 }
 
 #[test]
+fn refuses_an_unresolved_symbol_at_load() {
+    // Bound lazily this library would load, and crash the process at its first create.
+    let so = compile_plugin("unresolved_symbol.c", "unresolved", &[]);
+    let e = load(&so).unwrap_err();
+    assert!(matches!(e, LoadError::Open { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("libunresolved.so")
+            && msg.contains("cannot load the library")
+            && msg.contains("undefined symbol: pb_fixture_function_nobody_defines"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn refuses_a_file_that_is_not_a_library() {
     let dir = scratch_dir();
     let fake = dir.join("libfake.so");
@@ -246,13 +261,8 @@ fn c_connector_works_end_to_end() {
         (42, Some("hello-out-1"))
     );
 
-    let raw = inst
-        .send_json(&json!({"type": "send", "message": 5, "external_chat_id": "c", "text": "x"}))
-        .unwrap();
-    assert_eq!(
-        raw,
-        json!({"type": "sent", "external_message_id": "hello-out-2"})
-    );
+    let sent = inst.send(&outbound(5, "x")).unwrap();
+    assert_eq!(sent.external_message_id, "hello-out-2");
 
     inst.stop().unwrap();
     assert_eq!(inst.state(), InstanceState::Stopped);
@@ -330,6 +340,17 @@ impl Hooks {
     }
     fn destroyed(&self) -> i32 {
         unsafe { self.lib.get::<CountFn>(b"misbehaving_destroyed\0").unwrap()() }
+    }
+    fn stops(&self) -> i32 {
+        unsafe { self.lib.get::<CountFn>(b"misbehaving_stops\0").unwrap()() }
+    }
+    /// Lets a send blocked on "block" return.
+    fn release(&self) {
+        unsafe {
+            self.lib
+                .get::<unsafe extern "C" fn()>(b"misbehaving_release\0")
+                .unwrap()()
+        }
     }
 }
 
@@ -493,6 +514,11 @@ fn misbehaving_calls_become_errors() {
         codes::BAD_OUTPUT
     );
     assert_eq!(
+        inst.send(&outbound(1, "wrong_type")).unwrap_err().code,
+        codes::BAD_OUTPUT,
+        "an external id alone does not make a send result"
+    );
+    assert_eq!(
         inst.send(&outbound(1, "no_body")).unwrap_err().code,
         codes::BAD_OUTPUT
     );
@@ -602,4 +628,91 @@ fn check_file_refuses_unsafe_files() {
         let e = check_file(&so, &dir, &[]).unwrap_err();
         assert!(matches!(e, LoadError::Owner { .. }), "{e:?}");
     }
+}
+
+#[test]
+fn stop_waits_for_a_call_in_progress() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = std::sync::Arc::new(Hooks::open(&so));
+    let (tx, _rx) = mpsc::sync_channel(64);
+    let inst = std::sync::Arc::new(Instance::create(&lib, 1, &json!({}), tx, 64).unwrap());
+    inst.start().unwrap();
+    let calls = hooks.calls();
+    let sender = {
+        let inst = inst.clone();
+        std::thread::spawn(move || inst.send(&outbound(1, "block")))
+    };
+    while hooks.calls() == calls {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    // The send holds the instance: a short stop gives up and changes nothing.
+    let e = inst.stop_within(Duration::from_millis(50)).unwrap_err();
+    assert_eq!(e.code, codes::BUSY);
+    assert!(e.retryable);
+    assert_eq!(inst.state(), InstanceState::Running, "stop did not run");
+    assert_eq!(hooks.stops(), 0);
+    assert_eq!(
+        hooks.emit(STATUS_EVENT),
+        abi::PB_OK,
+        "still running: the plugin may emit"
+    );
+
+    // A patient stop waits for the send, then stops.
+    let stopper = {
+        let inst = inst.clone();
+        std::thread::spawn(move || inst.stop())
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!stopper.is_finished(), "waits for the send");
+    hooks.release();
+    assert_eq!(sender.join().unwrap().unwrap().external_message_id, "m-1");
+    stopper.join().unwrap().unwrap();
+    assert_eq!(inst.state(), InstanceState::Stopped);
+    assert_eq!(hooks.stops(), 1);
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_ERROR);
+    drop(inst);
+    assert_eq!(hooks.destroyed(), 1);
+}
+
+#[test]
+fn a_stop_answered_busy_is_retried_before_destroy() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = Hooks::open(&so);
+    let (tx, _rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 1, &json!({"busy_stop_once": true}), tx, 64).unwrap();
+    inst.start().unwrap();
+    assert_eq!(inst.stop().unwrap_err().code, codes::BUSY);
+    assert_eq!(
+        inst.state(),
+        InstanceState::Running,
+        "the plugin did not stop"
+    );
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_OK);
+    drop(inst);
+    assert_eq!(hooks.stops(), 2, "Drop asked the plugin to stop again");
+    assert_eq!(hooks.destroyed(), 1);
+}
+
+#[test]
+fn a_plugin_that_never_stops_is_leaked_not_destroyed() {
+    let so = compile_plugin("misbehaving.c", "misbehaving", &[]);
+    let lib = load(&so).unwrap();
+    let hooks = Hooks::open(&so);
+    let (tx, _rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 1, &json!({"busy_stop_always": true}), tx, 64).unwrap();
+    inst.start().unwrap();
+    let t = std::time::Instant::now();
+    drop(inst);
+    assert!(t.elapsed() < Duration::from_secs(30), "Drop gives up");
+    assert!(hooks.stops() > 1, "Drop kept asking");
+    assert_eq!(
+        hooks.destroyed(),
+        0,
+        "never destroyed under running threads"
+    );
+    // The host struct is leaked, not freed: the plugin's late emit is refused safely.
+    assert_eq!(hooks.emit(STATUS_EVENT), abi::PB_ERROR);
 }

@@ -196,6 +196,44 @@ fn panic_on_start_poisons_and_fail_start_fails() {
 }
 
 #[test]
+fn report_error_is_an_error_status_while_running() {
+    let config = json!({"report_error": "simulated outage", "rate_per_sec": 500, "fault_starts": 1, "id_prefix": "re"});
+    let (inst, rx) = instance(config.clone(), 64);
+    inst.start().unwrap();
+    let got = collect_until(&rx, WAIT, |g| g.len() >= 3);
+    let states: Vec<_> = got
+        .iter()
+        .map(|e| match e.parse().unwrap() {
+            Event::Status(s) => (s.state, s.reason),
+            other => panic!("no traffic while in error: {other:?}"),
+        })
+        .collect();
+    assert_eq!(states[1].0, ChannelState::Connected);
+    assert_eq!(
+        states[2],
+        (ChannelState::Error, Some("simulated outage".into()))
+    );
+    let s = inst.status().unwrap();
+    assert_eq!(
+        (s.state, s.reason.as_deref()),
+        (ChannelState::Error, Some("simulated outage"))
+    );
+    assert_eq!(inst.state(), InstanceState::Running);
+    inst.stop().unwrap();
+    drop(inst);
+
+    // The second start of the same configuration runs clean.
+    let (inst, rx) = instance(config, 64);
+    inst.start().unwrap();
+    let got = collect_until(&rx, WAIT, |g| count_inbound(g) >= 1);
+    assert!(got.iter().all(|e| !matches!(
+        e.parse(),
+        Ok(Event::Status(ref s)) if s.state == ChannelState::Error
+    )));
+    inst.stop().unwrap();
+}
+
+#[test]
 fn malformed_events_arrive_as_raw_bytes() {
     let (inst, rx) = instance(json!({"malformed_events": true, "burst": 3}), 64);
     inst.start().unwrap();

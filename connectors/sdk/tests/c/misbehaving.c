@@ -10,23 +10,36 @@
  *   "weird"       send returns 42
  *   "panic"       send writes an error object and returns PB_PANICKED
  *   "unsupported" send returns PB_UNSUPPORTED
+ *   "wrong_type"  send returns PB_OK with JSON that has an external_message_id but is
+ *                 not {"type":"sent",...}
+ *   "block"       send waits until the test calls misbehaving_release, then succeeds
  *   anything else a normal {"type":"sent",...}
  * status writes more than PB_MAX_PAYLOAD_BYTES when the config contains "huge_status".
+ * stop answers PB_BUSY once when the config contains "busy_stop_once", and every time
+ * with "busy_stop_always" (a plugin that never stops).
  * misbehaving_flush calls the host's flush callback (revision 1.1) from any thread.
  */
-#define _GNU_SOURCE /* memmem */
+#define _GNU_SOURCE /* memmem, nanosleep */
 #include "patchbay_connector.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct pb_instance {
     int huge_status;
+    int busy_stops; /* PB_BUSY answers left from stop; -1 = forever */
 };
 
 static const pb_host *g_host;
-static int g_calls;
+static atomic_int g_calls;
 static int g_destroyed;
+static atomic_int g_stops;
+static atomic_int g_release;
+
+PB_EXPORT void misbehaving_release(void) { atomic_store(&g_release, 1); }
+PB_EXPORT int misbehaving_stops(void) { return atomic_load(&g_stops); }
 
 PB_EXPORT int32_t misbehaving_emit(const char *json) {
     if (!g_host) return -1;
@@ -66,6 +79,9 @@ static int32_t m_create(const pb_host *host, const uint8_t *config, size_t len, 
     pb_instance *inst = calloc(1, sizeof *inst);
     if (!inst) return PB_ERROR;
     inst->huge_status = has(config, len, "huge_status");
+    inst->busy_stops = has(config, len, "busy_stop_always") ? -1
+                     : has(config, len, "busy_stop_once")   ? 1
+                                                            : 0;
     g_host = host;
     *out = inst;
     return PB_OK;
@@ -84,9 +100,17 @@ static int32_t m_send(pb_instance *inst, const uint8_t *msg, size_t len, const p
         put(out, "this is not json");
         return PB_OK;
     }
+    if (has(msg, len, "\"text\":\"wrong_type\"")) {
+        put(out, "{\"type\":\"status\",\"external_message_id\":\"m-1\"}");
+        return PB_OK;
+    }
     if (has(msg, len, "\"text\":\"no_body\"")) return PB_ERROR;
     if (has(msg, len, "\"text\":\"weird\"")) return 42;
     if (has(msg, len, "\"text\":\"unsupported\"")) return PB_UNSUPPORTED;
+    if (has(msg, len, "\"text\":\"block\"")) {
+        const struct timespec ms = {0, 1000000};
+        while (!atomic_load(&g_release)) nanosleep(&ms, NULL);
+    }
     if (has(msg, len, "\"text\":\"panic\"")) {
         put(out, "{\"type\":\"error\",\"code\":\"panicked\",\"message\":\"C++ exception: boom\","
                  "\"retryable\":false}");
@@ -109,8 +133,13 @@ static int32_t m_status(pb_instance *inst, const pb_sink *out) {
 }
 
 static int32_t m_stop(pb_instance *inst, const pb_sink *err) {
-    (void)inst; (void)err;
+    (void)err;
     g_calls++;
+    g_stops++;
+    if (inst->busy_stops != 0) {
+        if (inst->busy_stops > 0) inst->busy_stops--;
+        return PB_BUSY;
+    }
     return PB_OK;
 }
 
