@@ -61,9 +61,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         settings.raw.control.allowed_gids.clone(),
     );
     let grace = settings.shutdown_timeout();
-    let mut plugin_uids = settings.raw.control.allowed_uids.clone();
-    plugin_uids.push(rustix::process::getuid().as_raw());
-    let registry = Registry::scan(&settings.plugins_dir, &plugin_uids);
+    let registry = Registry::scan(&settings.plugins_dir);
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
     let plugins = Arc::new(Supervisor::new(registry, store.clone(), events_tx));
     let billing = std::sync::RwLock::new(Arc::new(settings.raw.billing.clone()));

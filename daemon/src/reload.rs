@@ -124,10 +124,8 @@ impl Reloader {
         // like every other path.
         let plugins = app.plugins.clone();
         let dir = app.settings.plugins_dir.clone();
-        let mut uids = app.settings.raw.control.allowed_uids.clone();
-        uids.push(rustix::process::getuid().as_raw());
         // dlopen runs plugin code: never on the async workers.
-        let added = tokio::task::spawn_blocking(move || plugins.rescan(&dir, &uids))
+        let added = tokio::task::spawn_blocking(move || plugins.rescan(&dir))
             .await
             .map_err(|e| format!("the plugin rescan failed: {e}"))?;
         if !added.is_empty() {

@@ -1105,33 +1105,6 @@ impl Instance {
         }
     }
 
-    /// `send` for a prebuilt `{"type":"send",...}` value; returns the plugin's result
-    /// object unchecked beyond being JSON. Prefer `send`, which checks the result.
-    pub fn send_json(&self, msg: &serde_json::Value) -> Result<serde_json::Value, PluginError> {
-        if self.shared.state.load(Ordering::Acquire) != RUNNING {
-            return Err(self.wrong_state("send"));
-        }
-        let Some(send) = self.lib.inner.vtable.send else {
-            return Err(PluginError::host(
-                codes::UNSUPPORTED,
-                "connector cannot send",
-                false,
-            ));
-        };
-        let request = serde_json::to_vec(msg)
-            .map_err(|e| PluginError::host(codes::BAD_OUTPUT, e.to_string(), false))?;
-        // SAFETY: the header's send; request outlives the call.
-        let out =
-            self.call(|_, inst, out| unsafe { send(inst, request.as_ptr(), request.len(), out) })?;
-        serde_json::from_slice(&out).map_err(|e| {
-            PluginError::host(
-                codes::BAD_OUTPUT,
-                format!("send result is not JSON: {e}"),
-                false,
-            )
-        })
-    }
-
     /// The connector's own view of its state. A result that is not a valid status
     /// (wrong shape, over-long strings) is a `bad_output` error.
     pub fn status(&self) -> Result<Status, PluginError> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use patchbay_connector_sdk::Event;
 use patchbay_connector_sdk::host::RawEvent;
-use patchbay_jobs::JobKind;
+use patchbay_jobs::{DomainError, JobKind};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -155,10 +155,22 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                         tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
                     }
                 }
-                _ => tracing::warn!(
+                Ok(msg) => tracing::warn!(
                     channel,
                     message = r.message,
+                    message_channel = msg.channel,
                     "dropping a receipt for a message of another channel"
+                ),
+                Err(DomainError::NotFound(_)) => tracing::warn!(
+                    channel,
+                    message = r.message,
+                    "dropping a receipt for an unknown message"
+                ),
+                Err(e) => tracing::warn!(
+                    channel,
+                    message = r.message,
+                    error = %e,
+                    "cannot read the message of a receipt; dropping the receipt"
                 ),
             }
             raw.settle();

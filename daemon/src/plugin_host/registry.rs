@@ -2,28 +2,67 @@
 //! file checks and the ABI checks; each refusal is one log line and the daemon runs on.
 //! SIGHUP rescans the folder for libraries added since (`load_new`). Libraries are never
 //! unloaded or replaced: upgrading a connector means restarting the daemon.
+//!
+//! A plugin file must be owned by root or by the daemon's own user: plugins run as the
+//! daemon, so anyone else who owns one (control-socket users included) could make the
+//! daemon run their code.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use patchbay_connector_sdk::host::{self, Library};
+
+/// Which version of a file was refused: a rescan skips it quietly while it is unchanged,
+/// and checks it again once it was replaced (inode), rewritten (mtime), or had its mode
+/// or owner fixed (ctime).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    /// The version of what `path` resolves to; `None` when it cannot be read (the
+    /// refusal then says why, and is logged again next time).
+    fn of(path: &Path) -> Option<FileVersion> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
 
 #[derive(Clone, Default)]
 pub struct Registry {
     by_kind: BTreeMap<String, Library>,
+    /// Files refused so far (unfit, not a connector, or a duplicate kind), so that a
+    /// rescan logs each refusal once.
+    refused: HashMap<PathBuf, FileVersion>,
+}
+
+/// The owners a plugin file may have besides root (which `check_file` always allows):
+/// the daemon's own user, and nobody else.
+fn trusted_owners() -> [u32; 1] {
+    [rustix::process::getuid().as_raw()]
 }
 
 impl Registry {
-    pub fn scan(dir: &Path, allowed_uids: &[u32]) -> Registry {
+    pub fn scan(dir: &Path) -> Registry {
         let mut registry = Registry::default();
-        registry.load_new(dir, allowed_uids);
+        registry.load_new(dir);
         registry
     }
 
     /// Loads the libraries in `dir` that are not loaded yet and returns the kinds added.
-    /// A file already loaded is skipped quietly, so a rescan does not repeat the
-    /// duplicate-kind warning for every connector that was there at start.
-    pub fn load_new(&mut self, dir: &Path, allowed_uids: &[u32]) -> Vec<String> {
+    /// A file already loaded, or refused before and unchanged since, is skipped quietly,
+    /// so a rescan does not repeat the warnings of the scan before.
+    pub fn load_new(&mut self, dir: &Path) -> Vec<String> {
         let mut added = Vec::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
@@ -38,38 +77,52 @@ impl Registry {
             .filter(|p| p.extension().is_some_and(|x| x == "so"))
             .collect();
         paths.sort();
+        let owners = trusted_owners();
         for path in paths {
-            let checked = match host::check_file(&path, dir, allowed_uids) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    continue;
-                }
-            };
-            if self.by_kind.values().any(|lib| lib.path() == checked) {
+            let version = FileVersion::of(&path);
+            if version.is_some() && self.refused.get(&path) == version.as_ref() {
                 continue;
             }
-            match host::load(&checked) {
-                Ok(lib) => {
-                    if let Some(first) = self.by_kind.get(lib.kind()) {
-                        tracing::warn!(
-                            "plugin {}: kind {:?} is already provided by {}; refusing the duplicate",
-                            checked.display(),
-                            lib.kind(),
-                            first.path().display()
-                        );
-                        continue;
-                    }
-                    tracing::info!(kind = lib.kind(), version = lib.version(), file = %checked.display(), "connector loaded");
-                    added.push(lib.kind().to_owned());
-                    self.by_kind.insert(lib.kind().to_owned(), lib);
-                }
-                // A library that is not a connector (a helper .so in the same folder)
-                // says so in the same one line.
-                Err(e) => tracing::warn!("{e}"),
+            if let Err(refusal) = self.try_load(&path, dir, &owners, &mut added) {
+                tracing::warn!("{refusal}");
+                match version {
+                    Some(v) => self.refused.insert(path, v),
+                    None => self.refused.remove(&path),
+                };
+            } else {
+                self.refused.remove(&path);
             }
         }
         added
+    }
+
+    /// Checks and loads one file; `Err` is the log line of its refusal.
+    fn try_load(
+        &mut self,
+        path: &Path,
+        dir: &Path,
+        owners: &[u32],
+        added: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let checked = host::check_file(path, dir, owners).map_err(|e| e.to_string())?;
+        if self.by_kind.values().any(|lib| lib.path() == checked) {
+            return Ok(());
+        }
+        // A library that is not a connector (a helper .so in the same folder) says so
+        // in the same one line.
+        let lib = host::load(&checked).map_err(|e| e.to_string())?;
+        if let Some(first) = self.by_kind.get(lib.kind()) {
+            return Err(format!(
+                "plugin {}: kind {:?} is already provided by {}; refusing the duplicate",
+                checked.display(),
+                lib.kind(),
+                first.path().display()
+            ));
+        }
+        tracing::info!(kind = lib.kind(), version = lib.version(), file = %checked.display(), "connector loaded");
+        added.push(lib.kind().to_owned());
+        self.by_kind.insert(lib.kind().to_owned(), lib);
+        Ok(())
     }
 
     pub fn get(&self, kind: &str) -> Option<&Library> {

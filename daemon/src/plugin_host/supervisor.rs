@@ -1,29 +1,56 @@
 //! Runs one connector instance per active channel and keeps it running.
 //!
 //! Each channel has a supervising task: create and start the instance (on a blocking
-//! thread, with a timeout), watch it, and when it fails or panics put the channel in
-//! `error` with the reason and start a fresh instance after an exponential backoff
-//! (1 s doubling to 60 s). A failing channel never touches the others. Plugin calls
-//! never run on the async workers. An instance some of whose events the daemon could
-//! not store is replaced the same way, so its messenger delivers them again.
+//! thread, with a timeout), watch it, and when it fails put the channel in `error` with
+//! the reason and start a fresh instance after an exponential backoff (1 s doubling to
+//! 60 s, back to 1 s only once an instance stayed up for a minute). An instance fails
+//! when it panics, stops by itself, loses events the daemon could not store (its
+//! messenger then delivers them again to the successor), reports `error` from its
+//! `status` for longer than a grace period, or does not answer a `status` call in time.
+//! A failing channel never touches the others.
+//!
+//! Plugin calls never run on the async workers, and neither does an instance's last
+//! drop (which stops it if needed and calls the plugin's `destroy`). Calls into one
+//! instance take the channel's call turn, so a send, a status poll and the final stop
+//! never meet inside the plugin.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use patchbay_connector_sdk::host::{Instance, InstanceState, RawEvent};
+use patchbay_connector_sdk::host::{Instance, InstanceState, PluginError, RawEvent, codes};
+use patchbay_connector_sdk::{ChannelState, Outbound, Status};
 use patchbay_jobs::model::{Channel, Id};
-use patchbay_jobs::{JobError, Store};
+use patchbay_jobs::{DomainError, JobError, Store};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::registry::Registry;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// An instance that ran this long before failing resets the backoff; one that fails
+/// sooner (say, connects and then errors at once) keeps backing off.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// How often each instance's `status` is asked.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// A `status` call that takes longer means the plugin is wedged.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connector may report `error` before it is restarted: long enough for one
+/// to retry a passing failure itself, short enough that a stuck one does not sit idle.
+const ERROR_GRACE: Duration = Duration::from_secs(15);
+/// How long a call may keep the instance busy (seen by status polls) before the
+/// instance counts as wedged: a send gives up after CALL_TIMEOUT, so this is beyond any
+/// legitimate call.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
 /// Events one instance may have in flight before its emit gets BUSY.
 const EVENTS_PER_INSTANCE: usize = 4096;
+
+/// The host never calls one instance concurrently: sends, status polls and the final
+/// stop take turns here instead of getting the plugin's `busy`.
+type Turn = Arc<tokio::sync::Mutex<()>>;
 
 struct Running {
     stop: watch::Sender<bool>,
@@ -31,9 +58,7 @@ struct Running {
     current: Option<u64>,
     /// The live instance, once started; sends go to it.
     instance: Option<Arc<Instance>>,
-    /// The host never calls one instance concurrently: sends queue here instead of
-    /// getting the plugin's `busy`.
-    calls: Arc<tokio::sync::Mutex<()>>,
+    calls: Turn,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,12 +94,12 @@ impl Supervisor {
     /// kinds. Running channels keep their instances; channels waiting in `error` for a
     /// missing kind find it at their next restart attempt. Blocking (dlopen runs plugin
     /// code): call it on a blocking thread.
-    pub fn rescan(&self, dir: &Path, allowed_uids: &[u32]) -> Vec<String> {
+    pub fn rescan(&self, dir: &Path) -> Vec<String> {
         let mut next = Registry::clone(&self.registry());
-        let added = next.load_new(dir, allowed_uids);
-        if !added.is_empty() {
-            *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        }
+        let added = next.load_new(dir);
+        // Swapped even when nothing was added: the registry also remembers the files it
+        // refused, so the next rescan does not log them again.
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         added
     }
 
@@ -92,14 +117,15 @@ impl Supervisor {
         }
         let (stop, stop_rx) = watch::channel(false);
         let id = channel.id;
-        let task = tokio::spawn(self.clone().supervise(channel, stop_rx));
+        let calls = Turn::default();
+        let task = tokio::spawn(self.clone().supervise(channel, calls.clone(), stop_rx));
         map.insert(
             id,
             Running {
                 stop,
                 current: None,
                 instance: None,
-                calls: Default::default(),
+                calls,
                 task,
             },
         );
@@ -108,9 +134,14 @@ impl Supervisor {
     /// Stops the channel's connector and waits until its instance is stopped.
     pub async fn stop(&self, channel: Id) {
         let running = self.lock().remove(&channel);
-        if let Some(r) = running {
+        if let Some(mut r) = running {
             let _ = r.stop.send(true);
-            let _ = r.task.await;
+            let _ = (&mut r.task).await;
+            // The task clears it before it finishes the instance; this is only left
+            // when the task died. Either way the last drop must not run here.
+            if let Some(instance) = r.instance.take() {
+                release(instance);
+            }
         }
     }
 
@@ -127,49 +158,65 @@ impl Supervisor {
         self.lock().get(&channel).and_then(|r| r.current) == Some(instance)
     }
 
-    pub fn running_count(&self, kind: &str) -> usize {
-        self.lock()
-            .values()
-            .filter_map(|r| r.instance.as_ref())
-            .filter(|i| i.library().kind() == kind)
-            .count()
+    /// The channels that use each connector kind, from the store: every channel that is
+    /// not removed (running, failing, waiting for a restart or suspended), so
+    /// `plugin.list` answers the same on every daemon and whatever the channels' state.
+    pub async fn channels_by_kind(&self) -> Result<BTreeMap<String, usize>, DomainError> {
+        const PAGE: u32 = 1000;
+        let mut counts = BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let accounts = self.store.account_ids(after, PAGE).await?;
+            for &account in &accounts {
+                for channel in self.store.channels(account).await? {
+                    *counts.entry(channel.kind).or_insert(0) += 1;
+                }
+            }
+            match accounts.last() {
+                Some(&last) if accounts.len() == PAGE as usize => after = last,
+                _ => return Ok(counts),
+            }
+        }
     }
 
-    /// Hands an outbound message to the channel's running instance.
+    /// Hands an outbound message to the channel's running instance. The connector's
+    /// answer must be `{"type":"sent"}` with a non-empty external id: anything else
+    /// fails the message for good, since it may have been sent and a retry could send
+    /// it twice.
     pub async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError> {
-        let current = self
-            .lock()
-            .get(&channel.id)
-            .and_then(|r| r.instance.clone().map(|i| (i, r.calls.clone())));
-        let Some((instance, calls)) = current else {
-            return Err(JobError::Retryable(format!(
+        let msg: Outbound = serde_json::from_value(outbound.clone()).map_err(|e| {
+            JobError::Permanent(format!("not a valid outbound message for a connector: {e}"))
+        })?;
+        let not_connected = || {
+            JobError::Retryable(format!(
                 "channel {} is not connected (status {}); will retry",
                 channel.id, channel.status
-            )));
+            ))
         };
+        let calls = self.lock().get(&channel.id).map(|r| r.calls.clone());
+        let calls = calls.ok_or_else(not_connected)?;
         let _turn = calls.lock().await;
-        let msg = outbound.clone();
-        let call = tokio::task::spawn_blocking(move || instance.send_json(&msg));
-        let reply = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(JobError::Retryable(format!("connector call failed: {e}"))),
-            Err(_) => {
+        // Taken only now, with the turn: the instance is the current one, and no await
+        // lies between here and the blocking thread that will own this handle.
+        let instance = self
+            .lock()
+            .get(&channel.id)
+            .and_then(|r| r.instance.clone());
+        let instance = instance.ok_or_else(not_connected)?;
+        let reply = match blocking(CALL_TIMEOUT, move || instance.send(&msg)).await {
+            Ok(reply) => reply,
+            Err(CallFailure::TimedOut) => {
                 return Err(JobError::Retryable(format!(
                     "connector of channel {} did not answer within {CALL_TIMEOUT:?}",
                     channel.id
                 )));
             }
+            Err(CallFailure::Crashed) => {
+                return Err(JobError::Retryable("connector call failed".into()));
+            }
         };
         match reply {
-            Ok(sent) => sent
-                .get("external_message_id")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    JobError::Permanent(format!(
-                        "connector reply has no external_message_id: {sent}"
-                    ))
-                }),
+            Ok(sent) => Ok(sent.external_message_id),
             Err(e) if e.retryable || e.is_panic() => {
                 Err(JobError::Retryable(format!("{}: {}", e.code, e.message)))
             }
@@ -178,8 +225,12 @@ impl Supervisor {
     }
 
     fn set_instance(&self, channel: Id, instance: Option<Arc<Instance>>) {
-        if let Some(r) = self.lock().get_mut(&channel) {
-            r.instance = instance;
+        let old = self
+            .lock()
+            .get_mut(&channel)
+            .and_then(|r| std::mem::replace(&mut r.instance, instance));
+        if let Some(old) = old {
+            release(old);
         }
     }
 
@@ -195,54 +246,47 @@ impl Supervisor {
         }
     }
 
-    async fn supervise(self: Arc<Self>, channel: Channel, mut stop: watch::Receiver<bool>) {
+    async fn supervise(
+        self: Arc<Self>,
+        channel: Channel,
+        calls: Turn,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let id = channel.id;
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::default();
         loop {
             if *stop.borrow() {
                 return;
             }
             self.status(id, "connecting", None).await;
-            let failure = match self.launch(&channel).await {
+            let (failure, ran) = match self.launch(&channel, &calls).await {
                 Ok(instance) => {
                     self.set_instance(id, Some(instance.clone()));
-                    backoff = Duration::from_secs(1);
-                    let stopped = watch_instance(&instance, &mut stop).await;
+                    let started = Instant::now();
+                    let outcome = watch_instance(&instance, &calls, &mut stop).await;
                     self.set_instance(id, None);
                     self.set_current(id, None);
-                    if stopped {
-                        finish(instance).await;
-                        return;
+                    finish(instance, calls.clone()).await;
+                    match outcome {
+                        Outcome::Stopped => return,
+                        Outcome::Failed(reason) => (reason, Some(started.elapsed())),
                     }
-                    let lost = instance.lost_events();
-                    let reason = if instance.is_poisoned() {
-                        "the connector panicked; restarting it".to_owned()
-                    } else if lost > 0 {
-                        format!(
-                            "the daemon could not store {lost} inbound event(s) of this channel; \
-                             restarting the connector so the messenger delivers them again"
-                        )
-                    } else {
-                        "the connector stopped by itself; restarting it".to_owned()
-                    };
-                    finish(instance).await;
-                    reason
                 }
-                Err(reason) => reason,
+                Err(reason) => (reason, None),
             };
-            tracing::warn!(channel = id, kind = %channel.kind, retry_in = ?backoff, "{failure}");
+            let delay = backoff.after_failure(ran);
+            tracing::warn!(channel = id, kind = %channel.kind, retry_in = ?delay, "{failure}");
             self.status(id, "error", Some(&failure)).await;
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = stop.changed() => return,
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
     /// Creates and starts an instance, each on a blocking thread. The instance becomes
     /// current between the two, so the status events `start` emits are not stale.
-    async fn launch(&self, channel: &Channel) -> Result<Arc<Instance>, String> {
+    async fn launch(&self, channel: &Channel, calls: &Turn) -> Result<Arc<Instance>, String> {
         let registry = self.registry();
         let Some(lib) = registry.get(&channel.kind).cloned() else {
             return Err(format!(
@@ -252,63 +296,407 @@ impl Supervisor {
             ));
         };
         let (id, config, events) = (channel.id, channel.config.clone(), self.events.clone());
-        let create = tokio::task::spawn_blocking(move || {
+        let create = blocking(CALL_TIMEOUT, move || {
             Instance::create(&lib, id, &config, events, EVENTS_PER_INSTANCE).map(Arc::new)
         });
-        let instance = match tokio::time::timeout(CALL_TIMEOUT, create).await {
-            Ok(Ok(Ok(instance))) => instance,
-            Ok(Ok(Err(e))) => {
+        let instance = match create.await {
+            Ok(Ok(instance)) => instance,
+            Ok(Err(e)) => {
                 return Err(format!(
                     "connector refused its configuration: {}: {}",
                     e.code, e.message
                 ));
             }
-            Ok(Err(e)) => return Err(format!("connector create failed: {e}")),
-            // The thread is abandoned with its instance: dropping it could block too.
-            Err(_) => return Err(format!("connector was not created within {CALL_TIMEOUT:?}")),
+            Err(CallFailure::Crashed) => return Err("connector create failed".into()),
+            // An instance created after all is destroyed on the thread that made it.
+            Err(CallFailure::TimedOut) => {
+                return Err(format!("connector was not created within {CALL_TIMEOUT:?}"));
+            }
         };
         self.set_current(id, Some(instance.id()));
         let starting = instance.clone();
-        let start = tokio::task::spawn_blocking(move || starting.start());
-        let failure = match tokio::time::timeout(CALL_TIMEOUT, start).await {
-            Ok(Ok(Ok(()))) => return Ok(instance),
-            Ok(Ok(Err(e))) => format!("connector failed to start: {}: {}", e.code, e.message),
-            Ok(Err(e)) => format!("connector start failed: {e}"),
-            Err(_) => return Err(format!("connector did not start within {CALL_TIMEOUT:?}")),
+        let failure = match blocking(CALL_TIMEOUT, move || starting.start()).await {
+            Ok(Ok(())) => return Ok(instance),
+            Ok(Err(e)) => format!("connector failed to start: {}: {}", e.code, e.message),
+            Err(CallFailure::Crashed) => "connector start failed".to_owned(),
+            Err(CallFailure::TimedOut) => {
+                format!("connector did not start within {CALL_TIMEOUT:?}")
+            }
         };
         self.set_current(id, None);
-        finish(instance).await;
+        // After a timeout the start is still running: the stop waits for it (bounded),
+        // and whichever thread drops the instance last stops and destroys it.
+        finish(instance, calls.clone()).await;
         Err(failure)
     }
 }
 
-/// Waits until the channel is told to stop (true) or the instance dies (false). An
-/// instance that lost events dies too: its flushes fail from then on, so it would never
-/// acknowledge a message again.
-async fn watch_instance(instance: &Instance, stop: &mut watch::Receiver<bool>) -> bool {
+/// Restart delays after failures: 1 s doubling to 60 s, and back to 1 s only after an
+/// instance stayed up for `HEALTHY_AFTER`.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: FIRST_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt, after an instance that ran for `ran` failed
+    /// (`None`: it never started).
+    fn after_failure(&mut self, ran: Option<Duration>) -> Duration {
+        if ran.is_some_and(|r| r >= HEALTHY_AFTER) {
+            self.next = FIRST_BACKOFF;
+        }
+        let delay = self.next;
+        self.next = (delay * 2).min(MAX_BACKOFF);
+        delay
+    }
+}
+
+enum Outcome {
+    /// The channel was told to stop.
+    Stopped,
+    /// The instance failed, for this reason (the channel's `error` reason).
+    Failed(String),
+}
+
+/// Watches a running instance until the channel is told to stop or the instance fails:
+/// checks its state often, and asks its `status` every `STATUS_EVERY`.
+async fn watch_instance(
+    instance: &Arc<Instance>,
+    calls: &Turn,
+    stop: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let mut health = Health::default();
+    let mut next_poll = Instant::now() + STATUS_EVERY;
     loop {
-        if instance.is_poisoned()
-            || instance.state() != InstanceState::Running
-            || instance.lost_events() > 0
-        {
-            return false;
+        if let Some(reason) = dead(instance) {
+            return Outcome::Failed(reason);
+        }
+        if health.polling && Instant::now() >= next_poll {
+            tokio::select! {
+                poll = poll_status(instance, calls) => {
+                    if let Some(reason) = health.record(poll, Instant::now()) {
+                        return Outcome::Failed(reason);
+                    }
+                }
+                _ = stop.changed() => return Outcome::Stopped,
+            }
+            next_poll = Instant::now() + STATUS_EVERY;
+            continue;
         }
         tokio::select! {
-            _ = stop.changed() => return true,
+            _ = stop.changed() => return Outcome::Stopped,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
 }
 
-/// Stops and destroys an instance on a blocking thread (stop joins plugin threads).
-async fn finish(instance: Arc<Instance>) {
-    let call = tokio::task::spawn_blocking(move || {
+/// Why the instance cannot go on, judged from its state alone. An instance that lost
+/// events dies too: its flushes fail from then on, so it would never acknowledge a
+/// message again.
+fn dead(instance: &Instance) -> Option<String> {
+    let lost = instance.lost_events();
+    if instance.is_poisoned() {
+        Some("the connector panicked; restarting it".to_owned())
+    } else if lost > 0 {
+        Some(format!(
+            "the daemon could not store {lost} inbound event(s) of this channel; \
+             restarting the connector so the messenger delivers them again"
+        ))
+    } else if instance.state() != InstanceState::Running {
+        Some("the connector stopped by itself; restarting it".to_owned())
+    } else {
+        None
+    }
+}
+
+/// One `status` poll.
+enum Poll {
+    /// The plugin answered (or the host refused the call, e.g. `busy`).
+    Answered(Result<Status, PluginError>),
+    /// A send holds the channel's turn; it gives up within `CALL_TIMEOUT` by itself.
+    Skipped,
+    /// The call did not return within `STATUS_TIMEOUT`.
+    TimedOut,
+}
+
+async fn poll_status(instance: &Arc<Instance>, calls: &Turn) -> Poll {
+    let Ok(_turn) = calls.try_lock() else {
+        return Poll::Skipped;
+    };
+    let polled = instance.clone();
+    match blocking(STATUS_TIMEOUT, move || polled.status()).await {
+        Ok(answer) => Poll::Answered(answer),
+        Err(CallFailure::TimedOut) => Poll::TimedOut,
+        Err(CallFailure::Crashed) => Poll::Answered(Err(PluginError {
+            code: "host_failure".into(),
+            message: "the status call failed in the host".into(),
+            retryable: true,
+        })),
+    }
+}
+
+/// What the status polls of one instance have seen so far.
+struct Health {
+    /// False once the connector said it has no `status`.
+    polling: bool,
+    /// Since when the connector reports `error`, and its latest reason.
+    error_since: Option<(Instant, String)>,
+    /// Since when every poll found another call still running in the instance.
+    busy_since: Option<Instant>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            polling: true,
+            error_since: None,
+            busy_since: None,
+        }
+    }
+}
+
+impl Health {
+    /// Takes one poll into account; `Some(reason)` when the instance must be replaced.
+    fn record(&mut self, poll: Poll, now: Instant) -> Option<String> {
+        let answer = match poll {
+            Poll::Skipped => return None,
+            Poll::TimedOut => {
+                return Some(format!(
+                    "the connector did not answer a status call within {STATUS_TIMEOUT:?}; \
+                     restarting it"
+                ));
+            }
+            Poll::Answered(answer) => answer,
+        };
+        if !matches!(&answer, Err(e) if e.code == codes::BUSY) {
+            self.busy_since = None;
+        }
+        let reported_error = match answer {
+            Ok(s) if s.state == ChannelState::Error => {
+                s.reason.unwrap_or_else(|| "no reason given".to_owned())
+            }
+            Ok(_) => {
+                self.error_since = None;
+                return None;
+            }
+            Err(e) if e.code == codes::UNSUPPORTED => {
+                self.polling = false;
+                return None;
+            }
+            Err(e) if e.is_panic() => return Some("the connector panicked; restarting it".into()),
+            Err(e) if e.code == codes::BUSY => {
+                let since = *self.busy_since.get_or_insert(now);
+                if now.duration_since(since) >= STUCK_AFTER {
+                    return Some(format!(
+                        "a call to the connector has not returned for {} s; restarting it",
+                        now.duration_since(since).as_secs()
+                    ));
+                }
+                return None;
+            }
+            // Stopped by itself: `dead` reports it at the next check.
+            Err(e) if e.code == codes::NOT_RUNNING => return None,
+            // A status the host cannot read counts as an error report.
+            Err(e) => format!("its status call failed: {}: {}", e.code, e.message),
+        };
+        let since = match &mut self.error_since {
+            Some((since, reason)) => {
+                *reason = reported_error;
+                *since
+            }
+            None => {
+                self.error_since = Some((now, reported_error));
+                now
+            }
+        };
+        let lasted = now.duration_since(since);
+        if lasted < ERROR_GRACE {
+            return None;
+        }
+        let reason = self.error_since.as_ref().map_or("", |(_, r)| r.as_str());
+        Some(format!(
+            "the connector has reported an error for {} s ({reason}); restarting it",
+            lasted.as_secs()
+        ))
+    }
+}
+
+/// Why a blocking call gave no answer.
+enum CallFailure {
+    /// Not within its time limit; it runs on by itself.
+    TimedOut,
+    /// The host code around the plugin call panicked.
+    Crashed,
+}
+
+/// Runs `f` (a plugin call) on a blocking thread and waits at most `limit` for it. What
+/// it returns may hold the last handle on an instance, whose drop calls the plugin: if
+/// nobody waits for it any more (timeout, or the caller was cancelled), it is dropped on
+/// a blocking thread too.
+async fn blocking<T, F>(limit: Duration, f: F) -> Result<T, CallFailure>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        // A receiver that gave up hands the value back: dropped here, on this thread.
+        let _ = tx.send(f());
+    });
+    let mut answer = Answer(rx);
+    match tokio::time::timeout(limit, &mut answer.0).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(_)) => Err(CallFailure::Crashed),
+        Err(_) => Err(CallFailure::TimedOut),
+    }
+}
+
+/// The receiving end of a blocking call. Closed when dropped, so a later answer stays on
+/// its blocking thread; one that arrived just before is moved to a blocking thread.
+struct Answer<T: Send + 'static>(oneshot::Receiver<T>);
+
+impl<T: Send + 'static> Drop for Answer<T> {
+    fn drop(&mut self) {
+        self.0.close();
+        if let Ok(value) = self.0.try_recv() {
+            on_blocking_thread(move || drop(value));
+        }
+    }
+}
+
+/// Runs `f` on a blocking thread when on the runtime; inline when already off it.
+fn on_blocking_thread(f: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(f)),
+        Err(_) => f(),
+    }
+}
+
+/// Drops a handle on an instance; the last one is dropped on a blocking thread, since
+/// the instance's `Drop` calls the plugin (its `stop` if needed, then `destroy`).
+fn release(instance: Arc<Instance>) {
+    if let Some(last) = Arc::into_inner(instance) {
+        on_blocking_thread(move || drop(last));
+    }
+}
+
+/// Stops an instance and drops this handle on it, on a blocking thread, taking the
+/// channel's turn first so no send or status poll runs into the stop. Waits at most
+/// `CALL_TIMEOUT`; the stop carries on by itself after that.
+async fn finish(instance: Arc<Instance>, calls: Turn) {
+    let call = blocking(CALL_TIMEOUT, move || {
+        let _turn = calls.blocking_lock();
         if let Err(e) = instance.stop() {
             tracing::debug!(code = %e.code, "connector stop: {}", e.message);
         }
         drop(instance);
     });
-    if tokio::time::timeout(CALL_TIMEOUT, call).await.is_err() {
-        tracing::warn!("a connector did not stop within {CALL_TIMEOUT:?}; abandoning it");
+    if call.await.is_err() {
+        tracing::warn!("a connector did not stop within {CALL_TIMEOUT:?}; leaving it to finish");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_until_an_instance_stays_up() {
+        let mut b = Backoff::default();
+        let secs = |d: Duration| d.as_secs();
+        // Start failures, and instances that fail soon after starting, keep backing off.
+        assert_eq!(secs(b.after_failure(None)), 1);
+        assert_eq!(secs(b.after_failure(Some(Duration::from_secs(2)))), 2);
+        assert_eq!(secs(b.after_failure(None)), 4);
+        assert_eq!(secs(b.after_failure(Some(Duration::from_secs(59)))), 8);
+        for _ in 0..5 {
+            b.after_failure(None);
+        }
+        assert_eq!(secs(b.after_failure(None)), 60, "capped");
+        // An instance that ran long enough starts the count again.
+        assert_eq!(secs(b.after_failure(Some(HEALTHY_AFTER))), 1);
+        assert_eq!(secs(b.after_failure(None)), 2);
+    }
+
+    fn status(state: ChannelState, reason: Option<&str>) -> Poll {
+        let mut s = Status::new(state);
+        s.reason = reason.map(str::to_owned);
+        Poll::Answered(Ok(s))
+    }
+
+    fn host_error(code: &str) -> Poll {
+        Poll::Answered(Err(PluginError {
+            code: code.into(),
+            message: "m".into(),
+            retryable: true,
+        }))
+    }
+
+    #[test]
+    fn a_reported_error_is_tolerated_for_the_grace_period() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut h = Health::default();
+        assert!(
+            h.record(status(ChannelState::Error, Some("down")), at(0))
+                .is_none()
+        );
+        assert!(
+            h.record(status(ChannelState::Error, Some("still down")), at(10))
+                .is_none()
+        );
+        let reason = h
+            .record(status(ChannelState::Error, Some("still down")), at(15))
+            .expect("past the grace period");
+        assert!(reason.contains("15 s (still down)"), "{reason}");
+
+        // Recovering in between starts the grace period again.
+        let mut h = Health::default();
+        assert!(h.record(status(ChannelState::Error, None), at(0)).is_none());
+        assert!(
+            h.record(status(ChannelState::Connected, None), at(10))
+                .is_none()
+        );
+        assert!(
+            h.record(status(ChannelState::Error, None), at(20))
+                .is_none()
+        );
+        assert!(
+            h.record(status(ChannelState::Error, None), at(30))
+                .is_none()
+        );
+        assert!(
+            h.record(status(ChannelState::Error, None), at(35))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn timeouts_panics_and_stuck_calls_fail_the_instance() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        assert!(h.record(Poll::TimedOut, t0).is_some());
+        assert!(h.record(host_error(codes::POISONED), t0).is_some());
+        assert!(h.record(Poll::Skipped, t0).is_none());
+        assert!(h.record(host_error(codes::BUSY), t0).is_none());
+        assert!(
+            h.record(host_error(codes::BUSY), t0 + STUCK_AFTER / 2)
+                .is_none()
+        );
+        assert!(
+            h.record(host_error(codes::BUSY), t0 + STUCK_AFTER)
+                .is_some()
+        );
+        // A connector without status is not polled again.
+        let mut h = Health::default();
+        assert!(h.record(host_error(codes::UNSUPPORTED), t0).is_none());
+        assert!(!h.polling);
     }
 }

@@ -98,6 +98,7 @@ fn channel_view(app: &App, c: &patchbay_jobs::model::Channel) -> Result<Value, R
 }
 
 pub async fn plugins(app: &App, _: NoParams) -> Result<Value, RpcError> {
+    let using = app.plugins.channels_by_kind().await?;
     let list: Vec<Value> = app
         .plugins
         .registry()
@@ -108,7 +109,7 @@ pub async fn plugins(app: &App, _: NoParams) -> Result<Value, RpcError> {
                 "version": lib.version(),
                 "abi_version": lib.abi_version(),
                 "file": lib.path().display().to_string(),
-                "channels": app.plugins.running_count(lib.kind()),
+                "channels": using.get(lib.kind()).copied().unwrap_or(0),
             })
         })
         .collect();
