@@ -10,12 +10,12 @@ use patchbay_jobs::billing::{self, Prices};
 use patchbay_jobs::handlers::{Effects, Notice, NoticeKind};
 use patchbay_jobs::model::Channel;
 use patchbay_jobs::model::{Account, Id, JobRecord, JobState, now_ms};
-use patchbay_jobs::store::JournalInsert;
+use patchbay_jobs::store::{ChargeJob, ChargeOutcome, Charged, InboundJob, JournalInsert};
 use patchbay_jobs::{DomainError, JobError, JobKind, Store};
 use serde_json::{Value, json};
 
+use crate::batcher::Batcher;
 use crate::config::{BillingConfig, Settings};
-use crate::inbound_batcher::InboundBatcher;
 use crate::mail::{self, AccountFigures, Mailer};
 use crate::plugin_host::supervisor::Supervisor;
 use crate::queue::{Envelope, Queue};
@@ -31,8 +31,9 @@ pub struct App {
     /// `billing()`, not `settings.raw.billing`, which keeps the values from start.
     pub billing: std::sync::RwLock<Arc<BillingConfig>>,
     pub mailer: Mailer,
-    /// Group commit for `inbound_message` jobs (see `inbound_batcher`).
-    pub inbound: InboundBatcher,
+    /// Group commit for `inbound_message` and `charge_account` jobs (see `batcher`).
+    pub inbound: Batcher<InboundJob>,
+    pub charges: Batcher<ChargeJob>,
     /// Cancelled when the daemon starts to stop.
     pub stop: CancellationToken,
 }
@@ -136,7 +137,7 @@ impl App {
     /// Un-suspends the account's channels if its balance now pays for today, and starts
     /// their connectors.
     pub async fn resume(&self, account: Id) -> Result<usize, DomainError> {
-        let channels = self
+        let (channels, noticed) = self
             .store
             .resume_suspended(account, self.today(), &self.prices())
             .await?;
@@ -144,7 +145,49 @@ impl App {
         for channel in channels {
             self.plugins.start(channel);
         }
+        if noticed {
+            self.enqueue(JobKind::BalanceCheck, json!({ "account": account }))
+                .await?;
+        }
         Ok(n)
+    }
+
+    /// The first instant (unix ms) after `day` in the billing time zone: channels
+    /// created since did not exist that day.
+    pub fn day_end(&self, day: NaiveDate) -> i64 {
+        let tz = billing::parse_timezone(&self.billing().timezone).unwrap_or(chrono_tz::UTC);
+        billing::day_end(day, tz)
+    }
+
+    /// What follows charges: the connectors of suspended channels stop, and accounts
+    /// whose charge recorded a balance e-mail get a `balance_check` to send it.
+    pub async fn after_charges(&self, charges: &[(Id, Charged)]) -> Result<(), DomainError> {
+        let mut checks = Vec::new();
+        for (account, charged) in charges {
+            if let ChargeOutcome::Suspended {
+                needed,
+                balance,
+                channels,
+            } = &charged.outcome
+            {
+                tracing::info!(
+                    account,
+                    needed,
+                    balance,
+                    "account cannot pay the day; channels suspended"
+                );
+                for &id in channels {
+                    self.plugins.stop(id).await;
+                }
+            }
+            if charged.notices {
+                checks.push(json!({ "account": account }));
+            }
+        }
+        if !checks.is_empty() {
+            self.enqueue_many(JobKind::BalanceCheck, checks).await?;
+        }
+        Ok(())
     }
 
     /// Puts a recorded job on the queue. If the queue refuses, the job is marked dead
@@ -281,10 +324,17 @@ impl Effects for App {
         Ok(())
     }
 
-    async fn channels_suspended(&self, channels: &[Id]) {
-        for &id in channels {
-            self.plugins.stop(id).await;
-        }
+    fn day_end(&self, day: NaiveDate) -> i64 {
+        App::day_end(self, day)
+    }
+
+    async fn charged(&self, charges: &[(Id, Charged)]) -> Result<(), JobError> {
+        Ok(self.after_charges(charges).await?)
+    }
+
+    async fn account_credited(&self, account: Id) -> Result<(), JobError> {
+        self.resume(account).await?;
+        Ok(())
     }
 
     async fn send_notice(&self, notice: &Notice) -> Result<(), JobError> {

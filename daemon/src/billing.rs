@@ -39,19 +39,32 @@ pub async fn run_schedule(app: Arc<App>) {
         }
     };
     tracing::info!(run_at = %config.run_at, timezone = %tz, "daily billing scheduled");
-    let name = format!("billing-cron:{}", std::process::id());
-    let worker = WorkerBuilder::new(name)
-        .backend(CronScheduler::new(schedule).with_timezone(tz))
-        .data(app.clone())
-        .data(tz)
-        .build(tick);
-    if let Err(e) = worker.run().await {
-        tracing::error!(error = %e, "the billing schedule stopped");
+    for attempt in 0u64.. {
+        // A fresh name each time: apalis refuses a name it saw alive moments ago.
+        let name = format!("billing-cron:{}:{attempt}", std::process::id());
+        let worker = WorkerBuilder::new(name)
+            .backend(CronScheduler::new(schedule.clone()).with_timezone(tz))
+            .data(app.clone())
+            .data(tz)
+            .build(tick);
+        match worker.run().await {
+            Ok(()) => tracing::error!("the billing schedule stopped; restarting it in a minute"),
+            Err(e) => {
+                tracing::error!(error = %e, "the billing schedule failed; restarting it in a minute")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     }
 }
 
-async fn tick(_tick: Tick<Tz>, app: Data<Arc<App>>, tz: Data<Tz>) -> Result<(), BoxDynError> {
-    let date = billing::billing_day(chrono::Utc::now(), *tz);
+async fn tick(tick: Tick<Tz>, app: Data<Arc<App>>, tz: Data<Tz>) -> Result<(), BoxDynError> {
+    // The day of the scheduled instant, not of now: a tick handled a moment late
+    // around midnight still bills the day it was for.
+    let at = i64::try_from(tick.get_timestamp())
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .unwrap_or_else(chrono::Utc::now);
+    let date = billing::billing_day(at, *tz);
     match app
         .enqueue(JobKind::BillingRun, json!({ "date": date }))
         .await

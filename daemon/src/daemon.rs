@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::config::{QueueBackend, Settings};
 use crate::control::server::{self, Gate};
-use crate::inbound_batcher::InboundBatcher;
 use crate::mail::{Mailer, Transport};
 use crate::plugin_host::registry::Registry;
 use crate::plugin_host::supervisor::Supervisor;
@@ -69,11 +68,12 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     let mailer = Transport::from_config(&mail.transport, &settings.mail_spool_dir, &mail.smtp_url)
         .and_then(|t| Mailer::new(t, &mail.from))
         .context("cannot set up mail")?;
-    let inbound = InboundBatcher::start(store.clone());
     let stop = CancellationToken::new();
-    let app = Arc::new(App {
+    // The charge batcher reaches back into the App (prices, connectors, the queue).
+    let app = Arc::new_cyclic(|app| App {
         settings,
-        inbound,
+        inbound: worker::inbound_batcher(store.clone()),
+        charges: worker::charge_batcher(app.clone()),
         stop: stop.clone(),
         store,
         queue,

@@ -54,11 +54,11 @@ pub async fn seed(app: &App) {
             "Demo loopback",
             &config,
             app.today(),
-            app.price("loopback"),
+            &app.prices(),
         )
         .await;
     match added {
-        Ok(channel) => {
+        Ok((channel, _)) => {
             tracing::info!(
                 account = account.id,
                 channel = channel.id,

@@ -3,6 +3,7 @@
 //! processes, sockets, queues and configuration.
 
 pub mod app;
+pub mod batcher;
 pub mod billing;
 pub mod config;
 pub mod control;
@@ -10,7 +11,6 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod health;
-pub mod inbound_batcher;
 pub mod logging;
 pub mod mail;
 pub mod notify;

@@ -7,17 +7,27 @@
 //! this task claims such rows (`Store::journal_claim_lost`) and pushes them. A job that
 //! was in the queue after all (a crash after the push, before the journal heard of it)
 //! runs twice, which every handler is built to absorb.
+//!
+//! It also watches the balance e-mail outbox: an e-mail recorded by a charge and still
+//! unsent after `UNSENT_GRACE`, with no `balance_check` left to send it (the job ran out
+//! of attempts during a long SMTP outage, or was never queued), gets a new
+//! `balance_check` — so a warning is delayed by an outage, never lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use patchbay_jobs::JobKind;
 use patchbay_jobs::model::now_ms;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 
 /// Jobs claimed and pushed per store round trip.
 const CLAIM: u32 = 500;
+
+/// How long a recorded balance e-mail may wait for its `balance_check`.
+const UNSENT_GRACE: Duration = Duration::from_secs(10 * 60);
 
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let grace = app.settings.lost_job_grace();
@@ -51,5 +61,29 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
                 break;
             }
         }
+        unsent_mail(&app).await;
+    }
+}
+
+async fn unsent_mail(app: &App) {
+    let before = now_ms() - i64::try_from(UNSENT_GRACE.as_millis()).unwrap_or(0);
+    let accounts = match app
+        .store
+        .accounts_with_unsent_notifications(before, CLAIM)
+        .await
+    {
+        Ok(accounts) => accounts,
+        Err(e) => return tracing::warn!(error = %e, "cannot look for unsent balance e-mails"),
+    };
+    if accounts.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        accounts = accounts.len(),
+        "queueing balance checks for unsent balance e-mails"
+    );
+    let checks = accounts.iter().map(|a| json!({ "account": a })).collect();
+    if let Err(e) = app.enqueue_many(JobKind::BalanceCheck, checks).await {
+        tracing::warn!(error = %e, "cannot queue balance checks for unsent e-mails");
     }
 }

@@ -4,17 +4,20 @@
 //! The queue only delivers; attempts, backoff and `dead` are decided here, the same on
 //! every backend (apalis-redis 1.0 ignores max_attempts and apalis-sqlite retries with
 //! no backoff, see ARCHITECTURE.md). A retry is a new delivery pushed with a delay.
+//! `inbound_message` and `charge_account` jobs go through group commits (`batcher`)
+//! first and come back here only when a batch cannot take them.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
-use patchbay_jobs::model::{JobRecord, JobState, now_ms};
-use patchbay_jobs::store::InboundJob;
-use patchbay_jobs::{JobError, JobKind, Payload, handlers};
+use patchbay_jobs::model::{Id, JobRecord, JobState, now_ms};
+use patchbay_jobs::store::{BatchedJob, ChargeJob, Charged, InboundJob};
+use patchbay_jobs::{DomainError, JobError, JobKind, Payload, Store, handlers};
 
 use crate::app::App;
+use crate::batcher::Batcher;
 use crate::queue::Envelope;
 
 pub async fn run_job(app: Arc<App>, env: Envelope) {
@@ -25,28 +28,101 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
             return;
         }
     };
-    if kind == JobKind::InboundMessage
-        && let Some(job) = batchable(&env)
-        && app.inbound.submit(job).await
-    {
-        return;
+    // Bad payloads skip the batchers: the per-job path makes them dead with the reason.
+    let batched = match kind.parse_payload(&env.payload) {
+        Ok(Payload::InboundMessage(msg)) => match handlers::inbound_sender_phone(&msg) {
+            Ok(phone) => {
+                let job = InboundJob {
+                    job: env.id.clone(),
+                    msg,
+                    phone,
+                };
+                app.inbound.submit(job).await
+            }
+            Err(_) => false,
+        },
+        Ok(Payload::ChargeAccount(c)) => {
+            let job = ChargeJob {
+                job: env.id.clone(),
+                account: c.account,
+                day: c.date,
+                day_end: app.day_end(c.date),
+            };
+            app.charges.submit(job).await
+        }
+        _ => false,
+    };
+    if !batched {
+        run_single(app, env, kind).await
     }
-    run_single(app, env, kind).await
 }
 
-/// The job as the inbound batcher takes it; `None` when its payload is bad, which the
-/// per-job path turns into a dead job with the reason.
-fn batchable(env: &Envelope) -> Option<InboundJob> {
-    let Ok(Payload::InboundMessage(msg)) = JobKind::InboundMessage.parse_payload(&env.payload)
-    else {
-        return None;
-    };
-    let phone = handlers::inbound_sender_phone(&msg).ok()?;
-    Some(InboundJob {
-        job: env.id.clone(),
-        msg,
-        phone,
+/// Group commit for `inbound_message` jobs (`Store::run_inbound_batch`).
+pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
+    Batcher::start(move |jobs: Vec<InboundJob>| {
+        let store = store.clone();
+        async move {
+            let outcomes = store.run_inbound_batch(&jobs).await;
+            finished(
+                outcomes.map(|o| o.into_iter().zip(&jobs).map(|(o, j)| (o, &j.job)).collect()),
+                jobs.len(),
+            )
+        }
     })
+}
+
+/// Group commit for `charge_account` jobs (`Store::charge_accounts`), then what
+/// follows the charges (`App::after_charges`) for the whole batch at once.
+pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
+    Batcher::start(move |jobs: Vec<ChargeJob>| {
+        let app = app.upgrade();
+        async move {
+            let Some(app) = app else {
+                return vec![false; jobs.len()];
+            };
+            let results = match app.store.charge_accounts(&jobs, &app.prices()).await {
+                Ok(results) => results,
+                Err(e) => return finished(Err(e), jobs.len()),
+            };
+            let charges: Vec<(Id, Charged)> = jobs
+                .iter()
+                .zip(&results)
+                .filter_map(|(j, (_, c))| Some((j.account, c.clone()?)))
+                .collect();
+            // The charges are committed; a balance_check not queued now is queued by the
+            // lost-job sweep from the recorded e-mails.
+            if let Err(e) = app.after_charges(&charges).await {
+                tracing::warn!(error = %e, "cannot queue balance checks after a charge batch");
+            }
+            let outcomes = results
+                .into_iter()
+                .zip(&jobs)
+                .map(|((o, _), j)| (o, &j.job))
+                .collect();
+            finished(Ok(outcomes), jobs.len())
+        }
+    })
+}
+
+/// Which jobs of a batch are finished (`true`) or must go the per-job path (`false`).
+fn finished(outcomes: Result<Vec<(BatchedJob, &String)>, DomainError>, n: usize) -> Vec<bool> {
+    match outcomes {
+        Ok(outcomes) => outcomes
+            .into_iter()
+            .map(|(outcome, job)| match outcome {
+                BatchedJob::Done | BatchedJob::AlreadyFinished => true,
+                BatchedJob::Dead(reason) => {
+                    tracing::warn!(job = %job, error = %reason, "job is dead");
+                    true
+                }
+                BatchedJob::NotJournalled => false,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(jobs = n, error = %e, "job batch failed; running its jobs one by one");
+            vec![false; n]
+        }
+    }
 }
 
 /// The per-job path: journal the attempt, run the handler, journal the outcome.

@@ -140,15 +140,27 @@ CREATE TABLE ledger (
 );
 CREATE INDEX ledger_account ON ledger (account_id, id);
 
+-- Balance e-mails as an outbox: a charge records the warning (or the disconnection)
+-- that is due, with the figures the e-mail shows, in the transaction that changes the
+-- balance; balance_check sends what is recorded and unsent. One row per (account,
+-- kind, disconnection date) ever, so each e-mail goes out at most once.
 CREATE TABLE notifications (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id BIGINT NOT NULL REFERENCES accounts(id),
+    -- 'warning_<n>_days' / 'warning_1_day' / 'disconnected'
     kind TEXT NOT NULL,
     disconnect_date TEXT NOT NULL,
+    -- Days from the charge until the disconnection (0 for 'disconnected').
+    days BIGINT NOT NULL,
+    balance BIGINT NOT NULL,
+    daily_total BIGINT NOT NULL,
     created_at BIGINT NOT NULL,
+    -- A sender holds the row until then; a crashed sender's claim runs out.
+    claimed_until BIGINT,
     sent_at BIGINT,
     UNIQUE (account_id, kind, disconnect_date)
 );
+CREATE INDEX notifications_unsent ON notifications (account_id) WHERE sent_at IS NULL;
 
 CREATE TABLE deletion_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

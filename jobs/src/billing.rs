@@ -110,26 +110,12 @@ pub fn billing_day(now: DateTime<Utc>, tz: Tz) -> NaiveDate {
     now.with_timezone(&tz).date_naive()
 }
 
-/// The first instant strictly after `now` at which the local clock in `tz` shows `run_at`.
-///
-/// On a DST change the wall time may occur twice (the first is taken) or not at all (the
-/// run happens when the clock jumps past it), so there is still exactly one run per day.
-pub fn next_run(now: DateTime<Utc>, run_at: NaiveTime, tz: Tz) -> DateTime<Utc> {
-    let today = billing_day(now, tz);
-    // Today's slot may already be past, so look at today and the next two days (two,
-    // because a skipped slot resolves to a later instant on the same local day).
-    for offset in 0..3u64 {
-        let Some(day) = today.checked_add_days(Days::new(offset)) else {
-            break;
-        };
-        if let Some(at) = resolve_local(tz, day, run_at)
-            && at > now
-        {
-            return at;
-        }
-    }
-    // Only reachable at the very end of chrono's calendar.
-    now + TimeDelta::days(1)
+/// The first instant (unix ms) after `day` in `tz`: the start of the next local day,
+/// or the first wall time after it that exists when a DST change skips midnight.
+pub fn day_end(day: NaiveDate, tz: Tz) -> i64 {
+    day.checked_add_days(Days::new(1))
+        .and_then(|next| resolve_local(tz, next, NaiveTime::MIN))
+        .map_or(i64::MAX, |at| at.timestamp_millis())
 }
 
 /// The instant of `day` `time` in `tz`, moving forward through a DST gap.
@@ -299,41 +285,23 @@ mod tests {
     }
 
     #[test]
-    fn next_run_today_or_tomorrow() {
-        let at = NaiveTime::from_hms_opt(0, 5, 0).unwrap();
+    fn a_day_ends_at_the_next_local_midnight() {
+        let day = |d: &str| d.parse::<NaiveDate>().expect("date");
         assert_eq!(
-            next_run(utc("2026-11-24T00:04:59Z"), at, Tz::UTC),
-            utc("2026-11-24T00:05:00Z")
+            day_end(day("2026-11-24"), Tz::UTC),
+            utc("2026-11-25T00:00:00Z").timestamp_millis()
         );
-        // Exactly at the run time: the next one is tomorrow's.
+        let moscow: Tz = "Europe/Moscow".parse().expect("tz");
         assert_eq!(
-            next_run(utc("2026-11-24T00:05:00Z"), at, Tz::UTC),
-            utc("2026-11-25T00:05:00Z")
+            day_end(day("2026-11-24"), moscow),
+            utc("2026-11-24T21:00:00Z").timestamp_millis()
         );
-        let moscow = parse_timezone("Europe/Moscow").unwrap();
+        // Santiago skips local midnight when summer time starts (2026-09-06): that day
+        // starts at 01:00 local, and the day before ends then.
+        let santiago: Tz = "America/Santiago".parse().expect("tz");
         assert_eq!(
-            next_run(utc("2026-11-24T12:00:00Z"), at, moscow),
-            utc("2026-11-24T21:05:00Z")
-        );
-    }
-
-    #[test]
-    fn next_run_across_dst() {
-        let berlin = parse_timezone("Europe/Berlin").unwrap();
-        // 2026-03-29 02:30 does not exist in Berlin: run when the clock jumps to 03:00 CEST.
-        let at = NaiveTime::from_hms_opt(2, 30, 0).unwrap();
-        assert_eq!(
-            next_run(utc("2026-03-28T12:00:00Z"), at, berlin),
-            utc("2026-03-29T01:00:00Z")
-        );
-        // 2026-10-25 02:30 happens twice: the first (CEST) one, then not again that day.
-        assert_eq!(
-            next_run(utc("2026-10-24T12:00:00Z"), at, berlin),
-            utc("2026-10-25T00:30:00Z")
-        );
-        assert_eq!(
-            next_run(utc("2026-10-25T00:30:00Z"), at, berlin),
-            utc("2026-10-26T01:30:00Z")
+            day_end(day("2026-09-05"), santiago),
+            utc("2026-09-06T04:00:00Z").timestamp_millis()
         );
     }
 

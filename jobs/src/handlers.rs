@@ -9,12 +9,12 @@ use serde_json::{Value, json};
 
 use chrono::NaiveDate;
 
-use crate::billing::{self, Prices, Warning};
+use crate::billing::{Prices, Warning};
 use crate::error::{DomainError, JobError};
 use crate::kind::{InboundMessage, JobKind, Payload};
-use crate::model::{Account, Channel, Id};
+use crate::model::{Account, Channel, Id, now_ms};
 use crate::phone;
-use crate::store::{ChargeOutcome, Store};
+use crate::store::{Charged, Notification, Store};
 
 #[async_trait]
 pub trait Effects: Send + Sync {
@@ -31,8 +31,13 @@ pub trait Effects: Send + Sync {
     fn today(&self) -> NaiveDate;
     /// Queues jobs of one kind in bulk (journal and queue in batches).
     async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError>;
-    /// Stops the connectors of channels the store just suspended.
-    async fn channels_suspended(&self, channels: &[Id]);
+    /// The first instant (unix ms) after `day` in the billing time zone.
+    fn day_end(&self, day: NaiveDate) -> i64;
+    /// After charges: stops the connectors of the channels they suspended, and queues a
+    /// `balance_check` for each account whose charge recorded a balance e-mail.
+    async fn charged(&self, charges: &[(Id, Charged)]) -> Result<(), JobError>;
+    /// Money arrived: resumes the account's suspended channels if it now pays the day.
+    async fn account_credited(&self, account: Id) -> Result<(), JobError>;
     /// Sends an e-mail about the account's balance to its administrators.
     async fn send_notice(&self, notice: &Notice) -> Result<(), JobError>;
 }
@@ -60,7 +65,8 @@ pub async fn run(
     match payload {
         Payload::Topup(t) => {
             store.topup(t.account, t.amount, &t.reference).await?;
-            Ok(())
+            // As account.topup: a top-up that pays the day resumes suspended channels.
+            effects.account_credited(t.account).await
         }
         Payload::InboundMessage(m) => {
             let phone = inbound_sender_phone(m)?;
@@ -80,15 +86,7 @@ pub async fn run(
         Payload::SendMessage(s) => send_message(store, effects, s.message).await,
         Payload::BillingRun(b) => billing_run(store, effects, b.date).await,
         Payload::ChargeAccount(c) => charge_account(store, effects, c.account, c.date).await,
-        Payload::BalanceCheck(b) => {
-            balance_check(
-                store,
-                effects,
-                b.account,
-                b.date.unwrap_or_else(|| effects.today()),
-            )
-            .await
-        }
+        Payload::BalanceCheck(b) => balance_check(store, effects, b.account).await,
         Payload::DataDeletion(d) => data_deletion(store, effects, d.run).await,
     }
 }
@@ -226,80 +224,47 @@ async fn charge_account(
     account: Id,
     date: NaiveDate,
 ) -> Result<(), JobError> {
-    let prices = effects.prices();
-    match store.charge_day(account, date, &prices).await? {
-        ChargeOutcome::Suspended {
-            needed,
-            balance,
-            channels,
-        } => {
-            tracing::info!(
-                account,
-                needed,
-                balance,
-                "account cannot pay the day; channels suspended"
-            );
-            effects.channels_suspended(&channels).await;
-            if let Some(id) = store
-                .claim_notification(account, "disconnected", date)
-                .await?
-            {
-                let notice =
-                    notice(store, account, needed, NoticeKind::Disconnected { date }).await?;
-                effects.send_notice(&notice).await?;
-                store.mark_notification_sent(id).await?;
-            }
-        }
-        ChargeOutcome::Charged {
-            total,
-            balance,
-            channels,
-        } => {
-            tracing::debug!(account, total, balance, channels, "account charged");
-        }
-        ChargeOutcome::NothingDue { .. } => {}
-    }
-    let payload = json!({ "account": account, "date": date });
-    effects
-        .enqueue_many(JobKind::BalanceCheck, vec![payload])
-        .await
+    let charged = store
+        .charge_day(account, date, effects.day_end(date), &effects.prices())
+        .await?;
+    effects.charged(&[(account, charged)]).await
 }
 
-/// Sends the warning that is due after the day's charge, at most once per (account,
-/// kind, disconnection date): the notification row is claimed before sending and
-/// marked sent after, so a failed send is retried and a sent one never repeated.
+/// How long a sender holds the balance e-mails it claimed: longer than any SMTP
+/// exchange; a crashed sender's e-mails are free again after it.
+const NOTICE_LEASE_MS: i64 = 10 * 60 * 1000;
+
+/// Sends the account's recorded, unsent balance e-mails (the charge that made them due
+/// recorded them with its figures). Each is claimed before it is sent and marked sent
+/// after, so a failed send is retried, a sent one never repeated, and two senders never
+/// send the same one.
 async fn balance_check(
     store: &dyn Store,
     effects: &dyn Effects,
     account: Id,
-    date: NaiveDate,
 ) -> Result<(), JobError> {
-    let acc = store.account(account).await?;
-    let kinds = store.active_channel_kinds(account).await?;
-    let total = billing::daily_total(&effects.prices(), &kinds);
-    let Some(warning) =
-        billing::warning_due(acc.balance, total, acc.settings.balance_notify_days, date)
-    else {
+    let claimed = store
+        .claim_notifications(account, now_ms(), NOTICE_LEASE_MS)
+        .await?;
+    if claimed.is_empty() {
         return Ok(());
-    };
-    let Some(id) = store
-        .claim_notification(account, &warning.kind, warning.disconnect_date)
-        .await?
-    else {
-        return Ok(());
-    };
-    let notice = notice(store, account, total, NoticeKind::Warning(warning)).await?;
-    effects.send_notice(&notice).await?;
-    store.mark_notification_sent(id).await?;
-    Ok(())
+    }
+    let result = send_notices(store, effects, account, &claimed).await;
+    if result.is_err() {
+        // Whatever was not sent goes back for the retry.
+        for n in &claimed {
+            let _ = store.release_notification(n.id).await;
+        }
+    }
+    result
 }
 
-async fn notice(
+async fn send_notices(
     store: &dyn Store,
+    effects: &dyn Effects,
     account: Id,
-    daily_total: i64,
-    kind: NoticeKind,
-) -> Result<Notice, JobError> {
+    claimed: &[Notification],
+) -> Result<(), JobError> {
     let acc = store.account(account).await?;
     let to: Vec<String> = store
         .administrators(account)
@@ -307,10 +272,29 @@ async fn notice(
         .into_iter()
         .map(|u| u.email)
         .collect();
-    Ok(Notice {
-        account: acc,
-        to,
-        daily_total,
-        kind,
-    })
+    for n in claimed {
+        let kind = if n.kind == "disconnected" {
+            NoticeKind::Disconnected {
+                date: n.disconnect_date,
+            }
+        } else {
+            NoticeKind::Warning(Warning {
+                kind: n.kind.clone(),
+                days: n.days,
+                disconnect_date: n.disconnect_date,
+            })
+        };
+        let notice = Notice {
+            account: Account {
+                balance: n.balance,
+                ..acc.clone()
+            },
+            to: to.clone(),
+            daily_total: n.daily_total,
+            kind,
+        };
+        effects.send_notice(&notice).await?;
+        store.mark_notification_sent(n.id).await?;
+    }
+    Ok(())
 }

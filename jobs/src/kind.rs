@@ -164,9 +164,6 @@ pub struct ChargeAccount {
 #[serde(deny_unknown_fields)]
 pub struct BalanceCheck {
     pub account: i64,
-    /// The billing day the check is for; today (billing time zone) when absent.
-    #[serde(default)]
-    pub date: Option<NaiveDate>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

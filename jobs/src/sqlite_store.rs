@@ -26,11 +26,13 @@ use crate::model::{
     LedgerEntry, Message, Role, Settings, User, now_ms,
 };
 use crate::store::{
-    BatchOutcome, BatchedJob, ChargeOutcome, ChatFilter, InboundJob, JobFilter, JournalInsert,
-    NewAccount, NewUser, Store, StoreResult,
+    BatchOutcome, BatchedJob, ChargeJob, Charged, ChatFilter, InboundJob, JobFilter, JournalInsert,
+    NewAccount, NewUser, Notification, Store, StoreResult,
 };
 use crate::validate;
 
+mod batch_journal;
+mod billing;
 mod inbound_batch;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -291,65 +293,6 @@ fn run_from_row(r: &SqliteRow) -> StoreResult<DeletionRun> {
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
     })
-}
-
-/// The account's channels not yet charged for `day`, with their prices: active ones,
-/// plus suspended ones when resuming.
-async fn unpaid_channels(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    account: Id,
-    day: &str,
-    prices: &Prices,
-    include_suspended: bool,
-) -> StoreResult<Vec<(Id, i64)>> {
-    let rows: Vec<(Id, String)> = sqlx::query_as(
-        "SELECT c.id, c.kind FROM channels c WHERE c.account_id = $1 \
-         AND (c.status NOT IN ('removed', 'suspended') OR ($2 AND c.status = 'suspended')) \
-         AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $3) \
-         ORDER BY c.id",
-    )
-    .bind(account)
-    .bind(include_suspended)
-    .bind(day)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, kind)| (id, prices.price(&kind)))
-        .collect())
-}
-
-/// Writes one charge row per (channel, day) and the new balance; returns the balance.
-/// The UNIQUE (channel_id, day) constraint makes a second charge impossible.
-async fn charge(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    account: Id,
-    channels: &[(Id, i64)],
-    day: &str,
-    mut balance: i64,
-    now: i64,
-) -> StoreResult<i64> {
-    for (channel, price) in channels {
-        balance = balance.saturating_sub(*price);
-        sqlx::query(
-            "INSERT INTO ledger (account_id, kind, amount, balance_after, channel_id, day, created_at) \
-             VALUES ($1, 'charge', $2, $3, $4, $5, $6)",
-        )
-        .bind(account)
-        .bind(-price)
-        .bind(balance)
-        .bind(channel)
-        .bind(day)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    }
-    sqlx::query("UPDATE accounts SET balance = $1 WHERE id = $2")
-        .bind(balance)
-        .bind(account)
-        .execute(&mut **tx)
-        .await?;
-    Ok(balance)
 }
 
 async fn find_or_create_chat(
@@ -924,11 +867,12 @@ impl Store for SqliteStore {
                 "unknown channel status {status:?}"
             )));
         }
-        // A removed channel stays removed, whatever a late connector event says.
+        // A removed channel stays removed, and a suspended one suspended until a top-up
+        // resumes it, whatever a late connector event or a restart says.
         sqlx::query(
             "UPDATE channels SET status = $1, status_reason = $2, \
              removed_at = CASE WHEN $1 = 'removed' THEN $3 ELSE removed_at END \
-             WHERE id = $4 AND (status <> 'removed')",
+             WHERE id = $4 AND status <> 'removed' AND (status <> 'suspended' OR $1 = 'removed')",
         )
         .bind(status)
         .bind(reason)
@@ -1485,21 +1429,23 @@ impl Store for SqliteStore {
         name: &str,
         config: &serde_json::Value,
         day: NaiveDate,
-        price: i64,
-    ) -> StoreResult<Channel> {
+        prices: &Prices,
+    ) -> StoreResult<(Channel, bool)> {
+        let price = prices.price(kind);
         let mut tx = self.begin_write().await?;
-        let balance: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| DomainError::not_found("account", account))?;
+        let now = now_ms();
+        let (balance, notify_days): (i64, i64) =
+            sqlx::query_as("SELECT balance, balance_notify_days FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| DomainError::not_found("account", account))?;
         if balance < price {
             return Err(DomainError::InsufficientFunds(format!(
                 "the balance {balance} cannot pay today's price {price} of a {kind} channel; \
                  top the account up first"
             )));
         }
-        let now = now_ms();
         let row = sqlx::query(concat!(
             "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
              VALUES ($1, $2, $3, $4, 'connecting', $5) RETURNING ",
@@ -1513,64 +1459,46 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let channel = channel_from_row(&row)?;
-        charge(
-            &mut tx,
+        let left = balance.saturating_sub(price);
+        let charge = billing::LedgerCharge {
             account,
-            &[(channel.id, price)],
-            &day.to_string(),
-            balance,
-            now,
+            channel: channel.id,
+            price,
+            balance_after: left,
+        };
+        billing::insert_charges(&mut tx, &[charge], day, now).await?;
+        billing::set_balances(&mut tx, &[(account, left)].into_iter().collect()).await?;
+        // A charge happened: the warning rules apply as after a daily run.
+        let kinds: Vec<String> = sqlx::query_scalar(
+            "SELECT kind FROM channels WHERE account_id = $1 \
+             AND status NOT IN ('removed', 'suspended')",
         )
+        .bind(account)
+        .fetch_all(&mut *tx)
         .await?;
+        let total = crate::billing::daily_total(prices, &kinds);
+        let notice = billing::Notice::warning(account, left, total, notify_days, day);
+        let noticed = billing::record_notices(&mut tx, notice.as_slice(), now).await?;
         tx.commit().await?;
-        Ok(channel)
+        Ok((channel, !noticed.is_empty()))
     }
 
     async fn charge_day(
         &self,
         account: Id,
         day: NaiveDate,
+        day_end: i64,
         prices: &Prices,
-    ) -> StoreResult<ChargeOutcome> {
-        let day = day.to_string();
-        let mut tx = self.begin_write().await?;
-        let balance: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| DomainError::not_found("account", account))?;
-        let unpaid = unpaid_channels(&mut tx, account, &day, prices, false).await?;
-        let total = unpaid.iter().fold(0i64, |s, (_, p)| s.saturating_add(*p));
-        if unpaid.is_empty() {
-            return Ok(ChargeOutcome::NothingDue { balance });
-        }
-        if balance < total {
-            let channels: Vec<Id> = sqlx::query_scalar(
-                "UPDATE channels SET status = 'suspended', status_reason = 'insufficient_funds' \
-                 WHERE account_id = $1 AND status NOT IN ('removed', 'suspended') RETURNING id",
-            )
-            .bind(account)
-            .fetch_all(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE accounts SET suspended_on = $1 WHERE id = $2")
-                .bind(&day)
-                .bind(account)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(ChargeOutcome::Suspended {
-                needed: total,
-                balance,
-                channels,
-            });
-        }
-        let left = charge(&mut tx, account, &unpaid, &day, balance, now_ms()).await?;
-        tx.commit().await?;
-        Ok(ChargeOutcome::Charged {
-            total,
-            balance: left,
-            channels: unpaid.len(),
-        })
+    ) -> StoreResult<Charged> {
+        billing::charge_day(self, account, day, day_end, prices).await
+    }
+
+    async fn charge_accounts(
+        &self,
+        jobs: &[ChargeJob],
+        prices: &Prices,
+    ) -> StoreResult<Vec<(BatchedJob, Option<Charged>)>> {
+        billing::charge_accounts(self, jobs, prices).await
     }
 
     async fn resume_suspended(
@@ -1578,31 +1506,57 @@ impl Store for SqliteStore {
         account: Id,
         day: NaiveDate,
         prices: &Prices,
-    ) -> StoreResult<Vec<Channel>> {
-        let day = day.to_string();
+    ) -> StoreResult<(Vec<Channel>, bool)> {
         let mut tx = self.begin_write().await?;
-        let suspended: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM channels WHERE account_id = $1 AND status = 'suspended'",
+        let now = now_ms();
+        let (balance, notify_days, suspended_on): (i64, i64, Option<String>) = sqlx::query_as(
+            "SELECT balance, balance_notify_days, suspended_on FROM accounts WHERE id = $1",
         )
         .bind(account)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| DomainError::not_found("account", account))?;
+        // The unpaid day, or today if later (ISO dates compare as strings).
+        let day = suspended_on
+            .and_then(|d| d.parse::<NaiveDate>().ok())
+            .filter(|d| *d > day)
+            .unwrap_or(day);
+        let channels: Vec<(Id, String, String, bool)> = sqlx::query_as(
+            "SELECT c.id, c.kind, c.status, \
+             EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2) \
+             FROM channels c WHERE c.account_id = $1 AND c.status <> 'removed' ORDER BY c.id",
+        )
+        .bind(account)
+        .bind(day.to_string())
+        .fetch_all(&mut *tx)
         .await?;
-        if suspended == 0 {
-            return Ok(Vec::new());
+        if !channels.iter().any(|c| c.2 == "suspended") {
+            return Ok((Vec::new(), false));
         }
-        let (balance, suspended_on): (i64, Option<String>) =
-            sqlx::query_as("SELECT balance, suspended_on FROM accounts WHERE id = $1")
-                .bind(account)
-                .fetch_one(&mut *tx)
-                .await?;
-        // ISO dates compare as strings.
-        let day = suspended_on.filter(|d| *d > day).unwrap_or(day);
-        let unpaid = unpaid_channels(&mut tx, account, &day, prices, true).await?;
-        let total = unpaid.iter().fold(0i64, |s, (_, p)| s.saturating_add(*p));
-        if balance < total {
-            return Ok(Vec::new());
+        let needed = channels
+            .iter()
+            .filter(|c| !c.3)
+            .fold(0i64, |s, c| s.saturating_add(prices.price(&c.1)));
+        if balance < needed {
+            return Ok((Vec::new(), false));
         }
-        charge(&mut tx, account, &unpaid, &day, balance, now_ms()).await?;
+        let mut left = balance;
+        let charges: Vec<billing::LedgerCharge> = channels
+            .iter()
+            .filter(|c| !c.3)
+            .map(|c| {
+                let price = prices.price(&c.1);
+                left = left.saturating_sub(price);
+                billing::LedgerCharge {
+                    account,
+                    channel: c.0,
+                    price,
+                    balance_after: left,
+                }
+            })
+            .collect();
+        billing::insert_charges(&mut tx, &charges, day, now).await?;
+        billing::set_balances(&mut tx, &[(account, left)].into_iter().collect()).await?;
         sqlx::query("UPDATE accounts SET suspended_on = NULL WHERE id = $1")
             .bind(account)
             .execute(&mut *tx)
@@ -1615,12 +1569,16 @@ impl Store for SqliteStore {
         .bind(account)
         .fetch_all(&mut *tx)
         .await?;
-        let channels = rows
+        let resumed = rows
             .iter()
             .map(channel_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
+        let kinds: Vec<String> = channels.into_iter().map(|c| c.1).collect();
+        let total = crate::billing::daily_total(prices, &kinds);
+        let notice = billing::Notice::warning(account, left, total, notify_days, day);
+        let noticed = billing::record_notices(&mut tx, notice.as_slice(), now).await?;
         tx.commit().await?;
-        Ok(channels)
+        Ok((resumed, !noticed.is_empty()))
     }
 
     async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>> {
@@ -1645,42 +1603,49 @@ impl Store for SqliteStore {
         rows.iter().map(user_from_row).collect()
     }
 
-    async fn claim_notification(
+    async fn claim_notifications(
         &self,
         account: Id,
-        kind: &str,
-        date: NaiveDate,
-    ) -> StoreResult<Option<Id>> {
-        let date = date.to_string();
-        sqlx::query(
-            "INSERT INTO notifications (account_id, kind, disconnect_date, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(account)
-        .bind(kind)
-        .bind(&date)
-        .bind(now_ms())
-        .execute(&self.writer)
-        .await?;
-        let (id, sent_at): (Id, Option<i64>) = sqlx::query_as(
-            "SELECT id, sent_at FROM notifications WHERE account_id = $1 AND kind = $2 \
-             AND disconnect_date = $3",
-        )
-        .bind(account)
-        .bind(kind)
-        .bind(&date)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(sent_at.is_none().then_some(id))
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Vec<Notification>> {
+        billing::claim_notifications(self, account, now, lease_ms).await
+    }
+
+    async fn release_notification(&self, id: Id) -> StoreResult<()> {
+        sqlx::query("UPDATE notifications SET claimed_until = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     async fn mark_notification_sent(&self, id: Id) -> StoreResult<()> {
-        sqlx::query("UPDATE notifications SET sent_at = $1 WHERE id = $2")
+        sqlx::query("UPDATE notifications SET sent_at = $1, claimed_until = NULL WHERE id = $2")
             .bind(now_ms())
             .bind(id)
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    async fn accounts_with_unsent_notifications(
+        &self,
+        before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Id>> {
+        // Skips accounts whose balance_check is still queued or retrying.
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT n.account_id FROM notifications n WHERE n.sent_at IS NULL \
+             AND n.created_at < $1 AND (n.claimed_until IS NULL OR n.claimed_until < $1) \
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.kind = 'balance_check' \
+             AND j.state IN ('pending', 'running', 'failed') \
+             AND j.payload ->> 'account' = n.account_id) LIMIT $2",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 

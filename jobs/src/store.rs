@@ -90,6 +90,41 @@ pub struct BatchOutcome {
     pub finished: bool,
 }
 
+/// One account to charge for one billing day (`Store::charge_accounts`).
+#[derive(Clone, Debug)]
+pub struct ChargeJob {
+    /// The `charge_account` job's journal id.
+    pub job: String,
+    pub account: Id,
+    pub day: NaiveDate,
+    /// The first instant (unix ms) after `day` in the billing time zone: a channel
+    /// created since did not exist on that day and is not charged for it.
+    pub day_end: i64,
+}
+
+/// What charging an account did, and whether balance e-mails were recorded for it (the
+/// caller then queues a `balance_check` to send them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Charged {
+    pub outcome: ChargeOutcome,
+    pub notices: bool,
+}
+
+/// A recorded balance e-mail (see the `notifications` table), claimed for sending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    pub id: Id,
+    pub account: Id,
+    /// `warning_<n>_days`, `warning_1_day` or `disconnected`.
+    pub kind: String,
+    pub disconnect_date: NaiveDate,
+    /// Days from the charge until the disconnection; 0 for `disconnected`.
+    pub days: i64,
+    /// The balance and daily total when the charge decided the e-mail was due.
+    pub balance: i64,
+    pub daily_total: i64,
+}
+
 /// One queued `inbound_message` job for `Store::run_inbound_batch`: its journal id, the
 /// payload, and the sender's phone normalised by `handlers::inbound_sender_phone`.
 #[derive(Clone, Debug)]
@@ -264,6 +299,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds a channel and charges today's price for it in one transaction; refused
     /// with `insufficient_funds` (and nothing created) when the balance cannot pay.
+    /// Records the balance warning that charge makes due (`Charged::notices`).
     async fn add_channel_charged(
         &self,
         account: Id,
@@ -271,34 +307,55 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         config: &serde_json::Value,
         day: NaiveDate,
-        price: i64,
-    ) -> StoreResult<Channel>;
-    /// Charges every active channel not yet paid for `day`, all or nothing; suspends
-    /// all the account's channels when the balance cannot cover the total.
+        prices: &Prices,
+    ) -> StoreResult<(Channel, bool)>;
+    /// Charges every channel active on `day` and not yet paid for it, all or nothing;
+    /// suspends all the account's channels when the balance cannot cover the total.
+    /// Records the balance e-mail that is then due, in the same transaction.
     async fn charge_day(
         &self,
         account: Id,
         day: NaiveDate,
+        day_end: i64,
         prices: &Prices,
-    ) -> StoreResult<ChargeOutcome>;
+    ) -> StoreResult<Charged>;
+    /// `charge_day` for the `charge_account` jobs of a batch, in one transaction that
+    /// also journals each job done (or dead: an unknown account). One entry per job, in
+    /// order; `Charged` for the jobs that ran. An `Err` means nothing was written.
+    async fn charge_accounts(
+        &self,
+        jobs: &[ChargeJob],
+        prices: &Prices,
+    ) -> StoreResult<Vec<(BatchedJob, Option<Charged>)>>;
     /// If the balance now covers `day` for every channel (suspended ones included),
-    /// charges what is unpaid and un-suspends; returns the channels to start.
+    /// charges what is unpaid and un-suspends; returns the channels to start, and
+    /// whether the charge recorded a balance warning.
     async fn resume_suspended(
         &self,
         account: Id,
         day: NaiveDate,
         prices: &Prices,
-    ) -> StoreResult<Vec<Channel>>;
+    ) -> StoreResult<(Vec<Channel>, bool)>;
     /// Accounts in id order after `after`, for the billing fan-out.
     async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>>;
     async fn administrators(&self, account: Id) -> StoreResult<Vec<User>>;
-    /// Reserves a notification (account, kind, date); `Some(id)` while it is still to be
-    /// sent, `None` once it was sent.
-    async fn claim_notification(
+    /// Claims the account's recorded, unsent balance e-mails for `lease_ms`: no other
+    /// sender gets them until the lease runs out (a crashed sender's) or they are
+    /// released.
+    async fn claim_notifications(
         &self,
         account: Id,
-        kind: &str,
-        date: NaiveDate,
-    ) -> StoreResult<Option<Id>>;
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Vec<Notification>>;
+    /// Gives a claimed e-mail back after a failed send, for the retry.
+    async fn release_notification(&self, id: Id) -> StoreResult<()>;
     async fn mark_notification_sent(&self, id: Id) -> StoreResult<()>;
+    /// Accounts with balance e-mails recorded before `before` and still unsent and
+    /// unclaimed: their `balance_check` was lost or gave up; the sweep queues another.
+    async fn accounts_with_unsent_notifications(
+        &self,
+        before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Id>>;
 }

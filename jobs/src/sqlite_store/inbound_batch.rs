@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
 
-use super::SqliteStore;
+use super::{SqliteStore, batch_journal};
 use crate::kind::InboundMessage;
 use crate::model::{Id, now_ms};
 use crate::store::{BatchedJob, InboundJob, StoreResult};
@@ -86,26 +86,8 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
     let mut tx = store.begin_write().await?;
     let now = now_ms();
 
-    // Journal: which jobs still have to run.
-    let ids = Value::from(jobs.iter().map(|j| j.job.as_str()).collect::<Vec<_>>()).to_string();
-    let states: HashMap<String, String> =
-        sqlx::query_as("SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each($1))")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-    let mut live = Vec::with_capacity(jobs.len());
-    let mut taken = HashSet::new();
-    for (i, job) in jobs.iter().enumerate() {
-        match states.get(&job.job).map(String::as_str) {
-            None => out[i] = BatchedJob::NotJournalled,
-            Some("done" | "dead") => out[i] = BatchedJob::AlreadyFinished,
-            // The same job delivered twice into one batch runs once.
-            Some(_) if !taken.insert(job.job.as_str()) => out[i] = BatchedJob::AlreadyFinished,
-            Some(_) => live.push(i),
-        }
-    }
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
     let msgs: Vec<(&InboundMessage, Option<&str>)> = live
         .iter()
         .map(|&i| (&jobs[i].msg, jobs[i].phone.as_deref()))
@@ -118,34 +100,8 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
         }
     }
 
-    // Journal: every job that ran is done (duplicates included), in the same commit.
-    let done = Value::from(
-        live.iter()
-            .filter(|&&i| out[i] == BatchedJob::Done)
-            .map(|&i| jobs[i].job.as_str())
-            .collect::<Vec<_>>(),
-    );
-    sqlx::query(
-        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2 \
-         WHERE id IN (SELECT value FROM json_each($1)) AND state NOT IN ('done', 'dead')",
-    )
-    .bind(done.to_string())
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    for (job, outcome) in jobs.iter().zip(&out) {
-        if let BatchedJob::Dead(reason) = outcome {
-            sqlx::query(
-                "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = $1, \
-                 updated_at = $2 WHERE id = $3 AND state NOT IN ('done', 'dead')",
-            )
-            .bind(reason)
-            .bind(now)
-            .bind(&job.job)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
+    // Every job that ran is done (duplicates included), in the same commit.
+    batch_journal::finish(&mut tx, &ids, &out, now).await?;
     tx.commit().await?;
     Ok(out)
 }

@@ -41,17 +41,25 @@ pub async fn add(app: &App, p: AddParams) -> Result<Value, RpcError> {
             .into());
         }
     };
-    // Charged for today at once: no channel runs a day unpaid.
-    let price = app.price(&p.kind);
-    let channel = app
+    // Charged for today at once: no channel runs a day unpaid. The charge records the
+    // balance warning it makes due, like a daily run's; a balance_check sends it.
+    let (channel, noticed) = app
         .store
-        .add_channel_charged(p.account, &p.kind, &name, &config, app.today(), price)
+        .add_channel_charged(
+            p.account,
+            &p.kind,
+            &name,
+            &config,
+            app.today(),
+            &app.prices(),
+        )
         .await?;
     app.plugins.start(channel.clone());
-    // A charge happened: the balance warning rules apply as after a daily run.
-    let check = json!({ "account": p.account, "date": app.today() });
-    app.enqueue(patchbay_jobs::JobKind::BalanceCheck, check)
-        .await?;
+    if noticed {
+        let check = json!({ "account": p.account });
+        app.enqueue(patchbay_jobs::JobKind::BalanceCheck, check)
+            .await?;
+    }
     channel_view(app, &channel)
 }
 

@@ -1,0 +1,76 @@
+//! The journal side of running a batch of jobs in one store transaction: which jobs of
+//! the batch still have to run, and their outcomes committed with their effects.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+
+use crate::store::{BatchedJob, StoreResult};
+
+type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// Reads the jobs' journal states; returns the indexes of the jobs to run and fills
+/// `out` for the others: no journal row (`NotJournalled`), done or dead already, or the
+/// same job twice in one batch (`AlreadyFinished`).
+pub(super) async fn start(
+    tx: &mut Tx,
+    jobs: &[&str],
+    out: &mut [BatchedJob],
+) -> StoreResult<Vec<usize>> {
+    let states: HashMap<String, String> =
+        sqlx::query_as("SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each($1))")
+            .bind(Value::from(jobs.to_vec()).to_string())
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut live = Vec::with_capacity(jobs.len());
+    let mut taken = HashSet::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match states.get(*job).map(String::as_str) {
+            None => out[i] = BatchedJob::NotJournalled,
+            Some("done" | "dead") => out[i] = BatchedJob::AlreadyFinished,
+            Some(_) if !taken.insert(*job) => out[i] = BatchedJob::AlreadyFinished,
+            Some(_) => live.push(i),
+        }
+    }
+    Ok(live)
+}
+
+/// Journals each job's outcome: `Done` jobs done, `Dead` ones dead with the reason,
+/// each counting one attempt. Jobs that did not run are left as they are.
+pub(super) async fn finish(
+    tx: &mut Tx,
+    jobs: &[&str],
+    out: &[BatchedJob],
+    now: i64,
+) -> StoreResult<()> {
+    let done: Vec<&str> = jobs
+        .iter()
+        .zip(out)
+        .filter(|(_, o)| **o == BatchedJob::Done)
+        .map(|(j, _)| *j)
+        .collect();
+    sqlx::query(
+        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2 \
+         WHERE id IN (SELECT value FROM json_each($1)) AND state NOT IN ('done', 'dead')",
+    )
+    .bind(Value::from(done).to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    for (job, outcome) in jobs.iter().zip(out) {
+        if let BatchedJob::Dead(reason) = outcome {
+            sqlx::query(
+                "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = $1, \
+                 updated_at = $2 WHERE id = $3 AND state NOT IN ('done', 'dead')",
+            )
+            .bind(reason)
+            .bind(now)
+            .bind(*job)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
+}

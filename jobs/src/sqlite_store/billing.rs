@@ -1,0 +1,613 @@
+//! Charging accounts for billing days, and the balance e-mails a charge makes due.
+//!
+//! `charge` is the one place that applies SPEC §5's billing rules inside a store
+//! transaction: for each (account, day) it charges every channel active that day and
+//! not yet paid for it — all or nothing — or, when the balance cannot cover the total,
+//! suspends all the account's channels; then it records the balance e-mail that is due
+//! (a warning `k + 1` days ahead, or the disconnection) in the `notifications` outbox.
+//! `charge_accounts` runs it for a batch of `charge_account` jobs with one statement per
+//! step for the whole batch; `charge_day`, `add_channel_charged` and
+//! `resume_suspended` share the ledger and outbox writes. The UNIQUE (channel, day)
+//! constraint makes a second charge of a day impossible whoever attempts it.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::NaiveDate;
+use serde_json::{Value, json};
+
+use super::{SqliteStore, batch_journal};
+use crate::billing::{self, Prices};
+use crate::error::DomainError;
+use crate::model::{Id, now_ms};
+use crate::store::{BatchedJob, ChargeJob, ChargeOutcome, Charged, Notification, StoreResult};
+
+type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+/// A charge to write: one ledger row.
+pub(super) struct LedgerCharge {
+    pub account: Id,
+    pub channel: Id,
+    pub price: i64,
+    pub balance_after: i64,
+}
+
+/// A balance e-mail to record.
+pub(super) struct Notice {
+    pub account: Id,
+    pub kind: String,
+    pub disconnect_date: NaiveDate,
+    pub days: i64,
+    pub balance: i64,
+    pub daily_total: i64,
+}
+
+impl Notice {
+    /// The warning due after a charge left `balance`, if any (SPEC §5).
+    pub fn warning(
+        account: Id,
+        balance: i64,
+        daily_total: i64,
+        notify_days: i64,
+        day: NaiveDate,
+    ) -> Option<Notice> {
+        let w = billing::warning_due(balance, daily_total, notify_days, day)?;
+        Some(Notice {
+            account,
+            kind: w.kind,
+            disconnect_date: w.disconnect_date,
+            days: w.days,
+            balance,
+            daily_total,
+        })
+    }
+}
+
+/// Writes ledger charges for `day` (one statement).
+pub(super) async fn insert_charges(
+    tx: &mut Tx,
+    charges: &[LedgerCharge],
+    day: NaiveDate,
+    now: i64,
+) -> StoreResult<()> {
+    if charges.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Value> = charges
+        .iter()
+        .map(|c| json!([c.account, -c.price, c.balance_after, c.channel]))
+        .collect();
+    sqlx::query(
+        "INSERT INTO ledger (account_id, kind, amount, balance_after, channel_id, day, created_at) \
+         SELECT value ->> 0, 'charge', value ->> 1, value ->> 2, value ->> 3, $2, $3 \
+         FROM json_each($1)",
+    )
+    .bind(Value::from(rows).to_string())
+    .bind(day.to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Sets account balances (one statement).
+pub(super) async fn set_balances(tx: &mut Tx, balances: &HashMap<Id, i64>) -> StoreResult<()> {
+    if balances.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Value> = balances.iter().map(|(a, b)| json!([a, b])).collect();
+    sqlx::query(
+        "UPDATE accounts SET balance = j.b \
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS b FROM json_each($1)) AS j \
+         WHERE accounts.id = j.id",
+    )
+    .bind(Value::from(rows).to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Records balance e-mails (one statement); returns the accounts that got a new one.
+/// An e-mail recorded before for the same (account, kind, date) is not recorded again.
+pub(super) async fn record_notices(
+    tx: &mut Tx,
+    notices: &[Notice],
+    now: i64,
+) -> StoreResult<HashSet<Id>> {
+    if notices.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<Value> = notices
+        .iter()
+        .map(|n| {
+            json!([
+                n.account,
+                n.kind,
+                n.disconnect_date.to_string(),
+                n.days,
+                n.balance,
+                n.daily_total
+            ])
+        })
+        .collect();
+    let accounts: Vec<Id> = sqlx::query_scalar(
+        "INSERT INTO notifications (account_id, kind, disconnect_date, days, balance, \
+         daily_total, created_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, $2 \
+         FROM json_each($1) WHERE true ON CONFLICT DO NOTHING RETURNING account_id",
+    )
+    .bind(Value::from(rows).to_string())
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(accounts.into_iter().collect())
+}
+
+/// The daily price of each channel of these accounts that runs on a day ending at
+/// `day_end` (not removed or suspended, created before the day ended), and whether it
+/// is paid for `day` already: (account, channel, price, paid).
+async fn active_channels(
+    tx: &mut Tx,
+    accounts: &[Id],
+    day: NaiveDate,
+    day_end: i64,
+    prices: &Prices,
+) -> StoreResult<Vec<(Id, Id, i64, bool)>> {
+    let rows: Vec<(Id, Id, String, bool)> = sqlx::query_as(
+        "SELECT c.account_id, c.id, c.kind, \
+         EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2) \
+         FROM channels c WHERE c.account_id IN (SELECT value FROM json_each($1)) \
+         AND c.status NOT IN ('removed', 'suspended') AND c.created_at < $3 ORDER BY c.id",
+    )
+    .bind(Value::from(accounts.to_vec()).to_string())
+    .bind(day.to_string())
+    .bind(day_end)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(account, channel, kind, paid)| (account, channel, prices.price(&kind), paid))
+        .collect())
+}
+
+/// Charges each (account, day, day_end) in order, inside `tx`; `None` for an account
+/// that does not exist.
+pub(super) async fn charge(
+    tx: &mut Tx,
+    items: &[(Id, NaiveDate, i64)],
+    prices: &Prices,
+    now: i64,
+) -> StoreResult<Vec<Option<Charged>>> {
+    let ids: Vec<Id> = items.iter().map(|i| i.0).collect();
+    let mut accounts: HashMap<Id, (i64, i64)> = sqlx::query_as::<_, (Id, i64, i64)>(
+        "SELECT id, balance, balance_notify_days FROM accounts \
+         WHERE id IN (SELECT value FROM json_each($1))",
+    )
+    .bind(Value::from(ids).to_string())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|(id, balance, notify)| (id, (balance, notify)))
+    .collect();
+
+    // Channels (id, price, paid) per (account, day), looked up once per distinct day.
+    type Running = Vec<(Id, i64, bool)>;
+    let mut channels: HashMap<(Id, NaiveDate), Running> = HashMap::new();
+    let mut days: Vec<(NaiveDate, i64)> = items.iter().map(|i| (i.1, i.2)).collect();
+    days.sort_unstable();
+    days.dedup();
+    for (day, day_end) in days {
+        let of_day: Vec<Id> = items
+            .iter()
+            .filter(|i| i.1 == day && accounts.contains_key(&i.0))
+            .map(|i| i.0)
+            .collect();
+        for (account, channel, price, paid) in
+            active_channels(tx, &of_day, day, day_end, prices).await?
+        {
+            channels
+                .entry((account, day))
+                .or_default()
+                .push((channel, price, paid));
+        }
+    }
+
+    let mut out = Vec::with_capacity(items.len());
+    let mut charges: HashMap<NaiveDate, Vec<LedgerCharge>> = HashMap::new();
+    let mut balances: HashMap<Id, i64> = HashMap::new();
+    let mut suspend: Vec<(Id, NaiveDate)> = Vec::new();
+    let mut suspended: HashSet<Id> = HashSet::new();
+    let mut notices: Vec<Notice> = Vec::new();
+    for &(account, day, _) in items {
+        let Some((balance, notify_days)) = accounts.get_mut(&account) else {
+            out.push(None);
+            continue;
+        };
+        if suspended.contains(&account) {
+            // Suspended earlier in this batch (for another day): nothing runs to charge.
+            out.push(Some(ChargeOutcome::NothingDue { balance: *balance }));
+            continue;
+        }
+        let list = channels.entry((account, day)).or_default();
+        let daily_total = list.iter().fold(0i64, |s, c| s.saturating_add(c.1));
+        let needed = list
+            .iter()
+            .filter(|c| !c.2)
+            .fold(0i64, |s, c| s.saturating_add(c.1));
+        let unpaid = list.iter().filter(|c| !c.2).count();
+        if unpaid == 0 {
+            out.push(Some(ChargeOutcome::NothingDue { balance: *balance }));
+        } else if *balance < needed {
+            suspend.push((account, day));
+            suspended.insert(account);
+            notices.push(Notice {
+                account,
+                kind: "disconnected".to_owned(),
+                disconnect_date: day,
+                days: 0,
+                balance: *balance,
+                daily_total: needed,
+            });
+            out.push(Some(ChargeOutcome::Suspended {
+                needed,
+                balance: *balance,
+                channels: Vec::new(),
+            }));
+        } else {
+            for c in list.iter_mut().filter(|c| !c.2) {
+                *balance = balance.saturating_sub(c.1);
+                charges.entry(day).or_default().push(LedgerCharge {
+                    account,
+                    channel: c.0,
+                    price: c.1,
+                    balance_after: *balance,
+                });
+                c.2 = true;
+            }
+            balances.insert(account, *balance);
+            notices.extend(Notice::warning(
+                account,
+                *balance,
+                daily_total,
+                *notify_days,
+                day,
+            ));
+            out.push(Some(ChargeOutcome::Charged {
+                total: needed,
+                balance: *balance,
+                channels: unpaid,
+            }));
+        }
+    }
+
+    for (day, list) in &charges {
+        insert_charges(tx, list, *day, now).await?;
+    }
+    set_balances(tx, &balances).await?;
+    let stopped = suspend_accounts(tx, &suspend).await?;
+    let noticed = record_notices(tx, &notices, now).await?;
+    Ok(items
+        .iter()
+        .zip(out)
+        .map(|(&(account, _, _), outcome)| {
+            let mut outcome = outcome?;
+            if let ChargeOutcome::Suspended { channels, .. } = &mut outcome {
+                *channels = stopped.get(&account).cloned().unwrap_or_default();
+            }
+            Some(Charged {
+                outcome,
+                notices: noticed.contains(&account),
+            })
+        })
+        .collect())
+}
+
+/// Suspends every running channel of these accounts (reason `insufficient_funds`) and
+/// remembers the unpaid day; returns the suspended channels per account.
+async fn suspend_accounts(
+    tx: &mut Tx,
+    accounts: &[(Id, NaiveDate)],
+) -> StoreResult<HashMap<Id, Vec<Id>>> {
+    if accounts.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<Value> = accounts
+        .iter()
+        .map(|(a, d)| json!([a, d.to_string()]))
+        .collect();
+    let rows = Value::from(rows).to_string();
+    let stopped: Vec<(Id, Id)> = sqlx::query_as(
+        "UPDATE channels SET status = 'suspended', status_reason = 'insufficient_funds' \
+         WHERE account_id IN (SELECT value ->> 0 FROM json_each($1)) \
+         AND status NOT IN ('removed', 'suspended') RETURNING account_id, id",
+    )
+    .bind(&rows)
+    .fetch_all(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE accounts SET suspended_on = j.day \
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS day FROM json_each($1)) AS j \
+         WHERE accounts.id = j.id",
+    )
+    .bind(&rows)
+    .execute(&mut **tx)
+    .await?;
+    let mut by_account: HashMap<Id, Vec<Id>> = HashMap::new();
+    for (account, channel) in stopped {
+        by_account.entry(account).or_default().push(channel);
+    }
+    Ok(by_account)
+}
+
+pub(super) async fn charge_day(
+    store: &SqliteStore,
+    account: Id,
+    day: NaiveDate,
+    day_end: i64,
+    prices: &Prices,
+) -> StoreResult<Charged> {
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+    let out = charge(&mut tx, &[(account, day, day_end)], prices, now).await?;
+    let charged = out
+        .into_iter()
+        .next()
+        .flatten()
+        .ok_or_else(|| DomainError::not_found("account", account))?;
+    tx.commit().await?;
+    Ok(charged)
+}
+
+pub(super) async fn charge_accounts(
+    store: &SqliteStore,
+    jobs: &[ChargeJob],
+    prices: &Prices,
+) -> StoreResult<Vec<(BatchedJob, Option<Charged>)>> {
+    let mut out = vec![BatchedJob::Done; jobs.len()];
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = store.begin_write().await?;
+    let now = now_ms();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
+    let items: Vec<(Id, NaiveDate, i64)> = live
+        .iter()
+        .map(|&i| (jobs[i].account, jobs[i].day, jobs[i].day_end))
+        .collect();
+    let charged = charge(&mut tx, &items, prices, now).await?;
+    let mut results: Vec<Option<Charged>> = vec![None; jobs.len()];
+    for (&i, c) in live.iter().zip(charged) {
+        match c {
+            Some(c) => results[i] = Some(c),
+            None => {
+                out[i] = BatchedJob::Dead(format!("account {} does not exist", jobs[i].account))
+            }
+        }
+    }
+    batch_journal::finish(&mut tx, &ids, &out, now).await?;
+    tx.commit().await?;
+    Ok(out.into_iter().zip(results).collect())
+}
+
+pub(super) async fn claim_notifications(
+    store: &SqliteStore,
+    account: Id,
+    now: i64,
+    lease_ms: i64,
+) -> StoreResult<Vec<Notification>> {
+    let rows: Vec<(Id, Id, String, String, i64, i64, i64)> = sqlx::query_as(
+        "UPDATE notifications SET claimed_until = $2 \
+         WHERE account_id = $1 AND sent_at IS NULL \
+         AND (claimed_until IS NULL OR claimed_until < $3) \
+         RETURNING id, account_id, kind, disconnect_date, days, balance, daily_total",
+    )
+    .bind(account)
+    .bind(now.saturating_add(lease_ms))
+    .bind(now)
+    .fetch_all(&store.writer)
+    .await?;
+    rows.into_iter()
+        .map(|(id, account, kind, date, days, balance, daily_total)| {
+            let disconnect_date = date.parse().map_err(|e| {
+                DomainError::Unavailable(format!("corrupt notification {id} date {date:?}: {e}"))
+            })?;
+            Ok(Notification {
+                id,
+                account,
+                kind,
+                disconnect_date,
+                days,
+                balance,
+                daily_total,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{JobRecord, JobState};
+    use crate::store::{NewAccount, NewUser, Store};
+    use crate::{JobKind, Payload};
+
+    fn prices() -> Prices {
+        Prices {
+            default_price: 100,
+            by_kind: Default::default(),
+        }
+    }
+
+    /// An account holding `balance` with `channels` loopback channels (not charged yet).
+    async fn account(s: &SqliteStore, name: &str, balance: i64, channels: usize) -> Id {
+        let new = NewAccount {
+            name: name.into(),
+            currency: "EUR".into(),
+            admin: NewUser {
+                name: "Ann".into(),
+                email: format!("ann@{name}.test"),
+            },
+        };
+        let (acc, _) = s.create_account(&new).await.expect("account");
+        if balance > 0 {
+            s.topup(acc.id, balance, "seed").await.expect("topup");
+        }
+        for i in 0..channels {
+            s.add_channel(acc.id, "loopback", &format!("c{i}"), &json!({}))
+                .await
+                .expect("channel");
+        }
+        acc.id
+    }
+
+    async fn jobs(s: &SqliteStore, tag: &str, accounts: &[Id], day: NaiveDate) -> Vec<ChargeJob> {
+        let mut out = Vec::new();
+        let mut recs = Vec::new();
+        for &account in accounts {
+            let payload = json!({"account": account, "date": day});
+            let Ok(Payload::ChargeAccount(_)) = JobKind::ChargeAccount.parse_payload(&payload)
+            else {
+                panic!("payload");
+            };
+            let id = format!("{tag}-{account}");
+            recs.push(JobRecord {
+                id: id.clone(),
+                kind: JobKind::ChargeAccount,
+                payload,
+                state: JobState::Pending,
+                attempts: 0,
+                max_attempts: 8,
+                last_error: None,
+                idempotency_key: None,
+                created_at: 0,
+                updated_at: 0,
+                run_at: 0,
+            });
+            out.push(ChargeJob {
+                job: id,
+                account,
+                day,
+                day_end: i64::MAX,
+            });
+        }
+        s.journal_insert_many(&recs).await.expect("journal");
+        out
+    }
+
+    async fn ledger_rows(s: &SqliteStore) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM ledger WHERE kind = 'charge'")
+            .fetch_one(&s.pool)
+            .await
+            .expect("count")
+    }
+
+    #[tokio::test]
+    async fn a_batch_charges_suspends_and_records_the_e_mails_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("b.db"))
+            .await
+            .expect("open");
+        let day: NaiveDate = "2026-11-25".parse().expect("day");
+        let rich = account(&s, "rich", 10_000, 3).await;
+        // SPEC §5's example: 250 left after the charge, daily 100, setting 3 → "3 days".
+        let warned = account(&s, "warned", 350, 1).await;
+        let poor = account(&s, "poor", 50, 1).await;
+        let batch = jobs(&s, "first", &[rich, warned, poor], day).await;
+        let out = s.charge_accounts(&batch, &prices()).await.expect("charge");
+        let charged: Vec<_> = out.iter().map(|(o, c)| (o.clone(), c.clone())).collect();
+        assert!(charged.iter().all(|(o, _)| *o == BatchedJob::Done));
+        assert_eq!(
+            charged[0].1,
+            Some(Charged {
+                outcome: ChargeOutcome::Charged {
+                    total: 300,
+                    balance: 9_700,
+                    channels: 3
+                },
+                notices: false
+            })
+        );
+        assert!(charged[1].1.as_ref().is_some_and(|c| c.notices));
+        let Some(Charged {
+            outcome:
+                ChargeOutcome::Suspended {
+                    needed,
+                    balance,
+                    channels,
+                },
+            notices: true,
+        }) = &charged[2].1
+        else {
+            panic!("poor account not suspended: {charged:?}");
+        };
+        assert_eq!((*needed, *balance, channels.len()), (100, 50, 1));
+        assert_eq!(
+            s.account(poor).await.expect("poor").balance,
+            50,
+            "all or nothing"
+        );
+        assert_eq!(ledger_rows(&s).await, 4);
+
+        let mut mails: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT kind, disconnect_date, days, balance, daily_total FROM notifications ORDER BY id",
+        )
+        .fetch_all(&s.pool)
+        .await
+        .expect("notifications");
+        mails.sort();
+        assert_eq!(
+            mails,
+            vec![
+                ("disconnected".into(), "2026-11-25".into(), 0, 50, 100),
+                ("warning_3_days".into(), "2026-11-28".into(), 3, 250, 100),
+            ]
+        );
+
+        // The same jobs again: finished. New jobs for the same day: nothing due, no mail.
+        let again = s.charge_accounts(&batch, &prices()).await.expect("again");
+        assert!(again.iter().all(|(o, _)| *o == BatchedJob::AlreadyFinished));
+        let rerun = jobs(&s, "rerun", &[rich, warned, poor], day).await;
+        for (o, c) in s.charge_accounts(&rerun, &prices()).await.expect("rerun") {
+            assert_eq!(o, BatchedJob::Done);
+            assert!(c.is_some_and(|c| !c.notices));
+        }
+        assert_eq!(ledger_rows(&s).await, 4);
+    }
+
+    #[tokio::test]
+    async fn a_day_is_charged_once_whoever_charges_it_and_only_for_channels_of_that_day() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = std::sync::Arc::new(
+            SqliteStore::open(&dir.path().join("c.db"))
+                .await
+                .expect("open"),
+        );
+        let day: NaiveDate = "2026-11-25".parse().expect("day");
+        let acc = account(&s, "acme", 10_000, 3).await;
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.charge_day(acc, day, i64::MAX, &prices()).await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("charge");
+        }
+        assert_eq!(ledger_rows(&s).await, 3);
+        assert_eq!(s.account(acc).await.expect("acc").balance, 9_700);
+        // A catch-up for a day that ended before the channels were created charges nothing.
+        let before: NaiveDate = "2026-11-20".parse().expect("day");
+        let c = s
+            .charge_day(acc, before, 1_000, &prices())
+            .await
+            .expect("catch-up");
+        assert!(matches!(
+            c.outcome,
+            ChargeOutcome::NothingDue { balance: 9_700 }
+        ));
+        assert_eq!(ledger_rows(&s).await, 3);
+    }
+}
