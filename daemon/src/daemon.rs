@@ -1,7 +1,9 @@
 //! patchbayd's life: open the store and queue, take or bind the control socket, run the
-//! workers, tell systemd (READY=1, then STATUS= and WATCHDOG=1 from `health`), reload on
-//! SIGHUP (`reload`), and on SIGTERM/SIGINT stop in order — STOPPING=1, no new requests,
-//! workers finish in-flight jobs within `queue.shutdown_timeout_secs`, exit 0.
+//! workers, tell systemd once they run (READY=1, then STATUS= and WATCHDOG=1 from
+//! `health`), reload on SIGHUP (`reload`), and on SIGTERM/SIGINT stop in order —
+//! STOPPING=1, no new requests, workers finish in-flight jobs within
+//! `queue.shutdown_timeout_secs`, exit 0. Workers that end on their own stop the daemon
+//! the same way but with an error (non-zero exit), so systemd restarts it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -115,37 +117,55 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     let sweep = tokio::spawn(crate::sweep::run(app.clone(), stop.clone()));
     let worker_app = app.clone();
     let workers_stop = stop.clone();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let workers = tokio::spawn({
         let queue = app.queue.clone();
         async move {
             queue
-                .run_workers(
+                .run_workers_reporting(
                     specs,
                     move |env| worker::run_job(worker_app.clone(), env),
                     workers_stop.cancelled_owned(),
                     grace,
+                    started_tx,
                 )
                 .await
         }
     });
 
-    tracing::info!(
-        socket = %socket_path.display(),
-        queue = %app.settings.raw.queue.backend,
-        store = %app.settings.store_path.display(),
-        "patchbayd is ready"
-    );
     // Handlers go in before READY=1: systemd may send SIGHUP (reload) or SIGTERM as soon
     // as it sees it, and SIGHUP's default action would kill the daemon.
-    let signals = (
+    let mut health = None;
+    let reason = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::hangup()),
-    );
-    notify::ready(&format!("ready; queue {}", app.settings.raw.queue.backend));
-    let health = notify::enabled().then(|| tokio::spawn(health::run(app.clone(), stop.clone())));
-
-    let reason = wait_for_stop(signals, &workers, &app, &mut reloader).await;
-    tracing::info!(reason, "patchbayd is stopping");
+    ) {
+        (Ok(mut term), Ok(mut hup)) => match wait_for_workers(started_rx, &mut term).await {
+            Some(reason) => reason,
+            None => {
+                // The socket accepts and every worker runs: what READY=1 promises.
+                tracing::info!(
+                    socket = %socket_path.display(),
+                    queue = %app.settings.raw.queue.backend,
+                    store = %app.settings.store_path.display(),
+                    "patchbayd is ready"
+                );
+                notify::ready(&format!("ready; queue {}", app.settings.raw.queue.backend));
+                health =
+                    notify::enabled().then(|| tokio::spawn(health::run(app.clone(), stop.clone())));
+                wait_for_stop(&mut term, &mut hup, &workers, async || {
+                    reloader.reload(&app).await
+                })
+                .await
+            }
+        },
+        (term, hup) => {
+            let error = term.err().or(hup.err()).map(|e| e.to_string());
+            tracing::error!(error, "cannot install signal handlers; stopping");
+            Stop::Fault("cannot install the SIGTERM/SIGHUP handlers")
+        }
+    };
+    tracing::info!(reason = reason.describe(), "patchbayd is stopping");
     notify::stopping();
     stop.cancel();
     if let Some(h) = health {
@@ -159,11 +179,18 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     {
         tracing::warn!("control connections still open after 5 s; closing them");
     }
-    match tokio::time::timeout(grace + Duration::from_secs(5), workers).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "workers stopped with an error"),
-        Ok(Err(e)) => tracing::error!(error = %e, "workers task failed"),
-        Err(_) => tracing::warn!("workers did not stop within the shutdown timeout"),
+    let workers_outcome = match tokio::time::timeout(grace + Duration::from_secs(5), workers).await
+    {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(e))) => Some(format!("workers stopped with an error: {e}")),
+        Ok(Err(e)) => Some(format!("workers task failed: {e}")),
+        Err(_) => {
+            tracing::warn!("workers did not stop within the shutdown timeout");
+            None
+        }
+    };
+    if let Some(outcome) = &workers_outcome {
+        tracing::error!("{outcome}");
     }
     // Connectors stop last: sends in flight needed them until the workers finished.
     cron.abort();
@@ -176,7 +203,36 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         tracing::debug!(error = %e, "control socket already gone");
     }
     tracing::info!("patchbayd stopped");
-    Ok(())
+    reason.exit(workers_outcome)
+}
+
+/// Why the daemon stops. A signal is an ordered stop (exit 0); a fault exits non-zero,
+/// so that systemd's `Restart=on-failure` starts a daemon that can no longer work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Signal(&'static str),
+    Fault(&'static str),
+}
+
+impl Stop {
+    fn describe(self) -> &'static str {
+        match self {
+            Stop::Signal(s) | Stop::Fault(s) => s,
+        }
+    }
+
+    /// `run`'s result; `detail` is what the workers' task ended with, if anything.
+    fn exit(self, detail: Option<String>) -> anyhow::Result<()> {
+        match self {
+            Stop::Signal(_) => Ok(()),
+            Stop::Fault(why) => {
+                let detail = detail.map(|d| format!(" ({d})")).unwrap_or_default();
+                Err(anyhow::anyhow!(
+                    "{why}{detail}; exiting with an error so that the service manager restarts patchbayd"
+                ))
+            }
+        }
+    }
 }
 
 /// A deletion run left `running` resumes with its job (see `App::ensure_deletion_job`).
@@ -192,23 +248,45 @@ async fn resume_deletions(app: &App) {
     }
 }
 
-async fn wait_for_stop(
-    signals: (std::io::Result<Signal>, std::io::Result<Signal>),
-    workers: &tokio::task::JoinHandle<Result<(), crate::queue::QueueError>>,
-    app: &Arc<App>,
-    reloader: &mut Reloader,
-) -> &'static str {
-    let (Ok(mut term), Ok(mut hup)) = signals else {
-        tracing::error!("cannot install signal handlers; stopping");
-        return "no signal handlers";
-    };
+/// Waits until every worker is up (`None`), or why the daemon must stop before that.
+/// A Redis that accepted the connection but does not answer keeps this waiting (and
+/// systemd's start timeout applies): READY=1 must not come before the workers run.
+async fn wait_for_workers(
+    mut started: tokio::sync::oneshot::Receiver<()>,
+    term: &mut Signal,
+) -> Option<Stop> {
+    let slow = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(slow);
+    let mut warned = false;
     loop {
         tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = tokio::signal::ctrl_c() => return "SIGINT",
+            res = &mut started => {
+                // Dropped unsent: `run_workers` returned (or panicked) before they ran.
+                return res.err().map(|_| Stop::Fault("the workers stopped before they started"));
+            }
+            _ = term.recv() => return Some(Stop::Signal("SIGTERM")),
+            _ = tokio::signal::ctrl_c() => return Some(Stop::Signal("SIGINT")),
+            _ = &mut slow, if !warned => {
+                warned = true;
+                tracing::warn!("the queue workers have not started after 10 s; still waiting (is the queue backend answering?)");
+            }
+        }
+    }
+}
+
+async fn wait_for_stop<T>(
+    term: &mut Signal,
+    hup: &mut Signal,
+    workers: &tokio::task::JoinHandle<T>,
+    mut reload: impl AsyncFnMut(),
+) -> Stop {
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Stop::Signal("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => return Stop::Signal("SIGINT"),
             // A second SIGHUP during a reload waits in the signal stream and runs next.
-            _ = hup.recv() => reloader.reload(app).await,
-            _ = wait_finished(workers) => return "the workers stopped unexpectedly",
+            _ = hup.recv() => reload().await,
+            _ = wait_finished(workers) => return Stop::Fault("the workers stopped unexpectedly"),
         }
     }
 }
@@ -216,5 +294,44 @@ async fn wait_for_stop(
 async fn wait_finished<T>(handle: &tokio::task::JoinHandle<T>) {
     while !handle.is_finished() {
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers that end on their own (not on our stop) make `run` fail, so the process
+    /// exits non-zero and systemd restarts it; a signal is a clean exit.
+    #[tokio::test]
+    async fn workers_ending_on_their_own_is_a_failure() {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        let workers = tokio::spawn(async {});
+        let mut reloads = 0;
+        let reason = tokio::time::timeout(
+            Duration::from_secs(10),
+            wait_for_stop(&mut term, &mut hup, &workers, async || reloads += 1),
+        )
+        .await
+        .expect("noticed within 10 s");
+        assert_eq!(reason, Stop::Fault("the workers stopped unexpectedly"));
+        assert_eq!(reloads, 0);
+        let err = reason
+            .exit(Some("workers stopped with an error: boom".into()))
+            .expect_err("a fault is an error");
+        assert!(err.to_string().contains("boom"), "{err}");
+        assert!(Stop::Signal("SIGTERM").exit(None).is_ok());
+
+        // Workers that end before they ever started are a fault too.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        drop(tx);
+        assert_eq!(
+            wait_for_workers(rx, &mut term).await,
+            Some(Stop::Fault("the workers stopped before they started"))
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(());
+        assert_eq!(wait_for_workers(rx, &mut term).await, None);
     }
 }

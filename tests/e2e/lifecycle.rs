@@ -1,5 +1,6 @@
-//! Process lifecycle: sd_notify READY=1 / STOPPING=1, graceful SIGTERM with exit 0 and
-//! the socket removed, and a second daemon refusing to steal a live socket.
+//! Process lifecycle: sd_notify READY=1 (only once every worker runs) / STOPPING=1,
+//! graceful SIGTERM with exit 0 and the socket removed, and a second daemon refusing to
+//! steal a live socket.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
@@ -8,6 +9,18 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::harness::{Backend, Daemon, PATCHBAYD};
+
+/// A daemon that is SIGKILLed if an assertion fails before the test stopped it.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_gracefully_and_notifies() {
@@ -19,17 +32,42 @@ async fn sigterm_stops_gracefully_and_notifies() {
         .expect("timeout");
     let config = dir.path().join("p.toml");
     std::fs::write(&config, "").expect("config");
-    let mut child = Command::new(PATCHBAYD)
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = Guard(
+        Command::new(PATCHBAYD)
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
     let mut buf = [0u8; 4096];
     let n = notify.recv(&mut buf).expect("READY message");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.contains("READY=1"), "{msg}");
+    // READY means every queue's worker runs: each is registered in apalis' Workers table
+    // by the time the message arrives (it used to be sent before they started).
+    let queue = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("var/queue.db").display()
+    ))
+    .await
+    .expect("open the queue file");
+    let workers: Vec<String> =
+        sqlx::query_scalar("SELECT worker_type FROM Workers WHERE id LIKE ?1")
+            .bind(format!("%:{}:%", child.0.id()))
+            .fetch_all(&queue)
+            .await
+            .expect("read Workers");
+    queue.close().await;
+    let mut kinds: Vec<&str> = workers.iter().filter_map(|q| q.split(':').nth(1)).collect();
+    kinds.sort_unstable();
+    let mut all: Vec<&str> = patchbay_jobs::JobKind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(kinds, all, "workers registered at READY=1: {workers:?}");
     // READY means the socket accepts.
     let socket = dir.path().join("var/patchbayd.sock");
     let mut client = patchbay_daemon::ctl::client::Client::connect(&socket)
@@ -39,7 +77,7 @@ async fn sigterm_stops_gracefully_and_notifies() {
 
     Command::new("kill")
         .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(child.0.id().to_string())
         .status()
         .expect("kill");
     // STATUS= health lines (systemd.rs tests them) may come first.
@@ -49,7 +87,7 @@ async fn sigterm_stops_gracefully_and_notifies() {
             break;
         }
     }
-    let status = child.wait().expect("wait");
+    let status = child.0.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "socket removed on stop");
 }

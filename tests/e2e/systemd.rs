@@ -360,6 +360,31 @@ fn watchdog_pings_stop_while_the_queue_backend_hangs() {
     notify.until("READY=1", Duration::from_secs(30), |m| {
         m.contains("READY=1")
     });
+    // READY=1 came only once every worker had its consumer group on the Redis server.
+    {
+        let client = redis::Client::open(redis.url()).expect("redis url");
+        let mut con = client.get_connection().expect("redis connection");
+        let streams: Vec<String> = redis::cmd("KEYS")
+            .arg("*:stream")
+            .query(&mut con)
+            .expect("KEYS");
+        assert_eq!(
+            streams.len(),
+            patchbay_jobs::JobKind::ALL.len(),
+            "one stream per job kind at READY=1: {streams:?}"
+        );
+        for stream in &streams {
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query(&mut con)
+                .expect("XINFO GROUPS");
+            assert!(
+                format!("{groups:?}").contains("workers"),
+                "{stream}: {groups:?}"
+            );
+        }
+    }
     let seen = notify.during(Duration::from_secs(2));
     assert!(pings(&seen) >= 3, "pings while healthy: {seen:#?}");
 

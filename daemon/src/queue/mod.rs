@@ -14,13 +14,17 @@ use std::{
     future::Future,
     panic::AssertUnwindSafe,
     path::Path,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use apalis_core::monitor::{Monitor, MonitorError};
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 pub use redis_stream::{RedisQueue, RedisTuning};
 pub use sqlite::{SqliteQueue, SqliteTuning};
@@ -142,14 +146,93 @@ impl Queue {
         H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let (started, _) = oneshot::channel();
+        self.run_workers_reporting(specs, handler, shutdown, grace, started)
+            .await
+    }
+
+    /// [`run_workers`](Self::run_workers), sending on `started` once every worker is
+    /// up — SQLite: registered in apalis' `Workers` table; Redis: connected and its
+    /// consumer group in place — so the caller can tell systemd READY=1 truthfully.
+    /// `started` is dropped unsent if `run_workers` returns before that.
+    pub async fn run_workers_reporting<H, Fut>(
+        &self,
+        specs: Vec<WorkerSpec>,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+        started: oneshot::Sender<()>,
+    ) -> Result<(), QueueError>
+    where
+        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         for spec in &specs {
             if spec.concurrency == 0 || spec.queue.is_empty() {
                 return Err(QueueError::Config(format!("bad worker spec {spec:?}")));
             }
         }
+        let latch = StartLatch::new(specs.len(), started);
         match self {
-            Queue::Sqlite(q) => q.run_workers(specs, handler, shutdown, grace).await,
-            Queue::Redis(q) => q.run_workers(specs, handler, shutdown, grace).await,
+            Queue::Sqlite(q) => q.run_workers(specs, handler, shutdown, grace, latch).await,
+            Queue::Redis(q) => q.run_workers(specs, handler, shutdown, grace, latch).await,
+        }
+    }
+}
+
+/// Counts workers not yet up; the last one to come up sends the start report.
+#[derive(Clone)]
+pub(super) struct StartLatch(Arc<LatchInner>);
+
+struct LatchInner {
+    waiting: AtomicUsize,
+    report: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl StartLatch {
+    fn new(workers: usize, report: oneshot::Sender<()>) -> Self {
+        let latch = StartLatch(Arc::new(LatchInner {
+            waiting: AtomicUsize::new(workers),
+            report: Mutex::new(Some(report)),
+        }));
+        if workers == 0 {
+            latch.send();
+        }
+        latch
+    }
+
+    /// One per worker, shared by its restarts.
+    pub(super) fn token(&self) -> StartToken {
+        StartToken {
+            latch: self.clone(),
+            done: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn send(&self) {
+        // Poisoning cannot leave an Option half-taken.
+        let mut report = self.0.report.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = report.take() {
+            // The receiver may be gone (the caller stopped waiting): nothing to tell.
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A worker's "I am up"; only its first call counts, so a restarted worker (a fresh
+/// backend built by the same factory) does not count twice.
+#[derive(Clone)]
+pub(super) struct StartToken {
+    latch: StartLatch,
+    done: Arc<AtomicBool>,
+}
+
+impl StartToken {
+    pub(super) fn started(&self) {
+        if !self.done.swap(true, Ordering::AcqRel)
+            && self.latch.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            self.latch.send();
         }
     }
 }
@@ -212,4 +295,25 @@ fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_comes_once_every_worker_started_once() {
+        let (tx, mut rx) = oneshot::channel();
+        let latch = StartLatch::new(2, tx);
+        let (a, b) = (latch.token(), latch.token());
+        a.started();
+        a.clone().started(); // a restart of the same worker
+        assert!(rx.try_recv().is_err(), "one of two workers is up");
+        b.started();
+        assert!(rx.try_recv().is_ok());
+
+        let (tx, mut rx) = oneshot::channel();
+        let _latch = StartLatch::new(0, tx);
+        assert!(rx.try_recv().is_ok(), "no workers: nothing to wait for");
+    }
 }

@@ -34,7 +34,10 @@ use redis::{
 };
 use tower::{Layer, Service, limit::ConcurrencyLimitLayer};
 
-use super::{Envelope, QueueError, WorkerSpec, run_guarded, run_monitor, unique_worker_name};
+use super::{
+    Envelope, QueueError, StartLatch, StartToken, WorkerSpec, run_guarded, run_monitor,
+    unique_worker_name,
+};
 
 /// All daemons share one group per stream, so each job goes to one of them.
 const GROUP: &str = "workers";
@@ -289,6 +292,7 @@ impl RedisQueue {
         handler: H,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
+        latch: StartLatch,
     ) -> Result<(), QueueError>
     where
         H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
@@ -311,9 +315,11 @@ impl RedisQueue {
             ));
             let inner = self.inner.clone();
             let handler = handler.clone();
+            let started = latch.token();
             monitor = monitor.register(move |_restarts| {
                 let handler = handler.clone();
-                let backend = StreamBackend::new(&inner, acker.clone(), spec.concurrency);
+                let backend =
+                    StreamBackend::new(&inner, acker.clone(), spec.concurrency, started.clone());
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
                     .layer(ConcurrencyLimitLayer::new(spec.concurrency))
@@ -489,6 +495,8 @@ struct Fetcher {
     last_promote: Option<Instant>,
     last_reclaim: Option<Instant>,
     claim_cursor: String,
+    /// Reported once the group exists on the worker's own connection.
+    started: StartToken,
 }
 
 impl Fetcher {
@@ -537,6 +545,7 @@ impl Fetcher {
                 Err(e) => return Err(e.into()),
             }
             self.group_ready = true;
+            self.started.started();
         }
 
         let now = Instant::now();
@@ -642,7 +651,7 @@ pub struct StreamBackend {
 }
 
 impl StreamBackend {
-    fn new(inner: &Inner, acker: Acker, concurrency: usize) -> Self {
+    fn new(inner: &Inner, acker: Acker, concurrency: usize, started: StartToken) -> Self {
         let fetcher = Fetcher {
             client: inner.client.clone(),
             reader: None,
@@ -653,6 +662,7 @@ impl StreamBackend {
             last_promote: None,
             last_reclaim: None,
             claim_cursor: "0-0".to_owned(),
+            started,
         };
         Self {
             state: FetchState::Idle(fetcher),

@@ -17,7 +17,9 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tower::limit::ConcurrencyLimitLayer;
 
-use super::{Envelope, QueueError, WorkerSpec, run_guarded, run_monitor, unique_worker_name};
+use super::{
+    Envelope, QueueError, StartLatch, WorkerSpec, run_guarded, run_monitor, unique_worker_name,
+};
 
 /// Knobs for the SQLite backend. Defaults aim at throughput with crash
 /// recovery in ~10-15 s.
@@ -252,6 +254,7 @@ impl SqliteQueue {
         handler: H,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
+        latch: StartLatch,
     ) -> Result<(), QueueError>
     where
         H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
@@ -269,8 +272,10 @@ impl SqliteQueue {
             let name = unique_worker_name(&spec.queue);
             let this = self.clone();
             let handler = handler.clone();
+            let started = latch.token();
             monitor = monitor.register(move |restarts| {
                 let handler = handler.clone();
+                let started = started.clone();
                 let backend = this
                     .storage(&spec.queue)
                     .before_start(move |_| async move {
@@ -278,6 +283,11 @@ impl SqliteQueue {
                             tokio::time::sleep(restart_delay).await;
                         }
                         Ok::<(), apalis_sqlite::Error>(())
+                    })
+                    // The first poll_ready registers the worker in `Workers`.
+                    .after_start(move |_| {
+                        started.started();
+                        async { Ok::<(), apalis_sqlite::Error>(()) }
                     })
                     .poll_with_interval(this.tuning.poll_interval);
                 WorkerBuilder::new(name.as_str())
