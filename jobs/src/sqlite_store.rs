@@ -386,11 +386,7 @@ impl Store for SqliteStore {
     }
 
     async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry> {
-        if amount <= 0 {
-            return Err(DomainError::InvalidValue(format!(
-                "amount must be a positive integer of minor units, got {amount}"
-            )));
-        }
+        let amount = validate::topup_amount(amount)?;
         let reference = reference.trim();
         if reference.is_empty() {
             return Err(DomainError::InvalidValue(
@@ -416,6 +412,21 @@ impl Store for SqliteStore {
                 )));
             }
             return Ok(entry);
+        }
+        let before: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| DomainError::not_found("account", account))?;
+        if before
+            .checked_add(amount)
+            .is_none_or(|b| b > validate::MAX_BALANCE)
+        {
+            return Err(DomainError::InvalidValue(format!(
+                "a top-up of {amount} would take the balance of account {account} ({before}) \
+                 above the largest allowed, {} minor units",
+                validate::MAX_BALANCE
+            )));
         }
         let balance: i64 = sqlx::query_scalar(
             "UPDATE accounts SET balance = balance + $1 WHERE id = $2 RETURNING balance",
@@ -460,6 +471,24 @@ impl Store for SqliteStore {
         let name = validate::name("name", &user.name)?;
         let email = validate::email("email", &user.email)?;
         self.account(account).await?;
+        let mut tx = self.begin_write().await?;
+        // Addresses that differ only in case are one mailbox in practice. The UNIQUE
+        // constraint is case-sensitive, so this check (in the write transaction, so no
+        // insert races it) is what refuses Ann@ beside ann@. lower() folds ASCII only in
+        // SQLite.
+        let taken: Option<String> = sqlx::query_scalar(
+            "SELECT email FROM users WHERE account_id = $1 AND lower(email) = lower($2)",
+        )
+        .bind(account)
+        .bind(&email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(taken) = taken {
+            return Err(DomainError::Conflict(format!(
+                "account {account} already has a user {taken} (e-mail addresses are compared \
+                 ignoring case)"
+            )));
+        }
         let row = sqlx::query(concat!(
             "INSERT INTO users (account_id, name, email, role, created_at) \
              VALUES ($1, $2, $3, $4, $5) RETURNING ",
@@ -470,7 +499,7 @@ impl Store for SqliteStore {
         .bind(&email)
         .bind(role.as_str())
         .bind(now_ms())
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
@@ -479,7 +508,9 @@ impl Store for SqliteStore {
                 e.into()
             }
         })?;
-        user_from_row(&row)
+        let user = user_from_row(&row)?;
+        tx.commit().await?;
+        Ok(user)
     }
 
     async fn user(&self, id: Id) -> StoreResult<User> {

@@ -6,6 +6,14 @@ use crate::error::DomainError;
 
 pub const MAX_NAME_CHARS: usize = 200;
 
+/// Largest single top-up in minor units (10^15): far above any real payment, and small
+/// enough that sums of them stay far from the end of an `i64`.
+pub const MAX_TOPUP: i64 = 1_000_000_000_000_000;
+
+/// Largest balance in minor units (10^18, under `i64::MAX` ≈ 9.2·10^18). SQLite turns an
+/// integer sum that overflows into a REAL, which the store then cannot read back.
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000_000;
+
 pub fn name(field: &str, value: &str) -> Result<String, DomainError> {
     let v = value.trim();
     if v.is_empty() || v.chars().count() > MAX_NAME_CHARS || v.chars().any(char::is_control) {
@@ -23,6 +31,17 @@ pub fn email(field: &str, value: &str) -> Result<String, DomainError> {
     } else {
         Err(DomainError::InvalidValue(format!(
             "{field} must be an e-mail address like name@example.com, got {value:?}"
+        )))
+    }
+}
+
+/// A top-up amount: a positive integer of minor units, at most [`MAX_TOPUP`].
+pub fn topup_amount(amount: i64) -> Result<i64, DomainError> {
+    if (1..=MAX_TOPUP).contains(&amount) {
+        Ok(amount)
+    } else {
+        Err(DomainError::InvalidValue(format!(
+            "amount must be a positive integer of minor units, at most {MAX_TOPUP}, got {amount}"
         )))
     }
 }
@@ -48,5 +67,9 @@ mod tests {
         assert!(super::email("email", "ann.example.com").is_err());
         assert!(super::currency("EUR").is_ok());
         assert!(super::currency("eur").is_err());
+        assert!(super::topup_amount(1).is_ok());
+        assert!(super::topup_amount(super::MAX_TOPUP).is_ok());
+        assert!(super::topup_amount(super::MAX_TOPUP + 1).is_err());
+        assert!(super::topup_amount(0).is_err());
     }
 }

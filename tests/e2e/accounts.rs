@@ -98,3 +98,76 @@ async fn accounts_users_and_topups() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("account 77 does not exist"));
 }
+
+/// Money stays an integer: a top-up above 10^15 minor units, or one that would take the
+/// balance above 10^18, is `invalid_value` and changes nothing (SQLite once turned the
+/// overflowing sum into a REAL, and every later read of the account failed).
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_topups_are_refused_and_the_balance_stays_readable() {
+    const MAX_TOPUP: i64 = 1_000_000_000_000_000;
+    let d = Daemon::start(Backend::Sqlite);
+    let (acc, _) = d.account("rich").await;
+    for amount in [i64::MAX, MAX_TOPUP + 1] {
+        let msg = d
+            .fails(
+                "account.topup",
+                json!({"account": acc, "amount": amount, "reference": "huge"}),
+                "invalid_value",
+            )
+            .await;
+        assert!(msg.contains("at most 1000000000000000"), "{msg}");
+    }
+    // 1,000 top-ups of the largest amount reach the largest balance, 10^18, exactly.
+    let mut client = d.client().await;
+    for i in 0..1000 {
+        client
+            .call(
+                "account.topup",
+                json!({"account": acc, "amount": MAX_TOPUP, "reference": format!("big-{i}")}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("top-up {i}: {e:?}"));
+    }
+    let msg = d
+        .fails(
+            "account.topup",
+            json!({"account": acc, "amount": 1, "reference": "one-more"}),
+            "invalid_value",
+        )
+        .await;
+    assert!(msg.contains("above the largest allowed"), "{msg}");
+    let got = d.ok("account.get", json!({"account": acc})).await;
+    assert_eq!(got["balance"], 1_000_000_000_000_000_000_i64);
+    let ledger = d
+        .ok("account.ledger", json!({"account": acc, "limit": 2000}))
+        .await;
+    assert_eq!(
+        ledger.as_array().map(Vec::len),
+        Some(1000),
+        "no entry for a refusal"
+    );
+    assert!(
+        d.ok("status", json!({})).await.is_object(),
+        "the daemon still answers"
+    );
+}
+
+/// `Olga@Acme.test` is the same mailbox as `olga@acme.test`: one user per account.
+#[tokio::test(flavor = "multi_thread")]
+async fn user_emails_are_unique_ignoring_case() {
+    let d = Daemon::start(Backend::Sqlite);
+    let (acc, _) = d.account("acme").await;
+    let (other, _) = d.account("other").await;
+    let olga = |account: i64, email: &str| json!({"account": account, "name": "Olga", "email": email, "role": "operator"});
+    let first = d.ok("user.add", olga(acc, "Olga@Acme.test")).await;
+    assert_eq!(first["email"], "Olga@Acme.test", "stored as typed");
+    let msg = d
+        .fails("user.add", olga(acc, "olga@ACME.TEST"), "conflict")
+        .await;
+    assert!(msg.contains("Olga@Acme.test"), "{msg}");
+    // The admin created with the account counts too.
+    d.fails("user.add", olga(acc, "ADMIN@acme.test"), "conflict")
+        .await;
+    // Another account may have its own Olga.
+    d.ok("user.add", olga(other, "olga@acme.test")).await;
+}
