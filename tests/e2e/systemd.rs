@@ -2,7 +2,8 @@
 //! security review; the real daemon runs under `systemd-socket-activate` (LISTEN_FDS)
 //! with a real NOTIFY_SOCKET and WATCHDOG_USEC, as systemd would start it; the watchdog
 //! pings stop while the queue backend hangs; SIGHUP reloads the log level, prices and
-//! new connectors without touching running channels. No running systemd is needed.
+//! new connectors without touching running channels; the .deb recipe ships every file.
+//! No running systemd is needed.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -533,4 +534,75 @@ async fn sighup_reloads_level_prices_and_new_connectors_keeping_channels() {
 
     // Through three reloads the loopback instance was never restarted.
     assert_eq!(starts(&d.log()), starts_before, "{}", d.log());
+}
+
+/// The .deb recipe (`[package.metadata.deb]`, built with cargo-deb, which CI does not
+/// install): every file it ships exists, the connectors are the ones the workspace
+/// builds, the configuration is a conffile, and the maintainer scripts parse.
+#[test]
+fn deb_package_recipe_is_complete() {
+    let manifest = repo().join("daemon/Cargo.toml");
+    let cargo = config::Config::builder()
+        .add_source(config::File::from(manifest.as_path()).format(config::FileFormat::Toml))
+        .build()
+        .expect("daemon/Cargo.toml");
+    let assets: Vec<Vec<String>> = cargo
+        .get("package.metadata.deb.assets")
+        .expect("package.metadata.deb.assets");
+    let daemon_dir = repo().join("daemon");
+    let mut shipped = Vec::new();
+    for asset in &assets {
+        let [source, dest, mode] = asset.as_slice() else {
+            panic!("asset {asset:?} is not [source, destination, mode]");
+        };
+        assert!(u32::from_str_radix(mode, 8).is_ok(), "{asset:?}");
+        match source.strip_prefix("target/release/") {
+            Some(built) => shipped.push(built.to_owned()),
+            None => assert!(daemon_dir.join(source).is_file(), "{source} is missing"),
+        }
+        if dest.ends_with('/') {
+            let name = Path::new(source).file_name().expect("file name");
+            shipped.push(format!("{dest}{}", name.to_string_lossy()));
+        } else {
+            shipped.push(dest.clone());
+        }
+    }
+    for want in [
+        "patchbayd",
+        "patchbayctl",
+        "libloopback.so",
+        "libtelegram.so",
+        "libwebhook.so",
+        "usr/bin/patchbayd",
+        "usr/lib/patchbay/connectors/libtelegram.so",
+        "lib/systemd/system/patchbayd.service",
+        "lib/systemd/system/patchbayd.socket",
+        "usr/lib/sysusers.d/patchbay.conf",
+        "etc/patchbay/patchbayd.toml",
+    ] {
+        assert!(
+            shipped.iter().any(|s| s == want),
+            "{want} not in {shipped:?}"
+        );
+    }
+    let conffiles: Vec<String> = cargo
+        .get("package.metadata.deb.conf-files")
+        .expect("conf-files");
+    assert_eq!(conffiles, ["/etc/patchbay/patchbayd.toml"]);
+    let scripts: String = cargo
+        .get("package.metadata.deb.maintainer-scripts")
+        .expect("maintainer-scripts");
+    for script in ["postinst", "prerm", "postrm"] {
+        let path = daemon_dir.join(&scripts).join(script);
+        let ok = Command::new("sh")
+            .arg("-n")
+            .arg(&path)
+            .status()
+            .expect("sh -n");
+        assert!(ok.success(), "{} does not parse", path.display());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("script").permissions(),
+        );
+        assert!(mode & 0o111 != 0, "{} is not executable", path.display());
+    }
 }
