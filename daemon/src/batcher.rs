@@ -40,7 +40,9 @@ impl<T: Send + 'static> Batcher<T> {
             while rx.recv_many(&mut items, MAX_BATCH).await > 0 {
                 let (jobs, waiters): (Vec<T>, Vec<oneshot::Sender<bool>>) =
                     items.drain(..).map(|i| (i.job, i.done)).unzip();
+                let (n, started) = (jobs.len(), std::time::Instant::now());
                 let finished = run(jobs).await;
+                tracing::debug!(jobs = n, took = ?started.elapsed(), "batch committed");
                 // A short answer leaves the rest to the per-job path (dropped senders);
                 // a handler that went away (shutdown) leaves a redelivery to the queue.
                 for (waiter, done) in waiters.into_iter().zip(finished) {

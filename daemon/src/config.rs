@@ -229,8 +229,8 @@ impl Settings {
 
     pub fn concurrency(&self, kind: JobKind) -> usize {
         let default = match kind {
-            // Inbound handlers mostly wait for the batcher: many in flight make big batches.
-            JobKind::InboundMessage => 512,
+            // These handlers mostly wait for their batcher: many in flight make big batches.
+            JobKind::InboundMessage | JobKind::ChargeAccount => 512,
             JobKind::SendMessage => 32,
             // Deletion is paced and must never crowd out inbound work.
             JobKind::DataDeletion => 1,

@@ -10,12 +10,17 @@ use patchbay_daemon::queue::{Envelope, Queue, SqliteTuning};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pooled_connection_is_durable() {
     let db = TempDb::new("pragma");
-    let Queue::Sqlite(sq) = Queue::open_sqlite(&db.0).await.unwrap() else {
+    // A pool of several (the default is one), so setup()'s connection could be among them.
+    let tuning = SqliteTuning {
+        max_connections: 4,
+        ..SqliteTuning::default()
+    };
+    let Queue::Sqlite(sq) = Queue::open_sqlite_with(&db.0, tuning).await.unwrap() else {
         unreachable!()
     };
     // Hold all connections at once so each distinct one is checked.
     let mut conns = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..4 {
         conns.push(sq.pool().acquire().await.unwrap());
     }
     for c in conns.iter_mut() {

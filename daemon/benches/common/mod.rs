@@ -217,7 +217,9 @@ impl Daemon {
             &config,
             format!(
                 "[queue]\n{queue}shutdown_timeout_secs = 10\n{extra}\n[plugins]\ndir = \"plugins\"\n\
-                 [log]\nlevel = \"info\"\n"
+                 [log]\nlevel = \"{}\"\n",
+                // BENCH_LOG: the daemon's log level, e.g. "info,patchbay_daemon::batcher=debug".
+                env_or("BENCH_LOG", "info".to_owned())
             ),
         )?;
         Ok(Daemon {

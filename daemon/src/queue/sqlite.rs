@@ -37,6 +37,10 @@ pub struct SqliteTuning {
     /// NORMAL (WAL: survives process crash / kill -9, may lose the last
     /// commits on power loss) or FULL. OFF is rejected.
     pub synchronous: SqliteSynchronous,
+    /// One by default: every queue operation writes (fetch, ack, push), and several
+    /// connections only race for SQLite's write lock, whose busy handler then sleeps
+    /// 1-100 ms per retry; one connection queues them in order instead (measured: the
+    /// billing bench's charge phase went from 26.9 s to 21.4 s).
     pub max_connections: u32,
     pub busy_timeout: Duration,
     /// Completed jobs are kept (apalis persists results) and deleted by
@@ -52,7 +56,7 @@ impl Default for SqliteTuning {
             heartbeat: Duration::from_secs(5),
             missed_heartbeats: 2,
             synchronous: SqliteSynchronous::Normal,
-            max_connections: 8,
+            max_connections: 1,
             busy_timeout: Duration::from_secs(15),
             retain_done: Some(Duration::from_secs(24 * 3600)),
         }
