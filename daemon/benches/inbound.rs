@@ -155,6 +155,7 @@ async fn saturated(backend: Backend, secs: u64, channels: usize, clients: u32) -
             .await?;
     }
     let mut rss = RssSeries::default();
+    let mut anon = RssSeries::default();
     let mut redis_rss = RssSeries::default();
     let mut start = None;
     let end = WARMUP + Duration::from_secs(secs);
@@ -177,6 +178,9 @@ async fn saturated(backend: Backend, secs: u64, channels: usize, clients: u32) -
             }
             if let Some(k) = rss_kib(daemon.pid()) {
                 rss.push(t.as_secs_f64(), k);
+            }
+            if let Some(k) = rss_anon_kib(daemon.pid()) {
+                anon.push(t.as_secs_f64(), k);
             }
             if let Some(k) = redis.as_ref().and_then(|r| rss_kib(r.pid())) {
                 redis_rss.push(t.as_secs_f64(), k);
@@ -240,6 +244,7 @@ async fn saturated(backend: Backend, secs: u64, channels: usize, clients: u32) -
     println!("  latency commit−sent_at:     {}", latency_line(committed));
     println!("  (saturated latency = time queued behind the backlog; see the paced run)");
     println!("  daemon RSS: {}", rss.summary());
+    println!("  daemon RssAnon (heap, stacks): {}", anon.summary());
     if redis.is_some() {
         println!("  redis-server RSS: {}", redis_rss.summary());
     }

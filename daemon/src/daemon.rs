@@ -41,11 +41,13 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     }
-    let store: Arc<dyn Store> = Arc::new(
+    let sqlite = Arc::new(
         SqliteStore::open(&settings.store_path)
             .await
             .context("cannot open the store")?,
     );
+    let checkpoints = tokio::spawn(checkpoint_store(sqlite.clone()));
+    let store: Arc<dyn Store> = sqlite;
     let queue = match settings.queue {
         QueueBackend::Sqlite => Queue::open_sqlite(&settings.queue_sqlite_path).await,
         QueueBackend::Redis => {
@@ -194,6 +196,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     }
     // Connectors stop last: sends in flight needed them until the workers finished.
     cron.abort();
+    checkpoints.abort();
     let _ = sweep.await;
     app.plugins.stop_all().await;
     drop(app);
@@ -231,6 +234,18 @@ impl Stop {
                     "{why}{detail}; exiting with an error so that the service manager restarts patchbayd"
                 ))
             }
+        }
+    }
+}
+
+/// Checkpoints the store's WAL every second, off the writer (see `SqliteStore::open`).
+async fn checkpoint_store(store: Arc<SqliteStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.checkpoint().await {
+            tracing::warn!(error = %e, "cannot checkpoint the store");
         }
     }
 }

@@ -187,7 +187,7 @@ CREATE TABLE jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     max_attempts INTEGER NOT NULL,
     last_error TEXT,
-    idempotency_key TEXT UNIQUE,
+    idempotency_key TEXT,
     -- Set once the job reached the queue. A pending job without it is one the daemon
     -- died before queueing: the lost-job sweep queues it (see journal_claim_lost).
     pushed BOOLEAN NOT NULL DEFAULT FALSE,
@@ -196,3 +196,5 @@ CREATE TABLE jobs (
     run_at BIGINT NOT NULL
 );
 CREATE INDEX jobs_state ON jobs (state, kind);
+-- Partial: most jobs (inbound traffic) have no key and cost this index nothing.
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;

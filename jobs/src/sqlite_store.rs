@@ -70,9 +70,12 @@ impl SqliteStore {
         MIGRATOR.run(&pool).await.map_err(|e| {
             DomainError::Unavailable(format!("cannot migrate store {}: {e}", path.display()))
         })?;
+        // The writer leaves checkpoints to `checkpoint()`, which the daemon runs from a
+        // reader every second: a commit that has to checkpoint stalls every writer
+        // behind it. The limit is a backstop should nobody call it (40 MB of WAL).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options)
+            .connect_with(options.pragma("wal_autocheckpoint", "10000"))
             .await
             .map_err(|e| {
                 DomainError::Unavailable(format!("cannot open store {}: {e}", path.display()))
@@ -82,6 +85,15 @@ impl SqliteStore {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Copies committed pages from the WAL into the database file as far as readers
+    /// allow (a PASSIVE checkpoint: it waits for nobody), on a reader connection.
+    pub async fn checkpoint(&self) -> StoreResult<()> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {

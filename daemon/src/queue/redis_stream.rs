@@ -76,7 +76,7 @@ impl Default for RedisTuning {
             visibility_timeout: Duration::from_secs(30),
             reclaim_interval: Duration::from_secs(5),
             block: Duration::from_millis(500),
-            fetch_batch: 100,
+            fetch_batch: 500,
             promote_batch: 200,
             push_chunk: 10_000,
             response_timeout: Duration::from_secs(10),

@@ -51,7 +51,7 @@ pub struct SqliteTuning {
 impl Default for SqliteTuning {
     fn default() -> Self {
         Self {
-            batch_size: 100,
+            batch_size: 500,
             poll_interval: Duration::from_millis(50),
             heartbeat: Duration::from_secs(5),
             missed_heartbeats: 2,

@@ -74,3 +74,73 @@ pub(super) async fn finish(
     }
     Ok(())
 }
+
+/// Journals the outcomes of jobs that ran without `start`, which only jobs whose
+/// effects are idempotent may do (storing an inbound message twice stores it once):
+/// `Done` jobs done, `Dead` ones dead, one statement for the batch. A job the journal
+/// had finished already stays as it was and reads `AlreadyFinished`; one it does not
+/// know reads `NotJournalled`.
+pub(super) async fn settle(
+    tx: &mut Tx,
+    jobs: &[&str],
+    out: &mut [BatchedJob],
+    now: i64,
+) -> StoreResult<()> {
+    let done: Vec<&str> = jobs
+        .iter()
+        .zip(out.iter())
+        .filter(|(_, o)| **o == BatchedJob::Done)
+        .map(|(j, _)| *j)
+        .collect();
+    let mut settled: HashSet<String> = sqlx::query_scalar(
+        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2 \
+         WHERE id IN (SELECT value FROM json_each($1)) AND state NOT IN ('done', 'dead') \
+         RETURNING id",
+    )
+    .bind(Value::from(done).to_string())
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    for (job, outcome) in jobs.iter().zip(out.iter()) {
+        if let BatchedJob::Dead(reason) = outcome {
+            let dead: Option<String> = sqlx::query_scalar(
+                "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = $1, \
+                 updated_at = $2 WHERE id = $3 AND state NOT IN ('done', 'dead') RETURNING id",
+            )
+            .bind(reason)
+            .bind(now)
+            .bind(*job)
+            .fetch_optional(&mut **tx)
+            .await?;
+            settled.extend(dead);
+        }
+    }
+    // The rare rest: finished before (a redelivery), or never journalled.
+    let rest: Vec<&str> = jobs
+        .iter()
+        .filter(|j| !settled.contains(**j))
+        .copied()
+        .collect();
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let known: HashSet<String> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each($1))")
+            .bind(Value::from(rest).to_string())
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    for (job, outcome) in jobs.iter().zip(out.iter_mut()) {
+        if !settled.contains(*job) {
+            *outcome = if known.contains(*job) {
+                BatchedJob::AlreadyFinished
+            } else {
+                BatchedJob::NotJournalled
+            };
+        }
+    }
+    Ok(())
+}

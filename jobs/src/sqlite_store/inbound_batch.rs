@@ -1,10 +1,10 @@
 //! Storing inbound messages, the store's hot path: `Store::run_inbound_batch` (many
 //! `inbound_message` jobs) and `Store::store_inbound` (one) share `store_messages`.
 //!
-//! One `BEGIN IMMEDIATE` transaction takes a batch of jobs: it reads their journal
-//! states, stores every message that is not stored yet (contact by phone else username,
-//! chat per channel + external id in the account's current data epoch, reopen, unread,
-//! last message time), and marks the jobs done in the same commit. Lookups and writes run once per batch (or per channel / account),
+//! One `BEGIN IMMEDIATE` transaction takes a batch of jobs: it stores every message
+//! that is not stored yet (contact by phone else username, chat per channel + external
+//! id in the account's current data epoch, reopen, unread, last message time) and
+//! marks the jobs done in the same commit. Lookups and writes run once per batch (or per channel / account),
 //! not once per message: each statement costs a round trip to sqlx's connection
 //! thread, which is what bounded the per-job path. The batch statements pass their rows
 //! as one JSON array read with SQLite's `json_each`; a PostgreSQL store would use
@@ -85,23 +85,19 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
     }
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-
-    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
-    let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
-    let msgs: Vec<(&InboundMessage, Option<&str>)> = live
-        .iter()
-        .map(|&i| (&jobs[i].msg, jobs[i].phone.as_deref()))
-        .collect();
+    // Storing a message is idempotent, so the journal is read only after, by the one
+    // statement that finishes the jobs (`settle`): a job done before stores nothing new.
+    let msgs: Vec<(&InboundMessage, Option<&str>)> =
+        jobs.iter().map(|j| (&j.msg, j.phone.as_deref())).collect();
     let stored = store_messages(&mut tx, &msgs, now).await?;
-    for (&i, s) in live.iter().zip(stored) {
+    for (i, s) in stored.into_iter().enumerate() {
         if s == Stored::UnknownChannel {
             let channel = jobs[i].msg.channel;
             out[i] = BatchedJob::Dead(format!("channel {channel} does not exist"));
         }
     }
-
-    // Every job that ran is done (duplicates included), in the same commit.
-    batch_journal::finish(&mut tx, &ids, &out, now).await?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    batch_journal::settle(&mut tx, &ids, &mut out, now).await?;
     tx.commit().await?;
     Ok(out)
 }
@@ -613,7 +609,7 @@ mod tests {
         let stray = job(2, msg(ch, "a", "2", json!({"phone": "+79161234567"}), 1));
         journal(&s, &[good.clone(), lost.clone()]).await;
         let out = s
-            .run_inbound_batch(&[good, lost, stray])
+            .run_inbound_batch(&[good, lost, stray.clone()])
             .await
             .expect("batch");
         assert_eq!(out[0], BatchedJob::Done);
@@ -628,6 +624,13 @@ mod tests {
             .fetch_one(&s.pool)
             .await
             .expect("count");
-        assert_eq!(stored, 1, "only the journalled job of a known channel ran");
+        // The unjournalled job's message is stored too (storing is idempotent); the
+        // per-job path it is handed back to then finds it stored and adds nothing.
+        assert_eq!(stored, 2, "the known channel's messages, once each");
+        let again = s
+            .store_inbound(&stray.msg, stray.phone.as_deref())
+            .await
+            .expect("per-job path");
+        assert!(!again, "a duplicate");
     }
 }
