@@ -85,6 +85,8 @@ pub struct QueueConfig {
     /// A job recorded but not queued this long (the daemon died in between) is queued
     /// by the lost-job sweep; also how often the sweep runs.
     pub lost_job_grace_secs: u64,
+    /// Done and dead jobs stay in the journal (job.get, job.list) this many days.
+    pub journal_retention_days: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -154,6 +156,7 @@ impl Default for QueueConfig {
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
             lost_job_grace_secs: 30,
+            journal_retention_days: 7,
             concurrency: BTreeMap::new(),
             max_attempts: BTreeMap::new(),
         }
@@ -242,6 +245,10 @@ impl Settings {
             .get(kind.as_str())
             .copied()
             .unwrap_or(default)
+    }
+
+    pub fn journal_retention(&self) -> Duration {
+        Duration::from_secs(self.raw.queue.journal_retention_days.saturating_mul(86_400))
     }
 
     pub fn lost_job_grace(&self) -> Duration {
@@ -404,6 +411,13 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
                 "at least queue.retry_base_ms ({}), which must be > 0",
                 raw.queue.retry_base_ms
             ),
+        ));
+    }
+    if !(1..=3650).contains(&raw.queue.journal_retention_days) {
+        return Err(ConfigError::new(
+            "queue.journal_retention_days",
+            raw.queue.journal_retention_days,
+            "days from 1 to 3650",
         ));
     }
     if !(1..=86_400).contains(&raw.queue.lost_job_grace_secs) {

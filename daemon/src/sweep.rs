@@ -8,7 +8,8 @@
 //! was in the queue after all (a crash after the push, before the journal heard of it)
 //! runs twice, which every handler is built to absorb.
 //!
-//! It also watches the balance e-mail outbox: an e-mail recorded by a charge and still
+//! It also deletes finished jobs older than `queue.journal_retention_days` from the
+//! journal, and watches the balance e-mail outbox: an e-mail recorded by a charge and still
 //! unsent after `UNSENT_GRACE`, with no `balance_check` left to send it (the job ran out
 //! of attempts during a long SMTP outage, or was never queued), gets a new
 //! `balance_check` — so a warning is delayed by an outage, never lost.
@@ -62,6 +63,38 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             }
         }
         unsent_mail(&app).await;
+        purge_journal(&app).await;
+    }
+}
+
+/// Journal rows per purge statement and per sweep: small deletes that never hold the
+/// store's writer for long; a backlog of old rows goes over several sweeps.
+const PURGE: u32 = 1_000;
+const PURGE_PER_SWEEP: u64 = 20_000;
+
+async fn purge_journal(app: &App) {
+    let retention = i64::try_from(app.settings.journal_retention().as_millis()).unwrap_or(i64::MAX);
+    let before = now_ms().saturating_sub(retention);
+    let mut purged = 0;
+    while purged < PURGE_PER_SWEEP {
+        match app.store.journal_purge(before, PURGE).await {
+            Ok(n) => {
+                purged += n;
+                if n < u64::from(PURGE) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot purge old jobs from the journal");
+                break;
+            }
+        }
+    }
+    if purged > 0 {
+        tracing::info!(
+            jobs = purged,
+            "purged finished jobs past the journal retention"
+        );
     }
 }
 

@@ -63,7 +63,6 @@ CREATE TABLE contacts (
 );
 CREATE INDEX contacts_phone ON contacts (account_id, epoch, phone);
 CREATE INDEX contacts_username ON contacts (account_id, epoch, username);
-CREATE INDEX contacts_created ON contacts (account_id, created_at);
 
 CREATE TABLE chats (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -80,7 +79,6 @@ CREATE TABLE chats (
     UNIQUE (channel_id, external_chat_id, epoch)
 );
 CREATE INDEX chats_account ON chats (account_id, epoch, status);
-CREATE INDEX chats_created ON chats (account_id, created_at);
 
 CREATE TABLE messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,7 +99,6 @@ CREATE TABLE messages (
     UNIQUE (channel_id, external_message_id)
 );
 CREATE INDEX messages_chat ON messages (chat_id, id);
-CREATE INDEX messages_created ON messages (account_id, created_at);
 
 CREATE TABLE field_definitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -717,10 +717,13 @@ impl Store for SqliteStore {
         error: Option<&str>,
         run_at: i64,
     ) -> StoreResult<()> {
-        sqlx::query(
+        // A done inbound job keeps no copy of the message (batch_journal::SCRUBBED_INBOUND).
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET state = $1, last_error = COALESCE($2, last_error), \
-             updated_at = $3, run_at = $4 WHERE id = $5",
-        )
+             updated_at = $3, run_at = $4, \
+             payload = CASE WHEN $1 = 'done' THEN {} ELSE payload END WHERE id = $5",
+            batch_journal::SCRUBBED_INBOUND
+        )))
         .bind(state.as_str())
         .bind(error)
         .bind(now_ms())
@@ -729,6 +732,18 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+             WHERE state IN ('done', 'dead') AND updated_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
     }
 
     async fn journal_mark_pushed(&self, ids: &[String]) -> StoreResult<()> {
@@ -1421,6 +1436,21 @@ impl Store for SqliteStore {
                 .await?
                 .rows_affected();
             }
+            if contacts == 0 {
+                // Inbound jobs that never stored their message keep its text in the
+                // journal (done ones keep none): pre-cutoff ones of the account go too.
+                sqlx::query(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                     WHERE state = 'dead' AND kind = 'inbound_message' AND created_at < $2 \
+                     AND payload ->> 'channel' IN (SELECT id FROM channels WHERE account_id = $1) \
+                     LIMIT $3)",
+                )
+                .bind(run.account)
+                .bind(run.cutoff)
+                .bind(limit)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         let finished = messages == 0 && chats == 0 && contacts == 0;
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -1760,5 +1790,45 @@ mod tests {
             Err(DomainError::NotFound(_))
         ));
         assert_eq!(s.account(acc.id).await.expect("get").balance, 0);
+    }
+
+    #[tokio::test]
+    async fn the_journal_keeps_finished_jobs_for_the_retention_only() {
+        let (_dir, s) = store().await;
+        let rec = |id: &str, kind: JobKind| JobRecord {
+            id: id.into(),
+            kind,
+            payload: serde_json::json!({"channel": 1, "external_message_id": "m", "text": "t"}),
+            state: JobState::Pending,
+            attempts: 0,
+            max_attempts: 8,
+            last_error: None,
+            idempotency_key: None,
+            created_at: 1,
+            updated_at: 1,
+            run_at: 1,
+        };
+        let recs = [
+            rec("done", JobKind::InboundMessage),
+            rec("dead", JobKind::SendMessage),
+            rec("pending", JobKind::SendMessage),
+        ];
+        s.journal_insert_many(&recs).await.expect("insert");
+        s.journal_finish("done", JobState::Done, None, 1).await.expect("done");
+        s.journal_finish("dead", JobState::Dead, Some("x"), 1).await.expect("dead");
+        let done = s.journal_get("done").await.expect("get");
+        assert_eq!(
+            done.payload,
+            serde_json::json!({"channel": 1, "external_message_id": "m"}),
+            "a done inbound job keeps no text"
+        );
+        assert_eq!(s.journal_get("dead").await.expect("get").payload["text"], "t");
+        assert_eq!(s.journal_purge(0, 10).await.expect("nothing old"), 0);
+        assert_eq!(s.journal_purge(now_ms() + 1, 10).await.expect("purge"), 2);
+        assert!(s.journal_get("pending").await.is_ok(), "unfinished jobs stay");
+        assert!(matches!(
+            s.journal_get("done").await,
+            Err(DomainError::NotFound(_))
+        ));
     }
 }

@@ -181,6 +181,9 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         run_at: i64,
     ) -> StoreResult<()>;
+    /// Deletes up to `limit` done or dead jobs last updated before `before` (journal
+    /// retention); returns how many went.
+    async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64>;
     /// Records that these jobs reached the queue.
     async fn journal_mark_pushed(&self, ids: &[String]) -> StoreResult<()>;
     /// Claims up to `limit` jobs the queue lost, to be queued again: pending jobs recorded

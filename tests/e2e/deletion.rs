@@ -98,6 +98,15 @@ async fn deletion_races_live_traffic_and_keeps_everything_after_the_cutoff() {
         .expect("chats");
     assert_eq!(old_chats.len(), CHATS);
 
+    // An inbound job that dies (no usable sender) keeps its text in the journal.
+    let mut bad = inbound(channel, 0, "dead-one");
+    bad["payload"]["sender"] = json!({"phone": "not a phone", "name": "Secret Name"});
+    let dead_job = d.ok("job.enqueue", bad).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    d.job_until(&dead_job, &["dead"], Duration::from_secs(30))
+        .await;
     let run = d
         .ok("data.delete", json!({"account": acc, "actor": admin}))
         .await;
@@ -155,6 +164,9 @@ async fn deletion_races_live_traffic_and_keeps_everything_after_the_cutoff() {
     }
     assert_eq!(seen.len(), 200);
     assert!((0..200).all(|i| seen.contains(&format!("new-{i}"))));
+    // A pre-cutoff inbound job that died keeps its message only in the journal: gone.
+    d.fails("job.get", json!({"id": dead_job}), "not_found")
+        .await;
     // Channels, users, settings and the ledger are untouched.
     assert_eq!(
         d.ok("channel.list", json!({"account": acc})).await[0]["status"],

@@ -237,3 +237,33 @@ async fn lost_jobs_are_queued_by_the_sweep_sqlite() {
 async fn lost_jobs_are_queued_by_the_sweep_redis() {
     lost_jobs(Backend::Redis).await;
 }
+
+/// A finished inbound job keeps which message it was in the journal, never its text or
+/// sender: those live with the message, where a data deletion run reaches them.
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_inbound_jobs_keep_no_copy_of_the_message() {
+    let d = Daemon::start(Backend::Sqlite);
+    let (acc, admin) = d.account("scrub").await;
+    let channel = d.loopback(acc, admin, json!({"rate_per_sec": 0})).await;
+    let job = d
+        .ok(
+            "job.enqueue",
+            json!({"kind": "inbound_message", "payload": {
+                "channel": channel, "external_chat_id": "c1", "external_message_id": "m1",
+                "sender": {"phone": "+79161234567", "name": "Secret Name"},
+                "text": "secret text", "attachments": [], "sent_at": "2026-11-25T10:00:00Z"}}),
+        )
+        .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let done = d.job_until(&job, &["done"], Duration::from_secs(30)).await;
+    assert_eq!(
+        done["payload"],
+        json!({"channel": channel, "external_message_id": "m1"}),
+        "{done}"
+    );
+    let chats = d.ok("chat.list", json!({"account": acc})).await;
+    let msgs = d.ok("chat.messages", json!({"chat": chats[0]["id"]})).await;
+    assert_eq!(msgs[0]["text"], "secret text");
+}

@@ -7,6 +7,13 @@ use serde_json::Value;
 
 use crate::store::{BatchedJob, StoreResult};
 
+/// The payload a finished `inbound_message` job keeps in the journal: which message it
+/// was, not its text or sender. The message itself lives in `messages`, where a data
+/// deletion run can reach it; a copy here would outlive the deletion.
+pub(super) const SCRUBBED_INBOUND: &str = "CASE WHEN kind = 'inbound_message' THEN \
+     json_object('channel', payload ->> 'channel', \
+     'external_message_id', payload ->> 'external_message_id') ELSE payload END";
+
 type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
 
 /// Reads the jobs' journal states; returns the indexes of the jobs to run and fills
@@ -92,11 +99,12 @@ pub(super) async fn settle(
         .filter(|(_, o)| **o == BatchedJob::Done)
         .map(|(j, _)| *j)
         .collect();
-    let mut settled: HashSet<String> = sqlx::query_scalar(
-        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2 \
+    let mut settled: HashSet<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2, \
+         payload = {SCRUBBED_INBOUND} \
          WHERE id IN (SELECT value FROM json_each($1)) AND state NOT IN ('done', 'dead') \
-         RETURNING id",
-    )
+         RETURNING id"
+    )))
     .bind(Value::from(done).to_string())
     .bind(now)
     .fetch_all(&mut **tx)
