@@ -20,7 +20,7 @@
 //! lock (`created_at` is taken before `BEGIN IMMEDIATE`), which is exactly what a
 //! deletion batch makes inbound messages do.
 //!
-//! Knobs: DELETION_CONFIGS (default "500:5", the shipped defaults; e.g.
+//! Knobs: DELETION_CONFIGS (default "1000:1,5000:5,500:5": the shipped default first; e.g.
 //! "500:5,2000:5,5000:0"), DELETION_ACCOUNTS (100), DELETION_CHATS (per account, 100),
 //! DELETION_PER_CHAT (100), DELETION_RATE (500), DELETION_BASELINE_SECS (15),
 //! DELETION_TIMEOUT_SECS (300), plus PATCHBAYD_BIN / LOOPBACK_LIB / BENCH_TMPDIR.
@@ -36,7 +36,7 @@ use sqlx::SqlitePool;
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    let configs: String = env_or("DELETION_CONFIGS", "500:5".to_owned());
+    let configs: String = env_or("DELETION_CONFIGS", "1000:1,5000:5,500:5".to_owned());
     let accounts: i64 = env_or("DELETION_ACCOUNTS", 100);
     let chats: i64 = env_or("DELETION_CHATS", 100);
     let per_chat: i64 = env_or("DELETION_PER_CHAT", 100);

@@ -238,9 +238,11 @@ impl Stop {
     }
 }
 
-/// Checkpoints the store's WAL every second, off the writer (see `SqliteStore::open`).
+/// Checkpoints the store's WAL ten times a second, off the writer (see
+/// `SqliteStore::open`): often enough that a data deletion run's burst of writes never
+/// grows the WAL to the backstop, where the writer itself would checkpoint for seconds.
 async fn checkpoint_store(store: Arc<SqliteStore>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
