@@ -100,23 +100,18 @@ impl App {
                 attempt: 0,
             })
             .collect();
-        let pushed = self.queue.push_many(&self.queue_name(kind), &envs).await;
-        if pushed.is_ok() {
-            let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
-            self.mark_pushed(&ids).await;
-        }
-        if let Err(e) = pushed {
-            let reason = format!("queue unavailable: {e}");
-            for env in &envs {
-                self.store
-                    .journal_finish(&env.id, JobState::Dead, Some(&reason), now_ms())
-                    .await?;
-            }
+        let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
+        if let Err(e) = self.queue.push_many(&self.queue_name(kind), &envs).await {
+            // Recorded and not queued: the lost-job sweep queues them once the queue
+            // is back. (Marking them dead would strand jobs whose idempotency key then
+            // makes every later enqueue return them.)
+            self.mark_pushed(&ids, false).await;
             return Err(DomainError::Unavailable(format!(
-                "{reason}; {} jobs are recorded as dead and can be retried with job.retry",
+                "queue unavailable: {e}; {} jobs are recorded and will be queued when it is back",
                 envs.len()
             )));
         }
+        self.mark_pushed(&ids, true).await;
         Ok(envs.len())
     }
 
@@ -176,8 +171,11 @@ impl App {
                     balance,
                     "account cannot pay the day; channels suspended"
                 );
+                // Not awaited: a stop may wait out a send in flight, and the batch's
+                // other jobs must not wait for it. The store says suspended already.
                 for &id in channels {
-                    self.plugins.stop(id).await;
+                    let plugins = self.plugins.clone();
+                    tokio::spawn(async move { plugins.stop(id).await });
                 }
             }
             if charged.notices {
@@ -204,31 +202,34 @@ impl App {
             payload: rec.payload.clone(),
             attempt,
         };
+        let pending = rec.state == JobState::Pending;
         if let Err(e) = self
             .queue
             .push(&self.queue_name(rec.kind), &env, delay)
             .await
         {
-            let reason = format!("queue unavailable: {e}");
-            self.store
-                .journal_finish(&rec.id, JobState::Dead, Some(&reason), now_ms())
-                .await?;
+            // A new job stays pending and unqueued, a retry stays failed: either way
+            // the lost-job sweep queues it once the queue is back.
+            if pending {
+                self.mark_pushed(std::slice::from_ref(&rec.id), false).await;
+            }
             return Err(DomainError::Unavailable(format!(
-                "{reason}; the job {} is recorded as dead and can be retried with job.retry",
+                "queue unavailable: {e}; the job {} is recorded and will be queued when it is back",
                 rec.id
             )));
         }
-        if rec.state == JobState::Pending {
-            self.mark_pushed(std::slice::from_ref(&rec.id)).await;
+        if pending {
+            self.mark_pushed(std::slice::from_ref(&rec.id), true).await;
         }
         Ok(())
     }
 
-    /// Tells the journal these jobs are queued. Failing that, the lost-job sweep queues
-    /// them once more later: a duplicate delivery, which handlers are built for.
-    async fn mark_pushed(&self, ids: &[String]) {
-        if let Err(e) = self.store.journal_mark_pushed(ids).await {
-            tracing::warn!(jobs = ids.len(), error = %e, "cannot record jobs as queued");
+    /// Tells the journal whether these jobs are queued. Failing to record a push, the
+    /// lost-job sweep queues them once more later: a duplicate delivery, which handlers
+    /// are built for.
+    async fn mark_pushed(&self, ids: &[String], pushed: bool) {
+        if let Err(e) = self.store.journal_mark_pushed(ids, pushed).await {
+            tracing::warn!(jobs = ids.len(), error = %e, "cannot record whether jobs are queued");
         }
     }
 

@@ -40,6 +40,14 @@ pub async fn run_schedule(app: Arc<App>) {
     };
     tracing::info!(run_at = %config.run_at, timezone = %tz, "daily billing scheduled");
     for attempt in 0u64.. {
+        // apalis-cron computes its next tick from now: a daemon that was down (or a
+        // schedule that was restarting) at run_at would skip today. Today's run is
+        // queued now if its time has passed; the idempotency key makes that a no-op
+        // when it exists.
+        let local = chrono::Utc::now().with_timezone(&tz);
+        if local.time() >= at {
+            queue_run(&app, local.date_naive(), "catching up today's run").await;
+        }
         // A fresh name each time: apalis refuses a name it saw alive moments ago.
         let name = format!("billing-cron:{}:{attempt}", std::process::id());
         let worker = WorkerBuilder::new(name)
@@ -64,15 +72,16 @@ async fn tick(tick: Tick<Tz>, app: Data<Arc<App>>, tz: Data<Tz>) -> Result<(), B
         .ok()
         .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
         .unwrap_or_else(chrono::Utc::now);
-    let date = billing::billing_day(at, *tz);
+    queue_run(&app, billing::billing_day(at, *tz), "daily billing run").await;
+    Ok(())
+}
+
+async fn queue_run(app: &App, date: chrono::NaiveDate, what: &str) {
     match app
         .enqueue(JobKind::BillingRun, json!({ "date": date }))
         .await
     {
-        Ok((id, existing)) => {
-            tracing::info!(%date, job = %id, existing, "daily billing run queued")
-        }
-        Err(e) => tracing::error!(%date, error = %e, "cannot queue the daily billing run"),
+        Ok((id, existing)) => tracing::info!(%date, job = %id, existing, "{what}: queued"),
+        Err(e) => tracing::error!(%date, error = %e, "{what}: cannot queue it"),
     }
-    Ok(())
 }

@@ -234,6 +234,8 @@ impl Settings {
         let default = match kind {
             // These handlers mostly wait for their batcher: many in flight make big batches.
             JobKind::InboundMessage | JobKind::ChargeAccount => 512,
+            // Each waits on SMTP (or the spool's file system) most of the time.
+            JobKind::BalanceCheck => 32,
             JobKind::SendMessage => 32,
             // Deletion is paced and must never crowd out inbound work.
             JobKind::DataDeletion => 1,

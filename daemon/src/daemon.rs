@@ -100,6 +100,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         crate::demo::seed(&app).await;
     }
     resume_deletions(&app).await;
+    resume_paid_accounts(&app).await;
 
     let connections = TaskTracker::new();
     let control = tokio::spawn(server::serve(
@@ -117,6 +118,11 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         })
         .collect();
     let sweep = tokio::spawn(crate::sweep::run(app.clone(), stop.clone()));
+    let watch = tokio::spawn(
+        app.plugins
+            .clone()
+            .watch_store(Duration::from_secs(10), stop.clone()),
+    );
     let worker_app = app.clone();
     let workers_stop = stop.clone();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -198,6 +204,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     cron.abort();
     checkpoints.abort();
     let _ = sweep.await;
+    let _ = watch.await;
     app.plugins.stop_all().await;
     drop(app);
     events.abort();
@@ -248,6 +255,22 @@ async fn checkpoint_store(store: Arc<SqliteStore>) {
         tick.tick().await;
         if let Err(e) = store.checkpoint().await {
             tracing::warn!(error = %e, "cannot checkpoint the store");
+        }
+    }
+}
+
+/// A top-up whose resume a crash cut short (the ledger committed, the channels still
+/// suspended) is completed: accounts that can now pay are resumed.
+async fn resume_paid_accounts(app: &App) {
+    let accounts = match app.store.suspended_accounts().await {
+        Ok(accounts) => accounts,
+        Err(e) => return tracing::warn!(error = %e, "cannot list suspended accounts"),
+    };
+    for account in accounts {
+        match app.resume(account).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(account, channels = n, "resumed channels a top-up paid for"),
+            Err(e) => tracing::warn!(account, error = %e, "cannot resume an account"),
         }
     }
 }

@@ -251,9 +251,10 @@ async fn balance_check(
     }
     let result = send_notices(store, effects, account, &claimed).await;
     if result.is_err() {
-        // Whatever was not sent goes back for the retry.
+        // What was not settled goes back for the retry (a sent or failed e-mail's
+        // claim is gone already, so this leaves it alone).
         for n in &claimed {
-            let _ = store.release_notification(n.id).await;
+            let _ = store.release_notification(n).await;
         }
     }
     result
@@ -293,8 +294,18 @@ async fn send_notices(
             daily_total: n.daily_total,
             kind,
         };
-        effects.send_notice(&notice).await?;
-        store.mark_notification_sent(n.id).await?;
+        match effects.send_notice(&notice).await {
+            Ok(()) => store.mark_notification_sent(n).await?,
+            // Refused for good (a bad address, a 5xx): recorded, never tried again.
+            Err(JobError::Permanent(why)) => {
+                store.fail_notification(n, &why).await?;
+                return Err(JobError::Permanent(format!(
+                    "the {} e-mail of account {account} cannot be sent: {why}",
+                    n.kind
+                )));
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

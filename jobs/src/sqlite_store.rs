@@ -556,6 +556,28 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn stopped_channels(&self, ids: &[Id]) -> StoreResult<Vec<Id>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM channels WHERE id IN (SELECT value FROM json_each($1)) \
+             AND status IN ('suspended', 'removed')",
+        )
+        .bind(serde_json::Value::from(ids.to_vec()).to_string())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn channels_per_kind(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT kind, COUNT(*) FROM channels WHERE status <> 'removed' \
+             GROUP BY kind ORDER BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert> {
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
@@ -721,7 +743,8 @@ impl Store for SqliteStore {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET state = $1, last_error = COALESCE($2, last_error), \
              updated_at = $3, run_at = $4, \
-             payload = CASE WHEN $1 = 'done' THEN {} ELSE payload END WHERE id = $5",
+             payload = CASE WHEN $1 = 'done' THEN {} ELSE payload END \
+             WHERE id = $5 AND state <> 'done'",
             batch_journal::SCRUBBED_INBOUND
         )))
         .bind(state.as_str())
@@ -735,26 +758,42 @@ impl Store for SqliteStore {
     }
 
     async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-             WHERE state IN ('done', 'dead') AND updated_at < $1 LIMIT $2)",
+        // Job ids are ULIDs, ordered by creation time: the oldest jobs are a range at the
+        // start of the primary key, found on a reader without scanning the retention
+        // window, then deleted by id, so the writer is held only for the delete.
+        let floor = u64::try_from(before)
+            .map(|ms| ulid::Ulid::from_parts(ms, 0).to_string())
+            .unwrap_or_default();
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE id < $1 AND state = 'done' AND updated_at < $2 LIMIT $3",
         )
+        .bind(&floor)
         .bind(before)
         .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each($1)) AND state = 'done'",
+        )
+        .bind(serde_json::Value::from(ids).to_string())
         .execute(&self.writer)
         .await?
         .rows_affected())
     }
 
-    async fn journal_mark_pushed(&self, ids: &[String]) -> StoreResult<()> {
+    async fn journal_mark_pushed(&self, ids: &[String], pushed: bool) -> StoreResult<()> {
         if ids.is_empty() {
             return Ok(());
         }
         sqlx::query(
-            "UPDATE jobs SET pushed = TRUE \
-             WHERE id IN (SELECT value FROM json_each($1)) AND NOT pushed",
+            "UPDATE jobs SET pushed = $2 \
+             WHERE id IN (SELECT value FROM json_each($1)) AND pushed <> $2",
         )
         .bind(serde_json::Value::from(ids).to_string())
+        .bind(pushed)
         .execute(&self.writer)
         .await?;
         Ok(())
@@ -767,7 +806,8 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<JobRecord>> {
         let rows = sqlx::query(concat!(
-            "UPDATE jobs SET pushed = TRUE, run_at = $1, updated_at = $1 WHERE id IN ( \
+            "UPDATE jobs SET pushed = TRUE, state = 'pending', run_at = $1, updated_at = $1 \
+             WHERE id IN ( \
              SELECT id FROM jobs WHERE state = 'pending' AND NOT pushed AND updated_at < $2 \
              UNION ALL SELECT id FROM jobs WHERE state = 'failed' AND run_at < $2 LIMIT $3) \
              RETURNING ",
@@ -1403,6 +1443,7 @@ impl Store for SqliteStore {
         .rows_affected();
         let mut chats = 0;
         let mut contacts = 0;
+        let mut journal = 0;
         if messages == 0 {
             sqlx::query(
                 "DELETE FROM field_values WHERE chat_id IN (SELECT id FROM chats \
@@ -1439,7 +1480,7 @@ impl Store for SqliteStore {
             if contacts == 0 {
                 // Inbound jobs that never stored their message keep its text in the
                 // journal (done ones keep none): pre-cutoff ones of the account go too.
-                sqlx::query(
+                journal = sqlx::query(
                     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
                      WHERE state = 'dead' AND kind = 'inbound_message' AND created_at < $2 \
                      AND payload ->> 'channel' IN (SELECT id FROM channels WHERE account_id = $1) \
@@ -1449,10 +1490,11 @@ impl Store for SqliteStore {
                 .bind(run.cutoff)
                 .bind(limit)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
             }
         }
-        let finished = messages == 0 && chats == 0 && contacts == 0;
+        let finished = messages == 0 && chats == 0 && contacts == 0 && journal == 0;
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         sqlx::query(
             "UPDATE deletion_runs SET deleted_messages = deleted_messages + $1, \
@@ -1654,6 +1696,14 @@ impl Store for SqliteStore {
         Ok((resumed, !noticed.is_empty()))
     }
 
+    async fn suspended_accounts(&self) -> StoreResult<Vec<Id>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT account_id FROM channels WHERE status = 'suspended' ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>> {
         Ok(
             sqlx::query_scalar("SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2")
@@ -1685,20 +1735,42 @@ impl Store for SqliteStore {
         billing::claim_notifications(self, account, now, lease_ms).await
     }
 
-    async fn release_notification(&self, id: Id) -> StoreResult<()> {
-        sqlx::query("UPDATE notifications SET claimed_until = NULL WHERE id = $1")
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+    // Each settles only its own claim: a sender whose lease ran out must not undo a
+    // claim another sender has taken since.
+    async fn release_notification(&self, n: &Notification) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE notifications SET claimed_until = NULL WHERE id = $1 AND claimed_until = $2",
+        )
+        .bind(n.id)
+        .bind(n.lease)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
-    async fn mark_notification_sent(&self, id: Id) -> StoreResult<()> {
-        sqlx::query("UPDATE notifications SET sent_at = $1, claimed_until = NULL WHERE id = $2")
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+    async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE notifications SET sent_at = $1, claimed_until = NULL \
+             WHERE id = $2 AND claimed_until = $3",
+        )
+        .bind(now_ms())
+        .bind(n.id)
+        .bind(n.lease)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn fail_notification(&self, n: &Notification, failure: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE notifications SET failure = $1, claimed_until = NULL \
+             WHERE id = $2 AND claimed_until = $3",
+        )
+        .bind(failure)
+        .bind(n.id)
+        .bind(n.lease)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -1709,7 +1781,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Id>> {
         // Skips accounts whose balance_check is still queued or retrying.
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT n.account_id FROM notifications n WHERE n.sent_at IS NULL \
+            "SELECT DISTINCT n.account_id FROM notifications n \
+             WHERE n.sent_at IS NULL AND n.failure IS NULL \
              AND n.created_at < $1 AND (n.claimed_until IS NULL OR n.claimed_until < $1) \
              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.kind = 'balance_check' \
              AND j.state IN ('pending', 'running', 'failed') \
@@ -1795,6 +1868,9 @@ mod tests {
     #[tokio::test]
     async fn the_journal_keeps_finished_jobs_for_the_retention_only() {
         let (_dir, s) = store().await;
+        // Ids are ULIDs: the purge finds old jobs by their creation time in the id.
+        let id = |n: u128| ulid::Ulid::from_parts(1, n).to_string();
+        let (done_id, dead_id, pending_id) = (id(1), id(2), id(3));
         let rec = |id: &str, kind: JobKind| JobRecord {
             id: id.into(),
             kind,
@@ -1809,26 +1885,60 @@ mod tests {
             run_at: 1,
         };
         let recs = [
-            rec("done", JobKind::InboundMessage),
-            rec("dead", JobKind::SendMessage),
-            rec("pending", JobKind::SendMessage),
+            rec(&done_id, JobKind::InboundMessage),
+            rec(&dead_id, JobKind::InboundMessage),
+            rec(&pending_id, JobKind::SendMessage),
         ];
         s.journal_insert_many(&recs).await.expect("insert");
-        s.journal_finish("done", JobState::Done, None, 1).await.expect("done");
-        s.journal_finish("dead", JobState::Dead, Some("x"), 1).await.expect("dead");
-        let done = s.journal_get("done").await.expect("get");
+        s.journal_finish(&done_id, JobState::Done, None, 1)
+            .await
+            .expect("done");
+        s.journal_finish(&dead_id, JobState::Dead, Some("x"), 1)
+            .await
+            .expect("dead");
+        let done = s.journal_get(&done_id).await.expect("get");
         assert_eq!(
             done.payload,
             serde_json::json!({"channel": 1, "external_message_id": "m"}),
             "a done inbound job keeps no text"
         );
-        assert_eq!(s.journal_get("dead").await.expect("get").payload["text"], "t");
+        assert_eq!(
+            s.journal_get(&dead_id).await.expect("get").payload["text"],
+            "t"
+        );
         assert_eq!(s.journal_purge(0, 10).await.expect("nothing old"), 0);
-        assert_eq!(s.journal_purge(now_ms() + 1, 10).await.expect("purge"), 2);
-        assert!(s.journal_get("pending").await.is_ok(), "unfinished jobs stay");
+        assert_eq!(
+            s.journal_purge(now_ms() + 1, 10).await.expect("purge"),
+            1,
+            "only the done job goes"
+        );
+        assert!(
+            s.journal_get(&pending_id).await.is_ok(),
+            "unfinished jobs stay"
+        );
+        assert!(
+            s.journal_get(&dead_id).await.is_ok(),
+            "dead jobs stay for an operator to retry"
+        );
         assert!(matches!(
-            s.journal_get("done").await,
+            s.journal_get(&done_id).await,
             Err(DomainError::NotFound(_))
         ));
+        // A finished job cannot be finished again into another state.
+        s.journal_finish(&dead_id, JobState::Done, None, 2)
+            .await
+            .expect("done after dead");
+        assert_eq!(
+            s.journal_get(&dead_id).await.expect("get").state,
+            JobState::Done
+        );
+        s.journal_finish(&dead_id, JobState::Dead, Some("late"), 3)
+            .await
+            .expect("no-op");
+        assert_eq!(
+            s.journal_get(&dead_id).await.expect("get").state,
+            JobState::Done,
+            "a done job stays done"
+        );
     }
 }

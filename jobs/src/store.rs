@@ -123,6 +123,8 @@ pub struct Notification {
     /// The balance and daily total when the charge decided the e-mail was due.
     pub balance: i64,
     pub daily_total: i64,
+    /// The claim's expiry: only the holder of this claim may release or settle it.
+    pub lease: i64,
 }
 
 /// One queued `inbound_message` job for `Store::run_inbound_batch`: its journal id, the
@@ -161,6 +163,10 @@ pub trait Store: Send + Sync + 'static {
     async fn active_channel_kinds(&self, account: Id) -> StoreResult<Vec<String>>;
     /// Number of channels in each status, over all accounts.
     async fn channel_counts(&self) -> StoreResult<Vec<(String, i64)>>;
+    /// Those of `ids` that must not run: suspended or removed (by any daemon).
+    async fn stopped_channels(&self, ids: &[Id]) -> StoreResult<Vec<Id>>;
+    /// Number of channels that are not removed, per connector kind, over all accounts.
+    async fn channels_per_kind(&self) -> StoreResult<Vec<(String, i64)>>;
 
     /// Records a job before it is pushed. A job whose idempotency key is taken is not
     /// recorded, and the existing job's id is returned.
@@ -181,11 +187,11 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         run_at: i64,
     ) -> StoreResult<()>;
-    /// Deletes up to `limit` done or dead jobs last updated before `before` (journal
-    /// retention); returns how many went.
+    /// Deletes up to `limit` done jobs created and finished before `before` (journal
+    /// retention); returns how many went. Dead jobs stay until someone retries them.
     async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64>;
-    /// Records that these jobs reached the queue.
-    async fn journal_mark_pushed(&self, ids: &[String]) -> StoreResult<()>;
+    /// Records whether these jobs reached the queue (a failed push leaves them to the sweep).
+    async fn journal_mark_pushed(&self, ids: &[String], pushed: bool) -> StoreResult<()>;
     /// Claims up to `limit` jobs the queue lost, to be queued again: pending jobs recorded
     /// more than `grace_ms` ago that never reached the queue (the daemon died between
     /// journal and queue), and failed jobs whose retry is `grace_ms` overdue (it died
@@ -339,6 +345,8 @@ pub trait Store: Send + Sync + 'static {
         day: NaiveDate,
         prices: &Prices,
     ) -> StoreResult<(Vec<Channel>, bool)>;
+    /// Accounts with suspended channels.
+    async fn suspended_accounts(&self) -> StoreResult<Vec<Id>>;
     /// Accounts in id order after `after`, for the billing fan-out.
     async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>>;
     async fn administrators(&self, account: Id) -> StoreResult<Vec<User>>;
@@ -352,8 +360,11 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
     ) -> StoreResult<Vec<Notification>>;
     /// Gives a claimed e-mail back after a failed send, for the retry.
-    async fn release_notification(&self, id: Id) -> StoreResult<()>;
-    async fn mark_notification_sent(&self, id: Id) -> StoreResult<()>;
+    async fn release_notification(&self, n: &Notification) -> StoreResult<()>;
+    async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()>;
+    /// Records that a claimed e-mail can never be sent (`failure` says why): it is not
+    /// tried again.
+    async fn fail_notification(&self, n: &Notification, failure: &str) -> StoreResult<()>;
     /// Accounts with balance e-mails recorded before `before` and still unsent and
     /// unclaimed: their `balance_check` was lost or gave up; the sweep queues another.
     async fn accounts_with_unsent_notifications(

@@ -280,3 +280,34 @@ async fn warning_survives_an_smtp_outage() {
         "{jobs}"
     );
 }
+
+/// apalis-cron only looks ahead: a daemon started after `billing.run_at` queues that
+/// day's run itself, once (a restart finds it queued already).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_started_after_run_at_catches_up_the_day() {
+    let mut d = Daemon::start_with(
+        Backend::Sqlite,
+        "[billing]\nrun_at = \"00:00\"\ndefault_price = 0\n",
+    );
+    let first = d
+        .until("today's run queued", Duration::from_secs(15), || async {
+            let jobs = billing_runs(&d).await;
+            (!jobs.is_empty()).then_some(jobs)
+        })
+        .await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["payload"]["date"], json!(today()));
+    d.kill9();
+    d.spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        billing_runs(&d).await.len(),
+        1,
+        "the restart found today's run"
+    );
+}
+
+async fn billing_runs(d: &Daemon) -> Vec<Value> {
+    let jobs = d.ok("job.list", json!({"kind": "billing_run"})).await;
+    jobs.as_array().cloned().unwrap_or_default()
+}

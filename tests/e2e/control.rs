@@ -91,8 +91,14 @@ async fn bad_input_gets_error_codes_and_changes_nothing() {
     assert_eq!(code(&batch[1]), -32601);
 
     // Nothing was created by any of it, and a new connection still works.
+    // (The only job is today's billing run, which every daemon queues when it starts
+    // after billing.run_at.)
     let status = d.ok("status", json!({})).await;
-    assert_eq!(status["jobs"], json!({}));
+    let kinds: Vec<&String> = status["jobs"]
+        .as_object()
+        .map(|j| j.keys().collect())
+        .unwrap_or_default();
+    assert!(kinds.iter().all(|k| *k == "billing_run"), "{status}");
     d.fails("account.get", json!({"account": 1}), "not_found")
         .await;
 }

@@ -293,8 +293,9 @@ fn socket_activation_notify_watchdog_reload_and_stop() {
     assert!(ready.contains("STATUS=ready"), "{ready}");
     // WATCHDOG_USEC=1s: a ping every 0.5 s, each after a store and queue probe, and a
     // STATUS= line with channels and queue depth.
-    let status_line = notify.until("a STATUS= health line", Duration::from_secs(5), |m| {
-        m.contains("STATUS=channels:")
+    // (Once today's billing run, queued at start, has run.)
+    let status_line = notify.until("a STATUS= health line", Duration::from_secs(10), |m| {
+        m.contains("STATUS=channels:") && m.contains("; queue: 0")
     });
     assert!(status_line.contains("; queue: 0"), "{status_line}");
     let seen = notify.during(Duration::from_secs(2));

@@ -25,6 +25,7 @@ use patchbay_jobs::model::{Channel, Id};
 use patchbay_jobs::{DomainError, JobError, Store};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
 
@@ -145,6 +146,37 @@ impl Supervisor {
         }
     }
 
+    /// Stops the instances of channels the store says must not run: suspended by a
+    /// billing run or removed on another daemon sharing the store, which could only
+    /// stop its own instances.
+    pub async fn stop_inactive(&self) -> Result<usize, DomainError> {
+        let running: Vec<Id> = self.lock().keys().copied().collect();
+        let stopped = self.store.stopped_channels(&running).await?;
+        for &id in &stopped {
+            tracing::info!(
+                channel = id,
+                "stopping a channel suspended or removed elsewhere"
+            );
+            self.stop(id).await;
+        }
+        Ok(stopped.len())
+    }
+
+    /// Runs `stop_inactive` every `every` until `stop`.
+    pub async fn watch_store(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.stop_inactive().await {
+                tracing::warn!(error = %e, "cannot check the running channels against the store");
+            }
+        }
+    }
+
     pub async fn stop_all(&self) {
         let ids: Vec<Id> = self.lock().keys().copied().collect();
         for id in ids {
@@ -162,21 +194,13 @@ impl Supervisor {
     /// not removed (running, failing, waiting for a restart or suspended), so
     /// `plugin.list` answers the same on every daemon and whatever the channels' state.
     pub async fn channels_by_kind(&self) -> Result<BTreeMap<String, usize>, DomainError> {
-        const PAGE: u32 = 1000;
-        let mut counts = BTreeMap::new();
-        let mut after = 0;
-        loop {
-            let accounts = self.store.account_ids(after, PAGE).await?;
-            for &account in &accounts {
-                for channel in self.store.channels(account).await? {
-                    *counts.entry(channel.kind).or_insert(0) += 1;
-                }
-            }
-            match accounts.last() {
-                Some(&last) if accounts.len() == PAGE as usize => after = last,
-                _ => return Ok(counts),
-            }
-        }
+        Ok(self
+            .store
+            .channels_per_kind()
+            .await?
+            .into_iter()
+            .map(|(kind, n)| (kind, usize::try_from(n).unwrap_or(0)))
+            .collect())
     }
 
     /// Hands an outbound message to the channel's running instance. The connector's

@@ -84,9 +84,9 @@ pub(super) async fn finish(
 
 /// Journals the outcomes of jobs that ran without `start`, which only jobs whose
 /// effects are idempotent may do (storing an inbound message twice stores it once):
-/// `Done` jobs done, `Dead` ones dead, one statement for the batch. A job the journal
-/// had finished already stays as it was and reads `AlreadyFinished`; one it does not
-/// know reads `NotJournalled`.
+/// `Done` jobs done — a dead one too, since its effect has now happened — `Dead` ones
+/// dead, one statement for the batch. A job done already stays so and reads
+/// `AlreadyFinished`; one the journal does not know reads `NotJournalled`.
 pub(super) async fn settle(
     tx: &mut Tx,
     jobs: &[&str],
@@ -102,7 +102,7 @@ pub(super) async fn settle(
     let mut settled: HashSet<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2, \
          payload = {SCRUBBED_INBOUND} \
-         WHERE id IN (SELECT value FROM json_each($1)) AND state NOT IN ('done', 'dead') \
+         WHERE id IN (SELECT value FROM json_each($1)) AND state <> 'done' \
          RETURNING id"
     )))
     .bind(Value::from(done).to_string())
