@@ -8,8 +8,8 @@
 //! was in the queue after all (a crash after the push, before the journal heard of it)
 //! runs twice, which every handler is built to absorb.
 //!
-//! It also deletes finished jobs older than `queue.journal_retention_days` from the
-//! journal, and watches the balance e-mail outbox: an e-mail recorded by a charge and still
+//! It also deletes done jobs older than `queue.journal_retention_days` from the journal
+//! (dead ones stay for `job.retry`), and watches the balance e-mail outbox: an e-mail recorded by a charge and still
 //! unsent after `UNSENT_GRACE`, with no `balance_check` left to send it (the job ran out
 //! of attempts during a long SMTP outage, or was never queued), gets a new
 //! `balance_check` — so a warning is delayed by an outage, never lost.
