@@ -188,8 +188,9 @@ impl App {
         Ok(())
     }
 
-    /// Puts a recorded job on the queue. If the queue refuses, the job is marked dead
-    /// with the reason, so it stays visible and `job.retry` can bring it back.
+    /// Puts a recorded job on the queue. If the queue refuses, the journal row stays
+    /// (a new job pending and not pushed, a retry failed) and the lost-job sweep pushes
+    /// it once the queue is back; the caller gets `unavailable`.
     pub async fn push(
         &self,
         rec: &JobRecord,
