@@ -45,6 +45,10 @@ impl App {
 
     /// Validates, records and queues a job. A job whose idempotency key exists already
     /// is not queued again: its id comes back with `existing = true`.
+    ///
+    /// Once recorded, the job is accepted even if the queue refuses it: the lost-job
+    /// sweep queues it when the queue is back. An error here would make a client retry
+    /// a `message.send` that is already recorded, and the client would get it twice.
     pub async fn enqueue(
         &self,
         kind: JobKind,
@@ -54,7 +58,9 @@ impl App {
         if let JournalInsert::Existing(id) = self.store.journal_insert(&rec).await? {
             return Ok((id, true));
         }
-        self.push(&rec, 0, None).await?;
+        if let Err(e) = self.push(&rec, 0, None).await {
+            tracing::warn!(job = %rec.id, kind = %kind, error = %e, "job recorded, not queued yet");
+        }
         Ok((rec.id, false))
     }
 

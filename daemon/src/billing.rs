@@ -3,8 +3,10 @@
 //!
 //! apalis-cron fires on every daemon (no distributed lock, apalis#281) and does not
 //! catch up missed ticks; the tick only *enqueues* `billing_run` with the idempotency
-//! key `billing_run:<date>`, so two daemons (or a restart) queue the day once, and an
-//! operator catches up a missed day with `patchbayctl billing run --date`.
+//! key `billing_run:<date>`, so two daemons (or a restart) queue the day once. Today's
+//! run is also queued whenever `run_at` has passed (`catch_up`: at start and every five
+//! minutes), since apalis-cron misses a tick the daemon was down for; an operator
+//! catches up an earlier day with `patchbayctl billing run --date`.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,15 +41,9 @@ pub async fn run_schedule(app: Arc<App>) {
         }
     };
     tracing::info!(run_at = %config.run_at, timezone = %tz, "daily billing scheduled");
+    // Aborted with this task: `run_schedule` only ends when the daemon stops.
+    let _catching_up = AbortOnDrop(tokio::spawn(catch_up(app.clone(), at, tz)));
     for attempt in 0u64.. {
-        // apalis-cron computes its next tick from now: a daemon that was down (or a
-        // schedule that was restarting) at run_at would skip today. Today's run is
-        // queued now if its time has passed; the idempotency key makes that a no-op
-        // when it exists.
-        let local = chrono::Utc::now().with_timezone(&tz);
-        if local.time() >= at {
-            queue_run(&app, local.date_naive(), "catching up today's run").await;
-        }
         // A fresh name each time: apalis refuses a name it saw alive moments ago.
         let name = format!("billing-cron:{}:{attempt}", std::process::id());
         let worker = WorkerBuilder::new(name)
@@ -62,6 +58,33 @@ pub async fn run_schedule(app: Arc<App>) {
             }
         }
         tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    }
+}
+
+/// apalis-cron computes its next tick from the moment it starts and skips a local time
+/// that a clock change leaves out: a daemon that was down at run_at, a schedule that
+/// was restarting, or a run_at inside the hour clocks jump over would miss the day.
+/// Today's run is queued whenever its time has passed — at start and every few minutes;
+/// the idempotency key makes that a no-op once it exists.
+async fn catch_up(app: Arc<App>, at: NaiveTime, tz: Tz) {
+    let mut every = tokio::time::interval(CATCH_UP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let local = chrono::Utc::now().with_timezone(&tz);
+        if local.time() >= at {
+            queue_run(&app, local.date_naive(), "catching up today's run").await;
+        }
+    }
+}
+
+const CATCH_UP_EVERY: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -81,7 +104,9 @@ async fn queue_run(app: &App, date: chrono::NaiveDate, what: &str) {
         .enqueue(JobKind::BillingRun, json!({ "date": date }))
         .await
     {
-        Ok((id, existing)) => tracing::info!(%date, job = %id, existing, "{what}: queued"),
+        // Every catch-up check finds the day's run once it exists: not news.
+        Ok((id, true)) => tracing::debug!(%date, job = %id, "{what}: queued already"),
+        Ok((id, false)) => tracing::info!(%date, job = %id, "{what}: queued"),
         Err(e) => tracing::error!(%date, error = %e, "{what}: cannot queue it"),
     }
 }

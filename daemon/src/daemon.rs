@@ -259,8 +259,10 @@ async fn checkpoint_store(store: Arc<SqliteStore>) {
     }
 }
 
-/// A top-up whose resume a crash cut short (the ledger committed, the channels still
-/// suspended) is completed: accounts that can now pay are resumed.
+/// Accounts with suspended channels that can now pay for them are resumed, as a top-up
+/// would: this completes a top-up whose resume a crash cut short (the ledger committed,
+/// the channels still suspended), and also resumes an account that a lowered price now
+/// lets pay.
 async fn resume_paid_accounts(app: &App) {
     let accounts = match app.store.suspended_accounts().await {
         Ok(accounts) => accounts,

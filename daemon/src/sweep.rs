@@ -55,7 +55,7 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             for rec in &lost {
                 tracing::warn!(job = %rec.id, kind = %rec.kind, state = %rec.state,
                     "queueing a job the queue never got (the daemon stopped in between)");
-                // On failure push() records the job dead with the reason: visible, retryable.
+                // On failure the row stays pending and unpushed: a later sweep tries again.
                 let _ = app.push(rec, rec.attempts, None).await;
             }
             if lost.len() < CLAIM as usize {

@@ -193,7 +193,7 @@ async fn attempt(app: Arc<App>, env: Envelope, kind: JobKind, started: JobRecord
         tracing::error!(error = %e, "cannot record the job's outcome");
     }
     if let Some(delay) = delay {
-        // On failure push() marks the job dead with the reason, so it is not lost silently.
+        // On failure the journal row stays `failed` with its run_at: the sweep queues it.
         if let Err(e) = app.push(&started, started.attempts, Some(delay)).await {
             tracing::error!(error = %e, "cannot queue the job's retry");
         }

@@ -155,12 +155,9 @@ CREATE TABLE notifications (
     -- A sender holds the row until then; a crashed sender's claim runs out.
     claimed_until BIGINT,
     sent_at BIGINT,
-    -- Why it can never be sent (the SMTP server refused it for good): not retried.
-    failure TEXT,
     UNIQUE (account_id, kind, disconnect_date)
 );
-CREATE INDEX notifications_unsent ON notifications (account_id)
-    WHERE sent_at IS NULL AND failure IS NULL;
+CREATE INDEX notifications_unsent ON notifications (account_id) WHERE sent_at IS NULL;
 
 CREATE TABLE deletion_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -251,8 +251,8 @@ async fn balance_check(
     }
     let result = send_notices(store, effects, account, &claimed).await;
     if result.is_err() {
-        // What was not settled goes back for the retry (a sent or failed e-mail's
-        // claim is gone already, so this leaves it alone).
+        // What was not sent goes back for the retry (a sent e-mail's claim is gone
+        // already, so this leaves it alone).
         for n in &claimed {
             let _ = store.release_notification(n).await;
         }
@@ -294,18 +294,11 @@ async fn send_notices(
             daily_total: n.daily_total,
             kind,
         };
-        match effects.send_notice(&notice).await {
-            Ok(()) => store.mark_notification_sent(n).await?,
-            // Refused for good (a bad address, a 5xx): recorded, never tried again.
-            Err(JobError::Permanent(why)) => {
-                store.fail_notification(n, &why).await?;
-                return Err(JobError::Permanent(format!(
-                    "the {} e-mail of account {account} cannot be sent: {why}",
-                    n.kind
-                )));
-            }
-            Err(e) => return Err(e),
-        }
+        // A refusal (5xx, bad credentials) is not final for the e-mail: the job fails
+        // and the claim is released, and once the job is dead the lost-job sweep queues
+        // a new balance_check for it — a warning is delayed until mail works, never lost.
+        effects.send_notice(&notice).await?;
+        store.mark_notification_sent(n).await?;
     }
     Ok(())
 }

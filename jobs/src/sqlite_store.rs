@@ -765,7 +765,8 @@ impl Store for SqliteStore {
             .map(|ms| ulid::Ulid::from_parts(ms, 0).to_string())
             .unwrap_or_default();
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE id < $1 AND state = 'done' AND updated_at < $2 LIMIT $3",
+            // `+state`: not through the state index, which would walk every done job.
+            "SELECT id FROM jobs WHERE id < $1 AND +state = 'done' AND updated_at < $2 LIMIT $3",
         )
         .bind(&floor)
         .bind(before)
@@ -805,8 +806,11 @@ impl Store for SqliteStore {
         grace_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<JobRecord>> {
+        // Claimed rows stay unpushed until `App::push` succeeds; the fresh `updated_at`
+        // keeps other sweeps off them for the grace, after which a push that never
+        // happened (a crash mid-sweep) is claimed again.
         let rows = sqlx::query(concat!(
-            "UPDATE jobs SET pushed = TRUE, state = 'pending', run_at = $1, updated_at = $1 \
+            "UPDATE jobs SET pushed = FALSE, state = 'pending', run_at = $1, updated_at = $1 \
              WHERE id IN ( \
              SELECT id FROM jobs WHERE state = 'pending' AND NOT pushed AND updated_at < $2 \
              UNION ALL SELECT id FROM jobs WHERE state = 'failed' AND run_at < $2 LIMIT $3) \
@@ -1761,19 +1765,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn fail_notification(&self, n: &Notification, failure: &str) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE notifications SET failure = $1, claimed_until = NULL \
-             WHERE id = $2 AND claimed_until = $3",
-        )
-        .bind(failure)
-        .bind(n.id)
-        .bind(n.lease)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
     async fn accounts_with_unsent_notifications(
         &self,
         before: i64,
@@ -1782,7 +1773,7 @@ impl Store for SqliteStore {
         // Skips accounts whose balance_check is still queued or retrying.
         Ok(sqlx::query_scalar(
             "SELECT DISTINCT n.account_id FROM notifications n \
-             WHERE n.sent_at IS NULL AND n.failure IS NULL \
+             WHERE n.sent_at IS NULL \
              AND n.created_at < $1 AND (n.claimed_until IS NULL OR n.claimed_until < $1) \
              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.kind = 'balance_check' \
              AND j.state IN ('pending', 'running', 'failed') \
@@ -1865,16 +1856,12 @@ mod tests {
         assert_eq!(s.account(acc.id).await.expect("get").balance, 0);
     }
 
-    #[tokio::test]
-    async fn the_journal_keeps_finished_jobs_for_the_retention_only() {
-        let (_dir, s) = store().await;
-        // Ids are ULIDs: the purge finds old jobs by their creation time in the id.
-        let id = |n: u128| ulid::Ulid::from_parts(1, n).to_string();
-        let (done_id, dead_id, pending_id) = (id(1), id(2), id(3));
-        let rec = |id: &str, kind: JobKind| JobRecord {
+    /// A pending job recorded at the epoch's first millisecond.
+    fn pending_job(id: &str, kind: JobKind, payload: serde_json::Value) -> JobRecord {
+        JobRecord {
             id: id.into(),
             kind,
-            payload: serde_json::json!({"channel": 1, "external_message_id": "m", "text": "t"}),
+            payload,
             state: JobState::Pending,
             attempts: 0,
             max_attempts: 8,
@@ -1883,6 +1870,56 @@ mod tests {
             created_at: 1,
             updated_at: 1,
             run_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_job_is_claimed_until_a_push_is_recorded() {
+        let (_dir, s) = store().await;
+        let id = ulid::Ulid::from_parts(1, 1).to_string();
+        let rec = pending_job(&id, JobKind::SendMessage, serde_json::json!({"message": 1}));
+        s.journal_insert_many(&[rec]).await.expect("insert");
+        let grace = 1_000;
+        let claimed = s
+            .journal_claim_lost(10_000, grace, 10)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1, "journalled, never pushed: lost");
+        assert!(
+            s.journal_claim_lost(10_500, grace, 10)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "within the grace another sweep leaves it to the first"
+        );
+        // The first sweep died before its push: after the grace it is claimed again.
+        let again = s
+            .journal_claim_lost(12_000, grace, 10)
+            .await
+            .expect("claim");
+        assert_eq!(again.len(), 1, "a claim whose push never happened");
+        s.journal_mark_pushed(std::slice::from_ref(&id), true)
+            .await
+            .expect("pushed");
+        assert!(
+            s.journal_claim_lost(20_000, grace, 10)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "a pushed job is not lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_journal_keeps_finished_jobs_for_the_retention_only() {
+        let (_dir, s) = store().await;
+        // Ids are ULIDs: the purge finds old jobs by their creation time in the id.
+        let id = |n: u128| ulid::Ulid::from_parts(1, n).to_string();
+        let (done_id, dead_id, pending_id) = (id(1), id(2), id(3));
+        let rec = |id: &str, kind: JobKind| {
+            let payload =
+                serde_json::json!({"channel": 1, "external_message_id": "m", "text": "t"});
+            pending_job(id, kind, payload)
         };
         let recs = [
             rec(&done_id, JobKind::InboundMessage),

@@ -195,8 +195,9 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` jobs the queue lost, to be queued again: pending jobs recorded
     /// more than `grace_ms` ago that never reached the queue (the daemon died between
     /// journal and queue), and failed jobs whose retry is `grace_ms` overdue (it died
-    /// before queueing the retry). A claimed job counts as queued, so two daemons
-    /// sweeping one store never claim the same job.
+    /// before queueing the retry). A claimed job is `pending`, unpushed, with a fresh
+    /// `updated_at`: two daemons sweeping one store never claim it within the grace, and
+    /// one whose push never happens is claimed again after it.
     async fn journal_claim_lost(
         &self,
         now: i64,
@@ -362,9 +363,6 @@ pub trait Store: Send + Sync + 'static {
     /// Gives a claimed e-mail back after a failed send, for the retry.
     async fn release_notification(&self, n: &Notification) -> StoreResult<()>;
     async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()>;
-    /// Records that a claimed e-mail can never be sent (`failure` says why): it is not
-    /// tried again.
-    async fn fail_notification(&self, n: &Notification, failure: &str) -> StoreResult<()>;
     /// Accounts with balance e-mails recorded before `before` and still unsent and
     /// unclaimed: their `balance_check` was lost or gave up; the sweep queues another.
     async fn accounts_with_unsent_notifications(

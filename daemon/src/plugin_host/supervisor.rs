@@ -149,7 +149,7 @@ impl Supervisor {
     /// Stops the instances of channels the store says must not run: suspended by a
     /// billing run or removed on another daemon sharing the store, which could only
     /// stop its own instances.
-    pub async fn stop_inactive(&self) -> Result<usize, DomainError> {
+    pub async fn stop_inactive(self: &Arc<Self>) -> Result<usize, DomainError> {
         let running: Vec<Id> = self.lock().keys().copied().collect();
         let stopped = self.store.stopped_channels(&running).await?;
         for &id in &stopped {
@@ -158,6 +158,18 @@ impl Supervisor {
                 "stopping a channel suspended or removed elsewhere"
             );
             self.stop(id).await;
+            // A top-up may have resumed it meanwhile, its `start` a no-op because the
+            // instance was still running: the store decides, read after the stop.
+            match self.store.channel(id).await {
+                Ok(ch) if !matches!(ch.status.as_str(), "suspended" | "removed") => {
+                    tracing::info!(channel = id, "restarting a channel resumed meanwhile");
+                    self.start(ch);
+                }
+                Ok(_) | Err(DomainError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(channel = id, error = %e, "cannot re-read a stopped channel")
+                }
+            }
         }
         Ok(stopped.len())
     }

@@ -398,7 +398,7 @@ pub(super) async fn claim_notifications(
     let lease = now.saturating_add(lease_ms);
     let rows: Vec<(Id, Id, String, String, i64, i64, i64)> = sqlx::query_as(
         "UPDATE notifications SET claimed_until = $2 \
-         WHERE account_id = $1 AND sent_at IS NULL AND failure IS NULL \
+         WHERE account_id = $1 AND sent_at IS NULL \
          AND (claimed_until IS NULL OR claimed_until < $3) \
          RETURNING id, account_id, kind, disconnect_date, days, balance, daily_total",
     )
