@@ -19,15 +19,36 @@ pub enum Backend {
 
 /// A redis-server of our own on a unix socket; never the machine's shared one.
 pub struct Redis {
-    child: Child,
+    child: Option<Child>,
     pub socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub fn start() -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("redis.sock");
+        let mut redis = Redis {
+            child: None,
+            socket,
+            dir,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// Kills the server (an outage); its data is gone, as with `--save ""`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts the server (again) on the same socket.
+    pub fn restart(&mut self) {
+        self.stop();
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -40,19 +61,15 @@ impl Redis {
                 "700",
             ])
             .arg("--unixsocket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("--dir")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (.ci/run installs it)");
-        wait_for(Duration::from_secs(10), || socket.exists());
-        Redis {
-            child,
-            socket,
-            _dir: dir,
-        }
+        self.child = Some(child);
+        wait_for(Duration::from_secs(10), || self.socket.exists());
     }
 
     pub fn url(&self) -> String {
@@ -62,8 +79,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -126,7 +142,7 @@ pub struct Daemon {
     pub socket: PathBuf,
     child: Option<Child>,
     /// Kept for the daemon's lifetime: dropping it stops the server.
-    _redis: Option<Redis>,
+    pub redis: Option<Redis>,
     /// Extra environment for the process (a sibling's own socket).
     env: Vec<(String, String)>,
 }
@@ -185,7 +201,7 @@ impl Daemon {
             config,
             socket,
             child: None,
-            _redis: redis,
+            redis,
             env: Vec::new(),
         };
         d.spawn();
@@ -206,7 +222,7 @@ impl Daemon {
             config: self.config.clone(),
             socket,
             child: None,
-            _redis: None,
+            redis: None,
             env,
         };
         d.spawn();

@@ -267,3 +267,38 @@ async fn finished_inbound_jobs_keep_no_copy_of_the_message() {
     let msgs = d.ok("chat.messages", json!({"chat": chats[0]["id"]})).await;
     assert_eq!(msgs[0]["text"], "secret text");
 }
+
+/// A Redis outage: a job enqueued while the server is down is accepted (it is in the
+/// journal), and once Redis is back — empty, as a restarted cache-only server is — the
+/// lost-job sweep queues it and it runs, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_accepted_while_redis_is_down_runs_once_it_is_back() {
+    let mut d = Daemon::start(Backend::Redis);
+    let (acc, _) = d.account("outage").await;
+    d.redis.as_mut().expect("redis").stop();
+    let id = d.ok("job.enqueue", topup(acc, 1)).await["id"]
+        .as_str()
+        .expect("job id")
+        .to_owned();
+    assert_eq!(
+        d.ok("job.get", json!({"id": id})).await["state"],
+        "pending",
+        "recorded, not run"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    d.redis.as_mut().expect("redis").restart();
+    d.job_until(&id, &["done"], Duration::from_secs(60)).await;
+    let again = d.ok("job.enqueue", topup(acc, 1)).await;
+    assert_eq!(
+        again["id"],
+        id.as_str(),
+        "the same reference is the same job"
+    );
+    assert_eq!(again["existing"], true);
+    assert_eq!(
+        d.ok("account.get", json!({"account": acc})).await["balance"],
+        1,
+        "applied once"
+    );
+    assert!(d.log().contains("job recorded, not queued yet"));
+}
