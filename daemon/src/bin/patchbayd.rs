@@ -7,6 +7,9 @@ use clap::Parser;
 use patchbay_daemon::config::{self, EXIT_CONFIG};
 use patchbay_daemon::{daemon, logging};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "patchbayd",
