@@ -65,6 +65,7 @@ async fn bench(queue: &Queue, run: usize) -> Result<Figures, BoxError> {
             vec![WorkerSpec {
                 queue: QUEUE.into(),
                 concurrency: CONCURRENCY,
+                poll_interval: None,
             }],
             handler,
             async move { waiter.notified().await },

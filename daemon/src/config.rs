@@ -249,6 +249,21 @@ impl Settings {
             .unwrap_or(default)
     }
 
+    /// How often the SQLite queue polls for jobs of `kind`; `None`: every 50 ms. Each
+    /// poll is a write on the queue's one connection (and SQLite re-prepares apalis'
+    /// fetch statement every time), so kinds whose latency nobody waits on, and whose
+    /// volume is small, poll less: that leaves the connection to the busy kinds and
+    /// cuts an idle daemon's CPU. `charge_account` and `balance_check` keep 50 ms: a
+    /// fetch takes at most 500 jobs, so the interval bounds a billing run's rate.
+    pub fn poll_interval(&self, kind: JobKind) -> Option<Duration> {
+        match kind {
+            JobKind::Topup | JobKind::BillingRun | JobKind::DataDeletion | JobKind::ChatClose => {
+                Some(Duration::from_millis(250))
+            }
+            _ => None,
+        }
+    }
+
     pub fn journal_retention(&self) -> Duration {
         Duration::from_secs(self.raw.queue.journal_retention_days.saturating_mul(86_400))
     }

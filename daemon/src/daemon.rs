@@ -115,6 +115,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         .map(|&kind| WorkerSpec {
             queue: app.queue_name(kind),
             concurrency: app.settings.concurrency(kind),
+            poll_interval: app.settings.poll_interval(kind),
         })
         .collect();
     let sweep = tokio::spawn(crate::sweep::run(app.clone(), stop.clone()));

@@ -139,6 +139,7 @@ pub fn spec(queue: &str, concurrency: usize) -> Vec<WorkerSpec> {
     vec![WorkerSpec {
         queue: queue.into(),
         concurrency,
+        poll_interval: None,
     }]
 }
 

@@ -63,6 +63,9 @@ pub enum QueueError {
 pub struct WorkerSpec {
     pub queue: String,
     pub concurrency: usize,
+    /// How often a polling backend (SQLite) looks for new jobs; `None`: the backend's
+    /// default. Redis blocks on the stream instead and ignores it.
+    pub poll_interval: Option<Duration>,
 }
 
 /// Clone-able producer handle + worker runner.

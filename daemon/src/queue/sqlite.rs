@@ -293,7 +293,7 @@ impl SqliteQueue {
                         started.started();
                         async { Ok::<(), apalis_sqlite::Error>(()) }
                     })
-                    .poll_with_interval(this.tuning.poll_interval);
+                    .poll_with_interval(spec.poll_interval.unwrap_or(this.tuning.poll_interval));
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
                     .layer(ConcurrencyLimitLayer::new(spec.concurrency))
