@@ -20,6 +20,7 @@ use chrono_tz::Tz;
 use patchbay_jobs::JobKind;
 use patchbay_jobs::billing;
 use serde_json::json;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::app::App;
 
@@ -42,7 +43,7 @@ pub async fn run_schedule(app: Arc<App>) {
     };
     tracing::info!(run_at = %config.run_at, timezone = %tz, "daily billing scheduled");
     // Aborted with this task: `run_schedule` only ends when the daemon stops.
-    let _catching_up = AbortOnDrop(tokio::spawn(catch_up(app.clone(), at, tz)));
+    let _catching_up = AbortOnDropHandle::new(tokio::spawn(catch_up(app.clone(), at, tz)));
     for attempt in 0u64.. {
         // A fresh name each time: apalis refuses a name it saw alive moments ago.
         let name = format!("billing-cron:{}:{attempt}", std::process::id());
@@ -79,14 +80,6 @@ async fn catch_up(app: Arc<App>, at: NaiveTime, tz: Tz) {
 }
 
 const CATCH_UP_EVERY: std::time::Duration = std::time::Duration::from_secs(5 * 60);
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 async fn tick(tick: Tick<Tz>, app: Data<Arc<App>>, tz: Data<Tz>) -> Result<(), BoxDynError> {
     // The day of the scheduled instant, not of now: a tick handled a moment late
