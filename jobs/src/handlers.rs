@@ -294,10 +294,14 @@ async fn send_notices(
             daily_total: n.daily_total,
             kind,
         };
-        // A refusal (5xx, bad credentials) is not final for the e-mail: the job fails
-        // and the claim is released, and once the job is dead the lost-job sweep queues
-        // a new balance_check for it — a warning is delayed until mail works, never lost.
-        effects.send_notice(&notice).await?;
+        // A refusal (5xx, bad credentials, no administrator yet) is not final for the
+        // e-mail: the job retries with backoff, the claim released, and once the job is
+        // dead the lost-job sweep queues a new balance_check after its grace — a warning
+        // is delayed until mail works, never lost.
+        effects.send_notice(&notice).await.map_err(|e| match e {
+            JobError::Permanent(why) => JobError::Retryable(why),
+            other => other,
+        })?;
         store.mark_notification_sent(n).await?;
     }
     Ok(())

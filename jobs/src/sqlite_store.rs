@@ -1770,13 +1770,16 @@ impl Store for SqliteStore {
         before: i64,
         limit: u32,
     ) -> StoreResult<Vec<Id>> {
-        // Skips accounts whose balance_check is still queued or retrying.
+        // Skips accounts whose balance_check is still queued or retrying, or died since
+        // `before`: a relay that refuses every e-mail gets a new job once per grace, not
+        // one (dead at once) per sweep.
         Ok(sqlx::query_scalar(
             "SELECT DISTINCT n.account_id FROM notifications n \
              WHERE n.sent_at IS NULL \
              AND n.created_at < $1 AND (n.claimed_until IS NULL OR n.claimed_until < $1) \
              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.kind = 'balance_check' \
-             AND j.state IN ('pending', 'running', 'failed') \
+             AND (j.state IN ('pending', 'running', 'failed') \
+                  OR (j.state = 'dead' AND j.updated_at >= $1)) \
              AND j.payload ->> 'account' = n.account_id) LIMIT $2",
         )
         .bind(before)

@@ -364,7 +364,8 @@ pub trait Store: Send + Sync + 'static {
     async fn release_notification(&self, n: &Notification) -> StoreResult<()>;
     async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()>;
     /// Accounts with balance e-mails recorded before `before` and still unsent and
-    /// unclaimed: their `balance_check` was lost or gave up; the sweep queues another.
+    /// unclaimed, and no `balance_check` live or dead since `before`: their check was
+    /// lost or gave up; the sweep queues another.
     async fn accounts_with_unsent_notifications(
         &self,
         before: i64,

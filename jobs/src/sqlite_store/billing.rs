@@ -506,6 +506,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unsent_e_mail_gets_a_new_check_once_per_grace_after_one_died() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("t.db"))
+            .await
+            .expect("open");
+        let acc = account(&s, "mailless", 1000, 0).await;
+        sqlx::query(
+            "INSERT INTO notifications (account_id, kind, disconnect_date, days, balance, \
+             daily_total, created_at) VALUES ($1, 'disconnected', '2026-12-03', 0, 0, 100, 1)",
+        )
+        .bind(acc)
+        .execute(&s.writer)
+        .await
+        .expect("notification");
+        assert_eq!(
+            s.accounts_with_unsent_notifications(1_000, 10)
+                .await
+                .expect("sweep"),
+            vec![acc],
+            "no check at all: one is due"
+        );
+        // A check that died (the relay refused) at t = 5,000.
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, pushed, \
+             created_at, updated_at, run_at) \
+             VALUES ('dead-check', 'balance_check', $1, 'dead', 8, 8, TRUE, 1, 5000, 5000)",
+        )
+        .bind(json!({"account": acc}).to_string())
+        .execute(&s.writer)
+        .await
+        .expect("dead check");
+        assert!(
+            s.accounts_with_unsent_notifications(4_000, 10)
+                .await
+                .expect("sweep")
+                .is_empty(),
+            "it died within the grace: no new check yet"
+        );
+        assert_eq!(
+            s.accounts_with_unsent_notifications(6_000, 10)
+                .await
+                .expect("sweep"),
+            vec![acc],
+            "a grace after it died, the e-mail gets another check"
+        );
+    }
+
+    #[tokio::test]
     async fn a_batch_charges_suspends_and_records_the_e_mails_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = SqliteStore::open(&dir.path().join("b.db"))

@@ -77,10 +77,12 @@ pub async fn remove(app: &App, p: RemoveParams) -> Result<Value, RpcError> {
     if channel.account != p.account || channel.status == "removed" {
         return Err(DomainError::not_found("channel", p.channel).into());
     }
-    app.plugins.stop(channel.id).await;
+    // The store first: a supervisor that re-reads the channel while the instance stops
+    // (`Supervisor::stop_inactive`) must find it removed, not start it again.
     app.store
         .set_channel_status(channel.id, "removed", Some("removed by an administrator"))
         .await?;
+    app.plugins.stop(channel.id).await;
     channel_view(app, &app.store.channel(channel.id).await?)
 }
 
