@@ -27,12 +27,19 @@ use crate::app::App;
 /// Jobs claimed and pushed per store round trip.
 const CLAIM: u32 = 500;
 
+/// How long a queued job may wait for a worker before the sweep assumes the queue lost
+/// it (a Redis restarted without its data) and queues it again. Far above any backlog
+/// the daemon lets build up (inbound backpressure holds it at 20,000 jobs, a billing
+/// fan-out drains in under a minute); a job queued twice runs once, by idempotency.
+const QUEUED_STALE: Duration = Duration::from_secs(15 * 60);
+
 /// How long a recorded balance e-mail may wait for its `balance_check`.
 const UNSENT_GRACE: Duration = Duration::from_secs(10 * 60);
 
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let grace = app.settings.lost_job_grace();
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let stale_ms = i64::try_from(QUEUED_STALE.as_millis()).unwrap_or(i64::MAX);
     let mut tick = tokio::time::interval(grace.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -43,7 +50,7 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
         loop {
             let lost = match app
                 .store
-                .journal_claim_lost(now_ms(), grace_ms, CLAIM)
+                .journal_claim_lost(now_ms(), grace_ms, stale_ms, CLAIM)
                 .await
             {
                 Ok(lost) => lost,

@@ -804,6 +804,7 @@ impl Store for SqliteStore {
         &self,
         now: i64,
         grace_ms: i64,
+        stale_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<JobRecord>> {
         // Claimed rows stay unpushed until `App::push` succeeds; the fresh `updated_at`
@@ -813,13 +814,16 @@ impl Store for SqliteStore {
             "UPDATE jobs SET pushed = FALSE, state = 'pending', run_at = $1, updated_at = $1 \
              WHERE id IN ( \
              SELECT id FROM jobs WHERE state = 'pending' AND NOT pushed AND updated_at < $2 \
-             UNION ALL SELECT id FROM jobs WHERE state = 'failed' AND run_at < $2 LIMIT $3) \
+             UNION ALL SELECT id FROM jobs WHERE state = 'failed' AND run_at < $2 \
+             UNION ALL SELECT id FROM jobs WHERE state = 'pending' AND pushed AND updated_at < $4 \
+             LIMIT $3) \
              RETURNING ",
             job_columns!()
         ))
         .bind(now)
         .bind(now.saturating_sub(grace_ms))
         .bind(i64::from(limit))
+        .bind(now.saturating_sub(stale_ms))
         .fetch_all(&self.writer)
         .await?;
         rows.iter().map(job_from_row).collect()
@@ -1882,14 +1886,14 @@ mod tests {
         let id = ulid::Ulid::from_parts(1, 1).to_string();
         let rec = pending_job(&id, JobKind::SendMessage, serde_json::json!({"message": 1}));
         s.journal_insert_many(&[rec]).await.expect("insert");
-        let grace = 1_000;
+        let (grace, stale) = (1_000, 60_000);
         let claimed = s
-            .journal_claim_lost(10_000, grace, 10)
+            .journal_claim_lost(10_000, grace, stale, 10)
             .await
             .expect("claim");
         assert_eq!(claimed.len(), 1, "journalled, never pushed: lost");
         assert!(
-            s.journal_claim_lost(10_500, grace, 10)
+            s.journal_claim_lost(10_500, grace, stale, 10)
                 .await
                 .expect("claim")
                 .is_empty(),
@@ -1897,7 +1901,7 @@ mod tests {
         );
         // The first sweep died before its push: after the grace it is claimed again.
         let again = s
-            .journal_claim_lost(12_000, grace, 10)
+            .journal_claim_lost(12_000, grace, stale, 10)
             .await
             .expect("claim");
         assert_eq!(again.len(), 1, "a claim whose push never happened");
@@ -1905,12 +1909,19 @@ mod tests {
             .await
             .expect("pushed");
         assert!(
-            s.journal_claim_lost(20_000, grace, 10)
+            s.journal_claim_lost(20_000, grace, stale, 10)
                 .await
                 .expect("claim")
                 .is_empty(),
             "a pushed job is not lost"
         );
+        // Queued, and no worker ever started it: the queue lost it (Redis restarted
+        // empty). After `stale` it is queued again.
+        let requeued = s
+            .journal_claim_lost(12_000 + stale + 1, grace, stale, 10)
+            .await
+            .expect("claim");
+        assert_eq!(requeued.len(), 1, "queued long ago and never started");
     }
 
     #[tokio::test]

@@ -195,13 +195,16 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` jobs the queue lost, to be queued again: pending jobs recorded
     /// more than `grace_ms` ago that never reached the queue (the daemon died between
     /// journal and queue), and failed jobs whose retry is `grace_ms` overdue (it died
-    /// before queueing the retry). A claimed job is `pending`, unpushed, with a fresh
+    /// before queueing the retry), and pending jobs the queue took more than `stale_ms`
+    /// ago that no worker has started (a queue that lost its data: a Redis restarted
+    /// without persistence). A claimed job is `pending`, unpushed, with a fresh
     /// `updated_at`: two daemons sweeping one store never claim it within the grace, and
     /// one whose push never happens is claimed again after it.
     async fn journal_claim_lost(
         &self,
         now: i64,
         grace_ms: i64,
+        stale_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<JobRecord>>;
     /// Moves a dead job back to pending with a fresh attempt budget.
