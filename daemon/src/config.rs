@@ -85,7 +85,8 @@ pub struct QueueConfig {
     /// A job recorded but not queued this long (the daemon died in between) is queued
     /// by the lost-job sweep; also how often the sweep runs.
     pub lost_job_grace_secs: u64,
-    /// Done and dead jobs stay in the journal (job.get, job.list) this many days.
+    /// Done jobs stay in the journal (job.get, job.list) this many days; dead ones until
+    /// retried.
     pub journal_retention_days: u64,
 }
 

@@ -8,11 +8,15 @@
 //! was in the queue after all (a crash after the push, before the journal heard of it)
 //! runs twice, which every handler is built to absorb.
 //!
+//! A job the queue took but no worker started within `QUEUED_STALE` (a Redis restarted
+//! without its data) is queued again the same way.
+//!
 //! It also deletes done jobs older than `queue.journal_retention_days` from the journal
-//! (dead ones stay for `job.retry`), and watches the balance e-mail outbox: an e-mail recorded by a charge and still
-//! unsent after `UNSENT_GRACE`, with no `balance_check` left to send it (the job ran out
-//! of attempts during a long SMTP outage, or was never queued), gets a new
-//! `balance_check` — so a warning is delayed by an outage, never lost.
+//! (dead ones stay for `job.retry`), and watches the balance e-mail outbox: an e-mail
+//! recorded by a charge and still unsent after `UNSENT_GRACE`, with no `balance_check`
+//! left to send it (the job ran out of attempts during a long SMTP outage, or was never
+//! queued), gets a new `balance_check` — so a warning is delayed by an outage, never
+//! lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +42,7 @@ const UNSENT_GRACE: Duration = Duration::from_secs(10 * 60);
 
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let grace = app.settings.lost_job_grace();
-    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-    let stale_ms = i64::try_from(QUEUED_STALE.as_millis()).unwrap_or(i64::MAX);
+    let (grace_ms, stale_ms) = (millis(grace), millis(QUEUED_STALE));
     let mut tick = tokio::time::interval(grace.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -61,7 +64,7 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             };
             for rec in &lost {
                 tracing::warn!(job = %rec.id, kind = %rec.kind, state = %rec.state,
-                    "queueing a job the queue never got (the daemon stopped in between)");
+                    "queueing a job the queue never got or lost (the daemon stopped in between, or the queue lost its data)");
                 // On failure the row stays pending and unpushed: a later sweep tries again.
                 let _ = app.push(rec, rec.attempts, None).await;
             }
@@ -80,8 +83,7 @@ const PURGE: u32 = 1_000;
 const PURGE_PER_SWEEP: u64 = 20_000;
 
 async fn purge_journal(app: &App) {
-    let retention = i64::try_from(app.settings.journal_retention().as_millis()).unwrap_or(i64::MAX);
-    let before = now_ms().saturating_sub(retention);
+    let before = now_ms().saturating_sub(millis(app.settings.journal_retention()));
     let mut purged = 0;
     while purged < PURGE_PER_SWEEP {
         match app.store.journal_purge(before, PURGE).await {
@@ -98,15 +100,12 @@ async fn purge_journal(app: &App) {
         }
     }
     if purged > 0 {
-        tracing::info!(
-            jobs = purged,
-            "purged finished jobs past the journal retention"
-        );
+        tracing::info!(jobs = purged, "purged done jobs past the journal retention");
     }
 }
 
 async fn unsent_mail(app: &App) {
-    let before = now_ms() - i64::try_from(UNSENT_GRACE.as_millis()).unwrap_or(0);
+    let before = now_ms().saturating_sub(millis(UNSENT_GRACE));
     let accounts = match app
         .store
         .accounts_with_unsent_notifications(before, CLAIM)
@@ -126,4 +125,9 @@ async fn unsent_mail(app: &App) {
     if let Err(e) = app.enqueue_many(JobKind::BalanceCheck, checks).await {
         tracing::warn!(error = %e, "cannot queue balance checks for unsent e-mails");
     }
+}
+
+/// A duration in the journal's unit, unix milliseconds (saturating).
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -71,7 +71,7 @@ impl SqliteStore {
             DomainError::Unavailable(format!("cannot migrate store {}: {e}", path.display()))
         })?;
         // The writer leaves checkpoints to `checkpoint()`, which the daemon runs from a
-        // reader every second: a commit that has to checkpoint stalls every writer
+        // reader ten times a second: a commit that has to checkpoint stalls every writer
         // behind it. The limit is a backstop should nobody call it (40 MB of WAL).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -1863,8 +1863,8 @@ mod tests {
         assert_eq!(s.account(acc.id).await.expect("get").balance, 0);
     }
 
-    /// A pending job recorded at the epoch's first millisecond.
-    fn pending_job(id: &str, kind: JobKind, payload: serde_json::Value) -> JobRecord {
+    /// A pending job recorded at the epoch's first millisecond (the store's tests share it).
+    pub(super) fn pending_job(id: &str, kind: JobKind, payload: serde_json::Value) -> JobRecord {
         JobRecord {
             id: id.into(),
             kind,

@@ -431,7 +431,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{JobRecord, JobState};
+    use crate::sqlite_store::tests::pending_job;
     use crate::store::{NewAccount, NewUser, Store};
     use crate::{JobKind, Payload};
 
@@ -474,19 +474,7 @@ mod tests {
                 panic!("payload");
             };
             let id = format!("{tag}-{account}");
-            recs.push(JobRecord {
-                id: id.clone(),
-                kind: JobKind::ChargeAccount,
-                payload,
-                state: JobState::Pending,
-                attempts: 0,
-                max_attempts: 8,
-                last_error: None,
-                idempotency_key: None,
-                created_at: 0,
-                updated_at: 0,
-                run_at: 0,
-            });
+            recs.push(pending_job(&id, JobKind::ChargeAccount, payload));
             out.push(ChargeJob {
                 job: id,
                 account,

@@ -432,6 +432,7 @@ mod tests {
 
     use super::*;
     use crate::model::{JobRecord, JobState};
+    use crate::sqlite_store::tests::pending_job;
     use crate::store::{NewAccount, NewUser, Store};
     use crate::{JobKind, handlers};
 
@@ -503,19 +504,7 @@ mod tests {
     async fn journal(s: &SqliteStore, jobs: &[InboundJob]) {
         let recs: Vec<JobRecord> = jobs
             .iter()
-            .map(|j| JobRecord {
-                id: j.job.clone(),
-                kind: JobKind::InboundMessage,
-                payload: json!({}),
-                state: JobState::Pending,
-                attempts: 0,
-                max_attempts: 8,
-                last_error: None,
-                idempotency_key: None,
-                created_at: 0,
-                updated_at: 0,
-                run_at: 0,
-            })
+            .map(|j| pending_job(&j.job, JobKind::InboundMessage, json!({})))
             .collect();
         s.journal_insert_many(&recs).await.expect("journal");
     }
