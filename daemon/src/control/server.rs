@@ -123,10 +123,21 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
+    // Bound under a temporary name and renamed into place once its mode is set: a
+    // socket accepts connections from bind on, so a client must never find it at
+    // `path` with the mode the umask gave it.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)
+        .with_context(|| format!("cannot bind the control socket {}", staging.display()))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", staging.display()))?;
+    std::fs::rename(&staging, path)
+        .with_context(|| format!("cannot move the control socket to {}", path.display()))?;
     Ok(listener)
 }
 
