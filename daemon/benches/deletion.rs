@@ -161,27 +161,41 @@ async fn make_template(
 }
 
 /// Latencies of the live channel's messages *sent* in [from, to) (unix ms), whenever
-/// they were committed (so a message held up past the window still counts).
+/// they were committed (so a message held up past the window still counts):
+/// `created_at − sent`, `commit − sent`, and `journalled − sent` (the inbound job's
+/// journal row, written when the host queued the event: the part before the queue).
 async fn latencies(
     pool: &SqlitePool,
     channel: i64,
     from: i64,
     to: i64,
     clock: &CommitClock,
-) -> Res<(Vec<i64>, Vec<i64>)> {
-    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, sent_at, created_at FROM messages WHERE channel_id = $1 AND sent_at >= $2 \
-         AND sent_at < $3",
+) -> Res<(Vec<i64>, Vec<i64>, Vec<i64>)> {
+    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        "SELECT id, sent_at, created_at, external_message_id FROM messages \
+         WHERE channel_id = $1 AND sent_at >= $2 AND sent_at < $3",
     )
     .bind(channel)
     .bind(from)
     .bind(to)
     .fetch_all(pool)
     .await?;
+    let journalled: std::collections::HashMap<String, i64> = sqlx::query_as(
+        "SELECT payload ->> 'external_message_id', created_at FROM jobs \
+         WHERE kind = 'inbound_message' AND payload ->> 'channel' = $1",
+    )
+    .bind(channel)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
     Ok((
         rows.iter().map(|r| r.2 - r.1).collect(),
         rows.iter()
             .filter_map(|r| clock.seen_at(r.0).map(|t| t - r.1))
+            .collect(),
+        rows.iter()
+            .filter_map(|r| journalled.get(&r.3).map(|t| t - r.1))
             .collect(),
     ))
 }
@@ -319,8 +333,8 @@ async fn bench(
     .fetch_one(&pool)
     .await?;
 
-    let (bc, bk) = latencies(&pool, channel, b_from, b_to, &clock).await?;
-    let (dc, dk) = latencies(&pool, channel, d_from, d_to, &clock).await?;
+    let (bc, bk, bj) = latencies(&pool, channel, b_from, b_to, &clock).await?;
+    let (dc, dk, dj) = latencies(&pool, channel, d_from, d_to, &clock).await?;
     let rate_msgs = msgs as f64 / secs;
     println!(
         "  deleted {msgs} messages, {chats} chats, {contacts} contacts in {secs:.1} s \
@@ -342,6 +356,8 @@ async fn bench(
     );
     println!("  inbound before   created_at−sent: {}", latency_line(bc));
     println!("  inbound during   created_at−sent: {}", latency_line(dc));
+    println!("  inbound before   journalled−sent: {}", latency_line(bj));
+    println!("  inbound during   journalled−sent: {}", latency_line(dj));
     let (pb, pd) = (p99(&bk), p99(&dk));
     let ratio = pd as f64 / pb.max(1) as f64;
     drop(pool);

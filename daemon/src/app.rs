@@ -297,7 +297,7 @@ impl App {
     /// runs it can still pay (SPEC §5: suspended at the run k + 1 days from now).
     pub async fn account_view(&self, account: Account) -> Result<Value, DomainError> {
         let kinds = self.store.active_channel_kinds(account.id).await?;
-        let daily_total: i64 = kinds.iter().map(|k| self.price(k)).sum();
+        let daily_total = patchbay_jobs::billing::daily_total(&App::prices(self), &kinds);
         let days_until_disconnection =
             (daily_total > 0).then(|| account.balance.max(0) / daily_total + 1);
         Ok(json!({

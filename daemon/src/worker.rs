@@ -184,13 +184,20 @@ async fn attempt(app: Arc<App>, env: Envelope, kind: JobKind, started: JobRecord
         (JobState::Dead, Some(m)) => tracing::warn!(error = %m, "job is dead"),
         (_, m) => tracing::info!(error = ?m, retry_in = ?delay, "job failed, will retry"),
     }
-    let run_at = now_ms() + delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let run_at = now_ms()
+        .saturating_add(delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
     if let Err(e) = app
         .store
         .journal_finish(&started.id, state, error.as_deref(), run_at)
         .await
     {
         tracing::error!(error = %e, "cannot record the job's outcome");
+    }
+    if let (JobState::Dead, Some(reason)) = (&state, &error)
+        && let Ok(payload) = kind.parse_payload(&env.payload)
+        && let Err(e) = handlers::gave_up(&*app.store, &payload, reason).await
+    {
+        tracing::warn!(error = %e, "cannot record what the dead job leaves behind");
     }
     if let Some(delay) = delay {
         // On failure the journal row stays `failed` with its run_at: the sweep queues it.

@@ -14,7 +14,7 @@ use crate::error::{DomainError, JobError};
 use crate::kind::{InboundMessage, JobKind, Payload};
 use crate::model::{Account, Channel, Id, now_ms};
 use crate::phone;
-use crate::store::{Charged, Notification, Store};
+use crate::store::{Charged, Notification, Store, StoreResult};
 
 #[async_trait]
 pub trait Effects: Send + Sync {
@@ -91,6 +91,24 @@ pub async fn run(
     }
 }
 
+/// What a job that went dead leaves behind: a send that gave up while its message was
+/// still queued marks the message failed, with the reason, so the inbox shows it and
+/// `job.retry` can send it again.
+pub async fn gave_up(store: &dyn Store, payload: &Payload, reason: &str) -> StoreResult<()> {
+    let Payload::SendMessage(s) = payload else {
+        return Ok(());
+    };
+    match store.message(s.message).await {
+        Ok(m) if m.status == "queued" => {
+            store
+                .set_message_status(m.id, "failed", Some(reason), None)
+                .await
+        }
+        Ok(_) | Err(DomainError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The sender's phone in E.164, which (else the username) identifies the contact; a
 /// permanent error when neither can.
 pub fn inbound_sender_phone(m: &InboundMessage) -> Result<Option<String>, JobError> {
@@ -107,6 +125,12 @@ pub fn inbound_sender_phone(m: &InboundMessage) -> Result<Option<String>, JobErr
     }
     Ok(phone)
 }
+
+/// How long one send attempt holds its message: longer than the host waits for the
+/// channel's turn (60 s) plus one connector call (30 s). A daemon that dies mid-send
+/// leaves the message to a retry after this; with the default backoff the job's last
+/// attempts come later than that.
+const SEND_LEASE_MS: i64 = 120 * 1000;
 
 async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Result<(), JobError> {
     let message = match store.message(id).await {
@@ -151,6 +175,17 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
         "text": message.text,
         "attachments": message.attachments,
     });
+    // One attempt at a time hands the message to the connector: a job redelivered
+    // while its first run is still sending finds the lease and backs off.
+    if !store.claim_send(id, now_ms() + SEND_LEASE_MS).await? {
+        let status = store.message(id).await?.status;
+        if status != "queued" && status != "failed" {
+            return Ok(());
+        }
+        return Err(JobError::Retryable(format!(
+            "message {id} is being sent by another attempt"
+        )));
+    }
     match effects.deliver(&channel, &outbound).await {
         Ok(external_id) => {
             store
@@ -164,7 +199,14 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
                 .await?;
             Err(JobError::Permanent(reason))
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            // Not sent (the connector said so, or it was never called): the retry may
+            // claim it at once. Should this write fail, the lease runs out by itself.
+            if let Err(release) = store.release_send(id).await {
+                tracing::warn!(message = id, error = %release, "cannot release a send lease");
+            }
+            Err(e)
+        }
     }
 }
 

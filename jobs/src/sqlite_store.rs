@@ -31,6 +31,7 @@ use crate::store::{
 };
 use crate::validate;
 
+mod background;
 mod batch_journal;
 mod billing;
 mod inbound_batch;
@@ -44,6 +45,9 @@ pub struct SqliteStore {
     /// sleeping, instead of racing for SQLite's write lock and backing off in its busy
     /// handler (1-100 ms sleeps).
     writer: SqlitePool,
+    /// Data deletion batches: a niced connection (see `background`), used only while
+    /// holding `writer`'s connection.
+    background: SqlitePool,
 }
 
 impl SqliteStore {
@@ -73,14 +77,21 @@ impl SqliteStore {
         // The writer leaves checkpoints to `checkpoint()`, which the daemon runs from a
         // reader ten times a second: a commit that has to checkpoint stalls every writer
         // behind it. The limit is a backstop should nobody call it (40 MB of WAL).
+        let options = options.pragma("wal_autocheckpoint", "10000");
+        let cannot_open = |e: sqlx::Error| {
+            DomainError::Unavailable(format!("cannot open store {}: {e}", path.display()))
+        };
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.pragma("wal_autocheckpoint", "10000"))
+            .connect_with(options.clone())
             .await
-            .map_err(|e| {
-                DomainError::Unavailable(format!("cannot open store {}: {e}", path.display()))
-            })?;
-        Ok(SqliteStore { pool, writer })
+            .map_err(cannot_open)?;
+        let background = background::open(options).await.map_err(cannot_open)?;
+        Ok(SqliteStore {
+            pool,
+            writer,
+            background,
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -725,7 +736,7 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?;
         start()
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?
             .as_ref()
             .map(job_from_row)
@@ -1314,26 +1325,58 @@ impl Store for SqliteStore {
         reason: Option<&str>,
         external_id: Option<&str>,
     ) -> StoreResult<()> {
-        sqlx::query(
-            // Never back from delivered/read: a receipt can overtake the send's own update.
-            "UPDATE messages SET status = $1, status_reason = $2, \
-             external_message_id = COALESCE(external_message_id, $3) WHERE id = $4 \
-             AND NOT (status IN ('delivered', 'read') AND $1 IN ('queued', 'sent', 'failed')) \
-             AND NOT (status = 'read' AND $1 = 'delivered')",
-        )
-        .bind(status)
-        .bind(reason)
-        .bind(external_id)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                DomainError::Conflict(format!("external message id {external_id:?} is taken"))
-            } else {
-                e.into()
+        let update = |external_id: Option<&str>| {
+            sqlx::query(
+                // Never back from delivered/read: a receipt can overtake the send's own
+                // update.
+                "UPDATE messages SET status = $1, status_reason = $2, send_lease_until = NULL, \
+                 external_message_id = COALESCE(external_message_id, $3) WHERE id = $4 \
+                 AND NOT (status IN ('delivered', 'read') AND $1 IN ('queued', 'sent', 'failed')) \
+                 AND NOT (status = 'read' AND $1 = 'delivered')",
+            )
+            .bind(status)
+            .bind(reason)
+            .bind(external_id.map(str::to_owned))
+            .bind(id)
+        };
+        match update(external_id).execute(&self.writer).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => {
+                // The messenger reused an id the channel already has: the status still
+                // counts (a sent message left `queued` would be sent again).
+                tracing::warn!(
+                    message = id,
+                    external_id,
+                    "the connector reported an external message id the channel already has; \
+                     the status is recorded without it"
+                );
+                update(None).execute(&self.writer).await?;
+                Ok(())
             }
-        })?;
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn claim_send(&self, id: Id, until: i64) -> StoreResult<bool> {
+        let claimed = sqlx::query(
+            "UPDATE messages SET send_lease_until = $2 WHERE id = $1 AND direction = 'out' \
+             AND status IN ('queued', 'failed') \
+             AND (send_lease_until IS NULL OR send_lease_until <= $3)",
+        )
+        .bind(id)
+        .bind(until)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(claimed == 1)
+    }
+
+    async fn release_send(&self, id: Id) -> StoreResult<()> {
+        sqlx::query("UPDATE messages SET send_lease_until = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -1435,7 +1478,10 @@ impl Store for SqliteStore {
             });
         }
         let limit = i64::from(limit.max(1));
-        let mut tx = self.begin_write().await?;
+        // Holding the writer's connection keeps every other write out while the batch
+        // runs on the niced background connection: nobody races it for SQLite's lock.
+        let _writer = self.writer.acquire().await?;
+        let mut tx = self.background.begin_with("BEGIN IMMEDIATE").await?;
         // Messages first (the bulk), then what referenced them, then contacts: each
         // step only when the one before is empty, so foreign keys always hold.
         let messages = sqlx::query(
@@ -1991,5 +2037,88 @@ mod tests {
             JobState::Done,
             "a done job stays done"
         );
+    }
+
+    /// An outbound message in a fresh chat: (store, message, channel).
+    async fn outbound(s: &SqliteStore) -> (Message, Id) {
+        let (acc, admin) = s.create_account(&acme()).await.expect("create");
+        let ch = s
+            .add_channel(acc.id, "loopback", "Demo", &serde_json::json!({}))
+            .await
+            .expect("channel");
+        let inbound: InboundMessage = serde_json::from_value(serde_json::json!({
+            "channel": ch.id, "external_chat_id": "c1", "external_message_id": "in-1",
+            "sender": {"phone": "+4915112345678"}, "text": "hello",
+            "sent_at": "2026-11-25T10:00:00Z",
+        }))
+        .expect("inbound");
+        assert!(
+            s.store_inbound(&inbound, Some("+4915112345678"))
+                .await
+                .expect("store")
+        );
+        let filter = ChatFilter {
+            visible_to_operator: None,
+            status: None,
+            limit: 10,
+        };
+        let chat = s.chats(acc.id, &filter).await.expect("chats").remove(0);
+        let msg = s.add_outbound(&chat, admin.id, "hi").await.expect("send");
+        (msg, ch.id)
+    }
+
+    #[tokio::test]
+    async fn one_send_attempt_at_a_time_holds_a_message() {
+        let (_dir, s) = store().await;
+        let (msg, _) = outbound(&s).await;
+        let until = now_ms() + 60_000;
+        assert!(s.claim_send(msg.id, until).await.expect("claim"));
+        assert!(
+            !s.claim_send(msg.id, until).await.expect("claim again"),
+            "a second attempt must not take a held message"
+        );
+        s.release_send(msg.id).await.expect("release");
+        assert!(s.claim_send(msg.id, until).await.expect("after release"));
+        // A lease that ran out (its daemon died mid-send) can be taken again.
+        sqlx::query("UPDATE messages SET send_lease_until = 1 WHERE id = $1")
+            .bind(msg.id)
+            .execute(&s.writer)
+            .await
+            .expect("expire");
+        assert!(s.claim_send(msg.id, until).await.expect("expired"));
+        s.set_message_status(msg.id, "sent", None, Some("ext-1"))
+            .await
+            .expect("sent");
+        assert!(
+            !s.claim_send(msg.id, until).await.expect("sent"),
+            "a sent message is never claimed again"
+        );
+        let lease: Option<i64> =
+            sqlx::query_scalar("SELECT send_lease_until FROM messages WHERE id = $1")
+                .bind(msg.id)
+                .fetch_one(&s.pool)
+                .await
+                .expect("lease");
+        assert_eq!(lease, None, "recording the status releases the lease");
+        // An inbound message is never claimed for sending.
+        let inbound: Id =
+            sqlx::query_scalar("SELECT id FROM messages WHERE direction = 'in' LIMIT 1")
+                .fetch_one(&s.pool)
+                .await
+                .expect("inbound");
+        assert!(!s.claim_send(inbound, until).await.expect("inbound"));
+    }
+
+    #[tokio::test]
+    async fn a_reused_external_id_still_records_the_status() {
+        let (_dir, s) = store().await;
+        let (msg, _) = outbound(&s).await;
+        // "in-1" is the inbound message's id on the same channel.
+        s.set_message_status(msg.id, "sent", None, Some("in-1"))
+            .await
+            .expect("status without the id");
+        let stored = s.message(msg.id).await.expect("message");
+        assert_eq!(stored.status, "sent");
+        assert_eq!(stored.external_message_id, None);
     }
 }

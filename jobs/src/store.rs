@@ -279,6 +279,8 @@ pub trait Store: Send + Sync + 'static {
     async fn close_chat(&self, chat: Id, reset_responsible: bool) -> StoreResult<Chat>;
     async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message>;
     async fn message(&self, id: Id) -> StoreResult<Message>;
+    /// Records a status (and the messenger's id, if first given); releases any send
+    /// lease. A status never goes back from delivered or read.
     async fn set_message_status(
         &self,
         id: Id,
@@ -286,6 +288,11 @@ pub trait Store: Send + Sync + 'static {
         reason: Option<&str>,
         external_id: Option<&str>,
     ) -> StoreResult<()>;
+    /// Claims a queued or failed outbound message for one send attempt until `until`
+    /// (ms): `false` when it was sent since or another attempt holds the lease.
+    async fn claim_send(&self, id: Id, until: i64) -> StoreResult<bool>;
+    /// Gives a send lease back (the attempt failed and will be retried).
+    async fn release_send(&self, id: Id) -> StoreResult<()>;
     /// Upserts contact and chat, reopens a closed chat, stores the message once per
     /// (channel, external message id) and bumps the unread count — in one transaction.
     /// `false` when it was stored before (a redelivered job): nothing changed.

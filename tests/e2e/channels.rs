@@ -647,14 +647,13 @@ async fn refused_plugin_files_are_logged_once() {
     );
 }
 
-/// A send result that is not `{"type":"sent"}` with an id fails the message for good,
-/// even when it carries an `external_message_id`.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_send_result_that_is_not_sent_fails_the_message() {
-    let d = Daemon::start_full(Backend::Sqlite, "", |dir| {
+/// Sends `text` through a `misbehaving` C connector (its text picks the misbehaviour)
+/// and waits until the message is `failed`; returns the daemon and the message.
+async fn send_until_failed(account: &str, extra: &str, text: &str) -> (Daemon, Value) {
+    let d = Daemon::start_full(Backend::Sqlite, extra, |dir| {
         compile_c("misbehaving.c", &dir.join("libmisbehaving.so"));
     });
-    let (acc, admin) = d.account("badsend").await;
+    let (acc, admin) = d.account(account).await;
     let ch = d
         .ok(
             "channel.add",
@@ -670,7 +669,7 @@ async fn a_send_result_that_is_not_sent_fails_the_message() {
         .await;
     d.ok(
         "message.send",
-        json!({"chat": chat["id"], "actor": admin, "text": "wrong_type"}),
+        json!({"chat": chat["id"], "actor": admin, "text": text}),
     )
     .await;
     let failed = d
@@ -682,7 +681,30 @@ async fn a_send_result_that_is_not_sent_fails_the_message() {
                 .cloned()
         })
         .await;
+    (d, failed)
+}
+
+/// A send result that is not `{"type":"sent"}` with an id fails the message for good,
+/// even when it carries an `external_message_id`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_result_that_is_not_sent_fails_the_message() {
+    let (_d, failed) = send_until_failed("badsend", "", "wrong_type").await;
     let reason = failed["status_reason"].as_str().unwrap_or("");
     assert!(reason.contains("bad_output"), "{failed}");
     assert!(failed["external_message_id"].is_null(), "{failed}");
+}
+
+/// A send that keeps failing with retryable errors (here: a connector that panics,
+/// then a channel that is restarting) gives up after the kind's attempts and marks the
+/// message failed with the reason, instead of leaving it queued for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_that_gives_up_fails_the_message() {
+    let extra = "[queue.max_attempts]\nsend_message = 2\n";
+    let (d, failed) = send_until_failed("giveup", extra, "panic").await;
+    let reason = failed["status_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("gave up after 2 attempts"), "{failed}");
+    let dead = d
+        .ok("job.list", json!({"state": "dead", "kind": "send_message"}))
+        .await;
+    assert_eq!(dead.as_array().map(Vec::len), Some(1), "{dead}");
 }

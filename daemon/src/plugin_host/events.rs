@@ -136,7 +136,7 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
         }
         Event::Receipt(r) => {
             match app.store.message(r.message).await {
-                Ok(msg) if msg.channel == channel => {
+                Ok(msg) if msg.channel == channel && msg.direction == "out" => {
                     let status = match r.status {
                         patchbay_connector_sdk::ReceiptStatus::Delivered => "delivered",
                         patchbay_connector_sdk::ReceiptStatus::Read => "read",
@@ -155,6 +155,11 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                         tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
                     }
                 }
+                Ok(msg) if msg.channel == channel => tracing::warn!(
+                    channel,
+                    message = r.message,
+                    "dropping a receipt for an inbound message (receipts are for sends)"
+                ),
                 Ok(msg) => tracing::warn!(
                     channel,
                     message = r.message,

@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 use super::registry::Registry;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a send waits for its channel's previous call to finish.
+const TURN_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An instance that ran this long before failing resets the backoff; one that fails
@@ -231,7 +233,16 @@ impl Supervisor {
         };
         let calls = self.lock().get(&channel.id).map(|r| r.calls.clone());
         let calls = calls.ok_or_else(not_connected)?;
-        let _turn = calls.lock().await;
+        // Bounded, so that a send never outlives its message's lease (see
+        // `patchbay_jobs::handlers`): a channel this far behind is retried later.
+        let _turn = tokio::time::timeout(TURN_TIMEOUT, calls.lock())
+            .await
+            .map_err(|_| {
+                JobError::Retryable(format!(
+                    "channel {} is busy with other sends; will retry",
+                    channel.id
+                ))
+            })?;
         // Taken only now, with the turn: the instance is the current one, and no await
         // lies between here and the blocking thread that will own this handle.
         let instance = self
@@ -242,8 +253,10 @@ impl Supervisor {
         let reply = match blocking(CALL_TIMEOUT, move || instance.send(&msg)).await {
             Ok(reply) => reply,
             Err(CallFailure::TimedOut) => {
-                return Err(JobError::Retryable(format!(
-                    "connector of channel {} did not answer within {CALL_TIMEOUT:?}",
+                // The call may still send it: a retry could send it twice.
+                return Err(JobError::Permanent(format!(
+                    "connector of channel {} did not answer within {CALL_TIMEOUT:?}; the \
+                     message may have been sent (retry the job to send it again)",
                     channel.id
                 )));
             }

@@ -66,6 +66,8 @@ impl Default for SqliteTuning {
 #[derive(Clone)]
 pub struct SqliteQueue {
     pool: SqlitePool,
+    /// Only for `PRAGMA wal_checkpoint` (see `open`).
+    checkpointer: SqlitePool,
     tuning: SqliteTuning,
 }
 
@@ -117,11 +119,23 @@ impl SqliteQueue {
         let opts = base
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(tuning.synchronous);
+        // Checkpoints run on a connection of their own (`checkpoints`): a checkpoint
+        // ends in an fsync, which takes seconds while the store writes heavily (a data
+        // deletion run), and on the working connection it would stop every fetch, ack
+        // and push for that long. The limit is a backstop (40 MB of WAL).
         let pool = SqlitePoolOptions::new()
             .max_connections(tuning.max_connections)
+            .connect_with(opts.clone().pragma("wal_autocheckpoint", "10000"))
+            .await?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(opts)
             .await?;
-        Ok(Self { pool, tuning })
+        Ok(Self {
+            pool,
+            checkpointer,
+            tuning,
+        })
     }
 
     /// The working pool (for diagnostics/tests, e.g. checking PRAGMAs).
@@ -169,6 +183,26 @@ impl SqliteQueue {
     }
 
     async fn housekeeping(&self) {
+        tokio::join!(self.purge_loop(), self.checkpoints());
+    }
+
+    /// Copies the WAL into the database file four times a second, off the working
+    /// connection, as far as readers allow (PASSIVE: it waits for nobody).
+    async fn checkpoints(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&self.checkpointer)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot checkpoint the queue");
+            }
+        }
+    }
+
+    async fn purge_loop(&self) {
         let Some(retain) = self.tuning.retain_done else {
             return std::future::pending().await;
         };
