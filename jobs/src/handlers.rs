@@ -79,7 +79,11 @@ pub async fn run(
             let chat = store.chat(c.chat).await?;
             let account = store.account(chat.account).await?;
             store
-                .close_chat(chat.id, account.settings.reset_responsible_on_close)
+                .close_chat(
+                    chat.id,
+                    account.settings.reset_responsible_on_close,
+                    c.requested_at,
+                )
                 .await?;
             Ok(())
         }

@@ -145,6 +145,11 @@ pub struct SendMessage {
 pub struct ChatClose {
     pub chat: i64,
     pub actor: i64,
+    /// When the close was asked for (ms): a client message stored after it means the
+    /// chat was reopened since, and a late or repeated run must not close it again.
+    /// Absent in jobs queued before the field existed.
+    #[serde(default)]
+    pub requested_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1269,14 +1269,22 @@ impl Store for SqliteStore {
         self.chat(chat).await
     }
 
-    async fn close_chat(&self, chat: Id, reset_responsible: bool) -> StoreResult<Chat> {
+    async fn close_chat(
+        &self,
+        chat: Id,
+        reset_responsible: bool,
+        requested_at: Option<i64>,
+    ) -> StoreResult<Chat> {
         self.chat(chat).await?;
         sqlx::query(
             "UPDATE chats SET status = 'closed', responsible_user_id = \
-             CASE WHEN $1 THEN NULL ELSE responsible_user_id END WHERE id = $2",
+             CASE WHEN $1 THEN NULL ELSE responsible_user_id END WHERE id = $2 \
+             AND ($3 IS NULL OR NOT EXISTS (SELECT 1 FROM messages \
+             WHERE chat_id = $2 AND direction = 'in' AND created_at > $3))",
         )
         .bind(reset_responsible)
         .bind(chat)
+        .bind(requested_at)
         .execute(&self.writer)
         .await?;
         self.chat(chat).await
@@ -2120,5 +2128,19 @@ mod tests {
         let stored = s.message(msg.id).await.expect("message");
         assert_eq!(stored.status, "sent");
         assert_eq!(stored.external_message_id, None);
+    }
+
+    #[tokio::test]
+    async fn a_close_asked_for_before_the_client_wrote_again_leaves_the_chat_open() {
+        let (_dir, s) = store().await;
+        let (msg, _) = outbound(&s).await;
+        // The client's message (stored by `outbound`) came after this close was asked.
+        let late = s.close_chat(msg.chat, false, Some(1)).await.expect("late");
+        assert_eq!(late.status, "open", "a late or repeated close is a no-op");
+        let closed = s
+            .close_chat(msg.chat, false, Some(now_ms() + 1))
+            .await
+            .expect("close");
+        assert_eq!(closed.status, "closed");
     }
 }

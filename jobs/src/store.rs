@@ -276,7 +276,14 @@ pub trait Store: Send + Sync + 'static {
     async fn assign_chat(&self, chat: Id, user: Option<Id>) -> StoreResult<Chat>;
     /// Marks the client's messages read and zeroes the unread count.
     async fn mark_read(&self, chat: Id) -> StoreResult<Chat>;
-    async fn close_chat(&self, chat: Id, reset_responsible: bool) -> StoreResult<Chat>;
+    /// Closes the chat unless the client wrote after `requested_at` (the chat was
+    /// reopened since the close was asked for).
+    async fn close_chat(
+        &self,
+        chat: Id,
+        reset_responsible: bool,
+        requested_at: Option<i64>,
+    ) -> StoreResult<Chat>;
     async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message>;
     async fn message(&self, id: Id) -> StoreResult<Message>;
     /// Records a status (and the messenger's id, if first given); releases any send

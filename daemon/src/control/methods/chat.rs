@@ -1,7 +1,7 @@
 //! `chat.create`, `chat.list`, `chat.get`, `chat.messages`, `chat.assign`, `chat.open`,
 //! `chat.close`, `chat.set_field`, and `message.send`.
 
-use patchbay_jobs::model::{Id, Role};
+use patchbay_jobs::model::{Id, Role, now_ms};
 use patchbay_jobs::store::ChatFilter;
 use patchbay_jobs::{DomainError, JobKind, access, fields, phone};
 use serde::Deserialize;
@@ -157,7 +157,7 @@ pub async fn close(app: &App, p: ActorParams) -> Result<Value, RpcError> {
     let (job, _) = app
         .enqueue(
             JobKind::ChatClose,
-            json!({ "chat": chat.id, "actor": p.actor }),
+            json!({ "chat": chat.id, "actor": p.actor, "requested_at": now_ms() }),
         )
         .await?;
     Ok(json!({ "job": job }))
