@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use patchbay_jobs::JobKind;
+use patchbay_jobs::validate::MAX_BALANCE;
 use serde::{Deserialize, Serialize};
 
 /// EX_CONFIG from sysexits.h: what systemd and scripts expect for a bad configuration.
@@ -421,12 +422,16 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "letters, digits, '-', '_' or '.', not empty",
         ));
     }
-    if raw.queue.retry_base_ms == 0 || raw.queue.retry_max_ms < raw.queue.retry_base_ms {
+    if raw.queue.retry_base_ms == 0
+        || raw.queue.retry_max_ms < raw.queue.retry_base_ms
+        || raw.queue.retry_max_ms > MAX_RETRY_MS
+    {
         return Err(ConfigError::new(
             "queue.retry_max_ms",
             raw.queue.retry_max_ms,
             format!(
-                "at least queue.retry_base_ms ({}), which must be > 0",
+                "at least queue.retry_base_ms ({}), which must be > 0, and at most \
+                 {MAX_RETRY_MS} (7 days)",
                 raw.queue.retry_base_ms
             ),
         ));
@@ -528,19 +533,22 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             e.to_string(),
         ));
     }
-    if raw.billing.default_price < 0 {
-        return Err(ConfigError::new(
-            "billing.default_price",
-            raw.billing.default_price,
-            "a non-negative integer of minor units",
-        ));
-    }
-    for (kind, price) in &raw.billing.prices {
-        if *price < 0 {
+    let prices = std::iter::once((
+        "billing.default_price".to_owned(),
+        raw.billing.default_price,
+    ))
+    .chain(
+        raw.billing
+            .prices
+            .iter()
+            .map(|(kind, price)| (format!("billing.prices.{kind}"), *price)),
+    );
+    for (key, price) in prices {
+        if !(0..=MAX_BALANCE).contains(&price) {
             return Err(ConfigError::new(
-                &format!("billing.prices.{kind}"),
+                &key,
                 price,
-                "a non-negative integer of minor units",
+                format!("a non-negative integer of minor units, at most {MAX_BALANCE}"),
             ));
         }
     }
@@ -579,6 +587,8 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
 
 /// Longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// The longest retry backoff: long enough for any outage worth waiting out.
+const MAX_RETRY_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// `control.socket` resolved; binding an empty or over-long path fails only at start,
 /// with an error that names no key.
@@ -722,6 +732,12 @@ mod tests {
             ("[store]\nurl = \"postgres://x\"", "store.url"),
             ("[billing]\nrun_at = \"25:00\"", "billing.run_at"),
             ("[billing.prices]\nloopback = -1", "billing.prices.loopback"),
+            (
+                "[billing.prices]\nloopback = 9000000000000000000",
+                "billing.prices.loopback",
+            ),
+            ("[billing]\ndefault_price = -5", "billing.default_price"),
+            ("[queue]\nretry_max_ms = 604800001", "queue.retry_max_ms"),
             ("[log]\nformat = \"xml\"", "log.format"),
             (
                 "[queue]\nlost_job_grace_secs = 0",
