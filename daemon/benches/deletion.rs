@@ -222,6 +222,9 @@ async fn bench(
         template.join("var/patchbay.db"),
         dir.path().join("var/patchbay.db"),
     )?;
+    // Written back now, not during the baseline: an fsync of the daemon's would wait
+    // for the copy's writeback (one journal on the file system) and stall inbound.
+    std::fs::File::open(dir.path().join("var/patchbay.db"))?.sync_all()?;
     let mut daemon = Daemon::start(
         dir.path(),
         Backend::Sqlite,
