@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use crate::common::{Recorder, TempDb, env, spec};
 use patchbay_daemon::queue::{Envelope, Queue, SqliteTuning};
 
-/// setup() leaves synchronous=OFF on its connection; ours must all be durable.
+/// setup() leaves synchronous=OFF on its connection; ours must all be durable, and
+/// leave checkpoints to the checkpoint connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pooled_connection_is_durable() {
     let db = TempDb::new("pragma");
@@ -32,8 +33,15 @@ async fn every_pooled_connection_is_durable() {
             .fetch_one(&mut **c)
             .await
             .unwrap();
+        let autocheckpoint: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
         assert_eq!(sync, 1, "synchronous must be NORMAL (1)");
         assert_eq!(mode, "wal");
+        // Checkpoints (and their fsync) belong to the queue's checkpoint connection;
+        // the working connections only keep a backstop.
+        assert_eq!(autocheckpoint, 10_000);
     }
 }
 
