@@ -315,8 +315,13 @@ impl App {
 
 #[async_trait::async_trait]
 impl Effects for App {
-    async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError> {
-        self.plugins.deliver(channel, outbound).await
+    async fn deliver(
+        &self,
+        channel: &Channel,
+        outbound: &Value,
+        lease_until: i64,
+    ) -> Result<Option<String>, JobError> {
+        self.plugins.deliver(channel, outbound, lease_until).await
     }
 
     fn prices(&self) -> Prices {

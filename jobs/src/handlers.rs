@@ -19,8 +19,15 @@ use crate::store::{Charged, Notification, Store, StoreResult};
 #[async_trait]
 pub trait Effects: Send + Sync {
     /// Hands an outbound message to its channel's running connector; returns the
-    /// messenger's id for it.
-    async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError>;
+    /// messenger's id for it. Sends on one channel take turns; at its turn the message's
+    /// send lease is claimed until `lease_until` (`Store::claim_send`), and `None` means
+    /// the claim failed (sent since, or another attempt holds it): nothing was sent.
+    async fn deliver(
+        &self,
+        channel: &Channel,
+        outbound: &Value,
+        lease_until: i64,
+    ) -> Result<Option<String>, JobError>;
     /// Rows per deletion batch and the pause between batches (`deletion.*` config).
     fn deletion_pacing(&self) -> (u32, std::time::Duration);
     /// The daemon is shutting down: long handlers stop at their next safe point.
@@ -99,17 +106,9 @@ pub async fn run(
 /// still queued marks the message failed, with the reason, so the inbox shows it and
 /// `job.retry` can send it again.
 pub async fn gave_up(store: &dyn Store, payload: &Payload, reason: &str) -> StoreResult<()> {
-    let Payload::SendMessage(s) = payload else {
-        return Ok(());
-    };
-    match store.message(s.message).await {
-        Ok(m) if m.status == "queued" => {
-            store
-                .set_message_status(m.id, "failed", Some(reason), None)
-                .await
-        }
-        Ok(_) | Err(DomainError::NotFound(_)) => Ok(()),
-        Err(e) => Err(e),
+    match payload {
+        Payload::SendMessage(s) => store.fail_unsent(s.message, reason).await,
+        _ => Ok(()),
     }
 }
 
@@ -130,10 +129,10 @@ pub fn inbound_sender_phone(m: &InboundMessage) -> Result<Option<String>, JobErr
     Ok(phone)
 }
 
-/// How long one send attempt holds its message: longer than the host waits for the
-/// channel's turn (60 s) plus one connector call (30 s). A daemon that dies mid-send
-/// leaves the message to a retry after this; with the default backoff the job's last
-/// attempts come later than that.
+/// How long one send attempt holds its message: the lease is claimed at the channel's
+/// turn, so it covers one connector call (at most 30 s) with a wide margin. A daemon
+/// that dies mid-send leaves the message to a retry after this; with the default
+/// backoff the job's last attempts come later than that.
 const SEND_LEASE_MS: i64 = 120 * 1000;
 
 async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Result<(), JobError> {
@@ -181,23 +180,21 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
     });
     // One attempt at a time hands the message to the connector: a job redelivered
     // while its first run is still sending finds the lease and backs off.
-    if !store.claim_send(id, now_ms() + SEND_LEASE_MS).await? {
-        let status = store.message(id).await?.status;
-        if status != "queued" && status != "failed" {
-            return Ok(());
-        }
-        return Err(JobError::Retryable(format!(
-            "message {id} is being sent by another attempt"
-        )));
-    }
-    match effects.deliver(&channel, &outbound).await {
-        Ok(external_id) => {
-            store
-                .set_message_status(id, "sent", None, Some(&external_id))
-                .await?;
-            Ok(())
+    let lease = now_ms() + SEND_LEASE_MS;
+    match effects.deliver(&channel, &outbound, lease).await {
+        Ok(Some(external_id)) => record_sent(store, id, &external_id).await,
+        Ok(None) => {
+            let status = store.message(id).await?.status;
+            if status != "queued" && status != "failed" {
+                return Ok(());
+            }
+            Err(JobError::Retryable(format!(
+                "message {id} is being sent by another attempt"
+            )))
         }
         Err(JobError::Permanent(reason)) => {
+            // The lease stays until it runs out: a send whose outcome is unknown (the
+            // connector did not answer in time) may still be going on.
             store
                 .set_message_status(id, "failed", Some(&reason), None)
                 .await?;
@@ -206,10 +203,39 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
         Err(e) => {
             // Not sent (the connector said so, or it was never called): the retry may
             // claim it at once. Should this write fail, the lease runs out by itself.
-            if let Err(release) = store.release_send(id).await {
+            if let Err(release) = store.release_send(id, lease).await {
                 tracing::warn!(message = id, error = %release, "cannot release a send lease");
             }
             Err(e)
+        }
+    }
+}
+
+/// Records a sent message, retrying a failing store a few times: a `sent` left
+/// unrecorded would have the job retried, and the message sent twice. If the store
+/// stays down, the job dies with the messenger's id in its error and the message keeps
+/// its lease, so nothing sends it again on its own.
+async fn record_sent(store: &dyn Store, id: Id, external_id: &str) -> Result<(), JobError> {
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match store
+            .set_message_status(id, "sent", None, Some(external_id))
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 5 => {
+                tracing::warn!(message = id, error = %e, "cannot record a sent message; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                tries += 1;
+            }
+            Err(e) => {
+                return Err(JobError::Permanent(format!(
+                    "message {id} was sent (messenger id {external_id}) but its status could \
+                     not be recorded: {e}"
+                )));
+            }
         }
     }
 }

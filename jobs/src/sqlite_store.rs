@@ -1277,10 +1277,13 @@ impl Store for SqliteStore {
     ) -> StoreResult<Chat> {
         self.chat(chat).await?;
         sqlx::query(
-            "UPDATE chats SET status = 'closed', responsible_user_id = \
-             CASE WHEN $1 THEN NULL ELSE responsible_user_id END WHERE id = $2 \
-             AND ($3 IS NULL OR NOT EXISTS (SELECT 1 FROM messages \
-             WHERE chat_id = $2 AND direction = 'in' AND created_at > $3))",
+            // As if the close had run before the client wrote: the responsible is
+            // reset (when the setting says so), the chat stays open.
+            "UPDATE chats SET status = CASE WHEN $3 IS NOT NULL AND EXISTS (SELECT 1 \
+             FROM messages WHERE chat_id = $2 AND direction = 'in' AND created_at > $3) \
+             THEN status ELSE 'closed' END, \
+             responsible_user_id = CASE WHEN $1 THEN NULL ELSE responsible_user_id END \
+             WHERE id = $2",
         )
         .bind(reset_responsible)
         .bind(chat)
@@ -1337,7 +1340,7 @@ impl Store for SqliteStore {
             sqlx::query(
                 // Never back from delivered/read: a receipt can overtake the send's own
                 // update.
-                "UPDATE messages SET status = $1, status_reason = $2, send_lease_until = NULL, \
+                "UPDATE messages SET status = $1, status_reason = $2, \
                  external_message_id = COALESCE(external_message_id, $3) WHERE id = $4 \
                  AND NOT (status IN ('delivered', 'read') AND $1 IN ('queued', 'sent', 'failed')) \
                  AND NOT (status = 'read' AND $1 = 'delivered')",
@@ -1380,11 +1383,29 @@ impl Store for SqliteStore {
         Ok(claimed == 1)
     }
 
-    async fn release_send(&self, id: Id) -> StoreResult<()> {
-        sqlx::query("UPDATE messages SET send_lease_until = NULL WHERE id = $1")
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+    async fn release_send(&self, id: Id, until: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE messages SET send_lease_until = NULL \
+             WHERE id = $1 AND send_lease_until = $2",
+        )
+        .bind(id)
+        .bind(until)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn fail_unsent(&self, id: Id, reason: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE messages SET status = 'failed', status_reason = $2 \
+             WHERE id = $1 AND direction = 'out' AND status = 'queued' \
+             AND (send_lease_until IS NULL OR send_lease_until <= $3)",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -2079,13 +2100,27 @@ mod tests {
     async fn one_send_attempt_at_a_time_holds_a_message() {
         let (_dir, s) = store().await;
         let (msg, _) = outbound(&s).await;
+        let status = |id: Id| {
+            let s = &s;
+            async move { s.message(id).await.expect("message").status }
+        };
         let until = now_ms() + 60_000;
         assert!(s.claim_send(msg.id, until).await.expect("claim"));
         assert!(
-            !s.claim_send(msg.id, until).await.expect("claim again"),
+            !s.claim_send(msg.id, until + 1).await.expect("claim again"),
             "a second attempt must not take a held message"
         );
-        s.release_send(msg.id).await.expect("release");
+        // Only the holder's token gives the lease back.
+        s.release_send(msg.id, until + 1).await.expect("release");
+        assert!(!s.claim_send(msg.id, until).await.expect("still held"));
+        // A send that gave up fails the message only once nobody holds it.
+        s.fail_unsent(msg.id, "gave up").await.expect("fail");
+        assert_eq!(
+            status(msg.id).await,
+            "queued",
+            "a held message may yet be sent"
+        );
+        s.release_send(msg.id, until).await.expect("release");
         assert!(s.claim_send(msg.id, until).await.expect("after release"));
         // A lease that ran out (its daemon died mid-send) can be taken again.
         sqlx::query("UPDATE messages SET send_lease_until = 1 WHERE id = $1")
@@ -2098,16 +2133,15 @@ mod tests {
             .await
             .expect("sent");
         assert!(
-            !s.claim_send(msg.id, until).await.expect("sent"),
+            !s.claim_send(msg.id, until + 2).await.expect("sent"),
             "a sent message is never claimed again"
         );
-        let lease: Option<i64> =
-            sqlx::query_scalar("SELECT send_lease_until FROM messages WHERE id = $1")
-                .bind(msg.id)
-                .fetch_one(&s.pool)
-                .await
-                .expect("lease");
-        assert_eq!(lease, None, "recording the status releases the lease");
+        s.fail_unsent(msg.id, "gave up").await.expect("fail sent");
+        assert_eq!(
+            status(msg.id).await,
+            "sent",
+            "a sent message is never failed"
+        );
         // An inbound message is never claimed for sending.
         let inbound: Id =
             sqlx::query_scalar("SELECT id FROM messages WHERE direction = 'in' LIMIT 1")
@@ -2134,9 +2168,18 @@ mod tests {
     async fn a_close_asked_for_before_the_client_wrote_again_leaves_the_chat_open() {
         let (_dir, s) = store().await;
         let (msg, _) = outbound(&s).await;
+        let admin = msg.author.expect("author");
+        s.assign_chat(msg.chat, Some(admin)).await.expect("assign");
         // The client's message (stored by `outbound`) came after this close was asked.
-        let late = s.close_chat(msg.chat, false, Some(1)).await.expect("late");
-        assert_eq!(late.status, "open", "a late or repeated close is a no-op");
+        let late = s.close_chat(msg.chat, true, Some(1)).await.expect("late");
+        assert_eq!(
+            late.status, "open",
+            "a late or repeated close leaves it open"
+        );
+        assert_eq!(
+            late.responsible, None,
+            "the reset applies as if it ran first"
+        );
         let closed = s
             .close_chat(msg.chat, false, Some(now_ms() + 1))
             .await

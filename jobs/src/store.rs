@@ -276,8 +276,9 @@ pub trait Store: Send + Sync + 'static {
     async fn assign_chat(&self, chat: Id, user: Option<Id>) -> StoreResult<Chat>;
     /// Marks the client's messages read and zeroes the unread count.
     async fn mark_read(&self, chat: Id) -> StoreResult<Chat>;
-    /// Closes the chat unless the client wrote after `requested_at` (the chat was
-    /// reopened since the close was asked for).
+    /// Closes the chat, resetting the responsible if asked. A client who wrote after
+    /// `requested_at` reopened it since the close was asked for: it stays open (the
+    /// reset still applies, as if the close had run first).
     async fn close_chat(
         &self,
         chat: Id,
@@ -286,8 +287,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Chat>;
     async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message>;
     async fn message(&self, id: Id) -> StoreResult<Message>;
-    /// Records a status (and the messenger's id, if first given); releases any send
-    /// lease. A status never goes back from delivered or read.
+    /// Records a status (and the messenger's id, if first given). A status never goes
+    /// back from delivered or read.
     async fn set_message_status(
         &self,
         id: Id,
@@ -298,8 +299,12 @@ pub trait Store: Send + Sync + 'static {
     /// Claims a queued or failed outbound message for one send attempt until `until`
     /// (ms): `false` when it was sent since or another attempt holds the lease.
     async fn claim_send(&self, id: Id, until: i64) -> StoreResult<bool>;
-    /// Gives a send lease back (the attempt failed and will be retried).
-    async fn release_send(&self, id: Id) -> StoreResult<()>;
+    /// Gives a send lease back (the attempt did not send and will be retried); only
+    /// the lease claimed with this `until`, never another attempt's.
+    async fn release_send(&self, id: Id, until: i64) -> StoreResult<()>;
+    /// Marks a message whose send gave up `failed`, in one statement: only while it is
+    /// still `queued` and no attempt holds its lease (one that does may yet send it).
+    async fn fail_unsent(&self, id: Id, reason: &str) -> StoreResult<()>;
     /// Upserts contact and chat, reopens a closed chat, stores the message once per
     /// (channel, external message id) and bumps the unread count — in one transaction.
     /// `false` when it was stored before (a redelivered job): nothing changed.

@@ -29,9 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
 
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a send waits for its channel's previous call to finish.
-const TURN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Also bounds how long a send holds its message's lease (see `deliver`).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An instance that ran this long before failing resets the backoff; one that fails
@@ -217,11 +216,18 @@ impl Supervisor {
             .collect())
     }
 
-    /// Hands an outbound message to the channel's running instance. The connector's
-    /// answer must be `{"type":"sent"}` with a non-empty external id: anything else
-    /// fails the message for good, since it may have been sent and a retry could send
-    /// it twice.
-    pub async fn deliver(&self, channel: &Channel, outbound: &Value) -> Result<String, JobError> {
+    /// Hands an outbound message to the channel's running instance. Sends on one
+    /// channel take turns; once it is this message's turn, its send lease is claimed
+    /// until `lease_until` (`Store::claim_send`), and `None` means the claim failed (sent
+    /// since, or another attempt holds it) and nothing was sent. The connector's answer
+    /// must be `{"type":"sent"}` with a non-empty external id: anything else fails the
+    /// message for good, since it may have been sent and a retry could send it twice.
+    pub async fn deliver(
+        &self,
+        channel: &Channel,
+        outbound: &Value,
+        lease_until: i64,
+    ) -> Result<Option<String>, JobError> {
         let msg: Outbound = serde_json::from_value(outbound.clone()).map_err(|e| {
             JobError::Permanent(format!("not a valid outbound message for a connector: {e}"))
         })?;
@@ -233,16 +239,12 @@ impl Supervisor {
         };
         let calls = self.lock().get(&channel.id).map(|r| r.calls.clone());
         let calls = calls.ok_or_else(not_connected)?;
-        // Bounded, so that a send never outlives its message's lease (see
-        // `patchbay_jobs::handlers`): a channel this far behind is retried later.
-        let _turn = tokio::time::timeout(TURN_TIMEOUT, calls.lock())
-            .await
-            .map_err(|_| {
-                JobError::Retryable(format!(
-                    "channel {} is busy with other sends; will retry",
-                    channel.id
-                ))
-            })?;
+        let _turn = calls.lock().await;
+        // Claimed with the turn, so the lease covers one call, not the wait behind
+        // other sends.
+        if !self.store.claim_send(msg.message, lease_until).await? {
+            return Ok(None);
+        }
         // Taken only now, with the turn: the instance is the current one, and no await
         // lies between here and the blocking thread that will own this handle.
         let instance = self
@@ -265,7 +267,7 @@ impl Supervisor {
             }
         };
         match reply {
-            Ok(sent) => Ok(sent.external_message_id),
+            Ok(sent) => Ok(Some(sent.external_message_id)),
             Err(e) if e.retryable || e.is_panic() => {
                 Err(JobError::Retryable(format!("{}: {}", e.code, e.message)))
             }

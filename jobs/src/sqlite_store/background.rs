@@ -34,9 +34,15 @@ pub(super) async fn open(options: SqliteConnectOptions) -> Result<SqlitePool, sq
         .await
 }
 
-/// Lowers every background connection thread's priority. Best effort: a failure costs
-/// inbound latency during deletion, not correctness, so it is logged and ignored.
+/// Lowers every background connection thread's priority to `NICE_STEPS` below the
+/// calling (ordinary) thread's; threads already there are left alone, so a second store
+/// in the process does not push the first one's further down. Best effort: a failure
+/// costs inbound latency during deletion, not correctness, so it is logged and ignored.
 fn lower_priority() {
+    let Ok(own) = rustix::process::getpriority_process(None) else {
+        return;
+    };
+    let target = (own + NICE_STEPS).min(19);
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return;
     };
@@ -53,7 +59,10 @@ fn lower_priority() {
         };
         // On Linux the nice value is per thread: PRIO_PROCESS with a thread id sets it.
         let result = rustix::process::getpriority_process(Some(pid)).and_then(|nice| {
-            rustix::process::setpriority_process(Some(pid), (nice + NICE_STEPS).min(19))
+            if nice < target {
+                rustix::process::setpriority_process(Some(pid), target)?;
+            }
+            Ok(())
         });
         match result {
             Ok(()) => tracing::debug!(tid = pid.as_raw_pid(), "background store thread niced"),
@@ -96,7 +105,7 @@ mod tests {
                 found += 1;
             }
         }
-        // Other tests' stores have background threads too, niced the same.
+        // Other tests' stores have background threads too, niced the same (never more).
         assert!(found >= 1, "no background connection thread found");
     }
 }
