@@ -319,9 +319,9 @@ impl Effects for App {
         &self,
         channel: &Channel,
         outbound: &Value,
-        lease_until: i64,
+        lease_ms: i64,
     ) -> Result<Option<String>, JobError> {
-        self.plugins.deliver(channel, outbound, lease_until).await
+        self.plugins.deliver(channel, outbound, lease_ms).await
     }
 
     fn prices(&self) -> Prices {

@@ -20,13 +20,14 @@ use crate::store::{Charged, Notification, Store, StoreResult};
 pub trait Effects: Send + Sync {
     /// Hands an outbound message to its channel's running connector; returns the
     /// messenger's id for it. Sends on one channel take turns; at its turn the message's
-    /// send lease is claimed until `lease_until` (`Store::claim_send`), and `None` means
-    /// the claim failed (sent since, or another attempt holds it): nothing was sent.
+    /// send lease is claimed for `lease_ms` (`Store::claim_send`), and `None` means the
+    /// claim failed (sent since, or another attempt holds it): nothing was sent. A
+    /// retryable error gives the lease back; any other outcome keeps it.
     async fn deliver(
         &self,
         channel: &Channel,
         outbound: &Value,
-        lease_until: i64,
+        lease_ms: i64,
     ) -> Result<Option<String>, JobError>;
     /// Rows per deletion batch and the pause between batches (`deletion.*` config).
     fn deletion_pacing(&self) -> (u32, std::time::Duration);
@@ -180,8 +181,7 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
     });
     // One attempt at a time hands the message to the connector: a job redelivered
     // while its first run is still sending finds the lease and backs off.
-    let lease = now_ms() + SEND_LEASE_MS;
-    match effects.deliver(&channel, &outbound, lease).await {
+    match effects.deliver(&channel, &outbound, SEND_LEASE_MS).await {
         Ok(Some(external_id)) => record_sent(store, id, &external_id).await,
         Ok(None) => {
             let status = store.message(id).await?.status;
@@ -200,14 +200,8 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
                 .await?;
             Err(JobError::Permanent(reason))
         }
-        Err(e) => {
-            // Not sent (the connector said so, or it was never called): the retry may
-            // claim it at once. Should this write fail, the lease runs out by itself.
-            if let Err(release) = store.release_send(id, lease).await {
-                tracing::warn!(message = id, error = %release, "cannot release a send lease");
-            }
-            Err(e)
-        }
+        // Retryable: not sent, and `deliver` gave the lease back.
+        Err(e) => Err(e),
     }
 }
 

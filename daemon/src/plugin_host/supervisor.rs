@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use patchbay_connector_sdk::host::{Instance, InstanceState, PluginError, RawEvent, codes};
 use patchbay_connector_sdk::{ChannelState, Outbound, Status};
-use patchbay_jobs::model::{Channel, Id};
+use patchbay_jobs::model::{Channel, Id, now_ms};
 use patchbay_jobs::{DomainError, JobError, Store};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::registry::Registry;
 
 /// Also bounds how long a send holds its message's lease (see `deliver`).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An instance that ran this long before failing resets the backoff; one that fails
@@ -218,15 +218,16 @@ impl Supervisor {
 
     /// Hands an outbound message to the channel's running instance. Sends on one
     /// channel take turns; once it is this message's turn, its send lease is claimed
-    /// until `lease_until` (`Store::claim_send`), and `None` means the claim failed (sent
-    /// since, or another attempt holds it) and nothing was sent. The connector's answer
-    /// must be `{"type":"sent"}` with a non-empty external id: anything else fails the
-    /// message for good, since it may have been sent and a retry could send it twice.
+    /// for `lease_ms` (`Store::claim_send`), and `None` means the claim failed (sent
+    /// since, or another attempt holds it) and nothing was sent. A retryable failure
+    /// gives the lease back; any other outcome keeps it. The connector's answer must be
+    /// `{"type":"sent"}` with a non-empty external id: anything else fails the message
+    /// for good, since it may have been sent and a retry could send it twice.
     pub async fn deliver(
         &self,
         channel: &Channel,
         outbound: &Value,
-        lease_until: i64,
+        lease_ms: i64,
     ) -> Result<Option<String>, JobError> {
         let msg: Outbound = serde_json::from_value(outbound.clone()).map_err(|e| {
             JobError::Permanent(format!("not a valid outbound message for a connector: {e}"))
@@ -240,39 +241,51 @@ impl Supervisor {
         let calls = self.lock().get(&channel.id).map(|r| r.calls.clone());
         let calls = calls.ok_or_else(not_connected)?;
         let _turn = calls.lock().await;
-        // Claimed with the turn, so the lease covers one call, not the wait behind
-        // other sends.
-        if !self.store.claim_send(msg.message, lease_until).await? {
+        // Claimed with the turn, and timed from it, so the lease covers one call, not
+        // the wait behind other sends.
+        let (message, lease_until) = (msg.message, now_ms() + lease_ms);
+        if !self.store.claim_send(message, lease_until).await? {
             return Ok(None);
         }
-        // Taken only now, with the turn: the instance is the current one, and no await
-        // lies between here and the blocking thread that will own this handle.
-        let instance = self
-            .lock()
-            .get(&channel.id)
-            .and_then(|r| r.instance.clone());
-        let instance = instance.ok_or_else(not_connected)?;
-        let reply = match blocking(CALL_TIMEOUT, move || instance.send(&msg)).await {
-            Ok(reply) => reply,
-            Err(CallFailure::TimedOut) => {
-                // The call may still send it: a retry could send it twice.
-                return Err(JobError::Permanent(format!(
-                    "connector of channel {} did not answer within {CALL_TIMEOUT:?}; the \
-                     message may have been sent (retry the job to send it again)",
-                    channel.id
-                )));
+        let sent = async {
+            // Taken only now, with the turn: the instance is the current one, and no
+            // await lies between here and the blocking thread that will own this handle.
+            let instance = self
+                .lock()
+                .get(&channel.id)
+                .and_then(|r| r.instance.clone());
+            let instance = instance.ok_or_else(not_connected)?;
+            let reply = match blocking(CALL_TIMEOUT, move || instance.send(&msg)).await {
+                Ok(reply) => reply,
+                Err(CallFailure::TimedOut) => {
+                    // The call may still send it: a retry could send it twice.
+                    return Err(JobError::Permanent(format!(
+                        "connector of channel {} did not answer within {CALL_TIMEOUT:?}; \
+                         the message may have been sent (retry the job to send it again)",
+                        channel.id
+                    )));
+                }
+                Err(CallFailure::Crashed) => {
+                    return Err(JobError::Retryable("connector call failed".into()));
+                }
+            };
+            match reply {
+                Ok(sent) => Ok(Some(sent.external_message_id)),
+                Err(e) if e.retryable || e.is_panic() => {
+                    Err(JobError::Retryable(format!("{}: {}", e.code, e.message)))
+                }
+                Err(e) => Err(JobError::Permanent(format!("{}: {}", e.code, e.message))),
             }
-            Err(CallFailure::Crashed) => {
-                return Err(JobError::Retryable("connector call failed".into()));
-            }
-        };
-        match reply {
-            Ok(sent) => Ok(Some(sent.external_message_id)),
-            Err(e) if e.retryable || e.is_panic() => {
-                Err(JobError::Retryable(format!("{}: {}", e.code, e.message)))
-            }
-            Err(e) => Err(JobError::Permanent(format!("{}: {}", e.code, e.message))),
         }
+        .await;
+        if let Err(JobError::Retryable(_)) = &sent {
+            // Not sent: the retry may claim it at once. Should this write fail, the
+            // lease runs out by itself.
+            if let Err(e) = self.store.release_send(message, lease_until).await {
+                tracing::warn!(message, error = %e, "cannot release a send lease");
+            }
+        }
+        sent
     }
 
     fn set_instance(&self, channel: Id, instance: Option<Arc<Instance>>) {
