@@ -6,7 +6,13 @@
 use std::{future::Future, path::Path, time::Duration};
 
 use apalis_core::{
-    backend::{TaskSink, ext::BackendExt},
+    backend::{
+        TaskSink,
+        ext::{
+            BackendExt,
+            poll_strategy::{PollSnapshot, PollStrategy},
+        },
+    },
     error::BoxDynError,
     monitor::Monitor,
     task::builder::TaskBuilder,
@@ -327,7 +333,9 @@ impl SqliteQueue {
                         started.started();
                         async { Ok::<(), apalis_sqlite::Error>(()) }
                     })
-                    .poll_with_interval(spec.poll_interval.unwrap_or(this.tuning.poll_interval));
+                    .poll_with_strategy(Ticker::new(
+                        spec.poll_interval.unwrap_or(this.tuning.poll_interval),
+                    ));
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
                     .layer(ConcurrencyLimitLayer::new(spec.concurrency))
@@ -347,6 +355,39 @@ impl SqliteQueue {
         tokio::select! {
             res = run_monitor(monitor, shutdown, grace) => res,
             () = self.housekeeping() => Ok(()),
+        }
+    }
+}
+
+/// Wakes an idle worker every `period` to poll for jobs. apalis-core 1.0's
+/// `IntervalStrategy` replaces its timer when it fires without polling the new one, so
+/// no wake-up is armed for the next tick: now and then an idle worker then slept until
+/// its heartbeat (a job pushed 2 s after the last one ran 3 s late, with the 5 s
+/// heartbeat). This one polls its interval until it is pending, which arms it.
+struct Ticker(tokio::time::Interval);
+
+impl Ticker {
+    fn new(period: Duration) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker(tick)
+    }
+}
+
+impl PollStrategy for Ticker {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        let mut fired = false;
+        while self.0.poll_tick(cx).is_ready() {
+            fired = true;
+        }
+        if fired {
+            std::task::Poll::Ready(Some(()))
+        } else {
+            std::task::Poll::Pending
         }
     }
 }
