@@ -10,7 +10,9 @@ use patchbay_jobs::billing::{self, Prices};
 use patchbay_jobs::handlers::{Effects, Notice, NoticeKind};
 use patchbay_jobs::model::Channel;
 use patchbay_jobs::model::{Account, Id, JobRecord, JobState, now_ms};
-use patchbay_jobs::store::{ChargeJob, ChargeOutcome, Charged, InboundJob, JournalInsert};
+use patchbay_jobs::store::{
+    ChargeJob, ChargeOutcome, Charged, CheckJob, InboundJob, JournalInsert,
+};
 use patchbay_jobs::{DomainError, JobError, JobKind, Store};
 use serde_json::{Value, json};
 
@@ -31,9 +33,11 @@ pub struct App {
     /// `billing()`, not `settings.raw.billing`, which keeps the values from start.
     pub billing: std::sync::RwLock<Arc<BillingConfig>>,
     pub mailer: Mailer,
-    /// Group commit for `inbound_message` and `charge_account` jobs (see `batcher`).
+    /// Group commit for `inbound_message`, `charge_account` and `balance_check` jobs
+    /// (see `batcher`).
     pub inbound: Batcher<InboundJob>,
     pub charges: Batcher<ChargeJob>,
+    pub checks: Batcher<CheckJob>,
     /// Cancelled when the daemon starts to stop.
     pub stop: CancellationToken,
 }
@@ -94,7 +98,10 @@ impl App {
             .into_iter()
             .map(|payload| self.new_record(kind, payload))
             .collect::<Result<Vec<_>, _>>()?;
-        let inserted = self.store.journal_insert_many(&recs).await?;
+        // Recorded as queued before the push (one journal write per job instead of
+        // two); a refused push marks them unqueued below, and a crash between the two
+        // leaves them to the sweep's check for jobs queued but never started.
+        let inserted = self.store.journal_insert_many(&recs, true).await?;
         let envs: Vec<Envelope> = recs
             .iter()
             .zip(&inserted)
@@ -117,7 +124,6 @@ impl App {
                 envs.len()
             )));
         }
-        self.mark_pushed(&ids, true).await;
         Ok(envs.len())
     }
 

@@ -236,8 +236,9 @@ impl Settings {
         let default = match kind {
             // These handlers mostly wait for their batcher: many in flight make big batches.
             JobKind::InboundMessage | JobKind::ChargeAccount => 512,
-            // Each waits on SMTP (or the spool's file system) most of the time.
-            JobKind::BalanceCheck => 32,
+            // Group-committed too; a batch sends `handlers::PARALLEL_SENDS` e-mails at once.
+            JobKind::BalanceCheck => 128,
+            // Each waits on its channel's connector most of the time.
             JobKind::SendMessage => 32,
             // Deletion is paced and must never crowd out inbound work.
             JobKind::DataDeletion => 1,

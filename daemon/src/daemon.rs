@@ -78,6 +78,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         settings,
         inbound: worker::inbound_batcher(store.clone()),
         charges: worker::charge_batcher(app.clone()),
+        checks: worker::check_batcher(app.clone()),
         stop: stop.clone(),
         store,
         queue,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use patchbay_jobs::model::{Id, JobRecord, JobState, now_ms};
-use patchbay_jobs::store::{BatchedJob, ChargeJob, Charged, InboundJob};
+use patchbay_jobs::store::{BatchedJob, ChargeJob, Charged, CheckJob, InboundJob};
 use patchbay_jobs::{DomainError, JobError, JobKind, Payload, Store, handlers};
 
 use crate::app::App;
@@ -49,6 +49,13 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
                 day_end: app.day_end(c.date),
             };
             app.charges.submit(job).await
+        }
+        Ok(Payload::BalanceCheck(b)) => {
+            let job = CheckJob {
+                job: env.id.clone(),
+                account: b.account,
+            };
+            app.checks.submit(job).await
         }
         _ => false,
     };
@@ -104,6 +111,24 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
     })
 }
 
+/// Group commit for `balance_check` jobs (`handlers::balance_checks`): their e-mails
+/// claimed and settled in one transaction each, sent in parallel in between.
+pub fn check_batcher(app: Weak<App>) -> Batcher<CheckJob> {
+    Batcher::start(move |jobs: Vec<CheckJob>| {
+        let app = app.upgrade();
+        async move {
+            let Some(app) = app else {
+                return vec![false; jobs.len()];
+            };
+            let outcomes = handlers::balance_checks(app.store.as_ref(), app.as_ref(), &jobs).await;
+            finished(
+                outcomes.map(|o| o.into_iter().zip(&jobs).map(|(o, j)| (o, &j.job)).collect()),
+                jobs.len(),
+            )
+        }
+    })
+}
+
 /// Which jobs of a batch are finished (`true`) or must go the per-job path (`false`).
 fn finished(outcomes: Result<Vec<(BatchedJob, &String)>, DomainError>, n: usize) -> Vec<bool> {
     match outcomes {
@@ -116,6 +141,10 @@ fn finished(outcomes: Result<Vec<(BatchedJob, &String)>, DomainError>, n: usize)
                     true
                 }
                 BatchedJob::NotJournalled => false,
+                BatchedJob::Failed(reason) => {
+                    tracing::debug!(job = %job, error = %reason, "job failed in its batch; running it alone");
+                    false
+                }
             })
             .collect(),
         Err(e) => {

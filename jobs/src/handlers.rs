@@ -14,7 +14,7 @@ use crate::error::{DomainError, JobError};
 use crate::kind::{InboundMessage, JobKind, Payload};
 use crate::model::{Account, Channel, Id, now_ms};
 use crate::phone;
-use crate::store::{Charged, Notification, Store, StoreResult};
+use crate::store::{BatchedJob, Charged, CheckJob, Notification, Store, StoreResult};
 
 #[async_trait]
 pub trait Effects: Send + Sync {
@@ -332,43 +332,132 @@ async fn send_notices(
     account: Id,
     claimed: &[Notification],
 ) -> Result<(), JobError> {
+    let (acc, to) = recipients(store, account).await?;
+    for n in claimed {
+        send_one(effects, &acc, &to, n).await?;
+        store.mark_notification_sent(n).await?;
+    }
+    Ok(())
+}
+
+/// The account and its administrators' addresses, for its balance e-mails.
+async fn recipients(store: &dyn Store, account: Id) -> Result<(Account, Vec<String>), JobError> {
     let acc = store.account(account).await?;
-    let to: Vec<String> = store
+    let to = store
         .administrators(account)
         .await?
         .into_iter()
         .map(|u| u.email)
         .collect();
-    for n in claimed {
-        let kind = if n.kind == "disconnected" {
-            NoticeKind::Disconnected {
-                date: n.disconnect_date,
-            }
-        } else {
-            NoticeKind::Warning(Warning {
-                kind: n.kind.clone(),
-                days: n.days,
-                disconnect_date: n.disconnect_date,
-            })
-        };
-        let notice = Notice {
-            account: Account {
-                balance: n.balance,
-                ..acc.clone()
-            },
-            to: to.clone(),
-            daily_total: n.daily_total,
-            kind,
-        };
-        // A refusal (5xx, bad credentials, no administrator yet) is not final for the
-        // e-mail: the job retries with backoff, the claim released, and once the job is
-        // dead the lost-job sweep queues a new balance_check after its grace — a warning
-        // is delayed until mail works, never lost.
-        effects.send_notice(&notice).await.map_err(|e| match e {
-            JobError::Permanent(why) => JobError::Retryable(why),
-            other => other,
-        })?;
-        store.mark_notification_sent(n).await?;
+    Ok((acc, to))
+}
+
+async fn send_one(
+    effects: &dyn Effects,
+    acc: &Account,
+    to: &[String],
+    n: &Notification,
+) -> Result<(), JobError> {
+    let kind = if n.kind == "disconnected" {
+        NoticeKind::Disconnected {
+            date: n.disconnect_date,
+        }
+    } else {
+        NoticeKind::Warning(Warning {
+            kind: n.kind.clone(),
+            days: n.days,
+            disconnect_date: n.disconnect_date,
+        })
+    };
+    let notice = Notice {
+        account: Account {
+            balance: n.balance,
+            ..acc.clone()
+        },
+        to: to.to_vec(),
+        daily_total: n.daily_total,
+        kind,
+    };
+    // A refusal (5xx, bad credentials, no administrator yet) is not final for the
+    // e-mail: the job retries with backoff, the claim released, and once the job is
+    // dead the lost-job sweep queues a new balance_check after its grace — a warning
+    // is delayed until mail works, never lost.
+    effects.send_notice(&notice).await.map_err(|e| match e {
+        JobError::Permanent(why) => JobError::Retryable(why),
+        other => other,
+    })
+}
+
+/// Sends one account's claimed e-mails in order, stopping at the first refusal:
+/// (`i`, how many went out, the refusal).
+async fn send_account(
+    store: &dyn Store,
+    effects: &dyn Effects,
+    i: usize,
+    account: Id,
+    notices: &[Notification],
+) -> (usize, usize, Result<(), JobError>) {
+    let (acc, to) = match recipients(store, account).await {
+        Ok(r) => r,
+        Err(e) => return (i, 0, Err(e)),
+    };
+    for (sent, n) in notices.iter().enumerate() {
+        if let Err(e) = send_one(effects, &acc, &to, n).await {
+            return (i, sent, Err(e));
+        }
     }
-    Ok(())
+    (i, notices.len(), Ok(()))
+}
+
+/// E-mails sent at once by `balance_checks`.
+pub const PARALLEL_SENDS: usize = 16;
+
+/// `balance_check` for a batch of jobs (a group commit, as `charge_account`'s): one
+/// transaction claims every e-mail of the batch, the e-mails go out `PARALLEL_SENDS` at
+/// a time (each account's in order, stopping at its first refusal), and one
+/// transaction marks the sent ones sent, releases the rest and journals the jobs whose
+/// e-mails all went out. A job with a refused e-mail reads `Failed`: the caller runs it
+/// on the per-job path, which retries it with backoff. `Err`: nothing was claimed, or
+/// the settling failed (the claims then lapse after their lease, and the sweep queues
+/// the e-mails again).
+pub async fn balance_checks(
+    store: &dyn Store,
+    effects: &dyn Effects,
+    jobs: &[CheckJob],
+) -> StoreResult<Vec<BatchedJob>> {
+    use futures::StreamExt;
+
+    let claimed = store
+        .claim_balance_checks(jobs, now_ms(), NOTICE_LEASE_MS)
+        .await?;
+    // Futures built in a loop, not an iterator chain: closures over borrowed data trip
+    // the compiler's `Send` inference for the caller's spawned future.
+    let mut sends = Vec::new();
+    for (i, (outcome, notices)) in claimed.iter().enumerate() {
+        if *outcome == BatchedJob::Done && !notices.is_empty() {
+            sends.push(send_account(store, effects, i, jobs[i].account, notices));
+        }
+    }
+    let results: Vec<(usize, usize, Result<(), JobError>)> = futures::stream::iter(sends)
+        .buffer_unordered(PARALLEL_SENDS)
+        .collect()
+        .await;
+    let mut outcomes: Vec<BatchedJob> = claimed.iter().map(|(o, _)| o.clone()).collect();
+    let (mut sent, mut unsent) = (Vec::new(), Vec::new());
+    for (i, n, result) in results {
+        let notices = &claimed[i].1;
+        sent.extend_from_slice(&notices[..n]);
+        unsent.extend_from_slice(&notices[n..]);
+        if let Err(e) = result {
+            outcomes[i] = BatchedJob::Failed(e.to_string());
+        }
+    }
+    let done: Vec<String> = jobs
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == BatchedJob::Done)
+        .map(|(j, _)| j.job.clone())
+        .collect();
+    store.settle_balance_checks(&sent, &unsent, &done).await?;
+    Ok(outcomes)
 }

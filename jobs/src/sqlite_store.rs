@@ -26,8 +26,8 @@ use crate::model::{
     LedgerEntry, Message, Role, Settings, User, now_ms,
 };
 use crate::store::{
-    BatchOutcome, BatchedJob, ChargeJob, Charged, ChatFilter, InboundJob, JobFilter, JournalInsert,
-    NewAccount, NewUser, Notification, Store, StoreResult,
+    BatchOutcome, BatchedJob, ChargeJob, Charged, ChatFilter, CheckJob, InboundJob, JobFilter,
+    JournalInsert, NewAccount, NewUser, Notification, Store, StoreResult,
 };
 use crate::validate;
 
@@ -623,7 +623,11 @@ impl Store for SqliteStore {
             .ok_or_else(|| DomainError::Unavailable("job journal insert lost a race".into()))
     }
 
-    async fn journal_insert_many(&self, recs: &[JobRecord]) -> StoreResult<Vec<bool>> {
+    async fn journal_insert_many(
+        &self,
+        recs: &[JobRecord],
+        pushed: bool,
+    ) -> StoreResult<Vec<bool>> {
         if recs.is_empty() {
             return Ok(Vec::new());
         }
@@ -645,12 +649,13 @@ impl Store for SqliteStore {
             .collect();
         let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
-             idempotency_key, created_at, updated_at, run_at) \
+             idempotency_key, created_at, updated_at, run_at, pushed) \
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, 0, value ->> 4, \
-             value ->> 5, value ->> 6, value ->> 6, value ->> 6 FROM json_each($1) WHERE true \
+             value ->> 5, value ->> 6, value ->> 6, value ->> 6, $2 FROM json_each($1) WHERE true \
              ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(serde_json::Value::from(rows).to_string())
+        .bind(pushed)
         .fetch_all(&self.writer)
         .await?
         .into_iter()
@@ -1844,6 +1849,24 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn claim_balance_checks(
+        &self,
+        jobs: &[CheckJob],
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>> {
+        billing::claim_balance_checks(self, jobs, now, lease_ms).await
+    }
+
+    async fn settle_balance_checks(
+        &self,
+        sent: &[Notification],
+        unsent: &[Notification],
+        done: &[String],
+    ) -> StoreResult<()> {
+        billing::settle_balance_checks(self, sent, unsent, done).await
+    }
+
     async fn accounts_with_unsent_notifications(
         &self,
         before: i64,
@@ -1960,7 +1983,7 @@ mod tests {
         let (_dir, s) = store().await;
         let id = ulid::Ulid::from_parts(1, 1).to_string();
         let rec = pending_job(&id, JobKind::SendMessage, serde_json::json!({"message": 1}));
-        s.journal_insert_many(&[rec]).await.expect("insert");
+        s.journal_insert_many(&[rec], false).await.expect("insert");
         let (grace, stale) = (1_000, 60_000);
         let claimed = s
             .journal_claim_lost(10_000, grace, stale, 10)
@@ -2000,6 +2023,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn jobs_journalled_as_pushed_are_lost_only_once_stale() {
+        let (_dir, s) = store().await;
+        let id = ulid::Ulid::from_parts(1, 1).to_string();
+        let rec = pending_job(&id, JobKind::InboundMessage, serde_json::json!({"x": 1}));
+        s.journal_insert_many(&[rec], true).await.expect("insert");
+        let (grace, stale) = (1_000, 60_000);
+        assert!(
+            s.journal_claim_lost(10_000, grace, stale, 10)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "recorded as queued: not lost after the grace"
+        );
+        let requeued = s
+            .journal_claim_lost(1 + stale + 1, grace, stale, 10)
+            .await
+            .expect("claim");
+        assert_eq!(
+            requeued.len(),
+            1,
+            "the push never happened (a crash): stale, queued again"
+        );
+    }
+
+    #[tokio::test]
     async fn the_journal_keeps_finished_jobs_for_the_retention_only() {
         let (_dir, s) = store().await;
         // Ids are ULIDs: the purge finds old jobs by their creation time in the id.
@@ -2015,7 +2063,7 @@ mod tests {
             rec(&dead_id, JobKind::InboundMessage),
             rec(&pending_id, JobKind::SendMessage),
         ];
-        s.journal_insert_many(&recs).await.expect("insert");
+        s.journal_insert_many(&recs, false).await.expect("insert");
         s.journal_finish(&done_id, JobState::Done, None, 1)
             .await
             .expect("done");

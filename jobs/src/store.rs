@@ -136,7 +136,15 @@ pub struct InboundJob {
     pub phone: Option<String>,
 }
 
-/// What `run_inbound_batch` did with one job of the batch.
+/// One queued `balance_check` job for `Store::claim_balance_checks`.
+#[derive(Clone, Debug)]
+pub struct CheckJob {
+    /// The `balance_check` job's journal id.
+    pub job: String,
+    pub account: Id,
+}
+
+/// What a group commit did with one job of the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BatchedJob {
     /// Its message is stored (now, or by an earlier delivery) and the job is `done`.
@@ -147,6 +155,9 @@ pub enum BatchedJob {
     NotJournalled,
     /// It can never succeed (its channel does not exist); journalled `dead` with this.
     Dead(String),
+    /// It failed this time (an e-mail was refused); nothing is journalled, and the
+    /// caller runs it on the per-job path, where retries and backoff are decided.
+    Failed(String),
 }
 
 #[async_trait]
@@ -172,7 +183,11 @@ pub trait Store: Send + Sync + 'static {
     /// recorded, and the existing job's id is returned.
     async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert>;
     /// `journal_insert` for many jobs in one transaction; `true` where recorded.
-    async fn journal_insert_many(&self, recs: &[JobRecord]) -> StoreResult<Vec<bool>>;
+    /// `pushed` records them as queued already: the caller is about to push them and
+    /// marks them unpushed if the push fails, which saves a journal write per job on
+    /// the hot paths; a crash in between leaves them to the sweep's stale-queue check.
+    async fn journal_insert_many(&self, recs: &[JobRecord], pushed: bool)
+    -> StoreResult<Vec<bool>>;
     async fn journal_get(&self, id: &str) -> StoreResult<JobRecord>;
     /// The job holding this idempotency key, if any.
     async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>>;
@@ -385,6 +400,25 @@ pub trait Store: Send + Sync + 'static {
     /// Gives a claimed e-mail back after a failed send, for the retry.
     async fn release_notification(&self, n: &Notification) -> StoreResult<()>;
     async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()>;
+    /// `claim_notifications` for a batch of `balance_check` jobs, in one transaction
+    /// that also reads their journal: per job, `NotJournalled` or `AlreadyFinished`
+    /// (nothing claimed), or `Done` with the e-mails it claimed (none for a second job
+    /// of the same account). Nothing is journalled yet: `settle_balance_checks` does.
+    async fn claim_balance_checks(
+        &self,
+        jobs: &[CheckJob],
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>>;
+    /// After the sends of a batch, in one transaction: `sent` e-mails marked sent,
+    /// `unsent` ones released for a retry (each only under its own claim) and the
+    /// `done` jobs journalled done.
+    async fn settle_balance_checks(
+        &self,
+        sent: &[Notification],
+        unsent: &[Notification],
+        done: &[String],
+    ) -> StoreResult<()>;
     /// Accounts with balance e-mails recorded before `before` and still unsent and
     /// unclaimed, and no `balance_check` live or dead since `before`: their check was
     /// lost or gave up; the sweep queues another.

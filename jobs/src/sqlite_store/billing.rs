@@ -19,7 +19,9 @@ use super::{SqliteStore, batch_journal};
 use crate::billing::{self, Prices};
 use crate::error::DomainError;
 use crate::model::{Id, now_ms};
-use crate::store::{BatchedJob, ChargeJob, ChargeOutcome, Charged, Notification, StoreResult};
+use crate::store::{
+    BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, Notification, StoreResult,
+};
 
 type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
 
@@ -395,19 +397,31 @@ pub(super) async fn claim_notifications(
     now: i64,
     lease_ms: i64,
 ) -> StoreResult<Vec<Notification>> {
+    let mut conn = store.writer.acquire().await?;
+    claim(&mut conn, &[account], now, lease_ms).await
+}
+
+/// Claims the unsent, unclaimed e-mails of these accounts until `now + lease_ms`.
+async fn claim(
+    conn: &mut sqlx::SqliteConnection,
+    accounts: &[Id],
+    now: i64,
+    lease_ms: i64,
+) -> StoreResult<Vec<Notification>> {
     let lease = now.saturating_add(lease_ms);
     let rows: Vec<(Id, Id, String, String, i64, i64, i64)> = sqlx::query_as(
         "UPDATE notifications SET claimed_until = $2 \
-         WHERE account_id = $1 AND sent_at IS NULL \
+         WHERE account_id IN (SELECT value FROM json_each($1)) AND sent_at IS NULL \
          AND (claimed_until IS NULL OR claimed_until < $3) \
          RETURNING id, account_id, kind, disconnect_date, days, balance, daily_total",
     )
-    .bind(account)
+    .bind(Value::from(accounts.to_vec()).to_string())
     .bind(lease)
     .bind(now)
-    .fetch_all(&store.writer)
+    .fetch_all(&mut *conn)
     .await?;
-    rows.into_iter()
+    let mut out: Vec<Notification> = rows
+        .into_iter()
         .map(|(id, account, kind, date, days, balance, daily_total)| {
             let disconnect_date = date.parse().map_err(|e| {
                 DomainError::Unavailable(format!("corrupt notification {id} date {date:?}: {e}"))
@@ -423,7 +437,82 @@ pub(super) async fn claim_notifications(
                 lease,
             })
         })
-        .collect()
+        .collect::<StoreResult<_>>()?;
+    // Oldest first: a warning before the disconnection it announced.
+    out.sort_by_key(|n| n.id);
+    Ok(out)
+}
+
+pub(super) async fn claim_balance_checks(
+    store: &SqliteStore,
+    jobs: &[CheckJob],
+    now: i64,
+    lease_ms: i64,
+) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>> {
+    let mut out = vec![BatchedJob::Done; jobs.len()];
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = store.begin_write().await?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
+    let mut accounts: Vec<Id> = live.iter().map(|&i| jobs[i].account).collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    let mut claimed: HashMap<Id, Vec<Notification>> = HashMap::new();
+    for n in claim(&mut tx, &accounts, now, lease_ms).await? {
+        claimed.entry(n.account).or_default().push(n);
+    }
+    tx.commit().await?;
+    let mut notices = vec![Vec::new(); jobs.len()];
+    for i in live {
+        // The first live job of an account takes its e-mails; the others have none.
+        notices[i] = claimed.remove(&jobs[i].account).unwrap_or_default();
+    }
+    Ok(out.into_iter().zip(notices).collect())
+}
+
+pub(super) async fn settle_balance_checks(
+    store: &SqliteStore,
+    sent: &[Notification],
+    unsent: &[Notification],
+    done: &[String],
+) -> StoreResult<()> {
+    if sent.is_empty() && unsent.is_empty() && done.is_empty() {
+        return Ok(());
+    }
+    let claims = |ns: &[Notification]| {
+        Value::from(
+            ns.iter()
+                .map(|n| json!([n.id, n.lease]))
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
+    };
+    let now = now_ms();
+    let mut tx = store.begin_write().await?;
+    // Each under its own claim, as `mark_notification_sent` / `release_notification`.
+    sqlx::query(
+        "UPDATE notifications SET sent_at = $2, claimed_until = NULL \
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each($1)) AS c \
+         WHERE notifications.id = c.id AND notifications.claimed_until = c.lease",
+    )
+    .bind(claims(sent))
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE notifications SET claimed_until = NULL \
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each($1)) AS c \
+         WHERE notifications.id = c.id AND notifications.claimed_until = c.lease",
+    )
+    .bind(claims(unsent))
+    .execute(&mut *tx)
+    .await?;
+    let ids: Vec<&str> = done.iter().map(String::as_str).collect();
+    batch_journal::finish(&mut tx, &ids, &vec![BatchedJob::Done; ids.len()], now).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -482,7 +571,7 @@ mod tests {
                 day_end: i64::MAX,
             });
         }
-        s.journal_insert_many(&recs).await.expect("journal");
+        s.journal_insert_many(&recs, false).await.expect("journal");
         out
     }
 
@@ -539,6 +628,119 @@ mod tests {
             vec![acc],
             "a grace after it died, the e-mail gets another check"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_balance_checks_claims_once_per_account_and_settles_each_claim() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("c.db"))
+            .await
+            .expect("open");
+        // Two e-mails for `warned` (a warning, then a disconnection), one for `poor`.
+        let warned = account(&s, "warned", 350, 1).await;
+        let poor = account(&s, "poor", 50, 1).await;
+        for (acc, kind) in [
+            (warned, "warning_3_days"),
+            (warned, "disconnected"),
+            (poor, "disconnected"),
+        ] {
+            sqlx::query(
+                "INSERT INTO notifications (account_id, kind, disconnect_date, days, balance, \
+                 daily_total, created_at) VALUES ($1, $2, '2026-11-28', 3, 250, 100, 1)",
+            )
+            .bind(acc)
+            .bind(kind)
+            .execute(&s.writer)
+            .await
+            .expect("notification");
+        }
+        let mut recs = Vec::new();
+        let mut batch = Vec::new();
+        for (id, account) in [("c1", warned), ("c2", warned), ("c3", poor), ("c4", poor)] {
+            recs.push(pending_job(
+                id,
+                JobKind::BalanceCheck,
+                json!({"account": account}),
+            ));
+            batch.push(CheckJob {
+                job: id.into(),
+                account,
+            });
+        }
+        s.journal_insert_many(&recs[..3], false)
+            .await
+            .expect("journal");
+        let claimed = s
+            .claim_balance_checks(&batch, 1_000, 60_000)
+            .await
+            .expect("claim");
+        let kinds =
+            |i: usize| -> Vec<&str> { claimed[i].1.iter().map(|n| n.kind.as_str()).collect() };
+        assert_eq!(claimed[0].0, BatchedJob::Done);
+        assert_eq!(
+            kinds(0),
+            ["warning_3_days", "disconnected"],
+            "in order, both"
+        );
+        assert_eq!(
+            claimed[1],
+            (BatchedJob::Done, vec![]),
+            "same account: nothing left"
+        );
+        assert_eq!(kinds(2), ["disconnected"]);
+        assert_eq!(
+            claimed[3],
+            (BatchedJob::NotJournalled, vec![]),
+            "no journal row"
+        );
+        // A second claim while these are held gets nothing.
+        let again = s.claim_balance_checks(&batch[..1], 2_000, 60_000).await;
+        assert_eq!(again.expect("claim")[0].1, vec![]);
+
+        // warned's first e-mail went out, its second was refused; poor's went out.
+        let sent = [claimed[0].1[0].clone(), claimed[2].1[0].clone()];
+        let unsent = [claimed[0].1[1].clone()];
+        // A stale claim (another holder's lease) is neither marked nor released.
+        let mut stale = claimed[0].1[1].clone();
+        stale.lease -= 1;
+        s.settle_balance_checks(&[stale], &[], &[])
+            .await
+            .expect("stale");
+        s.settle_balance_checks(&sent, &unsent, &["c2".into(), "c3".into()])
+            .await
+            .expect("settle");
+        let rows: Vec<(String, bool, bool)> = sqlx::query_as(
+            "SELECT kind, sent_at IS NOT NULL, claimed_until IS NOT NULL FROM notifications \
+             ORDER BY id",
+        )
+        .fetch_all(&s.pool)
+        .await
+        .expect("rows");
+        assert_eq!(
+            rows,
+            [
+                ("warning_3_days".into(), true, false),
+                ("disconnected".into(), false, false),
+                ("disconnected".into(), true, false)
+            ]
+        );
+        let states: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, state FROM jobs ORDER BY id")
+                .fetch_all(&s.pool)
+                .await
+                .expect("jobs");
+        let states: Vec<(&str, &str)> = states
+            .iter()
+            .map(|(i, s)| (i.as_str(), s.as_str()))
+            .collect();
+        assert_eq!(states, [("c1", "pending"), ("c2", "done"), ("c3", "done")]);
+        // The released e-mail is free for the retry of c1.
+        let retry = s
+            .claim_balance_checks(&batch[..1], 3_000, 60_000)
+            .await
+            .expect("claim");
+        assert_eq!(retry[0].1.len(), 1);
+        assert_eq!(retry[0].1[0].kind, "disconnected");
     }
 
     #[tokio::test]

@@ -506,7 +506,7 @@ mod tests {
             .iter()
             .map(|j| pending_job(&j.job, JobKind::InboundMessage, json!({})))
             .collect();
-        s.journal_insert_many(&recs).await.expect("journal");
+        s.journal_insert_many(&recs, false).await.expect("journal");
     }
 
     /// Everything a reader sees of the inbound data, without ids' absolute values and times.
