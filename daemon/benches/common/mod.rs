@@ -228,9 +228,12 @@ impl Daemon {
             &config,
             format!(
                 "[queue]\n{queue}shutdown_timeout_secs = 10\n{extra}\n[plugins]\ndir = \"plugins\"\n\
-                 [log]\nlevel = \"{}\"\n",
+                 [log]\nlevel = \"{}\"\n{}\n",
                 // BENCH_LOG: the daemon's log level, e.g. "info,patchbay_daemon::batcher=debug".
-                env_or("BENCH_LOG", "info".to_owned())
+                env_or("BENCH_LOG", "info".to_owned()),
+                // BENCH_CONFIG: more TOML tables for experiments, e.g.
+                // "[queue.concurrency]\ncharge_account = 1024".
+                env_or("BENCH_CONFIG", String::new()).replace("\\n", "\n")
             ),
         )?;
         Ok(Daemon {
