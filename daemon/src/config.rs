@@ -236,7 +236,7 @@ impl Settings {
         let default = match kind {
             // These handlers mostly wait for their batcher: many in flight make big batches.
             JobKind::InboundMessage | JobKind::ChargeAccount => 512,
-            // Group-committed too; a batch sends `handlers::PARALLEL_SENDS` e-mails at once.
+            // Group-committed too; a batch sends `handlers::PARALLEL_SENDS` accounts' e-mails at once.
             JobKind::BalanceCheck => 128,
             // Each waits on its channel's connector most of the time.
             JobKind::SendMessage => 32,

@@ -409,17 +409,21 @@ async fn send_account(
     (i, notices.len(), Ok(()))
 }
 
-/// E-mails sent at once by `balance_checks`.
-pub const PARALLEL_SENDS: usize = 16;
+/// E-mails sent at once by `balance_checks`, and how many finished accounts it
+/// settles at a time: a crash can leave at most that many accounts' e-mails sent but
+/// unmarked (sent again once their claim lapses), like the per-job path at its old
+/// concurrency of 32.
+pub const PARALLEL_SENDS: usize = 32;
 
 /// `balance_check` for a batch of jobs (a group commit, as `charge_account`'s): one
-/// transaction claims every e-mail of the batch, the e-mails go out `PARALLEL_SENDS` at
-/// a time (each account's in order, stopping at its first refusal), and one
-/// transaction marks the sent ones sent, releases the rest and journals the jobs whose
-/// e-mails all went out. A job with a refused e-mail reads `Failed`: the caller runs it
-/// on the per-job path, which retries it with backoff. `Err`: nothing was claimed, or
-/// the settling failed (the claims then lapse after their lease, and the sweep queues
-/// the e-mails again).
+/// transaction claims every e-mail of the batch, the e-mails go out `PARALLEL_SENDS`
+/// accounts at a time (each account's in order, stopping at its first refusal), and
+/// every `PARALLEL_SENDS` finished accounts one transaction marks their sent e-mails
+/// sent, releases the rest and journals the jobs whose e-mails all went out. A job with
+/// a refused e-mail reads `Failed`: the caller runs it on the per-job path, which
+/// retries it with backoff. `Err`: nothing was claimed, or settling failed even after
+/// retries (the unsettled claims then lapse after their lease, and the sweep queues
+/// those e-mails again).
 pub async fn balance_checks(
     store: &dyn Store,
     effects: &dyn Effects,
@@ -427,37 +431,75 @@ pub async fn balance_checks(
 ) -> StoreResult<Vec<BatchedJob>> {
     use futures::StreamExt;
 
-    let claimed = store
-        .claim_balance_checks(jobs, now_ms(), NOTICE_LEASE_MS)
-        .await?;
+    // The claim must outlast the batch: each round of sends gets a lease's worth.
+    let rounds = jobs.len().div_ceil(PARALLEL_SENDS).max(1);
+    let lease_ms = NOTICE_LEASE_MS.saturating_mul(i64::try_from(rounds).unwrap_or(i64::MAX));
+    let claimed = store.claim_balance_checks(jobs, now_ms(), lease_ms).await?;
+    let mut outcomes: Vec<BatchedJob> = claimed.iter().map(|(o, _)| o.clone()).collect();
     // Futures built in a loop, not an iterator chain: closures over borrowed data trip
     // the compiler's `Send` inference for the caller's spawned future.
     let mut sends = Vec::new();
+    let mut finished = Vec::new();
     for (i, (outcome, notices)) in claimed.iter().enumerate() {
-        if *outcome == BatchedJob::Done && !notices.is_empty() {
+        if *outcome != BatchedJob::Done {
+            continue;
+        }
+        if notices.is_empty() {
+            finished.push(jobs[i].job.clone());
+        } else {
             sends.push(send_account(store, effects, i, jobs[i].account, notices));
         }
     }
-    let results: Vec<(usize, usize, Result<(), JobError>)> = futures::stream::iter(sends)
-        .buffer_unordered(PARALLEL_SENDS)
-        .collect()
-        .await;
-    let mut outcomes: Vec<BatchedJob> = claimed.iter().map(|(o, _)| o.clone()).collect();
+    let mut results = futures::stream::iter(sends).buffer_unordered(PARALLEL_SENDS);
     let (mut sent, mut unsent) = (Vec::new(), Vec::new());
-    for (i, n, result) in results {
-        let notices = &claimed[i].1;
-        sent.extend_from_slice(&notices[..n]);
-        unsent.extend_from_slice(&notices[n..]);
-        if let Err(e) = result {
-            outcomes[i] = BatchedJob::Failed(e.to_string());
+    let mut pending = 0;
+    loop {
+        let next = results.next().await;
+        let last = next.is_none();
+        if let Some((i, n, result)) = next {
+            let notices = &claimed[i].1;
+            sent.extend_from_slice(&notices[..n]);
+            unsent.extend_from_slice(&notices[n..]);
+            match result {
+                Ok(()) => finished.push(jobs[i].job.clone()),
+                Err(e) => outcomes[i] = BatchedJob::Failed(e.to_string()),
+            }
+            pending += 1;
+        }
+        if pending >= PARALLEL_SENDS || (last && (pending > 0 || !finished.is_empty())) {
+            settle(store, &sent, &unsent, &finished).await?;
+            sent.clear();
+            unsent.clear();
+            finished.clear();
+            pending = 0;
+        }
+        if last {
+            return Ok(outcomes);
         }
     }
-    let done: Vec<String> = jobs
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| **o == BatchedJob::Done)
-        .map(|(j, _)| j.job.clone())
-        .collect();
-    store.settle_balance_checks(&sent, &unsent, &done).await?;
-    Ok(outcomes)
+}
+
+/// `Store::settle_balance_checks`, retried a few times: e-mails sent and left unmarked
+/// would go out again once their claim lapses. Safe to repeat: each update is made
+/// under its own claim.
+async fn settle(
+    store: &dyn Store,
+    sent: &[Notification],
+    unsent: &[Notification],
+    done: &[String],
+) -> StoreResult<()> {
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match store.settle_balance_checks(sent, unsent, done).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 5 => {
+                tracing::warn!(e_mails = sent.len(), error = %e, "cannot record sent balance e-mails; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -703,9 +703,23 @@ mod tests {
         // A stale claim (another holder's lease) is neither marked nor released.
         let mut stale = claimed[0].1[1].clone();
         stale.lease -= 1;
-        s.settle_balance_checks(&[stale], &[], &[])
+        s.settle_balance_checks(&[stale.clone()], &[], &[])
             .await
             .expect("stale");
+        s.settle_balance_checks(&[], &[stale], &[])
+            .await
+            .expect("stale");
+        let held: bool = sqlx::query_scalar(
+            "SELECT sent_at IS NULL AND claimed_until IS NOT NULL FROM notifications WHERE id = $1",
+        )
+        .bind(claimed[0].1[1].id)
+        .fetch_one(&s.pool)
+        .await
+        .expect("row");
+        assert!(
+            held,
+            "another holder's claim is neither marked sent nor released"
+        );
         s.settle_balance_checks(&sent, &unsent, &["c2".into(), "c3".into()])
             .await
             .expect("settle");
