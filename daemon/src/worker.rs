@@ -70,10 +70,7 @@ pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
         let store = store.clone();
         async move {
             let outcomes = store.run_inbound_batch(&jobs).await;
-            finished(
-                outcomes.map(|o| o.into_iter().zip(&jobs).map(|(o, j)| (o, &j.job)).collect()),
-                jobs.len(),
-            )
+            finished(outcomes, jobs.iter().map(|j| j.job.as_str()))
         }
     })
 }
@@ -89,7 +86,7 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
             };
             let results = match app.store.charge_accounts(&jobs, &app.prices()).await {
                 Ok(results) => results,
-                Err(e) => return finished(Err(e), jobs.len()),
+                Err(e) => return finished(Err(e), jobs.iter().map(|j| j.job.as_str())),
             };
             let charges: Vec<(Id, Charged)> = jobs
                 .iter()
@@ -101,12 +98,8 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
             if let Err(e) = app.after_charges(&charges).await {
                 tracing::warn!(error = %e, "cannot queue balance checks after a charge batch");
             }
-            let outcomes = results
-                .into_iter()
-                .zip(&jobs)
-                .map(|((o, _), j)| (o, &j.job))
-                .collect();
-            finished(Ok(outcomes), jobs.len())
+            let outcomes = results.into_iter().map(|(o, _)| o).collect();
+            finished(Ok(outcomes), jobs.iter().map(|j| j.job.as_str()))
         }
     })
 }
@@ -121,19 +114,21 @@ pub fn check_batcher(app: Weak<App>) -> Batcher<CheckJob> {
                 return vec![false; jobs.len()];
             };
             let outcomes = handlers::balance_checks(app.store.as_ref(), app.as_ref(), &jobs).await;
-            finished(
-                outcomes.map(|o| o.into_iter().zip(&jobs).map(|(o, j)| (o, &j.job)).collect()),
-                jobs.len(),
-            )
+            finished(outcomes, jobs.iter().map(|j| j.job.as_str()))
         }
     })
 }
 
-/// Which jobs of a batch are finished (`true`) or must go the per-job path (`false`).
-fn finished(outcomes: Result<Vec<(BatchedJob, &String)>, DomainError>, n: usize) -> Vec<bool> {
+/// Which jobs of a batch are finished (`true`) or must go the per-job path (`false`);
+/// `outcomes` are in the order of `jobs` (their journal ids).
+fn finished<'a>(
+    outcomes: Result<Vec<BatchedJob>, DomainError>,
+    jobs: impl ExactSizeIterator<Item = &'a str>,
+) -> Vec<bool> {
     match outcomes {
         Ok(outcomes) => outcomes
             .into_iter()
+            .zip(jobs)
             .map(|(outcome, job)| match outcome {
                 BatchedJob::Done | BatchedJob::AlreadyFinished => true,
                 BatchedJob::Dead(reason) => {
@@ -148,6 +143,7 @@ fn finished(outcomes: Result<Vec<(BatchedJob, &String)>, DomainError>, n: usize)
             })
             .collect(),
         Err(e) => {
+            let n = jobs.len();
             tracing::warn!(jobs = n, error = %e, "job batch failed; running its jobs one by one");
             vec![false; n]
         }

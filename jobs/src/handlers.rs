@@ -210,26 +210,38 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
 /// stays down, the job dies with the messenger's id in its error and the message keeps
 /// its lease, so nothing sends it again on its own.
 async fn record_sent(store: &dyn Store, id: Id, external_id: &str) -> Result<(), JobError> {
+    retrying(&format!("sent message {id}"), || {
+        store.set_message_status(id, "sent", None, Some(external_id))
+    })
+    .await
+    .map_err(|e| {
+        JobError::Permanent(format!(
+            "message {id} was sent (messenger id {external_id}) but its status could \
+             not be recorded: {e}"
+        ))
+    })
+}
+
+/// Runs a store write that records something already done outside the store (a send),
+/// retrying a failing store 5 times with a doubling pause from 100 ms: giving up early
+/// would have it done again.
+async fn retrying<F, Fut>(what: &str, mut write: F) -> StoreResult<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<()>>,
+{
     let mut wait = std::time::Duration::from_millis(100);
     let mut tries = 0;
     loop {
-        match store
-            .set_message_status(id, "sent", None, Some(external_id))
-            .await
-        {
+        match write().await {
             Ok(()) => return Ok(()),
             Err(e) if tries < 5 => {
-                tracing::warn!(message = id, error = %e, "cannot record a sent message; retrying");
+                tracing::warn!(error = %e, "cannot record {what}; retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 2;
                 tries += 1;
             }
-            Err(e) => {
-                return Err(JobError::Permanent(format!(
-                    "message {id} was sent (messenger id {external_id}) but its status could \
-                     not be recorded: {e}"
-                )));
-            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -467,7 +479,11 @@ pub async fn balance_checks(
             pending += 1;
         }
         if pending >= PARALLEL_SENDS || (last && (pending > 0 || !finished.is_empty())) {
-            settle(store, &sent, &unsent, &finished).await?;
+            // Safe to repeat: each update is made under its own claim.
+            retrying("sent balance e-mails", || {
+                store.settle_balance_checks(&sent, &unsent, &finished)
+            })
+            .await?;
             sent.clear();
             unsent.clear();
             finished.clear();
@@ -475,31 +491,6 @@ pub async fn balance_checks(
         }
         if last {
             return Ok(outcomes);
-        }
-    }
-}
-
-/// `Store::settle_balance_checks`, retried a few times: e-mails sent and left unmarked
-/// would go out again once their claim lapses. Safe to repeat: each update is made
-/// under its own claim.
-async fn settle(
-    store: &dyn Store,
-    sent: &[Notification],
-    unsent: &[Notification],
-    done: &[String],
-) -> StoreResult<()> {
-    let mut wait = std::time::Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        match store.settle_balance_checks(sent, unsent, done).await {
-            Ok(()) => return Ok(()),
-            Err(e) if tries < 5 => {
-                tracing::warn!(e_mails = sent.len(), error = %e, "cannot record sent balance e-mails; retrying");
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-                tries += 1;
-            }
-            Err(e) => return Err(e),
         }
     }
 }
