@@ -162,8 +162,9 @@ async fn make_template(
 
 /// Latencies of the live channel's messages *sent* in [from, to) (unix ms), whenever
 /// they were committed (so a message held up past the window still counts):
-/// `created_at − sent`, `commit − sent`, and `journalled − sent` (the inbound job's
-/// journal row, written when the host queued the event: the part before the queue).
+/// `created_at − sent`, `commit − sent`, and `queued − sent` (the inbound job's
+/// journal `created_at`, the time in its ULID id, taken when the host queued the
+/// event: the part before the queue).
 async fn latencies(
     pool: &SqlitePool,
     channel: i64,
@@ -180,7 +181,7 @@ async fn latencies(
     .bind(to)
     .fetch_all(pool)
     .await?;
-    let journalled: std::collections::HashMap<String, i64> = sqlx::query_as(
+    let queued: std::collections::HashMap<String, i64> = sqlx::query_as(
         "SELECT payload ->> 'external_message_id', created_at FROM jobs \
          WHERE kind = 'inbound_message' AND payload ->> 'channel' = $1",
     )
@@ -195,7 +196,7 @@ async fn latencies(
             .filter_map(|r| clock.seen_at(r.0).map(|t| t - r.1))
             .collect(),
         rows.iter()
-            .filter_map(|r| journalled.get(&r.3).map(|t| t - r.1))
+            .filter_map(|r| queued.get(&r.3).map(|t| t - r.1))
             .collect(),
     ))
 }
@@ -296,13 +297,7 @@ async fn bench(
     // the live channel's inbound jobs are all done (at most 60 s).
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(60) {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE kind = 'inbound_message' \
-             AND state IN ('pending', 'running', 'failed')",
-        )
-        .fetch_one(&pool)
-        .await?;
-        if open == 0 {
+        if daemon.queue_depth("inbound_message").await? == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -359,8 +354,8 @@ async fn bench(
     );
     println!("  inbound before   created_at−sent: {}", latency_line(bc));
     println!("  inbound during   created_at−sent: {}", latency_line(dc));
-    println!("  inbound before   journalled−sent: {}", latency_line(bj));
-    println!("  inbound during   journalled−sent: {}", latency_line(dj));
+    println!("  inbound before   queued−sent:     {}", latency_line(bj));
+    println!("  inbound during   queued−sent:     {}", latency_line(dj));
     let (pb, pd) = (p99(&bk), p99(&dk));
     let ratio = pd as f64 / pb.max(1) as f64;
     drop(pool);

@@ -127,6 +127,31 @@ impl App {
         Ok(envs.len())
     }
 
+    /// Queues `inbound_message` jobs for validated connector events, without journal
+    /// rows: the queue holds them durably (the SQLite queue's file, or Redis with its
+    /// persistence), the batch that stores their messages writes their rows (`done`),
+    /// and the per-job path writes the row of one that fails. This is the hot path; a
+    /// journal row per message beside the queue's own was a third of the store's
+    /// writes. A refused push is an error: the caller must not acknowledge the events,
+    /// so the connector delivers them again.
+    pub async fn queue_inbound(&self, payloads: Vec<Value>) -> Result<usize, DomainError> {
+        let kind = JobKind::InboundMessage;
+        let envs: Vec<Envelope> = payloads
+            .into_iter()
+            .map(|payload| Envelope {
+                id: ulid::Ulid::new().to_string(),
+                kind: kind.as_str().to_owned(),
+                payload,
+                attempt: 0,
+            })
+            .collect();
+        self.queue
+            .push_many(&self.queue_name(kind), &envs)
+            .await
+            .map_err(|e| DomainError::Unavailable(format!("queue unavailable: {e}")))?;
+        Ok(envs.len())
+    }
+
     pub fn prices(&self) -> Prices {
         let b = self.billing();
         Prices {

@@ -36,6 +36,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
                     job: env.id.clone(),
                     msg,
                     phone,
+                    max_attempts: app.settings.max_attempts(kind),
                 };
                 app.inbound.submit(job).await
             }

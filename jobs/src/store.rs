@@ -127,13 +127,16 @@ pub struct Notification {
     pub lease: i64,
 }
 
-/// One queued `inbound_message` job for `Store::run_inbound_batch`: its journal id, the
+/// One queued `inbound_message` job for `Store::run_inbound_batch`: its job id, the
 /// payload, and the sender's phone normalised by `handlers::inbound_sender_phone`.
+/// Jobs queued from connector events have no journal row until their batch writes one
+/// (`done`), which is why the batch needs the kind's `max_attempts`.
 #[derive(Clone, Debug)]
 pub struct InboundJob {
     pub job: String,
     pub msg: InboundMessage,
     pub phone: Option<String>,
+    pub max_attempts: u32,
 }
 
 /// One queued `balance_check` job for `Store::claim_balance_checks`.
@@ -151,7 +154,7 @@ pub enum BatchedJob {
     Done,
     /// The journal says done or dead already (a redelivered copy): nothing ran.
     AlreadyFinished,
-    /// No journal row: the caller runs it on the per-job path, which recreates it.
+    /// No journal row: the caller runs it on the per-job path, which creates it.
     NotJournalled,
     /// It can never succeed (its channel does not exist); journalled `dead` with this.
     Dead(String),
@@ -326,8 +329,9 @@ pub trait Store: Send + Sync + 'static {
     async fn store_inbound(&self, msg: &InboundMessage, phone: Option<&str>) -> StoreResult<bool>;
     /// Runs many `inbound_message` jobs in one transaction: for each job still to run,
     /// what `store_inbound` does, and its journal row goes to `done` (or `dead`) in the
-    /// same commit. One outcome per job, in order. An `Err` means nothing was written
-    /// and the caller should run the jobs one by one.
+    /// same commit; a done job the journal does not know yet (queued from a connector
+    /// event) gets its row here. One outcome per job, in order. An `Err` means nothing
+    /// was written and the caller should run the jobs one by one.
     async fn run_inbound_batch(&self, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>>;
 
     /// Starts a data deletion run with cutoff now: bumps the account's data epoch so

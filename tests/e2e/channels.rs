@@ -57,6 +57,29 @@ async fn fifty_channels(backend: Backend) {
         })
         .await;
     }
+    // Inbound jobs queued from connector events enter the journal when their batch
+    // stores them: one done row per message, with no copy of its text or sender.
+    let jobs = d
+        .ok(
+            "job.list",
+            json!({"kind": "inbound_message", "state": "done", "limit": 5000}),
+        )
+        .await;
+    let jobs = jobs.as_array().expect("jobs");
+    let keys: HashSet<(i64, &str)> = jobs
+        .iter()
+        .map(|j| {
+            let p = &j["payload"];
+            assert_eq!(p.as_object().map(|o| o.len()), Some(2), "scrubbed: {j}");
+            let key = (p["channel"].as_i64(), p["external_message_id"].as_str());
+            (key.0.expect("channel"), key.1.expect("external id"))
+        })
+        .collect();
+    assert_eq!(
+        (jobs.len(), keys.len()),
+        (1000, 1000),
+        "one job per message"
+    );
     for &(acc, admin) in &accounts {
         let all = messages(&d, acc).await;
         let ids: HashSet<&str> = all

@@ -161,7 +161,7 @@
  *       int32_t flush(void *ctx, uint32_t timeout_ms);
  * which blocks the calling thread until every event this instance emitted with PB_OK
  * before the call has been durably recorded by the host (an inbound message is
- * journalled and queued, so it survives a crash of the host; a status or receipt is
+ * on the host's durable job queue, so it survives a crash of the host; a status or receipt is
  * applied; an event the host dropped as malformed counts as recorded too), or until
  * timeout_ms passes. Only then is it safe to acknowledge.
  *   PB_OK     every such event is recorded: acknowledge them now.

@@ -10,7 +10,7 @@
 //!
 //! **Offsets.** The next offset is written to `<state_dir>/telegram-<bot id>.offset`
 //! only after the host's `flush` confirmed that the batch's events are durably
-//! recorded (journalled and queued), and is sent with the next getUpdates,
+//! recorded (on the daemon's job queue), and is sent with the next getUpdates,
 //! which is also how Telegram learns the updates were consumed. A restart therefore
 //! neither loses an update (an unconfirmed one is fetched again) nor stores one twice
 //! (external ids are `<chat id>:<message id>`, which the daemon stores once). Without

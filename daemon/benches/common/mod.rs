@@ -328,6 +328,16 @@ impl Daemon {
             .map_err(|e| format!("{method} failed: {e}").into())
     }
 
+    /// Jobs of `kind` waiting or running in the queue, from `status`. Inbound jobs
+    /// queued from connector events get a journal row only once they ran, so the
+    /// journal cannot count them.
+    pub async fn queue_depth(&self, kind: &str) -> Res<i64> {
+        let status = self.call("status", json!({})).await?;
+        status["queue_depth"][kind]
+            .as_i64()
+            .ok_or_else(|| format!("no {kind} queue depth in status: {status}").into())
+    }
+
     /// Creates an account with an administrator; returns (account, admin).
     pub async fn account(&self, name: &str) -> Res<(i64, i64)> {
         let r = self

@@ -3,7 +3,7 @@
 //! stale events (from an instance that was replaced) are logged and dropped.
 //!
 //! Every event is `settle`d once handled (an inbound one only after its job is
-//! journalled and queued), which is what a connector's `flush` waits for before it
+//! queued), which is what a connector's `flush` waits for before it
 //! acknowledges messages to its messenger. An event dropped unsettled counts as lost.
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::app::App;
 
-/// Inbound events queued together: one journal transaction and one queue push.
+/// Inbound events queued together: one queue push.
 const BATCH: usize = 512;
 
 type Batch = Vec<(Value, RawEvent)>;
@@ -28,8 +28,8 @@ const MAX_INBOUND_BACKLOG: u64 = 8_192;
 
 /// Consumes the shared event channel until every sender is gone. Status and receipt
 /// events are applied in order here; inbound events are gathered into batches that a
-/// writer task beside the loop journals and queues, so a burst from many channels
-/// costs one store transaction per batch rather than per message.
+/// writer task beside the loop queues, so a burst from many channels costs one push
+/// per batch rather than per message.
 pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<RawEvent>) {
     let (batches, pending) = mpsc::channel::<Batch>(4);
     let writer = tokio::spawn(write_batches(app.clone(), pending));
@@ -50,7 +50,7 @@ pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<RawEvent>) {
     let _ = writer.await;
 }
 
-/// Journals and queues inbound batches in arrival order. The raw events (and their
+/// Queues inbound batches in arrival order. The raw events (and their
 /// slots in each instance's budget) live until their batch is queued.
 async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
     let queue = app.queue_name(JobKind::InboundMessage);
@@ -67,8 +67,8 @@ async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
         }
         let n = batch.len();
         let (payloads, raws): (Vec<Value>, Vec<RawEvent>) = batch.into_iter().unzip();
-        match app.enqueue_many(JobKind::InboundMessage, payloads).await {
-            // Journalled and queued: durable, so connectors may acknowledge them.
+        match app.queue_inbound(payloads).await {
+            // Queued: durable, so connectors may acknowledge them.
             Ok(_) => raws.into_iter().for_each(RawEvent::settle),
             // Dropped unsettled: the connectors' flushes fail, they acknowledge nothing,
             // and the supervisor replaces them so the messages come again.

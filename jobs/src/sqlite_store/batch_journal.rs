@@ -3,9 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::store::{BatchedJob, StoreResult};
+use crate::store::{BatchedJob, InboundJob, StoreResult};
 
 /// The payload a finished `inbound_message` job keeps in the journal: which message it
 /// was, not its text or sender. The message itself lives in `messages`, where a data
@@ -82,27 +82,48 @@ pub(super) async fn finish(
     Ok(())
 }
 
-/// Journals the outcomes of jobs that ran without `start`, which only jobs whose
-/// effects are idempotent may do (storing an inbound message twice stores it once):
-/// `Done` jobs done — a dead one too, since its effect has now happened — `Dead` ones
-/// dead, one statement for the batch. A job done already stays so and reads
-/// `AlreadyFinished`; one the journal does not know reads `NotJournalled`.
+/// Journals the outcomes of `inbound_message` jobs that ran without `start`, which only
+/// jobs whose effects are idempotent may do (storing an inbound message twice stores it
+/// once): `Done` jobs done — a dead one too, since its effect has now happened —, and a
+/// done job the journal does not know (queued from a connector event, see
+/// `App::queue_inbound`) gets its row here, already scrubbed; `Dead` ones dead. One
+/// statement for the batch's done jobs. A job done already stays so and reads
+/// `AlreadyFinished`; a dead one the journal does not know reads `NotJournalled`.
 pub(super) async fn settle(
     tx: &mut Tx,
-    jobs: &[&str],
+    jobs: &[InboundJob],
     out: &mut [BatchedJob],
     now: i64,
 ) -> StoreResult<()> {
-    let done: Vec<&str> = jobs
+    let done: Vec<Value> = jobs
         .iter()
         .zip(out.iter())
         .filter(|(_, o)| **o == BatchedJob::Done)
-        .map(|(j, _)| *j)
+        .map(|(j, _)| {
+            // Job ids are ULIDs, which carry their creation time (tests use others).
+            let created = ulid::Ulid::from_string(&j.job)
+                .ok()
+                .and_then(|u| i64::try_from(u.timestamp_ms()).ok())
+                .unwrap_or(now);
+            json!([
+                j.job,
+                j.msg.channel,
+                j.msg.external_message_id,
+                j.max_attempts,
+                created
+            ])
+        })
         .collect();
+    // `pushed` is true for the inserted rows: the sweep must never queue a done job.
     let mut settled: HashSet<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET state = 'done', attempts = attempts + 1, updated_at = $2, \
-         payload = {SCRUBBED_INBOUND} \
-         WHERE id IN (SELECT value FROM json_each($1)) AND state <> 'done' \
+        "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
+         created_at, updated_at, run_at, pushed) \
+         SELECT value ->> 0, 'inbound_message', \
+         json_object('channel', value ->> 1, 'external_message_id', value ->> 2), \
+         'done', 1, value ->> 3, value ->> 4, $2, $2, TRUE FROM json_each($1) WHERE true \
+         ON CONFLICT (id) DO UPDATE SET state = 'done', attempts = attempts + 1, \
+         updated_at = excluded.updated_at, payload = {SCRUBBED_INBOUND} \
+         WHERE state <> 'done' \
          RETURNING id"
     )))
     .bind(Value::from(done).to_string())
@@ -111,7 +132,7 @@ pub(super) async fn settle(
     .await?
     .into_iter()
     .collect();
-    for (job, outcome) in jobs.iter().zip(out.iter()) {
+    for (job, outcome) in jobs.iter().map(|j| j.job.as_str()).zip(out.iter()) {
         if let BatchedJob::Dead(reason) = outcome {
             let dead: Option<String> = sqlx::query_scalar(
                 "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = $1, \
@@ -119,17 +140,17 @@ pub(super) async fn settle(
             )
             .bind(reason)
             .bind(now)
-            .bind(*job)
+            .bind(job)
             .fetch_optional(&mut **tx)
             .await?;
             settled.extend(dead);
         }
     }
-    // The rare rest: finished before (a redelivery), or never journalled.
+    // The rare rest: finished before (a redelivery), or dead and never journalled.
     let rest: Vec<&str> = jobs
         .iter()
-        .filter(|j| !settled.contains(**j))
-        .copied()
+        .map(|j| j.job.as_str())
+        .filter(|j| !settled.contains(*j))
         .collect();
     if rest.is_empty() {
         return Ok(());
@@ -141,9 +162,9 @@ pub(super) async fn settle(
             .await?
             .into_iter()
             .collect();
-    for (job, outcome) in jobs.iter().zip(out.iter_mut()) {
-        if !settled.contains(*job) {
-            *outcome = if known.contains(*job) {
+    for (job, outcome) in jobs.iter().map(|j| j.job.as_str()).zip(out.iter_mut()) {
+        if !settled.contains(job) {
+            *outcome = if known.contains(job) {
                 BatchedJob::AlreadyFinished
             } else {
                 BatchedJob::NotJournalled

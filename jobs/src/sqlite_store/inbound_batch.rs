@@ -87,6 +87,7 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
     let now = now_ms();
     // Storing a message is idempotent, so the journal is read only after, by the one
     // statement that finishes the jobs (`settle`): a job done before stores nothing new.
+    // Most jobs (queued from connector events) have no journal row before that one.
     let msgs: Vec<(&InboundMessage, Option<&str>)> =
         jobs.iter().map(|j| (&j.msg, j.phone.as_deref())).collect();
     let stored = store_messages(&mut tx, &msgs, now).await?;
@@ -96,8 +97,7 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
             out[i] = BatchedJob::Dead(format!("channel {channel} does not exist"));
         }
     }
-    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
-    batch_journal::settle(&mut tx, &ids, &mut out, now).await?;
+    batch_journal::settle(&mut tx, jobs, &mut out, now).await?;
     tx.commit().await?;
     Ok(out)
 }
@@ -434,7 +434,7 @@ mod tests {
     use crate::model::{JobRecord, JobState};
     use crate::sqlite_store::tests::pending_job;
     use crate::store::{NewAccount, NewUser, Store};
-    use crate::{JobKind, handlers};
+    use crate::{DomainError, JobKind, handlers};
 
     async fn store(dir: &tempfile::TempDir, name: &str) -> (SqliteStore, Id) {
         let s = SqliteStore::open(&dir.path().join(name))
@@ -498,6 +498,7 @@ mod tests {
             job: format!("job-{i}"),
             msg: m,
             phone,
+            max_attempts: 5,
         }
     }
 
@@ -587,7 +588,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_channels_die_and_unjournalled_jobs_are_handed_back() {
+    async fn unknown_channels_die_and_unjournalled_jobs_get_their_rows() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (s, ch) = store(&dir, "s.db").await;
         let good = job(0, msg(ch, "a", "1", json!({"phone": "+79161234567"}), 1));
@@ -595,31 +596,90 @@ mod tests {
             1,
             msg(ch + 100, "a", "1", json!({"phone": "+79161234567"}), 1),
         );
-        let stray = job(2, msg(ch, "a", "2", json!({"phone": "+79161234567"}), 1));
+        // Queued from a connector event: no journal row until its batch ran.
+        let fresh = job(2, msg(ch, "a", "2", json!({"phone": "+79161234567"}), 1));
+        let mut fresh_ulid = fresh.clone();
+        fresh_ulid.job = ulid::Ulid::new().to_string();
+        fresh_ulid.msg.external_message_id = "3".into();
+        let stray_dead = job(
+            3,
+            msg(ch + 100, "a", "9", json!({"phone": "+79161234567"}), 1),
+        );
         journal(&s, &[good.clone(), lost.clone()]).await;
-        let out = s
-            .run_inbound_batch(&[good, lost, stray.clone()])
-            .await
-            .expect("batch");
+        let batch = [
+            good,
+            lost,
+            fresh.clone(),
+            fresh_ulid.clone(),
+            stray_dead.clone(),
+        ];
+        let out = s.run_inbound_batch(&batch).await.expect("batch");
         assert_eq!(out[0], BatchedJob::Done);
         assert!(
             matches!(&out[1], BatchedJob::Dead(r) if r.contains("does not exist")),
             "{out:?}"
         );
-        assert_eq!(out[2], BatchedJob::NotJournalled);
+        assert_eq!(out[2], BatchedJob::Done);
+        assert_eq!(out[3], BatchedJob::Done);
+        // A dead job the journal does not know goes the per-job path, which writes its
+        // row with the whole payload (so `job.retry` can run it again).
+        assert_eq!(out[4], BatchedJob::NotJournalled);
+        assert!(matches!(
+            s.journal_get("job-3").await,
+            Err(DomainError::NotFound(_))
+        ));
         let dead = s.journal_get("job-1").await.expect("job");
         assert_eq!(dead.state, JobState::Dead);
+
+        let row = s
+            .journal_get("job-2")
+            .await
+            .expect("row written by the batch");
+        assert_eq!(row.kind, JobKind::InboundMessage);
+        assert_eq!(row.state, JobState::Done);
+        assert_eq!((row.attempts, row.max_attempts), (1, 5));
+        assert_eq!(
+            row.payload,
+            json!({"channel": ch, "external_message_id": "2"}),
+            "scrubbed: no text or sender"
+        );
+        // Done, so never one the lost-job sweep would queue again.
+        let lost_rows = s
+            .journal_claim_lost(i64::MAX / 2, 0, 0, 100)
+            .await
+            .expect("sweep");
+        assert!(!lost_rows.iter().any(|r| r.id == "job-2"), "{lost_rows:?}");
+        // A ULID id dates its row from its own creation, not from the batch.
+        let created = s
+            .journal_get(&fresh_ulid.job)
+            .await
+            .expect("row")
+            .created_at;
+        let minted = ulid::Ulid::from_string(&fresh_ulid.job)
+            .expect("ulid")
+            .timestamp_ms();
+        assert_eq!(u64::try_from(created).expect("time"), minted);
+
         let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
             .fetch_one(&s.pool)
             .await
             .expect("count");
-        // The unjournalled job's message is stored too (storing is idempotent); the
-        // per-job path it is handed back to then finds it stored and adds nothing.
-        assert_eq!(stored, 2, "the known channel's messages, once each");
+        assert_eq!(stored, 3, "the known channel's messages, once each");
+        // Redelivered: the rows say done, nothing is stored again.
         let again = s
-            .store_inbound(&stray.msg, stray.phone.as_deref())
+            .run_inbound_batch(&[fresh.clone(), fresh_ulid])
+            .await
+            .expect("again");
+        assert_eq!(again, vec![BatchedJob::AlreadyFinished; 2]);
+        assert_eq!(
+            s.journal_get("job-2").await.expect("row").attempts,
+            1,
+            "a redelivery is not an attempt"
+        );
+        let dup = s
+            .store_inbound(&fresh.msg, fresh.phone.as_deref())
             .await
             .expect("per-job path");
-        assert!(!again, "a duplicate");
+        assert!(!dup, "a duplicate");
     }
 }
