@@ -128,3 +128,91 @@ async fn delayed_job_waits() {
     );
     assert_eq!(rec.count("later"), 1);
 }
+
+/// The queue's index changes (`LEANER_INDEXES`) leave every query we and apalis run
+/// per job or per heartbeat on an index: fetch, ack, orphan recovery, depth, purge.
+/// The queries are apalis-sqlite 1.0's (`queries/`), with our depth and purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_queries_stay_on_indexes() {
+    let db = TempDb::new("plans");
+    let Queue::Sqlite(sq) = Queue::open_sqlite(&db.0).await.unwrap() else {
+        unreachable!()
+    };
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'Jobs'",
+    )
+    .fetch_all(sq.pool())
+    .await
+    .unwrap();
+    assert!(indexes.iter().any(|i| i == "pb_jobs_locked"), "{indexes:?}");
+    for gone in [
+        "LIdx",
+        "idx_jobs_status_run_at",
+        "idx_jobs_claimable",
+        "idx_jobs_running",
+    ] {
+        assert!(
+            !indexes.iter().any(|i| i == gone),
+            "{gone} is back: {indexes:?}"
+        );
+    }
+    let queries = [
+        (
+            "fetch",
+            "UPDATE Jobs SET status = 'Queued', lock_by = ?1, lock_at = strftime('%s', 'now') \
+             WHERE ROWID IN (SELECT ROWID FROM Jobs WHERE job_type = ?2 AND status = 'Pending' \
+             AND lock_by IS NULL AND (run_at IS NULL OR run_at <= ?4) \
+             ORDER BY priority DESC, run_at ASC, id ASC LIMIT ?3) RETURNING *",
+            "idx_jobs_pending",
+        ),
+        (
+            "ack",
+            "WITH j AS (SELECT value ->> 'task_id' AS task_id, value ->> 'status' AS status \
+             FROM json_each(?1)) UPDATE Jobs SET status = j.status FROM j \
+             WHERE Jobs.id = j.task_id AND Jobs.lock_by = ?2",
+            "sqlite_autoindex_Jobs_1",
+        ),
+        (
+            "orphans",
+            "UPDATE Jobs SET status = 'Pending', lock_by = NULL WHERE id IN (SELECT Jobs.id \
+             FROM Jobs INNER JOIN Workers ON lock_by = Workers.id \
+             WHERE (status = \"Running\" OR status = \"Queued\") \
+             AND strftime('%s', 'now') - Workers.last_seen >= ?1 AND Workers.worker_type = ?2 \
+             AND (?3 IS NULL OR Workers.id != ?3) AND (?4 IS NULL OR Workers.id = ?4))",
+            "pb_jobs_locked",
+        ),
+        (
+            "depth",
+            "SELECT COUNT(*) FROM Jobs WHERE job_type = ?1 \
+             AND status IN ('Pending', 'Queued', 'Running', 'Failed') \
+             AND (status <> 'Failed' OR attempts < max_attempts)",
+            "idx_jobs_job_type_status_run_at",
+        ),
+        (
+            "purge",
+            "DELETE FROM Jobs WHERE rowid IN (SELECT rowid FROM Jobs \
+             WHERE status IN ('Done', 'Failed', 'Killed') AND done_at IS NOT NULL \
+             AND status = 'Done' AND done_at < ?1 LIMIT 2000)",
+            "idx_jobs_completed_done_at",
+        ),
+    ];
+    for (name, sql, index) in queries {
+        let plan: Vec<String> = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(
+            format!("EXPLAIN QUERY PLAN {sql}"),
+        ))
+        .fetch_all(sq.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .into_iter()
+        .map(|row| row.3)
+        .collect();
+        assert!(
+            plan.iter().any(|l| l.contains(index)),
+            "{name} does not use {index}: {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|l| l.starts_with("SCAN Jobs")),
+            "{name} scans the whole table: {plan:?}"
+        );
+    }
+}
