@@ -27,6 +27,10 @@ pub struct App {
     pub settings: Settings,
     pub store: Arc<dyn Store>,
     pub queue: Queue,
+    /// Inbound messages from connectors are journalled before they are queued: only
+    /// when the queue would not keep them across its own restart (Redis without
+    /// `appendonly`), see `queue_inbound`.
+    pub journal_inbound: bool,
     pub plugins: Arc<Supervisor>,
     pub started: Instant,
     /// `[billing]` as last loaded: SIGHUP may replace it (prices), so read it through
@@ -127,15 +131,20 @@ impl App {
         Ok(envs.len())
     }
 
-    /// Queues `inbound_message` jobs for validated connector events, without journal
-    /// rows: the queue holds them durably (the SQLite queue's file, or Redis with its
-    /// persistence), the batch that stores their messages writes their rows (`done`),
-    /// and the per-job path writes the row of one that fails. This is the hot path; a
-    /// journal row per message beside the queue's own was a third of the store's
-    /// writes. A refused push is an error: the caller must not acknowledge the events,
-    /// so the connector delivers them again.
+    /// Queues `inbound_message` jobs for validated connector events. On a queue that
+    /// keeps its jobs across its own restart (the SQLite file, Redis with
+    /// `appendonly`) without journal rows: the batch that stores their messages writes
+    /// their rows (`done`), and the per-job path writes the row of one that fails.
+    /// This is the hot path; a journal row per message beside the queue's own was a
+    /// third of the store's writes. On a Redis without persistence they are journalled
+    /// first (`enqueue_many`), so the lost-job sweep queues them again after Redis
+    /// restarted empty. A refused push is an error: the caller must not acknowledge the
+    /// events, so the connector delivers them again.
     pub async fn queue_inbound(&self, payloads: Vec<Value>) -> Result<usize, DomainError> {
         let kind = JobKind::InboundMessage;
+        if self.journal_inbound {
+            return self.enqueue_many(kind, payloads).await;
+        }
         let envs: Vec<Envelope> = payloads
             .into_iter()
             .map(|payload| Envelope {

@@ -55,6 +55,13 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         }
     }
     .context("cannot open the job queue")?;
+    let journal_inbound = !queue.persists_jobs().await;
+    if journal_inbound {
+        tracing::info!(
+            "the Redis queue has no append-only file: inbound messages are journalled \
+             before they are queued, so a Redis restarted empty loses none"
+        );
+    }
     let socket = server::open(&settings.socket).await?;
     let (listener, socket_path, socket_owned) = (socket.listener, socket.path, socket.owned);
     let embedded_default = config_file.is_none();
@@ -82,6 +89,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         stop: stop.clone(),
         store,
         queue,
+        journal_inbound,
         plugins,
         started: Instant::now(),
         billing,

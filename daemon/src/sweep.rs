@@ -9,7 +9,10 @@
 //! runs twice, which every handler is built to absorb.
 //!
 //! A job the queue took but no worker started within `QUEUED_STALE` (a Redis restarted
-//! without its data) is queued again the same way.
+//! without its data) is queued again the same way. Inbound messages from connectors
+//! are journalled before they are queued only on such a Redis (no append-only file);
+//! on a queue that keeps its jobs the queue alone holds them until they ran
+//! (`App::queue_inbound`).
 //!
 //! It also deletes done jobs older than `queue.journal_retention_days` from the journal
 //! (dead ones stay for `job.retry`), and watches the balance e-mail outbox: an e-mail
@@ -33,7 +36,7 @@ const CLAIM: u32 = 500;
 
 /// How long a queued job may wait for a worker before the sweep assumes the queue lost
 /// it (a Redis restarted without its data) and queues it again. Far above any backlog
-/// the daemon lets build up (inbound backpressure holds it at 20,000 jobs, a billing
+/// the daemon lets build up (inbound backpressure holds it at 8,192 jobs, a billing
 /// fan-out drains in under a minute); a job queued twice runs once, by idempotency.
 const QUEUED_STALE: Duration = Duration::from_secs(15 * 60);
 

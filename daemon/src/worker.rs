@@ -252,9 +252,24 @@ async fn start(app: &App, rec: &JobRecord) -> Option<JobRecord> {
         }
     }
     tracing::error!(job = %rec.id, "store unreachable; requeueing the job");
-    let _ = app
-        .push(rec, rec.attempts, Some(Duration::from_secs(30)))
-        .await;
+    // This delivery is acked when we return. An inbound message queued from a
+    // connector has no journal row yet, so the queue's copy is the only one: keep
+    // handing it back until the queue takes it.
+    let mut wait = Duration::from_secs(1);
+    for _ in 0..10 {
+        match app
+            .push(rec, rec.attempts, Some(Duration::from_secs(30)))
+            .await
+        {
+            Ok(()) => return None,
+            Err(e) => {
+                tracing::warn!(job = %rec.id, error = %e, "cannot requeue the job, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    tracing::error!(job = %rec.id, "neither the store nor the queue takes the job: it is dropped");
     None
 }
 

@@ -725,12 +725,18 @@ impl Store for SqliteStore {
         if state.is_some() {
             return Ok(None);
         }
-        // The daemon died between queueing the job and journalling it: recreate the
-        // entry. The key is left out on purpose: the job is already in the queue.
+        // Not journalled when it was queued (an inbound message from a connector), or
+        // the daemon died in between: create the entry, dated from the job's ULID so a
+        // data deletion's cutoff sees when it was queued. The key is left out on
+        // purpose: the job is already in the queue.
         let now = now_ms();
+        let created = ulid::Ulid::from_string(&rec.id)
+            .ok()
+            .and_then(|u| i64::try_from(u.timestamp_ms()).ok())
+            .unwrap_or(now);
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
-             created_at, updated_at, run_at) VALUES ($1, $2, $3, 'pending', 0, $4, $5, $5, $5) \
+             created_at, updated_at, run_at) VALUES ($1, $2, $3, 'pending', 0, $4, $6, $5, $5) \
              ON CONFLICT DO NOTHING",
         )
         .bind(&rec.id)
@@ -738,6 +744,7 @@ impl Store for SqliteStore {
         .bind(rec.payload.to_string())
         .bind(i64::from(rec.max_attempts))
         .bind(now)
+        .bind(created)
         .execute(&self.writer)
         .await?;
         start()

@@ -149,11 +149,20 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// A redis-server as production should run one: with an append-only file
+    /// (`appendfsync everysec`), which is also what lets the daemon queue inbound
+    /// messages without journal rows. `BENCH_REDIS_AOF=0` runs it without persistence.
     pub fn start() -> Res<Redis> {
         let dir = tempdir("pb-bench-redis-");
         let socket = dir.path().join("redis.sock");
+        let aof = if env_or("BENCH_REDIS_AOF", 1) == 0 {
+            "no"
+        } else {
+            "yes"
+        };
         let child = Command::new("redis-server")
-            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .args(["--port", "0", "--save", "", "--appendonly", aof])
+            .args(["--appendfsync", "everysec"])
             .arg("--unixsocket")
             .arg(&socket)
             .args(["--unixsocketperm", "700"])

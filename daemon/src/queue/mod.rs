@@ -125,6 +125,17 @@ impl Queue {
         }
     }
 
+    /// Whether a job the queue took survives a restart of the queue's server: always
+    /// for the SQLite file; for Redis only with an append-only file (`appendonly
+    /// yes` — RDB snapshots lose what came after the last one). A Redis whose `CONFIG`
+    /// is disabled (managed services) counts as not persistent.
+    pub async fn persists_jobs(&self) -> bool {
+        match self {
+            Queue::Sqlite(_) => true,
+            Queue::Redis(q) => q.appendonly().await,
+        }
+    }
+
     /// Jobs not yet done: waiting, delayed, and in flight.
     pub async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
         match self {

@@ -212,6 +212,17 @@ impl RedisQueue {
         })
     }
 
+    /// `CONFIG GET appendonly` says `yes`.
+    pub(super) async fn appendonly(&self) -> bool {
+        let mut conn = self.inner.conn.clone();
+        let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .query_async(&mut conn)
+            .await;
+        matches!(reply.as_deref(), Ok([_, value]) if value == "yes")
+    }
+
     fn keys(&self, queue: &str) -> Keys {
         Keys::new(&self.inner.namespace, queue)
     }
