@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
@@ -29,8 +30,8 @@ pub struct App {
     pub queue: Queue,
     /// Inbound messages from connectors are journalled before they are queued: only
     /// when the queue would not keep them across its own restart (Redis without
-    /// `appendonly`), see `queue_inbound`.
-    pub journal_inbound: bool,
+    /// `appendonly`), see `queue_inbound`. Checked at start and by every sweep.
+    pub journal_inbound: AtomicBool,
     pub plugins: Arc<Supervisor>,
     pub started: Instant,
     /// `[billing]` as last loaded: SIGHUP may replace it (prices), so read it through
@@ -142,7 +143,7 @@ impl App {
     /// events, so the connector delivers them again.
     pub async fn queue_inbound(&self, payloads: Vec<Value>) -> Result<usize, DomainError> {
         let kind = JobKind::InboundMessage;
-        if self.journal_inbound {
+        if self.journal_inbound.load(Ordering::Relaxed) {
             return self.enqueue_many(kind, payloads).await;
         }
         let envs: Vec<Envelope> = payloads
@@ -159,6 +160,26 @@ impl App {
             .await
             .map_err(|e| DomainError::Unavailable(format!("queue unavailable: {e}")))?;
         Ok(envs.len())
+    }
+
+    /// Reads again whether the queue keeps its jobs across its own restart (an
+    /// operator may turn Redis' append-only file on or off) and journals inbound
+    /// messages first while it does not.
+    pub async fn check_queue_persistence(&self) {
+        let journal = !self.queue.persists_jobs().await;
+        if self.journal_inbound.swap(journal, Ordering::Relaxed) != journal {
+            if journal {
+                tracing::info!(
+                    "the queue does not keep its jobs across a restart (Redis without an \
+                     append-only file): inbound messages are journalled before they are queued"
+                );
+            } else {
+                tracing::info!(
+                    "the queue keeps its jobs across a restart: inbound messages are queued \
+                     without journal rows"
+                );
+            }
+        }
     }
 
     pub fn prices(&self) -> Prices {

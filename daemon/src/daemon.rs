@@ -55,13 +55,6 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         }
     }
     .context("cannot open the job queue")?;
-    let journal_inbound = !queue.persists_jobs().await;
-    if journal_inbound {
-        tracing::info!(
-            "the Redis queue has no append-only file: inbound messages are journalled \
-             before they are queued, so a Redis restarted empty loses none"
-        );
-    }
     let socket = server::open(&settings.socket).await?;
     let (listener, socket_path, socket_owned) = (socket.listener, socket.path, socket.owned);
     let embedded_default = config_file.is_none();
@@ -89,12 +82,14 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         stop: stop.clone(),
         store,
         queue,
-        journal_inbound,
+        // Until the check below says the queue keeps its jobs: the safe side.
+        journal_inbound: std::sync::atomic::AtomicBool::new(true),
         plugins,
         started: Instant::now(),
         billing,
         mailer,
     });
+    app.check_queue_persistence().await;
     let cron = tokio::spawn(crate::billing::run_schedule(app.clone()));
     let events = tokio::spawn(plugin_host::events::run(app.clone(), events_rx));
     for channel in app

@@ -254,9 +254,10 @@ async fn start(app: &App, rec: &JobRecord) -> Option<JobRecord> {
     tracing::error!(job = %rec.id, "store unreachable; requeueing the job");
     // This delivery is acked when we return. An inbound message queued from a
     // connector has no journal row yet, so the queue's copy is the only one: keep
-    // handing it back until the queue takes it.
+    // handing it back until the queue takes it. (At shutdown the worker stops waiting
+    // for this handler after the grace period and leaves the delivery unacked.)
     let mut wait = Duration::from_secs(1);
-    for _ in 0..10 {
+    loop {
         match app
             .push(rec, rec.attempts, Some(Duration::from_secs(30)))
             .await
@@ -269,8 +270,6 @@ async fn start(app: &App, rec: &JobRecord) -> Option<JobRecord> {
             }
         }
     }
-    tracing::error!(job = %rec.id, "neither the store nor the queue takes the job: it is dropped");
-    None
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -212,15 +212,22 @@ impl RedisQueue {
         })
     }
 
-    /// `CONFIG GET appendonly` says `yes`.
+    /// `CONFIG GET appendonly` says `yes`. Read as a map, which takes both RESP2's
+    /// flat pair and RESP3's map; an error (`CONFIG` disabled, Redis down) is a no.
     pub(super) async fn appendonly(&self) -> bool {
         let mut conn = self.inner.conn.clone();
-        let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+        let reply: Result<std::collections::HashMap<String, String>, _> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("appendonly")
             .query_async(&mut conn)
             .await;
-        matches!(reply.as_deref(), Ok([_, value]) if value == "yes")
+        match reply {
+            Ok(config) => config.get("appendonly").is_some_and(|v| v == "yes"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read whether Redis has an append-only file; assuming not");
+                false
+            }
+        }
     }
 
     fn keys(&self, queue: &str) -> Keys {
