@@ -164,10 +164,10 @@ impl App {
 
     /// Reads again whether the queue keeps its jobs across its own restart (an
     /// operator may turn Redis' append-only file on or off) and journals inbound
-    /// messages first while it does not.
-    pub async fn check_queue_persistence(&self) {
+    /// messages first while it does not. Says which, at `start` and on every change.
+    pub async fn check_queue_persistence(&self, start: bool) {
         let journal = !self.queue.persists_jobs().await;
-        if self.journal_inbound.swap(journal, Ordering::Relaxed) != journal {
+        if self.journal_inbound.swap(journal, Ordering::Relaxed) != journal || start {
             if journal {
                 tracing::info!(
                     "the queue does not keep its jobs across a restart (Redis without an \

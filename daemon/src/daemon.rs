@@ -89,7 +89,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         billing,
         mailer,
     });
-    app.check_queue_persistence().await;
+    app.check_queue_persistence(true).await;
     let cron = tokio::spawn(crate::billing::run_schedule(app.clone()));
     let events = tokio::spawn(plugin_host::events::run(app.clone(), events_rx));
     for channel in app

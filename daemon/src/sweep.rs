@@ -53,7 +53,7 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        app.check_queue_persistence().await;
+        app.check_queue_persistence(false).await;
         loop {
             let lost = match app
                 .store

@@ -31,6 +31,17 @@ async fn messages(d: &Daemon, account: i64) -> Vec<Value> {
 /// reply is delivered.
 async fn fifty_channels(backend: Backend) {
     let d = Daemon::start(backend);
+    // Inbound messages skip the journal only on a queue that keeps its jobs.
+    let mode = match backend {
+        Backend::Redis => "inbound messages are journalled before they are queued",
+        Backend::Sqlite | Backend::RedisAof => "inbound messages are queued without journal rows",
+    };
+    d.until(
+        "the inbound mode in the log",
+        Duration::from_secs(10),
+        || async { d.log().contains(mode).then_some(()) },
+    )
+    .await;
     let mut accounts = Vec::new();
     for a in 0..5 {
         let (acc, admin) = d.account(&format!("many{a}")).await;
@@ -123,6 +134,11 @@ async fn fifty_channels_in_five_accounts_sqlite() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_channels_in_five_accounts_redis() {
     fifty_channels(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_channels_in_five_accounts_redis_with_an_append_only_file() {
+    fifty_channels(Backend::RedisAof).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,11 @@ pub const PATCHBAYCTL: &str = env!("CARGO_BIN_EXE_patchbayctl");
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
+    /// A Redis without persistence: the daemon journals inbound messages first.
     Redis,
+    /// A Redis with an append-only file, as production should run one: the daemon
+    /// queues inbound messages without journal rows.
+    RedisAof,
 }
 
 /// A redis-server of our own on a unix socket; never the machine's shared one.
@@ -22,22 +26,30 @@ pub struct Redis {
     child: Option<Child>,
     pub socket: PathBuf,
     dir: tempfile::TempDir,
+    aof: bool,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_persistent(false)
+    }
+
+    /// With `aof`, an append-only file in the server's own folder.
+    pub fn start_persistent(aof: bool) -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("redis.sock");
         let mut redis = Redis {
             child: None,
             socket,
             dir,
+            aof,
         };
         redis.restart();
         redis
     }
 
-    /// Kills the server (an outage); its data is gone, as with `--save ""`.
+    /// Kills the server (an outage); its data is gone, as with `--save ""`, unless it
+    /// has an append-only file.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -56,7 +68,7 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.aof { "yes" } else { "no" },
                 "--unixsocketperm",
                 "700",
             ])
@@ -150,7 +162,7 @@ pub struct Daemon {
 impl Daemon {
     pub fn config_text(backend: Backend, redis: Option<&Redis>, extra: &str) -> String {
         let queue = match (backend, redis) {
-            (Backend::Redis, Some(r)) => format!(
+            (Backend::Redis | Backend::RedisAof, Some(r)) => format!(
                 "backend = \"redis\"\nredis_url = \"{}\"\nnamespace = \"t{}\"\n",
                 r.url(),
                 std::process::id()
@@ -176,7 +188,11 @@ impl Daemon {
     /// libraries there before the daemon scans it.
     pub fn start_full(backend: Backend, extra: &str, plugins: impl FnOnce(&Path)) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        let redis = (backend == Backend::Redis).then(Redis::start);
+        let redis = match backend {
+            Backend::Sqlite => None,
+            Backend::Redis => Some(Redis::start()),
+            Backend::RedisAof => Some(Redis::start_persistent(true)),
+        };
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir(&plugin_dir).expect("plugin dir");
         std::fs::copy(loopback_library(), plugin_dir.join("libloopback.so"))
