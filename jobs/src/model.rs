@@ -17,6 +17,15 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// When a job was created (unix ms): job ids are ULIDs, which carry it. `fallback` for
+/// an id that is not one (tests use others).
+pub fn job_created_at(id: &str, fallback: i64) -> i64 {
+    ulid::Ulid::from_string(id)
+        .ok()
+        .and_then(|u| i64::try_from(u.timestamp_ms()).ok())
+        .unwrap_or(fallback)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {

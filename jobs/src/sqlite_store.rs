@@ -730,10 +730,7 @@ impl Store for SqliteStore {
         // data deletion's cutoff sees when it was queued. The key is left out on
         // purpose: the job is already in the queue.
         let now = now_ms();
-        let created = ulid::Ulid::from_string(&rec.id)
-            .ok()
-            .and_then(|u| i64::try_from(u.timestamp_ms()).ok())
-            .unwrap_or(now);
+        let created = crate::model::job_created_at(&rec.id, now);
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
              created_at, updated_at, run_at) VALUES ($1, $2, $3, 'pending', 0, $4, $6, $5, $5) \

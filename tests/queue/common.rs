@@ -27,12 +27,20 @@ pub struct TestRedis {
     child: Child,
     socket: PathBuf,
     pub url: String,
+    /// The server's working folder (where an append-only file goes).
+    _dir: tempfile::TempDir,
 }
 
 impl TestRedis {
     pub async fn start(name: &str) -> TestRedis {
+        TestRedis::start_persistent(name, false).await
+    }
+
+    /// With `aof`, the server keeps an append-only file in a folder of its own.
+    pub async fn start_persistent(name: &str, aof: bool) -> TestRedis {
         let socket = std::env::temp_dir().join(format!("pbq-{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&socket);
+        let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -40,9 +48,11 @@ impl TestRedis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
-                "--unixsocket",
+                if aof { "yes" } else { "no" },
+                "--dir",
             ])
+            .arg(dir.path())
+            .arg("--unixsocket")
             .arg(&socket)
             .stdout(Stdio::null())
             .spawn()
@@ -54,7 +64,12 @@ impl TestRedis {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let url = format!("redis+unix://{}", socket.display());
-        TestRedis { child, socket, url }
+        TestRedis {
+            child,
+            socket,
+            url,
+            _dir: dir,
+        }
     }
 }
 

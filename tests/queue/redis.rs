@@ -235,28 +235,9 @@ async fn persistence_is_read_from_the_server() {
     let redis = TestRedis::start("aof").await;
     let queue = Queue::open_redis(&redis.url, "t").await.unwrap();
     assert!(!queue.persists_jobs().await, "started with --appendonly no");
-    // A second server with an append-only file, in a folder of its own.
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("aof.sock");
-    let mut aof = std::process::Command::new("redis-server")
-        .args(["--port", "0", "--save", "", "--appendonly", "yes", "--dir"])
-        .arg(dir.path())
-        .arg("--unixsocket")
-        .arg(&socket)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let url = format!("redis+unix://{}", socket.display());
-    let persistent = Queue::open_redis(&url, "t").await.unwrap();
-    let persists = persistent.persists_jobs().await;
-    let _ = aof.kill();
-    let _ = aof.wait();
-    assert!(persists, "appendonly yes");
+    let aof = TestRedis::start_persistent("aof-yes", true).await;
+    let persistent = Queue::open_redis(&aof.url, "t").await.unwrap();
+    assert!(persistent.persists_jobs().await, "appendonly yes");
     let sqlite = crate::common::TempDb::new("aof");
     assert!(
         Queue::open_sqlite(&sqlite.0)

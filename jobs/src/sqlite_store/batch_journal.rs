@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
 
+use crate::model::job_created_at;
 use crate::store::{BatchedJob, InboundJob, StoreResult};
 
 /// The payload a finished `inbound_message` job keeps in the journal: which message it
@@ -100,11 +101,7 @@ pub(super) async fn settle(
         .zip(out.iter())
         .filter(|(_, o)| **o == BatchedJob::Done)
         .map(|(j, _)| {
-            // Job ids are ULIDs, which carry their creation time (tests use others).
-            let created = ulid::Ulid::from_string(&j.job)
-                .ok()
-                .and_then(|u| i64::try_from(u.timestamp_ms()).ok())
-                .unwrap_or(now);
+            let created = job_created_at(&j.job, now);
             json!([
                 j.job,
                 j.msg.channel,
