@@ -24,7 +24,9 @@
 //!
 //! Knobs: BILLING_BACKENDS (default "sqlite,redis"), BILLING_ACCOUNTS (100000),
 //! BILLING_TIMEOUT_SECS (per run, 150: an unfinished run reports its progress and rate
-//! and skips the reruns), plus PATCHBAYD_BIN / LOOPBACK_LIB / BENCH_TMPDIR.
+//! and skips the reruns), BILLING_SPOOL (a folder for the e-mail spool instead of the
+//! daemon's own, e.g. /dev/shm: a diagnostic, see BENCHMARKS.md), plus PATCHBAYD_BIN /
+//! LOOPBACK_LIB / BENCH_TMPDIR.
 
 mod common;
 
@@ -351,13 +353,29 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
         Backend::Sqlite => None,
     };
     let dir = tempdir(&format!("pb-bench-billing-{}-", backend.name()));
+    // BILLING_SPOOL: the e-mail spool somewhere else, e.g. on a tmpfs, to tell the
+    // daemon's cost from this disk's (see BENCHMARKS.md, "The spool's cost").
+    let spool_parent = std::env::var_os("BILLING_SPOOL").map(|p| {
+        tempfile::Builder::new()
+            .prefix("pb-spool-")
+            .tempdir_in(p)
+            .expect("BILLING_SPOOL must be a writable folder")
+    });
+    let spool = spool_parent
+        .as_ref()
+        .map_or_else(|| dir.path().join("var/mail"), |d| d.path().join("mail"));
     let mut daemon = Daemon::start(
         dir.path(),
         backend,
         redis.as_ref(),
         // run_at 00:00: the daemon always catches up today's run at start, which the
         // bench lets finish on the empty store before seeding (else it races the seed).
-        "[billing]\ndefault_price = 100\nrun_at = \"00:00\"\ntimezone = \"UTC\"\n",
+        &format!(
+            "[billing]\ndefault_price = 100\nrun_at = \"00:00\"\ntimezone = \"UTC\"\n\
+             [mail]\nspool_dir = {}\n",
+            // A JSON string is a TOML basic string.
+            json!(spool.to_string_lossy())
+        ),
     )?;
     let pool = daemon.store().await?;
     wait_for_catch_up(&pool).await?;
@@ -370,7 +388,6 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
     // Tomorrow, as the cron will bill it: today's run was queued by the daemon at start
     // (it catches up a run_at that has passed) while the store was still empty.
     let day = (chrono::Utc::now().date_naive() + chrono::Days::new(1)).to_string();
-    let spool = dir.path().join("var/mail");
     let before = effects(&pool, &day, &spool).await?;
 
     // Accounts with id ≡ 0 or 1 (mod 20) get an e-mail: a balance_check each.

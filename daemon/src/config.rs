@@ -235,7 +235,10 @@ impl Settings {
     pub fn concurrency(&self, kind: JobKind) -> usize {
         let default = match kind {
             // These handlers mostly wait for their batcher: many in flight make big batches.
-            JobKind::InboundMessage | JobKind::ChargeAccount => 512,
+            JobKind::InboundMessage => 512,
+            // Two batches' worth: while one commits, the next one fills (half as many
+            // made batches of ~250 and a billing run ~15 % slower).
+            JobKind::ChargeAccount => 1024,
             // Group-committed too; a batch sends `handlers::PARALLEL_SENDS` accounts' e-mails at once.
             JobKind::BalanceCheck => 128,
             // Each waits on its channel's connector most of the time.

@@ -155,7 +155,10 @@ pub struct Mailer {
 }
 
 enum Sink {
-    File(PathBuf),
+    /// The spool folder, and a lock that writes one file at a time: creating files in
+    /// one folder serializes on the folder's lock in the kernel, where parallel writers
+    /// only spin (a tenth of the daemon's CPU while a billing run spooled 10,000 mails).
+    File(PathBuf, tokio::sync::Mutex<()>),
     Smtp {
         transport: AsyncSmtpTransport<Tokio1Executor>,
         /// For messages: the URL with its password redacted.
@@ -166,7 +169,7 @@ enum Sink {
 impl fmt::Debug for Mailer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let via = match &self.sink {
-            Sink::File(dir) => format!("file:{}", dir.display()),
+            Sink::File(dir, _) => format!("file:{}", dir.display()),
             Sink::Smtp { shown, .. } => shown.clone(),
         };
         f.debug_struct("Mailer")
@@ -195,7 +198,7 @@ impl Mailer {
                         reason: "a folder is required when mail.transport = \"file\"".to_owned(),
                     });
                 }
-                Sink::File(spool_dir)
+                Sink::File(spool_dir, tokio::sync::Mutex::new(()))
             }
             Transport::Smtp { url } => {
                 let shown = redact_url(&url);
@@ -226,7 +229,16 @@ impl Mailer {
     pub async fn send(&self, mail: &Mail) -> Result<(), MailError> {
         let message = self.message(mail)?;
         match &self.sink {
-            Sink::File(dir) => spool(dir, &mail.message_id, &message.formatted()).await,
+            Sink::File(dir, one_at_a_time) => {
+                let _writing = one_at_a_time.lock().await;
+                let (dir, id, bytes) = (dir.clone(), mail.message_id.clone(), message.formatted());
+                tokio::task::spawn_blocking(move || spool(&dir, &id, &bytes))
+                    .await
+                    .map_err(|e| MailError::Retryable {
+                        via: "file".to_owned(),
+                        reason: format!("the spool writer stopped: {e}"),
+                    })?
+            }
             Sink::Smtp { transport, shown } => match transport.send(message).await {
                 Ok(_) => Ok(()),
                 // 5xx or a local protocol problem: the same message fails the same way.
@@ -268,21 +280,21 @@ impl Mailer {
 }
 
 /// Writes `<id>.eml` atomically (temp file + rename), so readers never see half a
-/// message and a rerun replaces the file.
-async fn spool(dir: &Path, message_id: &str, bytes: &[u8]) -> Result<(), MailError> {
+/// message and a rerun replaces the file. Blocking: one call does the whole file.
+fn spool(dir: &Path, message_id: &str, bytes: &[u8]) -> Result<(), MailError> {
     let failed = |e: std::io::Error| MailError::Retryable {
         via: format!("file:{}", dir.display()),
         reason: e.to_string(),
     };
-    tokio::fs::create_dir_all(dir).await.map_err(failed)?;
+    std::fs::create_dir_all(dir).map_err(failed)?;
     let path = dir.join(format!("{message_id}.eml"));
-    // A unique temp name: two workers spooling the same id must not share one.
+    // A unique temp name: two daemons spooling the same id must not share one.
     let tmp = dir.join(format!(".{message_id}.{}.tmp", ulid::Ulid::new()));
-    if let Err(e) = tokio::fs::write(&tmp, bytes).await {
-        let _ = tokio::fs::remove_file(&tmp).await;
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
         return Err(failed(e));
     }
-    tokio::fs::rename(&tmp, &path).await.map_err(failed)
+    std::fs::rename(&tmp, &path).map_err(failed)
 }
 
 /// `left@right` with conservative characters: it becomes a file name and a header.

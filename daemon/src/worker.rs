@@ -15,6 +15,7 @@ use futures::FutureExt;
 use patchbay_jobs::model::{Id, JobRecord, JobState, now_ms};
 use patchbay_jobs::store::{BatchedJob, ChargeJob, Charged, CheckJob, InboundJob};
 use patchbay_jobs::{DomainError, JobError, JobKind, Payload, Store, handlers};
+use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::batcher::Batcher;
@@ -76,11 +77,17 @@ pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
     })
 }
 
-/// Group commit for `charge_account` jobs (`Store::charge_accounts`), then what
-/// follows the charges (`App::after_charges`) for the whole batch at once.
+/// Group commit for `charge_account` jobs (`Store::charge_accounts`). What follows the
+/// charges (`App::after_charges`: stopping suspended connectors, queueing balance
+/// checks) runs beside the next batches, not between them: it writes the journal and
+/// the queue, and made a third of each batch's time. Charge jobs are then done before
+/// their balance checks are queued; a check lost in between (a crash) is queued by the
+/// lost-job sweep from the e-mails the charge recorded (`sweep::unsent_mail`).
 pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
+    let follow_ups = follow_charges(app.clone());
     Batcher::start(move |jobs: Vec<ChargeJob>| {
         let app = app.upgrade();
+        let follow_ups = follow_ups.clone();
         async move {
             let Some(app) = app else {
                 return vec![false; jobs.len()];
@@ -94,15 +101,34 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
                 .zip(&results)
                 .filter_map(|(j, (_, c))| Some((j.account, c.clone()?)))
                 .collect();
-            // The charges are committed; a balance_check not queued now is queued by the
-            // lost-job sweep from the recorded e-mails.
-            if let Err(e) = app.after_charges(&charges).await {
-                tracing::warn!(error = %e, "cannot queue balance checks after a charge batch");
+            // Waits only when `FOLLOW_UPS` batches are behind: bounded memory.
+            if !charges.is_empty() && follow_ups.send(charges).await.is_err() {
+                tracing::warn!("charges committed, their balance checks are left to the sweep");
             }
             let outcomes = results.into_iter().map(|(o, _)| o).collect();
             finished(Ok(outcomes), jobs.iter().map(|j| j.job.as_str()))
         }
     })
+}
+
+/// Charge batches whose follow-ups may wait at once.
+const FOLLOW_UPS: usize = 8;
+
+/// The task that runs `App::after_charges` for committed charge batches, in order,
+/// several waiting batches at once. It ends with the charge batcher.
+fn follow_charges(app: Weak<App>) -> mpsc::Sender<Vec<(Id, Charged)>> {
+    let (tx, mut rx) = mpsc::channel::<Vec<(Id, Charged)>>(FOLLOW_UPS);
+    tokio::spawn(async move {
+        let mut batches = Vec::with_capacity(FOLLOW_UPS);
+        while rx.recv_many(&mut batches, FOLLOW_UPS).await > 0 {
+            let charges: Vec<(Id, Charged)> = batches.drain(..).flatten().collect();
+            let Some(app) = app.upgrade() else { return };
+            if let Err(e) = app.after_charges(&charges).await {
+                tracing::warn!(error = %e, "cannot queue balance checks after a charge batch");
+            }
+        }
+    });
+    tx
 }
 
 /// Group commit for `balance_check` jobs (`handlers::balance_checks`): their e-mails

@@ -113,7 +113,10 @@ impl SqliteQueue {
             // Reads through a memory map and a larger page cache than SQLite's 2 MB:
             // fetches and acks otherwise spend their time in pread().
             .pragma("mmap_size", "268435456")
-            .pragma("cache_size", "-16384");
+            .pragma("cache_size", "-16384")
+            // A fetch returns up to `batch_size` rows; sqlx hands them over 50 at a time
+            // by default, each hand-off a thread wake-up on both sides.
+            .row_buffer_size(patchbay_jobs::sqlite_store::ROW_BUFFER);
 
         // apalis' setup() runs `PRAGMA synchronous = OFF` on whichever pooled
         // connection it gets, and that sticks for the connection's lifetime.
