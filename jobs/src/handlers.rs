@@ -421,27 +421,40 @@ async fn send_account(
     (i, notices.len(), Ok(()))
 }
 
-/// E-mails sent at once by `balance_checks`, and how many finished accounts it
-/// settles at a time: a crash can leave at most that many accounts' e-mails sent but
-/// unmarked (sent again once their claim lapses), like the per-job path at its old
-/// concurrency of 32.
+/// E-mails sent at once by `balance_checks`, and how many finished accounts make a
+/// settle worth starting.
 pub const PARALLEL_SENDS: usize = 32;
+
+/// Finished accounts that may wait for their settle while another one is in flight:
+/// a crash leaves at most twice this many accounts' e-mails sent but unmarked (sent
+/// again once their claim lapses).
+pub const UNSETTLED_MAX: usize = 2 * PARALLEL_SENDS;
+
+/// What `balance_checks` waited for.
+enum Step {
+    Settled(StoreResult<()>),
+    Sent(Option<(usize, usize, Result<(), JobError>)>),
+}
 
 /// `balance_check` for a batch of jobs (a group commit, as `charge_account`'s): one
 /// transaction claims every e-mail of the batch, the e-mails go out `PARALLEL_SENDS`
 /// accounts at a time (each account's in order, stopping at its first refusal), and
-/// every `PARALLEL_SENDS` finished accounts one transaction marks their sent e-mails
-/// sent, releases the rest and journals the jobs whose e-mails all went out. A job with
-/// a refused e-mail reads `Failed`: the caller runs it on the per-job path, which
-/// retries it with backoff. `Err`: nothing was claimed, or settling failed even after
-/// retries (the unsettled claims then lapse after their lease, and the sweep queues
-/// those e-mails again).
+/// one transaction at a time marks the finished accounts' sent e-mails sent, releases
+/// the rest and journals the jobs whose e-mails all went out. A settle runs beside
+/// the sends: it waits for the store's writer, which a billing run's charge batches
+/// hold for tens of milliseconds, and settling in between stopped the sends for that
+/// long every 32 accounts. Accounts finished meanwhile go in the next settle, up to
+/// `UNSETTLED_MAX`. A job with a refused e-mail reads `Failed`: the caller runs it on
+/// the per-job path, which retries it with backoff. `Err`: nothing was claimed, or
+/// settling failed even after retries (the unsettled claims then lapse after their
+/// lease, and the sweep queues those e-mails again).
 pub async fn balance_checks(
     store: &dyn Store,
     effects: &dyn Effects,
     jobs: &[CheckJob],
 ) -> StoreResult<Vec<BatchedJob>> {
     use futures::StreamExt;
+    use futures::future::{BoxFuture, Either, select};
 
     // The claim must outlast the batch: each round of sends gets a lease's worth.
     let rounds = jobs.len().div_ceil(PARALLEL_SENDS).max(1);
@@ -464,32 +477,55 @@ pub async fn balance_checks(
     }
     let mut results = futures::stream::iter(sends).buffer_unordered(PARALLEL_SENDS);
     let (mut sent, mut unsent) = (Vec::new(), Vec::new());
-    let mut pending = 0;
+    let (mut pending, mut all_sent) = (0, false);
+    let mut settling: Option<BoxFuture<'_, StoreResult<()>>> = None;
     loop {
-        let next = results.next().await;
-        let last = next.is_none();
-        if let Some((i, n, result)) = next {
-            let notices = &claimed[i].1;
-            sent.extend_from_slice(&notices[..n]);
-            unsent.extend_from_slice(&notices[n..]);
-            match result {
-                Ok(()) => finished.push(jobs[i].job.clone()),
-                Err(e) => outcomes[i] = BatchedJob::Failed(e.to_string()),
+        // With no settle in flight, `pending` below started one: it never blocks sends.
+        let more = !all_sent && (pending < UNSETTLED_MAX || settling.is_none());
+        let step = match (settling.as_mut(), more) {
+            (Some(settle), true) => match select(settle, results.next()).await {
+                Either::Left((settled, _)) => Step::Settled(settled),
+                Either::Right((next, _)) => Step::Sent(next),
+            },
+            (Some(settle), false) => Step::Settled(settle.await),
+            (None, true) => Step::Sent(results.next().await),
+            (None, false) => Step::Sent(None),
+        };
+        match step {
+            Step::Settled(settled) => {
+                settling = None;
+                settled?;
             }
-            pending += 1;
+            Step::Sent(Some((i, n, result))) => {
+                let notices = &claimed[i].1;
+                sent.extend_from_slice(&notices[..n]);
+                unsent.extend_from_slice(&notices[n..]);
+                match result {
+                    Ok(()) => finished.push(jobs[i].job.clone()),
+                    Err(e) => outcomes[i] = BatchedJob::Failed(e.to_string()),
+                }
+                pending += 1;
+            }
+            Step::Sent(None) => all_sent = true,
         }
-        if pending >= PARALLEL_SENDS || (last && (pending > 0 || !finished.is_empty())) {
-            // Safe to repeat: each update is made under its own claim.
-            retrying("sent balance e-mails", || {
-                store.settle_balance_checks(&sent, &unsent, &finished)
-            })
-            .await?;
-            sent.clear();
-            unsent.clear();
-            finished.clear();
+        let worth =
+            pending >= PARALLEL_SENDS || (all_sent && (pending > 0 || !finished.is_empty()));
+        if settling.is_none() && worth {
+            let (sent, unsent, finished) = (
+                std::mem::take(&mut sent),
+                std::mem::take(&mut unsent),
+                std::mem::take(&mut finished),
+            );
             pending = 0;
+            // Safe to repeat: each update is made under its own claim.
+            settling = Some(Box::pin(async move {
+                retrying("sent balance e-mails", || {
+                    store.settle_balance_checks(&sent, &unsent, &finished)
+                })
+                .await
+            }));
         }
-        if last {
+        if all_sent && settling.is_none() {
             return Ok(outcomes);
         }
     }
