@@ -29,7 +29,8 @@ impl<T: Send + 'static> Batcher<T> {
     /// Starts the batcher task on the current runtime; it ends when the handle is gone.
     /// `run` takes a batch and says per job whether it is finished (`true`: done, dead
     /// or done before) or must go the per-job path (`false`).
-    pub fn start<F, Fut>(mut run: F) -> Self
+    /// `kind` names the jobs in the log.
+    pub fn start<F, Fut>(kind: &'static str, mut run: F) -> Self
     where
         F: FnMut(Vec<T>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<bool>> + Send,
@@ -42,7 +43,7 @@ impl<T: Send + 'static> Batcher<T> {
                     items.drain(..).map(|i| (i.job, i.done)).unzip();
                 let (n, started) = (jobs.len(), std::time::Instant::now());
                 let finished = run(jobs).await;
-                tracing::debug!(jobs = n, took = ?started.elapsed(), "batch committed");
+                tracing::debug!(kind, jobs = n, took = ?started.elapsed(), "batch committed");
                 // A short answer leaves the rest to the per-job path (dropped senders);
                 // a handler that went away (shutdown) leaves a redelivery to the queue.
                 for (waiter, done) in waiters.into_iter().zip(finished) {

@@ -234,11 +234,11 @@ impl Settings {
 
     pub fn concurrency(&self, kind: JobKind) -> usize {
         let default = match kind {
-            // These handlers mostly wait for their batcher: many in flight make big batches.
-            JobKind::InboundMessage => 512,
-            // Two batches' worth: while one commits, the next one fills (half as many
-            // made batches of ~250 and a billing run ~15 % slower).
-            JobKind::ChargeAccount => 1024,
+            // These handlers mostly wait for their batcher, which takes up to 512 jobs: two
+            // batches' worth in flight lets the next one fill while one commits. With 512,
+            // batches averaged ~250 jobs; 1024 stored 16 % more inbound messages a second
+            // and made a billing run ~15 % faster.
+            JobKind::InboundMessage | JobKind::ChargeAccount => 1024,
             // Group-committed too; a batch sends `handlers::PARALLEL_SENDS` accounts' e-mails at once.
             JobKind::BalanceCheck => 128,
             // Each waits on its channel's connector most of the time.

@@ -68,7 +68,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
 
 /// Group commit for `inbound_message` jobs (`Store::run_inbound_batch`).
 pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
-    Batcher::start(move |jobs: Vec<InboundJob>| {
+    Batcher::start("inbound_message", move |jobs: Vec<InboundJob>| {
         let store = store.clone();
         async move {
             let outcomes = store.run_inbound_batch(&jobs).await;
@@ -85,7 +85,7 @@ pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
 /// lost-job sweep from the e-mails the charge recorded (`sweep::unsent_mail`).
 pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
     let follow_ups = follow_charges(app.clone());
-    Batcher::start(move |jobs: Vec<ChargeJob>| {
+    Batcher::start("charge_account", move |jobs: Vec<ChargeJob>| {
         let app = app.upgrade();
         let follow_ups = follow_ups.clone();
         async move {
@@ -134,7 +134,7 @@ fn follow_charges(app: Weak<App>) -> mpsc::Sender<Vec<(Id, Charged)>> {
 /// Group commit for `balance_check` jobs (`handlers::balance_checks`): their e-mails
 /// claimed and settled in one transaction each, sent in parallel in between.
 pub fn check_batcher(app: Weak<App>) -> Batcher<CheckJob> {
-    Batcher::start(move |jobs: Vec<CheckJob>| {
+    Batcher::start("balance_check", move |jobs: Vec<CheckJob>| {
         let app = app.upgrade();
         async move {
             let Some(app) = app else {
