@@ -355,12 +355,17 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
     let dir = tempdir(&format!("pb-bench-billing-{}-", backend.name()));
     // BILLING_SPOOL: the e-mail spool somewhere else, e.g. on a tmpfs, to tell the
     // daemon's cost from this disk's (see BENCHMARKS.md, "The spool's cost").
-    let spool_parent = std::env::var_os("BILLING_SPOOL").map(|p| {
-        tempfile::Builder::new()
-            .prefix("pb-spool-")
-            .tempdir_in(p)
-            .expect("BILLING_SPOOL must be a writable folder")
-    });
+    let spool_parent = match std::env::var_os("BILLING_SPOOL") {
+        Some(p) => Some(
+            tempfile::Builder::new()
+                .prefix("pb-spool-")
+                .tempdir_in(&p)
+                .map_err(|e| {
+                    format!("BILLING_SPOOL={}: not a writable folder: {e}", p.display())
+                })?,
+        ),
+        None => None,
+    };
     let spool = spool_parent
         .as_ref()
         .map_or_else(|| dir.path().join("var/mail"), |d| d.path().join("mail"));

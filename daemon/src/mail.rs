@@ -232,10 +232,11 @@ impl Mailer {
             Sink::File(dir, one_at_a_time) => {
                 let _writing = one_at_a_time.lock().await;
                 let (dir, id, bytes) = (dir.clone(), mail.message_id.clone(), message.formatted());
+                let via = format!("file:{}", dir.display());
                 tokio::task::spawn_blocking(move || spool(&dir, &id, &bytes))
                     .await
                     .map_err(|e| MailError::Retryable {
-                        via: "file".to_owned(),
+                        via,
                         reason: format!("the spool writer stopped: {e}"),
                     })?
             }
