@@ -28,10 +28,10 @@ pub struct App {
     pub settings: Settings,
     pub store: Arc<dyn Store>,
     pub queue: Queue,
-    /// Inbound messages from connectors are journalled before they are queued: only
-    /// when the queue would not keep them across its own restart (Redis without
-    /// `appendonly`), see `queue_inbound`. Checked at start and by every sweep.
-    pub journal_inbound: AtomicBool,
+    /// Inbound messages and billing's charges are journalled before they are queued
+    /// only when the queue would not keep them across its own restart (Redis without
+    /// `appendonly`), see `queue_batched`. Checked at start and by every sweep.
+    pub journal_batched: AtomicBool,
     pub plugins: Arc<Supervisor>,
     pub started: Instant,
     /// `[billing]` as last loaded: SIGHUP may replace it (prices), so read it through
@@ -132,18 +132,25 @@ impl App {
         Ok(envs.len())
     }
 
-    /// Queues `inbound_message` jobs for validated connector events. On a queue that
-    /// keeps its jobs across its own restart (the SQLite file, Redis with
-    /// `appendonly`) without journal rows: the batch that stores their messages writes
-    /// their rows (`done`), and the per-job path writes the row of one that fails.
-    /// This is the hot path; a journal row per message beside the queue's own was a
-    /// third of the store's writes. On a Redis without persistence they are journalled
-    /// first (`enqueue_many`), so the lost-job sweep queues them again after Redis
-    /// restarted empty. A refused push is an error: the caller must not acknowledge the
-    /// events, so the connector delivers them again.
-    pub async fn queue_inbound(&self, payloads: Vec<Value>) -> Result<usize, DomainError> {
-        let kind = JobKind::InboundMessage;
-        if self.journal_inbound.load(Ordering::Relaxed) {
+    /// Queues validated payloads of a kind whose batches journal them when they finish
+    /// (`inbound_message` from connector events, `charge_account` from billing's
+    /// fan-out) without journal rows, on a queue that keeps its jobs across its own
+    /// restart (the SQLite file, Redis with `appendonly`); the per-job path writes the
+    /// row of one that fails. These are the hot paths: a journal row per job beside the
+    /// queue's own was a third of the store's writes, and the single store writer is
+    /// what bounds both. The price: such a job shows in `job.list` once it finished,
+    /// and while it waits only in the queue depth (`status`). On a Redis without
+    /// persistence they are journalled first (`enqueue_many`), so the lost-job sweep
+    /// queues them again after Redis restarted empty, and other kinds always are. A
+    /// refused push is an error: a connector is not told its events were taken, and a
+    /// fan-out retries.
+    pub async fn queue_batched(
+        &self,
+        kind: JobKind,
+        payloads: Vec<Value>,
+    ) -> Result<usize, DomainError> {
+        let batched = matches!(kind, JobKind::InboundMessage | JobKind::ChargeAccount);
+        if !batched || self.journal_batched.load(Ordering::Relaxed) {
             return self.enqueue_many(kind, payloads).await;
         }
         let envs: Vec<Envelope> = payloads
@@ -164,19 +171,21 @@ impl App {
 
     /// Reads again whether the queue keeps its jobs across its own restart (an
     /// operator may turn Redis' append-only file on or off) and journals inbound
-    /// messages first while it does not. Says which, at `start` and on every change.
+    /// messages and charges first while it does not (`queue_batched`). Says which, at
+    /// `start` and on every change.
     pub async fn check_queue_persistence(&self, start: bool) {
         let journal = !self.queue.persists_jobs().await;
-        if self.journal_inbound.swap(journal, Ordering::Relaxed) != journal || start {
+        if self.journal_batched.swap(journal, Ordering::Relaxed) != journal || start {
             if journal {
                 tracing::info!(
                     "the queue does not keep its jobs across a restart (Redis without an \
-                     append-only file): inbound messages are journalled before they are queued"
+                     append-only file): inbound messages and charges are journalled before \
+                     they are queued"
                 );
             } else {
                 tracing::info!(
-                    "the queue keeps its jobs across a restart: inbound messages are queued \
-                     without journal rows"
+                    "the queue keeps its jobs across a restart: inbound messages and charges \
+                     are queued without journal rows"
                 );
             }
         }
@@ -394,7 +403,7 @@ impl Effects for App {
     }
 
     async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError> {
-        App::enqueue_many(self, kind, payloads).await?;
+        App::queue_batched(self, kind, payloads).await?;
         Ok(())
     }
 

@@ -49,6 +49,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
                 account: c.account,
                 day: c.date,
                 day_end: app.day_end(c.date),
+                max_attempts: app.settings.max_attempts(kind),
             };
             app.charges.submit(job).await
         }

@@ -4,6 +4,8 @@
 //! on having run only once. What a handler needs from outside the store (a connector,
 //! the queue) comes through `Effects`, which the daemon implements.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
@@ -37,7 +39,8 @@ pub trait Effects: Send + Sync {
     fn prices(&self) -> Prices;
     /// Today in the billing time zone.
     fn today(&self) -> NaiveDate;
-    /// Queues jobs of one kind in bulk (journal and queue in batches).
+    /// Queues jobs of one kind in bulk (journal and queue in batches). `charge_account`
+    /// jobs skip the journal on a queue that keeps its jobs (their batch writes it).
     async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError>;
     /// The first instant (unix ms) after `day` in the billing time zone.
     fn day_end(&self, day: NaiveDate) -> i64;
@@ -270,9 +273,12 @@ async fn data_deletion(store: &dyn Store, effects: &dyn Effects, run: Id) -> Res
     }
 }
 
-/// Fans out one `charge_account` per account. Each carries the idempotency key
-/// `charge_account:<account>:<date>`, so a rerun of the same day, a retry or a second
-/// daemon's tick queues nothing new.
+/// Fans out one `charge_account` per account. Journalled, each carries the idempotency
+/// key `charge_account:<account>:<date>`, so a retry queues nothing new; queued without
+/// journal rows (a queue that keeps its jobs, see `Effects::enqueue_many`), a retry
+/// after a crash mid fan-out queues charges again, which charge nothing: a (channel,
+/// day) is paid once, enforced by the store. A rerun of the day is kept out by the
+/// `billing_run`'s own key.
 async fn billing_run(
     store: &dyn Store,
     effects: &dyn Effects,
@@ -354,14 +360,11 @@ async fn send_notices(
 
 /// The account and its administrators' addresses, for its balance e-mails.
 async fn recipients(store: &dyn Store, account: Id) -> Result<(Account, Vec<String>), JobError> {
-    let acc = store.account(account).await?;
-    let to = store
-        .administrators(account)
+    store
+        .mail_recipients(&[account])
         .await?
-        .into_iter()
-        .map(|u| u.email)
-        .collect();
-    Ok((acc, to))
+        .pop()
+        .ok_or_else(|| DomainError::not_found("account", account).into())
 }
 
 async fn send_one(
@@ -403,18 +406,17 @@ async fn send_one(
 /// Sends one account's claimed e-mails in order, stopping at the first refusal:
 /// (`i`, how many went out, the refusal).
 async fn send_account(
-    store: &dyn Store,
     effects: &dyn Effects,
     i: usize,
-    account: Id,
+    recipients: Result<&(Account, Vec<String>), JobError>,
     notices: &[Notification],
 ) -> (usize, usize, Result<(), JobError>) {
-    let (acc, to) = match recipients(store, account).await {
+    let (acc, to) = match recipients {
         Ok(r) => r,
         Err(e) => return (i, 0, Err(e)),
     };
     for (sent, n) in notices.iter().enumerate() {
-        if let Err(e) = send_one(effects, &acc, &to, n).await {
+        if let Err(e) = send_one(effects, acc, to, n).await {
             return (i, sent, Err(e));
         }
     }
@@ -461,6 +463,30 @@ pub async fn balance_checks(
     let lease_ms = NOTICE_LEASE_MS.saturating_mul(i64::try_from(rounds).unwrap_or(i64::MAX));
     let claimed = store.claim_balance_checks(jobs, now_ms(), lease_ms).await?;
     let mut outcomes: Vec<BatchedJob> = claimed.iter().map(|(o, _)| o.clone()).collect();
+    // Every recipient of the batch in one read: two queries per account were most of
+    // the reads a billing run's checks made.
+    let mailed: Vec<Id> = claimed
+        .iter()
+        .zip(jobs)
+        .filter(|((o, notices), _)| *o == BatchedJob::Done && !notices.is_empty())
+        .map(|(_, j)| j.account)
+        .collect();
+    let recipients: HashMap<Id, (Account, Vec<String>)> = if mailed.is_empty() {
+        HashMap::new()
+    } else {
+        match store.mail_recipients(&mailed).await {
+            Ok(r) => r.into_iter().map(|(a, to)| (a.id, (a, to))).collect(),
+            Err(e) => {
+                // Nothing sent: the claims go back for the per-job retries.
+                let held: Vec<Notification> = claimed
+                    .iter()
+                    .flat_map(|(_, n)| n.iter().cloned())
+                    .collect();
+                let _ = store.settle_balance_checks(&[], &held, &[]).await;
+                return Err(e);
+            }
+        }
+    };
     // Futures built in a loop, not an iterator chain: closures over borrowed data trip
     // the compiler's `Send` inference for the caller's spawned future.
     let mut sends = Vec::new();
@@ -472,7 +498,11 @@ pub async fn balance_checks(
         if notices.is_empty() {
             finished.push(jobs[i].job.clone());
         } else {
-            sends.push(send_account(store, effects, i, jobs[i].account, notices));
+            let account = jobs[i].account;
+            let to = recipients
+                .get(&account)
+                .ok_or_else(|| DomainError::not_found("account", account).into());
+            sends.push(send_account(effects, i, to, notices));
         }
     }
     let mut results = futures::stream::iter(sends).buffer_unordered(PARALLEL_SENDS);

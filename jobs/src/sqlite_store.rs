@@ -1812,16 +1812,33 @@ impl Store for SqliteStore {
         )
     }
 
-    async fn administrators(&self, account: Id) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            user_columns!(),
-            " FROM users WHERE account_id = $1 AND role = 'administrator' ORDER BY id"
-        ))
-        .bind(account)
+    async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>> {
+        let ids = serde_json::Value::from(accounts.to_vec()).to_string();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM accounts WHERE id IN (SELECT value FROM json_each($1))",
+            account_columns!()
+        )))
+        .bind(&ids)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(user_from_row).collect()
+        let emails: Vec<(Id, String)> = sqlx::query_as(
+            "SELECT account_id, email FROM users WHERE role = 'administrator' \
+             AND account_id IN (SELECT value FROM json_each($1)) ORDER BY id",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut to: std::collections::HashMap<Id, Vec<String>> = std::collections::HashMap::new();
+        for (account, email) in emails {
+            to.entry(account).or_default().push(email);
+        }
+        rows.iter()
+            .map(|r| {
+                let acc = account_from_row(r)?;
+                let emails = to.remove(&acc.id).unwrap_or_default();
+                Ok((acc, emails))
+            })
+            .collect()
     }
 
     async fn claim_notifications(

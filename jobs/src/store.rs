@@ -100,6 +100,8 @@ pub struct ChargeJob {
     /// The first instant (unix ms) after `day` in the billing time zone: a channel
     /// created since did not exist on that day and is not charged for it.
     pub day_end: i64,
+    /// For the journal row of a job queued without one.
+    pub max_attempts: u32,
 }
 
 /// What charging an account did, and whether balance e-mails were recorded for it (the
@@ -371,8 +373,10 @@ pub trait Store: Send + Sync + 'static {
         prices: &Prices,
     ) -> StoreResult<Charged>;
     /// `charge_day` for the `charge_account` jobs of a batch, in one transaction that
-    /// also journals each job done (or dead: an unknown account). One entry per job, in
-    /// order; `Charged` for the jobs that ran. An `Err` means nothing was written.
+    /// also journals each job done — writing the row of one queued without it — or
+    /// dead (an unknown account; `NotJournalled` if it has no row). A job done before
+    /// runs again and charges nothing. One entry per job, in order; `Charged` for the
+    /// accounts that exist. An `Err` means nothing was written.
     async fn charge_accounts(
         &self,
         jobs: &[ChargeJob],
@@ -391,7 +395,9 @@ pub trait Store: Send + Sync + 'static {
     async fn suspended_accounts(&self) -> StoreResult<Vec<Id>>;
     /// Accounts in id order after `after`, for the billing fan-out.
     async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>>;
-    async fn administrators(&self, account: Id) -> StoreResult<Vec<User>>;
+    /// Those of `accounts` that exist, each with its administrators' e-mail addresses
+    /// (in user id order): who gets the balance e-mails. Two queries for a batch.
+    async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>>;
     /// Claims the account's recorded, unsent balance e-mails for `lease_ms`: no other
     /// sender gets them until the lease runs out (a crashed sender's) or they are
     /// released.

@@ -67,7 +67,7 @@ async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
         }
         let n = batch.len();
         let (payloads, raws): (Vec<Value>, Vec<RawEvent>) = batch.into_iter().unzip();
-        match app.queue_inbound(payloads).await {
+        match app.queue_batched(JobKind::InboundMessage, payloads).await {
             // Queued: durable, so connectors may acknowledge them.
             Ok(_) => raws.into_iter().for_each(RawEvent::settle),
             // Dropped unsettled: the connectors' flushes fail, they acknowledge nothing,

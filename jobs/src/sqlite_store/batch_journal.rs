@@ -5,8 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
 
+use crate::kind::JobKind;
 use crate::model::job_created_at;
-use crate::store::{BatchedJob, InboundJob, StoreResult};
+use crate::store::{BatchedJob, StoreResult};
 
 /// The payload a finished `inbound_message` job keeps in the journal: which message it
 /// was, not its text or sender. The message itself lives in `messages`, where a data
@@ -83,16 +84,26 @@ pub(super) async fn finish(
     Ok(())
 }
 
-/// Journals the outcomes of `inbound_message` jobs that ran without `start`, which only
-/// jobs whose effects are idempotent may do (storing an inbound message twice stores it
-/// once): `Done` jobs done — a dead one too, since its effect has now happened —, and a
-/// done job the journal does not know (queued from a connector event, see
-/// `App::queue_inbound`) gets its row here, already scrubbed; `Dead` ones dead. One
+/// A job of a batch that ran without `start`, as `settle` journals it.
+pub(super) struct Ran<'a> {
+    pub job: &'a str,
+    /// What a new journal row keeps: the payload, or for an inbound message only which
+    /// message it was (see `SCRUBBED_INBOUND`).
+    pub payload: Value,
+    pub max_attempts: u32,
+}
+
+/// Journals the outcomes of jobs of `kind` that ran without `start`, which only jobs
+/// whose effects are idempotent may do (storing an inbound message twice stores it
+/// once; a (channel, day) is charged once): `Done` jobs done — a dead one too, since
+/// its effect has now happened —, and a done job the journal does not know (queued
+/// without a row, see `App::queue_batched`) gets its row here; `Dead` ones dead. One
 /// statement for the batch's done jobs. A job done already stays so and reads
 /// `AlreadyFinished`; a dead one the journal does not know reads `NotJournalled`.
 pub(super) async fn settle(
     tx: &mut Tx,
-    jobs: &[InboundJob],
+    kind: JobKind,
+    jobs: &[Ran<'_>],
     out: &mut [BatchedJob],
     now: i64,
 ) -> StoreResult<()> {
@@ -101,23 +112,16 @@ pub(super) async fn settle(
         .zip(out.iter())
         .filter(|(_, o)| **o == BatchedJob::Done)
         .map(|(j, _)| {
-            let created = job_created_at(&j.job, now);
-            json!([
-                j.job,
-                j.msg.channel,
-                j.msg.external_message_id,
-                j.max_attempts,
-                created
-            ])
+            let created = job_created_at(j.job, now);
+            json!([j.job, j.payload, j.max_attempts, created])
         })
         .collect();
     // `pushed` is true for the inserted rows: the sweep must never queue a done job.
     let mut settled: HashSet<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
          created_at, updated_at, run_at, pushed) \
-         SELECT value ->> 0, 'inbound_message', \
-         json_object('channel', value ->> 1, 'external_message_id', value ->> 2), \
-         'done', 1, value ->> 3, value ->> 4, $2, $2, TRUE FROM json_each($1) WHERE true \
+         SELECT value ->> 0, $3, value -> 1, \
+         'done', 1, value ->> 2, value ->> 3, $2, $2, TRUE FROM json_each($1) WHERE true \
          ON CONFLICT (id) DO UPDATE SET state = 'done', attempts = attempts + 1, \
          updated_at = excluded.updated_at, payload = {SCRUBBED_INBOUND} \
          WHERE state <> 'done' \
@@ -125,11 +129,12 @@ pub(super) async fn settle(
     )))
     .bind(Value::from(done).to_string())
     .bind(now)
+    .bind(kind.as_str())
     .fetch_all(&mut **tx)
     .await?
     .into_iter()
     .collect();
-    for (job, outcome) in jobs.iter().map(|j| j.job.as_str()).zip(out.iter()) {
+    for (job, outcome) in jobs.iter().map(|j| j.job).zip(out.iter()) {
         if let BatchedJob::Dead(reason) = outcome {
             let dead: Option<String> = sqlx::query_scalar(
                 "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = $1, \
@@ -146,7 +151,7 @@ pub(super) async fn settle(
     // The rare rest: finished before (a redelivery), or dead and never journalled.
     let rest: Vec<&str> = jobs
         .iter()
-        .map(|j| j.job.as_str())
+        .map(|j| j.job)
         .filter(|j| !settled.contains(*j))
         .collect();
     if rest.is_empty() {
@@ -159,7 +164,7 @@ pub(super) async fn settle(
             .await?
             .into_iter()
             .collect();
-    for (job, outcome) in jobs.iter().map(|j| j.job.as_str()).zip(out.iter_mut()) {
+    for (job, outcome) in jobs.iter().map(|j| j.job).zip(out.iter_mut()) {
         if !settled.contains(job) {
             *outcome = if known.contains(job) {
                 BatchedJob::AlreadyFinished

@@ -15,9 +15,11 @@ use std::collections::{HashMap, HashSet};
 use chrono::NaiveDate;
 use serde_json::{Value, json};
 
-use super::{SqliteStore, batch_journal};
+use super::SqliteStore;
+use super::batch_journal::{self, Ran};
 use crate::billing::{self, Prices};
 use crate::error::DomainError;
+use crate::kind::JobKind;
 use crate::model::{Id, now_ms};
 use crate::store::{
     BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, Notification, StoreResult,
@@ -370,25 +372,29 @@ pub(super) async fn charge_accounts(
     }
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
-    let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
-    let items: Vec<(Id, NaiveDate, i64)> = live
-        .iter()
-        .map(|&i| (jobs[i].account, jobs[i].day, jobs[i].day_end))
-        .collect();
+    // Charging is idempotent (a paid (channel, day) is not charged again), so the
+    // journal is read only after, by the statement that finishes the jobs (`settle`):
+    // a job done before charges nothing. Jobs fanned out onto a queue that keeps them
+    // have no journal row before that one (`App::queue_batched`).
+    let items: Vec<(Id, NaiveDate, i64)> =
+        jobs.iter().map(|j| (j.account, j.day, j.day_end)).collect();
     let charged = charge(&mut tx, &items, prices, now).await?;
-    let mut results: Vec<Option<Charged>> = vec![None; jobs.len()];
-    for (&i, c) in live.iter().zip(charged) {
-        match c {
-            Some(c) => results[i] = Some(c),
-            None => {
-                out[i] = BatchedJob::Dead(format!("account {} does not exist", jobs[i].account))
-            }
+    for (i, c) in charged.iter().enumerate() {
+        if c.is_none() {
+            out[i] = BatchedJob::Dead(format!("account {} does not exist", jobs[i].account));
         }
     }
-    batch_journal::finish(&mut tx, &ids, &out, now).await?;
+    let ran: Vec<Ran> = jobs
+        .iter()
+        .map(|j| Ran {
+            job: &j.job,
+            payload: json!({ "account": j.account, "date": j.day }),
+            max_attempts: j.max_attempts,
+        })
+        .collect();
+    batch_journal::settle(&mut tx, JobKind::ChargeAccount, &ran, &mut out, now).await?;
     tx.commit().await?;
-    Ok(out.into_iter().zip(results).collect())
+    Ok(out.into_iter().zip(charged).collect())
 }
 
 pub(super) async fn claim_notifications(
@@ -569,6 +575,7 @@ mod tests {
                 account,
                 day,
                 day_end: i64::MAX,
+                max_attempts: 8,
             });
         }
         s.journal_insert_many(&recs, false).await.expect("journal");
@@ -828,6 +835,53 @@ mod tests {
             assert!(c.is_some_and(|c| !c.notices));
         }
         assert_eq!(ledger_rows(&s).await, 4);
+
+        // Jobs queued without journal rows (a fan-out onto a queue that keeps its jobs):
+        // charged, and journalled done by the batch; one for an unknown account has no
+        // row to make dead and goes the per-job path.
+        let next: NaiveDate = "2026-11-26".parse().expect("day");
+        let unjournalled: Vec<ChargeJob> = [rich, 999_999]
+            .into_iter()
+            .map(|account| ChargeJob {
+                job: format!("queued-{account}"),
+                account,
+                day: next,
+                day_end: i64::MAX,
+                max_attempts: 8,
+            })
+            .collect();
+        let out = s
+            .charge_accounts(&unjournalled, &prices())
+            .await
+            .expect("unjournalled");
+        assert_eq!(out[0].0, BatchedJob::Done);
+        assert_eq!(out[1], (BatchedJob::NotJournalled, None));
+        assert_eq!(
+            ledger_rows(&s).await,
+            7,
+            "rich's three channels for the 26th"
+        );
+        let row: (String, String, i64, String) =
+            sqlx::query_as("SELECT kind, state, attempts, payload FROM jobs WHERE id = $1")
+                .bind(&unjournalled[0].job)
+                .fetch_one(&s.pool)
+                .await
+                .expect("journal row");
+        assert_eq!(
+            (row.0.as_str(), row.1.as_str(), row.2),
+            ("charge_account", "done", 1)
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&row.3).expect("payload"),
+            json!({"account": rich, "date": "2026-11-26"})
+        );
+        // Redelivered: finished, nothing charged again.
+        let again = s
+            .charge_accounts(&unjournalled[..1], &prices())
+            .await
+            .expect("redelivered");
+        assert_eq!(again[0].0, BatchedJob::AlreadyFinished);
+        assert_eq!(ledger_rows(&s).await, 7);
     }
 
     #[tokio::test]

@@ -14,8 +14,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
 
-use super::{SqliteStore, batch_journal};
-use crate::kind::InboundMessage;
+use super::SqliteStore;
+use super::batch_journal::{self, Ran};
+use crate::kind::{InboundMessage, JobKind};
 use crate::model::{Id, now_ms};
 use crate::store::{BatchedJob, InboundJob, StoreResult};
 
@@ -97,7 +98,19 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
             out[i] = BatchedJob::Dead(format!("channel {channel} does not exist"));
         }
     }
-    batch_journal::settle(&mut tx, jobs, &mut out, now).await?;
+    let ran: Vec<Ran> = jobs
+        .iter()
+        .map(|j| Ran {
+            job: &j.job,
+            // Which message it was, not its text or sender (`SCRUBBED_INBOUND`).
+            payload: json!({
+                "channel": j.msg.channel,
+                "external_message_id": j.msg.external_message_id,
+            }),
+            max_attempts: j.max_attempts,
+        })
+        .collect();
+    batch_journal::settle(&mut tx, JobKind::InboundMessage, &ran, &mut out, now).await?;
     tx.commit().await?;
     Ok(out)
 }
