@@ -254,6 +254,70 @@ async fn d_check(d: &Daemon, expected: &[(i64, i64)], channels: i64, date: Naive
     assert_eq!(charged, channels, "each channel charged once for {date}");
 }
 
+/// 120 accounts as in the worked example, warned together by one billing run: their
+/// `balance_check`s run in batches whose e-mails go out 32 accounts at a time while
+/// earlier accounts are being settled. Every administrator gets each warning once, and
+/// a rerun of the day sends nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_run_warns_many_accounts_each_once() {
+    const ACCOUNTS: usize = 120;
+    let smtp = Smtp::start();
+    let d = Daemon::start_with(Backend::Sqlite, &billing_config(&smtp, ""));
+    let t0 = today();
+    let day = |n: u64| t0.checked_add_days(Days::new(n)).expect("date");
+    let mut names = Vec::new();
+    for i in 0..ACCOUNTS {
+        let name = format!("acc{i}");
+        let (acc, admin) = d.account(&name).await;
+        d.ok(
+            "account.topup",
+            json!({"account": acc, "amount": 350, "reference": "t"}),
+        )
+        .await;
+        // Charged 100 at once: 250 left, the "3 days" warning (sent one by one).
+        d.loopback(acc, admin, json!({"rate_per_sec": 0})).await;
+        names.push(name);
+    }
+    d.until("the 3-day warnings", Duration::from_secs(60), || async {
+        (smtp.messages().len() == ACCOUNTS).then_some(())
+    })
+    .await;
+    // Day 1: 150 left, no mail. Day 2: 50 left, "1 day" for every account at once.
+    run_day(&d, day(1)).await;
+    run_day(&d, day(2)).await;
+    d.until("the 1-day warnings", Duration::from_secs(60), || async {
+        (smtp.messages().len() >= 2 * ACCOUNTS).then_some(())
+    })
+    .await;
+    run_day(&d, day(2)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 2 * ACCOUNTS, "each warning once");
+    for name in &names {
+        let to = format!("admin@{name}.test");
+        let mut got: Vec<String> = mails
+            .iter()
+            .filter(|m| header(m, "To").is_some_and(|t| t.contains(&to)))
+            .filter_map(|m| header(m, "Subject"))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                format!(
+                    "{name}: channels will be disconnected in 1 day (on {})",
+                    day(3)
+                ),
+                format!(
+                    "{name}: channels will be disconnected in 3 days (on {})",
+                    day(3)
+                ),
+            ],
+            "{name}'s e-mails"
+        );
+    }
+}
+
 /// The SMTP server is down when the warning is due; the job retries with backoff and
 /// the mail arrives exactly once when the server comes up.
 #[tokio::test(flavor = "multi_thread")]
