@@ -28,10 +28,10 @@ pub struct App {
     pub settings: Settings,
     pub store: Arc<dyn Store>,
     pub queue: Queue,
-    /// Inbound messages and billing's charges are journalled before they are queued
-    /// only when the queue would not keep them across its own restart (Redis without
+    /// Inbound messages from connectors are journalled before they are queued: only
+    /// when the queue would not keep them across its own restart (Redis without
     /// `appendonly`), see `queue_batched`. Checked at start and by every sweep.
-    pub journal_batched: AtomicBool,
+    pub journal_inbound: AtomicBool,
     pub plugins: Arc<Supervisor>,
     pub started: Instant,
     /// `[billing]` as last loaded: SIGHUP may replace it (prices), so read it through
@@ -132,25 +132,35 @@ impl App {
         Ok(envs.len())
     }
 
-    /// Queues validated payloads of a kind whose batches journal them when they finish
-    /// (`inbound_message` from connector events, `charge_account` from billing's
-    /// fan-out) without journal rows, on a queue that keeps its jobs across its own
-    /// restart (the SQLite file, Redis with `appendonly`); the per-job path writes the
-    /// row of one that fails. These are the hot paths: a journal row per job beside the
-    /// queue's own was a third of the store's writes, and the single store writer is
-    /// what bounds both. The price: such a job shows in `job.list` once it finished,
-    /// and while it waits only in the queue depth (`status`). On a Redis without
-    /// persistence they are journalled first (`enqueue_many`), so the lost-job sweep
-    /// queues them again after Redis restarted empty, and other kinds always are. A
-    /// refused push is an error: a connector is not told its events were taken, and a
+    /// Queues validated payloads of a kind whose batches journal them when they finish,
+    /// without journal rows where that is safe; other kinds go through `enqueue_many`.
+    /// These are the hot paths: a journal row per job beside the queue's own was a
+    /// third of the store's writes, and the store's single writer bounds both. The
+    /// per-job path writes the row of one that fails. The price: such a job shows in
+    /// `job.list` once it finished, and while it waits only in the queue depth
+    /// (`status`).
+    /// * `inbound_message` (connector events) on a queue that keeps its jobs across its
+    ///   own restart (the SQLite file, Redis with `appendonly`). On a Redis without
+    ///   persistence they are journalled first, so the lost-job sweep queues them again
+    ///   after Redis restarted empty.
+    /// * `charge_account` (billing's fan-out) on the SQLite queue only: its file is as
+    ///   durable as the store's. Redis' append-only file, written every second, may lose
+    ///   the last second's pushes when Redis itself dies: a charge lost that way would
+    ///   go unbilled without a trace, and billing on Redis has no speed target.
+    ///
+    /// A refused push is an error: a connector is not told its events were taken, and a
     /// fan-out retries.
     pub async fn queue_batched(
         &self,
         kind: JobKind,
         payloads: Vec<Value>,
     ) -> Result<usize, DomainError> {
-        let batched = matches!(kind, JobKind::InboundMessage | JobKind::ChargeAccount);
-        if !batched || self.journal_batched.load(Ordering::Relaxed) {
+        let unjournalled = match kind {
+            JobKind::InboundMessage => !self.journal_inbound.load(Ordering::Relaxed),
+            JobKind::ChargeAccount => matches!(self.queue, Queue::Sqlite(_)),
+            _ => false,
+        };
+        if !unjournalled {
             return self.enqueue_many(kind, payloads).await;
         }
         let envs: Vec<Envelope> = payloads
@@ -171,21 +181,20 @@ impl App {
 
     /// Reads again whether the queue keeps its jobs across its own restart (an
     /// operator may turn Redis' append-only file on or off) and journals inbound
-    /// messages and charges first while it does not (`queue_batched`). Says which, at
-    /// `start` and on every change.
+    /// messages first while it does not (`queue_batched`). Says which, at `start` and
+    /// on every change.
     pub async fn check_queue_persistence(&self, start: bool) {
         let journal = !self.queue.persists_jobs().await;
-        if self.journal_batched.swap(journal, Ordering::Relaxed) != journal || start {
+        if self.journal_inbound.swap(journal, Ordering::Relaxed) != journal || start {
             if journal {
                 tracing::info!(
                     "the queue does not keep its jobs across a restart (Redis without an \
-                     append-only file): inbound messages and charges are journalled before \
-                     they are queued"
+                     append-only file): inbound messages are journalled before they are queued"
                 );
             } else {
                 tracing::info!(
-                    "the queue keeps its jobs across a restart: inbound messages and charges \
-                     are queued without journal rows"
+                    "the queue keeps its jobs across a restart: inbound messages are queued \
+                     without journal rows"
                 );
             }
         }

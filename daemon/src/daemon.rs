@@ -83,7 +83,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         store,
         queue,
         // Until the check below says the queue keeps its jobs: the safe side.
-        journal_batched: std::sync::atomic::AtomicBool::new(true),
+        journal_inbound: std::sync::atomic::AtomicBool::new(true),
         plugins,
         started: Instant::now(),
         billing,

@@ -10,9 +10,9 @@
 //!
 //! A job the queue took but no worker started within `QUEUED_STALE` (a Redis restarted
 //! without its data) is queued again the same way. Inbound messages from connectors
-//! and billing's charges are journalled before they are queued only on such a Redis
-//! (no append-only file); on a queue that keeps its jobs the queue alone holds them
-//! until they ran (`App::queue_batched`).
+//! are journalled before they are queued only on such a Redis (no append-only file),
+//! billing's charges on every Redis; otherwise the queue alone holds them until they
+//! ran (`App::queue_batched`).
 //!
 //! It also deletes done jobs older than `queue.journal_retention_days` from the journal
 //! (dead ones stay for `job.retry`), and watches the balance e-mail outbox: an e-mail

@@ -40,7 +40,7 @@ pub trait Effects: Send + Sync {
     /// Today in the billing time zone.
     fn today(&self) -> NaiveDate;
     /// Queues jobs of one kind in bulk (journal and queue in batches). `charge_account`
-    /// jobs skip the journal on a queue that keeps its jobs (their batch writes it).
+    /// jobs skip the journal on the SQLite queue (their batch writes it).
     async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError>;
     /// The first instant (unix ms) after `day` in the billing time zone.
     fn day_end(&self, day: NaiveDate) -> i64;
@@ -273,12 +273,12 @@ async fn data_deletion(store: &dyn Store, effects: &dyn Effects, run: Id) -> Res
     }
 }
 
-/// Fans out one `charge_account` per account. Journalled, each carries the idempotency
-/// key `charge_account:<account>:<date>`, so a retry queues nothing new; queued without
-/// journal rows (a queue that keeps its jobs, see `Effects::enqueue_many`), a retry
-/// after a crash mid fan-out queues charges again, which charge nothing: a (channel,
-/// day) is paid once, enforced by the store. A rerun of the day is kept out by the
-/// `billing_run`'s own key.
+/// Fans out one `charge_account` per account, each for the idempotency key
+/// `charge_account:<account>:<date>`: journalled first (Redis), a second job for a key
+/// is not queued; queued without journal rows (the SQLite queue, see
+/// `Effects::enqueue_many`), the charge batch skips a job whose key another row holds.
+/// Either way a retried fan-out charges no account twice for the day, and a rerun of
+/// the day is kept out by the `billing_run`'s own key.
 async fn billing_run(
     store: &dyn Store,
     effects: &dyn Effects,
@@ -447,7 +447,8 @@ enum Step {
 /// hold for tens of milliseconds, and settling in between stopped the sends for that
 /// long every 32 accounts. Accounts finished meanwhile go in the next settle, up to
 /// `UNSETTLED_MAX`. A job with a refused e-mail reads `Failed`: the caller runs it on
-/// the per-job path, which retries it with backoff. `Err`: nothing was claimed, or
+/// the per-job path, which retries it with backoff. `Err`: nothing was claimed, the
+/// recipients could not be read (nothing was sent; the claims are released), or
 /// settling failed even after retries (the unsettled claims then lapse after their
 /// lease, and the sweep queues those e-mails again).
 pub async fn balance_checks(
@@ -477,12 +478,20 @@ pub async fn balance_checks(
         match store.mail_recipients(&mailed).await {
             Ok(r) => r.into_iter().map(|(a, to)| (a.id, (a, to))).collect(),
             Err(e) => {
-                // Nothing sent: the claims go back for the per-job retries.
+                // Nothing sent: the claims go back for the per-job retries. Should that
+                // fail too, they lapse after their lease and the sweep queues the
+                // e-mails again: late, not lost.
                 let held: Vec<Notification> = claimed
                     .iter()
                     .flat_map(|(_, n)| n.iter().cloned())
                     .collect();
-                let _ = store.settle_balance_checks(&[], &held, &[]).await;
+                let released = retrying("released balance e-mails", || {
+                    store.settle_balance_checks(&[], &held, &[])
+                })
+                .await;
+                if let Err(released) = released {
+                    tracing::warn!(error = %released, "balance e-mails stay claimed until their lease ends");
+                }
                 return Err(e);
             }
         }

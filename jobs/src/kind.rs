@@ -248,7 +248,7 @@ impl Payload {
     pub fn idempotency_key(&self) -> Option<String> {
         match self {
             Payload::BillingRun(b) => Some(format!("billing_run:{}", b.date)),
-            Payload::ChargeAccount(c) => Some(format!("charge_account:{}:{}", c.account, c.date)),
+            Payload::ChargeAccount(c) => Some(charge_account_key(c.account, c.date)),
             Payload::Topup(t) => Some(format!("topup:{}:{}", t.account, t.reference)),
             // One job per run: data.delete and the start-up check enqueue it again freely.
             Payload::DataDeletion(d) => Some(data_deletion_key(d.run)),
@@ -260,6 +260,11 @@ impl Payload {
 /// The idempotency key of a deletion run's one `data_deletion` job.
 pub fn data_deletion_key(run: i64) -> String {
     format!("data_deletion:{run}")
+}
+
+/// The idempotency key of an account's `charge_account` job for a day.
+pub fn charge_account_key(account: i64, date: NaiveDate) -> String {
+    format!("charge_account:{account}:{date}")
 }
 
 #[cfg(test)]

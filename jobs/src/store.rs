@@ -373,10 +373,11 @@ pub trait Store: Send + Sync + 'static {
         prices: &Prices,
     ) -> StoreResult<Charged>;
     /// `charge_day` for the `charge_account` jobs of a batch, in one transaction that
-    /// also journals each job done — writing the row of one queued without it — or
-    /// dead (an unknown account; `NotJournalled` if it has no row). A job done before
-    /// runs again and charges nothing. One entry per job, in order; `Charged` for the
-    /// accounts that exist. An `Err` means nothing was written.
+    /// also journals each job done — writing the row, with its idempotency key, of one
+    /// queued without it — or dead (an unknown account; `NotJournalled` if it has no
+    /// row). A job does not run (`AlreadyFinished`) if its row is done or dead, or
+    /// another row holds its (account, day) key. One entry per job, in order; `Charged`
+    /// for the jobs that ran on existing accounts. An `Err` means nothing was written.
     async fn charge_accounts(
         &self,
         jobs: &[ChargeJob],

@@ -188,18 +188,18 @@ async fn worked_example_day_by_day() {
 
 /// 40 accounts with 1-3 channels; two daemons share the Redis queue and the store and
 /// both start the same day's run while one is killed mid fan-out: every (channel, day)
-/// is charged exactly once and every balance is exact. The charges are journalled
-/// before they are queued (a Redis without persistence).
+/// is charged exactly once and every balance is exact. On Redis the charges are
+/// journalled before they are queued.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_daemons_and_a_kill_charge_each_channel_once() {
     two_daemons_and_a_kill(Backend::Redis).await;
 }
 
-/// The same with the charges queued without journal rows (Redis with an append-only
-/// file): the killed daemon's charges in flight are redelivered, not journalled.
+/// The same on the SQLite queue, where the charges are queued without journal rows:
+/// the killed daemon's charges in flight are redelivered, not journalled.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_daemons_and_a_kill_charge_each_channel_once_unjournalled() {
-    two_daemons_and_a_kill(Backend::RedisAof).await;
+    two_daemons_and_a_kill(Backend::Sqlite).await;
 }
 
 async fn two_daemons_and_a_kill(backend: Backend) {

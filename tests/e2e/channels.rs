@@ -33,10 +33,8 @@ async fn fifty_channels(backend: Backend) {
     let d = Daemon::start(backend);
     // Inbound messages skip the journal only on a queue that keeps its jobs.
     let mode = match backend {
-        Backend::Redis => "inbound messages and charges are journalled before they are queued",
-        Backend::Sqlite | Backend::RedisAof => {
-            "inbound messages and charges are queued without journal rows"
-        }
+        Backend::Redis => "inbound messages are journalled before they are queued",
+        Backend::Sqlite | Backend::RedisAof => "inbound messages are queued without journal rows",
     };
     d.until(
         "the inbound mode in the log",

@@ -91,6 +91,9 @@ pub(super) struct Ran<'a> {
     /// message it was (see `SCRUBBED_INBOUND`).
     pub payload: Value,
     pub max_attempts: u32,
+    /// The job's idempotency key, for a new row; the caller made sure no other row
+    /// holds it.
+    pub key: Option<String>,
 }
 
 /// Journals the outcomes of jobs of `kind` that ran without `start`, which only jobs
@@ -113,15 +116,16 @@ pub(super) async fn settle(
         .filter(|(_, o)| **o == BatchedJob::Done)
         .map(|(j, _)| {
             let created = job_created_at(j.job, now);
-            json!([j.job, j.payload, j.max_attempts, created])
+            json!([j.job, j.payload, j.max_attempts, created, j.key])
         })
         .collect();
     // `pushed` is true for the inserted rows: the sweep must never queue a done job.
     let mut settled: HashSet<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
-         created_at, updated_at, run_at, pushed) \
+         created_at, updated_at, run_at, pushed, idempotency_key) \
          SELECT value ->> 0, $3, value -> 1, \
-         'done', 1, value ->> 2, value ->> 3, $2, $2, TRUE FROM json_each($1) WHERE true \
+         'done', 1, value ->> 2, value ->> 3, $2, $2, TRUE, value ->> 4 \
+         FROM json_each($1) WHERE true \
          ON CONFLICT (id) DO UPDATE SET state = 'done', attempts = attempts + 1, \
          updated_at = excluded.updated_at, payload = {SCRUBBED_INBOUND} \
          WHERE state <> 'done' \

@@ -19,7 +19,7 @@ use super::SqliteStore;
 use super::batch_journal::{self, Ran};
 use crate::billing::{self, Prices};
 use crate::error::DomainError;
-use crate::kind::JobKind;
+use crate::kind::{JobKind, charge_account_key};
 use crate::model::{Id, now_ms};
 use crate::store::{
     BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, Notification, StoreResult,
@@ -372,29 +372,89 @@ pub(super) async fn charge_accounts(
     }
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    // Charging is idempotent (a paid (channel, day) is not charged again), so the
-    // journal is read only after, by the statement that finishes the jobs (`settle`):
-    // a job done before charges nothing. Jobs fanned out onto a queue that keeps them
-    // have no journal row before that one (`App::queue_batched`).
-    let items: Vec<(Id, NaiveDate, i64)> =
-        jobs.iter().map(|j| (j.account, j.day, j.day_end)).collect();
-    let charged = charge(&mut tx, &items, prices, now).await?;
-    for (i, c) in charged.iter().enumerate() {
-        if c.is_none() {
-            out[i] = BatchedJob::Dead(format!("account {} does not exist", jobs[i].account));
-        }
-    }
-    let ran: Vec<Ran> = jobs
+    let keys: Vec<String> = jobs
         .iter()
-        .map(|j| Ran {
+        .map(|j| charge_account_key(j.account, j.day))
+        .collect();
+    let live = charges_to_run(&mut tx, jobs, &keys, &mut out).await?;
+    let items: Vec<(Id, NaiveDate, i64)> = live
+        .iter()
+        .map(|&(i, _)| (jobs[i].account, jobs[i].day, jobs[i].day_end))
+        .collect();
+    let charged = charge(&mut tx, &items, prices, now).await?;
+    let mut ran = Vec::with_capacity(live.len());
+    let mut ran_out = Vec::with_capacity(live.len());
+    let mut results: Vec<Option<Charged>> = vec![None; jobs.len()];
+    for (&(i, journalled), c) in live.iter().zip(charged) {
+        let j = &jobs[i];
+        ran_out.push(match &c {
+            Some(_) => BatchedJob::Done,
+            None => BatchedJob::Dead(format!("account {} does not exist", j.account)),
+        });
+        results[i] = c;
+        ran.push(Ran {
             job: &j.job,
             payload: json!({ "account": j.account, "date": j.day }),
             max_attempts: j.max_attempts,
-        })
-        .collect();
-    batch_journal::settle(&mut tx, JobKind::ChargeAccount, &ran, &mut out, now).await?;
+            // A journalled job's row has its key already.
+            key: (!journalled).then(|| keys[i].clone()),
+        });
+    }
+    batch_journal::settle(&mut tx, JobKind::ChargeAccount, &ran, &mut ran_out, now).await?;
     tx.commit().await?;
-    Ok(out.into_iter().zip(charged).collect())
+    for (&(i, _), o) in live.iter().zip(ran_out) {
+        out[i] = o;
+    }
+    Ok(out.into_iter().zip(results).collect())
+}
+
+/// Which jobs of a charge batch to run, and whether each has a journal row; fills
+/// `out` for the others (`AlreadyFinished`).
+/// A job runs unless its own journal row is done or dead (a redelivery), or another
+/// row holds its (account, day) key — a charge job for that day ran, runs or gave up
+/// before — or an earlier job of the batch has the same id or key. Charging twice
+/// would charge nothing twice, but a charge for a past day must not run after a
+/// top-up on a later day resumed the channels that day suspended. Most jobs (the
+/// fan-out's on the SQLite queue) have no row yet: `settle` writes it, with the key.
+async fn charges_to_run(
+    tx: &mut Tx,
+    jobs: &[ChargeJob],
+    keys: &[String],
+    out: &mut [BatchedJob],
+) -> StoreResult<Vec<(usize, bool)>> {
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT id, idempotency_key, state FROM jobs WHERE id IN (SELECT value FROM json_each($1)) \
+         UNION SELECT id, idempotency_key, state FROM jobs \
+         WHERE idempotency_key IN (SELECT value FROM json_each($2))",
+    )
+    .bind(Value::from(ids).to_string())
+    .bind(Value::from(keys.to_vec()).to_string())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut states: HashMap<&str, &str> = HashMap::new();
+    let mut holders: HashMap<&str, &str> = HashMap::new();
+    for (id, key, state) in &rows {
+        states.insert(id, state);
+        if let Some(key) = key {
+            holders.insert(key, id);
+        }
+    }
+    let mut live = Vec::with_capacity(jobs.len());
+    let mut taken: HashSet<&str> = HashSet::new();
+    for (i, (job, key)) in jobs.iter().zip(keys).enumerate() {
+        let id = job.job.as_str();
+        let own = matches!(states.get(id), Some(&("done" | "dead")));
+        let other = holders
+            .get(key.as_str())
+            .is_some_and(|holder| *holder != id);
+        if own || other || !taken.insert(id) || !taken.insert(key) {
+            out[i] = BatchedJob::AlreadyFinished;
+        } else {
+            live.push((i, states.contains_key(id)));
+        }
+    }
+    Ok(live)
 }
 
 pub(super) async fn claim_notifications(
@@ -882,6 +942,70 @@ mod tests {
             .expect("redelivered");
         assert_eq!(again[0].0, BatchedJob::AlreadyFinished);
         assert_eq!(ledger_rows(&s).await, 7);
+
+        // Another job for the same (account, day), a second copy within one batch: kept
+        // out by the key the first one's row holds, without a row of their own.
+        let job = |id: &str, account: Id, day: NaiveDate| ChargeJob {
+            job: id.into(),
+            account,
+            day,
+            day_end: i64::MAX,
+            max_attempts: 8,
+        };
+        let out = s
+            .charge_accounts(&[job("again", rich, next)], &prices())
+            .await
+            .expect("same day");
+        assert_eq!(out[0], (BatchedJob::AlreadyFinished, None));
+        let third: NaiveDate = "2026-11-27".parse().expect("day");
+        let out = s
+            .charge_accounts(
+                &[job("one", rich, third), job("two", rich, third)],
+                &prices(),
+            )
+            .await
+            .expect("twice in a batch");
+        assert_eq!(out[0].0, BatchedJob::Done);
+        assert_eq!(out[1], (BatchedJob::AlreadyFinished, None));
+        assert_eq!(ledger_rows(&s).await, 10);
+        let rows: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id IN ('again', 'two')")
+                .fetch_one(&s.pool)
+                .await
+                .expect("count");
+        assert_eq!(rows, 0);
+
+        // Suspended on the 26th, resumed by a top-up on the 27th (which pays the 27th):
+        // a charge job for the 26th queued again later (a fan-out retried after it gave
+        // up) must not charge the day the channels spent suspended.
+        let late = account(&s, "late", 50, 1).await;
+        let out = s
+            .charge_accounts(&[job("late-1", late, next)], &prices())
+            .await
+            .expect("suspends");
+        assert!(matches!(
+            out[0].1.as_ref().map(|c| &c.outcome),
+            Some(ChargeOutcome::Suspended { .. })
+        ));
+        s.topup(late, 500, "rescue").await.expect("topup");
+        let (resumed, _) = s
+            .resume_suspended(late, third, &prices())
+            .await
+            .expect("resume");
+        assert_eq!(resumed.len(), 1);
+        let out = s
+            .charge_accounts(&[job("late-2", late, next)], &prices())
+            .await
+            .expect("again");
+        assert_eq!(out[0], (BatchedJob::AlreadyFinished, None));
+        let days: Vec<String> = sqlx::query_scalar(
+            "SELECT day FROM ledger WHERE account_id = $1 AND kind = 'charge' ORDER BY day",
+        )
+        .bind(late)
+        .fetch_all(&s.pool)
+        .await
+        .expect("ledger");
+        assert_eq!(days, ["2026-11-27"], "the suspended day is not charged");
     }
 
     #[tokio::test]

@@ -108,6 +108,7 @@ pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult
                 "external_message_id": j.msg.external_message_id,
             }),
             max_attempts: j.max_attempts,
+            key: None,
         })
         .collect();
     batch_journal::settle(&mut tx, JobKind::InboundMessage, &ran, &mut out, now).await?;
