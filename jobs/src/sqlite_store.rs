@@ -731,16 +731,24 @@ impl Store for SqliteStore {
         if state.is_some() {
             return Ok(None);
         }
-        // Not journalled when it was queued (an inbound message from a connector), or
-        // the daemon died in between: create the entry, dated from the job's ULID so a
-        // data deletion's cutoff sees when it was queued. The key is left out on
-        // purpose: the job is already in the queue.
+        // Not journalled when it was queued (an inbound message from a connector, a
+        // charge from a fan-out on the SQLite queue), or the daemon died in between:
+        // create the entry, dated from the job's ULID so a data deletion's cutoff sees
+        // when it was queued, with the payload's idempotency key (a charge's (account,
+        // day)). If another row holds that key, nothing is inserted and the job does not
+        // run: that row's job is the one for the key, as an enqueue would have answered.
         let now = now_ms();
         let created = crate::model::job_created_at(&rec.id, now);
+        let key = rec.idempotency_key.clone().or_else(|| {
+            rec.kind
+                .parse_payload(&rec.payload)
+                .ok()
+                .and_then(|p| p.idempotency_key())
+        });
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
-             created_at, updated_at, run_at) VALUES ($1, $2, $3, 'pending', 0, $4, $6, $5, $5) \
-             ON CONFLICT DO NOTHING",
+             created_at, updated_at, run_at, idempotency_key) \
+             VALUES ($1, $2, $3, 'pending', 0, $4, $6, $5, $5, $7) ON CONFLICT DO NOTHING",
         )
         .bind(&rec.id)
         .bind(rec.kind.as_str())
@@ -748,6 +756,7 @@ impl Store for SqliteStore {
         .bind(i64::from(rec.max_attempts))
         .bind(now)
         .bind(created)
+        .bind(key)
         .execute(&self.writer)
         .await?;
         start()

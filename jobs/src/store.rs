@@ -375,9 +375,11 @@ pub trait Store: Send + Sync + 'static {
     /// `charge_day` for the `charge_account` jobs of a batch, in one transaction that
     /// also journals each job done — writing the row, with its idempotency key, of one
     /// queued without it — or dead (an unknown account; `NotJournalled` if it has no
-    /// row). A job does not run (`AlreadyFinished`) if its row is done or dead, or
-    /// another row holds its (account, day) key. One entry per job, in order; `Charged`
-    /// for the jobs that ran on existing accounts. An `Err` means nothing was written.
+    /// row). A job does not charge if its row is done or dead, or another row or an
+    /// earlier job of the batch holds its (account, day) key: `AlreadyFinished`, or
+    /// `Done` when it had an unfinished row of its own, which is finished. One entry per
+    /// job, in order; `Charged` for the jobs that charged existing accounts. An `Err`
+    /// means nothing was written.
     async fn charge_accounts(
         &self,
         jobs: &[ChargeJob],

@@ -379,53 +379,79 @@ pub(super) async fn charge_accounts(
     let live = charges_to_run(&mut tx, jobs, &keys, &mut out).await?;
     let items: Vec<(Id, NaiveDate, i64)> = live
         .iter()
-        .map(|&(i, _)| (jobs[i].account, jobs[i].day, jobs[i].day_end))
+        .filter(|l| l.charge)
+        .map(|l| {
+            (
+                jobs[l.index].account,
+                jobs[l.index].day,
+                jobs[l.index].day_end,
+            )
+        })
         .collect();
-    let charged = charge(&mut tx, &items, prices, now).await?;
+    let mut charged = charge(&mut tx, &items, prices, now).await?.into_iter();
     let mut ran = Vec::with_capacity(live.len());
     let mut ran_out = Vec::with_capacity(live.len());
     let mut results: Vec<Option<Charged>> = vec![None; jobs.len()];
-    for (&(i, journalled), c) in live.iter().zip(charged) {
-        let j = &jobs[i];
-        ran_out.push(match &c {
-            Some(_) => BatchedJob::Done,
-            None => BatchedJob::Dead(format!("account {} does not exist", j.account)),
-        });
-        results[i] = c;
+    for l in &live {
+        let j = &jobs[l.index];
+        let outcome = if l.charge {
+            let c = charged.next().flatten();
+            let outcome = match &c {
+                Some(_) => BatchedJob::Done,
+                None => BatchedJob::Dead(format!("account {} does not exist", j.account)),
+            };
+            results[l.index] = c;
+            outcome
+        } else {
+            BatchedJob::Done
+        };
+        ran_out.push(outcome);
         ran.push(Ran {
             job: &j.job,
             payload: json!({ "account": j.account, "date": j.day }),
             max_attempts: j.max_attempts,
-            // A journalled job's row has its key already.
-            key: (!journalled).then(|| keys[i].clone()),
+            // A journalled job's row has its key already (or, if another row holds it,
+            // must not get it).
+            key: (!l.journalled).then(|| keys[l.index].clone()),
         });
     }
     batch_journal::settle(&mut tx, JobKind::ChargeAccount, &ran, &mut ran_out, now).await?;
     tx.commit().await?;
-    for (&(i, _), o) in live.iter().zip(ran_out) {
-        out[i] = o;
+    for (l, o) in live.iter().zip(ran_out) {
+        out[l.index] = o;
     }
     Ok(out.into_iter().zip(results).collect())
 }
 
-/// Which jobs of a charge batch to run, and whether each has a journal row; fills
-/// `out` for the others (`AlreadyFinished`).
-/// A job runs unless its own journal row is done or dead (a redelivery), or another
-/// row holds its (account, day) key — a charge job for that day ran, runs or gave up
-/// before — or an earlier job of the batch has the same id or key. Charging twice
-/// would charge nothing twice, but a charge for a past day must not run after a
-/// top-up on a later day resumed the channels that day suspended. Most jobs (the
-/// fan-out's on the SQLite queue) have no row yet: `settle` writes it, with the key.
+/// A job of a charge batch that the batch journals (`settle`).
+struct Live {
+    index: usize,
+    /// It has a journal row.
+    journalled: bool,
+    /// It charges; otherwise another job did or does its (account, day), and only its
+    /// row is finished.
+    charge: bool,
+}
+
+/// Which jobs of a charge batch to charge, and which only to journal done; fills `out`
+/// for the others (`AlreadyFinished`, without a row of their own to finish). A job
+/// whose own row is done or dead (a redelivery) does not run, nor one whose (account,
+/// day) key another row holds — a charge job for that day ran, runs or gave up before —
+/// or an earlier job of the batch has; if such a job has an unfinished row of its own,
+/// that row is finished. Charging twice would charge nothing twice, but a charge for a
+/// past day must not run after a top-up on a later day resumed the channels that day
+/// suspended. Most jobs (the fan-out's on the SQLite queue) have no row yet: `settle`
+/// writes it, with the key.
 async fn charges_to_run(
     tx: &mut Tx,
     jobs: &[ChargeJob],
     keys: &[String],
     out: &mut [BatchedJob],
-) -> StoreResult<Vec<(usize, bool)>> {
+) -> StoreResult<Vec<Live>> {
     let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
     let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
         "SELECT id, idempotency_key, state FROM jobs WHERE id IN (SELECT value FROM json_each($1)) \
-         UNION SELECT id, idempotency_key, state FROM jobs \
+         UNION ALL SELECT id, idempotency_key, state FROM jobs \
          WHERE idempotency_key IN (SELECT value FROM json_each($2))",
     )
     .bind(Value::from(ids).to_string())
@@ -441,17 +467,27 @@ async fn charges_to_run(
         }
     }
     let mut live = Vec::with_capacity(jobs.len());
-    let mut taken: HashSet<&str> = HashSet::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut charging: HashSet<&str> = HashSet::new();
     for (i, (job, key)) in jobs.iter().zip(keys).enumerate() {
         let id = job.job.as_str();
-        let own = matches!(states.get(id), Some(&("done" | "dead")));
-        let other = holders
+        let state = states.get(id).copied();
+        if matches!(state, Some("done" | "dead")) || !seen.insert(id) {
+            out[i] = BatchedJob::AlreadyFinished;
+            continue;
+        }
+        let held = holders
             .get(key.as_str())
             .is_some_and(|holder| *holder != id);
-        if own || other || !taken.insert(id) || !taken.insert(key) {
-            out[i] = BatchedJob::AlreadyFinished;
+        let charge = !held && charging.insert(key);
+        if charge || state.is_some() {
+            live.push(Live {
+                index: i,
+                journalled: state.is_some(),
+                charge,
+            });
         } else {
-            live.push((i, states.contains_key(id)));
+            out[i] = BatchedJob::AlreadyFinished;
         }
     }
     Ok(live)
@@ -974,6 +1010,38 @@ mod tests {
                 .await
                 .expect("count");
         assert_eq!(rows, 0);
+
+        // A job with an unfinished row of its own for a day another job's row holds
+        // (a fan-out's retry, journalled on Redis): its row is finished, nothing charged.
+        s.journal_insert_many(
+            &[pending_job(
+                "stray",
+                JobKind::ChargeAccount,
+                json!({"account": rich, "date": third}),
+            )],
+            false,
+        )
+        .await
+        .expect("journal");
+        let out = s
+            .charge_accounts(&[job("stray", rich, third)], &prices())
+            .await
+            .expect("stray");
+        assert_eq!(out[0], (BatchedJob::Done, None));
+        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = 'stray'")
+            .fetch_one(&s.pool)
+            .await
+            .expect("state");
+        assert_eq!(state, "done");
+        assert_eq!(ledger_rows(&s).await, 10);
+        // The per-job path (a batch that failed) does not start a charge job without a
+        // row whose day another row holds either.
+        let per_job = pending_job(
+            "per-job",
+            JobKind::ChargeAccount,
+            json!({"account": rich, "date": third}),
+        );
+        assert!(s.journal_start(&per_job).await.expect("start").is_none());
 
         // Suspended on the 26th, resumed by a top-up on the 27th (which pays the 27th):
         // a charge job for the 26th queued again later (a fan-out retried after it gave
