@@ -189,7 +189,12 @@ async fn run_single(app: Arc<App>, env: Envelope, kind: JobKind) {
         attempts: env.attempt,
         max_attempts: app.settings.max_attempts(kind),
         last_error: None,
-        idempotency_key: None,
+        // For a missing journal row only (`journal_start`): a job queued without one
+        // whose key another row holds does not run, as an enqueue would have answered.
+        idempotency_key: kind
+            .parse_payload(&env.payload)
+            .ok()
+            .and_then(|p| p.idempotency_key()),
         created_at: now,
         updated_at: now,
         run_at: now,

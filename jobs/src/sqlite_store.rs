@@ -5,6 +5,7 @@
 //! instead of failing, and `BEGIN IMMEDIATE` for read-modify-write transactions so two
 //! writers never deadlock on a lock upgrade.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -734,17 +735,11 @@ impl Store for SqliteStore {
         // Not journalled when it was queued (an inbound message from a connector, a
         // charge from a fan-out on the SQLite queue), or the daemon died in between:
         // create the entry, dated from the job's ULID so a data deletion's cutoff sees
-        // when it was queued, with the payload's idempotency key (a charge's (account,
-        // day)). If another row holds that key, nothing is inserted and the job does not
-        // run: that row's job is the one for the key, as an enqueue would have answered.
+        // when it was queued, with `rec`'s idempotency key (a charge's (account, day)).
+        // If another row holds that key, nothing is inserted and the job does not run:
+        // that row's job is the one for the key, as an enqueue would have answered.
         let now = now_ms();
         let created = crate::model::job_created_at(&rec.id, now);
-        let key = rec.idempotency_key.clone().or_else(|| {
-            rec.kind
-                .parse_payload(&rec.payload)
-                .ok()
-                .and_then(|p| p.idempotency_key())
-        });
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
              created_at, updated_at, run_at, idempotency_key) \
@@ -756,7 +751,7 @@ impl Store for SqliteStore {
         .bind(i64::from(rec.max_attempts))
         .bind(now)
         .bind(created)
-        .bind(key)
+        .bind(&rec.idempotency_key)
         .execute(&self.writer)
         .await?;
         start()
@@ -1837,7 +1832,7 @@ impl Store for SqliteStore {
         .bind(&ids)
         .fetch_all(&self.pool)
         .await?;
-        let mut to: std::collections::HashMap<Id, Vec<String>> = std::collections::HashMap::new();
+        let mut to: HashMap<Id, Vec<String>> = HashMap::new();
         for (account, email) in emails {
             to.entry(account).or_default().push(email);
         }

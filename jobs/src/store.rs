@@ -198,7 +198,8 @@ pub trait Store: Send + Sync + 'static {
     async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>>;
     async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
     /// Marks the job running and counts the attempt; `None` if it is already done or
-    /// dead (a redelivered copy). `rec` recreates a missing entry.
+    /// dead (a redelivered copy). `rec` recreates a missing entry, unless another entry
+    /// holds its idempotency key (then `None`: that entry's job is the one for the key).
     async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>>;
     async fn journal_finish(
         &self,

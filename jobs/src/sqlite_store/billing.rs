@@ -1036,11 +1036,13 @@ mod tests {
         assert_eq!(ledger_rows(&s).await, 10);
         // The per-job path (a batch that failed) does not start a charge job without a
         // row whose day another row holds either.
-        let per_job = pending_job(
+        let mut per_job = pending_job(
             "per-job",
             JobKind::ChargeAccount,
             json!({"account": rich, "date": third}),
         );
+        // As the worker's per-job path builds it.
+        per_job.idempotency_key = Some(charge_account_key(rich, third));
         assert!(s.journal_start(&per_job).await.expect("start").is_none());
 
         // Suspended on the 26th, resumed by a top-up on the 27th (which pays the 27th):
