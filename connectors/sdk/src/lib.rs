@@ -47,6 +47,7 @@
 
 pub mod abi;
 pub mod events;
+pub mod json_limits;
 #[cfg(feature = "host")]
 pub mod host;
 mod plugin;
