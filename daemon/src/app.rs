@@ -73,6 +73,35 @@ impl App {
         Ok((rec.id, false))
     }
 
+    /// Journals a job that can never run as `dead` at once, with the reason and a
+    /// bounded copy of its payload (`model::bounded_payload`): an inbound event the
+    /// daemon took but cannot store is kept this way, visible in `job.list` and
+    /// retryable, instead of being dropped after its connector was told it is
+    /// recorded. Returns the new job's id.
+    pub async fn record_dead(
+        &self,
+        kind: JobKind,
+        payload: Value,
+        reason: &str,
+    ) -> Result<String, DomainError> {
+        let now = now_ms();
+        let rec = JobRecord {
+            id: ulid::Ulid::new().to_string(),
+            kind,
+            payload: patchbay_jobs::model::bounded_payload(payload),
+            state: JobState::Dead,
+            attempts: 1,
+            max_attempts: self.settings.max_attempts(kind),
+            last_error: Some(reason.to_owned()),
+            idempotency_key: None,
+            created_at: now,
+            updated_at: now,
+            run_at: now,
+        };
+        self.store.journal_insert(&rec).await?;
+        Ok(rec.id)
+    }
+
     /// A new pending journal record for a validated payload.
     fn new_record(&self, kind: JobKind, payload: Value) -> Result<JobRecord, DomainError> {
         let parsed = kind.parse_payload(&payload)?;

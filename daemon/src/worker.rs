@@ -31,18 +31,15 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
     };
     // Bad payloads skip the batchers: the per-job path makes them dead with the reason.
     let batched = match kind.parse_payload(&env.payload) {
-        Ok(Payload::InboundMessage(msg)) => match handlers::inbound_sender_phone(&msg) {
-            Ok(phone) => {
-                let job = InboundJob {
-                    job: env.id.clone(),
-                    msg,
-                    phone,
-                    max_attempts: app.settings.max_attempts(kind),
-                };
-                app.inbound.submit(job).await
-            }
-            Err(_) => false,
-        },
+        Ok(Payload::InboundMessage(msg)) => {
+            let job = InboundJob {
+                job: env.id.clone(),
+                phone: handlers::inbound_sender_phone(&msg),
+                msg,
+                max_attempts: app.settings.max_attempts(kind),
+            };
+            app.inbound.submit(job).await
+        }
         Ok(Payload::ChargeAccount(c)) => {
             let job = ChargeJob {
                 job: env.id.clone(),

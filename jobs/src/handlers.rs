@@ -80,7 +80,7 @@ pub async fn run(
             effects.account_credited(t.account).await
         }
         Payload::InboundMessage(m) => {
-            let phone = inbound_sender_phone(m)?;
+            let phone = inbound_sender_phone(m);
             if !store.store_inbound(m, phone.as_deref()).await? {
                 tracing::debug!(message = %m.external_message_id, "inbound message was stored before");
             }
@@ -116,21 +116,14 @@ pub async fn gave_up(store: &dyn Store, payload: &Payload, reason: &str) -> Stor
     }
 }
 
-/// The sender's phone in E.164, which (else the username) identifies the contact; a
-/// permanent error when neither can.
-pub fn inbound_sender_phone(m: &InboundMessage) -> Result<Option<String>, JobError> {
-    let phone = m
-        .sender
+/// The sender's phone in E.164, the first key its contact is found by. A reported phone
+/// that is not one is no key (the sender id, the username or the chat find the contact
+/// instead): the message is stored all the same.
+pub fn inbound_sender_phone(m: &InboundMessage) -> Option<String> {
+    m.sender
         .phone
         .as_deref()
-        .and_then(phone::normalize_reported);
-    if phone.is_none() && m.sender.username.is_none() {
-        return Err(JobError::Permanent(format!(
-            "sender phone {:?} is not a phone number and there is no username",
-            m.sender.phone
-        )));
-    }
-    Ok(phone)
+        .and_then(phone::normalize_reported)
 }
 
 /// How long one send attempt holds its message: the lease is claimed at the channel's

@@ -109,9 +109,13 @@ impl FromStr for JobKind {
     }
 }
 
+/// The sender of an inbound message (SPEC §4): the messenger's stable user `id`, a
+/// phone, a username, a name; at least one of them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sender {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     #[serde(default)]
     pub phone: Option<String>,
     #[serde(default)]
@@ -197,8 +201,9 @@ pub enum Payload {
     Topup(Topup),
 }
 
-/// Longest accepted free text of one message, in bytes.
-pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Longest accepted free text of one message, in bytes: the connectors' bound, so an
+/// operator's reply and a client's message have one limit.
+pub const MAX_TEXT_BYTES: usize = patchbay_connector_sdk::events::MAX_TEXT_BYTES;
 const MAX_ID_BYTES: usize = 256;
 
 impl Payload {
@@ -214,17 +219,18 @@ impl Payload {
                         return bad(format!("{name} must be 1 to {MAX_ID_BYTES} bytes"));
                     }
                 }
-                if m.text.len() > MAX_TEXT_BYTES {
-                    return bad(format!("text is longer than {MAX_TEXT_BYTES} bytes"));
-                }
+                // The bounds connector events meet (the SDK's), so an event the host
+                // took always makes a valid job.
                 let s = &m.sender;
-                if s.phone.is_none() && s.username.is_none() {
-                    return bad("sender needs a phone or a username".into());
-                }
-                // Contacts are found by username: "" would make all such senders one.
-                if s.username.as_deref().is_some_and(|u| u.trim().is_empty()) {
-                    return bad("sender.username must not be empty; leave it out instead".into());
-                }
+                patchbay_connector_sdk::events::check_sender(
+                    s.id.as_deref(),
+                    s.phone.as_deref(),
+                    s.username.as_deref(),
+                    s.name.as_deref(),
+                )
+                .or_else(bad)?;
+                patchbay_connector_sdk::events::check_inbound_content(&m.text, &m.attachments)
+                    .or_else(bad)?;
             }
             Payload::Topup(t) => {
                 if t.amount <= 0 {
@@ -307,9 +313,18 @@ mod tests {
             "sent_at": "2026-11-25T10:00:00Z"
         });
         assert!(JobKind::InboundMessage.parse_payload(&inbound).is_ok());
+        // A name alone, or the messenger's id alone, is a sender; nothing is not.
+        for sender in [json!({"name": "Ann"}), json!({"id": "43"})] {
+            let mut only = inbound.clone();
+            only["sender"] = sender;
+            assert!(JobKind::InboundMessage.parse_payload(&only).is_ok());
+        }
         let mut no_sender = inbound.clone();
-        no_sender["sender"] = json!({"name": "Ann"});
+        no_sender["sender"] = json!({});
         assert!(JobKind::InboundMessage.parse_payload(&no_sender).is_err());
+        let mut long_text = inbound.clone();
+        long_text["text"] = json!("x".repeat(MAX_TEXT_BYTES + 1));
+        assert!(JobKind::InboundMessage.parse_payload(&long_text).is_err());
         for username in ["", "  "] {
             let mut empty = inbound.clone();
             empty["sender"] = json!({"phone": "+79161234567", "username": username});

@@ -148,6 +148,31 @@ impl FromStr for JobState {
     }
 }
 
+/// Largest payload a dead job keeps, in bytes of JSON: a refused event may be up to a
+/// mebibyte, and dead jobs stay until someone retries them.
+pub const MAX_DEAD_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// `payload` itself when it is at most `MAX_DEAD_PAYLOAD_BYTES` of JSON and nests at
+/// most `json_limits::MAX_JSON_DEPTH`; else `{"truncated": true, "channel": …, "raw":
+/// "<its JSON, cut to the bound>"}` (the channel kept when the payload had one, so a
+/// data deletion run still finds the job).
+pub fn bounded_payload(payload: serde_json::Value) -> serde_json::Value {
+    use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, value_depth};
+    let text = payload.to_string();
+    if text.len() <= MAX_DEAD_PAYLOAD_BYTES && value_depth(&payload) <= MAX_JSON_DEPTH {
+        return payload;
+    }
+    let mut cut = MAX_DEAD_PAYLOAD_BYTES.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    serde_json::json!({
+        "truncated": true,
+        "channel": payload.get("channel"),
+        "raw": &text[..cut],
+    })
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct JobRecord {
     pub id: String,

@@ -1167,6 +1167,7 @@ impl Store for SqliteStore {
             .await?;
         let sender = inbound_batch::Sender {
             phone: Some(phone),
+            id: None,
             username: None,
             name: None,
         };

@@ -70,6 +70,14 @@ pub struct Config {
     /// Right after `connected`, emit the `MALFORMED` events (invalid JSON, unknown type,
     /// missing fields, non-UTF-8), then carry on normally.
     pub malformed_events: bool,
+    /// Right after `connected` (and any malformed events), emit each of these strings
+    /// verbatim as one event, then carry on normally: tests of the host's bounds with
+    /// events no `Event` value can express (nested too deep, say). A refused one is
+    /// counted in `details.refused` and skipped.
+    pub raw_events: Vec<String>,
+    /// After the raw events, one inbound event (`<prefix>-oversize`) whose
+    /// `attachments` array is at least this many bytes of JSON; 0 = none.
+    pub oversize_event_bytes: usize,
     /// Right after `connected` (and any malformed events), report status `error` with
     /// this reason and stay there, generating no traffic: a connector whose messenger
     /// refuses it while its threads run on.
@@ -98,6 +106,8 @@ impl Default for Config {
             panic_on_start: false,
             panic_on_send: false,
             malformed_events: false,
+            raw_events: Vec::new(),
+            oversize_event_bytes: 0,
             report_error: None,
             fault_starts: 0,
         }
@@ -144,6 +154,16 @@ impl Config {
                 "rate_per_sec",
                 &self.rate_per_sec,
                 "0 to 1000000 messages per second",
+            );
+        }
+        if self.raw_events.len() > 100 {
+            return bad("raw_events", &self.raw_events.len(), "at most 100 events");
+        }
+        if self.oversize_event_bytes > 4 << 20 {
+            return bad(
+                "oversize_event_bytes",
+                &self.oversize_event_bytes,
+                "0 to 4194304 bytes",
             );
         }
         if !(1..=MAX_CLIENTS).contains(&self.clients) {
@@ -193,6 +213,7 @@ struct Counters {
     receipts: AtomicU64,
     busy_retries: AtomicU64,
     malformed: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// State shared by the connector and its traffic thread.
@@ -213,6 +234,18 @@ impl Shared {
 
     /// Emits, backing off on BUSY. Once stopping, gives up after ~0.5 s of BUSY so stop
     /// stays prompt. Returns whether the host took it.
+    /// Emits a test probe: a refusal is counted, not fatal; `Err` only when stopping.
+    fn emit_probe(&self, bytes: &[u8]) -> Result<(), EmitError> {
+        match self.emit_bytes(bytes) {
+            Err(_) if self.stop.load(Ordering::Relaxed) => Err(EmitError::Closed),
+            Err(_) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
     fn emit_bytes(&self, bytes: &[u8]) -> Result<(), EmitError> {
         let mut pause = Duration::from_millis(1);
         let mut busy_while_stopping = 0;
@@ -260,6 +293,7 @@ pub fn inbound(config: &Config, prefix: &str, n: u64) -> Inbound {
         external_chat_id: client_chat_id(client),
         external_message_id: format!("{prefix}-{n}"),
         sender: Sender {
+            id: None,
             phone: Some(client_phone(client)),
             username: None,
             name: Some(format!("Client {client:04}")),
@@ -268,6 +302,21 @@ pub fn inbound(config: &Config, prefix: &str, n: u64) -> Inbound {
         attachments: Vec::new(),
         sent_at: chrono::Utc::now().fixed_offset(),
     }
+}
+
+/// An inbound event whose attachments array is at least `bytes` bytes of JSON.
+fn oversize_event(prefix: &str, bytes: usize) -> Vec<u8> {
+    let chunk = "x".repeat(1000);
+    let attachments: Vec<serde_json::Value> = (0..bytes.div_ceil(1004))
+        .map(|_| serde_json::Value::from(chunk.as_str()))
+        .collect();
+    let event = serde_json::json!({
+        "type": "inbound", "external_chat_id": "oversize",
+        "external_message_id": format!("{prefix}-oversize"),
+        "sender": {"name": "Oversize"}, "text": "oversize attachments",
+        "attachments": attachments, "sent_at": chrono::Utc::now().to_rfc3339(),
+    });
+    serde_json::to_vec(&event).unwrap_or_default()
 }
 
 /// The traffic thread: connects, injects malformed events, runs the burst and the
@@ -299,6 +348,17 @@ fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
                 return;
             }
             shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    for raw in &c.raw_events {
+        if shared.emit_probe(raw.as_bytes()).is_err() {
+            return;
+        }
+    }
+    if c.oversize_event_bytes > 0 {
+        let big = oversize_event(&prefix, c.oversize_event_bytes);
+        if shared.emit_probe(&big).is_err() {
+            return;
         }
     }
     let failing = match c.report_error.as_ref().filter(|_| faulty) {
@@ -522,6 +582,7 @@ impl Connector for Loopback {
             "receipts": k.receipts.load(Ordering::Relaxed),
             "busy_retries": k.busy_retries.load(Ordering::Relaxed),
             "malformed": k.malformed.load(Ordering::Relaxed),
+            "refused": k.refused.load(Ordering::Relaxed),
         }));
         s
     }

@@ -1,6 +1,6 @@
 /*
  * patchbay_connector.h — the patchbay connector plugin ABI, version 1 (header
- * revision 1.1).
+ * revision 1.2).
  *
  * This header is the normative description of the boundary between patchbayd (the
  * host) and a connector plugin (a shared library in the daemon's plugin folder). The
@@ -34,6 +34,9 @@
  *   keep working with new hosts and new plugins with old hosts):
  *     1.0  the original callbacks and descriptor.
  *     1.1  pb_host.flush: wait until emitted events are durably recorded (section 6).
+ *     1.2  inbound "sender.id", the messenger's stable user id; the inbound bounds
+ *          (text, attachments, sender fields, PB_MAX_JSON_DEPTH) and what the host
+ *          does with an event outside them (section 3). No struct changed.
  * - The host never unloads a library (no dlclose): static data, thread-locals and
  *   code of a plugin stay valid until the process exits.
  *
@@ -78,14 +81,31 @@
  *   {"type":"status","state":"connecting|connected|disconnected|error",
  *    "number":"...","display_name":"...","reason":"..."}
  *   {"type":"inbound","external_chat_id":"...","external_message_id":"...",
- *    "sender":{"phone":"+...","username":"...","name":"..."},"text":"...",
- *    "attachments":[...],"sent_at":"2026-11-25T10:00:00Z"}           (RFC 3339)
+ *    "sender":{"id":"...","phone":"+...","username":"...","name":"..."},
+ *    "text":"...","attachments":[...],"sent_at":"2026-11-25T10:00:00Z"} (RFC 3339)
  *   {"type":"receipt","message":<i64 host message id>,
  *    "status":"delivered|failed|read","external_message_id":"...","reason":"..."}
  *
+ * sender (revision 1.2): every field is optional, but at least one must be set.
+ *   "id" is the messenger's own stable user id as a string (Telegram from.id,
+ *   WhatsApp wa_id, a gateway's sender id): set it whenever the messenger has one.
+ *   The host finds the client's contact by normalised phone, else by id on this
+ *   channel, else by username; a sender with only a name is stored as its chat's
+ *   contact. Hosts of revision 1.1 ignore "id".
+ *
  * Bounds: external ids are 1..256 bytes; a status's number and display_name at most
- * 256 characters, a reason (status or receipt) at most 1024. An event outside them is
- * malformed: the host logs and drops it; a status result outside them is an error.
+ * 256 characters, a reason (status or receipt) at most 1024. Inbound (revision 1.2):
+ * each sender field at most 256 characters and not blank, text at most
+ * PB_MAX_TEXT_BYTES, at most PB_MAX_ATTACHMENTS attachments of at most
+ * PB_MAX_ATTACHMENTS_BYTES of JSON together; every event nests arrays and objects at
+ * most PB_MAX_JSON_DEPTH deep ({"a":[1]} is 2). What the host does with an event
+ * outside them (emit still answers PB_OK; only PB_MAX_PAYLOAD_BYTES is checked there):
+ *   - an inbound one (a JSON object with "type":"inbound") is recorded as a dead
+ *     inbound_message job with the reason, visible to operators and retryable, and
+ *     counts as recorded for flush: acknowledge it, redelivering it cannot help;
+ *   - anything else (not JSON, an unknown type, a bad status or receipt) is logged
+ *     and dropped;
+ *   - a status result outside them is an error of the status call.
  *
  * external_message_id of inbound events must be unique and stable per channel: the
  * host stores each (channel, external_message_id) once, so re-emitting an event after
@@ -212,6 +232,13 @@ extern "C" {
 /* The host refuses an emitted event larger than this (emit returns PB_ERROR), and a
  * sink output larger than this is an error of the call that wrote it. */
 #define PB_MAX_PAYLOAD_BYTES (1024u * 1024u)
+
+/* Inbound event bounds (revision 1.2, section 3). */
+#define PB_MAX_JSON_DEPTH 32u
+#define PB_MAX_TEXT_BYTES (64u * 1024u)
+#define PB_MAX_ATTACHMENTS 64u
+#define PB_MAX_ATTACHMENTS_BYTES (256u * 1024u)
+#define PB_MAX_SENDER_FIELD_CHARS 256u
 
 /* `kind` is 1..=PB_MAX_KIND_LEN bytes of [a-z0-9_]; `version` at most
  * PB_MAX_VERSION_LEN bytes of UTF-8 (semver recommended). */

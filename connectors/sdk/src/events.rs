@@ -21,6 +21,21 @@ pub const MAX_DISPLAY_NAME_CHARS: usize = 256;
 /// Longest `reason` (of a status or a receipt) the host accepts, in characters.
 pub const MAX_REASON_CHARS: usize = 1024;
 
+/// Longest `text` of an inbound message, in bytes. This and the other inbound bounds
+/// below are the one set of limits the SDK, the host and the `inbound_message` job
+/// validation share: an event inside them becomes a stored message.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// Most attachments of one inbound message.
+pub const MAX_ATTACHMENTS: usize = 64;
+
+/// Largest `attachments` array of one inbound message, in bytes of compact JSON.
+pub const MAX_ATTACHMENTS_BYTES: usize = 256 * 1024;
+
+/// Longest field of an inbound `sender` (`id`, `phone`, `username`, `name`), in
+/// characters.
+pub const MAX_SENDER_FIELD_CHARS: usize = 256;
+
 /// An event a plugin emits: `{"type":"status"|"inbound"|"receipt", ...}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -114,15 +129,95 @@ fn bounded(
     }
 }
 
-/// Who wrote an inbound message. At least one field should be set.
+/// Who wrote an inbound message; at least one field must be set. The host finds the
+/// client's contact by normalised `phone`, else by `id` on this channel, else by
+/// `username`; a sender with only a `name` is stored in its chat's contact.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sender {
+    /// The messenger's own stable user id (Telegram `from.id`, WhatsApp `wa_id`, a
+    /// gateway's sender id), as a string. Header revision 1.2; older plugins omit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+impl Sender {
+    /// `check_sender` of this sender's fields.
+    pub fn check(&self) -> Result<(), String> {
+        check_sender(
+            self.id.as_deref(),
+            self.phone.as_deref(),
+            self.username.as_deref(),
+            self.name.as_deref(),
+        )
+    }
+}
+
+/// The checks the host makes of every inbound sender: at least one field set, none
+/// empty (an empty id or username would make all such senders one contact), each at
+/// most `MAX_SENDER_FIELD_CHARS`. The message says what is wrong.
+pub fn check_sender(
+    id: Option<&str>,
+    phone: Option<&str>,
+    username: Option<&str>,
+    name: Option<&str>,
+) -> Result<(), String> {
+    let fields = [
+        ("id", id),
+        ("phone", phone),
+        ("username", username),
+        ("name", name),
+    ];
+    if fields.iter().all(|(_, v)| v.is_none()) {
+        return Err("sender needs at least one of id, phone, username, name".into());
+    }
+    for (field, value) in fields {
+        let Some(v) = value else { continue };
+        if v.trim().is_empty() {
+            return Err(format!(
+                "sender.{field} must not be empty; leave it out instead"
+            ));
+        }
+        let n = v.chars().count();
+        if n > MAX_SENDER_FIELD_CHARS {
+            return Err(format!(
+                "sender.{field} must be at most {MAX_SENDER_FIELD_CHARS} characters, got {n}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The bounds on an inbound message's content that the SDK, the host and the job
+/// validation share: text, attachments (count and bytes).
+pub fn check_inbound_content(text: &str, attachments: &[serde_json::Value]) -> Result<(), String> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(format!(
+            "text must be at most {MAX_TEXT_BYTES} bytes, got {}",
+            text.len()
+        ));
+    }
+    if attachments.len() > MAX_ATTACHMENTS {
+        return Err(format!(
+            "at most {MAX_ATTACHMENTS} attachments, got {}",
+            attachments.len()
+        ));
+    }
+    let bytes: usize = attachments
+        .iter()
+        .map(|a| serde_json::to_vec(a).map_or(0, |v| v.len()))
+        .sum();
+    if bytes > MAX_ATTACHMENTS_BYTES {
+        return Err(format!(
+            "attachments must be at most {MAX_ATTACHMENTS_BYTES} bytes of JSON, got {bytes}"
+        ));
+    }
+    Ok(())
 }
 
 /// `{"type":"inbound",...}`: a message from a client.
@@ -146,6 +241,14 @@ pub enum ReceiptStatus {
     Delivered,
     Failed,
     Read,
+}
+
+impl Inbound {
+    /// The sender and content bounds (`Sender::check`, `check_inbound_content`).
+    pub fn check_content(&self) -> Result<(), String> {
+        self.sender.check()?;
+        check_inbound_content(&self.text, &self.attachments)
+    }
 }
 
 /// `{"type":"receipt",...}`: what became of a message the host sent.
@@ -226,11 +329,16 @@ pub enum EventError {
     },
     #[error("invalid {kind} event: {problem}")]
     Invalid { kind: &'static str, problem: String },
+    #[error("invalid event: {0}")]
+    TooDeep(#[from] crate::json_limits::TooDeep),
 }
 
 impl Event {
     /// Parses and checks untrusted event bytes from a plugin.
     pub fn parse(bytes: &[u8]) -> Result<Event, EventError> {
+        // Before the parser recurses: a deeper event would be legal here but too deep
+        // for the queue's stored job (json_limits).
+        crate::json_limits::check_depth(bytes, crate::json_limits::MAX_JSON_DEPTH)?;
         let event: Event = serde_json::from_slice(bytes).map_err(|source| EventError::Json {
             source,
             snippet: snippet(bytes),
@@ -240,7 +348,7 @@ impl Event {
     }
 
     /// The checks serde cannot express: non-empty, bounded ids; a sender; bounded
-    /// number, display name and reasons.
+    /// number, display name, reasons, sender fields, text and attachments.
     pub fn validate(&self) -> Result<(), EventError> {
         fn id(kind: &'static str, name: &str, value: &str) -> Result<(), EventError> {
             if value.is_empty() || value.len() > MAX_EXTERNAL_ID_LEN {
@@ -259,14 +367,10 @@ impl Event {
             Event::Inbound(m) => {
                 id("inbound", "external_chat_id", &m.external_chat_id)?;
                 id("inbound", "external_message_id", &m.external_message_id)?;
-                let s = &m.sender;
-                if s.phone.is_none() && s.username.is_none() && s.name.is_none() {
-                    return Err(EventError::Invalid {
-                        kind: "inbound",
-                        problem: "sender needs at least one of phone, username, name".into(),
-                    });
-                }
-                Ok(())
+                m.check_content().map_err(|problem| EventError::Invalid {
+                    kind: "inbound",
+                    problem,
+                })
             }
             Event::Receipt(r) => {
                 if let Some(x) = &r.external_message_id {
@@ -383,6 +487,65 @@ mod tests {
         };
         receipt(MAX_REASON_CHARS).unwrap();
         assert!(receipt(MAX_REASON_CHARS + 1).is_err());
+    }
+
+    #[test]
+    fn inbound_bounds_are_shared_and_explained() {
+        let inbound = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = json!({
+                "type": "inbound", "external_chat_id": "c", "external_message_id": "m",
+                "sender": {"id": "43"}, "text": "hi", "sent_at": "2026-11-25T10:00:00Z"
+            });
+            f(&mut v);
+            Event::parse(v.to_string().as_bytes()).map_err(|e| e.to_string())
+        };
+        // The messenger's id alone, or a name alone, is a sender.
+        assert!(inbound(&|_| {}).is_ok());
+        assert!(inbound(&|v| v["sender"] = json!({"name": "Bob"})).is_ok());
+        let cases: [(&dyn Fn(&mut serde_json::Value), &str); 6] = [
+            (
+                &|v| v["sender"] = json!({"id": " "}),
+                "sender.id must not be empty",
+            ),
+            (
+                &|v| v["sender"] = json!({"name": "x".repeat(MAX_SENDER_FIELD_CHARS + 1)}),
+                "sender.name must be at most 256 characters",
+            ),
+            (
+                &|v| v["text"] = json!("x".repeat(MAX_TEXT_BYTES + 1)),
+                "text must be at most 65536 bytes",
+            ),
+            (
+                &|v| v["attachments"] = json!(vec![json!({}); MAX_ATTACHMENTS + 1]),
+                "at most 64 attachments",
+            ),
+            (
+                &|v| v["attachments"] = json!(["x".repeat(MAX_ATTACHMENTS_BYTES)]),
+                "attachments must be at most 262144 bytes",
+            ),
+            (
+                &|v| {
+                    let deep: serde_json::Value =
+                        serde_json::from_str(&format!("{}{}", "[".repeat(31), "]".repeat(31)))
+                            .unwrap();
+                    v["attachments"] = json!([deep]);
+                },
+                "nested deeper than 32",
+            ),
+        ];
+        for (case, expected) in cases {
+            let e = inbound(case).unwrap_err();
+            assert!(e.contains(expected), "{e} lacks {expected}");
+        }
+        // At the depth bound: the event object, its array, and 30 more levels.
+        assert!(
+            inbound(&|v| {
+                let deep: serde_json::Value =
+                    serde_json::from_str(&format!("{}{}", "[".repeat(30), "]".repeat(30))).unwrap();
+                v["attachments"] = json!([deep]);
+            })
+            .is_ok()
+        );
     }
 
     #[test]

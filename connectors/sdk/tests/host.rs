@@ -11,11 +11,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use patchbay_connector_sdk::abi;
 use patchbay_connector_sdk::host::{
     Instance, InstanceState, LoadError, PluginError, RawEvent, check_file, codes, load,
 };
 use patchbay_connector_sdk::{ChannelState, Event, Outbound, Recipient};
+use patchbay_connector_sdk::{abi, events, json_limits};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -100,6 +100,11 @@ fn header_layout_matches_rust_abi() {
         ("PB_CONNECTOR_V1_MIN_SIZE", abi::PB_CONNECTOR_V1_MIN_SIZE),
         ("PB_ABI_VERSION", abi::PB_ABI_VERSION as usize),
         ("PB_MAX_PAYLOAD_BYTES", abi::PB_MAX_PAYLOAD_BYTES),
+        ("PB_MAX_JSON_DEPTH", json_limits::MAX_JSON_DEPTH),
+        ("PB_MAX_TEXT_BYTES", events::MAX_TEXT_BYTES),
+        ("PB_MAX_ATTACHMENTS", events::MAX_ATTACHMENTS),
+        ("PB_MAX_ATTACHMENTS_BYTES", events::MAX_ATTACHMENTS_BYTES),
+        ("PB_MAX_SENDER_FIELD_CHARS", events::MAX_SENDER_FIELD_CHARS),
         ("PB_OK", abi::PB_OK as usize),
         ("PB_ERROR", abi::PB_ERROR as usize),
         ("PB_PANICKED", abi::PB_PANICKED as usize),

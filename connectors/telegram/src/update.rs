@@ -217,6 +217,9 @@ pub fn to_inbound(update: &Value) -> Result<Inbound, Skip> {
                 .filter(|c| c.user_id == Some(u.id))
                 .and_then(|c| normalize_phone(&c.phone_number));
             Sender {
+                // Stable for the user's life, and set when nothing else is: most users
+                // have no @username and never share their phone.
+                id: Some(u.id.to_string()),
                 phone,
                 username: u.username.clone(),
                 name: Some(name),

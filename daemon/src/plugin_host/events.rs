@@ -1,15 +1,25 @@
 //! What connector events become: `status` updates the channel, `inbound` becomes an
-//! `inbound_message` job, `receipt` updates the outbound message's status. Malformed or
-//! stale events (from an instance that was replaced) are logged and dropped.
+//! `inbound_message` job, `receipt` updates the outbound message's status.
 //!
 //! Every event is `settle`d once handled (an inbound one only after its job is
 //! queued), which is what a connector's `flush` waits for before it
-//! acknowledges messages to its messenger. An event dropped unsettled counts as lost.
+//! acknowledges messages to its messenger. An event dropped unsettled counts as lost:
+//! the connector's flushes fail and the messenger delivers it again.
+//!
+//! No inbound event is settled without a record of it (every path by which one could
+//! be lost is closed here): one that cannot become a stored message — outside the SDK's
+//! bounds, nested too deep, a wrong shape under `"type":"inbound"`, a payload the job
+//! refuses — is journalled as a `dead` `inbound_message` job with the reason and a
+//! bounded payload (`App::record_dead`), visible in `job.list` and retryable; if even
+//! that write fails the event stays unsettled. A batch the queue refuses stays
+//! unsettled. Only bytes that are no JSON object of type `inbound` are dropped on
+//! purpose (nothing to store), and stale status events of replaced instances.
 
 use std::sync::Arc;
 
 use patchbay_connector_sdk::Event;
 use patchbay_connector_sdk::host::RawEvent;
+use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, json_depth};
 use patchbay_jobs::{DomainError, JobKind};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -85,9 +95,14 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
     let event = match raw.parse() {
         Ok(e) => e,
         Err(e) => {
-            tracing::warn!(channel, "dropping a malformed connector event: {e}");
-            // Dropped on purpose, not lost: retrying it would not help.
-            raw.settle();
+            match refused_inbound(channel, &raw.json) {
+                Some(payload) => dead_letter(app, raw, payload, &e.to_string()).await,
+                None => {
+                    tracing::warn!(channel, "dropping a malformed connector event: {e}");
+                    // Dropped on purpose, not lost: there is nothing to store.
+                    raw.settle();
+                }
+            }
             return;
         }
     };
@@ -128,10 +143,7 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
             // Checked one by one, so one bad event cannot sink its batch.
             match JobKind::InboundMessage.parse_payload(&payload) {
                 Ok(_) => inbound.push((payload, raw)),
-                Err(e) => {
-                    tracing::warn!(channel, "dropping an inbound event: {e}");
-                    raw.settle();
-                }
+                Err(e) => dead_letter(app, raw, payload, &e.to_string()).await,
             }
         }
         Event::Receipt(r) => {
@@ -152,7 +164,11 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                         )
                         .await
                     {
+                        // Unsettled: the connector keeps it unacknowledged, and the
+                        // messenger reports it again.
                         tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
+                        drop(raw);
+                        return;
                     }
                 }
                 Ok(msg) if msg.channel == channel => tracing::warn!(
@@ -179,6 +195,63 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                 ),
             }
             raw.settle();
+        }
+    }
+}
+
+/// The payload a dead job keeps for event bytes that did not parse as an event, if
+/// they claim to be an inbound message (a JSON object with `"type":"inbound"`): the
+/// object as a job payload (its `type` replaced by the channel) when it nests within
+/// bounds, else its text. `None` for anything else: no message to keep.
+fn refused_inbound(channel: i64, bytes: &[u8]) -> Option<Value> {
+    /// Reads only `type`; serde skips the rest without recursing, at any depth.
+    #[derive(serde::Deserialize)]
+    struct Tagged {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let tagged: Tagged = serde_json::from_slice(bytes).ok()?;
+    if tagged.kind.as_deref() != Some("inbound") {
+        return None;
+    }
+    let parsed = (json_depth(bytes) <= MAX_JSON_DEPTH)
+        .then(|| serde_json::from_slice::<serde_json::Map<String, Value>>(bytes).ok())
+        .flatten();
+    Some(match parsed {
+        Some(mut event) => {
+            event.remove("type");
+            event.insert("channel".into(), channel.into());
+            Value::Object(event)
+        }
+        None => json!({
+            "channel": channel,
+            "raw_event": String::from_utf8_lossy(bytes),
+        }),
+    })
+}
+
+/// Journals an inbound event the daemon cannot store as a dead job, then settles it:
+/// the connector may acknowledge it, and an operator sees it in `job list --state
+/// dead`. If the journal refuses, the event stays unsettled, so the connector does not
+/// acknowledge it and the messenger delivers it again.
+async fn dead_letter(app: &App, raw: RawEvent, payload: Value, reason: &str) {
+    let channel = raw.tag;
+    match app
+        .record_dead(JobKind::InboundMessage, payload, reason)
+        .await
+    {
+        Ok(job) => {
+            tracing::warn!(
+                channel,
+                job,
+                reason,
+                "an inbound event the daemon cannot store is kept as a dead job"
+            );
+            raw.settle();
+        }
+        Err(e) => {
+            tracing::warn!(channel, reason, error = %e, "cannot record a refused inbound event; its connector will deliver it again");
+            drop(raw);
         }
     }
 }

@@ -2,8 +2,9 @@
 //! `inbound_message` jobs) and `Store::store_inbound` (one) share `store_messages`.
 //!
 //! One `BEGIN IMMEDIATE` transaction takes a batch of jobs: it stores every message
-//! that is not stored yet (contact by phone else username, chat per channel + external
-//! id in the account's current data epoch, reopen, unread, last message time) and
+//! that is not stored yet (contact by phone, else by the messenger's sender id on that
+//! channel, else by username — a sender with none of them writes as its chat's
+//! contact —, chat per channel + external id in the account's current data epoch, reopen, unread, last message time) and
 //! marks the jobs done in the same commit. Lookups and writes run once per batch (or per channel / account),
 //! not once per message: each statement costs a round trip to sqlx's connection
 //! thread, which is what bounded the per-job path. The batch statements pass their rows
@@ -22,14 +23,19 @@ use crate::store::{BatchedJob, InboundJob, StoreResult};
 
 type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
 
-/// Contacts of ($1 account, $2 epoch) whose phone / username is in the JSON array $3,
-/// oldest first: the first match wins, as it always has.
-const BY_PHONE: &str = "SELECT id, phone, username, name FROM contacts \
-     WHERE account_id = $1 AND epoch = $2 \
+/// Contacts of ($1 account, $2 epoch) whose phone / username is in the JSON array $3
+/// (or whose [channel, sender id] pair is, for `BY_SENDER`), oldest first: the first
+/// match wins, as it always has.
+const BY_PHONE: &str = "SELECT id, phone, username, name, sender_channel_id, sender_id \
+     FROM contacts WHERE account_id = $1 AND epoch = $2 \
      AND phone IN (SELECT value FROM json_each($3)) ORDER BY id";
-const BY_USERNAME: &str = "SELECT id, phone, username, name FROM contacts \
-     WHERE account_id = $1 AND epoch = $2 \
+const BY_USERNAME: &str = "SELECT id, phone, username, name, sender_channel_id, sender_id \
+     FROM contacts WHERE account_id = $1 AND epoch = $2 \
      AND username IN (SELECT value FROM json_each($3)) ORDER BY id";
+const BY_SENDER: &str = "SELECT DISTINCT c.id, c.phone, c.username, c.name, \
+     c.sender_channel_id, c.sender_id FROM json_each($3) j JOIN contacts c \
+     ON c.account_id = $1 AND c.epoch = $2 AND c.sender_channel_id = j.value ->> 0 \
+     AND c.sender_id = j.value ->> 1 ORDER BY c.id";
 
 /// A contact as the batch knows it: enough to decide whether a message fills a gap.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -38,25 +44,38 @@ struct ContactRow {
     phone: Option<String>,
     username: Option<String>,
     name: Option<String>,
+    sender_channel_id: Option<Id>,
+    sender_id: Option<String>,
+}
+
+impl ContactRow {
+    fn sender_key(&self) -> Option<(Id, String)> {
+        Some((self.sender_channel_id?, self.sender_id.clone()?))
+    }
 }
 
 /// The contacts of one (account, epoch) that this batch looked up or created.
 #[derive(Default)]
 struct Contacts {
     by_phone: HashMap<String, ContactRow>,
+    by_sender: HashMap<(Id, String), ContactRow>,
     by_username: HashMap<String, ContactRow>,
 }
 
 impl Contacts {
-    fn find(&self, phone: Option<&str>, username: Option<&str>) -> Option<ContactRow> {
-        phone
+    /// By phone, else by (channel, sender id), else by username (SPEC §5).
+    fn find(&self, s: &Sender<'_>) -> Option<ContactRow> {
+        s.phone
             .and_then(|p| self.by_phone.get(p))
-            .or_else(|| username.and_then(|u| self.by_username.get(u)))
+            .or_else(|| {
+                s.id.and_then(|(ch, id)| self.by_sender.get(&(ch, id.to_owned())))
+            })
+            .or_else(|| s.username.and_then(|u| self.by_username.get(u)))
             .cloned()
     }
 
-    /// Remembers a contact under its phone and username; the first (lowest id) wins,
-    /// as in the per-message lookup's `ORDER BY id`.
+    /// Remembers a contact under its phone, sender id and username; the first (lowest
+    /// id) wins, as in the per-message lookup's `ORDER BY id`.
     fn remember(&mut self, c: &ContactRow) {
         for (key, map) in [
             (&c.phone, &mut self.by_phone),
@@ -66,6 +85,9 @@ impl Contacts {
                 map.entry(key.clone()).or_insert_with(|| c.clone());
             }
         }
+        if let Some(key) = c.sender_key() {
+            self.by_sender.entry(key).or_insert_with(|| c.clone());
+        }
     }
 
     /// After a fill-in: later messages of the batch must see the contact as it is now.
@@ -74,6 +96,9 @@ impl Contacts {
             for v in map.values_mut().filter(|v| v.id == c.id) {
                 *v = c.clone();
             }
+        }
+        for v in self.by_sender.values_mut().filter(|v| v.id == c.id) {
+            *v = c.clone();
         }
         self.remember(c);
     }
@@ -195,11 +220,19 @@ pub(super) async fn store_messages(
         let (account, epoch) = channels[&msg.channel];
         let book = contacts.entry((account, epoch)).or_default();
         let sender = Sender::of(msg, phone);
-        let contact = contact_for(tx, book, (account, epoch), sender, now).await?;
         let chat_key = (msg.channel, msg.external_chat_id.clone());
-        let chat = match chats.get(&chat_key) {
-            Some(&id) => id,
+        let chat = match chats.get(&chat_key).copied() {
+            Some(id) => {
+                // Fills in what the contact lacked. A sender with nothing to find a
+                // contact by simply writes as its chat's contact.
+                if sender.has_key() {
+                    contact_for(tx, book, (account, epoch), sender, now).await?;
+                }
+                id
+            }
             None => {
+                // In a chat not seen before, a sender without a key is a new contact.
+                let contact = contact_for(tx, book, (account, epoch), sender, now).await?;
                 let id: Id = sqlx::query_scalar(
                     "INSERT INTO chats (account_id, epoch, channel_id, contact_id, \
                      external_chat_id, status, created_at) \
@@ -275,23 +308,30 @@ async fn lookup_contacts(
     live: &[usize],
     channels: &HashMap<Id, (Id, i64)>,
 ) -> StoreResult<HashMap<(Id, i64), Contacts>> {
-    // (account, epoch) -> (phones, usernames) to look up
-    type Keys<'a> = (Vec<&'a str>, Vec<&'a str>);
+    // (account, epoch) -> (phones, [channel, sender id] pairs, usernames) to look up
+    type Keys = (Vec<Value>, Vec<Value>, Vec<Value>);
     let mut wanted: HashMap<(Id, i64), Keys> = HashMap::new();
     for &i in live {
         let (msg, phone) = msgs[i];
         let entry = wanted.entry(channels[&msg.channel]).or_default();
         if let Some(p) = phone {
-            entry.0.push(p);
+            entry.0.push(p.into());
+        }
+        if let Some(id) = msg.sender.id.as_deref() {
+            entry.1.push(json!([msg.channel, id]));
         }
         if let Some(u) = msg.sender.username.as_deref() {
-            entry.1.push(u);
+            entry.2.push(u.into());
         }
     }
     let mut books = HashMap::new();
-    for ((account, epoch), (phones, usernames)) in wanted {
+    for ((account, epoch), (phones, senders, usernames)) in wanted {
         let mut book = Contacts::default();
-        for (sql, values) in [(BY_PHONE, phones), (BY_USERNAME, usernames)] {
+        for (sql, values) in [
+            (BY_PHONE, phones),
+            (BY_SENDER, senders),
+            (BY_USERNAME, usernames),
+        ] {
             if values.is_empty() {
                 continue;
             }
@@ -344,6 +384,8 @@ async fn lookup_chats(
 #[derive(Clone, Copy)]
 pub(super) struct Sender<'a> {
     pub phone: Option<&'a str>,
+    /// The messenger's user id, with the channel that reported it.
+    pub id: Option<(Id, &'a str)>,
     pub username: Option<&'a str>,
     pub name: Option<&'a str>,
 }
@@ -352,9 +394,15 @@ impl<'a> Sender<'a> {
     fn of(msg: &'a InboundMessage, phone: Option<&'a str>) -> Self {
         Sender {
             phone,
+            id: msg.sender.id.as_deref().map(|id| (msg.channel, id)),
             username: msg.sender.username.as_deref(),
             name: msg.sender.name.as_deref(),
         }
+    }
+
+    /// Whether anything identifies the sender's contact (a name does not).
+    fn has_key(&self) -> bool {
+        self.phone.is_some() || self.id.is_some() || self.username.is_some()
     }
 }
 
@@ -367,7 +415,12 @@ pub(super) async fn find_or_create_contact(
     now: i64,
 ) -> StoreResult<Id> {
     let mut book = Contacts::default();
-    for (sql, key) in [(BY_PHONE, sender.phone), (BY_USERNAME, sender.username)] {
+    let keys = [
+        (BY_PHONE, sender.phone.map(Value::from)),
+        (BY_SENDER, sender.id.map(|(ch, id)| json!([ch, id]))),
+        (BY_USERNAME, sender.username.map(Value::from)),
+    ];
+    for (sql, key) in keys {
         if let Some(key) = key {
             let found: Vec<ContactRow> = sqlx::query_as(sql)
                 .bind(account)
@@ -381,51 +434,71 @@ pub(super) async fn find_or_create_contact(
     contact_for(tx, &mut book, (account, epoch), sender, now).await
 }
 
-/// The contact a message's sender is: found by phone else username, filled in where it
-/// lacked what the message tells, or created.
+/// The contact a message's sender is: found by phone, else sender id, else username,
+/// filled in where it lacked what the message tells, or created.
 async fn contact_for(
     tx: &mut Tx,
     book: &mut Contacts,
     (account, epoch): (Id, i64),
-    Sender {
-        phone,
-        username,
-        name,
-    }: Sender<'_>,
+    sender: Sender<'_>,
     now: i64,
 ) -> StoreResult<Id> {
-    match book.find(phone, username) {
+    let Sender {
+        phone,
+        id: sender_id,
+        username,
+        name,
+    } = sender;
+    let (sender_channel, sender_id) = sender_id.unzip();
+    match book.find(&sender) {
         Some(mut c) => {
             let fills = |have: &Option<String>, got: Option<&str>| have.is_none() && got.is_some();
-            if fills(&c.phone, phone) || fills(&c.username, username) || fills(&c.name, name) {
+            // A contact keeps the first messenger id it was given (one per contact).
+            let fills_id = c.sender_id.is_none() && sender_id.is_some();
+            if fills(&c.phone, phone)
+                || fills(&c.username, username)
+                || fills(&c.name, name)
+                || fills_id
+            {
                 sqlx::query(
                     "UPDATE contacts SET name = COALESCE(name, $1), \
-                     username = COALESCE(username, $2), phone = COALESCE(phone, $3) \
-                     WHERE id = $4",
+                     username = COALESCE(username, $2), phone = COALESCE(phone, $3), \
+                     sender_channel_id = CASE WHEN sender_id IS NULL THEN $5 \
+                     ELSE sender_channel_id END, \
+                     sender_id = COALESCE(sender_id, $6) WHERE id = $4",
                 )
                 .bind(name)
                 .bind(username)
                 .bind(phone)
                 .bind(c.id)
+                .bind(sender_channel)
+                .bind(sender_id)
                 .execute(&mut **tx)
                 .await?;
                 c.phone = c.phone.or_else(|| phone.map(str::to_owned));
                 c.username = c.username.or_else(|| username.map(str::to_owned));
                 c.name = c.name.or_else(|| name.map(str::to_owned));
+                if fills_id {
+                    c.sender_channel_id = sender_channel;
+                    c.sender_id = sender_id.map(str::to_owned);
+                }
                 book.refresh(&c);
             }
             Ok(c.id)
         }
         None => {
             let id: Id = sqlx::query_scalar(
-                "INSERT INTO contacts (account_id, epoch, phone, username, name, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                "INSERT INTO contacts (account_id, epoch, phone, username, name, \
+                 sender_channel_id, sender_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
             )
             .bind(account)
             .bind(epoch)
             .bind(phone)
             .bind(username)
             .bind(name)
+            .bind(sender_channel)
+            .bind(sender_id)
             .bind(now)
             .fetch_one(&mut **tx)
             .await?;
@@ -434,6 +507,8 @@ async fn contact_for(
                 phone: phone.map(str::to_owned),
                 username: username.map(str::to_owned),
                 name: name.map(str::to_owned),
+                sender_channel_id: sender_channel,
+                sender_id: sender_id.map(str::to_owned),
             });
             Ok(id)
         }
@@ -507,7 +582,7 @@ mod tests {
     }
 
     fn job(i: usize, m: InboundMessage) -> InboundJob {
-        let phone = handlers::inbound_sender_phone(&m).expect("sender");
+        let phone = handlers::inbound_sender_phone(&m);
         InboundJob {
             job: format!("job-{i}"),
             msg: m,
@@ -552,7 +627,7 @@ mod tests {
         let (one, ch1) = store(&dir, "one.db").await;
         let (batch, ch2) = store(&dir, "batch.db").await;
         for m in traffic(ch1) {
-            let phone = handlers::inbound_sender_phone(&m).expect("sender");
+            let phone = handlers::inbound_sender_phone(&m);
             one.store_inbound(&m, phone.as_deref())
                 .await
                 .expect("store");
@@ -599,6 +674,90 @@ mod tests {
             states.iter().all(|(s, a)| s == "done" && *a == 1),
             "{states:?}"
         );
+    }
+
+    /// Senders known by the messenger's id alone, or only by a name: each message is
+    /// stored, the same id finds the same contact on its channel (in another chat
+    /// too), and a name-only sender writes as its chat's contact.
+    #[tokio::test]
+    async fn senders_by_messenger_id_or_name_alone_are_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (one, ch1) = store(&dir, "one.db").await;
+        let (batch, ch2) = store(&dir, "batch.db").await;
+        let traffic = |ch: Id| {
+            vec![
+                msg(ch, "43", "1", json!({"id": "43", "name": "Bob"}), 1),
+                msg(ch, "43", "2", json!({"id": "43"}), 2),
+                // A group chat: the same user is the same contact.
+                msg(ch, "-100", "3", json!({"id": "43", "name": "Bob"}), 3),
+                msg(ch, "n1", "4", json!({"name": "Nameless"}), 4),
+                msg(ch, "n1", "5", json!({"name": "Someone else"}), 5),
+                // Later the user gives a phone: the contact found by id gets it.
+                msg(
+                    ch,
+                    "43",
+                    "6",
+                    json!({"id": "43", "phone": "+79161234567"}),
+                    6,
+                ),
+            ]
+        };
+        for m in traffic(ch1) {
+            let phone = handlers::inbound_sender_phone(&m);
+            one.store_inbound(&m, phone.as_deref())
+                .await
+                .expect("store");
+        }
+        let jobs: Vec<InboundJob> = traffic(ch2)
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| job(i, m))
+            .collect();
+        journal(&batch, &jobs).await;
+        let out = batch.run_inbound_batch(&jobs).await.expect("batch");
+        assert_eq!(out, vec![BatchedJob::Done; jobs.len()]);
+        let expected = snapshot(&one).await;
+        assert_eq!(snapshot(&batch).await, expected);
+        let contacts: Vec<String> = expected
+            .iter()
+            .filter(|r| r.starts_with("contact "))
+            .cloned()
+            .collect();
+        assert_eq!(
+            contacts,
+            vec!["contact +79161234567 - Bob", "contact - - Nameless"],
+            "{expected:?}"
+        );
+        assert_eq!(
+            expected
+                .iter()
+                .filter(|r| r.starts_with("message "))
+                .count(),
+            6
+        );
+        assert!(
+            expected
+                .iter()
+                .any(|r| r.starts_with("chat -100 +79161234567 open unread 1")),
+            "{expected:?}"
+        );
+
+        // The id is the channel's: the same id on another channel is another person.
+        let other = batch
+            .add_channel(1, "loopback", "Other", &json!({}))
+            .await
+            .expect("channel");
+        let m = msg(other.id, "43", "1", json!({"id": "43"}), 7);
+        let phone = handlers::inbound_sender_phone(&m);
+        batch
+            .store_inbound(&m, phone.as_deref())
+            .await
+            .expect("store");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM contacts")
+            .fetch_one(&batch.pool)
+            .await
+            .expect("count");
+        assert_eq!(n, 3);
     }
 
     #[tokio::test]

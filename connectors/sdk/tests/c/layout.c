@@ -33,6 +33,11 @@ int main(void) {
     printf("PB_CONNECTOR_V1_MIN_SIZE %zu\n", (size_t)PB_CONNECTOR_V1_MIN_SIZE);
     printf("PB_ABI_VERSION %u\n", PB_ABI_VERSION);
     printf("PB_MAX_PAYLOAD_BYTES %u\n", PB_MAX_PAYLOAD_BYTES);
+    printf("PB_MAX_JSON_DEPTH %u\n", PB_MAX_JSON_DEPTH);
+    printf("PB_MAX_TEXT_BYTES %u\n", PB_MAX_TEXT_BYTES);
+    printf("PB_MAX_ATTACHMENTS %u\n", PB_MAX_ATTACHMENTS);
+    printf("PB_MAX_ATTACHMENTS_BYTES %u\n", PB_MAX_ATTACHMENTS_BYTES);
+    printf("PB_MAX_SENDER_FIELD_CHARS %u\n", PB_MAX_SENDER_FIELD_CHARS);
     printf("PB_OK %d\nPB_ERROR %d\nPB_PANICKED %d\nPB_BUSY %d\nPB_UNSUPPORTED %d\n", PB_OK,
            PB_ERROR, PB_PANICKED, PB_BUSY, PB_UNSUPPORTED);
     return 0;
