@@ -153,24 +153,33 @@ impl FromStr for JobState {
 pub const MAX_DEAD_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// `payload` itself when it is at most `MAX_DEAD_PAYLOAD_BYTES` of JSON and nests at
-/// most `json_limits::MAX_JSON_DEPTH`; else `{"truncated": true, "channel": …, "raw":
-/// "<its JSON, cut to the bound>"}` (the channel kept when the payload had one, so a
-/// data deletion run still finds the job).
+/// most `json_limits::MAX_JSON_DEPTH`. Else its small top-level fields (the channel,
+/// external ids, sender — what tells an operator which message it was, and lets a data
+/// deletion run find it), `"truncated": true`, and `"raw"`: the start of its JSON.
 pub fn bounded_payload(payload: serde_json::Value) -> serde_json::Value {
     use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, value_depth};
+    const SMALL_FIELD_BYTES: usize = 1024;
     let text = payload.to_string();
     if text.len() <= MAX_DEAD_PAYLOAD_BYTES && value_depth(&payload) <= MAX_JSON_DEPTH {
         return payload;
     }
-    let mut cut = MAX_DEAD_PAYLOAD_BYTES.min(text.len());
+    let mut kept = serde_json::Map::new();
+    if let serde_json::Value::Object(fields) = &payload {
+        for (k, v) in fields {
+            let small = v.to_string().len() <= SMALL_FIELD_BYTES;
+            if kept.len() < 16 && small && value_depth(v) < MAX_JSON_DEPTH {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    // At most 16 fields of 1 KiB are kept; the rest of the bound goes to the raw start.
+    let mut cut = (MAX_DEAD_PAYLOAD_BYTES - 16 * SMALL_FIELD_BYTES).min(text.len());
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    serde_json::json!({
-        "truncated": true,
-        "channel": payload.get("channel"),
-        "raw": &text[..cut],
-    })
+    kept.insert("truncated".into(), true.into());
+    kept.insert("raw".into(), text[..cut].into());
+    serde_json::Value::Object(kept)
 }
 
 #[derive(Clone, Debug, Serialize)]

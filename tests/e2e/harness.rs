@@ -401,6 +401,23 @@ impl Daemon {
         id
     }
 
+    /// One integer a query of the daemon's SQLite store answers (read-only, beside the
+    /// running daemon: WAL lets it read while the daemon writes).
+    pub async fn store_count(&self, sql: &str) -> i64 {
+        use sqlx::Connection;
+        let url = format!(
+            "sqlite://{}?mode=ro",
+            self.dir.path().join("var/patchbay.db").display()
+        );
+        let mut conn = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("open the store");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&mut conn)
+            .await
+            .expect("store query")
+    }
+
     /// Polls `job.get` until the job reaches one of `states`.
     pub async fn job_until(&self, id: &str, states: &[&str], limit: Duration) -> Value {
         let start = Instant::now();

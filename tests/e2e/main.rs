@@ -10,6 +10,7 @@ mod control;
 mod deletion;
 mod fake_http;
 mod harness;
+mod inbound_limits;
 mod jobs;
 mod lifecycle;
 mod systemd;

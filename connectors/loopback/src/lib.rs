@@ -238,8 +238,13 @@ impl Shared {
     fn emit_probe(&self, bytes: &[u8]) -> Result<(), EmitError> {
         match self.emit_bytes(bytes) {
             Err(_) if self.stop.load(Ordering::Relaxed) => Err(EmitError::Closed),
-            Err(_) => {
+            Err(e) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let size = bytes.len();
+                self.host.log(
+                    Level::Warn,
+                    &format!("loopback: a probe event of {size} bytes was refused: {e}"),
+                );
                 Ok(())
             }
             Ok(()) => Ok(()),

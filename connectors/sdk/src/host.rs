@@ -603,8 +603,24 @@ impl Shared {
     }
 
     fn emit(&self, json: &[u8]) -> i32 {
-        if self.state.load(Ordering::Acquire) != RUNNING || json.len() > abi::PB_MAX_PAYLOAD_BYTES {
+        if self.state.load(Ordering::Acquire) != RUNNING {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            return abi::PB_ERROR;
+        }
+        if json.len() > abi::PB_MAX_PAYLOAD_BYTES {
+            let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            // The plugin is told (PB_ERROR); operators see it too, at the 1st, 2nd,
+            // 4th, 8th ... refusal, so a plugin that keeps trying cannot flood the log.
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    kind = %self.kind,
+                    channel = self.tag,
+                    bytes = json.len(),
+                    refused = n,
+                    "refused an event larger than {} bytes (the plugin was told)",
+                    abi::PB_MAX_PAYLOAD_BYTES
+                );
+            }
             return abi::PB_ERROR;
         }
         let Some(seq) = self.tracker.reserve() else {
