@@ -448,3 +448,63 @@ async fn bot_api_polling_sending_and_errors() {
     let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A Telegram user with no @username who never shared a phone — most users — is known
+/// by `from.id` alone: the message is stored, the next one lands in the same chat and
+/// contact, and the offset passes an update only once the store has its message.
+#[tokio::test(flavor = "multi_thread")]
+async fn users_known_only_by_their_id_are_stored() {
+    let api = FakeBotApi::start();
+    let bob = |text: &str| {
+        json!({"text": text, "from": {"id": 43, "first_name": "Bob"},
+               "chat": {"id": 43, "type": "private", "first_name": "Bob"}})
+    };
+    api.push(bob("hello"));
+    let d = Daemon::start_full(Backend::Sqlite, "", |dir| {
+        install_connector(dir, "telegram")
+    });
+    let (acc, admin) = d.account("tg").await;
+    let cfg = json!({
+        "token": TOKEN, "api_base": api.server.url(), "poll_timeout_secs": 1,
+        "state_dir": d.dir.path().join("telegram-state"),
+    });
+    d.ok(
+        "channel.add",
+        json!({"account": acc, "actor": admin, "kind": "telegram", "name": "bot", "config": cfg}),
+    )
+    .await;
+    let stored = "SELECT COUNT(*) FROM messages WHERE external_message_id LIKE '43:%'";
+    // The offset confirming update 1 comes only after its message was stored.
+    d.until("offset 2 confirmed", Duration::from_secs(20), || async {
+        api.bot().offsets.contains(&Some(2)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        d.store_count(stored).await,
+        1,
+        "stored before the offset moved"
+    );
+    api.push(bob("again"));
+    d.until("second message stored", Duration::from_secs(20), || async {
+        (d.store_count(stored).await == 2).then_some(())
+    })
+    .await;
+    let chats = d.ok("chat.list", json!({"account": acc})).await;
+    let chats = chats.as_array().expect("chats");
+    assert_eq!(chats.len(), 1, "one chat: {chats:?}");
+    let card = d.ok("chat.get", json!({"chat": chats[0]["id"]})).await;
+    assert_eq!(card["contact"]["name"], "Bob", "{card}");
+    let texts: Vec<Value> = inbound(&d, acc)
+        .await
+        .iter()
+        .map(|m| m["text"].clone())
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts.contains(&json!("hello")) && texts.contains(&json!("again")));
+    assert_eq!(d.store_count("SELECT COUNT(*) FROM contacts").await, 1);
+    assert_eq!(
+        d.store_count("SELECT COUNT(*) FROM contacts WHERE sender_id = '43'")
+            .await,
+        1
+    );
+}
