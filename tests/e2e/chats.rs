@@ -665,10 +665,25 @@ async fn send_is_delivered_and_bad_inbound_is_dead(backend: Backend) {
         "invalid_value",
     )
     .await;
-    // A malformed inbound payload is dead at once, with the reason.
+    // A phone the messenger reported that is no phone number is no key to a contact,
+    // but the message is stored all the same (in a chat of its own).
     let r =
         s.d.ok("job.enqueue", inbound(s.channel, "c2", "m9", "not a phone"))
             .await;
+    s.d.job_until(
+        r["id"].as_str().expect("id"),
+        &["done"],
+        Duration::from_secs(20),
+    )
+    .await;
+    // A payload that can never be stored (its channel does not exist) is dead at
+    // once, with the reason.
+    let r =
+        s.d.ok(
+            "job.enqueue",
+            inbound(s.channel + 1000, "c3", "m10", "+79161234567"),
+        )
+        .await;
     let dead =
         s.d.job_until(
             r["id"].as_str().expect("id"),
@@ -681,7 +696,7 @@ async fn send_is_delivered_and_bad_inbound_is_dead(backend: Backend) {
         dead["last_error"]
             .as_str()
             .unwrap_or("")
-            .contains("not a phone number"),
+            .contains("does not exist"),
         "{dead}"
     );
 }
