@@ -98,14 +98,36 @@ async fn deletion_races_live_traffic_and_keeps_everything_after_the_cutoff() {
         .expect("chats");
     assert_eq!(old_chats.len(), CHATS);
 
-    // An inbound job that dies (no usable sender) keeps its text in the journal.
-    let mut bad = inbound(channel, 0, "dead-one");
-    bad["payload"]["sender"] = json!({"phone": "not a phone", "name": "Secret Name"});
-    let dead_job = d.ok("job.enqueue", bad).await["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
-    d.job_until(&dead_job, &["dead"], Duration::from_secs(30))
+    // An inbound event that cannot be stored (a blank sender id) is kept as a dead job,
+    // its text and sender in the journal, until the account's deletion run.
+    let bad = json!({
+        "type": "inbound", "external_chat_id": "c-dead", "external_message_id": "dead-one",
+        "sender": {"id": " ", "name": "Secret Name"}, "text": "secret text",
+        "sent_at": "2026-12-01T10:00:00Z"
+    });
+    d.loopback(
+        acc,
+        admin,
+        json!({"raw_events": [bad.to_string()], "id_prefix": "dd"}),
+    )
+    .await;
+    let dead_job = d
+        .until(
+            "the refused event is a dead job",
+            Duration::from_secs(30),
+            || async {
+                let dead = d
+                    .ok(
+                        "job.list",
+                        json!({"state": "dead", "kind": "inbound_message"}),
+                    )
+                    .await;
+                dead.as_array()?
+                    .iter()
+                    .find(|j| j["payload"]["external_message_id"] == "dead-one")
+                    .and_then(|j| j["id"].as_str().map(str::to_owned))
+            },
+        )
         .await;
     let run = d
         .ok("data.delete", json!({"account": acc, "actor": admin}))
