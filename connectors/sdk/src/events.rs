@@ -502,7 +502,8 @@ mod tests {
         // The messenger's id alone, or a name alone, is a sender.
         assert!(inbound(&|_| {}).is_ok());
         assert!(inbound(&|v| v["sender"] = json!({"name": "Bob"})).is_ok());
-        let cases: [(&dyn Fn(&mut serde_json::Value), &str); 6] = [
+        type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+        let cases: [(Edit, &str); 6] = [
             (
                 &|v| v["sender"] = json!({"id": " "}),
                 "sender.id must not be empty",
