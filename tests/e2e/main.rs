@@ -12,6 +12,7 @@ mod fake_http;
 mod harness;
 mod jobs;
 mod lifecycle;
+mod secrets;
 mod systemd;
 mod telegram;
 mod webhook;
