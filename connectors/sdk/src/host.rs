@@ -30,7 +30,7 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -167,7 +167,7 @@ pub fn check_file(
     check_folders(path, &resolved, &dir, allowed_uids)?;
     // NONBLOCK: opening a FIFO must not hang the scan (fstat refuses it next).
     let fd = rustix::fs::open(
-        &resolved,
+        resolved.as_path(),
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
         Mode::empty(),
     )
@@ -476,9 +476,18 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
 /// `load` for a file `check_file` passed: loads it through its open descriptor
 /// (`/proc/self/fd/N`), so a file swapped in at the same path after the check is never
 /// the one loaded. The library's `path` is the checked canonical path.
-pub fn load_checked(file: &CheckedFile) -> Result<Library, LoadError> {
+///
+/// Once the library is open the descriptor stays open for the life of the process, as
+/// the library stays loaded: the dynamic loader knows it by the name `/proc/self/fd/N`
+/// and answers a later `dlopen` of the same name with it, so the number must never be
+/// handed to another file.
+pub fn load_checked(file: CheckedFile) -> Result<Library, LoadError> {
     let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.fd.as_raw_fd()));
-    load_from(&by_fd, &file.path)
+    let loaded = load_from(&by_fd, &file.path);
+    if !matches!(loaded, Err(LoadError::Open { .. })) {
+        let _ = file.fd.into_raw_fd();
+    }
+    loaded
 }
 
 /// Opens `open` and names it `shown` in the library and every error.

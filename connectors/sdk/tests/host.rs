@@ -599,8 +599,14 @@ fn check_file_accepts_a_safe_plugin() {
             .path(),
         ok.path()
     );
-    let lib = load_checked(&ok).unwrap();
-    assert_eq!((lib.kind(), lib.path()), ("hello", ok.path()));
+    let path = ok.path().to_owned();
+    let lib = load_checked(ok).unwrap();
+    assert_eq!((lib.kind(), lib.path()), ("hello", path.as_path()));
+    // Loaded one after the other, each is itself: the loader knows a library by its
+    // `/proc/self/fd/N` name, so that number is never reused for the next file.
+    let second = compile_plugin_in(&dir, "misbehaving.c", "misbehaving", &[]);
+    let lib = load_checked(check_file(&second, &dir, &[uid]).unwrap()).unwrap();
+    assert_eq!(lib.kind(), "misbehaving");
 }
 
 #[test]
@@ -616,7 +622,7 @@ fn the_file_checked_is_the_file_loaded() {
         matches!(load(&so).unwrap_err(), LoadError::Refused { .. }),
         "the path now names the other file"
     );
-    let lib = load_checked(&checked).unwrap();
+    let lib = load_checked(checked).unwrap();
     assert_eq!(lib.kind(), "hello", "the checked file is loaded, not the new one");
 }
 

@@ -123,8 +123,9 @@ impl Registry {
         }
         // A library that is not a connector (a helper .so in the same folder) says so
         // in the same one line.
-        let lib = host::load_checked(&checked).map_err(|e| e.to_string())?;
-        let checked = checked.path();
+        let checked_path = checked.path().to_owned();
+        let lib = host::load_checked(checked).map_err(|e| e.to_string())?;
+        let checked = checked_path.as_path();
         if let Some(first) = self.by_kind.get(lib.kind()) {
             return Err(format!(
                 "plugin {}: kind {:?} is already provided by {}; refusing the duplicate",
