@@ -34,7 +34,11 @@ fn leaks(text: &str) -> Vec<String> {
 
 fn assert_clean(what: &str, v: &Value) {
     let text = v.to_string();
-    assert!(leaks(&text).is_empty(), "{what} leaks {:?}: {text}", leaks(&text));
+    assert!(
+        leaks(&text).is_empty(),
+        "{what} leaks {:?}: {text}",
+        leaks(&text)
+    );
 }
 
 async fn channel(d: &Daemon, account: i64, id: &Value) -> Option<Value> {
@@ -50,9 +54,11 @@ async fn declared_secrets_appear_in_no_result_and_no_log_line() {
         install_connector(dir, "webhook");
     });
     let (acc, admin) = d.account("secrets").await;
+    let daemon = &d;
     let add = |name: &str, kind: &str, config: Value| {
-        let params = json!({"account": acc, "actor": admin, "kind": kind, "name": name, "config": config});
-        async move { d.ok("channel.add", params).await }
+        let params =
+            json!({"account": acc, "actor": admin, "kind": kind, "name": name, "config": config});
+        async move { daemon.ok("channel.add", params).await }
     };
     let telegram = add(
         "bot",
@@ -61,7 +67,11 @@ async fn declared_secrets_appear_in_no_result_and_no_log_line() {
     )
     .await;
     assert_eq!(telegram["config"]["token"], "***", "{telegram}");
-    assert_eq!(telegram["config"]["api_base"], api.server.url(), "{telegram}");
+    assert_eq!(
+        telegram["config"]["api_base"],
+        api.server.url(),
+        "{telegram}"
+    );
     // The fake Bot API answers 401 for this one: errors about a token.
     let refused = add(
         "refused",
@@ -99,7 +109,10 @@ async fn declared_secrets_appear_in_no_result_and_no_log_line() {
             "invalid_value",
         )
         .await;
-    assert!(stray.contains("got a string") && leaks(&stray).is_empty(), "{stray}");
+    assert!(
+        stray.contains("got a string") && leaks(&stray).is_empty(),
+        "{stray}"
+    );
 
     // Each channel where it ends up: the store kept the real values (telegram and the
     // webhook connect), and what the connectors said is scrubbed.
@@ -125,9 +138,11 @@ async fn declared_secrets_appear_in_no_result_and_no_log_line() {
     })
     .await;
     assert_clean("channel", &c);
-    let c = wait(mistyped["id"].clone(), "loopback refusing its config", |c| {
-        c["status"] == "error"
-    })
+    let c = wait(
+        mistyped["id"].clone(),
+        "loopback refusing its config",
+        |c| c["status"] == "error",
+    )
     .await;
     let reason = c["status_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("invalid type: integer `***`"), "{c}");
@@ -159,7 +174,11 @@ async fn declared_secrets_appear_in_no_result_and_no_log_line() {
         Some(json!(["secret", "outbound_secret"])),
         "{plugins}"
     );
-    assert_eq!(secret_keys("loopback"), Some(json!(["secret"])), "{plugins}");
+    assert_eq!(
+        secret_keys("loopback"),
+        Some(json!(["secret"])),
+        "{plugins}"
+    );
     for ch in list.as_array().into_iter().flatten() {
         let removed = d
             .ok(
@@ -179,7 +198,11 @@ async fn declared_secrets_appear_in_no_result_and_no_log_line() {
         "no getMe with the real token"
     );
     let log = d.log();
-    assert!(leaks(&log).is_empty(), "the log leaks {:?}:\n{log}", leaks(&log));
+    assert!(
+        leaks(&log).is_empty(),
+        "the log leaks {:?}:\n{log}",
+        leaks(&log)
+    );
 }
 
 /// A plugin folder others may write to is refused, one line per library in it, and the
@@ -216,10 +239,14 @@ async fn a_group_writable_plugin_folder_is_refused() {
         .expect("kill")
         .success();
     assert!(ok);
-    d.until("loopback loaded on rescan", Duration::from_secs(20), || async {
-        let list = d.ok("plugin.list", json!({})).await;
-        (list.as_array()?.len() == 1).then_some(())
-    })
+    d.until(
+        "loopback loaded on rescan",
+        Duration::from_secs(20),
+        || async {
+            let list = d.ok("plugin.list", json!({})).await;
+            (list.as_array()?.len() == 1).then_some(())
+        },
+    )
     .await;
     assert_eq!(d.log().matches(line).count(), 1, "{}", d.log());
 }

@@ -174,7 +174,10 @@ mod tests {
         assert_eq!(offset_of!(pb_connector_v1, secret_keys), 8 + 8 * P);
         assert_eq!(size_of::<pb_connector_v1>(), 8 + 9 * P);
         assert_eq!(PB_CONNECTOR_V1_MIN_SIZE, 8 + 8 * P);
-        assert_eq!(PB_CONNECTOR_SECRET_KEYS_MIN_SIZE, size_of::<pb_connector_v1>());
+        assert_eq!(
+            PB_CONNECTOR_SECRET_KEYS_MIN_SIZE,
+            size_of::<pb_connector_v1>()
+        );
     }
 
     #[test]

@@ -308,11 +308,18 @@ impl Library {
 /// What a secret value is shown as.
 pub const REDACTED: &str = "***";
 
-/// `config` with the values of `secret_keys` (top-level keys) replaced by `REDACTED`;
-/// with `None` (a kind that is not loaded, whose secrets nobody can tell) every
-/// top-level value is. Null values stay null: they hide nothing.
-pub fn redact_config(config: &serde_json::Value, secret_keys: Option<&[String]>) -> serde_json::Value {
+/// `config` with the values of `secret_keys` (top-level keys) replaced by `REDACTED`,
+/// and scrubbed from the other values too (one pasted into another key); with `None`
+/// (a kind that is not loaded, whose secrets nobody can tell) every top-level value is
+/// replaced. Null values stay null: they hide nothing.
+pub fn redact_config(
+    config: &serde_json::Value,
+    secret_keys: Option<&[String]>,
+) -> serde_json::Value {
     let mut out = config.clone();
+    if let Some(keys) = secret_keys {
+        Redactor::new(keys, config).scrub_value(&mut out);
+    }
     if let serde_json::Value::Object(map) = &mut out {
         for (key, value) in map.iter_mut() {
             let secret = secret_keys.is_none_or(|keys| keys.iter().any(|k| k == key));
@@ -1273,9 +1280,7 @@ impl Instance {
         let (status, output) = with_sink(|err| {
             // SAFETY: the header's create; host and config outlive the call (and host
             // outlives the instance, owned by the Instance below).
-            unsafe {
-                (lib.inner.vtable.create)(&*host, json.as_ptr(), json.len(), &mut raw, err)
-            }
+            unsafe { (lib.inner.vtable.create)(&*host, json.as_ptr(), json.len(), &mut raw, err) }
         });
         if status != abi::PB_OK {
             return Err(shared.redactor.scrub_error(status_error(status, output)));
@@ -1614,17 +1619,17 @@ mod tests {
         let keys = ["token".to_owned(), "nested".to_owned(), "short".to_owned()];
         let config = serde_json::json!({
             "token": "12:abc\"def", "nested": {"k": ["inner-secret", 123456]},
-            "short": "abc", "public": "token-free", "none": null,
+            "short": "abc", "public": "token-free", "none": null, "pasted": "x inner-secret",
         });
         assert_eq!(
             redact_config(&config, Some(&keys)),
             serde_json::json!({"token": "***", "nested": "***", "short": "***",
-                               "public": "token-free", "none": null})
+                               "public": "token-free", "none": null, "pasted": "x ***"})
         );
         assert_eq!(
             redact_config(&config, None),
             serde_json::json!({"token": "***", "nested": "***", "short": "***",
-                               "public": "***", "none": null})
+                               "public": "***", "none": null, "pasted": "***"})
         );
         let r = Redactor::new(&keys, &config);
         // Raw and JSON-escaped forms, nested leaves, numbers; a 3-byte value is left.

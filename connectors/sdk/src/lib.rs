@@ -47,9 +47,9 @@
 
 pub mod abi;
 pub mod events;
-pub mod json_limits;
 #[cfg(feature = "host")]
 pub mod host;
+pub mod json_limits;
 mod plugin;
 
 pub use events::{

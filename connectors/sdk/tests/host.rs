@@ -623,7 +623,11 @@ fn the_file_checked_is_the_file_loaded() {
         "the path now names the other file"
     );
     let lib = load_checked(checked).unwrap();
-    assert_eq!(lib.kind(), "hello", "the checked file is loaded, not the new one");
+    assert_eq!(
+        lib.kind(),
+        "hello",
+        "the checked file is loaded, not the new one"
+    );
 }
 
 #[test]
@@ -635,7 +639,10 @@ fn check_file_refuses_unsafe_folders() {
     for mode in [0o770, 0o707, 0o1777] {
         dir_mode(mode);
         let e = check_file(&so, &dir, &[me()]).unwrap_err();
-        assert!(matches!(e, LoadError::FolderWritable { .. }), "{mode:o}: {e:?}");
+        assert!(
+            matches!(e, LoadError::FolderWritable { .. }),
+            "{mode:o}: {e:?}"
+        );
         let msg = e.to_string();
         let folder = fs::canonicalize(&dir).unwrap();
         assert!(
@@ -656,7 +663,10 @@ fn check_file_refuses_unsafe_folders() {
     let inner = compile_plugin_in(&sub, "hello_connector.c", "inner", &[]);
     symlink(&inner, dir.join("libinner.so")).unwrap();
     let e = check_file(&dir.join("libinner.so"), &dir, &[me()]).unwrap_err();
-    assert!(matches!(e, LoadError::FolderWritable { mode: 0o1777, .. }), "{e:?}");
+    assert!(
+        matches!(e, LoadError::FolderWritable { mode: 0o1777, .. }),
+        "{e:?}"
+    );
 
     // Above the plugin folder, a root-owned sticky folder (as /tmp) is fine, a plain
     // world-writable one is not.
@@ -671,16 +681,23 @@ fn check_file_refuses_unsafe_folders() {
     }
     fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
     let e = check_file(&lib, &nested, &[me()]).unwrap_err();
-    assert!(matches!(e, LoadError::FolderWritable { mode: 0o777, .. }), "{e:?}");
+    assert!(
+        matches!(e, LoadError::FolderWritable { mode: 0o777, .. }),
+        "{e:?}"
+    );
     fs::set_permissions(&parent, fs::Permissions::from_mode(0o700)).unwrap();
 
     // Folder owners: root or an allowed uid, like the file's. Changing it needs root.
     if root {
         std::os::unix::fs::chown(&parent, Some(4242), None).unwrap();
         let e = check_file(&lib, &nested, &[1000]).unwrap_err();
-        assert!(matches!(e, LoadError::FolderOwner { uid: 4242, .. }), "{e:?}");
         assert!(
-            e.to_string().contains("is owned by uid 4242, not by root or the daemon's user"),
+            matches!(e, LoadError::FolderOwner { uid: 4242, .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("is owned by uid 4242, not by root or the daemon's user"),
             "{e}"
         );
         check_file(&lib, &nested, &[4242]).unwrap();

@@ -212,7 +212,10 @@ fn declared_secrets_are_scrubbed_from_what_the_plugin_says() {
             _ => None,
         })
         .collect();
-    assert!(reasons.iter().any(|r| r == "refused key ***"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "refused key ***"),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().all(|r| !r.contains(SECRET)), "{reasons:?}");
     let s = inst.status().unwrap();
     assert_eq!(s.reason.as_deref(), Some("refused key ***"));

@@ -118,7 +118,11 @@ impl Registry {
         added: &mut Vec<String>,
     ) -> Result<(), String> {
         let checked = host::check_file(path, dir, owners).map_err(|e| e.to_string())?;
-        if self.by_kind.values().any(|lib| lib.path() == checked.path()) {
+        if self
+            .by_kind
+            .values()
+            .any(|lib| lib.path() == checked.path())
+        {
             return Ok(());
         }
         // A library that is not a connector (a helper .so in the same folder) says so
