@@ -1,6 +1,7 @@
 //! Test fixtures that own their components: a throwaway redis-server on a unix socket,
 //! and the real patchbayd binary in a temp folder, driven over its control socket.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,6 +196,10 @@ impl Daemon {
         };
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir(&plugin_dir).expect("plugin dir");
+        // Whatever the umask: the daemon refuses a group- or world-writable plugin
+        // folder (the temp folder above is 0700, and /tmp a root-owned sticky one).
+        std::fs::set_permissions(&plugin_dir, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod plugin dir");
         std::fs::copy(loopback_library(), plugin_dir.join("libloopback.so"))
             .expect("copy loopback");
         plugins(&plugin_dir);

@@ -13,6 +13,7 @@ mod harness;
 mod inbound_limits;
 mod jobs;
 mod lifecycle;
+mod secrets;
 mod systemd;
 mod telegram;
 mod webhook;

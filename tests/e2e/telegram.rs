@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use crate::fake_http::{FakeServer, Request, Response};
 use crate::harness::{Backend, Daemon, install_connector};
 
-const TOKEN: &str = "123456:TEST-token_ok";
-const BAD_TOKEN: &str = "999:WRONG-token";
+pub(crate) const TOKEN: &str = "123456:TEST-token_ok";
+pub(crate) const BAD_TOKEN: &str = "999:WRONG-token";
 /// A bot whose updates a webhook receives: getUpdates answers 409.
 const CONFLICT_TOKEN: &str = "777:CONFLICT-token";
 
@@ -30,9 +30,9 @@ struct Bot {
     rate_limit_next_poll: bool,
 }
 
-struct FakeBotApi {
+pub(crate) struct FakeBotApi {
     state: Arc<(Mutex<Bot>, Condvar)>,
-    server: FakeServer,
+    pub(crate) server: FakeServer,
 }
 
 fn answer(result: Value) -> Response {
@@ -40,7 +40,7 @@ fn answer(result: Value) -> Response {
 }
 
 impl FakeBotApi {
-    fn start() -> FakeBotApi {
+    pub(crate) fn start() -> FakeBotApi {
         let state: Arc<(Mutex<Bot>, Condvar)> = Arc::default();
         state.0.lock().unwrap().next_update = 1;
         state.0.lock().unwrap().next_message = 100;

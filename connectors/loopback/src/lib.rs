@@ -26,7 +26,8 @@ use serde::Deserialize;
 export_connector!(
     Loopback,
     kind = "loopback",
-    version = env!("CARGO_PKG_VERSION")
+    version = env!("CARGO_PKG_VERSION"),
+    secrets = ["secret"]
 );
 
 /// Most distinct synthetic clients: their phones are `+1555000NNNN`.
@@ -82,6 +83,9 @@ pub struct Config {
     /// this reason and stay there, generating no traffic: a connector whose messenger
     /// refuses it while its threads run on.
     pub report_error: Option<String>,
+    /// A stand-in credential, declared secret: loopback writes it into its "connected"
+    /// log line on purpose, so tests can check that the host scrubs it.
+    pub secret: Option<String>,
     /// The faults above apply to the first `fault_starts` starts of this configuration
     /// in the process only, later starts run clean (0 = every start): a channel that
     /// fails, is restarted by the daemon, and recovers.
@@ -109,6 +113,7 @@ impl Default for Config {
             raw_events: Vec::new(),
             oversize_event_bytes: 0,
             report_error: None,
+            secret: None,
             fault_starts: 0,
         }
     }
@@ -342,9 +347,12 @@ fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
     if shared.emit_status(shared.connected_status()).is_err() {
         return;
     }
-    shared
-        .host
-        .log(Level::Info, &format!("loopback {} connected", c.number));
+    let line = match &c.secret {
+        // Leaked on purpose (see `Config::secret`); a real connector never does this.
+        Some(secret) => format!("loopback {} connected with secret {secret}", c.number),
+        None => format!("loopback {} connected", c.number),
+    };
+    shared.host.log(Level::Info, &line);
 
     let faulty = shared.faulty.load(Ordering::Relaxed);
     if faulty && c.malformed_events {

@@ -34,9 +34,10 @@
  *   keep working with new hosts and new plugins with old hosts):
  *     1.0  the original callbacks and descriptor.
  *     1.1  pb_host.flush: wait until emitted events are durably recorded (section 6).
- *     1.2  inbound "sender.id", the messenger's stable user id; the inbound bounds
- *          (text, attachments, sender fields, PB_MAX_JSON_DEPTH) and what the host
- *          does with an event outside them (section 3). No struct changed.
+ *     1.2  pb_connector_v1.secret_keys: the config keys that hold credentials
+ *          (section 7); inbound "sender.id", the messenger's stable user id; the
+ *          inbound bounds (text, attachments, sender fields, PB_MAX_JSON_DEPTH) and
+ *          what the host does with an event outside them (section 3).
  * - The host never unloads a library (no dlclose): static data, thread-locals and
  *   code of a plugin stay valid until the process exits.
  *
@@ -51,7 +52,7 @@
  *   valid only until the call that received it returns: never store it.
  * - The only plugin-owned object the host holds is the opaque pb_instance, released
  *   by the plugin's `destroy`.
- * - Strings in the descriptor (`kind`, `version`) are static, NUL-terminated and owned
+ * - Strings in the descriptor (`kind`, `version`, `secret_keys`) are static and owned
  *   by the plugin; the host copies them at load.
  *
  * ---------------------------------------------------------------------------------
@@ -201,6 +202,25 @@
  * - NULL, or beyond struct_size (PB_HOST_HAS(host, flush) is false): the host is older
  *   than revision 1.1 and offers no durable acknowledgement; acknowledge after emit as
  *   before.
+ *
+ * ---------------------------------------------------------------------------------
+ * 7. Secret config keys: pb_connector_v1.secret_keys (revision 1.2)
+ * ---------------------------------------------------------------------------------
+ * A connector names the keys of its config object whose values are credentials (a bot
+ * token, an HMAC secret, an API key) in `secret_keys`: a static list of NUL-terminated
+ * names ended by an empty name, e.g. "token\0" (C adds the final NUL) or
+ * "secret\0outbound_secret\0". NULL, an empty list, or a descriptor whose struct_size
+ * ends before the field (a plugin built against revision 1.0 or 1.1) declares none.
+ * - Names are top-level keys of the config object, 1..=PB_MAX_SECRET_KEY_LEN bytes of
+ *   UTF-8 each, at most PB_MAX_SECRET_KEYS of them; nested keys cannot be named, so
+ *   keep credentials at the top level (the whole value of a named key is secret,
+ *   whatever its JSON type). The host refuses a descriptor whose list breaks these
+ *   bounds.
+ * - create still receives the real values. The host never shows them: every result
+ *   of the daemon that carries a channel's config shows "***" in their place, and the
+ *   host replaces each secret string (4 bytes or longer) it finds in the plugin's
+ *   error messages, status reasons and details, event reasons and log lines with
+ *   "***" before it stores or logs them. Do not rely on that: never echo a secret.
  */
 #ifndef PATCHBAY_CONNECTOR_H
 #define PATCHBAY_CONNECTOR_H
@@ -244,6 +264,10 @@ extern "C" {
  * PB_MAX_VERSION_LEN bytes of UTF-8 (semver recommended). */
 #define PB_MAX_KIND_LEN 64u
 #define PB_MAX_VERSION_LEN 64u
+
+/* Bounds of pb_connector_v1.secret_keys (revision 1.2, section 7). */
+#define PB_MAX_SECRET_KEY_LEN 64u
+#define PB_MAX_SECRET_KEYS 32u
 
 #if defined(_WIN32)
 #define PB_EXPORT __declspec(dllexport)
@@ -318,10 +342,18 @@ typedef struct pb_connector_v1 {
     int32_t (*stop)(pb_instance *inst, const pb_sink *err);
     /* Frees the instance. Called exactly once per created instance, last. */
     void (*destroy)(pb_instance *inst);
+    /* Revision 1.2: the config keys that hold credentials, "name\0name\0\0"; NULL for
+     * none. Static. See section 7. */
+    const char *secret_keys;
 } pb_connector_v1;
 
-/* The size of the version-1 descriptor: the host refuses anything smaller. */
+/* The size of the version-1 descriptor (revision 1.0, up to `destroy`): the host
+ * refuses anything smaller, and reads a later field only where struct_size covers it. */
 #define PB_CONNECTOR_V1_MIN_SIZE (offsetof(pb_connector_v1, destroy) + sizeof(void (*)(void)))
+
+/* The smallest struct_size that includes `secret_keys` (revision 1.2). */
+#define PB_CONNECTOR_SECRET_KEYS_MIN_SIZE                                              \
+    (offsetof(pb_connector_v1, secret_keys) + sizeof(const char *))
 
 /* The entry symbol. Return NULL to refuse a host whose host_abi_version you cannot
  * serve. Called once per process; return a pointer to a static descriptor. */

@@ -33,6 +33,10 @@ pub const PB_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const PB_MAX_KIND_LEN: usize = 64;
 /// Longest `version` (`PB_MAX_VERSION_LEN`), in bytes.
 pub const PB_MAX_VERSION_LEN: usize = 64;
+/// Longest name in `secret_keys` (`PB_MAX_SECRET_KEY_LEN`), in bytes.
+pub const PB_MAX_SECRET_KEY_LEN: usize = 64;
+/// Most names in `secret_keys` (`PB_MAX_SECRET_KEYS`).
+pub const PB_MAX_SECRET_KEYS: usize = 32;
 
 /// Opaque plugin-owned instance (`pb_instance`).
 #[repr(C)]
@@ -105,11 +109,19 @@ pub struct pb_connector_v1 {
     pub status: Option<pb_status_fn>,
     pub stop: Option<pb_stop_fn>,
     pub destroy: Option<pb_destroy_fn>,
+    /// Added in header revision 1.2: the config keys whose values are credentials, as
+    /// NUL-terminated names followed by an empty one (`"token\0\0"`), or NULL for none.
+    /// Read it only when `struct_size` covers it (`PB_CONNECTOR_SECRET_KEYS_MIN_SIZE`).
+    pub secret_keys: *const c_char,
 }
 
 /// `PB_CONNECTOR_V1_MIN_SIZE`: the host refuses a smaller descriptor.
 pub const PB_CONNECTOR_V1_MIN_SIZE: usize =
     std::mem::offset_of!(pb_connector_v1, destroy) + std::mem::size_of::<Option<pb_destroy_fn>>();
+
+/// The smallest `pb_connector_v1::struct_size` that includes `secret_keys`.
+pub const PB_CONNECTOR_SECRET_KEYS_MIN_SIZE: usize =
+    std::mem::offset_of!(pb_connector_v1, secret_keys) + std::mem::size_of::<*const c_char>();
 
 /// The entry symbol's type: `const pb_connector_v1 *patchbay_connector_v1(uint32_t)`.
 pub type pb_entry_v1_fn = unsafe extern "C" fn(host_abi_version: u32) -> *const pb_connector_v1;
@@ -159,8 +171,13 @@ mod tests {
         for (i, off) in fields.iter().enumerate() {
             assert_eq!(*off, 8 + i * P, "field {i}");
         }
-        assert_eq!(size_of::<pb_connector_v1>(), 8 + 8 * P);
-        assert_eq!(PB_CONNECTOR_V1_MIN_SIZE, size_of::<pb_connector_v1>());
+        assert_eq!(offset_of!(pb_connector_v1, secret_keys), 8 + 8 * P);
+        assert_eq!(size_of::<pb_connector_v1>(), 8 + 9 * P);
+        assert_eq!(PB_CONNECTOR_V1_MIN_SIZE, 8 + 8 * P);
+        assert_eq!(
+            PB_CONNECTOR_SECRET_KEYS_MIN_SIZE,
+            size_of::<pb_connector_v1>()
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! The host side (feature `host`): checking plugin files, loading libraries, and running
 //! instances behind a safe, blocking API. All `unsafe` of the host lives here.
 //!
-//! - `check_file` is the file-safety gate to call before `load`.
-//! - `load` opens a library (never unloaded), calls its entry symbol and validates the
+//! - `check_file` is the file-safety gate: it checks the file and its folders and holds
+//!   the file open; `load_checked` loads that open file, so the file checked is the
+//!   file loaded (`load` loads a path unchecked, for tools and tests).
+//! - Loading opens a library (never unloaded), calls its entry symbol and validates the
 //!   descriptor, turning every way a plugin can be unfit into a `LoadError`.
+//! - Secrets (header section 7): `Library::redact_config` shows a config without the
+//!   values of the keys the plugin declared secret, and each `Instance` scrubs those
+//!   values from the plugin's errors, statuses, event reasons and log lines.
 //! - `Instance` is one channel's connector: `create`, then blocking `start`, `send`,
 //!   `status`, `stop` (call them from a blocking thread, one at a time), and `Drop`
 //!   destroys it. An instance counts as stopped only once the plugin's own `stop` ran:
@@ -21,10 +26,12 @@
 //! Every host callback catches panics; a plugin call that reports `PB_PANICKED` poisons
 //! the instance, after which only `destroy` (in `Drop`) reaches the plugin.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -50,6 +57,22 @@ pub enum LoadError {
         "plugin {path}: owned by uid {uid}, not by root or the daemon's user; refusing to load it"
     )]
     Owner { path: PathBuf, uid: u32 },
+    #[error(
+        "plugin {path}: folder {folder} is group- or world-writable (mode {mode:04o}); refusing to load it"
+    )]
+    FolderWritable {
+        path: PathBuf,
+        folder: PathBuf,
+        mode: u32,
+    },
+    #[error(
+        "plugin {path}: folder {folder} is owned by uid {uid}, not by root or the daemon's user; refusing to load it"
+    )]
+    FolderOwner {
+        path: PathBuf,
+        folder: PathBuf,
+        uid: u32,
+    },
     #[error("plugin {path}: resolves to {resolved}, outside the plugin folder {dir}")]
     OutsideDir {
         path: PathBuf,
@@ -81,6 +104,8 @@ pub enum LoadError {
     BadKind { path: PathBuf, kind: String },
     #[error("plugin {path}: bad version string: {problem}")]
     BadVersion { path: PathBuf, problem: String },
+    #[error("plugin {path}: bad secret_keys list: {problem}")]
+    BadSecretKeys { path: PathBuf, problem: String },
     #[error("plugin {path}: required function `{function}` is NULL")]
     MissingFunction {
         path: PathBuf,
@@ -88,19 +113,41 @@ pub enum LoadError {
     },
 }
 
-/// Refuses a plugin file the daemon must not load, and returns its canonical path (load
-/// that one, not `path`, so a symlink swapped after the check does not matter):
+/// A plugin file that passed `check_file`, held open: `load_checked` loads this very
+/// file (through its descriptor), whatever happens to the path after the check.
+#[derive(Debug)]
+pub struct CheckedFile {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl CheckedFile {
+    /// The canonical path the file was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Refuses a plugin file the daemon must not load and opens the one it may, so that the
+/// file checked is the file loaded (`load_checked`):
 ///
-/// - it must resolve (symlinks followed) to a regular file inside the canonical
-///   `plugin_dir`;
-/// - it must not be group- or world-writable;
-/// - it must be owned by root or by one of `allowed_uids`: pass the daemon's own uid
-///   and nothing else, since whoever owns a plugin file decides what the daemon runs.
+/// - `path` must resolve (symlinks followed, so a link inside the folder to a file
+///   inside it is fine) to a file inside the canonical `plugin_dir`; that resolved path
+///   is opened with `O_NOFOLLOW`, so a link swapped in after the resolution is refused;
+/// - on the open descriptor (`fstat`): a regular file, not group- or world-writable,
+///   owned by root or by one of `allowed_uids` (pass the daemon's own uid and nothing
+///   else: whoever owns a plugin file decides what the daemon runs);
+/// - every folder from the file's up to `/` (like sshd's StrictModes) is owned by root
+///   or one of `allowed_uids` and is not group- or world-writable, except that a folder
+///   above `plugin_dir` may be a root-owned sticky one such as `/tmp` (mode 1777: others
+///   may add entries there but cannot rename or remove ours). `plugin_dir` and the
+///   folders inside it get no such exception.
 pub fn check_file(
     path: &Path,
     plugin_dir: &Path,
     allowed_uids: &[u32],
-) -> Result<PathBuf, LoadError> {
+) -> Result<CheckedFile, LoadError> {
+    use rustix::fs::{FileType, Mode, OFlags};
     let io = |source| LoadError::Io {
         path: path.to_owned(),
         source,
@@ -117,27 +164,69 @@ pub fn check_file(
             dir,
         });
     }
-    let meta = fs::metadata(&resolved).map_err(io)?;
-    if !meta.is_file() {
+    check_folders(path, &resolved, &dir, allowed_uids)?;
+    // NONBLOCK: opening a FIFO must not hang the scan (fstat refuses it next).
+    let fd = rustix::fs::open(
+        resolved.as_path(),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| io(e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(LoadError::NotAFile {
             path: path.to_owned(),
         });
     }
-    let mode = meta.permissions().mode() & 0o7777;
+    let mode = st.st_mode & 0o7777;
     if mode & 0o022 != 0 {
         return Err(LoadError::Writable {
             path: path.to_owned(),
             mode,
         });
     }
-    let uid = meta.uid();
+    let uid = st.st_uid;
     if uid != 0 && !allowed_uids.contains(&uid) {
         return Err(LoadError::Owner {
             path: path.to_owned(),
             uid,
         });
     }
-    Ok(resolved)
+    Ok(CheckedFile { path: resolved, fd })
+}
+
+/// The folder half of `check_file`: every ancestor of the canonical `resolved`.
+fn check_folders(
+    path: &Path,
+    resolved: &Path,
+    dir: &Path,
+    allowed_uids: &[u32],
+) -> Result<(), LoadError> {
+    for folder in resolved.ancestors().skip(1) {
+        // Canonical, so no ancestor is a symlink: metadata describes the folder itself.
+        let meta = fs::symlink_metadata(folder).map_err(|source| LoadError::Io {
+            path: folder.to_owned(),
+            source,
+        })?;
+        let (mode, uid) = (meta.mode() & 0o7777, meta.uid());
+        if uid != 0 && !allowed_uids.contains(&uid) {
+            return Err(LoadError::FolderOwner {
+                path: path.to_owned(),
+                folder: folder.to_owned(),
+                uid,
+            });
+        }
+        let above_plugin_dir = !folder.starts_with(dir);
+        let sticky_root = mode & 0o1000 != 0 && uid == 0;
+        if mode & 0o022 != 0 && !(above_plugin_dir && sticky_root) {
+            return Err(LoadError::FolderWritable {
+                path: path.to_owned(),
+                folder: folder.to_owned(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The functions of a loaded descriptor, copied out of the plugin.
@@ -156,6 +245,8 @@ struct LibInner {
     kind: String,
     version: String,
     abi_version: u32,
+    /// The config keys the plugin declared secret (header section 7).
+    secret_keys: Vec<String>,
     vtable: VTable,
 }
 
@@ -200,6 +291,160 @@ impl Library {
     pub fn supports_send(&self) -> bool {
         self.inner.vtable.send.is_some()
     }
+
+    /// The top-level config keys whose values are credentials (header section 7);
+    /// empty for a plugin that declares none (or predates revision 1.2).
+    pub fn secret_keys(&self) -> &[String] {
+        &self.inner.secret_keys
+    }
+
+    /// `config` as it may be shown: the values of this connector's secret keys
+    /// replaced by `REDACTED`.
+    pub fn redact_config(&self, config: &serde_json::Value) -> serde_json::Value {
+        redact_config(config, Some(self.secret_keys()))
+    }
+}
+
+/// What a secret value is shown as.
+pub const REDACTED: &str = "***";
+
+/// `config` with the values of `secret_keys` (top-level keys) replaced by `REDACTED`,
+/// and scrubbed from the other values too (one pasted into another key); with `None`
+/// (a kind that is not loaded, whose secrets nobody can tell) every top-level value is
+/// replaced. Null values stay null: they hide nothing.
+pub fn redact_config(
+    config: &serde_json::Value,
+    secret_keys: Option<&[String]>,
+) -> serde_json::Value {
+    let mut out = config.clone();
+    if let Some(keys) = secret_keys {
+        Redactor::new(keys, config).scrub_value(&mut out);
+    }
+    if let serde_json::Value::Object(map) = &mut out {
+        for (key, value) in map.iter_mut() {
+            let secret = secret_keys.is_none_or(|keys| keys.iter().any(|k| k == key));
+            if secret && !value.is_null() {
+                *value = serde_json::Value::String(REDACTED.into());
+            }
+        }
+    }
+    out
+}
+
+/// The secret values of one instance's config, to scrub from whatever text the plugin
+/// hands the host (errors, statuses, event reasons, log lines) before it is stored or
+/// logged. Values shorter than `MIN_SCRUBBED` are not hunted in text (they would
+/// mangle it, and protect nothing); config views redact them all the same.
+#[derive(Debug, Default)]
+struct Redactor {
+    /// Longest first, so a secret containing another is replaced whole.
+    values: Vec<String>,
+}
+
+const MIN_SCRUBBED: usize = 4;
+
+impl Redactor {
+    fn new(secret_keys: &[String], config: &serde_json::Value) -> Redactor {
+        fn leaves(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::String(s) => {
+                    out.push(s.clone());
+                    // As the plugin may have written it inside its own JSON output.
+                    if let Ok(quoted) = serde_json::to_string(s) {
+                        out.push(quoted[1..quoted.len() - 1].to_owned());
+                    }
+                }
+                serde_json::Value::Number(n) => out.push(n.to_string()),
+                serde_json::Value::Array(a) => a.iter().for_each(|v| leaves(v, out)),
+                serde_json::Value::Object(o) => o.values().for_each(|v| leaves(v, out)),
+                serde_json::Value::Bool(_) | serde_json::Value::Null => {}
+            }
+        }
+        let mut values = Vec::new();
+        for key in secret_keys {
+            if let Some(v) = config.get(key) {
+                leaves(v, &mut values);
+            }
+        }
+        values.retain(|v| v.len() >= MIN_SCRUBBED);
+        values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        values.dedup();
+        Redactor { values }
+    }
+
+    fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let mut out = Cow::Borrowed(text);
+        for secret in &self.values {
+            if out.contains(secret.as_str()) {
+                out = Cow::Owned(out.replace(secret.as_str(), REDACTED));
+            }
+        }
+        out
+    }
+
+    fn scrub_string(&self, s: &mut String) {
+        if let Cow::Owned(clean) = self.scrub(s) {
+            *s = clean;
+        }
+    }
+
+    fn scrub_opt(&self, s: &mut Option<String>) {
+        if let Some(s) = s {
+            self.scrub_string(s);
+        }
+    }
+
+    fn scrub_value(&self, v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => self.scrub_string(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|v| self.scrub_value(v)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|v| self.scrub_value(v)),
+            _ => {}
+        }
+    }
+
+    fn scrub_error(&self, mut e: PluginError) -> PluginError {
+        self.scrub_string(&mut e.code);
+        self.scrub_string(&mut e.message);
+        e
+    }
+
+    fn scrub_status(&self, s: &mut Status) {
+        self.scrub_opt(&mut s.number);
+        self.scrub_opt(&mut s.display_name);
+        self.scrub_opt(&mut s.reason);
+        if let Some(d) = &mut s.details {
+            self.scrub_value(d);
+        }
+    }
+
+    /// The fields of an event that end up in the store or the log as text; an inbound
+    /// message's own content is the client's and stays as it is.
+    fn scrub_event(&self, event: &mut Event) {
+        match event {
+            Event::Status(s) => self.scrub_status(s),
+            Event::Receipt(r) => self.scrub_opt(&mut r.reason),
+            _ => {}
+        }
+    }
+
+    fn scrub_event_error(&self, e: EventError) -> EventError {
+        if self.values.is_empty() || matches!(self.scrub(&e.to_string()), Cow::Borrowed(_)) {
+            return e;
+        }
+        match e {
+            EventError::Json { source, snippet } => EventError::Json {
+                source: serde::de::Error::custom(self.scrub(&source.to_string())),
+                snippet: self.scrub(&snippet).into_owned(),
+            },
+            EventError::Invalid { kind, problem } => EventError::Invalid {
+                kind,
+                problem: self.scrub(&problem).into_owned(),
+            },
+            // Carries only a number.
+            EventError::TooDeep(d) => EventError::TooDeep(d),
+        }
+    }
 }
 
 /// Reads a NUL-terminated string of at most `max` bytes; `None` when the NUL is missing
@@ -230,12 +475,38 @@ unsafe fn bounded_cstr(ptr: *const std::ffi::c_char, max: usize) -> Option<Vec<u
 /// Symbols are bound at load (`RTLD_NOW`): a library that needs a symbol nothing
 /// provides is refused here, instead of crashing the daemon at its first call.
 /// `RTLD_LOCAL` keeps one plugin's symbols from resolving another's.
+///
+/// This loads whatever `path` names when it is opened; the daemon uses `check_file` and
+/// `load_checked` instead, which load the file that was checked.
 pub fn load(path: &Path) -> Result<Library, LoadError> {
+    load_from(path, path)
+}
+
+/// `load` for a file `check_file` passed: loads it through its open descriptor
+/// (`/proc/self/fd/N`), so a file swapped in at the same path after the check is never
+/// the one loaded. The library's `path` is the checked canonical path.
+///
+/// Once the library is open the descriptor stays open for the life of the process, as
+/// the library stays loaded: the dynamic loader knows it by the name `/proc/self/fd/N`
+/// and answers a later `dlopen` of the same name with it, so the number must never be
+/// handed to another file.
+pub fn load_checked(file: CheckedFile) -> Result<Library, LoadError> {
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.fd.as_raw_fd()));
+    let loaded = load_from(&by_fd, &file.path);
+    if !matches!(loaded, Err(LoadError::Open { .. })) {
+        let _ = file.fd.into_raw_fd();
+    }
+    loaded
+}
+
+/// Opens `open` and names it `shown` in the library and every error.
+fn load_from(open: &Path, shown: &Path) -> Result<Library, LoadError> {
     use libloading::os::unix::{Library as UnixLibrary, RTLD_LOCAL, RTLD_NOW};
+    let path = shown;
     let p = || path.to_owned();
     // SAFETY: loading runs the library's initialisers; the plugin folder is trusted
     // (check_file), which is the premise of any plugin host.
-    let lib = unsafe { UnixLibrary::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+    let lib = unsafe { UnixLibrary::open(Some(open), RTLD_NOW | RTLD_LOCAL) }
         .map_err(|source| LoadError::Open { path: p(), source })?;
     // Never unloaded: code, statics and thread-locals of the plugin stay valid.
     let lib: &'static UnixLibrary = Box::leak(Box::new(lib));
@@ -317,6 +588,10 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
         path: p(),
         function,
     };
+    // Revision 1.2; zero (no secrets) for an older, shorter descriptor.
+    // SAFETY: NULL or the header's static list; reads are bounded.
+    let secret_keys = unsafe { read_secret_keys(d.secret_keys) }
+        .map_err(|problem| LoadError::BadSecretKeys { path: p(), problem })?;
     let vtable = VTable {
         create: d.create.ok_or_else(|| missing("create"))?,
         start: d.start.ok_or_else(|| missing("start"))?,
@@ -331,9 +606,48 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
             kind,
             version,
             abi_version,
+            secret_keys,
             vtable,
         }),
     })
+}
+
+/// Reads the header's `secret_keys` list ("a\0b\0\0"); NULL is an empty list. Stops at
+/// the first byte past the bounds, so a missing terminator is an error, not a runaway.
+///
+/// SAFETY: `ptr` is NULL or points at NUL-terminated names ended by an empty one.
+unsafe fn read_secret_keys(ptr: *const std::ffi::c_char) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    if ptr.is_null() {
+        return Ok(keys);
+    }
+    let mut name = Vec::new();
+    let mut i = 0;
+    loop {
+        // SAFETY: every byte read is before or at the list's end (the checks below stop
+        // before reading beyond a name or list that breaks the bounds).
+        let b = unsafe { *ptr.cast::<u8>().add(i) };
+        i += 1;
+        if b != 0 {
+            if keys.len() == abi::PB_MAX_SECRET_KEYS {
+                return Err(format!("more than {} names", abi::PB_MAX_SECRET_KEYS));
+            }
+            if name.len() == abi::PB_MAX_SECRET_KEY_LEN {
+                return Err(format!(
+                    "a name longer than {} bytes",
+                    abi::PB_MAX_SECRET_KEY_LEN
+                ));
+            }
+            name.push(b);
+            continue;
+        }
+        if name.is_empty() {
+            return Ok(keys);
+        }
+        let key = String::from_utf8(std::mem::take(&mut name))
+            .map_err(|e| format!("a name is not UTF-8: {}", snippet(e.as_bytes())))?;
+        keys.push(key);
+    }
 }
 
 /// An error from a plugin call: the plugin's own `{"type":"error",...}`, or one the host
@@ -509,13 +823,22 @@ pub struct RawEvent {
     pub json: Vec<u8>,
     seq: u64,
     tracker: Arc<Tracker>,
+    redactor: Arc<Redactor>,
     fate: Fate,
 }
 
 impl RawEvent {
-    /// Parses and checks the event; the error says what is wrong, for a log line.
+    /// Parses and checks the event; the error says what is wrong, for a log line. The
+    /// channel's secret values are scrubbed from the status and receipt texts and from
+    /// the error (header section 7).
     pub fn parse(&self) -> Result<Event, EventError> {
-        Event::parse(&self.json)
+        match Event::parse(&self.json) {
+            Ok(mut event) => {
+                self.redactor.scrub_event(&mut event);
+                Ok(event)
+            }
+            Err(e) => Err(self.redactor.scrub_event_error(e)),
+        }
     }
 
     /// Marks the event as durably recorded (or handled, or dropped on purpose) and frees
@@ -536,7 +859,7 @@ impl std::fmt::Debug for RawEvent {
         f.debug_struct("RawEvent")
             .field("tag", &self.tag)
             .field("instance", &self.instance)
-            .field("json", &snippet(&self.json))
+            .field("json", &self.redactor.scrub(&snippet(&self.json)))
             .finish()
     }
 }
@@ -575,6 +898,7 @@ struct Shared {
     tag: i64,
     id: u64,
     kind: String,
+    redactor: Arc<Redactor>,
     state: AtomicU8,
     tracker: Arc<Tracker>,
     sink: Box<dyn EventSink>,
@@ -584,11 +908,18 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(tag: i64, kind: &str, capacity: usize, sink: Box<dyn EventSink>) -> Shared {
+    fn new(
+        tag: i64,
+        kind: &str,
+        redactor: Redactor,
+        capacity: usize,
+        sink: Box<dyn EventSink>,
+    ) -> Shared {
         Shared {
             tag,
             id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
             kind: kind.to_owned(),
+            redactor: Arc::new(redactor),
             state: AtomicU8::new(CREATED),
             tracker: Arc::new(Tracker {
                 capacity: capacity.max(1),
@@ -633,6 +964,7 @@ impl Shared {
             json: json.to_vec(),
             seq,
             tracker: self.tracker.clone(),
+            redactor: self.redactor.clone(),
             fate: Fate::Pending,
         };
         match self.sink.try_send(event) {
@@ -684,7 +1016,7 @@ impl Shared {
     fn log(&self, level: i32, msg: &[u8]) {
         const MAX: usize = 8 * 1024;
         let msg = String::from_utf8_lossy(&msg[..msg.len().min(MAX)]);
-        let msg = msg.trim_end();
+        let msg = self.redactor.scrub(msg.trim_end());
         let (kind, channel) = (self.kind.as_str(), self.tag);
         match level {
             abi::PB_LOG_ERROR => {
@@ -944,9 +1276,16 @@ impl Instance {
         events: impl EventSink,
         capacity: usize,
     ) -> Result<Instance, PluginError> {
-        let config = serde_json::to_vec(config)
+        let json = serde_json::to_vec(config)
             .map_err(|e| PluginError::host(codes::INVALID_CONFIG, e.to_string(), false))?;
-        let shared = Arc::new(Shared::new(tag, lib.kind(), capacity, Box::new(events)));
+        let redactor = Redactor::new(lib.secret_keys(), config);
+        let shared = Arc::new(Shared::new(
+            tag,
+            lib.kind(),
+            redactor,
+            capacity,
+            Box::new(events),
+        ));
         let host = Box::new(pb_host {
             struct_size: std::mem::size_of::<pb_host>() as u32,
             abi_version: abi::PB_ABI_VERSION,
@@ -959,12 +1298,10 @@ impl Instance {
         let (status, output) = with_sink(|err| {
             // SAFETY: the header's create; host and config outlive the call (and host
             // outlives the instance, owned by the Instance below).
-            unsafe {
-                (lib.inner.vtable.create)(&*host, config.as_ptr(), config.len(), &mut raw, err)
-            }
+            unsafe { (lib.inner.vtable.create)(&*host, json.as_ptr(), json.len(), &mut raw, err) }
         });
         if status != abi::PB_OK {
-            return Err(status_error(status, output));
+            return Err(shared.redactor.scrub_error(status_error(status, output)));
         }
         if raw.is_null() {
             return Err(PluginError::host(
@@ -1054,14 +1391,15 @@ impl Instance {
             ));
         }
         let (status, output) = with_sink(|sink| f(&self.lib.inner.vtable, self.raw, sink));
+        let scrub = |e| self.shared.redactor.scrub_error(e);
         match status {
-            abi::PB_OK => output,
+            abi::PB_OK => output.map_err(scrub),
             abi::PB_PANICKED => {
                 self.shared.state.store(POISONED, Ordering::Release);
                 self.shared.tracker.close();
-                Err(status_error(status, output))
+                Err(scrub(status_error(status, output)))
             }
-            _ => Err(status_error(status, output)),
+            _ => Err(scrub(status_error(status, output))),
         }
     }
 
@@ -1110,14 +1448,14 @@ impl Instance {
             self.call(|_, inst, out| unsafe { send(inst, request.as_ptr(), request.len(), out) })?;
         match serde_json::from_slice::<Reply>(&out) {
             Ok(Reply::Sent(s)) if !s.external_message_id.is_empty() => Ok(s),
-            _ => Err(PluginError::host(
+            _ => Err(self.shared.redactor.scrub_error(PluginError::host(
                 codes::BAD_OUTPUT,
                 format!(
                     "send result is not {{\"type\":\"sent\",\"external_message_id\":\"...\"}}: {}",
                     snippet(&out)
                 ),
                 false,
-            )),
+            ))),
         }
     }
 
@@ -1133,10 +1471,15 @@ impl Instance {
         };
         // SAFETY: the header's status on our live instance.
         let out = self.call(|_, inst, out| unsafe { status(inst, out) })?;
-        let bad = |why: String| PluginError::host(codes::BAD_OUTPUT, why, false);
+        let redactor = &self.shared.redactor;
+        let bad =
+            |why: String| redactor.scrub_error(PluginError::host(codes::BAD_OUTPUT, why, false));
         match serde_json::from_slice::<Reply>(&out) {
-            Ok(Reply::Status(s)) => match s.check() {
-                Ok(()) => Ok(s),
+            Ok(Reply::Status(mut s)) => match s.check() {
+                Ok(()) => {
+                    redactor.scrub_status(&mut s);
+                    Ok(s)
+                }
                 Err(problem) => Err(bad(format!("status result: {problem}"))),
             },
             _ => Err(bad(format!(
@@ -1284,9 +1627,38 @@ mod tests {
     }
 
     fn running(capacity: usize, sink: impl EventSink) -> Shared {
-        let shared = Shared::new(5, "t", capacity, Box::new(sink));
+        let shared = Shared::new(5, "t", Redactor::default(), capacity, Box::new(sink));
         shared.state.store(RUNNING, Ordering::Release);
         shared
+    }
+
+    #[test]
+    fn redaction_of_views_and_text() {
+        let keys = ["token".to_owned(), "nested".to_owned(), "short".to_owned()];
+        let config = serde_json::json!({
+            "token": "12:abc\"def", "nested": {"k": ["inner-secret", 123456]},
+            "short": "abc", "public": "token-free", "none": null, "pasted": "x inner-secret",
+        });
+        assert_eq!(
+            redact_config(&config, Some(&keys)),
+            serde_json::json!({"token": "***", "nested": "***", "short": "***",
+                               "public": "token-free", "none": null, "pasted": "x ***"})
+        );
+        assert_eq!(
+            redact_config(&config, None),
+            serde_json::json!({"token": "***", "nested": "***", "short": "***",
+                               "public": "***", "none": null, "pasted": "***"})
+        );
+        let r = Redactor::new(&keys, &config);
+        // Raw and JSON-escaped forms, nested leaves, numbers; a 3-byte value is left.
+        assert_eq!(
+            r.scrub(r#"got 12:abc"def and 12:abc\"def, inner-secret, 123456, abc"#),
+            "got *** and ***, ***, ***, abc"
+        );
+        assert!(matches!(r.scrub("nothing here"), Cow::Borrowed(_)));
+        let mut e = PluginError::host("x", "bad token 12:abc\"def", false);
+        e = r.scrub_error(e);
+        assert_eq!(e.message, "bad token ***");
     }
 
     #[test]

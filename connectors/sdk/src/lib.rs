@@ -65,7 +65,7 @@ pub use serde_json;
 /// What `export_connector!` expands to; not a stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::plugin::{StaticDescriptor, descriptor, entry, valid_kind};
+    pub use crate::plugin::{StaticDescriptor, descriptor, entry, valid_kind, valid_secret_key};
 
     /// `version` fits `PB_MAX_VERSION_LEN` and has no NUL.
     pub const fn valid_version(version: &str) -> bool {
@@ -95,9 +95,29 @@ pub mod __private {
 /// time); `version` a string literal or `env!`/`concat!` call. Use it once per cdylib.
 /// The plugin must be built with `panic = "unwind"` (the default): with `abort`, a panic
 /// would take the daemon down, so the expansion refuses to compile.
+///
+/// `secrets` (optional) names the top-level config keys whose values are credentials
+/// (header section 7): the daemon shows them as `"***"` and scrubs their values from
+/// the connector's errors, statuses and log lines. At most 32 names of 1 to 64 bytes.
+///
+/// ```text
+/// patchbay_connector_sdk::export_connector!(MyBot, kind = "my_bot", version = "1.0.0", secrets = ["token"]);
+/// ```
 #[macro_export]
 macro_rules! export_connector {
-    ($ty:ty, kind = $kind:literal, version = $version:expr $(,)?) => {
+    (@secrets) => {
+        ::core::option::Option::None
+    };
+    (@secrets $($secret:literal),+) => {
+        ::core::option::Option::Some(::core::concat!($($secret, "\0",)+ "\0"))
+    };
+    (
+        $ty:ty,
+        kind = $kind:literal,
+        version = $version:expr
+        $(, secrets = [$($secret:literal),* $(,)?])?
+        $(,)?
+    ) => {
         #[cfg(panic = "abort")]
         compile_error!(
             "patchbay connectors must be built with panic = \"unwind\": with panic = \"abort\" a \
@@ -114,6 +134,17 @@ macro_rules! export_connector {
                 $crate::__private::valid_version($version),
                 "connector version must be at most 64 bytes, without NUL"
             );
+            $($(
+                assert!(
+                    $crate::__private::valid_secret_key($secret),
+                    "secret key names must be 1..=64 bytes, without NUL"
+                );
+            )*)?
+            let secrets: &[&str] = &[$($($secret),*)?];
+            assert!(
+                secrets.len() <= $crate::abi::PB_MAX_SECRET_KEYS,
+                "at most 32 secret keys"
+            );
         };
 
         /// The patchbay connector entry symbol, ABI version 1.
@@ -125,6 +156,7 @@ macro_rules! export_connector {
                 $crate::__private::descriptor::<$ty>(
                     ::core::concat!($kind, "\0"),
                     ::core::concat!($version, "\0"),
+                    $crate::export_connector!(@secrets $($($secret),*)?),
                 );
             $crate::__private::entry(host_abi_version, &DESCRIPTOR)
         }

@@ -299,11 +299,31 @@ pub const fn valid_kind(kind: &str) -> bool {
     true
 }
 
+/// One name for `secret_keys`: 1..=`PB_MAX_SECRET_KEY_LEN` bytes without NUL, checked
+/// at compile time by `export_connector!`.
+#[doc(hidden)]
+pub const fn valid_secret_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    if b.is_empty() || b.len() > abi::PB_MAX_SECRET_KEY_LEN {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Builds the descriptor for connector type `C`; used by `export_connector!`.
+/// `secret_keys` is the header's list (`"a\0b\0\0"`) or `None`.
 #[doc(hidden)]
 pub const fn descriptor<C: Connector>(
     kind: &'static str,
     version: &'static str,
+    secret_keys: Option<&'static str>,
 ) -> StaticDescriptor {
     StaticDescriptor(abi::pb_connector_v1 {
         struct_size: std::mem::size_of::<abi::pb_connector_v1>() as u32,
@@ -316,6 +336,10 @@ pub const fn descriptor<C: Connector>(
         status: Some(status::<C>),
         stop: Some(stop::<C>),
         destroy: Some(destroy::<C>),
+        secret_keys: match secret_keys {
+            Some(list) => list.as_ptr().cast(),
+            None => std::ptr::null(),
+        },
     })
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::*;
 use patchbay_connector_sdk::host::{
     Instance, InstanceState, LoadError, PluginError, RawEvent, check_file, codes, load,
+    load_checked,
 };
 use patchbay_connector_sdk::{ChannelState, Event, Outbound, Recipient};
 use patchbay_connector_sdk::{abi, events, json_limits};
@@ -97,7 +98,17 @@ fn header_layout_matches_rust_abi() {
             "pb_connector_v1.destroy",
             offset_of!(abi::pb_connector_v1, destroy),
         ),
+        (
+            "pb_connector_v1.secret_keys",
+            offset_of!(abi::pb_connector_v1, secret_keys),
+        ),
         ("PB_CONNECTOR_V1_MIN_SIZE", abi::PB_CONNECTOR_V1_MIN_SIZE),
+        (
+            "PB_CONNECTOR_SECRET_KEYS_MIN_SIZE",
+            abi::PB_CONNECTOR_SECRET_KEYS_MIN_SIZE,
+        ),
+        ("PB_MAX_SECRET_KEY_LEN", abi::PB_MAX_SECRET_KEY_LEN),
+        ("PB_MAX_SECRET_KEYS", abi::PB_MAX_SECRET_KEYS),
         ("PB_ABI_VERSION", abi::PB_ABI_VERSION as usize),
         ("PB_MAX_PAYLOAD_BYTES", abi::PB_MAX_PAYLOAD_BYTES),
         ("PB_MAX_JSON_DEPTH", json_limits::MAX_JSON_DEPTH),
@@ -183,6 +194,11 @@ fn refuses_broken_descriptors() {
                 )
             },
             "`create`",
+        ),
+        (
+            "-DMODE_LONG_SECRET",
+            |e| matches!(e, LoadError::BadSecretKeys { .. }),
+            "bad secret_keys list: a name longer than 64 bytes",
         ),
     ];
     for (i, (define, is, text)) in cases.iter().enumerate() {
@@ -578,14 +594,166 @@ fn check_file_accepts_a_safe_plugin() {
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap();
     let ok = check_file(&so, &dir, &[uid]).unwrap();
-    assert_eq!(ok, fs::canonicalize(&so).unwrap());
-    // A symlink inside the folder to a file inside it is fine; the real path is returned.
+    assert_eq!(ok.path(), fs::canonicalize(&so).unwrap());
+    // A symlink inside the folder to a file inside it is fine; the real path is checked
+    // and loaded.
     symlink(&so, dir.join("libalias.so")).unwrap();
     assert_eq!(
-        check_file(&dir.join("libalias.so"), &dir, &[uid]).unwrap(),
-        ok
+        check_file(&dir.join("libalias.so"), &dir, &[uid])
+            .unwrap()
+            .path(),
+        ok.path()
     );
-    load(&ok).unwrap();
+    let path = ok.path().to_owned();
+    let lib = load_checked(ok).unwrap();
+    assert_eq!((lib.kind(), lib.path()), ("hello", path.as_path()));
+    // Loaded one after the other, each is itself: the loader knows a library by its
+    // `/proc/self/fd/N` name, so that number is never reused for the next file.
+    let second = compile_plugin_in(&dir, "misbehaving.c", "misbehaving", &[]);
+    let lib = load_checked(check_file(&second, &dir, &[uid]).unwrap()).unwrap();
+    assert_eq!(lib.kind(), "misbehaving");
+}
+
+#[test]
+fn the_file_checked_is_the_file_loaded() {
+    let dir = scratch_dir();
+    let so = compile_plugin_in(&dir, "hello_connector.c", "swapped", &[]);
+    let checked = check_file(&so, &dir, &[me()]).unwrap();
+    // Replaced after the check by a library that `load` refuses, so the two are told
+    // apart by loading.
+    let other = compile_plugin_in(&dir, "bad_descriptor.c", "other", &["-DMODE_REFUSE"]);
+    fs::rename(&other, &so).unwrap();
+    assert!(
+        matches!(load(&so).unwrap_err(), LoadError::Refused { .. }),
+        "the path now names the other file"
+    );
+    let lib = load_checked(checked).unwrap();
+    assert_eq!(
+        lib.kind(),
+        "hello",
+        "the checked file is loaded, not the new one"
+    );
+}
+
+#[test]
+fn check_file_refuses_unsafe_folders() {
+    let dir = scratch_dir();
+    let so = compile_plugin_in(&dir, "hello_connector.c", "hello", &[]);
+    let dir_mode = |mode| fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+    // The plugin folder itself: never group- or world-writable, sticky or not.
+    for mode in [0o770, 0o707, 0o1777] {
+        dir_mode(mode);
+        let e = check_file(&so, &dir, &[me()]).unwrap_err();
+        assert!(
+            matches!(e, LoadError::FolderWritable { .. }),
+            "{mode:o}: {e:?}"
+        );
+        let msg = e.to_string();
+        let folder = fs::canonicalize(&dir).unwrap();
+        assert!(
+            msg.contains(&format!(
+                "folder {} is group- or world-writable (mode {mode:04o}); refusing to load it",
+                folder.display()
+            )) && msg.contains("libhello.so"),
+            "{msg}"
+        );
+    }
+    dir_mode(0o755);
+    check_file(&so, &dir, &[me()]).unwrap();
+
+    // A folder inside it, reached through a symlink, is held to the same rule.
+    let sub = dir.join("sub");
+    fs::create_dir(&sub).unwrap();
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o1777)).unwrap();
+    let inner = compile_plugin_in(&sub, "hello_connector.c", "inner", &[]);
+    symlink(&inner, dir.join("libinner.so")).unwrap();
+    let e = check_file(&dir.join("libinner.so"), &dir, &[me()]).unwrap_err();
+    assert!(
+        matches!(e, LoadError::FolderWritable { mode: 0o1777, .. }),
+        "{e:?}"
+    );
+
+    // Above the plugin folder, a root-owned sticky folder (as /tmp) is fine, a plain
+    // world-writable one is not.
+    let parent = scratch_dir();
+    let nested = parent.join("plugins");
+    fs::create_dir(&nested).unwrap();
+    let lib = compile_plugin_in(&nested, "hello_connector.c", "nested", &[]);
+    let root = me() == 0;
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o1777)).unwrap();
+    if root {
+        check_file(&lib, &nested, &[me()]).unwrap();
+    }
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+    let e = check_file(&lib, &nested, &[me()]).unwrap_err();
+    assert!(
+        matches!(e, LoadError::FolderWritable { mode: 0o777, .. }),
+        "{e:?}"
+    );
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Folder owners: root or an allowed uid, like the file's. Changing it needs root.
+    if root {
+        std::os::unix::fs::chown(&parent, Some(4242), None).unwrap();
+        let e = check_file(&lib, &nested, &[1000]).unwrap_err();
+        assert!(
+            matches!(e, LoadError::FolderOwner { uid: 4242, .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("is owned by uid 4242, not by root or the daemon's user"),
+            "{e}"
+        );
+        check_file(&lib, &nested, &[4242]).unwrap();
+        // Sticky is no excuse for a folder root does not own.
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = check_file(&lib, &nested, &[4242]).unwrap_err();
+        assert!(matches!(e, LoadError::FolderWritable { .. }), "{e:?}");
+    }
+}
+
+#[test]
+fn check_file_does_not_hang_on_a_fifo() {
+    let dir = scratch_dir();
+    let fifo = dir.join("libfifo.so");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let e = check_file(&fifo, &dir, &[me()]).unwrap_err();
+    assert!(matches!(e, LoadError::NotAFile { .. }), "{e:?}");
+}
+
+/// The uid the tests run as: the "daemon's user" of these checks.
+fn me() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+#[test]
+fn secret_keys_cross_the_abi() {
+    let lib = load(&compile_plugin("hello_connector.c", "hello", &[])).unwrap();
+    assert_eq!(lib.secret_keys(), ["api_key"]);
+    assert_eq!(
+        lib.redact_config(&json!({"api_key": "k-123456", "other": 1, "none": null})),
+        json!({"api_key": "***", "other": 1, "none": null})
+    );
+    // A plugin built against revision 1.1: a descriptor that ends at `destroy`. The
+    // host reads nothing beyond it (the fixture still sets the field), sees no secrets,
+    // and the connector works as before.
+    let old = compile_plugin("hello_connector.c", "hello", &["-DHELLO_REVISION_1_1"]);
+    let lib = load(&old).unwrap();
+    assert!(lib.secret_keys().is_empty(), "{:?}", lib.secret_keys());
+    assert_eq!(
+        lib.redact_config(&json!({"api_key": "k-123456"})),
+        json!({"api_key": "k-123456"})
+    );
+    let (tx, rx) = mpsc::sync_channel(64);
+    let inst = Instance::create(&lib, 1, &json!({}), tx, 64).unwrap();
+    inst.start().unwrap();
+    collect_until(&rx, WAIT, |g| g.len() >= 3);
+    inst.stop().unwrap();
 }
 
 #[test]
@@ -630,7 +798,7 @@ fn check_file_refuses_unsafe_files() {
         assert!(e.to_string().contains("owned by uid 4242"), "{e}");
         check_file(&so, &dir, &[4242]).unwrap();
     } else {
-        let e = check_file(&so, &dir, &[]).unwrap_err();
+        let e = check_file(&so, &dir, &[me()]).unwrap_err();
         assert!(matches!(e, LoadError::Owner { .. }), "{e:?}");
     }
 }

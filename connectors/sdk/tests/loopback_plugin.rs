@@ -195,6 +195,43 @@ fn panic_on_start_poisons_and_fail_start_fails() {
     assert_eq!(states, [ChannelState::Connecting, ChannelState::Error]);
 }
 
+/// loopback declares `secret`; the host scrubs its value from what the plugin says: a
+/// status reason (event and `status` result) and an error that quotes it.
+#[test]
+fn declared_secrets_are_scrubbed_from_what_the_plugin_says() {
+    const SECRET: &str = "s3cr3t-L00PBACK-value";
+    assert_eq!(lib().secret_keys(), ["secret"]);
+    let config = json!({"secret": SECRET, "report_error": format!("refused key {SECRET}"), "id_prefix": "sc"});
+    let (inst, rx) = instance(config, 64);
+    inst.start().unwrap();
+    let got = collect_until(&rx, WAIT, |g| g.len() >= 3);
+    let reasons: Vec<String> = got
+        .iter()
+        .filter_map(|e| match e.parse().unwrap() {
+            Event::Status(s) => s.reason,
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "refused key ***"),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().all(|r| !r.contains(SECRET)), "{reasons:?}");
+    let s = inst.status().unwrap();
+    assert_eq!(s.reason.as_deref(), Some("refused key ***"));
+    inst.stop().unwrap();
+    drop(inst);
+
+    // A secret of the wrong type, which serde's error quotes.
+    let (tx, _rx) = mpsc::channel();
+    let e = Instance::create(lib(), 1, &json!({"secret": 987_654_321}), tx, 8).unwrap_err();
+    assert_eq!(e.code, codes::INVALID_CONFIG);
+    assert!(
+        e.message.contains("***") && !e.message.contains("987654321"),
+        "{e:?}"
+    );
+}
+
 #[test]
 fn report_error_is_an_error_status_while_running() {
     let config = json!({"report_error": "simulated outage", "rate_per_sec": 500, "fault_starts": 1, "id_prefix": "re"});

@@ -43,7 +43,8 @@ use update::Skip;
 export_connector!(
     Telegram,
     kind = "telegram",
-    version = env!("CARGO_PKG_VERSION")
+    version = env!("CARGO_PKG_VERSION"),
+    secrets = ["token"]
 );
 
 /// The public Bot API.
@@ -70,7 +71,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub struct Config {
     /// The bot token from @BotFather: `<bot id>:<secret>`.
     pub token: String,
-    /// The Bot API server; point it at a local Bot API server or a test fake.
+    /// The Bot API server; point it at a local Bot API server or a test fake. https://,
+    /// or http:// to a loopback address only: every request carries the token.
     #[serde(default = "default_api_base")]
     pub api_base: String,
     /// getUpdates long-poll timeout (0 = short polling, Telegram allows up to 50).
@@ -95,6 +97,29 @@ impl std::fmt::Debug for Config {
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("state_dir", &self.state_dir)
             .finish()
+    }
+}
+
+/// `api_base` is https://, or http:// to a loopback IP literal (a local Bot API server,
+/// a test fake): the token travels in every request's path, so plain HTTP over a network
+/// would hand it to anyone on the way. `localhost` is not taken: a name may resolve
+/// elsewhere.
+fn check_api_base(api_base: &str) -> Result<(), &'static str> {
+    let url = reqwest::Url::parse(api_base).map_err(|_| "not a URL")?;
+    let host = url.host_str().ok_or("a URL with a host")?;
+    // IPv6 literals come bracketed; a domain name does not parse as an address.
+    let ip = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = ip
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(
+            "http:// is only allowed to a loopback address (127.0.0.0/8 or [::1]); use https:// \
+             (the token is part of every request)",
+        ),
+        _ => Err("an https:// URL (http:// only to a loopback address)"),
     }
 }
 
@@ -136,8 +161,8 @@ impl Config {
                 "telegram config: token must look like <bot id>:<secret> as @BotFather gives it",
             ));
         }
-        if !(self.api_base.starts_with("https://") || self.api_base.starts_with("http://")) {
-            return bad("api_base", &self.api_base, "an http:// or https:// URL");
+        if let Err(allowed) = check_api_base(&self.api_base) {
+            return bad("api_base", &self.api_base, allowed);
         }
         if self.poll_timeout_secs > 50 {
             return bad("poll_timeout_secs", &self.poll_timeout_secs, "0 to 50");
@@ -946,6 +971,11 @@ mod tests {
             json!({"token": "abc:def"}),
             json!({"token": "1:has space"}),
             cfg(json!({"api_base": "ftp://x"})),
+            cfg(json!({"api_base": "http://api.telegram.org"})),
+            cfg(json!({"api_base": "http://localhost:8081"})),
+            cfg(json!({"api_base": "http://10.0.0.5:8081"})),
+            cfg(json!({"api_base": "http://[fe80::1]:8081"})),
+            cfg(json!({"api_base": "not a url"})),
             cfg(json!({"poll_timeout_secs": 51})),
             cfg(json!({"request_timeout_secs": 0})),
             cfg(json!({"poll_timeout": 1})),
@@ -955,6 +985,33 @@ mod tests {
             assert!(
                 !e.message.contains("ABC-def"),
                 "token leaked: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn api_base_is_https_except_to_loopback() {
+        for ok in [
+            "https://api.telegram.org",
+            "https://bots.example.net:8443/prefix",
+            "http://127.0.0.1:8081",
+            "http://127.1.2.3",
+            "http://[::1]:8081/",
+        ] {
+            let c = Config::parse(cfg(json!({ "api_base": ok })));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
+        for bad in [
+            "http://api.telegram.org",
+            "http://192.168.1.10:8081",
+            "http://localhost:8081",
+        ] {
+            let e = Config::parse(cfg(json!({ "api_base": bad }))).unwrap_err();
+            assert_eq!(e.code, "invalid_config");
+            assert!(
+                e.message.contains("api_base") && e.message.contains("only allowed to a loopback"),
+                "{bad}: {}",
                 e.message
             );
         }

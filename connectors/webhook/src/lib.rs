@@ -46,7 +46,8 @@ pub use signature::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER, sign, ve
 export_connector!(
     Webhook,
     kind = "webhook",
-    version = env!("CARGO_PKG_VERSION")
+    version = env!("CARGO_PKG_VERSION"),
+    secrets = ["secret", "outbound_secret"]
 );
 
 /// The largest inbound body: an event must fit the host's 1 MiB payload limit, with

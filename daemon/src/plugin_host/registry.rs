@@ -5,7 +5,10 @@
 //!
 //! A plugin file must be owned by root or by the daemon's own user: plugins run as the
 //! daemon, so anyone else who owns one (control-socket users included) could make the
-//! daemon run their code.
+//! daemon run their code. The same goes for every folder above it (`host::check_file`:
+//! none group- or world-writable, except root-owned sticky ones like `/tmp` above the
+//! plugin folder), and the daemon loads the very file it checked (through its open
+//! descriptor), not whatever the path names by then.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -15,25 +18,35 @@ use patchbay_connector_sdk::host::{self, Library};
 
 /// Which version of a file was refused: a rescan skips it quietly while it is unchanged,
 /// and checks it again once it was replaced (inode), rewritten (mtime), or had its mode
-/// or owner fixed (ctime).
+/// or owner fixed (ctime), or a folder above it changed owner or mode.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct FileVersion {
     dev: u64,
     ino: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    /// Hash of (inode, mode, owner) of every folder above the file.
+    folders: u64,
 }
 
 impl FileVersion {
     /// The version of what `path` resolves to; `None` when it cannot be read (the
     /// refusal then says why, and is logged again next time).
     fn of(path: &Path) -> Option<FileVersion> {
+        use std::hash::{Hash, Hasher};
         let m = std::fs::metadata(path).ok()?;
+        let real = std::fs::canonicalize(path).ok()?;
+        let mut folders = std::collections::hash_map::DefaultHasher::new();
+        for folder in real.ancestors().skip(1) {
+            let f = std::fs::symlink_metadata(folder).ok()?;
+            (f.ino(), f.mode(), f.uid()).hash(&mut folders);
+        }
         Some(FileVersion {
             dev: m.dev(),
             ino: m.ino(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
+            folders: folders.finish(),
         })
     }
 }
@@ -105,12 +118,18 @@ impl Registry {
         added: &mut Vec<String>,
     ) -> Result<(), String> {
         let checked = host::check_file(path, dir, owners).map_err(|e| e.to_string())?;
-        if self.by_kind.values().any(|lib| lib.path() == checked) {
+        if self
+            .by_kind
+            .values()
+            .any(|lib| lib.path() == checked.path())
+        {
             return Ok(());
         }
         // A library that is not a connector (a helper .so in the same folder) says so
         // in the same one line.
-        let lib = host::load(&checked).map_err(|e| e.to_string())?;
+        let checked_path = checked.path().to_owned();
+        let lib = host::load_checked(checked).map_err(|e| e.to_string())?;
+        let checked = checked_path.as_path();
         if let Some(first) = self.by_kind.get(lib.kind()) {
             return Err(format!(
                 "plugin {}: kind {:?} is already provided by {}; refusing the duplicate",
@@ -119,7 +138,13 @@ impl Registry {
                 first.path().display()
             ));
         }
-        tracing::info!(kind = lib.kind(), version = lib.version(), file = %checked.display(), "connector loaded");
+        tracing::info!(
+            kind = lib.kind(),
+            version = lib.version(),
+            file = %checked.display(),
+            secret_keys = ?lib.secret_keys(),
+            "connector loaded"
+        );
         added.push(lib.kind().to_owned());
         self.by_kind.insert(lib.kind().to_owned(), lib);
         Ok(())

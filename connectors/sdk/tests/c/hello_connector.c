@@ -14,6 +14,11 @@
  *   status  connected / disconnected.
  *   stop    emits status disconnected.
  *
+ * Its config key "api_key" is declared secret (header section 7): the host never shows
+ * its value. Built with -DHELLO_REVISION_1_1 the descriptor has the size of header
+ * revision 1.1 (up to `destroy`), as a plugin built before revision 1.2 has: the host
+ * must then ignore secret_keys and see no secrets.
+ *
  * It has no threads: every emit happens inside a host call, which the ABI allows.
  * It accepts hosts of header revision 1.0 (PB_HOST_V1_MIN_SIZE) and uses no later
  * callback; a connector that acknowledges messages to its messenger would call
@@ -166,7 +171,11 @@ static int32_t hello_stop(pb_instance *inst, const pb_sink *err) {
 static void hello_destroy(pb_instance *inst) { free(inst); }
 
 static const pb_connector_v1 DESCRIPTOR = {
+#if defined(HELLO_REVISION_1_1)
+    .struct_size = PB_CONNECTOR_V1_MIN_SIZE,
+#else
     .struct_size = sizeof(pb_connector_v1),
+#endif
     .abi_version = PB_ABI_VERSION,
     .kind = "hello",
     .version = "1.0.0",
@@ -176,6 +185,8 @@ static const pb_connector_v1 DESCRIPTOR = {
     .status = hello_status,
     .stop = hello_stop,
     .destroy = hello_destroy,
+    /* Names, each NUL-terminated, then an empty one (C adds the last NUL). */
+    .secret_keys = "api_key\0",
 };
 
 PB_EXPORT const pb_connector_v1 *patchbay_connector_v1(uint32_t host_abi_version) {

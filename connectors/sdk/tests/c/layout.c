@@ -30,7 +30,11 @@ int main(void) {
     OFF(pb_connector_v1, status);
     OFF(pb_connector_v1, stop);
     OFF(pb_connector_v1, destroy);
+    OFF(pb_connector_v1, secret_keys);
     printf("PB_CONNECTOR_V1_MIN_SIZE %zu\n", (size_t)PB_CONNECTOR_V1_MIN_SIZE);
+    printf("PB_CONNECTOR_SECRET_KEYS_MIN_SIZE %zu\n", (size_t)PB_CONNECTOR_SECRET_KEYS_MIN_SIZE);
+    printf("PB_MAX_SECRET_KEY_LEN %u\nPB_MAX_SECRET_KEYS %u\n", PB_MAX_SECRET_KEY_LEN,
+           PB_MAX_SECRET_KEYS);
     printf("PB_ABI_VERSION %u\n", PB_ABI_VERSION);
     printf("PB_MAX_PAYLOAD_BYTES %u\n", PB_MAX_PAYLOAD_BYTES);
     printf("PB_MAX_JSON_DEPTH %u\n", PB_MAX_JSON_DEPTH);

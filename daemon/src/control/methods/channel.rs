@@ -1,5 +1,6 @@
 //! `channel.add`, `channel.remove`, `channel.list`, and `plugin.list`.
 
+use patchbay_connector_sdk::host;
 use patchbay_jobs::model::Id;
 use patchbay_jobs::{DomainError, access, validate};
 use serde::Deserialize;
@@ -34,11 +35,17 @@ pub async fn add(app: &App, p: AddParams) -> Result<Value, RpcError> {
     let config = match p.config {
         Value::Null => json!({}),
         c @ Value::Object(_) => c,
+        // The value itself is not echoed: it may be a credential put in the wrong place.
         other => {
-            return Err(DomainError::InvalidValue(format!(
-                "config must be an object, got {other}"
-            ))
-            .into());
+            let got = match other {
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                _ => "an array",
+            };
+            return Err(
+                DomainError::InvalidValue(format!("config must be an object, got {got}")).into(),
+            );
         }
     };
     // Charged for today at once: no channel runs a day unpaid. The charge records the
@@ -99,9 +106,15 @@ pub async fn list(app: &App, p: ListParams) -> Result<Value, RpcError> {
     Ok(Value::Array(views?))
 }
 
+/// A channel as results show it: the values of the config keys its connector declared
+/// secret are `"***"`; every value is, for a kind not loaded (its secrets are unknown).
+/// The store keeps the real values: the connector needs them.
 fn channel_view(app: &App, c: &patchbay_jobs::model::Channel) -> Result<Value, RpcError> {
+    let registry = app.plugins.registry();
+    let secrets = registry.get(&c.kind).map(|lib| lib.secret_keys());
     let mut v = to_json(c)?;
     if let Value::Object(m) = &mut v {
+        m.insert("config".into(), host::redact_config(&c.config, secrets));
         m.insert("daily_price".into(), json!(app.price(&c.kind)));
     }
     Ok(v)
@@ -119,6 +132,7 @@ pub async fn plugins(app: &App, _: NoParams) -> Result<Value, RpcError> {
                 "version": lib.version(),
                 "abi_version": lib.abi_version(),
                 "file": lib.path().display().to_string(),
+                "secret_keys": lib.secret_keys(),
                 "channels": using.get(lib.kind()).copied().unwrap_or(0),
             })
         })
