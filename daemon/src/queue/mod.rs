@@ -404,6 +404,7 @@ pub(crate) async fn deliver<H: Handler>(handler: &H, queue: &str, bytes: &[u8]) 
     };
     if let Err(panic) = outcome {
         let msg = panic_message(panic.as_ref());
+        drop(panic);
         tracing::error!(job_id = %id, queue, panic = %msg, "job handler panicked; rejecting the job");
         // Decoded once already: only the envelope is read again, on this rare path.
         let job = Rejected::new(queue, bytes, format!("handler panicked: {msg}"));
@@ -435,7 +436,7 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[derive(Clone, Default)]
 pub struct WorkerBoard(Arc<Mutex<BTreeMap<String, WorkerState>>>);
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WorkerState {
     /// Taking jobs. False before it first started, and between a failure and its
     /// restart.
