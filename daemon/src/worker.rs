@@ -337,7 +337,10 @@ pub async fn reject(app: Arc<App>, job: Rejected) {
     else {
         return tracing::error!(job = %job.id, queue = %job.queue, reason = %job.reason, "rejected job of an unknown queue dropped");
     };
-    let payload = job.decodable.then(|| kind.parse_payload(&job.payload).ok()).flatten();
+    let payload = job
+        .decodable
+        .then(|| kind.parse_payload(&job.payload).ok())
+        .flatten();
     let now = now_ms();
     let rec = JobRecord {
         id: job.id.clone(),

@@ -104,7 +104,8 @@ async fn poisoned_job_is_dead_and_the_worker_goes_on(backend: Backend) {
         .as_str()
         .expect("id")
         .to_owned();
-    d.job_until(&topup, &["done"], Duration::from_secs(30)).await;
+    d.job_until(&topup, &["done"], Duration::from_secs(30))
+        .await;
 
     let dead = d.job_until(&id, &["dead"], Duration::from_secs(30)).await;
     assert_eq!(dead["kind"], "inbound_message", "{dead}");
@@ -135,10 +136,14 @@ async fn poisoned_job_is_dead_and_the_worker_goes_on(backend: Backend) {
 
     // The worker never stopped, and the poison left the queue.
     let status = d
-        .until("an empty inbound queue", Duration::from_secs(10), || async {
-            let s = d.ok("status", json!({})).await;
-            (s["queue_depth"]["inbound_message"] == 0).then_some(s)
-        })
+        .until(
+            "an empty inbound queue",
+            Duration::from_secs(10),
+            || async {
+                let s = d.ok("status", json!({})).await;
+                (s["queue_depth"]["inbound_message"] == 0).then_some(s)
+            },
+        )
         .await;
     let worker = &status["health"]["workers"][match backend {
         Backend::Sqlite => "patchbay:inbound_message".to_owned(),
@@ -212,10 +217,14 @@ async fn a_redis_outage_under_inbound_load_loses_nothing_and_keeps_the_daemon() 
     d.redis.as_mut().expect("redis").stop();
     let down_at = Instant::now();
     let status = d
-        .until("status saying the queue is down", Duration::from_secs(20), || async {
-            let s = d.ok("status", json!({})).await;
-            s["health"]["queue"].is_string().then_some(s)
-        })
+        .until(
+            "status saying the queue is down",
+            Duration::from_secs(20),
+            || async {
+                let s = d.ok("status", json!({})).await;
+                s["health"]["queue"].is_string().then_some(s)
+            },
+        )
         .await;
     assert_eq!(status["health"]["ok"], false, "{status}");
     assert!(
@@ -235,27 +244,24 @@ async fn a_redis_outage_under_inbound_load_loses_nothing_and_keeps_the_daemon() 
     }
 
     d.redis.as_mut().expect("redis").restart();
-    d.until("the queue answering again", Duration::from_secs(30), || async {
-        let s = d.ok("status", json!({})).await;
-        (s["health"]["ok"] == true).then_some(())
-    })
-    .await;
     d.until(
-        "every message stored",
-        Duration::from_secs(180),
+        "the queue answering again",
+        Duration::from_secs(30),
         || async {
-            let (all, distinct) = stored(&d, acc).await;
-            assert_eq!(all, distinct, "a message stored twice");
-            assert!(all <= SENT, "more messages than sent: {all}");
-            (all == SENT).then_some(())
+            let s = d.ok("status", json!({})).await;
+            (s["health"]["ok"] == true).then_some(())
         },
     )
+    .await;
+    d.until("every message stored", Duration::from_secs(180), || async {
+        let (all, distinct) = stored(&d, acc).await;
+        assert_eq!(all, distinct, "a message stored twice");
+        assert!(all <= SENT, "more messages than sent: {all}");
+        (all == SENT).then_some(())
+    })
     .await;
     let status = d.ok("status", json!({})).await;
     assert_eq!(status["pid"], pid, "{status}");
     let workers = status["health"]["workers"].as_object().expect("workers");
-    assert!(
-        workers.values().all(|w| w["running"] == true),
-        "{status}"
-    );
+    assert!(workers.values().all(|w| w["running"] == true), "{status}");
 }

@@ -430,7 +430,11 @@ pub async fn poison_scenario(queue: Queue, q: &str) {
         )
         .await
         .unwrap();
-    assert_eq!((ran.count("after"), ran.count("boom")), (1, 1), "each ran once");
+    assert_eq!(
+        (ran.count("after"), ran.count("boom")),
+        (1, 1),
+        "each ran once"
+    );
     let rejected = rejected.lock().unwrap().clone();
     assert_eq!(rejected.len(), 4, "{rejected:#?}");
     assert!(rejected.iter().all(|r| r.queue == q), "{rejected:#?}");
@@ -444,10 +448,14 @@ pub async fn poison_scenario(queue: Queue, q: &str) {
     assert_eq!(deep.payload["bytes"], deep_envelope("deep-1", 200).len());
     let boom = by_id("boom").expect("the panicking job");
     assert!(
-        boom.reason.contains("handler panicked: handler exploded on purpose"),
+        boom.reason
+            .contains("handler panicked: handler exploded on purpose"),
         "{boom:?}"
     );
-    assert!(boom.decodable, "a decodable job keeps its payload: {boom:?}");
+    assert!(
+        boom.decodable,
+        "a decodable job keeps its payload: {boom:?}"
+    );
     assert_eq!(boom.payload, serde_json::json!({}));
     // The two unreadable ones got ids of their own, and reasons.
     let others: Vec<&Rejected> = rejected
@@ -462,7 +470,10 @@ pub async fn poison_scenario(queue: Queue, q: &str) {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while queue.depth(q).await.unwrap() != 0 {
-        assert!(Instant::now() < deadline, "poisoned entries left in the queue");
+        assert!(
+            Instant::now() < deadline,
+            "poisoned entries left in the queue"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

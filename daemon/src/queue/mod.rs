@@ -392,7 +392,11 @@ pub(crate) async fn deliver<H: Handler>(handler: &H, queue: &str, bytes: &[u8]) 
     let env = match serde_json::from_slice::<Envelope>(bytes) {
         Ok(env) => env,
         Err(e) => {
-            let job = Rejected::new(queue, bytes, format!("the queued job cannot be decoded: {e}"));
+            let job = Rejected::new(
+                queue,
+                bytes,
+                format!("the queued job cannot be decoded: {e}"),
+            );
             tracing::error!(job_id = %job.id, queue, error = %e, "undecodable job; rejecting it");
             return reject_guarded(handler, job).await;
         }
@@ -570,5 +574,56 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         let _latch = StartLatch::new(0, tx);
         assert!(rx.try_recv().is_ok(), "no workers: nothing to wait for");
+    }
+
+    /// The id is read past a payload nested 100,000 deep (no recursion limit, no stack
+    /// overflow), and only a bounded copy of the stored job is kept.
+    #[test]
+    fn a_rejected_job_keeps_its_id_and_a_bounded_copy() {
+        let levels = 100_000;
+        let stored = format!(
+            r#"{{"id":"j1","kind":"k","attempt":3,"payload":{}{}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        let r = Rejected::new("ns:k", stored.as_bytes(), "too deep".into());
+        assert_eq!((r.id.as_str(), r.attempt, r.decodable), ("j1", 3, false));
+        let kept = r.payload["undecodable"].as_str().expect("raw copy");
+        assert_eq!(kept.len(), MAX_REJECTED_PAYLOAD);
+        assert_eq!(r.payload["bytes"], stored.len());
+
+        let ok = serde_json::to_vec(&Envelope {
+            id: "j2".into(),
+            kind: "k".into(),
+            payload: serde_json::json!({"a": 1}),
+            attempt: 0,
+        })
+        .expect("json");
+        let r = Rejected::new("ns:k", &ok, "handler panicked".into());
+        assert!(r.decodable);
+        assert_eq!(r.payload, serde_json::json!({"a": 1}));
+
+        let r = Rejected::new("ns:k", b"\xff garbage", "no".into());
+        assert_eq!(r.id.len(), 26, "a fresh ULID");
+    }
+
+    #[test]
+    fn the_board_counts_restarts_and_says_what_is_down() {
+        let board = WorkerBoard::default();
+        board.register("q");
+        assert!(
+            !board.snapshot()["q"].running,
+            "not running before it started"
+        );
+        board.up("q");
+        assert!(board.snapshot()["q"].running);
+        board.failed("q", "database is locked".into());
+        let w = &board.snapshot()["q"];
+        assert_eq!((w.running, w.restarts), (false, 1));
+        assert_eq!(w.last_error.as_deref(), Some("database is locked"));
+        assert!(w.down_secs.is_some());
+        board.up("q");
+        let w = &board.snapshot()["q"];
+        assert_eq!((w.running, w.restarts, w.down_secs), (true, 1, None));
     }
 }

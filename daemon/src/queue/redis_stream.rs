@@ -650,8 +650,11 @@ impl Fetcher {
             .map(|mut entry| {
                 let bytes = match entry.map.remove(FIELD) {
                     Some(Value::BulkString(bytes)) => bytes,
-                    other => format!("stream entry without an `{FIELD}` string: {other:?}, fields {:?}", entry.map.keys().collect::<Vec<_>>())
-                        .into_bytes(),
+                    other => format!(
+                        "stream entry without an `{FIELD}` string: {other:?}, fields {:?}",
+                        entry.map.keys().collect::<Vec<_>>()
+                    )
+                    .into_bytes(),
                 };
                 (entry.id, bytes)
             })
