@@ -21,7 +21,7 @@ use crate::batcher::Batcher;
 use crate::config::{BillingConfig, Settings};
 use crate::mail::{self, AccountFigures, Mailer};
 use crate::plugin_host::supervisor::Supervisor;
-use crate::queue::{Envelope, Queue};
+use crate::queue::{Envelope, Queue, WorkerBoard};
 use tokio_util::sync::CancellationToken;
 
 pub struct App {
@@ -33,6 +33,8 @@ pub struct App {
     /// `appendonly`), see `queue_batched`. Checked at start and by every sweep.
     pub journal_inbound: AtomicBool,
     pub plugins: Arc<Supervisor>,
+    /// Each queue worker: running or not, restarts (`status`, STATUS=).
+    pub workers: WorkerBoard,
     pub started: Instant,
     /// `[billing]` as last loaded: SIGHUP may replace it (prices), so read it through
     /// `billing()`, not `settings.raw.billing`, which keeps the values from start.
@@ -362,6 +364,17 @@ impl App {
     }
 
     pub async fn retry(&self, id: &str) -> Result<JobRecord, DomainError> {
+        // A job the queue could not decode keeps only a cut copy of its stored form
+        // (`queue::Rejected`): running that again cannot succeed.
+        let dead = self.store.journal_get(id).await?;
+        if dead.state == JobState::Dead
+            && dead.payload.get("undecodable").is_some()
+            && dead.kind.parse_payload(&dead.payload).is_err()
+        {
+            return Err(DomainError::Conflict(format!(
+                "job {id} could not be decoded from the queue; its payload is a cut copy of                  the stored job and cannot be retried"
+            )));
+        }
         let rec = self.store.journal_revive(id).await?;
         self.push(&rec, 0, None).await?;
         Ok(rec)

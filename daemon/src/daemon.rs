@@ -85,6 +85,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         // Until the check below says the queue keeps its jobs: the safe side.
         journal_inbound: std::sync::atomic::AtomicBool::new(true),
         plugins,
+        workers: Default::default(),
         started: Instant::now(),
         billing,
         mailer,
@@ -137,10 +138,11 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
             queue
                 .run_workers_reporting(
                     specs,
-                    move |env| worker::run_job(worker_app.clone(), env),
+                    worker::Jobs(worker_app.clone()),
                     workers_stop.cancelled_owned(),
                     grace,
                     started_tx,
+                    worker_app.workers.clone(),
                 )
                 .await
         }

@@ -6,6 +6,10 @@
 //! no backoff, see ARCHITECTURE.md). A retry is a new delivery pushed with a delay.
 //! `inbound_message` and `charge_account` jobs go through group commits (`batcher`)
 //! first and come back here only when a batch cannot take them.
+//!
+//! A job the queue rejects (its stored form does not decode, or its handler panicked
+//! outside `attempt`'s own guard) is recorded dead here too, with the reason and a
+//! bounded copy of what was stored (`queue::Rejected`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
@@ -19,7 +23,22 @@ use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::batcher::Batcher;
-use crate::queue::Envelope;
+use crate::queue::{Envelope, Handler, Rejected, panic_message};
+
+/// The daemon's queue handler: [`run_job`] for each job, [`reject`] for a job that
+/// cannot run.
+#[derive(Clone)]
+pub struct Jobs(pub Arc<App>);
+
+impl Handler for Jobs {
+    fn run(&self, env: Envelope) -> impl Future<Output = ()> + Send + 'static {
+        run_job(self.0.clone(), env)
+    }
+
+    fn reject(&self, job: Rejected) -> impl Future<Output = ()> + Send + 'static {
+        reject(self.0.clone(), job)
+    }
+}
 
 pub async fn run_job(app: Arc<App>, env: Envelope) {
     let kind = match env.kind.parse::<JobKind>() {
@@ -301,10 +320,65 @@ async fn start(app: &App, rec: &JobRecord) -> Option<JobRecord> {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
+/// Records a rejected job dead, with its reason: its journal row if it has one (which
+/// keeps the payload it was queued with), else a new row with the payload the queue
+/// could read. Waits out a store outage, since the queue's copy goes once this returns;
+/// a daemon stopping meanwhile leaves the delivery unacked, to come again.
+pub async fn reject(app: Arc<App>, job: Rejected) {
+    // The worker's queue says the kind, whatever the stored job claims.
+    let prefix = format!("{}:", app.settings.raw.queue.namespace);
+    let Some(kind) = job
+        .queue
+        .strip_prefix(&prefix)
+        .and_then(|k| k.parse::<JobKind>().ok())
+    else {
+        return tracing::error!(job = %job.id, queue = %job.queue, reason = %job.reason, "rejected job of an unknown queue dropped");
+    };
+    let payload = job
+        .decodable
+        .then(|| kind.parse_payload(&job.payload).ok())
+        .flatten();
+    let now = now_ms();
+    let rec = JobRecord {
+        id: job.id.clone(),
+        kind,
+        payload: job.payload,
+        state: JobState::Pending,
+        attempts: job.attempt,
+        max_attempts: app.settings.max_attempts(kind),
+        last_error: None,
+        idempotency_key: payload.as_ref().and_then(Payload::idempotency_key),
+        created_at: now,
+        updated_at: now,
+        run_at: now,
+    };
+    tracing::warn!(job = %rec.id, kind = %kind, reason = %job.reason, "job is dead: the queue rejected it");
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let recorded = async {
+            if app.store.journal_start(&rec).await?.is_some() {
+                app.store
+                    .journal_finish(&rec.id, JobState::Dead, Some(&job.reason), now_ms())
+                    .await?;
+            }
+            Ok::<(), DomainError>(())
+        };
+        match recorded.await {
+            Ok(()) => break,
+            Err(e) if app.stop.is_cancelled() => {
+                tracing::warn!(job = %rec.id, error = %e, "cannot record a rejected job before stopping; it stays queued");
+                return std::future::pending().await;
+            }
+            Err(e) => {
+                tracing::warn!(job = %rec.id, error = %e, "cannot record a rejected job, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if let Some(payload) = payload
+        && let Err(e) = handlers::gave_up(&*app.store, &payload, &job.reason).await
+    {
+        tracing::warn!(job = %rec.id, error = %e, "cannot record what the dead job leaves behind");
+    }
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Backend, Daemon, compile_c, loopback_library};
 
-async fn messages(d: &Daemon, account: i64) -> Vec<Value> {
+pub(crate) async fn messages(d: &Daemon, account: i64) -> Vec<Value> {
     let chats = d
         .ok("chat.list", json!({"account": account, "limit": 10000}))
         .await;

@@ -9,6 +9,7 @@ mod config;
 mod control;
 mod deletion;
 mod fake_http;
+mod faults;
 mod harness;
 mod inbound_limits;
 mod jobs;

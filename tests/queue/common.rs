@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use patchbay_daemon::queue::{Envelope, Queue, WorkerSpec};
+use patchbay_daemon::queue::{Envelope, Handler, Queue, Rejected, WorkerSpec};
 use tokio::sync::Notify;
 
 pub fn env(id: impl Into<String>, kind: &str) -> Envelope {
@@ -160,7 +160,8 @@ pub fn spec(queue: &str, concurrency: usize) -> Vec<WorkerSpec> {
 
 /// (b) A handler still running when shutdown is requested finishes within
 /// the grace period; jobs not yet taken stay queued and run on the next
-/// `run_workers`. Also: a panicking handler does not kill the worker.
+/// `run_workers`. Also: a panicking handler does not kill the worker (a closure
+/// handler only logs the rejected job).
 pub async fn graceful_shutdown_scenario(queue: Queue) {
     let q = "patchbay:graceful";
     // Two slow jobs occupy both slots; the rest must wait.
@@ -361,4 +362,118 @@ pub async fn idle_pickup_latency(queue: Queue) -> Duration {
     let latency = latency.await.unwrap();
     println!("idle pickup latency {latency:?}");
     latency
+}
+
+/// The stored form of an envelope whose payload nests `levels` arrays deep: past
+/// serde_json's recursion limit (128) it cannot be decoded.
+pub fn deep_envelope(id: &str, levels: usize) -> String {
+    format!(
+        r#"{{"id":"{id}","kind":"deep","payload":{}{},"attempt":2}}"#,
+        "[".repeat(levels),
+        "]".repeat(levels)
+    )
+}
+
+/// Records the jobs it ran and the ones the queue rejected; panics on kind "panic".
+#[derive(Clone, Default)]
+pub struct Rejecting {
+    pub ran: Recorder,
+    pub rejected: Arc<Mutex<Vec<Rejected>>>,
+}
+
+impl Handler for Rejecting {
+    fn run(&self, env: Envelope) -> impl Future<Output = ()> + Send + 'static {
+        let ran = self.ran.clone();
+        async move {
+            ran.record(&env.id);
+            if env.kind == "panic" {
+                panic!("handler exploded on purpose");
+            }
+        }
+    }
+
+    fn reject(&self, job: Rejected) -> impl Future<Output = ()> + Send + 'static {
+        self.rejected.lock().unwrap().push(job);
+        // Wake the waiter, which watches `ran`.
+        self.ran.changed.notify_waiters();
+        std::future::ready(())
+    }
+}
+
+/// No job stops a worker: the caller put three poisoned entries on `q` (written into
+/// the backend directly): `deep_envelope("deep-1", 200)`, one that is not JSON, and
+/// (Redis) one without the envelope field or (SQLite) a truncated envelope. With a job
+/// whose handler panics and a normal job queued after them, the normal one runs, each
+/// bad one is rejected once with its reason (and its id where it could be read), and
+/// the queue ends empty.
+pub async fn poison_scenario(queue: Queue, q: &str) {
+    queue.push(q, &env("boom", "panic"), None).await.unwrap();
+    queue.push(q, &env("after", "fast"), None).await.unwrap();
+    let h = Rejecting::default();
+    let (ran, rejected) = (h.ran.clone(), h.rejected.clone());
+    let stop = h.clone();
+    queue
+        .run_workers(
+            spec(q, 2),
+            h,
+            async move {
+                let rejected = stop.rejected.clone();
+                stop.ran
+                    .wait_until(Duration::from_secs(30), "the good job and 4 rejects", |r| {
+                        r.count("after") == 1 && rejected.lock().unwrap().len() == 4
+                    })
+                    .await;
+                // Time for a wrongly repeated delivery to show.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (ran.count("after"), ran.count("boom")),
+        (1, 1),
+        "each ran once"
+    );
+    let rejected = rejected.lock().unwrap().clone();
+    assert_eq!(rejected.len(), 4, "{rejected:#?}");
+    assert!(rejected.iter().all(|r| r.queue == q), "{rejected:#?}");
+    let by_id = |id: &str| rejected.iter().find(|r| r.id == id);
+    let deep = by_id("deep-1").expect("the deep job's id is read past its payload");
+    assert!(deep.reason.contains("recursion limit"), "{deep:?}");
+    assert_eq!(deep.attempt, 2);
+    assert!(!deep.decodable);
+    let kept = deep.payload["undecodable"].as_str().expect("raw text kept");
+    assert!(kept.starts_with(r#"{"id":"deep-1""#), "{kept}");
+    assert_eq!(deep.payload["bytes"], deep_envelope("deep-1", 200).len());
+    let boom = by_id("boom").expect("the panicking job");
+    assert!(
+        boom.reason
+            .contains("handler panicked: handler exploded on purpose"),
+        "{boom:?}"
+    );
+    assert!(
+        boom.decodable,
+        "a decodable job keeps its payload: {boom:?}"
+    );
+    assert_eq!(boom.payload, serde_json::json!({}));
+    // The two unreadable ones got ids of their own, and reasons.
+    let others: Vec<&Rejected> = rejected
+        .iter()
+        .filter(|r| r.id != "deep-1" && r.id != "boom")
+        .collect();
+    assert_eq!(others.len(), 2, "{rejected:#?}");
+    for r in others {
+        assert_eq!(r.id.len(), 26, "a fresh ULID: {r:?}");
+        assert!(r.reason.contains("cannot be decoded"), "{r:?}");
+        assert!(r.payload["undecodable"].is_string(), "{r:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue.depth(q).await.unwrap() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "poisoned entries left in the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -247,3 +247,34 @@ async fn persistence_is_read_from_the_server() {
             .await
     );
 }
+
+/// No job stops a worker on Redis: entries XADDed straight into the stream that do
+/// not decode (too deep for serde_json, not JSON, no envelope field) are rejected once
+/// each instead of being acked away unseen, and the jobs after them run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_entries_are_rejected_and_the_worker_goes_on() {
+    let redis = TestRedis::start("poison").await;
+    let queue = Queue::open_redis_with(&redis.url, "t", fast_tuning())
+        .await
+        .unwrap();
+    let q = "patchbay:poison";
+    let stream = "t:{patchbay:poison}:stream";
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deep = crate::common::deep_envelope("deep-1", 200).into_bytes();
+    for (field, value) in [
+        ("env", deep.as_slice()),
+        ("env", b"not json \xff\xfe".as_slice()),
+        ("other", b"{}".as_slice()),
+    ] {
+        redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(field)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    crate::common::poison_scenario(queue, q).await;
+}

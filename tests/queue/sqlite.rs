@@ -216,3 +216,32 @@ async fn queue_queries_stay_on_indexes() {
         );
     }
 }
+
+/// No job stops a worker on SQLite: rows written straight into apalis' `Jobs` table
+/// that do not decode (too deep for serde_json, not JSON, cut short) are rejected
+/// once each, and the jobs after them run (`poison_scenario`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_rows_are_rejected_and_the_worker_goes_on() {
+    let db = TempDb::new("poison");
+    let queue = Queue::open_sqlite(&db.0).await.unwrap();
+    let Queue::Sqlite(sq) = &queue else {
+        unreachable!()
+    };
+    let q = "patchbay:poison";
+    let deep = crate::common::deep_envelope("deep-1", 200).into_bytes();
+    let bad: [&[u8]; 3] = [&deep, b"not json \xff\xfe", br#"{"id":"#];
+    for job in bad {
+        // As apalis' sink.sql and our push_many write a job.
+        sqlx::query(
+            "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, \
+             priority, metadata) VALUES (?1, ?2, ?3, 'Pending', 0, 25, 0, 0, '{}')",
+        )
+        .bind(job)
+        .bind(ulid::Ulid::new().to_string())
+        .bind(q)
+        .execute(sq.pool())
+        .await
+        .unwrap();
+    }
+    crate::common::poison_scenario(queue.clone(), q).await;
+}

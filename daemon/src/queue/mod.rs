@@ -6,11 +6,18 @@
 //! Delivery is at least once on both backends: a job whose handler finished
 //! but whose ack was lost (crash, connection drop) runs again, so handlers
 //! must be idempotent (key on `Envelope::id`).
+//!
+//! No job can stop a worker: both backends hand the stored bytes to [`deliver`],
+//! which decodes them itself; a job that cannot be decoded, or whose handler
+//! panics, goes to [`Handler::reject`] (the daemon records it dead) and the
+//! worker takes the next one. A worker that ends anyway is restarted, and
+//! [`WorkerBoard`] says which are running and how often each restarted.
 
 mod redis_stream;
 mod sqlite;
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     panic::AssertUnwindSafe,
     path::Path,
@@ -18,7 +25,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use apalis_core::monitor::{Monitor, MonitorError};
@@ -149,47 +156,59 @@ impl Queue {
     /// to `grace` to finish, hands fetched-but-unstarted jobs back to the
     /// queue, and returns. Handlers that outlive `grace` are dropped; their jobs
     /// are redelivered later (SQLite: orphan recovery, Redis: visibility timeout).
-    pub async fn run_workers<H, Fut>(
+    pub async fn run_workers<H: Handler>(
         &self,
         specs: Vec<WorkerSpec>,
         handler: H,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
-    ) -> Result<(), QueueError>
-    where
-        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
+    ) -> Result<(), QueueError> {
         let (started, _) = oneshot::channel();
-        self.run_workers_reporting(specs, handler, shutdown, grace, started)
-            .await
+        self.run_workers_reporting(
+            specs,
+            handler,
+            shutdown,
+            grace,
+            started,
+            WorkerBoard::default(),
+        )
+        .await
     }
 
     /// [`run_workers`](Self::run_workers), sending on `started` once every worker is
     /// up — SQLite: registered in apalis' `Workers` table; Redis: connected and its
     /// consumer group in place — so the caller can tell systemd READY=1 truthfully.
-    /// `started` is dropped unsent if `run_workers` returns before that.
-    pub async fn run_workers_reporting<H, Fut>(
+    /// `started` is dropped unsent if `run_workers` returns before that. `board`
+    /// follows each worker: running or not, and its restarts.
+    pub async fn run_workers_reporting<H: Handler>(
         &self,
         specs: Vec<WorkerSpec>,
         handler: H,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
         started: oneshot::Sender<()>,
-    ) -> Result<(), QueueError>
-    where
-        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
+        board: WorkerBoard,
+    ) -> Result<(), QueueError> {
         for spec in &specs {
             if spec.concurrency == 0 || spec.queue.is_empty() {
                 return Err(QueueError::Config(format!("bad worker spec {spec:?}")));
             }
         }
         let latch = StartLatch::new(specs.len(), started);
+        let run = Run {
+            latch,
+            board,
+            names: specs
+                .iter()
+                .map(|s| (unique_worker_name(&s.queue), s.queue.clone()))
+                .collect(),
+        };
+        for spec in &specs {
+            run.board.register(&spec.queue);
+        }
         match self {
-            Queue::Sqlite(q) => q.run_workers(specs, handler, shutdown, grace, latch).await,
-            Queue::Redis(q) => q.run_workers(specs, handler, shutdown, grace, latch).await,
+            Queue::Sqlite(q) => q.run_workers(specs, handler, shutdown, grace, run).await,
+            Queue::Redis(q) => q.run_workers(specs, handler, shutdown, grace, run).await,
         }
     }
 }
@@ -269,27 +288,253 @@ async fn run_monitor(
     Ok(())
 }
 
-/// Runs the user's handler so that a panic (while building or polling its
-/// future) is logged and swallowed: the job then counts as done and the
-/// worker keeps going. Retrying a panicking job would just panic again.
-async fn run_guarded<H, Fut>(handler: &H, env: Envelope)
+/// What the workers do with their jobs. Any `Fn(Envelope) -> Future` closure is one,
+/// whose rejected jobs are only logged; the daemon's handler records them dead.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Runs one decoded job.
+    fn run(&self, env: Envelope) -> impl Future<Output = ()> + Send + 'static;
+    /// A job that cannot run: its stored form does not decode, or `run` panicked. The
+    /// delivery is acked once this returns; retrying would fail the same way.
+    fn reject(&self, job: Rejected) -> impl Future<Output = ()> + Send + 'static;
+}
+
+impl<F, Fut> Handler for F
 where
-    H: Fn(Envelope) -> Fut,
-    Fut: Future<Output = ()>,
+    F: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
 {
+    fn run(&self, env: Envelope) -> impl Future<Output = ()> + Send + 'static {
+        self(env)
+    }
+
+    fn reject(&self, job: Rejected) -> impl Future<Output = ()> + Send + 'static {
+        tracing::error!(job_id = %job.id, queue = %job.queue, reason = %job.reason, "job rejected");
+        std::future::ready(())
+    }
+}
+
+/// Most bytes of a rejected job's stored form kept in [`Rejected::payload`].
+pub const MAX_REJECTED_PAYLOAD: usize = 32 * 1024;
+
+/// A job no handler can run, with what could be read of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejected {
+    /// The worker's queue (`<namespace>:<kind>`).
+    pub queue: String,
+    /// The envelope's id when the stored job shows one, else a fresh ULID.
+    pub id: String,
+    /// The envelope's attempt, 0 when unreadable.
+    pub attempt: u32,
+    /// The envelope's payload when it decodes and its JSON fits in
+    /// [`MAX_REJECTED_PAYLOAD`] (then the job can be retried); otherwise
+    /// `{"undecodable": <the stored job's first bytes, as text>, "bytes": <its size>,
+    /// "note": ...}`.
+    pub payload: serde_json::Value,
+    /// Whether `payload` is the envelope's own.
+    pub decodable: bool,
+    pub reason: String,
+}
+
+impl Rejected {
+    /// From the stored bytes of a job on `queue`.
+    pub fn new(queue: &str, bytes: &[u8], reason: String) -> Self {
+        /// Only the envelope's head: serde skips the payload with `IgnoredAny`, which
+        /// serde_json walks without its recursion limit, so a too-deep payload still
+        /// gives up its id.
+        #[derive(Deserialize)]
+        struct Head {
+            id: Option<String>,
+            attempt: Option<u32>,
+        }
+        let head = serde_json::from_slice::<Head>(bytes).ok();
+        let id = head
+            .as_ref()
+            .and_then(|h| h.id.clone())
+            .filter(|id| !id.is_empty() && id.len() <= 128)
+            .unwrap_or_else(|| ulid::Ulid::new().to_string());
+        let attempt = head.and_then(|h| h.attempt).unwrap_or(0);
+        let decoded = (bytes.len() <= MAX_REJECTED_PAYLOAD)
+            .then(|| serde_json::from_slice::<Envelope>(bytes).ok())
+            .flatten();
+        let (payload, decodable) = match decoded {
+            Some(env) => (env.payload, true),
+            None => {
+                let cut = &bytes[..bytes.len().min(MAX_REJECTED_PAYLOAD)];
+                let note = if cut.len() < bytes.len() {
+                    format!("the stored job, cut to its first {} bytes", cut.len())
+                } else {
+                    "the stored job as it was".to_owned()
+                };
+                (
+                    serde_json::json!({
+                        "undecodable": String::from_utf8_lossy(cut),
+                        "bytes": bytes.len(),
+                        "note": note,
+                    }),
+                    false,
+                )
+            }
+        };
+        Rejected {
+            queue: queue.to_owned(),
+            id,
+            attempt,
+            payload,
+            decodable,
+            reason,
+        }
+    }
+}
+
+/// One delivery as both backends hand it over: decode, then run or reject. Never
+/// fails and never panics, so the worker goes on with its next job either way.
+pub(crate) async fn deliver<H: Handler>(handler: &H, queue: &str, bytes: &[u8]) {
+    let env = match serde_json::from_slice::<Envelope>(bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            let job = Rejected::new(
+                queue,
+                bytes,
+                format!("the queued job cannot be decoded: {e}"),
+            );
+            tracing::error!(job_id = %job.id, queue, error = %e, "undecodable job; rejecting it");
+            return reject_guarded(handler, job).await;
+        }
+    };
     let id = env.id.clone();
-    let kind = env.kind.clone();
-    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(env))) {
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(env))) {
         Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
         Err(panic) => Err(panic),
     };
     if let Err(panic) = outcome {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic".to_owned());
-        tracing::error!(job_id = %id, kind = %kind, panic = %msg, "job handler panicked");
+        let msg = panic_message(panic.as_ref());
+        drop(panic);
+        tracing::error!(job_id = %id, queue, panic = %msg, "job handler panicked; rejecting the job");
+        // Decoded once already: only the envelope is read again, on this rare path.
+        let job = Rejected::new(queue, bytes, format!("handler panicked: {msg}"));
+        reject_guarded(handler, job).await;
+    }
+}
+
+async fn reject_guarded<H: Handler>(handler: &H, job: Rejected) {
+    let id = job.id.clone();
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.reject(job))) {
+        Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+        Err(panic) => Err(panic),
+    };
+    if let Err(panic) = outcome {
+        let msg = panic_message(panic.as_ref());
+        tracing::error!(job_id = %id, panic = %msg, "recording a rejected job panicked; it is dropped");
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// The state of each worker (by queue), shared with `status` and the health task.
+#[derive(Clone, Default)]
+pub struct WorkerBoard(Arc<Mutex<BTreeMap<String, WorkerState>>>);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkerState {
+    /// Taking jobs. False before it first started, and between a failure and its
+    /// restart.
+    pub running: bool,
+    /// Times the worker ended with an error and was started again.
+    pub restarts: u64,
+    /// Why it last ended.
+    pub last_error: Option<String>,
+    /// Seconds since it last stopped running (while not running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_secs: Option<u64>,
+    #[serde(skip)]
+    down_since: Option<Instant>,
+}
+
+impl WorkerBoard {
+    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<String, WorkerState>) -> R) -> R {
+        // Every update is a whole-field write: a poisoned lock holds a sound map.
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn register(&self, queue: &str) {
+        self.with(|m| {
+            m.entry(queue.to_owned()).or_insert(WorkerState {
+                running: false,
+                restarts: 0,
+                last_error: None,
+                down_secs: None,
+                down_since: Some(Instant::now()),
+            });
+        });
+    }
+
+    /// The worker of `queue` takes jobs (again).
+    pub(super) fn up(&self, queue: &str) {
+        self.with(|m| {
+            if let Some(w) = m.get_mut(queue) {
+                w.running = true;
+                w.down_since = None;
+            }
+        });
+    }
+
+    /// The worker of `queue` ended with `error` and is being restarted.
+    pub(super) fn failed(&self, queue: &str, error: String) {
+        self.with(|m| {
+            if let Some(w) = m.get_mut(queue) {
+                w.running = false;
+                w.restarts += 1;
+                w.last_error = Some(error);
+                w.down_since.get_or_insert_with(Instant::now);
+            }
+        });
+    }
+
+    /// Every worker by queue, as now.
+    pub fn snapshot(&self) -> BTreeMap<String, WorkerState> {
+        self.with(|m| {
+            m.iter()
+                .map(|(q, w)| {
+                    let mut w = w.clone();
+                    w.down_secs = w.down_since.map(|t| t.elapsed().as_secs());
+                    (q.clone(), w)
+                })
+                .collect()
+        })
+    }
+}
+
+/// What one `run_workers` call shares with its backend: the start report, the board,
+/// and each spec's worker name (in spec order) with its queue.
+pub(super) struct Run {
+    latch: StartLatch,
+    pub(super) board: WorkerBoard,
+    pub(super) names: Vec<(String, String)>,
+}
+
+impl Run {
+    pub(super) fn token(&self) -> StartToken {
+        self.latch.token()
+    }
+
+    /// A monitor whose workers are restarted whenever they end with an error, each
+    /// restart counted on the board; `delay` is logged by the caller's restart policy.
+    pub(super) fn monitor(&self, backend: &'static str) -> Monitor {
+        let board = self.board.clone();
+        let queues: std::collections::HashMap<String, String> =
+            self.names.iter().cloned().collect();
+        Monitor::new().should_restart(move |worker, err| {
+            let queue = queues.get(worker.name()).map_or("?", String::as_str);
+            tracing::warn!(worker = worker.name(), queue, error = %err, "{backend} worker failed; restarting it");
+            board.failed(queue, err.to_string());
+            true
+        })
     }
 }
 
@@ -329,5 +574,56 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         let _latch = StartLatch::new(0, tx);
         assert!(rx.try_recv().is_ok(), "no workers: nothing to wait for");
+    }
+
+    /// The id is read past a payload nested 100,000 deep (no recursion limit, no stack
+    /// overflow), and only a bounded copy of the stored job is kept.
+    #[test]
+    fn a_rejected_job_keeps_its_id_and_a_bounded_copy() {
+        let levels = 100_000;
+        let stored = format!(
+            r#"{{"id":"j1","kind":"k","attempt":3,"payload":{}{}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        let r = Rejected::new("ns:k", stored.as_bytes(), "too deep".into());
+        assert_eq!((r.id.as_str(), r.attempt, r.decodable), ("j1", 3, false));
+        let kept = r.payload["undecodable"].as_str().expect("raw copy");
+        assert_eq!(kept.len(), MAX_REJECTED_PAYLOAD);
+        assert_eq!(r.payload["bytes"], stored.len());
+
+        let ok = serde_json::to_vec(&Envelope {
+            id: "j2".into(),
+            kind: "k".into(),
+            payload: serde_json::json!({"a": 1}),
+            attempt: 0,
+        })
+        .expect("json");
+        let r = Rejected::new("ns:k", &ok, "handler panicked".into());
+        assert!(r.decodable);
+        assert_eq!(r.payload, serde_json::json!({"a": 1}));
+
+        let r = Rejected::new("ns:k", b"\xff garbage", "no".into());
+        assert_eq!(r.id.len(), 26, "a fresh ULID");
+    }
+
+    #[test]
+    fn the_board_counts_restarts_and_says_what_is_down() {
+        let board = WorkerBoard::default();
+        board.register("q");
+        assert!(
+            !board.snapshot()["q"].running,
+            "not running before it started"
+        );
+        board.up("q");
+        assert!(board.snapshot()["q"].running);
+        board.failed("q", "database is locked".into());
+        let w = &board.snapshot()["q"];
+        assert_eq!((w.running, w.restarts), (false, 1));
+        assert_eq!(w.last_error.as_deref(), Some("database is locked"));
+        assert!(w.down_secs.is_some());
+        board.up("q");
+        let w = &board.snapshot()["q"];
+        assert_eq!((w.running, w.restarts, w.down_secs), (true, 1, None));
     }
 }

@@ -9,6 +9,9 @@
 //! live workers refresh the idle time of the entries they hold, so a long
 //! handler is not stolen. On graceful stop, fetched-but-unstarted entries are
 //! re-added to the stream at once instead of waiting for the timeout.
+//!
+//! Entries reach the handler as their stored bytes: `queue::deliver` decodes them, and
+//! one that does not decode is rejected (the daemon records it dead) and acked.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -22,7 +25,6 @@ use std::{
 use apalis_core::{
     backend::{Backend, BackendConfig, finalize::Ephemeral},
     error::BoxDynError,
-    monitor::Monitor,
     task::{Task, builder::TaskBuilder, task_id::TaskId},
     worker::{builder::WorkerBuilder, context::WorkerContext},
 };
@@ -35,8 +37,7 @@ use redis::{
 use tower::{Layer, Service, limit::ConcurrencyLimitLayer};
 
 use super::{
-    Envelope, QueueError, StartLatch, StartToken, WorkerSpec, run_guarded, run_monitor,
-    unique_worker_name,
+    Envelope, Handler, QueueError, Run, StartToken, WorkerBoard, WorkerSpec, deliver, run_monitor,
 };
 
 /// All daemons share one group per stream, so each job goes to one of them.
@@ -304,22 +305,19 @@ impl RedisQueue {
         Ok(len + delayed)
     }
 
-    pub(super) async fn run_workers<H, Fut>(
+    pub(super) async fn run_workers<H: Handler>(
         &self,
         specs: Vec<WorkerSpec>,
         handler: H,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
-        latch: StartLatch,
-    ) -> Result<(), QueueError>
-    where
-        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let mut monitor = Monitor::new();
+        run: Run,
+    ) -> Result<(), QueueError> {
+        // Our backend retries Redis errors itself; a worker still ends on a panic
+        // outside the handlers, and is then restarted at once.
+        let mut monitor = run.monitor("redis");
         let mut keepers = Vec::new();
-        for spec in specs {
-            let name = unique_worker_name(&spec.queue);
+        for (spec, (name, _)) in specs.into_iter().zip(run.names.iter().cloned()) {
             let acker = Acker {
                 conn: self.inner.conn.clone(),
                 keys: self.keys(&spec.queue),
@@ -333,18 +331,29 @@ impl RedisQueue {
             ));
             let inner = self.inner.clone();
             let handler = handler.clone();
-            let started = latch.token();
-            monitor = monitor.register(move |_restarts| {
+            let up = Up {
+                started: run.token(),
+                board: run.board.clone(),
+                queue: spec.queue.clone(),
+            };
+            monitor = monitor.register(move |restarts| {
                 let handler = handler.clone();
+                if restarts > 0 {
+                    // What the ended worker held stays pending under our consumer name;
+                    // no longer refreshed, it is reclaimed after the visibility timeout.
+                    acker.owned.lock().clear();
+                }
                 let backend =
-                    StreamBackend::new(&inner, acker.clone(), spec.concurrency, started.clone());
+                    StreamBackend::new(&inner, acker.clone(), spec.concurrency, up.clone());
+                let queue = spec.queue.clone();
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
                     .layer(ConcurrencyLimitLayer::new(spec.concurrency))
-                    .build(move |env: Envelope| {
+                    .build(move |bytes: Vec<u8>| {
                         let handler = handler.clone();
+                        let queue = queue.clone();
                         async move {
-                            run_guarded(&handler, env).await;
+                            deliver(&handler, &queue, &bytes).await;
                             Ok::<(), BoxDynError>(())
                         }
                     })
@@ -413,11 +422,8 @@ impl Acker {
         for chunk in jobs.chunks(ID_CHUNK) {
             let mut inv = self.scripts.requeue.key(&self.keys.stream);
             inv.arg(GROUP).arg(FIELD);
-            for (id, env) in chunk {
-                match serde_json::to_string(env) {
-                    Ok(json) => inv.arg(id).arg(json),
-                    Err(_) => continue, // stays pending; reclaimed later
-                };
+            for (id, bytes) in chunk {
+                inv.arg(id).arg(bytes);
             }
             if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
                 tracing::warn!(error = %e, "requeue on shutdown failed; entries reclaimed after the visibility timeout");
@@ -499,7 +505,17 @@ async fn keep_leases(acker: Acker, visibility: Duration) {
     }
 }
 
-type Job = (String, Envelope);
+/// A stream entry's id and its stored envelope bytes.
+type Job = (String, Vec<u8>);
+
+/// How a (re)started worker reports that it runs.
+#[derive(Clone)]
+struct Up {
+    /// The start report, first start only.
+    started: StartToken,
+    board: WorkerBoard,
+    queue: String,
+}
 
 /// Owns the worker's dedicated blocking connection and fetch bookkeeping;
 /// moved into each fetch future and handed back when it completes.
@@ -514,7 +530,7 @@ struct Fetcher {
     last_reclaim: Option<Instant>,
     claim_cursor: String,
     /// Reported once the group exists on the worker's own connection.
-    started: StartToken,
+    up: Up,
 }
 
 impl Fetcher {
@@ -563,7 +579,8 @@ impl Fetcher {
                 Err(e) => return Err(e.into()),
             }
             self.group_ready = true;
-            self.started.started();
+            self.up.started.started();
+            self.up.board.up(&self.up.queue);
         }
 
         let now = Instant::now();
@@ -624,28 +641,27 @@ impl Fetcher {
         Ok(self.accept(entries).await)
     }
 
-    /// Decodes entries; undecodable ones are acked away (retrying cannot fix them).
+    /// Takes entries as they are: `deliver` decodes them, and rejects what does not
+    /// decode. An entry without the envelope field hands over a description of what
+    /// it holds instead, which does not decode either.
     async fn accept(&mut self, entries: Vec<StreamId>) -> Vec<Job> {
-        let mut jobs = Vec::with_capacity(entries.len());
-        let mut poison = Vec::new();
-        for entry in entries {
-            let env = match entry.map.get(FIELD) {
-                Some(Value::BulkString(bytes)) => serde_json::from_slice::<Envelope>(bytes).ok(),
-                _ => None,
-            };
-            match env {
-                Some(env) => jobs.push((entry.id, env)),
-                None => poison.push(entry.id),
-            }
-        }
-        {
-            let mut owned = self.acker.owned.lock();
-            owned.extend(jobs.iter().map(|(id, _)| id.clone()));
-        }
-        if !poison.is_empty() {
-            tracing::error!(ids = ?poison, "dropping undecodable stream entries");
-            self.acker.ack(&poison).await;
-        }
+        let jobs: Vec<Job> = entries
+            .into_iter()
+            .map(|mut entry| {
+                let bytes = match entry.map.remove(FIELD) {
+                    Some(Value::BulkString(bytes)) => bytes,
+                    other => format!(
+                        "stream entry without an `{FIELD}` string: {other:?}, fields {:?}",
+                        entry.map.keys().collect::<Vec<_>>()
+                    )
+                    .into_bytes(),
+                };
+                (entry.id, bytes)
+            })
+            .collect();
+        let mut owned = self.acker.owned.lock();
+        owned.extend(jobs.iter().map(|(id, _)| id.clone()));
+        drop(owned);
         jobs
     }
 }
@@ -669,7 +685,7 @@ pub struct StreamBackend {
 }
 
 impl StreamBackend {
-    fn new(inner: &Inner, acker: Acker, concurrency: usize, started: StartToken) -> Self {
+    fn new(inner: &Inner, acker: Acker, concurrency: usize, up: Up) -> Self {
         let fetcher = Fetcher {
             client: inner.client.clone(),
             reader: None,
@@ -680,7 +696,7 @@ impl StreamBackend {
             last_promote: None,
             last_reclaim: None,
             claim_cursor: "0-0".to_owned(),
-            started,
+            up,
         };
         Self {
             state: FetchState::Idle(fetcher),
@@ -702,7 +718,7 @@ impl StreamBackend {
 }
 
 impl Backend for StreamBackend {
-    type Task = Task<Envelope>;
+    type Task = Task<Vec<u8>>;
     /// Never returned: Redis errors are logged and retried with a backoff,
     /// because an error here would end the apalis worker for good.
     type Error = RedisError;
@@ -721,9 +737,9 @@ impl Backend for StreamBackend {
         _: &WorkerContext,
     ) -> Poll<Option<Result<Self::Task, RedisError>>> {
         loop {
-            if let Some((id, env)) = self.buffer.pop_front() {
+            if let Some((id, bytes)) = self.buffer.pop_front() {
                 // The entry id becomes the task id: the ack layer reads it back.
-                let task = TaskBuilder::new(env)
+                let task = TaskBuilder::new(bytes)
                     .task_id(TaskId::from_string(id))
                     .build();
                 return Poll::Ready(Some(Ok(task)));
@@ -799,7 +815,7 @@ impl Backend for StreamBackend {
 }
 
 impl BackendConfig for StreamBackend {
-    type Args = Envelope;
+    type Args = Vec<u8>;
     type Id = String;
     type Kind = Ephemeral;
     type Config = RedisTuning;
@@ -839,9 +855,9 @@ pub struct AckService<S> {
     acker: Acker,
 }
 
-impl<S> Service<Task<Envelope>> for AckService<S>
+impl<S> Service<Task<Vec<u8>>> for AckService<S>
 where
-    S: Service<Task<Envelope>>,
+    S: Service<Task<Vec<u8>>>,
     S::Future: Send + 'static,
     S::Response: Send,
     S::Error: Into<BoxDynError>,
@@ -854,7 +870,7 @@ where
         Poll::Ready(ready!(self.inner.poll_ready(cx)).map_err(Into::into))
     }
 
-    fn call(&mut self, task: Task<Envelope>) -> Self::Future {
+    fn call(&mut self, task: Task<Vec<u8>>) -> Self::Future {
         let id = task
             .task_id()
             .and_then(|t| t.as_string())

@@ -1,20 +1,23 @@
 //! SQLite backend: apalis-sqlite's `SqliteStorage` on one database file,
 //! with our own connection settings (WAL + durable `synchronous`), tuning
 //! (batching, polling, heartbeats), worker wiring, retention of completed
-//! jobs, and a fix for apalis' O(processed-jobs) ack query.
+//! jobs, and a fix for apalis' O(processed-jobs) ack query. Workers read each job's
+//! stored bytes through [`RawCodec`], which cannot fail, and decode them in
+//! `queue::deliver`: a job apalis' JSON codec refused ended the worker, whose restart
+//! fetched the same job again, forever.
 
 use std::{future::Future, path::Path, time::Duration};
 
 use apalis_core::{
     backend::{
         TaskSink,
+        codec::Codec,
         ext::{
             BackendExt,
             poll_strategy::{PollSnapshot, PollStrategy},
         },
     },
     error::BoxDynError,
-    monitor::Monitor,
     task::builder::TaskBuilder,
     worker::builder::WorkerBuilder,
 };
@@ -23,9 +26,7 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tower::limit::ConcurrencyLimitLayer;
 
-use super::{
-    Envelope, QueueError, StartLatch, WorkerSpec, run_guarded, run_monitor, unique_worker_name,
-};
+use super::{Envelope, Handler, QueueError, Run, WorkerSpec, deliver, run_monitor};
 
 /// Index changes after apalis' `setup()`. apalis-sqlite 1.0 keeps nine indexes on
 /// `Jobs`, and each job changes status twice (fetched, acked), rewriting its entry in
@@ -246,8 +247,7 @@ impl SqliteQueue {
         }
     }
 
-    // Args is `Value`, not `Envelope`: apalis decodes before the handler and a
-    // decode error ends the whole worker, so we decode ourselves.
+    /// For pushes: apalis encodes the envelope's JSON value as the job's bytes.
     fn storage(&self, queue: &str) -> SqliteStorage<Value> {
         SqliteStorage::new(&self.pool).with_config(self.config(queue))
     }
@@ -317,36 +317,32 @@ impl SqliteQueue {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    pub(super) async fn run_workers<H, Fut>(
+    pub(super) async fn run_workers<H: Handler>(
         &self,
         specs: Vec<WorkerSpec>,
         handler: H,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
-        latch: StartLatch,
-    ) -> Result<(), QueueError>
-    where
-        H: Fn(Envelope) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
+        run: Run,
+    ) -> Result<(), QueueError> {
         // A backend error (e.g. "database is locked" during a heartbeat) ends an
         // apalis worker; restart it after more than one heartbeat, because apalis
         // refuses to re-register a name it saw alive within one heartbeat.
         let restart_delay = self.tuning.heartbeat + Duration::from_secs(1);
-        let mut monitor = Monitor::new().should_restart(|worker, err| {
-            tracing::warn!(worker = worker.name(), error = %err, "sqlite worker failed; restarting");
-            true
-        });
-        for spec in specs {
-            let name = unique_worker_name(&spec.queue);
+        let mut monitor = run.monitor("sqlite");
+        for (spec, (name, _)) in specs.into_iter().zip(run.names.iter().cloned()) {
             let this = self.clone();
             let handler = handler.clone();
-            let started = latch.token();
+            let started = run.token();
+            let board = run.board.clone();
             monitor = monitor.register(move |restarts| {
                 let handler = handler.clone();
                 let started = started.clone();
-                let backend = this
-                    .storage(&spec.queue)
+                let board = board.clone();
+                let queue = spec.queue.clone();
+                let backend = SqliteStorage::<RawJob>::new(&this.pool)
+                    .with_config(this.config(&spec.queue))
+                    .with_codec(RawCodec)
                     .before_start(move |_| async move {
                         if restarts > 0 {
                             tokio::time::sleep(restart_delay).await;
@@ -356,22 +352,21 @@ impl SqliteQueue {
                     // The first poll_ready registers the worker in `Workers`.
                     .after_start(move |_| {
                         started.started();
+                        board.up(&queue);
                         async { Ok::<(), apalis_sqlite::Error>(()) }
                     })
                     .poll_with_strategy(Ticker::new(
                         spec.poll_interval.unwrap_or(this.tuning.poll_interval),
                     ));
+                let queue = spec.queue.clone();
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
                     .layer(ConcurrencyLimitLayer::new(spec.concurrency))
-                    .build(move |value: Value| {
+                    .build(move |job: RawJob| {
                         let handler = handler.clone();
+                        let queue = queue.clone();
                         async move {
-                            match serde_json::from_value::<Envelope>(value) {
-                                Ok(env) => run_guarded(&handler, env).await,
-                                // Poison payload: log and complete it so it is not retried.
-                                Err(e) => tracing::error!(error = %e, "undecodable job dropped"),
-                            }
+                            deliver(&handler, &queue, &job.0).await;
                             Ok::<(), BoxDynError>(())
                         }
                     })
@@ -381,6 +376,27 @@ impl SqliteQueue {
             res = run_monitor(monitor, shutdown, grace) => res,
             () = self.housekeeping() => Ok(()),
         }
+    }
+}
+
+/// A job's stored bytes (apalis' `job` column), undecoded.
+pub struct RawJob(pub Vec<u8>);
+
+/// The worker side's codec: hands the stored bytes over as they are. (Pushes keep
+/// apalis' JSON codec.)
+#[derive(Clone, Copy, Debug)]
+pub struct RawCodec;
+
+impl Codec<RawJob> for RawCodec {
+    type Error = std::convert::Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, job: &RawJob) -> Result<Vec<u8>, Self::Error> {
+        Ok(job.0.clone())
+    }
+
+    fn decode(&self, bytes: &Vec<u8>) -> Result<RawJob, Self::Error> {
+        Ok(RawJob(bytes.clone()))
     }
 }
 

@@ -1,23 +1,48 @@
 //! `status`: what an operator checks first — version, uptime, backends, channels by
-//! status and the queue by job kind.
+//! status, the queue by job kind, and what is down (store, queue, a worker not
+//! running). It answers while the store or the queue is down: their parts are null and
+//! `health` says why.
 
 use std::collections::BTreeMap;
 
+use patchbay_jobs::JobKind;
 use serde_json::{Value, json};
 
 use super::NoParams;
 use crate::app::App;
 use crate::control::rpc::RpcError;
+use crate::health::{self, PART_TIMEOUT};
 
 pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
-    let channels: BTreeMap<String, i64> = app.store.channel_counts().await?.into_iter().collect();
-    let mut jobs: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    for (kind, state, n) in app.store.journal_counts().await? {
-        jobs.entry(kind.to_string())
-            .or_default()
-            .insert(state.to_string(), n);
-    }
-    let queue_depth = app.queue_depths().await;
+    let (probe, counts) = tokio::join!(
+        health::probe(app),
+        tokio::time::timeout(PART_TIMEOUT, app.store.journal_counts())
+    );
+    let jobs = match counts {
+        Ok(Ok(counts)) => {
+            let mut jobs: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+            for (kind, state, n) in counts {
+                jobs.entry(kind.to_string())
+                    .or_default()
+                    .insert(state.to_string(), n);
+            }
+            json!(jobs)
+        }
+        _ => Value::Null,
+    };
+    let channels = match &probe.channels {
+        Ok(c) => json!(c.iter().cloned().collect::<BTreeMap<String, i64>>()),
+        Err(_) => Value::Null,
+    };
+    // A queue that does not answer shows every kind as null.
+    let queue_depth: BTreeMap<&str, Value> = JobKind::ALL
+        .iter()
+        .map(|k| {
+            let depth = probe.queue.as_ref().ok().and_then(|q| q.get(k.as_str()));
+            (k.as_str(), depth.map_or(Value::Null, |n| json!(n)))
+        })
+        .collect();
+    let down = probe.down();
     Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -26,6 +51,13 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
             "queue": app.settings.raw.queue.backend,
             "store": "sqlite",
             "mail": app.settings.raw.mail.transport,
+        },
+        "health": {
+            "ok": down.is_empty(),
+            "down": down,
+            "store": probe.channels.as_ref().err(),
+            "queue": probe.queue.as_ref().err(),
+            "workers": probe.workers,
         },
         "plugins": app.plugins.registry().kinds(),
         "channels": channels,
