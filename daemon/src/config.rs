@@ -802,10 +802,7 @@ mod tests {
             ("[mail]\nspool_dir = \"\"", "mail.spool_dir"),
             ("[control]\nsocket = \"\"", "control.socket"),
             ("[queue]\nsqlite_path = \"\"", "queue.sqlite_path"),
-            (
-                "[control]\nmax_connections = 0",
-                "control.max_connections",
-            ),
+            ("[control]\nmax_connections = 0", "control.max_connections"),
             ("[control]\nmax_batch = 10001", "control.max_batch"),
             (
                 "[control]\nidle_timeout_secs = 0",

@@ -122,7 +122,10 @@ async fn connections_past_the_cap_get_an_error_line_and_the_daemon_still_answers
     for i in CAP..OPEN {
         let (_stream, mut reader) = connect(&d);
         let reply = read_reply(&mut reader);
-        assert_eq!(reply["error"]["data"]["kind"], "unavailable", "#{i}: {reply}");
+        assert_eq!(
+            reply["error"]["data"]["kind"], "unavailable",
+            "#{i}: {reply}"
+        );
         let message = reply["error"]["message"].as_str().unwrap_or("");
         assert!(message.contains("control.max_connections"), "{message}");
         // ...and closed: end of stream (or a reset), never a hang.
@@ -222,7 +225,8 @@ async fn a_client_that_never_reads_is_dropped_with_bounded_memory() {
         "RSS grew from {baseline} kB to {peak} kB"
     );
     assert!(
-        d.log().contains("took no reply within control.write_timeout_secs"),
+        d.log()
+            .contains("took no reply within control.write_timeout_secs"),
         "{}",
         d.log()
     );

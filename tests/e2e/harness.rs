@@ -247,7 +247,10 @@ impl Daemon {
 
     /// The running process's pid (for /proc/<pid>/status).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("patchbayd is running")
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("patchbayd is running")
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -265,7 +265,11 @@ fn keep_alive(addr: &str) -> std::net::TcpStream {
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
-    assert!(seen.starts_with(b"HTTP/1.1 405"), "{}", String::from_utf8_lossy(&seen));
+    assert!(
+        seen.starts_with(b"HTTP/1.1 405"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
     conn
 }
 
@@ -290,7 +294,7 @@ async fn deep_bodies_get_400_and_connections_past_the_cap_503() {
     let message = |mid: &str, attachment: Value| {
         json!({
             "external_chat_id": "client-1", "external_message_id": mid,
-            "sender": {"name": "Client"}, "text": mid, "attachments": [attachment],
+            "sender": {"phone": "+15550001234", "name": "Client"}, "text": mid, "attachments": [attachment],
         })
         .to_string()
     };
@@ -321,7 +325,10 @@ async fn deep_bodies_get_400_and_connections_past_the_cap_503() {
             break;
         }
         assert_eq!(status, 503, "{text}");
-        assert!(start.elapsed() < Duration::from_secs(5), "still 503: {text}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still 503: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(idle);

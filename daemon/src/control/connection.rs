@@ -207,9 +207,12 @@ fn parse_line(line: &[u8], max_batch: usize) -> Result<Line, Value> {
             ),
         ));
     }
-    let not_json = |e: serde_json::Error| error_reply(rpc::PARSE_ERROR, format!("not valid JSON: {e}"));
+    let not_json =
+        |e: serde_json::Error| error_reply(rpc::PARSE_ERROR, format!("not valid JSON: {e}"));
     if line.first() != Some(&b'[') {
-        return serde_json::from_slice(line).map(Line::One).map_err(not_json);
+        return serde_json::from_slice(line)
+            .map(Line::One)
+            .map_err(not_json);
     }
     let seed = BoundedBatch {
         max: max_batch,
@@ -284,7 +287,11 @@ mod tests {
         assert_eq!(code(&reply), rpc::INVALID_REQUEST, "{reply}");
         assert!(reply.to_string().contains("control.max_batch"), "{reply}");
         // Broken JSON in a batch is still a parse error, and trailing junk too.
-        for bad in [format!("{},", batch(2)), format!("[{item},"), "[1] x".into()] {
+        for bad in [
+            format!("{},", batch(2)),
+            format!("[{item},"),
+            "[1] x".into(),
+        ] {
             let reply = parse_line(bad.as_bytes(), 3).err().unwrap_or_default();
             assert_eq!(code(&reply), rpc::PARSE_ERROR, "{bad}: {reply}");
         }
@@ -312,7 +319,9 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert_eq!(code(&reply), rpc::INVALID_REQUEST);
-        let reply = parse_line(b"{\"a\":\"\xff\"}", 10).err().unwrap_or_default();
+        let reply = parse_line(b"{\"a\":\"\xff\"}", 10)
+            .err()
+            .unwrap_or_default();
         assert_eq!(code(&reply), rpc::PARSE_ERROR);
     }
 }

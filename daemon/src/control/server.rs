@@ -225,7 +225,10 @@ impl Throttle {
     /// `Some(refusals not logged since the last line)` when this one may be logged.
     fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
             self.suppressed += 1;
             return None;
         }
@@ -312,7 +315,9 @@ pub async fn serve(
             if let Some(suppressed) = full_log.allow() {
                 let pid = stream.peer_cred().ok().and_then(|c| c.pid());
                 tracing::warn!(
-                    ?pid, max, suppressed,
+                    ?pid,
+                    max,
+                    suppressed,
                     "control socket refused a client: control.max_connections are connected"
                 );
             }

@@ -2,9 +2,9 @@
 //! read from the job journal so both queue backends answer alike.
 
 use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, value_depth};
-use patchbay_jobs::{DomainError, JobKind};
 use patchbay_jobs::model::JobState;
 use patchbay_jobs::store::JobFilter;
+use patchbay_jobs::{DomainError, JobKind};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
