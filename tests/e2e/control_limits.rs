@@ -1,7 +1,8 @@
 //! The control socket's bounds on the real daemon: an over-size batch costs little
 //! memory and gets one error, connections past `control.max_connections` get an error
 //! line and are closed while the daemon keeps answering, a client that never reads is
-//! dropped, and over-deep requests and `job.enqueue` payloads get clear errors.
+//! dropped, idle ones are closed, and over-deep requests and `job.enqueue` payloads get
+//! clear errors.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -274,4 +275,30 @@ async fn job_enqueue_refuses_a_too_deep_payload() {
     assert!(message.contains("nested deeper than 32"), "{message}");
     let jobs = d.ok("job.list", json!({"kind": "topup"})).await;
     assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_or_trickling_connection_is_closed() {
+    let d = Daemon::start_with(Backend::Sqlite, "[control]\nidle_timeout_secs = 1\n");
+    let (mut idle, mut idle_reader) = connect(&d);
+    assert!(exchange(&mut idle, &mut idle_reader, STATUS)["result"].is_object());
+    // Half a request, never finished, counts as idle too.
+    let (mut trickle, mut trickle_reader) = connect(&d);
+    trickle
+        .write_all(br#"{"jsonrpc":"2.0","id":1,"#)
+        .expect("write");
+    let start = Instant::now();
+    for reader in [&mut idle_reader, &mut trickle_reader] {
+        let mut rest = Vec::new();
+        match reader.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(d.ok("status", json!({})).await["version"].is_string());
 }
