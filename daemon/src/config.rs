@@ -54,6 +54,14 @@ pub struct ControlConfig {
     pub socket: PathBuf,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// Clients connected at once; the next one gets an error line and is closed.
+    pub max_connections: usize,
+    /// Requests in one JSON-RPC batch; a larger batch gets one error.
+    pub max_batch: usize,
+    /// A connection with no complete request for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// A client that does not take a reply within this is dropped.
+    pub write_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,6 +143,10 @@ impl Default for ControlConfig {
             socket: "var/patchbayd.sock".into(),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            max_connections: 256,
+            max_batch: 100,
+            idle_timeout_secs: 300,
+            write_timeout_secs: 10,
         }
     }
 }
@@ -578,6 +590,7 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
         ));
     }
     let socket = check_socket(base, &raw.control.socket)?;
+    check_control_limits(&raw.control)?;
     Ok(Settings {
         socket,
         store_path,
@@ -614,6 +627,22 @@ fn check_socket(base: &Path, socket: &Path) -> Result<PathBuf, ConfigError> {
         ));
     }
     Ok(path)
+}
+
+/// The control socket's bounds: each must be positive, and none so large that it stops
+/// bounding anything.
+fn check_control_limits(c: &ControlConfig) -> Result<(), ConfigError> {
+    for (key, value, max) in [
+        ("control.max_connections", c.max_connections as u64, 65_536),
+        ("control.max_batch", c.max_batch as u64, 10_000),
+        ("control.idle_timeout_secs", c.idle_timeout_secs, 86_400),
+        ("control.write_timeout_secs", c.write_timeout_secs, 3_600),
+    ] {
+        if !(1..=max).contains(&value) {
+            return Err(ConfigError::new(key, value, format!("1 to {max}")));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `queue.redis_url` as the daemon will (`redis::Client::open` only parses; it
@@ -773,6 +802,16 @@ mod tests {
             ("[mail]\nspool_dir = \"\"", "mail.spool_dir"),
             ("[control]\nsocket = \"\"", "control.socket"),
             ("[queue]\nsqlite_path = \"\"", "queue.sqlite_path"),
+            ("[control]\nmax_connections = 0", "control.max_connections"),
+            ("[control]\nmax_batch = 10001", "control.max_batch"),
+            (
+                "[control]\nidle_timeout_secs = 0",
+                "control.idle_timeout_secs",
+            ),
+            (
+                "[control]\nwrite_timeout_secs = -1",
+                "control.write_timeout_secs",
+            ),
         ] {
             let err = load_toml(text)
                 .err()

@@ -250,6 +250,14 @@ impl Daemon {
         d
     }
 
+    /// The running process's pid (for /proc/<pid>/status).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("patchbayd is running")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("patchbayd.log")
     }

@@ -7,6 +7,7 @@ mod channels;
 mod chats;
 mod config;
 mod control;
+mod control_limits;
 mod deletion;
 mod fake_http;
 mod faults;

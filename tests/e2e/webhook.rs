@@ -238,3 +238,108 @@ async fn signed_inbound_and_retried_outbound() {
     let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// The inbound URL of webhook channel `id` once it is connected.
+async fn connected_url(d: &Daemon, account: i64, id: i64) -> String {
+    d.until("webhook connected", Duration::from_secs(20), || async {
+        let list = d.ok("channel.list", json!({"account": account})).await;
+        let c = list.as_array()?.iter().find(|c| c["id"] == id)?.clone();
+        (c["status"] == "connected").then(|| c["number"].as_str().map(str::to_owned))?
+    })
+    .await
+}
+
+/// Sends a request that keeps the connection open (405 for a GET) and reads the
+/// answer's head: afterwards the connector holds this connection idle.
+fn keep_alive(addr: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(b"GET /in HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 405"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deep_bodies_get_400_and_connections_past_the_cap_503() {
+    let d = Daemon::start_full(Backend::Sqlite, "", |dir| install_connector(dir, "webhook"));
+    let (acc, admin) = d.account("bounded").await;
+    let config = json!({
+        "secret": SECRET, "listen": "127.0.0.1:0", "path": "/in", "max_connections": 4,
+    });
+    let ch = d
+        .ok(
+            "channel.add",
+            json!({"account": acc, "actor": admin, "kind": "webhook", "name": "gw", "config": config}),
+        )
+        .await;
+    let url = connected_url(&d, acc, ch["id"].as_i64().expect("channel id")).await;
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/in")
+        .to_owned();
+    let message = |mid: &str, attachment: Value| {
+        json!({
+            "external_chat_id": "client-1", "external_message_id": mid,
+            "sender": {"phone": "+15550001234", "name": "Client"}, "text": mid, "attachments": [attachment],
+        })
+        .to_string()
+    };
+
+    // 40 levels in an attachment, signed: refused with a reason, nothing emitted.
+    let mut deep = json!("x");
+    for _ in 0..38 {
+        deep = json!({ "a": deep });
+    }
+    let body = message("deep", deep);
+    let (status, text) = post(&url, &signed(now(), body.as_bytes()), body.as_bytes());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("nested deeper than 32 levels"), "{text}");
+
+    // Four idle kept-alive connections fill the cap: the next one gets 503 at once.
+    let mut idle: Vec<_> = (0..4).map(|_| keep_alive(&addr)).collect();
+    let good = message("fine", json!({"url": "https://example.test/a.png"}));
+    let (status, text) = post(&url, &signed(now(), good.as_bytes()), good.as_bytes());
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("max_connections"), "{text}");
+    // One leaves: the next request is served (its slot frees once the connector sees
+    // the close).
+    idle.pop();
+    let start = std::time::Instant::now();
+    loop {
+        let (status, text) = post(&url, &signed(now(), good.as_bytes()), good.as_bytes());
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still 503: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(idle);
+
+    // Only the accepted message was stored.
+    d.until("the message stored", Duration::from_secs(20), || async {
+        (!all_messages(&d, acc).await.is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = all_messages(&d, acc).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["external_message_id"], "fine");
+}

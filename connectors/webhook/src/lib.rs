@@ -31,14 +31,16 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use patchbay_connector_sdk::chrono::{DateTime, FixedOffset, Utc};
+use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, check_depth};
 use patchbay_connector_sdk::{
     ChannelState, Connector, ConnectorError, EmitError, Event, FlushError, Host, Inbound, Level,
     Outbound, Receipt, ReceiptStatus, Sender, Sent, Status, export_connector,
 };
 use serde::Deserialize;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 pub use signature::{SIGNATURE_HEADER, SignatureError, TIMESTAMP_HEADER, sign, verify};
@@ -53,6 +55,8 @@ export_connector!(
 /// The largest inbound body: an event must fit the host's 1 MiB payload limit, with
 /// room for the fields the connector adds around the gateway's JSON.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024 - 4096;
+/// The largest `max_connections`: each connection is a file descriptor of the daemon's.
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// The daemon runs each call under a 30 s timeout; all of a send's attempts must fit.
 const SEND_BUDGET: Duration = Duration::from_secs(25);
 /// How long an inbound request waits for a busy host before answering 503.
@@ -67,6 +71,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `stop` lets requests in progress finish before closing their connections.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a connection past `max_connections` is given to take its 503.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
+/// Connections past `max_connections` answered 503 at once; past these too, a new
+/// connection is closed unanswered.
+const MAX_REFUSING: usize = 64;
 
 /// The channel config object. Unknown keys are an error, so a typo (`max_skew_sec`)
 /// cannot silently fall back to a default.
@@ -91,6 +100,9 @@ pub struct Config {
     /// holds no thread).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Connections served at once; the next ones get 503 and are closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// Where outbound messages are POSTed; without it, sends fail permanently.
     #[serde(default)]
     pub outbound_url: Option<String>,
@@ -121,6 +133,7 @@ impl std::fmt::Debug for Config {
             .field("max_skew_secs", &self.max_skew_secs)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("workers", &self.workers)
+            .field("max_connections", &self.max_connections)
             .field("outbound_url", &self.outbound_url)
             .field(
                 "outbound_secret",
@@ -148,6 +161,9 @@ fn default_max_body() -> usize {
 }
 fn default_workers() -> usize {
     2
+}
+fn default_max_connections() -> usize {
+    256
 }
 fn default_outbound_timeout() -> u64 {
     5
@@ -210,6 +226,13 @@ impl Config {
         }
         if !(1..=64).contains(&self.workers) {
             return bad("workers", &self.workers, "1 to 64");
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return bad(
+                "max_connections",
+                &self.max_connections,
+                &format!("1 to {MAX_CONNECTIONS}"),
+            );
         }
         if let Some(url) = &self.outbound_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -327,7 +350,9 @@ where
 
 /// Authenticates and parses a body: 401 for a missing, wrong or stale signature (stale
 /// is 401 rather than 408 because it is an authentication failure, not a slow client),
-/// 400 for JSON that is not a valid message.
+/// 400 for JSON that is not a valid message or nests deeper than `MAX_JSON_DEPTH`
+/// (measured before parsing; the event keeps the body's nesting, which the host bounds
+/// the same way).
 pub fn check_body(
     config: &Config,
     head: &RequestHead,
@@ -343,6 +368,12 @@ pub fn check_body(
         config.max_skew_secs,
     )
     .map_err(|e| Rejection::new(401, e.to_string()))?;
+    check_depth(body, MAX_JSON_DEPTH).map_err(|e| {
+        Rejection::new(
+            400,
+            format!("invalid message JSON: {e}; send attachments with less nesting"),
+        )
+    })?;
     let wire: WireInbound = serde_json::from_slice(body)
         .map_err(|e| Rejection::new(400, format!("invalid message JSON: {e}")))?;
     let msg = Inbound {
@@ -541,16 +572,75 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, mut stop: watch::Rec
     }
 }
 
+/// Answers a connection past `max_connections` with 503 and closes it. What the client
+/// sent is read (and dropped) for a moment after the answer: closing with it unread
+/// would reset the connection, and the client could lose the 503 before reading it.
+async fn refuse_busy(mut stream: TcpStream, max: usize) {
+    let body = json!({
+        "ok": false,
+        "error": format!("this webhook serves {max} connections already (max_connections); try again shortly"),
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSE_WAIT, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 64 * 1024 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
 /// Accepts until stop, then closes the port, lets requests in progress finish for up
-/// to `STOP_GRACE` and drops the rest.
+/// to `STOP_GRACE` and drops the rest. At most `max_connections` are served at once
+/// (a semaphore permit travels with each); the next ones get 503.
 async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let max = shared.config.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let mut refused_logged: Option<Instant> = None;
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    conns.spawn(connection(stream, shared.clone(), stop.clone()));
-                }
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (shared, stop) = (shared.clone(), stop.clone());
+                        conns.spawn(async move {
+                            connection(stream, shared, stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+                        // Once per 10 s at most: a flood must not flood the log.
+                        if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            refused_logged = Some(Instant::now());
+                            shared.host.log(
+                                Level::Warn,
+                                &format!("webhook: {max} connections open (max_connections); answering new ones 503"),
+                            );
+                        }
+                        // Past MAX_REFUSING refusals in progress the stream is dropped.
+                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                            conns.spawn(async move {
+                                refuse_busy(stream, max).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                },
                 Err(e) => {
                     // Usually out of file descriptors: pause rather than spin.
                     shared.host.log(Level::Warn, &format!("webhook: accept failed: {e}"));
@@ -1055,6 +1145,32 @@ mod tests {
             let r = check_body(&c, &head(&ts, &sig), bad.as_bytes(), now).unwrap_err();
             assert_eq!(r.status, 400, "{bad}: {r}");
         }
+    }
+
+    #[test]
+    fn a_deep_body_is_refused_after_the_signature() {
+        let c = Config::parse(json!({"secret": SECRET, "path": "/in"})).unwrap();
+        let now = 1_700_000_000;
+        let ts = now.to_string();
+        let body = |levels: usize| {
+            format!(
+                r#"{{"external_chat_id":"c","external_message_id":"m","sender":{{"name":"A"}},"attachments":[{}1{}]}}"#,
+                "[".repeat(levels - 2),
+                "]".repeat(levels - 2)
+            )
+        };
+        let at = body(MAX_JSON_DEPTH);
+        let sig = sign(SECRET.as_bytes(), now, at.as_bytes()).unwrap();
+        assert!(check_body(&c, &head(&ts, &sig), at.as_bytes(), now).is_ok());
+        let over = body(MAX_JSON_DEPTH + 1);
+        let sig = sign(SECRET.as_bytes(), now, over.as_bytes()).unwrap();
+        let r = check_body(&c, &head(&ts, &sig), over.as_bytes(), now).unwrap_err();
+        assert_eq!(r.status, 400);
+        assert!(r.message.contains("nested deeper than 32"), "{}", r.message);
+        // Unsigned, the same body is an authentication failure first.
+        let r = check_body(&c, &head(&ts, "sha256=00"), over.as_bytes(), now).unwrap_err();
+        assert_eq!(r.status, 401);
+        assert!(Config::parse(json!({"secret": SECRET, "max_connections": 0})).is_err());
     }
 
     #[test]

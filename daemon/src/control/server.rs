@@ -8,15 +8,19 @@
 //! allowed, others only when listed in `control.allowed_uids` / `allowed_gids`. A gid
 //! matches the peer's primary group or any of its supplementary groups (SO_PEERGROUPS),
 //! since admins are usually members of `patchbay-admin` rather than having it as their
-//! primary group. A refusal is logged with the peer's pid, uid and gid.
+//! primary group. A refusal is logged with the peer's pid, uid and gid, at most once
+//! every 10 s with a count of the ones not logged. At most `control.max_connections`
+//! clients are served at once; the next one gets an `unavailable` error and is closed.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -201,8 +205,63 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
     Vec::new()
 }
 
+/// Logs one kind of refusal at most once per `EVERY`, counting the ones in between, so
+/// a flood of refused peers cannot flood the journal.
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Throttle {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(refusals not logged since the last line)` when this one may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Descriptors the daemon needs besides control clients: store, queue, connectors'
+/// listeners and clients, logs.
+const OWN_FDS: u64 = 512;
+
+/// Warns at start when `RLIMIT_NOFILE` cannot hold `control.max_connections` clients
+/// beside the daemon's own descriptors: accept would then fail before the cap applies.
+fn check_fd_limit(max_connections: usize) {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let needed = max_connections as u64 + OWN_FDS;
+    if let Some(current) = limit.current
+        && current < needed
+    {
+        tracing::warn!(
+            nofile = current,
+            needed,
+            "the open-file limit is below control.max_connections + {OWN_FDS}; raise \
+             LimitNOFILE= (the shipped unit sets 65536) or lower control.max_connections"
+        );
+    }
+}
+
 /// Accepts clients until `stop` fires; each connection runs on `tracker` so shutdown
-/// can wait for requests already being answered.
+/// can wait for requests already being answered. At most `control.max_connections`
+/// are served at once: a semaphore permit travels with each connection task, and a
+/// client arriving while none is free gets an error line and is closed.
 pub async fn serve(
     listener: UnixListener,
     app: Arc<App>,
@@ -210,6 +269,12 @@ pub async fn serve(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let control = &app.settings.raw.control;
+    let max = control.max_connections;
+    let limits = connection::Limits::new(control);
+    check_fd_limit(max);
+    let slots = Arc::new(Semaphore::new(max));
+    let (mut forbidden_log, mut full_log) = (Throttle::new(), Throttle::new());
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -220,32 +285,50 @@ pub async fn serve(
             Err(e) => {
                 // Out of file descriptors and the like: back off rather than spin.
                 tracing::warn!(error = %e, "control socket accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let allowed = match stream.peer_cred() {
             Ok(cred) if gate.admits(cred.uid(), cred.gid(), &peer_groups(&stream)) => true,
             Ok(cred) => {
-                tracing::warn!(
-                    pid = ?cred.pid(), uid = cred.uid(), gid = cred.gid(),
-                    "control socket refused a peer not in control.allowed_uids/allowed_gids"
-                );
+                if let Some(suppressed) = forbidden_log.allow() {
+                    tracing::warn!(
+                        pid = ?cred.pid(), uid = cred.uid(), gid = cred.gid(), suppressed,
+                        "control socket refused a peer not in control.allowed_uids/allowed_gids"
+                    );
+                }
                 false
             }
             Err(e) => {
-                tracing::warn!(error = %e, "control socket refused a peer whose credentials cannot be read");
+                if let Some(suppressed) = forbidden_log.allow() {
+                    tracing::warn!(error = %e, suppressed, "control socket refused a peer whose credentials cannot be read");
+                }
                 false
             }
+        };
+        if !allowed {
+            connection::refuse(stream, connection::forbidden());
+            continue;
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = full_log.allow() {
+                let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+                tracing::warn!(
+                    ?pid,
+                    max,
+                    suppressed,
+                    "control socket refused a client: control.max_connections are connected"
+                );
+            }
+            connection::refuse(stream, connection::full(max));
+            continue;
         };
         let app = app.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
-            if allowed {
-                connection::run(stream, app, stop).await;
-            } else {
-                connection::refuse(stream).await;
-            }
+            connection::run(stream, app, stop, limits).await;
+            drop(permit);
         });
     }
 }

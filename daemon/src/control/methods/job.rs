@@ -1,9 +1,10 @@
 //! `job.enqueue`, `job.get`, `job.list`, `job.retry`: the queue as operators see it,
 //! read from the job journal so both queue backends answer alike.
 
-use patchbay_jobs::JobKind;
+use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, value_depth};
 use patchbay_jobs::model::JobState;
 use patchbay_jobs::store::JobFilter;
+use patchbay_jobs::{DomainError, JobKind};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -20,6 +21,14 @@ pub struct EnqueueParams {
 
 pub async fn enqueue(app: &App, p: EnqueueParams) -> Result<Value, RpcError> {
     let kind: JobKind = p.kind.parse()?;
+    // The queue's envelope and the journal wrap the payload in levels of their own: a
+    // deeper one could be stored as a job no worker can decode.
+    if value_depth(&p.payload) > MAX_JSON_DEPTH {
+        return Err(DomainError::InvalidValue(format!(
+            "payload is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+        ))
+        .into());
+    }
     let (id, existing) = app.enqueue(kind, p.payload).await?;
     Ok(json!({ "id": id, "existing": existing }))
 }
