@@ -20,7 +20,9 @@ pub struct EnqueueParams {
 
 pub async fn enqueue(app: &App, p: EnqueueParams) -> Result<Value, RpcError> {
     let kind: JobKind = p.kind.parse()?;
-    let (id, existing) = app.enqueue(kind, p.payload).await?;
+    // The rules of the matching methods too: billing.run's dates, account.topup's
+    // bounds (in the payload's validation).
+    let (id, existing) = app.enqueue_requested(kind, p.payload).await?;
     Ok(json!({ "id": id, "existing": existing }))
 }
 
