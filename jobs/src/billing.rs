@@ -355,7 +355,10 @@ mod tests {
         );
         let santiago: Tz = "America/Santiago".parse().expect("tz");
         let gap = date("2026-09-06");
-        assert_eq!(day_start(gap, santiago), day_end(date("2026-09-05"), santiago));
+        assert_eq!(
+            day_start(gap, santiago),
+            day_end(date("2026-09-05"), santiago)
+        );
     }
 
     #[test]
@@ -365,11 +368,17 @@ mod tests {
         assert!(check_charge_date(date("2026-11-18"), today, 6).is_ok());
         let future = check_charge_date(date("2026-11-25"), today, 6).unwrap_err();
         assert_eq!(future.kind(), "invalid_value");
-        assert!(future.to_string().contains("after today (2026-11-24"), "{future}");
+        assert!(
+            future.to_string().contains("after today (2026-11-24"),
+            "{future}"
+        );
         assert!(check_charge_date(date("2026-12-24"), today, 6).is_err());
         let old = check_charge_date(date("2026-11-17"), today, 6).unwrap_err();
         assert_eq!(old.kind(), "invalid_value");
-        assert!(old.to_string().contains("earliest day that may still be charged is 2026-11-18"));
+        assert!(
+            old.to_string()
+                .contains("earliest day that may still be charged is 2026-11-18")
+        );
         // A window of 0: today only.
         assert!(check_charge_date(today, today, 0).is_ok());
         assert!(check_charge_date(date("2026-11-23"), today, 0).is_err());

@@ -465,7 +465,10 @@ async fn operators_charge_past_days_by_their_state_and_no_future_day() {
         before,
         "nothing charged for a refused day"
     );
-    assert_eq!((balance(&d, acme).await, balance(&d, beta).await), (9_700, 150));
+    assert_eq!(
+        (balance(&d, acme).await, balance(&d, beta).await),
+        (9_700, 150)
+    );
     // (Day 0's own run, queued at start, fanned out day 0's charges: those are there.)
     let jobs = d.ok("job.list", json!({"limit": 1000})).await;
     assert!(
@@ -503,21 +506,31 @@ async fn operators_charge_past_days_by_their_state_and_no_future_day() {
                 json!({"kind": "charge_account", "payload": {"account": acc, "date": day(2)}}),
             )
             .await;
-        d.job_until(r["id"].as_str().expect("id"), &["done"], Duration::from_secs(30))
-            .await;
+        d.job_until(
+            r["id"].as_str().expect("id"),
+            &["done"],
+            Duration::from_secs(30),
+        )
+        .await;
     }
     assert_eq!(balance(&d, acme).await, 9_100);
     assert_eq!(balance(&d, beta).await, 50);
     let days = |ns: &[u64]| ns.iter().map(|&n| day(n).to_string()).collect::<Vec<_>>();
     assert_eq!(
         charged_days(&d, acme).await,
-        [(a, days(&[0, 1, 2, 3])), (b, days(&[0, 1])), (c, days(&[0, 1, 2]))]
-            .into_iter()
-            .collect()
+        [
+            (a, days(&[0, 1, 2, 3])),
+            (b, days(&[0, 1])),
+            (c, days(&[0, 1, 2]))
+        ]
+        .into_iter()
+        .collect()
     );
     assert_eq!(
         charged_days(&d, beta).await,
-        [(ch_d, days(&[0, 1])), (ch_e, days(&[2]))].into_iter().collect()
+        [(ch_d, days(&[0, 1])), (ch_e, days(&[2]))]
+            .into_iter()
+            .collect()
     );
     let disconnected = || {
         subjects(&smtp)

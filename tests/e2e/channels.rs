@@ -154,9 +154,11 @@ async fn inbound_messages_skip_the_journal_only_where_redis_loses_no_push() {
     let always = Daemon::start(Backend::RedisAof);
     let mut everysec = Daemon::start(Backend::RedisEverysec);
     for (d, mode) in [(&always, UNJOURNALLED), (&everysec, JOURNALLED)] {
-        d.until("the inbound mode in the log", Duration::from_secs(10), || async {
-            d.log().contains(mode).then_some(())
-        })
+        d.until(
+            "the inbound mode in the log",
+            Duration::from_secs(10),
+            || async { d.log().contains(mode).then_some(()) },
+        )
         .await;
     }
     assert!(!everysec.log().contains(UNJOURNALLED), "{}", everysec.log());
@@ -168,9 +170,11 @@ async fn inbound_messages_skip_the_journal_only_where_redis_loses_no_push() {
     std::fs::write(&everysec.config, trusting).expect("config");
     everysec.spawn();
     everysec
-        .until("the trusted mode in the log", Duration::from_secs(10), || async {
-            everysec.log().contains(UNJOURNALLED).then_some(())
-        })
+        .until(
+            "the trusted mode in the log",
+            Duration::from_secs(10),
+            || async { everysec.log().contains(UNJOURNALLED).then_some(()) },
+        )
         .await;
 }
 

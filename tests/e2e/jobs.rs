@@ -143,13 +143,24 @@ async fn topup_jobs_follow_account_topup() {
         .await;
     assert_eq!(entry["reference"], "pay-1");
     let r = d.ok("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 100, "reference": "pay-1\t"}})).await;
-    d.job_until(r["id"].as_str().expect("id"), &["done"], Duration::from_secs(20))
-        .await;
+    d.job_until(
+        r["id"].as_str().expect("id"),
+        &["done"],
+        Duration::from_secs(20),
+    )
+    .await;
     let first = d.ok("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 200, "reference": " pay-2"}})).await;
-    d.job_until(first["id"].as_str().expect("id"), &["done"], Duration::from_secs(20))
-        .await;
+    d.job_until(
+        first["id"].as_str().expect("id"),
+        &["done"],
+        Duration::from_secs(20),
+    )
+    .await;
     let again = d.ok("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 200, "reference": "pay-2 "}})).await;
-    assert_eq!((&again["id"], &again["existing"]), (&first["id"], &json!(true)));
+    assert_eq!(
+        (&again["id"], &again["existing"]),
+        (&first["id"], &json!(true))
+    );
     d.ok(
         "account.topup",
         json!({"account": acc, "amount": 200, "reference": "pay-2"}),

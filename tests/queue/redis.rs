@@ -237,14 +237,24 @@ async fn idle_worker_picks_up_quickly() {
 async fn persistence_is_read_from_the_server() {
     let redis = TestRedis::start("aof").await;
     let queue = Queue::open_redis(&redis.url, "t").await.unwrap();
-    assert!(!queue.persists_jobs(false).await, "started with --appendonly no");
-    assert!(!queue.persists_jobs(true).await, "no append-only file to trust");
+    assert!(
+        !queue.persists_jobs(false).await,
+        "started with --appendonly no"
+    );
+    assert!(
+        !queue.persists_jobs(true).await,
+        "no append-only file to trust"
+    );
     // Redis' default appendfsync is everysec: up to a second of pushes can be lost.
     let aof = TestRedis::start_persistent("aof-yes", true).await;
     let everysec = Queue::open_redis(&aof.url, "t").await.unwrap();
     assert!(!everysec.persists_jobs(false).await, "appendfsync everysec");
     assert!(everysec.persists_jobs(true).await, "everysec, trusted");
-    let always = TestRedis::start_args("aof-always", &["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let always = TestRedis::start_args(
+        "aof-always",
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    )
+    .await;
     let synced = Queue::open_redis(&always.url, "t").await.unwrap();
     assert!(synced.persists_jobs(false).await, "appendfsync always");
     // Changed at run time: the next check sees it.
@@ -268,7 +278,10 @@ async fn persistence_is_read_from_the_server() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(!everysec.persists_jobs(true).await, "append-only file turned off");
+    assert!(
+        !everysec.persists_jobs(true).await,
+        "append-only file turned off"
+    );
     let sqlite = crate::common::TempDb::new("aof");
     assert!(
         Queue::open_sqlite(&sqlite.0)

@@ -216,17 +216,16 @@ pub(super) async fn charge(
 ) -> StoreResult<Vec<Option<Charged>>> {
     let ids: Vec<Id> = items.iter().map(|i| i.0).collect();
     // (balance, balance_notify_days, suspended already)
-    let mut accounts: HashMap<Id, (i64, i64, bool)> =
-        sqlx::query_as::<_, (Id, i64, i64, bool)>(
-            "SELECT id, balance, balance_notify_days, suspended_on IS NOT NULL FROM accounts \
+    let mut accounts: HashMap<Id, (i64, i64, bool)> = sqlx::query_as::<_, (Id, i64, i64, bool)>(
+        "SELECT id, balance, balance_notify_days, suspended_on IS NOT NULL FROM accounts \
              WHERE id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(Value::from(ids).to_string())
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .map(|(id, balance, notify, suspended)| (id, (balance, notify, suspended)))
-        .collect();
+    )
+    .bind(Value::from(ids).to_string())
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|(id, balance, notify, suspended)| (id, (balance, notify, suspended)))
+    .collect();
 
     // The channels active per (account, day), looked up once per distinct day.
     let mut channels: HashMap<(Id, NaiveDate), Vec<ActiveChannel>> = HashMap::new();
@@ -390,7 +389,13 @@ pub(super) async fn charge_day(
 ) -> StoreResult<Charged> {
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    let out = charge(&mut tx, &[(account, day, (day_start, day_end))], prices, now).await?;
+    let out = charge(
+        &mut tx,
+        &[(account, day, (day_start, day_end))],
+        prices,
+        now,
+    )
+    .await?;
     let charged = out
         .into_iter()
         .next()
@@ -708,7 +713,7 @@ mod tests {
                 day,
                 day_start: i64::MIN,
                 day_start: i64::MIN,
-            day_end: i64::MAX,
+                day_end: i64::MAX,
                 max_attempts: 8,
             });
         }
@@ -982,7 +987,7 @@ mod tests {
                 day: next,
                 day_start: i64::MIN,
                 day_start: i64::MIN,
-            day_end: i64::MAX,
+                day_end: i64::MAX,
                 max_attempts: 8,
             })
             .collect();
@@ -1197,7 +1202,10 @@ mod tests {
             .charge_day(acc, day("2026-11-23"), 4_000, 6_000, &prices())
             .await
             .expect("the day of the removal");
-        assert!(matches!(c.outcome, ChargeOutcome::Charged { total: 100, .. }));
+        assert!(matches!(
+            c.outcome,
+            ChargeOutcome::Charged { total: 100, .. }
+        ));
         assert!(!c.notices, "a removed channel is not counted in warnings");
         assert_eq!(charged_days(acc).await, ["2026-11-23"]);
 
@@ -1213,7 +1221,10 @@ mod tests {
             .charge_day(acc, day("2026-11-24"), i64::MIN, i64::MAX, &prices())
             .await
             .expect("the day before");
-        assert!(matches!(c.outcome, ChargeOutcome::Charged { balance: 400, .. }));
+        assert!(matches!(
+            c.outcome,
+            ChargeOutcome::Charged { balance: 400, .. }
+        ));
         let c = s
             .charge_day(acc, day("2026-11-25"), i64::MIN, i64::MAX, &prices())
             .await
