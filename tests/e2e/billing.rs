@@ -440,7 +440,7 @@ async fn operators_charge_past_days_by_their_state_and_no_future_day() {
             .fails("billing.run", json!({"date": date}), "invalid_value")
             .await;
         let why = if date > day(3) {
-            format!("after today ({})", day(3))
+            format!("after today ({} in the billing time zone)", day(3))
         } else {
             format!("earliest day that may still be charged is {}", day(1))
         };

@@ -224,8 +224,9 @@ impl Daemon {
             [
                 ("LD_PRELOAD", lib.to_owned()),
                 ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
-                // Read the file again at most once a second (see set_days_ahead).
-                ("FAKETIME_CACHE_DURATION", "1".to_owned()),
+                // Read the file at every call: its cache is per thread and may keep a
+                // thread on the old day for long after the file changed.
+                ("FAKETIME_NO_CACHE", "1".to_owned()),
                 ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
             ]
             .map(|(k, v)| (k.to_owned(), v)),
@@ -235,7 +236,8 @@ impl Daemon {
     }
 
     /// Moves a [`start_clocked`](Self::start_clocked) daemon's wall clock (and its
-    /// siblings') to `days` after the real date, and waits until the daemon reads it.
+    /// siblings') to `days` after the real date; the daemon reads it at its next call
+    /// for the time.
     pub async fn set_days_ahead(&self, days: u64) {
         let clock = self
             .env
@@ -243,8 +245,10 @@ impl Daemon {
             .find(|(k, _)| k == "FAKETIME_TIMESTAMP_FILE")
             .map(|(_, v)| v.clone())
             .expect("a daemon started with start_clocked");
-        std::fs::write(&clock, format!("+{days}d")).expect("clock file");
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Written whole, then renamed: a reader never sees a half-written file.
+        let next = format!("{clock}.next");
+        std::fs::write(&next, format!("+{days}d")).expect("clock file");
+        std::fs::rename(&next, &clock).expect("clock file");
     }
 
     /// The folder, config and (for Redis) server of a daemon not yet started.

@@ -712,7 +712,6 @@ mod tests {
                 account,
                 day,
                 day_start: i64::MIN,
-                day_start: i64::MIN,
                 day_end: i64::MAX,
                 max_attempts: 8,
             });
@@ -985,7 +984,6 @@ mod tests {
                 job: format!("queued-{account}"),
                 account,
                 day: next,
-                day_start: i64::MIN,
                 day_start: i64::MIN,
                 day_end: i64::MAX,
                 max_attempts: 8,
