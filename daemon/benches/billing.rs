@@ -64,7 +64,9 @@ async fn main() -> Res<()> {
 
 async fn seed(pool: &SqlitePool, accounts: i64) -> Res<f64> {
     let t = Instant::now();
-    let now = now_ms();
+    // Two days ago: the run bills yesterday (a day after today is refused), on which
+    // the channels must have existed.
+    let now = now_ms() - 2 * 86_400_000;
     let mut tx = pool.begin().await?;
     sqlx::query(
         "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
@@ -390,9 +392,10 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
         accounts * 3,
         loadavg()
     );
-    // Tomorrow, as the cron will bill it: today's run was queued by the daemon at start
-    // (it catches up a run_at that has passed) while the store was still empty.
-    let day = (chrono::Utc::now().date_naive() + chrono::Days::new(1)).to_string();
+    // Yesterday, as an operator catching up bills it (a day after today is refused):
+    // today's run was queued by the daemon at start (it catches up a run_at that has
+    // passed) while the store was still empty.
+    let day = (chrono::Utc::now().date_naive() - chrono::Days::new(1)).to_string();
     let before = effects(&pool, &day, &spool).await?;
 
     // Accounts with id ≡ 0 or 1 (mod 20) get an e-mail: a balance_check each.

@@ -14,7 +14,7 @@ use patchbay_jobs::model::{Account, Id, JobRecord, JobState, now_ms};
 use patchbay_jobs::store::{
     ChargeJob, ChargeOutcome, Charged, CheckJob, InboundJob, JournalInsert,
 };
-use patchbay_jobs::{DomainError, JobError, JobKind, Store};
+use patchbay_jobs::{DomainError, JobError, JobKind, Payload, Store};
 use serde_json::{Value, json};
 
 use crate::batcher::Batcher;
@@ -29,8 +29,9 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub queue: Queue,
     /// Inbound messages from connectors are journalled before they are queued: only
-    /// when the queue would not keep them across its own restart (Redis without
-    /// `appendonly`), see `queue_batched`. Checked at start and by every sweep.
+    /// when the queue could lose an acknowledged push (a Redis without `appendonly yes`
+    /// and `appendfsync always`, unless `queue.redis_trust_everysec`), see
+    /// `queue_batched`. Checked at start and by every sweep.
     pub journal_inbound: AtomicBool,
     pub plugins: Arc<Supervisor>,
     /// Each queue worker: running or not, restarts (`status`, STATUS=).
@@ -104,6 +105,28 @@ impl App {
         Ok(rec.id)
     }
 
+    /// [`enqueue`](Self::enqueue) for a job an operator asked for (`job.enqueue`,
+    /// `billing.run`): a `billing_run` or `charge_account` must also be for a day that
+    /// may be charged now (`billing::check_charge_date`). The daemon's own billing jobs
+    /// (the schedule's today, a fan-out of a day that began) do not come this way.
+    pub async fn enqueue_requested(
+        &self,
+        kind: JobKind,
+        payload: Value,
+    ) -> Result<(String, bool), DomainError> {
+        match kind.parse_payload(&payload)? {
+            Payload::BillingRun(b) => self.check_charge_date(b.date)?,
+            Payload::ChargeAccount(c) => self.check_charge_date(c.date)?,
+            _ => {}
+        }
+        self.enqueue(kind, payload).await
+    }
+
+    /// Whether an operator may charge `date` today (`billing.catch_up_days`).
+    pub fn check_charge_date(&self, date: NaiveDate) -> Result<(), DomainError> {
+        billing::check_charge_date(date, self.today(), self.settings.catch_up_days())
+    }
+
     /// A new pending journal record for a validated payload.
     fn new_record(&self, kind: JobKind, payload: Value) -> Result<JobRecord, DomainError> {
         let parsed = kind.parse_payload(&payload)?;
@@ -170,10 +193,11 @@ impl App {
     /// per-job path writes the row of one that fails. The price: such a job shows in
     /// `job.list` once it finished, and while it waits only in the queue depth
     /// (`status`).
-    /// * `inbound_message` (connector events) on a queue that keeps its jobs across its
-    ///   own restart (the SQLite file, Redis with `appendonly`). On a Redis without
-    ///   persistence they are journalled first, so the lost-job sweep queues them again
-    ///   after Redis restarted empty.
+    /// * `inbound_message` (connector events) on a queue that loses no acknowledged push
+    ///   when its server dies (the SQLite file, Redis with `appendonly yes` and
+    ///   `appendfsync always`; with `everysec` only if `queue.redis_trust_everysec`).
+    ///   Elsewhere they are journalled first, so the lost-job sweep queues them again
+    ///   after Redis restarted without them.
     /// * `charge_account` (billing's fan-out) on the SQLite queue only: its file is as
     ///   durable as the store's. Redis' append-only file, written every second, may lose
     ///   the last second's pushes when Redis itself dies: a charge lost that way would
@@ -210,20 +234,24 @@ impl App {
         Ok(envs.len())
     }
 
-    /// Reads again whether the queue keeps its jobs across its own restart (an
-    /// operator may turn Redis' append-only file on or off) and journals inbound
-    /// messages first while it does not (`queue_batched`). Says which, at `start` and
-    /// on every change.
+    /// Reads again whether the queue keeps every job it acknowledged across its own
+    /// crash (an operator may change Redis' `appendonly` / `appendfsync` at run time)
+    /// and journals inbound messages first while it does not (`queue_batched`). Says
+    /// which, at `start` and on every change.
     pub async fn check_queue_persistence(&self, start: bool) {
-        let journal = !self.queue.persists_jobs().await;
+        let trust_everysec = self.settings.raw.queue.redis_trust_everysec;
+        let journal = !self.queue.persists_jobs(trust_everysec).await;
         if self.journal_inbound.swap(journal, Ordering::Relaxed) != journal || start {
             if journal {
                 tracing::info!(
-                    "the queue does not keep its jobs across a restart (Redis without an \
-                     append-only file): inbound messages are journalled before they are queued"
+                    trust_everysec,
+                    "the queue may lose acknowledged jobs when its server dies (Redis without \
+                     appendonly yes and appendfsync always): inbound messages are journalled \
+                     before they are queued"
                 );
             } else {
                 tracing::info!(
+                    trust_everysec,
                     "the queue keeps its jobs across a restart: inbound messages are queued \
                      without journal rows"
                 );
@@ -241,8 +269,7 @@ impl App {
 
     /// Today in the billing time zone.
     pub fn today(&self) -> NaiveDate {
-        let tz = billing::parse_timezone(&self.billing().timezone).unwrap_or(chrono_tz::UTC);
-        billing::billing_day(chrono::Utc::now(), tz)
+        billing::billing_day(chrono::Utc::now(), self.billing_tz())
     }
 
     /// Un-suspends the account's channels if its balance now pays for today, and starts
@@ -266,8 +293,17 @@ impl App {
     /// The first instant (unix ms) after `day` in the billing time zone: channels
     /// created since did not exist that day.
     pub fn day_end(&self, day: NaiveDate) -> i64 {
-        let tz = billing::parse_timezone(&self.billing().timezone).unwrap_or(chrono_tz::UTC);
-        billing::day_end(day, tz)
+        billing::day_end(day, self.billing_tz())
+    }
+
+    /// The first instant (unix ms) of `day` in the billing time zone: channels removed
+    /// before it were not active that day.
+    pub fn day_start(&self, day: NaiveDate) -> i64 {
+        billing::day_start(day, self.billing_tz())
+    }
+
+    fn billing_tz(&self) -> chrono_tz::Tz {
+        billing::parse_timezone(&self.billing().timezone).unwrap_or(chrono_tz::UTC)
     }
 
     /// What follows charges: the connectors of suspended channels stop, and accounts
@@ -460,6 +496,10 @@ impl Effects for App {
 
     fn day_end(&self, day: NaiveDate) -> i64 {
         App::day_end(self, day)
+    }
+
+    fn day_start(&self, day: NaiveDate) -> i64 {
+        App::day_start(self, day)
     }
 
     async fn charged(&self, charges: &[(Id, Charged)]) -> Result<(), JobError> {

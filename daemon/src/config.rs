@@ -97,6 +97,10 @@ pub struct QueueConfig {
     /// Done jobs stay in the journal (job.get, job.list) this many days; dead ones until
     /// retried.
     pub journal_retention_days: u64,
+    /// Queue inbound messages without journal rows on a Redis with `appendonly yes` and
+    /// `appendfsync everysec`, which may lose the last second of acknowledged pushes if
+    /// Redis itself dies. Off: they skip the journal only with `appendfsync always`.
+    pub redis_trust_everysec: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -121,6 +125,9 @@ pub struct BillingConfig {
     pub timezone: String,
     pub default_price: i64,
     pub prices: BTreeMap<String, i64>,
+    /// How many days before today `billing.run` (and `job.enqueue` of `billing_run` /
+    /// `charge_account`) may still charge; see `Settings::catch_up_days`.
+    pub catch_up_days: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -171,6 +178,7 @@ impl Default for QueueConfig {
             retry_max_ms: 300_000,
             lost_job_grace_secs: 30,
             journal_retention_days: 7,
+            redis_trust_everysec: false,
             concurrency: BTreeMap::new(),
             max_attempts: BTreeMap::new(),
         }
@@ -203,6 +211,7 @@ impl Default for BillingConfig {
             timezone: "UTC".into(),
             default_price: 100,
             prices: BTreeMap::new(),
+            catch_up_days: patchbay_jobs::billing::DEFAULT_CATCH_UP_DAYS,
         }
     }
 }
@@ -284,6 +293,18 @@ impl Settings {
 
     pub fn journal_retention(&self) -> Duration {
         Duration::from_secs(self.raw.queue.journal_retention_days.saturating_mul(86_400))
+    }
+
+    /// The days before today an operator may still charge: `billing.catch_up_days`, but
+    /// never a day whose jobs' idempotency keys the journal may have deleted (done jobs
+    /// stay `queue.journal_retention_days`), where a rerun would charge the day again
+    /// by what its channels are now.
+    pub fn catch_up_days(&self) -> u32 {
+        let kept = self.raw.queue.journal_retention_days.saturating_sub(1);
+        self.raw
+            .billing
+            .catch_up_days
+            .min(u32::try_from(kept).unwrap_or(u32::MAX))
     }
 
     pub fn lost_job_grace(&self) -> Duration {

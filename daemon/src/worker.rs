@@ -64,6 +64,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
                 job: env.id.clone(),
                 account: c.account,
                 day: c.date,
+                day_start: app.day_start(c.date),
                 day_end: app.day_end(c.date),
                 max_attempts: app.settings.max_attempts(kind),
             };

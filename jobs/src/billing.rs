@@ -114,8 +114,48 @@ pub fn billing_day(now: DateTime<Utc>, tz: Tz) -> NaiveDate {
 /// or the first wall time after it that exists when a DST change skips midnight.
 pub fn day_end(day: NaiveDate, tz: Tz) -> i64 {
     day.checked_add_days(Days::new(1))
-        .and_then(|next| resolve_local(tz, next, NaiveTime::MIN))
-        .map_or(i64::MAX, |at| at.timestamp_millis())
+        .map_or(i64::MAX, |next| day_start(next, tz))
+}
+
+/// The first instant (unix ms) of `day` in `tz` (`day_end` of the day before): a
+/// channel removed since was still active that day.
+pub fn day_start(day: NaiveDate, tz: Tz) -> i64 {
+    resolve_local(tz, day, NaiveTime::MIN).map_or(i64::MIN, |at| at.timestamp_millis())
+}
+
+/// Days before today an operator may still charge by default (`billing.catch_up_days`).
+pub const DEFAULT_CATCH_UP_DAYS: u32 = 6;
+
+/// Whether an operator may queue the billing of `date` (`billing.run`, or `billing_run`
+/// / `charge_account` through `job.enqueue`) when it is `today` in the billing time zone:
+/// never a day that has not begun — its channels are not known yet, and the charge
+/// would stand in the ledger before the day — and no day more than `catch_up_days`
+/// before today. The store knows a channel's creation and removal times and its
+/// account's current suspension, not earlier suspensions, and the journal's
+/// idempotency keys of a day's jobs outlive only a few days: beyond the window a run
+/// could charge a day by what the channels are now.
+/// The daemon's own runs (the daily schedule, a fan-out's charges) do not pass here.
+pub fn check_charge_date(
+    date: NaiveDate,
+    today: NaiveDate,
+    catch_up_days: u32,
+) -> Result<(), DomainError> {
+    if date > today {
+        return Err(DomainError::InvalidValue(format!(
+            "date {date} is after today ({today} in the billing time zone): a day is charged \
+             once it has begun"
+        )));
+    }
+    let earliest = today
+        .checked_sub_days(Days::new(u64::from(catch_up_days)))
+        .unwrap_or(NaiveDate::MIN);
+    if date < earliest {
+        return Err(DomainError::InvalidValue(format!(
+            "date {date} is more than {catch_up_days} days before today ({today}): the \
+             earliest day that may still be charged is {earliest} (billing.catch_up_days)"
+        )));
+    }
+    Ok(())
 }
 
 /// The instant of `day` `time` in `tz`, moving forward through a DST gap.
@@ -303,6 +343,47 @@ mod tests {
             day_end(day("2026-09-05"), santiago),
             utc("2026-09-06T04:00:00Z").timestamp_millis()
         );
+    }
+
+    #[test]
+    fn a_day_starts_where_the_day_before_ends() {
+        let day = date("2026-11-24");
+        let moscow: Tz = "Europe/Moscow".parse().expect("tz");
+        assert_eq!(
+            day_start(day, moscow),
+            utc("2026-11-23T21:00:00Z").timestamp_millis()
+        );
+        let santiago: Tz = "America/Santiago".parse().expect("tz");
+        let gap = date("2026-09-06");
+        assert_eq!(
+            day_start(gap, santiago),
+            day_end(date("2026-09-05"), santiago)
+        );
+    }
+
+    #[test]
+    fn operators_charge_neither_future_days_nor_days_beyond_the_window() {
+        let today = date("2026-11-24");
+        assert!(check_charge_date(today, today, 6).is_ok());
+        assert!(check_charge_date(date("2026-11-18"), today, 6).is_ok());
+        let future = check_charge_date(date("2026-11-25"), today, 6).unwrap_err();
+        assert_eq!(future.kind(), "invalid_value");
+        assert!(
+            future.to_string().contains("after today (2026-11-24"),
+            "{future}"
+        );
+        assert!(check_charge_date(date("2026-12-24"), today, 6).is_err());
+        let old = check_charge_date(date("2026-11-17"), today, 6).unwrap_err();
+        assert_eq!(old.kind(), "invalid_value");
+        assert!(
+            old.to_string()
+                .contains("earliest day that may still be charged is 2026-11-18")
+        );
+        // A window of 0: today only.
+        assert!(check_charge_date(today, today, 0).is_ok());
+        assert!(check_charge_date(date("2026-11-23"), today, 0).is_err());
+        // A window that reaches before the calendar's start cannot overflow.
+        assert!(check_charge_date(NaiveDate::MIN, NaiveDate::MIN, u32::MAX).is_ok());
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub trait Effects: Send + Sync {
     async fn enqueue_many(&self, kind: JobKind, payloads: Vec<Value>) -> Result<(), JobError>;
     /// The first instant (unix ms) after `day` in the billing time zone.
     fn day_end(&self, day: NaiveDate) -> i64;
+    /// The first instant (unix ms) of `day` in the billing time zone.
+    fn day_start(&self, day: NaiveDate) -> i64;
     /// After charges: stops the connectors of the channels they suspended, and queues a
     /// `balance_check` for each account whose charge recorded a balance e-mail.
     async fn charged(&self, charges: &[(Id, Charged)]) -> Result<(), JobError>;
@@ -302,7 +304,13 @@ async fn charge_account(
     date: NaiveDate,
 ) -> Result<(), JobError> {
     let charged = store
-        .charge_day(account, date, effects.day_end(date), &effects.prices())
+        .charge_day(
+            account,
+            date,
+            effects.day_start(date),
+            effects.day_end(date),
+            &effects.prices(),
+        )
         .await?;
     effects.charged(&[(account, charged)]).await
 }

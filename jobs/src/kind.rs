@@ -232,16 +232,9 @@ impl Payload {
                 patchbay_connector_sdk::events::check_inbound_content(&m.text, &m.attachments)
                     .or_else(bad)?;
             }
+            // The rules of `account.topup`, which the job's handler calls.
             Payload::Topup(t) => {
-                if t.amount <= 0 {
-                    return bad(format!(
-                        "amount must be a positive integer of minor units, got {}",
-                        t.amount
-                    ));
-                }
-                if t.reference.trim().is_empty() || t.reference.len() > MAX_ID_BYTES {
-                    return bad(format!("reference must be 1 to {MAX_ID_BYTES} bytes"));
-                }
+                crate::validate::topup(t.amount, &t.reference)?;
             }
             _ => {}
         }
@@ -255,7 +248,8 @@ impl Payload {
         match self {
             Payload::BillingRun(b) => Some(format!("billing_run:{}", b.date)),
             Payload::ChargeAccount(c) => Some(charge_account_key(c.account, c.date)),
-            Payload::Topup(t) => Some(format!("topup:{}:{}", t.account, t.reference)),
+            // Trimmed as the ledger stores it: " r1" and "r1" are one payment.
+            Payload::Topup(t) => Some(format!("topup:{}:{}", t.account, t.reference.trim())),
             // One job per run: data.delete and the start-up check enqueue it again freely.
             Payload::DataDeletion(d) => Some(data_deletion_key(d.run)),
             _ => None,
@@ -297,11 +291,17 @@ mod tests {
         for bad in [
             json!({"account": 1, "amount": 0, "reference": "r"}),
             json!({"account": 1, "amount": 10, "reference": ""}),
+            json!({"account": 1, "amount": 10, "reference": "  "}),
+            json!({"account": 1, "amount": crate::validate::MAX_TOPUP + 1, "reference": "r"}),
             json!({"account": "x", "amount": 10, "reference": "r"}),
             json!({"account": 1, "amount": 10, "reference": "r", "extra": 1}),
         ] {
             assert!(JobKind::Topup.parse_payload(&bad).is_err(), "{bad}");
         }
+        let padded = JobKind::Topup
+            .parse_payload(&json!({"account": 1, "amount": 100, "reference": " r1 "}))
+            .map(|p| p.idempotency_key());
+        assert_eq!(padded.ok().flatten().as_deref(), Some("topup:1:r1"));
         assert!(
             JobKind::BillingRun
                 .parse_payload(&json!({"date": "2026-02-30"}))

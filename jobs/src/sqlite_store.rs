@@ -416,13 +416,7 @@ impl Store for SqliteStore {
     }
 
     async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry> {
-        let amount = validate::topup_amount(amount)?;
-        let reference = reference.trim();
-        if reference.is_empty() {
-            return Err(DomainError::InvalidValue(
-                "reference must not be empty: it makes a repeated top-up harmless".into(),
-            ));
-        }
+        let (amount, reference) = validate::topup(amount, reference)?;
         let mut tx = self.begin_write().await?;
         let existing = sqlx::query(concat!(
             "SELECT ",
@@ -1705,10 +1699,11 @@ impl Store for SqliteStore {
         &self,
         account: Id,
         day: NaiveDate,
+        day_start: i64,
         day_end: i64,
         prices: &Prices,
     ) -> StoreResult<Charged> {
-        billing::charge_day(self, account, day, day_end, prices).await
+        billing::charge_day(self, account, day, day_start, day_end, prices).await
     }
 
     async fn charge_accounts(

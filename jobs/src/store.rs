@@ -97,6 +97,9 @@ pub struct ChargeJob {
     pub job: String,
     pub account: Id,
     pub day: NaiveDate,
+    /// The first instant (unix ms) of `day` in the billing time zone: a channel
+    /// removed before it was not active that day and is not charged for it.
+    pub day_start: i64,
     /// The first instant (unix ms) after `day` in the billing time zone: a channel
     /// created since did not exist on that day and is not charged for it.
     pub day_end: i64,
@@ -363,13 +366,15 @@ pub trait Store: Send + Sync + 'static {
         day: NaiveDate,
         prices: &Prices,
     ) -> StoreResult<(Channel, bool)>;
-    /// Charges every channel active on `day` and not yet paid for it, all or nothing;
-    /// suspends all the account's channels when the balance cannot cover the total.
-    /// Records the balance e-mail that is then due, in the same transaction.
+    /// Charges every channel active on `day` (the instants `day_start..day_end`) and
+    /// not yet paid for it, all or nothing; suspends all the account's channels when
+    /// the balance cannot cover the total. Records the balance e-mail that is then due,
+    /// in the same transaction.
     async fn charge_day(
         &self,
         account: Id,
         day: NaiveDate,
+        day_start: i64,
         day_end: i64,
         prices: &Prices,
     ) -> StoreResult<Charged>;

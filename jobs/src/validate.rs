@@ -46,6 +46,25 @@ pub fn topup_amount(amount: i64) -> Result<i64, DomainError> {
     }
 }
 
+/// Longest top-up reference, in bytes (after trimming).
+pub const MAX_REFERENCE_BYTES: usize = 256;
+
+/// A top-up's amount and reference as `account.topup` and a `topup` job both take them:
+/// the amount by [`topup_amount`], the reference trimmed — it names the payment once
+/// (`UNIQUE (account, reference)`), so " pay-1" is "pay-1" — and 1 to
+/// [`MAX_REFERENCE_BYTES`] bytes.
+pub fn topup(amount: i64, reference: &str) -> Result<(i64, &str), DomainError> {
+    let amount = topup_amount(amount)?;
+    let reference = reference.trim();
+    if reference.is_empty() || reference.len() > MAX_REFERENCE_BYTES {
+        return Err(DomainError::InvalidValue(format!(
+            "reference must be 1 to {MAX_REFERENCE_BYTES} bytes, not counting spaces around \
+             it: it makes a repeated top-up harmless"
+        )));
+    }
+    Ok((amount, reference))
+}
+
 pub fn currency(value: &str) -> Result<String, DomainError> {
     if value.len() == 3 && value.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(value.to_owned())
@@ -71,5 +90,11 @@ mod tests {
         assert!(super::topup_amount(super::MAX_TOPUP).is_ok());
         assert!(super::topup_amount(super::MAX_TOPUP + 1).is_err());
         assert!(super::topup_amount(0).is_err());
+        assert!(super::topup(5, "  pay-1\t").is_ok_and(|t| t == (5, "pay-1")));
+        assert!(super::topup(5, "   ").is_err());
+        assert!(super::topup(super::MAX_TOPUP + 1, "r").is_err());
+        let long = "r".repeat(super::MAX_REFERENCE_BYTES);
+        assert!(super::topup(5, &format!(" {long} ")).is_ok());
+        assert!(super::topup(5, &format!("{long}r")).is_err());
     }
 }

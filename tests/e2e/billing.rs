@@ -1,7 +1,9 @@
 //! Daily billing and balance warnings against a real SMTP server (aiosmtpd): the worked
 //! example of SPEC §5 day by day, suspension and resumption, each (channel, day) charged
-//! once whatever reruns, a second daemon or kill -9 do, and mail that survives an SMTP
-//! server that is down at first.
+//! once whatever reruns, a second daemon or kill -9 do, mail that survives an SMTP
+//! server that is down at first, and which days an operator may charge. Days after
+//! today are refused, so tests of several days move the daemon's wall clock
+//! (`Daemon::start_clocked`).
 
 use std::time::Duration;
 
@@ -10,10 +12,11 @@ use serde_json::{Value, json};
 
 use crate::harness::{Backend, Daemon, Smtp, header};
 
-fn billing_config(smtp: &Smtp, extra: &str) -> String {
+/// Mail through `smtp`, loopback channels at 100 a day; `billing` adds `[billing]` keys.
+fn billing_config(smtp: &Smtp, billing: &str) -> String {
     format!(
         "[mail]\ntransport = \"smtp\"\nsmtp_url = \"{}\"\nfrom = \"Billing <billing@patchbay.test>\"\n\
-         [billing]\ndefault_price = 0\n[billing.prices]\nloopback = 100\n{extra}",
+         [billing]\ndefault_price = 0\n{billing}[billing.prices]\nloopback = 100\n",
         smtp.url()
     )
 }
@@ -68,7 +71,7 @@ fn subjects(smtp: &Smtp) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn worked_example_day_by_day() {
     let smtp = Smtp::start();
-    let d = Daemon::start_with(Backend::Sqlite, &billing_config(&smtp, ""));
+    let d = Daemon::start_clocked(Backend::Sqlite, &billing_config(&smtp, ""));
     let (acc, admin) = d.account("acme").await;
     d.ok("user.add", json!({"account": acc, "name": "Second admin", "email": "boss@acme.test", "role": "administrator"})).await;
     d.ok(
@@ -121,9 +124,12 @@ async fn worked_example_day_by_day() {
 
     // Day 1: 150 left, 2 days: no mail. Rerunning day 0 changes nothing.
     run_day(&d, day(0)).await;
+    d.set_days_ahead(1).await;
+    run_day(&d, day(0)).await;
     run_day(&d, day(1)).await;
     assert_eq!(balance(&d, acc).await, 150);
     // Day 2: 50 left → "1 day". Rerun of day 2: nothing twice.
+    d.set_days_ahead(2).await;
     run_day(&d, day(2)).await;
     run_day(&d, day(2)).await;
     assert_eq!(balance(&d, acc).await, 50);
@@ -138,6 +144,7 @@ async fn worked_example_day_by_day() {
     assert!(subjects(&smtp).contains(&subject2), "{:?}", subjects(&smtp));
 
     // Day 3: cannot pay → nothing charged, suspended, "disconnected" mail.
+    d.set_days_ahead(3).await;
     run_day(&d, day(3)).await;
     assert_eq!(balance(&d, acc).await, 50, "all or nothing: not charged");
     let ch = d.ok("channel.list", json!({"account": acc})).await[0].clone();
@@ -204,7 +211,7 @@ async fn two_daemons_and_a_kill_charge_each_channel_once_unjournalled() {
 
 async fn two_daemons_and_a_kill(backend: Backend) {
     let smtp = Smtp::start();
-    let mut a = Daemon::start_with(backend, &billing_config(&smtp, ""));
+    let mut a = Daemon::start_clocked(backend, &billing_config(&smtp, ""));
     let (mut expected, mut channels) = (Vec::new(), 0);
     for i in 0..40 {
         let (acc, admin) = a.account(&format!("acc{i}")).await;
@@ -220,8 +227,9 @@ async fn two_daemons_and_a_kill(backend: Backend) {
         channels += n;
         expected.push((acc, 10_000 - 200 * n));
     }
-    // A second daemon on the same store and queue.
+    // A second daemon on the same store, queue and clock; both live the next day.
     let b = a.sibling();
+    b.set_days_ahead(1).await;
     let date = today().checked_add_days(Days::new(1)).expect("date");
     let (ra, rb) = tokio::join!(
         a.ok("billing.run", json!({"date": date})),
@@ -262,7 +270,7 @@ async fn d_check(d: &Daemon, expected: &[(i64, i64)], channels: i64, date: Naive
 async fn one_run_warns_many_accounts_each_once() {
     const ACCOUNTS: usize = 120;
     let smtp = Smtp::start();
-    let d = Daemon::start_with(Backend::Sqlite, &billing_config(&smtp, ""));
+    let d = Daemon::start_clocked(Backend::Sqlite, &billing_config(&smtp, ""));
     let t0 = today();
     let day = |n: u64| t0.checked_add_days(Days::new(n)).expect("date");
     let mut names = Vec::new();
@@ -283,7 +291,9 @@ async fn one_run_warns_many_accounts_each_once() {
     })
     .await;
     // Day 1: 150 left, no mail. Day 2: 50 left, "1 day" for every account at once.
+    d.set_days_ahead(1).await;
     run_day(&d, day(1)).await;
+    d.set_days_ahead(2).await;
     run_day(&d, day(2)).await;
     d.until("the 1-day warnings", Duration::from_secs(60), || async {
         (smtp.messages().len() >= 2 * ACCOUNTS).then_some(())
@@ -361,6 +371,179 @@ async fn warning_survives_an_smtp_outage() {
             .all(|j| j["state"] == "done"),
         "{jobs}"
     );
+}
+
+/// The days of each channel's charges in an account's ledger, by channel.
+async fn charged_days(d: &Daemon, acc: i64) -> std::collections::BTreeMap<i64, Vec<String>> {
+    let ledger = d
+        .ok("account.ledger", json!({"account": acc, "limit": 1000}))
+        .await;
+    let mut out = std::collections::BTreeMap::<i64, Vec<String>>::new();
+    for e in ledger.as_array().expect("ledger") {
+        if e["kind"] == "charge" {
+            let channel = e["channel"].as_i64().expect("channel");
+            let day = e["day"].as_str().expect("day").to_owned();
+            out.entry(channel).or_default().push(day);
+        }
+    }
+    for days in out.values_mut() {
+        days.sort();
+    }
+    out
+}
+
+/// An operator charges no day after today and none more than `billing.catch_up_days`
+/// (2 here) before it — through `billing.run` and `job.enqueue` alike, charging nothing
+/// — and a past day within the window charges each channel by what it was that day:
+/// one removed during the day or later pays it, one created later does not, and one
+/// suspended only since pays it too, without a second "disconnected" e-mail.
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_charge_past_days_by_their_state_and_no_future_day() {
+    let smtp = Smtp::start();
+    let d = Daemon::start_clocked(
+        Backend::Sqlite,
+        &billing_config(&smtp, "catch_up_days = 2\n"),
+    );
+    let t0 = today();
+    let day = |n: u64| t0.checked_add_days(Days::new(n)).expect("date");
+    let lb = json!({"rate_per_sec": 0});
+    // Day 0: acme's channels a, b, c and beta's d, each paid at once (100).
+    let (acme, admin) = d.account("acme").await;
+    d.ok(
+        "account.topup",
+        json!({"account": acme, "amount": 10_000, "reference": "t"}),
+    )
+    .await;
+    let a = d.loopback(acme, admin, lb.clone()).await;
+    let b = d.loopback(acme, admin, lb.clone()).await;
+    let c = d.loopback(acme, admin, lb.clone()).await;
+    let (beta, beta_admin) = d.account("beta").await;
+    d.ok(
+        "account.topup",
+        json!({"account": beta, "amount": 350, "reference": "t"}),
+    )
+    .await;
+    let ch_d = d.loopback(beta, beta_admin, lb.clone()).await;
+    // Day 1: b is removed. Day 2: c is removed; beta adds e (paid at once: 150 left).
+    d.set_days_ahead(1).await;
+    let remove = |channel: i64| json!({"account": acme, "actor": admin, "channel": channel});
+    d.ok("channel.remove", remove(b)).await;
+    d.set_days_ahead(2).await;
+    d.ok("channel.remove", remove(c)).await;
+    let ch_e = d.loopback(beta, beta_admin, lb.clone()).await;
+
+    // Day 3: later days and days before day 1 are refused, whoever asks.
+    d.set_days_ahead(3).await;
+    let before = (charged_days(&d, acme).await, charged_days(&d, beta).await);
+    for date in [day(4), day(33), day(0)] {
+        let msg = d
+            .fails("billing.run", json!({"date": date}), "invalid_value")
+            .await;
+        let why = if date > day(3) {
+            format!("after today ({} in the billing time zone)", day(3))
+        } else {
+            format!("earliest day that may still be charged is {}", day(1))
+        };
+        assert!(msg.contains(&why), "{msg}");
+    }
+    for (kind, payload) in [
+        ("billing_run", json!({"date": day(4)})),
+        ("billing_run", json!({"date": day(0)})),
+        ("charge_account", json!({"account": acme, "date": day(4)})),
+        ("charge_account", json!({"account": acme, "date": day(33)})),
+        ("charge_account", json!({"account": beta, "date": day(0)})),
+    ] {
+        d.fails(
+            "job.enqueue",
+            json!({"kind": kind, "payload": payload}),
+            "invalid_value",
+        )
+        .await;
+    }
+    assert_eq!(
+        (charged_days(&d, acme).await, charged_days(&d, beta).await),
+        before,
+        "nothing charged for a refused day"
+    );
+    assert_eq!(
+        (balance(&d, acme).await, balance(&d, beta).await),
+        (9_700, 150)
+    );
+    // (Day 0's own run, queued at start, fanned out day 0's charges: those are there.)
+    let jobs = d.ok("job.list", json!({"limit": 1000})).await;
+    assert!(
+        jobs.as_array().expect("jobs").iter().all(|j| {
+            let date = j["payload"]["date"].as_str().unwrap_or_default();
+            date.is_empty() || date <= day(3).to_string().as_str()
+        }),
+        "no job for a day after today: {jobs}"
+    );
+
+    // Today: acme pays for a; beta cannot pay d and e (200) and is suspended.
+    run_day(&d, day(3)).await;
+    assert_eq!(balance(&d, acme).await, 9_600);
+    assert_eq!(balance(&d, beta).await, 150);
+    let beta_channels = d.ok("channel.list", json!({"account": beta})).await;
+    assert!(
+        beta_channels
+            .as_array()
+            .expect("channels")
+            .iter()
+            .all(|ch| ch["status"] == "suspended"),
+        "{beta_channels}"
+    );
+    // Day 1, caught up: a, b (removed during day 1) and c (removed on day 2) ran that
+    // day, and so did d, suspended only since day 3; e did not exist yet.
+    run_day(&d, day(1)).await;
+    assert_eq!(balance(&d, acme).await, 9_300);
+    assert_eq!(balance(&d, beta).await, 50);
+    // Day 2 through job.enqueue: acme pays a and c, not b; beta cannot pay d (e paid
+    // at once) and stays suspended, told once.
+    for acc in [acme, beta] {
+        let r = d
+            .ok(
+                "job.enqueue",
+                json!({"kind": "charge_account", "payload": {"account": acc, "date": day(2)}}),
+            )
+            .await;
+        d.job_until(
+            r["id"].as_str().expect("id"),
+            &["done"],
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    assert_eq!(balance(&d, acme).await, 9_100);
+    assert_eq!(balance(&d, beta).await, 50);
+    let days = |ns: &[u64]| ns.iter().map(|&n| day(n).to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        charged_days(&d, acme).await,
+        [
+            (a, days(&[0, 1, 2, 3])),
+            (b, days(&[0, 1])),
+            (c, days(&[0, 1, 2]))
+        ]
+        .into_iter()
+        .collect()
+    );
+    assert_eq!(
+        charged_days(&d, beta).await,
+        [(ch_d, days(&[0, 1])), (ch_e, days(&[2]))]
+            .into_iter()
+            .collect()
+    );
+    let disconnected = || {
+        subjects(&smtp)
+            .iter()
+            .filter(|s| s.contains("channels disconnected"))
+            .count()
+    };
+    d.until("the disconnected mail", Duration::from_secs(30), || async {
+        (disconnected() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(disconnected(), 1, "{:?}", subjects(&smtp));
 }
 
 /// apalis-cron only looks ahead: a daemon started after `billing.run_at` queues that

@@ -31,9 +31,11 @@ pub(crate) async fn messages(d: &Daemon, account: i64) -> Vec<Value> {
 /// reply is delivered.
 async fn fifty_channels(backend: Backend) {
     let d = Daemon::start(backend);
-    // Inbound messages skip the journal only on a queue that keeps its jobs.
+    // Inbound messages skip the journal only on a queue that loses no acknowledged push.
     let mode = match backend {
-        Backend::Redis => "inbound messages are journalled before they are queued",
+        Backend::Redis | Backend::RedisEverysec => {
+            "inbound messages are journalled before they are queued"
+        }
         Backend::Sqlite | Backend::RedisAof => "inbound messages are queued without journal rows",
     };
     d.until(
@@ -139,6 +141,41 @@ async fn fifty_channels_in_five_accounts_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_channels_in_five_accounts_redis_with_an_append_only_file() {
     fifty_channels(Backend::RedisAof).await;
+}
+
+const JOURNALLED: &str = "inbound messages are journalled before they are queued";
+const UNJOURNALLED: &str = "inbound messages are queued without journal rows";
+
+/// Redis' default `appendfsync everysec` can lose the last second of acknowledged
+/// pushes when Redis dies: inbound messages are journalled first there, unless the
+/// operator opts in with `queue.redis_trust_everysec`; `appendfsync always` loses none.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_messages_skip_the_journal_only_where_redis_loses_no_push() {
+    let always = Daemon::start(Backend::RedisAof);
+    let mut everysec = Daemon::start(Backend::RedisEverysec);
+    for (d, mode) in [(&always, UNJOURNALLED), (&everysec, JOURNALLED)] {
+        d.until(
+            "the inbound mode in the log",
+            Duration::from_secs(10),
+            || async { d.log().contains(mode).then_some(()) },
+        )
+        .await;
+    }
+    assert!(!everysec.log().contains(UNJOURNALLED), "{}", everysec.log());
+    // The explicit switch: everysec trusted.
+    assert_eq!(everysec.terminate(), Some(0));
+    let config = std::fs::read_to_string(&everysec.config).expect("config");
+    let trusting = config.replacen("[queue]\n", "[queue]\nredis_trust_everysec = true\n", 1);
+    assert_ne!(config, trusting);
+    std::fs::write(&everysec.config, trusting).expect("config");
+    everysec.spawn();
+    everysec
+        .until(
+            "the trusted mode in the log",
+            Duration::from_secs(10),
+            || async { everysec.log().contains(UNJOURNALLED).then_some(()) },
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -53,7 +53,7 @@ async fn poison_queue(d: &Daemon, backend: Backend, kind: &str, job: &[u8]) {
             .expect("insert the poisoned row");
             pool.close().await;
         }
-        Backend::Redis | Backend::RedisAof => {
+        Backend::Redis | Backend::RedisAof | Backend::RedisEverysec => {
             let redis = d.redis.as_ref().expect("redis");
             let client = redis::Client::open(redis.url()).expect("redis url");
             let mut con = client

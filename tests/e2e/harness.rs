@@ -1,5 +1,6 @@
 //! Test fixtures that own their components: a throwaway redis-server on a unix socket,
-//! and the real patchbayd binary in a temp folder, driven over its control socket.
+//! and the real patchbayd binary in a temp folder, driven over its control socket —
+//! optionally on a wall clock the test moves forward (libfaketime), for billing days.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,9 +18,14 @@ pub enum Backend {
     Sqlite,
     /// A Redis without persistence: the daemon journals inbound messages first.
     Redis,
-    /// A Redis with an append-only file, as production should run one: the daemon
-    /// queues inbound messages without journal rows.
+    /// A Redis with an append-only file synced on every write (`appendfsync always`),
+    /// as production should run one: the daemon queues inbound messages without
+    /// journal rows.
     RedisAof,
+    /// A Redis with an append-only file synced every second (Redis' default), which can
+    /// lose the last second of pushes: the daemon journals inbound messages first unless
+    /// `queue.redis_trust_everysec` says otherwise.
+    RedisEverysec,
 }
 
 /// A redis-server of our own on a unix socket; never the machine's shared one.
@@ -27,16 +33,18 @@ pub struct Redis {
     child: Option<Child>,
     pub socket: PathBuf,
     dir: tempfile::TempDir,
-    aof: bool,
+    /// With an append-only file: its `appendfsync` policy.
+    aof: Option<&'static str>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        Redis::start_persistent(false)
+        Redis::start_persistent(None)
     }
 
-    /// With `aof`, an append-only file in the server's own folder.
-    pub fn start_persistent(aof: bool) -> Redis {
+    /// With `aof`, an append-only file in the server's own folder, synced by that
+    /// `appendfsync` policy (`always`, `everysec`).
+    pub fn start_persistent(aof: Option<&'static str>) -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("redis.sock");
         let mut redis = Redis {
@@ -69,7 +77,9 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                if self.aof { "yes" } else { "no" },
+                if self.aof.is_some() { "yes" } else { "no" },
+                "--appendfsync",
+                self.aof.unwrap_or("everysec"),
                 "--unixsocketperm",
                 "700",
             ])
@@ -163,7 +173,7 @@ pub struct Daemon {
 impl Daemon {
     pub fn config_text(backend: Backend, redis: Option<&Redis>, extra: &str) -> String {
         let queue = match (backend, redis) {
-            (Backend::Redis | Backend::RedisAof, Some(r)) => format!(
+            (Backend::Redis | Backend::RedisAof | Backend::RedisEverysec, Some(r)) => format!(
                 "backend = \"redis\"\nredis_url = \"{}\"\nnamespace = \"t{}\"\n",
                 r.url(),
                 std::process::id()
@@ -188,11 +198,68 @@ impl Daemon {
     /// Starts with the loopback connector in the plugin folder; `plugins` may add more
     /// libraries there before the daemon scans it.
     pub fn start_full(backend: Backend, extra: &str, plugins: impl FnOnce(&Path)) -> Daemon {
+        let mut d = Daemon::prepare(backend, extra, plugins);
+        d.spawn();
+        d
+    }
+
+    /// Starts on a wall clock of its own that the test moves forward with
+    /// [`set_days_ahead`](Self::set_days_ahead): libfaketime, preloaded into the real
+    /// binary, offsets the real time by what the daemon's `clock` file says. Monotonic
+    /// time is left alone, so timers and timeouts run as usual. Billing charges only
+    /// days that have begun, so a test of several billing days lives through them.
+    pub fn start_clocked(backend: Backend, extra: &str) -> Daemon {
+        let mut d = Daemon::prepare(backend, extra, |_| {});
+        let clock = d.dir.path().join("clock");
+        std::fs::write(&clock, "+0d").expect("clock file");
+        let lib = [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/faketime/libfaketime.so.1",
+            "/usr/lib64/faketime/libfaketime.so.1",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime must be installed (.ci/run installs it)");
+        d.env.extend(
+            [
+                ("LD_PRELOAD", lib.to_owned()),
+                ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
+                // Read the file at every call: its cache is per thread and may keep a
+                // thread on the old day for long after the file changed.
+                ("FAKETIME_NO_CACHE", "1".to_owned()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        d.spawn();
+        d
+    }
+
+    /// Moves a [`start_clocked`](Self::start_clocked) daemon's wall clock (and its
+    /// siblings') to `days` after the real date; the daemon reads it at its next call
+    /// for the time.
+    pub async fn set_days_ahead(&self, days: u64) {
+        let clock = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "FAKETIME_TIMESTAMP_FILE")
+            .map(|(_, v)| v.clone())
+            .expect("a daemon started with start_clocked");
+        // Written whole, then renamed: a reader never sees a half-written file.
+        let next = format!("{clock}.next");
+        std::fs::write(&next, format!("+{days}d")).expect("clock file");
+        std::fs::rename(&next, &clock).expect("clock file");
+    }
+
+    /// The folder, config and (for Redis) server of a daemon not yet started.
+    fn prepare(backend: Backend, extra: &str, plugins: impl FnOnce(&Path)) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let redis = match backend {
             Backend::Sqlite => None,
             Backend::Redis => Some(Redis::start()),
-            Backend::RedisAof => Some(Redis::start_persistent(true)),
+            Backend::RedisAof => Some(Redis::start_persistent(Some("always"))),
+            Backend::RedisEverysec => Some(Redis::start_persistent(Some("everysec"))),
         };
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir(&plugin_dir).expect("plugin dir");
@@ -217,27 +284,31 @@ impl Daemon {
         )
         .expect("write config");
         let socket = dir.path().join("var/patchbayd.sock");
-        let mut d = Daemon {
+        Daemon {
             dir,
             config,
             socket,
             child: None,
             redis,
             env: Vec::new(),
-        };
-        d.spawn();
-        d
+        }
     }
 
-    /// A second daemon on the same configuration — same store, queue, plugins — with a
-    /// control socket of its own.
+    /// A second daemon on the same configuration — same store, queue, plugins, clock —
+    /// with a control socket of its own.
     pub fn sibling(&self) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("sibling.sock");
-        let env = vec![(
+        let mut env = vec![(
             "PATCHBAY__CONTROL__SOCKET".to_owned(),
             socket.display().to_string(),
         )];
+        env.extend(
+            self.env
+                .iter()
+                .filter(|(k, _)| k.starts_with("FAKETIME") || k == "LD_PRELOAD")
+                .cloned(),
+        );
         let mut d = Daemon {
             dir,
             config: self.config.clone(),

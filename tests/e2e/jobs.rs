@@ -102,6 +102,85 @@ async fn job_lifecycle_redis() {
     lifecycle(Backend::Redis).await;
 }
 
+/// `job.enqueue` of a `topup` follows `account.topup`'s rules exactly: the same bounds
+/// with the same answer, and the reference trimmed the same way, so a padded reference
+/// names the payment its trimmed form names — one job, one ledger entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn topup_jobs_follow_account_topup() {
+    let d = Daemon::start(Backend::Sqlite);
+    let (acc, _) = d.account("topups").await;
+    let long = "r".repeat(257);
+    for (amount, reference) in [
+        (1_000_000_000_000_001_i64, "big"),
+        (0, "zero"),
+        (-5, "negative"),
+        (5, "  \t "),
+        (5, long.as_str()),
+    ] {
+        let t = json!({"account": acc, "amount": amount, "reference": reference});
+        let direct = d.fails("account.topup", t.clone(), "invalid_value").await;
+        let queued = d
+            .fails(
+                "job.enqueue",
+                json!({"kind": "topup", "payload": t}),
+                "invalid_value",
+            )
+            .await;
+        assert_eq!(direct, queued, "{t}");
+    }
+    let jobs = d.ok("job.list", json!({"kind": "topup"})).await;
+    assert_eq!(jobs, json!([]), "a refused top-up queues nothing");
+    assert_eq!(
+        d.ok("account.get", json!({"account": acc})).await["balance"],
+        0
+    );
+
+    let entry = d
+        .ok(
+            "account.topup",
+            json!({"account": acc, "amount": 100, "reference": " pay-1 "}),
+        )
+        .await;
+    assert_eq!(entry["reference"], "pay-1");
+    let r = d.ok("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 100, "reference": "pay-1\t"}})).await;
+    d.job_until(
+        r["id"].as_str().expect("id"),
+        &["done"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let first = d.ok("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 200, "reference": " pay-2"}})).await;
+    d.job_until(
+        first["id"].as_str().expect("id"),
+        &["done"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let again = d.ok("job.enqueue", json!({"kind": "topup", "payload": {"account": acc, "amount": 200, "reference": "pay-2 "}})).await;
+    assert_eq!(
+        (&again["id"], &again["existing"]),
+        (&first["id"], &json!(true))
+    );
+    d.ok(
+        "account.topup",
+        json!({"account": acc, "amount": 200, "reference": "pay-2"}),
+    )
+    .await;
+    assert_eq!(
+        d.ok("account.get", json!({"account": acc})).await["balance"],
+        300
+    );
+    let ledger = d.ok("account.ledger", json!({"account": acc})).await;
+    let mut refs: Vec<&str> = ledger
+        .as_array()
+        .expect("ledger")
+        .iter()
+        .filter_map(|e| e["reference"].as_str())
+        .collect();
+    refs.sort();
+    assert_eq!(refs, ["pay-1", "pay-2"]);
+}
+
 fn topup(acc: i64, i: i64) -> Value {
     json!({"kind": "topup", "payload": {"account": acc, "amount": 1, "reference": format!("c-{i}")}})
 }

@@ -38,19 +38,18 @@ impl TestRedis {
 
     /// With `aof`, the server keeps an append-only file in a folder of its own.
     pub async fn start_persistent(name: &str, aof: bool) -> TestRedis {
+        TestRedis::start_args(name, &["--appendonly", if aof { "yes" } else { "no" }]).await
+    }
+
+    /// With these server arguments (e.g. `--appendfsync always`).
+    pub async fn start_args(name: &str, args: &[&str]) -> TestRedis {
         let socket = std::env::temp_dir().join(format!("pbq-{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&socket);
         let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                if aof { "yes" } else { "no" },
-                "--dir",
-            ])
+            .args(["--port", "0", "--save", ""])
+            .args(args)
+            .arg("--dir")
             .arg(dir.path())
             .arg("--unixsocket")
             .arg(&socket)

@@ -228,22 +228,66 @@ async fn idle_worker_picks_up_quickly() {
     );
 }
 
-/// The daemon queues inbound messages without journal rows only on a queue that keeps
-/// them across its own restart: Redis with an append-only file, never without.
+/// The daemon queues inbound messages without journal rows only on a queue that loses
+/// no acknowledged push when its server dies: Redis with an append-only file synced on
+/// every write, or on `everysec` only when the operator says so
+/// (`queue.redis_trust_everysec`); never without one. Read from the server each time,
+/// so a `CONFIG SET` on a running Redis counts at the next check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistence_is_read_from_the_server() {
     let redis = TestRedis::start("aof").await;
     let queue = Queue::open_redis(&redis.url, "t").await.unwrap();
-    assert!(!queue.persists_jobs().await, "started with --appendonly no");
+    assert!(
+        !queue.persists_jobs(false).await,
+        "started with --appendonly no"
+    );
+    assert!(
+        !queue.persists_jobs(true).await,
+        "no append-only file to trust"
+    );
+    // Redis' default appendfsync is everysec: up to a second of pushes can be lost.
     let aof = TestRedis::start_persistent("aof-yes", true).await;
-    let persistent = Queue::open_redis(&aof.url, "t").await.unwrap();
-    assert!(persistent.persists_jobs().await, "appendonly yes");
+    let everysec = Queue::open_redis(&aof.url, "t").await.unwrap();
+    assert!(!everysec.persists_jobs(false).await, "appendfsync everysec");
+    assert!(everysec.persists_jobs(true).await, "everysec, trusted");
+    let always = TestRedis::start_args(
+        "aof-always",
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    )
+    .await;
+    let synced = Queue::open_redis(&always.url, "t").await.unwrap();
+    assert!(synced.persists_jobs(false).await, "appendfsync always");
+    // Changed at run time: the next check sees it.
+    let mut conn = redis::Client::open(aof.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg("always")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(everysec.persists_jobs(false).await, "switched to always");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg("no")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !everysec.persists_jobs(true).await,
+        "append-only file turned off"
+    );
     let sqlite = crate::common::TempDb::new("aof");
     assert!(
         Queue::open_sqlite(&sqlite.0)
             .await
             .unwrap()
-            .persists_jobs()
+            .persists_jobs(false)
             .await
     );
 }

@@ -149,9 +149,10 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// A redis-server as production should run one: with an append-only file
-    /// (`appendfsync everysec`), which is also what lets the daemon queue inbound
-    /// messages without journal rows. `BENCH_REDIS_AOF=0` runs it without persistence.
+    /// A redis-server with an append-only file (`appendfsync everysec`); the inbound
+    /// bench's daemon sets `queue.redis_trust_everysec`, which is what lets it queue
+    /// inbound messages without journal rows there (`appendfsync always` would too, at
+    /// an fsync per write). `BENCH_REDIS_AOF=0` runs it without persistence.
     pub fn start() -> Res<Redis> {
         let dir = tempdir("pb-bench-redis-");
         let socket = dir.path().join("redis.sock");
@@ -224,8 +225,10 @@ impl Daemon {
         std::fs::create_dir_all(&plugins)?;
         std::fs::copy(loopback_lib(), plugins.join("libloopback.so"))?;
         let queue = match (backend, redis) {
+            // Trusting everysec: the mode BENCHMARKS.md measured inbound messages in.
             (Backend::Redis, Some(r)) => format!(
-                "backend = \"redis\"\nredis_url = \"{}\"\nnamespace = \"bench{}\"\n",
+                "backend = \"redis\"\nredis_url = \"{}\"\nnamespace = \"bench{}\"\n\
+                 redis_trust_everysec = true\n",
                 r.url(),
                 std::process::id()
             ),

@@ -287,7 +287,8 @@ pub enum ChatCmd {
 
 #[derive(Subcommand)]
 pub enum BillingCmd {
-    /// Queue the billing run of a day (default: today); a day is only ever run once.
+    /// Queue the billing run of a day (default: today; at most billing.catch_up_days
+    /// back, never after today); a day is only ever run once.
     Run {
         /// YYYY-MM-DD
         #[arg(long)]

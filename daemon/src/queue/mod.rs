@@ -132,14 +132,17 @@ impl Queue {
         }
     }
 
-    /// Whether a job the queue took survives a restart of the queue's server: always
-    /// for the SQLite file; for Redis only with an append-only file (`appendonly
-    /// yes` — RDB snapshots lose what came after the last one). A Redis whose `CONFIG`
-    /// is disabled (managed services) counts as not persistent.
-    pub async fn persists_jobs(&self) -> bool {
+    /// Whether every job the queue acknowledged survives a crash of the queue's server:
+    /// always for the SQLite file; for Redis only with an append-only file synced on
+    /// every write (`appendonly yes`, `appendfsync always` — RDB snapshots lose what
+    /// came after the last one, `everysec` up to a second of pushes), or with
+    /// `everysec` when the operator accepts that (`trust_everysec`,
+    /// `queue.redis_trust_everysec`). A Redis whose `CONFIG` is disabled (managed
+    /// services) counts as not persistent.
+    pub async fn persists_jobs(&self, trust_everysec: bool) -> bool {
         match self {
             Queue::Sqlite(_) => true,
-            Queue::Redis(q) => q.appendonly().await,
+            Queue::Redis(q) => q.keeps_acknowledged(trust_everysec).await,
         }
     }
 

@@ -213,17 +213,23 @@ impl RedisQueue {
         })
     }
 
-    /// `CONFIG GET appendonly` says `yes`. Read as a map, which takes both RESP2's
-    /// flat pair and RESP3's map; an error (`CONFIG` disabled, Redis down) is a no.
-    pub(super) async fn appendonly(&self) -> bool {
+    /// `CONFIG GET append*` says `appendonly yes` and `appendfsync always` (or
+    /// `everysec`, if `trust_everysec`). One glob, as Redis before 7 takes one
+    /// parameter per `CONFIG GET`; read as a map, which takes both RESP2's flat pairs
+    /// and RESP3's map; an error (`CONFIG` disabled, Redis down) is a no.
+    pub(super) async fn keeps_acknowledged(&self, trust_everysec: bool) -> bool {
         let mut conn = self.inner.conn.clone();
         let reply: Result<std::collections::HashMap<String, String>, _> = redis::cmd("CONFIG")
             .arg("GET")
-            .arg("appendonly")
+            .arg("append*")
             .query_async(&mut conn)
             .await;
         match reply {
-            Ok(config) => config.get("appendonly").is_some_and(|v| v == "yes"),
+            Ok(config) => {
+                let fsync = config.get("appendfsync").map(String::as_str);
+                config.get("appendonly").is_some_and(|v| v == "yes")
+                    && (fsync == Some("always") || (trust_everysec && fsync == Some("everysec")))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read whether Redis has an append-only file; assuming not");
                 false

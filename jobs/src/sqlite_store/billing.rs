@@ -146,72 +146,100 @@ pub(super) async fn record_notices(
     Ok(accounts.into_iter().collect())
 }
 
-/// The daily price of each channel of these accounts that runs on a day ending at
-/// `day_end` (not removed or suspended, created before the day ended), and whether it
-/// is paid for `day` already: (account, channel, price, paid).
+/// A channel active on a day: its daily price, whether it is paid for the day already,
+/// and whether it runs now (what the daily total of the warnings counts).
+struct ActiveChannel {
+    id: Id,
+    price: i64,
+    paid: bool,
+    running: bool,
+}
+
+/// The channels of these accounts that were active on `day` (the instants
+/// `day_start..day_end`), by what the store knows of that day: created before it ended;
+/// not removed before it began (`removed_at`); and not suspended then — a suspended
+/// channel (or one removed since) counts only if its account's current suspension
+/// began after `day` (`accounts.suspended_on`). Earlier suspensions, lifted since, are
+/// not recorded: that is why operators may charge only recent days
+/// (`billing::check_charge_date`).
 async fn active_channels(
     tx: &mut Tx,
     accounts: &[Id],
     day: NaiveDate,
-    day_end: i64,
+    (day_start, day_end): (i64, i64),
     prices: &Prices,
-) -> StoreResult<Vec<(Id, Id, i64, bool)>> {
-    let rows: Vec<(Id, Id, String, bool)> = sqlx::query_as(
+) -> StoreResult<Vec<(Id, ActiveChannel)>> {
+    // ISO dates compare as strings; a NULL `suspended_on` makes the comparison false.
+    let rows: Vec<(Id, Id, String, bool, bool)> = sqlx::query_as(
         "SELECT c.account_id, c.id, c.kind, \
-         EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2) \
-         FROM channels c WHERE c.account_id IN (SELECT value FROM json_each($1)) \
-         AND c.status NOT IN ('removed', 'suspended') AND c.created_at < $3 ORDER BY c.id",
+         EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2), \
+         c.status NOT IN ('removed', 'suspended') \
+         FROM channels c JOIN accounts a ON a.id = c.account_id \
+         WHERE c.account_id IN (SELECT value FROM json_each($1)) AND c.created_at < $3 \
+         AND CASE c.status \
+           WHEN 'removed' THEN c.removed_at >= $4 \
+             AND (a.suspended_on IS NULL OR a.suspended_on > $2) \
+           WHEN 'suspended' THEN a.suspended_on IS NOT NULL AND a.suspended_on > $2 \
+           ELSE TRUE END \
+         ORDER BY c.id",
     )
     .bind(Value::from(accounts.to_vec()).to_string())
     .bind(day.to_string())
     .bind(day_end)
+    .bind(day_start)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(account, channel, kind, paid)| (account, channel, prices.price(&kind), paid))
+        .map(|(account, id, kind, paid, running)| {
+            let price = prices.price(&kind);
+            (
+                account,
+                ActiveChannel {
+                    id,
+                    price,
+                    paid,
+                    running,
+                },
+            )
+        })
         .collect())
 }
 
-/// Charges each (account, day, day_end) in order, inside `tx`; `None` for an account
-/// that does not exist.
+/// Charges each (account, day, (day_start, day_end)) in order, inside `tx`; `None` for
+/// an account that does not exist.
 pub(super) async fn charge(
     tx: &mut Tx,
-    items: &[(Id, NaiveDate, i64)],
+    items: &[(Id, NaiveDate, (i64, i64))],
     prices: &Prices,
     now: i64,
 ) -> StoreResult<Vec<Option<Charged>>> {
     let ids: Vec<Id> = items.iter().map(|i| i.0).collect();
-    let mut accounts: HashMap<Id, (i64, i64)> = sqlx::query_as::<_, (Id, i64, i64)>(
-        "SELECT id, balance, balance_notify_days FROM accounts \
-         WHERE id IN (SELECT value FROM json_each($1))",
+    // (balance, balance_notify_days, suspended already)
+    let mut accounts: HashMap<Id, (i64, i64, bool)> = sqlx::query_as::<_, (Id, i64, i64, bool)>(
+        "SELECT id, balance, balance_notify_days, suspended_on IS NOT NULL FROM accounts \
+             WHERE id IN (SELECT value FROM json_each($1))",
     )
     .bind(Value::from(ids).to_string())
     .fetch_all(&mut **tx)
     .await?
     .into_iter()
-    .map(|(id, balance, notify)| (id, (balance, notify)))
+    .map(|(id, balance, notify, suspended)| (id, (balance, notify, suspended)))
     .collect();
 
-    // Channels (id, price, paid) per (account, day), looked up once per distinct day.
-    type Running = Vec<(Id, i64, bool)>;
-    let mut channels: HashMap<(Id, NaiveDate), Running> = HashMap::new();
-    let mut days: Vec<(NaiveDate, i64)> = items.iter().map(|i| (i.1, i.2)).collect();
+    // The channels active per (account, day), looked up once per distinct day.
+    let mut channels: HashMap<(Id, NaiveDate), Vec<ActiveChannel>> = HashMap::new();
+    let mut days: Vec<(NaiveDate, (i64, i64))> = items.iter().map(|i| (i.1, i.2)).collect();
     days.sort_unstable();
     days.dedup();
-    for (day, day_end) in days {
+    for (day, span) in days {
         let of_day: Vec<Id> = items
             .iter()
             .filter(|i| i.1 == day && accounts.contains_key(&i.0))
             .map(|i| i.0)
             .collect();
-        for (account, channel, price, paid) in
-            active_channels(tx, &of_day, day, day_end, prices).await?
-        {
-            channels
-                .entry((account, day))
-                .or_default()
-                .push((channel, price, paid));
+        for (account, channel) in active_channels(tx, &of_day, day, span, prices).await? {
+            channels.entry((account, day)).or_default().push(channel);
         }
     }
 
@@ -222,7 +250,7 @@ pub(super) async fn charge(
     let mut suspended: HashSet<Id> = HashSet::new();
     let mut notices: Vec<Notice> = Vec::new();
     for &(account, day, _) in items {
-        let Some((balance, notify_days)) = accounts.get_mut(&account) else {
+        let Some((balance, notify_days, suspended_before)) = accounts.get_mut(&account) else {
             out.push(None);
             continue;
         };
@@ -232,40 +260,47 @@ pub(super) async fn charge(
             continue;
         }
         let list = channels.entry((account, day)).or_default();
-        let daily_total = list.iter().fold(0i64, |s, c| s.saturating_add(c.1));
+        // The warnings look ahead: only channels that run now count for the days to come.
+        let daily_total = list
+            .iter()
+            .filter(|c| c.running)
+            .fold(0i64, |s, c| s.saturating_add(c.price));
         let needed = list
             .iter()
-            .filter(|c| !c.2)
-            .fold(0i64, |s, c| s.saturating_add(c.1));
-        let unpaid = list.iter().filter(|c| !c.2).count();
+            .filter(|c| !c.paid)
+            .fold(0i64, |s, c| s.saturating_add(c.price));
+        let unpaid = list.iter().filter(|c| !c.paid).count();
         if unpaid == 0 {
             out.push(Some(ChargeOutcome::NothingDue { balance: *balance }));
         } else if *balance < needed {
             suspend.push((account, day));
             suspended.insert(account);
-            notices.push(Notice {
-                account,
-                kind: "disconnected".to_owned(),
-                disconnect_date: day,
-                days: 0,
-                balance: *balance,
-                daily_total: needed,
-            });
+            // An account suspended already (a past day charged late) was told so then.
+            if !*suspended_before {
+                notices.push(Notice {
+                    account,
+                    kind: "disconnected".to_owned(),
+                    disconnect_date: day,
+                    days: 0,
+                    balance: *balance,
+                    daily_total: needed,
+                });
+            }
             out.push(Some(ChargeOutcome::Suspended {
                 needed,
                 balance: *balance,
                 channels: Vec::new(),
             }));
         } else {
-            for c in list.iter_mut().filter(|c| !c.2) {
-                *balance = balance.saturating_sub(c.1);
+            for c in list.iter_mut().filter(|c| !c.paid) {
+                *balance = balance.saturating_sub(c.price);
                 charges.entry(day).or_default().push(LedgerCharge {
                     account,
-                    channel: c.0,
-                    price: c.1,
+                    channel: c.id,
+                    price: c.price,
                     balance_after: *balance,
                 });
-                c.2 = true;
+                c.paid = true;
             }
             balances.insert(account, *balance);
             notices.extend(Notice::warning(
@@ -306,7 +341,8 @@ pub(super) async fn charge(
 }
 
 /// Suspends every running channel of these accounts (reason `insufficient_funds`) and
-/// remembers the unpaid day; returns the suspended channels per account.
+/// remembers the unpaid day — the later one for an account suspended already, which a
+/// resume pays (`resume_suspended`); returns the suspended channels per account.
 async fn suspend_accounts(
     tx: &mut Tx,
     accounts: &[(Id, NaiveDate)],
@@ -328,7 +364,8 @@ async fn suspend_accounts(
     .fetch_all(&mut **tx)
     .await?;
     sqlx::query(
-        "UPDATE accounts SET suspended_on = j.day \
+        "UPDATE accounts SET suspended_on = CASE WHEN suspended_on > j.day \
+         THEN suspended_on ELSE j.day END \
          FROM (SELECT value ->> 0 AS id, value ->> 1 AS day FROM json_each($1)) AS j \
          WHERE accounts.id = j.id",
     )
@@ -346,12 +383,19 @@ pub(super) async fn charge_day(
     store: &SqliteStore,
     account: Id,
     day: NaiveDate,
+    day_start: i64,
     day_end: i64,
     prices: &Prices,
 ) -> StoreResult<Charged> {
     let mut tx = store.begin_write().await?;
     let now = now_ms();
-    let out = charge(&mut tx, &[(account, day, day_end)], prices, now).await?;
+    let out = charge(
+        &mut tx,
+        &[(account, day, (day_start, day_end))],
+        prices,
+        now,
+    )
+    .await?;
     let charged = out
         .into_iter()
         .next()
@@ -377,15 +421,12 @@ pub(super) async fn charge_accounts(
         .map(|j| charge_account_key(j.account, j.day))
         .collect();
     let live = charges_to_run(&mut tx, jobs, &keys, &mut out).await?;
-    let items: Vec<(Id, NaiveDate, i64)> = live
+    let items: Vec<(Id, NaiveDate, (i64, i64))> = live
         .iter()
         .filter(|l| l.charge)
         .map(|l| {
-            (
-                jobs[l.index].account,
-                jobs[l.index].day,
-                jobs[l.index].day_end,
-            )
+            let j = &jobs[l.index];
+            (j.account, j.day, (j.day_start, j.day_end))
         })
         .collect();
     let mut charged = charge(&mut tx, &items, prices, now).await?.into_iter();
@@ -670,6 +711,7 @@ mod tests {
                 job: id,
                 account,
                 day,
+                day_start: i64::MIN,
                 day_end: i64::MAX,
                 max_attempts: 8,
             });
@@ -942,6 +984,7 @@ mod tests {
                 job: format!("queued-{account}"),
                 account,
                 day: next,
+                day_start: i64::MIN,
                 day_end: i64::MAX,
                 max_attempts: 8,
             })
@@ -985,6 +1028,7 @@ mod tests {
             job: id.into(),
             account,
             day,
+            day_start: i64::MIN,
             day_end: i64::MAX,
             max_attempts: 8,
         };
@@ -1092,7 +1136,7 @@ mod tests {
         for _ in 0..8 {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
-                s.charge_day(acc, day, i64::MAX, &prices()).await
+                s.charge_day(acc, day, i64::MIN, i64::MAX, &prices()).await
             }));
         }
         for t in tasks {
@@ -1103,7 +1147,7 @@ mod tests {
         // A catch-up for a day that ended before the channels were created charges nothing.
         let before: NaiveDate = "2026-11-20".parse().expect("day");
         let c = s
-            .charge_day(acc, before, 1_000, &prices())
+            .charge_day(acc, before, i64::MIN, 1_000, &prices())
             .await
             .expect("catch-up");
         assert!(matches!(
@@ -1111,5 +1155,99 @@ mod tests {
             ChargeOutcome::NothingDue { balance: 9_700 }
         ));
         assert_eq!(ledger_rows(&s).await, 3);
+    }
+
+    /// What a channel was on a past day decides its charge: one removed during the day
+    /// or later pays it, one removed before it began does not; one suspended only since
+    /// pays it, one suspended since that day does not; and an account suspended
+    /// already that cannot pay a past day keeps its suspension day, told once.
+    #[tokio::test]
+    async fn a_past_day_charges_the_channels_of_that_day() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("p.db"))
+            .await
+            .expect("open");
+        let day = |d: &str| d.parse::<NaiveDate>().expect("day");
+        let charged_days = |acc: Id| {
+            let pool = s.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT day FROM ledger WHERE account_id = $1 AND kind = 'charge' ORDER BY day",
+                )
+                .bind(acc)
+                .fetch_all(&pool)
+                .await
+                .expect("ledger")
+            }
+        };
+
+        // Removed at 5,000 (ms): active on a day spanning 4,000.., not on one from 6,000.
+        let acc = account(&s, "removed", 1_000, 1).await;
+        sqlx::query(
+            "UPDATE channels SET status = 'removed', removed_at = 5000, created_at = 0 \
+             WHERE account_id = $1",
+        )
+        .bind(acc)
+        .execute(&s.pool)
+        .await
+        .expect("remove");
+        let c = s
+            .charge_day(acc, day("2026-11-24"), 6_000, i64::MAX, &prices())
+            .await
+            .expect("later day");
+        assert!(matches!(c.outcome, ChargeOutcome::NothingDue { .. }));
+        let c = s
+            .charge_day(acc, day("2026-11-23"), 4_000, 6_000, &prices())
+            .await
+            .expect("the day of the removal");
+        assert!(matches!(
+            c.outcome,
+            ChargeOutcome::Charged { total: 100, .. }
+        ));
+        assert!(!c.notices, "a removed channel is not counted in warnings");
+        assert_eq!(charged_days(acc).await, ["2026-11-23"]);
+
+        // Suspended for the 25th; the 24th, charged late, still pays.
+        let acc = account(&s, "suspended", 0, 1).await;
+        let c = s
+            .charge_day(acc, day("2026-11-25"), i64::MIN, i64::MAX, &prices())
+            .await
+            .expect("suspends");
+        assert!(matches!(c.outcome, ChargeOutcome::Suspended { .. }));
+        s.topup(acc, 500, "late money").await.expect("topup");
+        let c = s
+            .charge_day(acc, day("2026-11-24"), i64::MIN, i64::MAX, &prices())
+            .await
+            .expect("the day before");
+        assert!(matches!(
+            c.outcome,
+            ChargeOutcome::Charged { balance: 400, .. }
+        ));
+        let c = s
+            .charge_day(acc, day("2026-11-25"), i64::MIN, i64::MAX, &prices())
+            .await
+            .expect("the suspended day");
+        assert!(matches!(c.outcome, ChargeOutcome::NothingDue { .. }));
+        assert_eq!(charged_days(acc).await, ["2026-11-24"]);
+
+        // Suspended for the 25th and unable to pay the 24th: still the 25th, one e-mail.
+        let acc = account(&s, "broke", 0, 1).await;
+        for d in ["2026-11-25", "2026-11-24"] {
+            let c = s
+                .charge_day(acc, day(d), i64::MIN, i64::MAX, &prices())
+                .await
+                .expect("suspended");
+            assert!(matches!(c.outcome, ChargeOutcome::Suspended { .. }));
+            assert_eq!(c.notices, d == "2026-11-25", "{d}");
+        }
+        let (on, mails): (Option<String>, i64) = sqlx::query_as(
+            "SELECT suspended_on, (SELECT COUNT(*) FROM notifications WHERE account_id = $1) \
+             FROM accounts WHERE id = $1",
+        )
+        .bind(acc)
+        .fetch_one(&s.pool)
+        .await
+        .expect("account");
+        assert_eq!((on.as_deref(), mails), (Some("2026-11-25"), 1));
     }
 }

@@ -69,11 +69,12 @@ pub struct BillingRunParams {
 }
 
 /// Queues the billing run of a day (default today): for operators catching up after
-/// downtime. A day already run is not run again (its idempotency key exists).
+/// downtime, within `billing.catch_up_days` and never after today (`invalid_value`). A
+/// day already run is not run again (its idempotency key exists).
 pub async fn billing_run(app: &App, p: BillingRunParams) -> Result<Value, RpcError> {
     let date = p.date.unwrap_or_else(|| app.today());
     let (id, existing) = app
-        .enqueue(patchbay_jobs::JobKind::BillingRun, json!({ "date": date }))
+        .enqueue_requested(patchbay_jobs::JobKind::BillingRun, json!({ "date": date }))
         .await?;
     Ok(json!({ "job": id, "date": date, "existing": existing }))
 }

@@ -29,7 +29,9 @@ pub async fn enqueue(app: &App, p: EnqueueParams) -> Result<Value, RpcError> {
         ))
         .into());
     }
-    let (id, existing) = app.enqueue(kind, p.payload).await?;
+    // The rules of the matching methods too: billing.run's dates, account.topup's
+    // bounds (in the payload's validation).
+    let (id, existing) = app.enqueue_requested(kind, p.payload).await?;
     Ok(json!({ "id": id, "existing": existing }))
 }
 
