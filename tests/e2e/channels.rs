@@ -162,7 +162,9 @@ async fn inbound_messages_skip_the_journal_only_where_redis_loses_no_push() {
         .await;
     }
     assert!(!everysec.log().contains(UNJOURNALLED), "{}", everysec.log());
-    // The explicit switch: everysec trusted.
+    // The explicit switch: everysec trusted. Stopped once it answers (its SIGTERM
+    // handler is installed by then; the mode line comes earlier in the start).
+    everysec.ok("status", json!({})).await;
     assert_eq!(everysec.terminate(), Some(0));
     let config = std::fs::read_to_string(&everysec.config).expect("config");
     let trusting = config.replacen("[queue]\n", "[queue]\nredis_trust_everysec = true\n", 1);
