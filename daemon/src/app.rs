@@ -88,6 +88,12 @@ impl App {
         reason: &str,
     ) -> Result<String, DomainError> {
         let now = now_ms();
+        // One dead job per refused message, however often its messenger redelivers it
+        // (a flush that failed for a sibling event keeps it unacknowledged).
+        let key = match (payload.get("channel"), payload.get("external_message_id")) {
+            (Some(ch), Some(Value::String(m))) => Some(format!("{kind}_refused:{ch}:{m}")),
+            _ => None,
+        };
         let rec = JobRecord {
             id: ulid::Ulid::new().to_string(),
             kind,
@@ -96,13 +102,15 @@ impl App {
             attempts: 1,
             max_attempts: self.settings.max_attempts(kind),
             last_error: Some(reason.to_owned()),
-            idempotency_key: None,
+            idempotency_key: key,
             created_at: now,
             updated_at: now,
             run_at: now,
         };
-        self.store.journal_insert(&rec).await?;
-        Ok(rec.id)
+        match self.store.journal_insert(&rec).await? {
+            JournalInsert::Inserted => Ok(rec.id),
+            JournalInsert::Existing(id) => Ok(id),
+        }
     }
 
     /// [`enqueue`](Self::enqueue) for a job an operator asked for (`job.enqueue`,
@@ -400,15 +408,14 @@ impl App {
     }
 
     pub async fn retry(&self, id: &str) -> Result<JobRecord, DomainError> {
-        // A job the queue could not decode keeps only a cut copy of its stored form
-        // (`queue::Rejected`): running that again cannot succeed.
+        // A payload this daemon refuses (a cut copy of a job the queue could not
+        // decode, an event outside the inbound bounds) would only die again.
         let dead = self.store.journal_get(id).await?;
         if dead.state == JobState::Dead
-            && dead.payload.get("undecodable").is_some()
-            && dead.kind.parse_payload(&dead.payload).is_err()
+            && let Err(e) = dead.kind.parse_payload(&dead.payload)
         {
             return Err(DomainError::Conflict(format!(
-                "job {id} could not be decoded from the queue; its payload is a cut copy of                  the stored job and cannot be retried"
+                "job {id} cannot be retried: its payload is refused ({e})"
             )));
         }
         let rec = self.store.journal_revive(id).await?;

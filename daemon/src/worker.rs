@@ -356,15 +356,9 @@ pub async fn reject(app: Arc<App>, job: Rejected) {
     tracing::warn!(job = %rec.id, kind = %kind, reason = %job.reason, "job is dead: the queue rejected it");
     let mut wait = Duration::from_millis(100);
     loop {
-        let recorded = async {
-            if app.store.journal_start(&rec).await?.is_some() {
-                app.store
-                    .journal_finish(&rec.id, JobState::Dead, Some(&job.reason), now_ms())
-                    .await?;
-            }
-            Ok::<(), DomainError>(())
-        };
-        match recorded.await {
+        // One statement that reads no row back: a stored row past repair cannot
+        // fail it for good (only an unreachable store is retried).
+        match app.store.journal_mark_dead(&rec, &job.reason).await {
             Ok(()) => break,
             Err(e) if app.stop.is_cancelled() => {
                 tracing::warn!(job = %rec.id, error = %e, "cannot record a rejected job before stopping; it stays queued");

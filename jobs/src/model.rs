@@ -148,9 +148,11 @@ impl FromStr for JobState {
     }
 }
 
-/// Largest payload a dead job keeps, in bytes of JSON: a refused event may be up to a
-/// mebibyte, and dead jobs stay until someone retries them.
-pub const MAX_DEAD_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Largest payload a dead job keeps, in bytes of JSON: above every valid payload (an
+/// inbound message's text and attachments bounds come to ~330 KiB), so a dead job that
+/// can be retried keeps its payload whole; a refused event may be up to a mebibyte,
+/// and dead jobs stay until someone retries them.
+pub const MAX_DEAD_PAYLOAD_BYTES: usize = 512 * 1024;
 
 /// `payload` itself when it is at most `MAX_DEAD_PAYLOAD_BYTES` of JSON and nests at
 /// most `json_limits::MAX_JSON_DEPTH`. Else its small top-level fields (the channel,

@@ -590,6 +590,31 @@ impl Store for SqliteStore {
         .await?)
     }
 
+    async fn journal_mark_dead(&self, rec: &JobRecord, reason: &str) -> StoreResult<()> {
+        // Two conflict clauses: the id's row is updated; another row's idempotency key
+        // leaves everything as it is.
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
+             idempotency_key, created_at, updated_at, run_at) \
+             VALUES ($1, $2, $3, 'dead', $4, $5, $6, $7, $8, $8, $8) \
+             ON CONFLICT (id) DO UPDATE SET state = 'dead', attempts = jobs.attempts + 1, \
+             last_error = excluded.last_error, updated_at = excluded.updated_at \
+             WHERE jobs.state NOT IN ('done', 'dead') \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(rec.kind.as_str())
+        .bind(crate::model::bounded_payload(rec.payload.clone()).to_string())
+        .bind(i64::from(rec.attempts.max(1)))
+        .bind(i64::from(rec.max_attempts))
+        .bind(reason)
+        .bind(&rec.idempotency_key)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert> {
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
@@ -2003,6 +2028,45 @@ mod tests {
             updated_at: 1,
             run_at: 1,
         }
+    }
+
+    /// A rejected job is marked dead without its row being read: a row whose payload
+    /// no longer parses cannot make it fail for good; done and dead rows stay.
+    #[tokio::test]
+    async fn mark_dead_needs_no_readable_row() {
+        let (_dir, s) = store().await;
+        let job =
+            |id: &str| pending_job(id, JobKind::SendMessage, serde_json::json!({"message": 1}));
+        s.journal_insert(&job("corrupt")).await.expect("insert");
+        sqlx::query("UPDATE jobs SET payload = '[[[not json' WHERE id = 'corrupt'")
+            .execute(&s.writer)
+            .await
+            .expect("corrupt it");
+        s.journal_mark_dead(&job("corrupt"), "poison")
+            .await
+            .expect("mark");
+        s.journal_mark_dead(&job("fresh"), "poison")
+            .await
+            .expect("mark");
+        let done = job("done");
+        s.journal_insert(&done).await.expect("insert");
+        s.journal_finish("done", JobState::Done, None, 2)
+            .await
+            .expect("finish");
+        s.journal_mark_dead(&done, "late").await.expect("mark");
+        let states: Vec<(String, String, Option<String>)> =
+            sqlx::query_as("SELECT id, state, last_error FROM jobs ORDER BY id")
+                .fetch_all(&s.pool)
+                .await
+                .expect("read");
+        assert_eq!(
+            states,
+            vec![
+                ("corrupt".into(), "dead".into(), Some("poison".into())),
+                ("done".into(), "done".into(), None),
+                ("fresh".into(), "dead".into(), Some("poison".into())),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -211,6 +211,12 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
         run_at: i64,
     ) -> StoreResult<()>;
+    /// Records `rec`'s job `dead` with `reason` in one statement that reads nothing
+    /// back: an existing row (whose payload may be past repair) keeps its payload and
+    /// counts the attempt, a missing one is written from `rec`; a done or dead row, or
+    /// another row holding `rec`'s idempotency key, is left as it is. For jobs the
+    /// queue rejected, where reading the row could fail for good.
+    async fn journal_mark_dead(&self, rec: &JobRecord, reason: &str) -> StoreResult<()>;
     /// Deletes up to `limit` done jobs created and finished before `before` (journal
     /// retention); returns how many went. Dead jobs stay until someone retries them.
     async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64>;

@@ -328,9 +328,9 @@ pub struct Rejected {
     pub id: String,
     /// The envelope's attempt, 0 when unreadable.
     pub attempt: u32,
-    /// The envelope's payload when it decodes and its JSON fits in
-    /// [`MAX_REJECTED_PAYLOAD`] (then the job can be retried); otherwise
-    /// `{"undecodable": <the stored job's first bytes, as text>, "bytes": <its size>,
+    /// The envelope's payload when it decodes (then the job can be retried);
+    /// otherwise `{"channel": <the payload's, if readable>, "undecodable": <the
+    /// stored job's first MAX_REJECTED_PAYLOAD bytes, as text>, "bytes": <its size>,
     /// "note": ...}`.
     pub payload: serde_json::Value,
     /// Whether `payload` is the envelope's own.
@@ -349,16 +349,29 @@ impl Rejected {
             id: Option<String>,
             attempt: Option<u32>,
         }
+        /// The payload's channel, read apart (a payload that is no object fails only
+        /// this), so a data deletion run still finds an inbound job's cut copy.
+        #[derive(Deserialize)]
+        struct Channel {
+            payload: ChannelOf,
+        }
+        #[derive(Deserialize)]
+        struct ChannelOf {
+            channel: Option<i64>,
+        }
         let head = serde_json::from_slice::<Head>(bytes).ok();
         let id = head
             .as_ref()
             .and_then(|h| h.id.clone())
             .filter(|id| !id.is_empty() && id.len() <= 128)
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
-        let attempt = head.and_then(|h| h.attempt).unwrap_or(0);
-        let decoded = (bytes.len() <= MAX_REJECTED_PAYLOAD)
-            .then(|| serde_json::from_slice::<Envelope>(bytes).ok())
-            .flatten();
+        let attempt = head.as_ref().and_then(|h| h.attempt).unwrap_or(0);
+        let channel = serde_json::from_slice::<Channel>(bytes)
+            .ok()
+            .and_then(|c| c.payload.channel);
+        // Whole, whatever its size: a job that panicked must stay retryable. The
+        // journal bounds what it keeps (`model::bounded_payload`).
+        let decoded = serde_json::from_slice::<Envelope>(bytes).ok();
         let (payload, decodable) = match decoded {
             Some(env) => (env.payload, true),
             None => {
@@ -370,6 +383,7 @@ impl Rejected {
                 };
                 (
                     serde_json::json!({
+                        "channel": channel,
                         "undecodable": String::from_utf8_lossy(cut),
                         "bytes": bytes.len(),
                         "note": note,
@@ -608,6 +622,16 @@ mod tests {
 
         let r = Rejected::new("ns:k", b"\xff garbage", "no".into());
         assert_eq!(r.id.len(), 26, "a fresh ULID");
+
+        // A deep inbound payload keeps its channel beside the cut copy.
+        let deep = format!(
+            r#"{{"id":"j3","kind":"k","attempt":1,"payload":{{"channel":7,"attachments":{}{}}}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        let r = Rejected::new("ns:k", deep.as_bytes(), "too deep".into());
+        assert_eq!((r.id.as_str(), r.decodable), ("j3", false));
+        assert_eq!(r.payload["channel"], 7);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::{
 };
 
 use apalis_core::{
-    backend::{Backend, BackendConfig, finalize::Ephemeral},
+    backend::{Backend, BackendConfig, ext::BackendExt, finalize::Ephemeral},
     error::BoxDynError,
     task::{Task, builder::TaskBuilder, task_id::TaskId},
     worker::{builder::WorkerBuilder, context::WorkerContext},
@@ -320,7 +320,8 @@ impl RedisQueue {
         run: Run,
     ) -> Result<(), QueueError> {
         // Our backend retries Redis errors itself; a worker still ends on a panic
-        // outside the handlers, and is then restarted at once.
+        // outside the handlers, and is then restarted after a backoff (1 s doubling to
+        // 60 s), so a fault that repeats cannot spin.
         let mut monitor = run.monitor("redis");
         let mut keepers = Vec::new();
         for (spec, (name, _)) in specs.into_iter().zip(run.names.iter().cloned()) {
@@ -350,7 +351,14 @@ impl RedisQueue {
                     acker.owned.lock().clear();
                 }
                 let backend =
-                    StreamBackend::new(&inner, acker.clone(), spec.concurrency, up.clone());
+                    StreamBackend::new(&inner, acker.clone(), spec.concurrency, up.clone())
+                        .before_start(move |_| async move {
+                            if restarts > 0 {
+                                let secs = 1u64 << restarts.min(6).saturating_sub(1);
+                                tokio::time::sleep(Duration::from_secs(secs.min(60))).await;
+                            }
+                            Ok::<(), RedisError>(())
+                        });
                 let queue = spec.queue.clone();
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
