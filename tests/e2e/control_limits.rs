@@ -45,6 +45,9 @@ fn read_reply(reader: &mut BufReader<UnixStream>) -> Value {
     serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?} is not JSON: {e}"))
 }
 
+/// `control::server::ADMIN_RESERVE`: connections root may open past the cap.
+const ADMIN_RESERVE: usize = 8;
+
 const STATUS: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
 
 fn error_code(v: &Value) -> i64 {
@@ -120,7 +123,14 @@ async fn connections_past_the_cap_get_an_error_line_and_the_daemon_still_answers
     let mut reader = BufReader::new(last.try_clone().expect("clone"));
     assert!(exchange(last, &mut reader, STATUS)["result"].is_object());
 
-    for i in CAP..OPEN {
+    // Root (this test) gets a small reserve past the cap, so one client that holds
+    // every slot cannot lock the administrators out.
+    for _ in 0..ADMIN_RESERVE {
+        let (mut s, mut r) = connect(&d);
+        assert!(exchange(&mut s, &mut r, STATUS)["result"].is_object());
+        served.push(s);
+    }
+    for i in CAP + ADMIN_RESERVE..OPEN {
         let (_stream, mut reader) = connect(&d);
         let reply = read_reply(&mut reader);
         assert_eq!(
@@ -174,6 +184,47 @@ async fn connections_past_the_cap_get_an_error_line_and_the_daemon_still_answers
         .matches("control.max_connections are connected")
         .count();
     assert!((1..=2).contains(&logged), "refusals logged {logged} times");
+}
+
+/// 2,000 idle clients under a cap that admits them cost little, and a new
+/// connection's `status` is still answered at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_thousand_idle_connections_and_status_still_answers() {
+    const OPEN: usize = 2_000;
+    let limit = raise_nofile();
+    assert!(
+        limit > (2 * OPEN + 1_024) as u64,
+        "RLIMIT_NOFILE hard limit {limit} is too low for this test"
+    );
+    let d = Daemon::start_with(Backend::Sqlite, "[control]\nmax_connections = 4096\n");
+    let pid = d.pid();
+    let (mut s, mut r) = connect(&d);
+    assert!(exchange(&mut s, &mut r, STATUS)["result"].is_object());
+    let before = vm_kb(pid, "VmRSS");
+    let mut idle = Vec::with_capacity(OPEN);
+    for _ in 0..OPEN {
+        idle.push(UnixStream::connect(&d.socket).expect("connect"));
+    }
+    let started = std::time::Instant::now();
+    let (mut s, mut r) = connect(&d);
+    let reply = exchange(&mut s, &mut r, STATUS);
+    assert!(reply["result"]["version"].is_string(), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let grown = vm_kb(pid, "VmRSS").saturating_sub(before);
+    assert!(
+        grown < 64 * MIB_KB,
+        "2,000 idle connections grew the daemon by {grown} kB"
+    );
+    // Every idle one is still open (none was refused or closed).
+    for (i, c) in idle.iter().enumerate() {
+        c.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let r = (&*c).read(&mut byte);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == ErrorKind::WouldBlock),
+            "idle connection #{i}: {r:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -258,6 +258,10 @@ fn check_fd_limit(max_connections: usize) {
     }
 }
 
+/// Connections root and the daemon's own user may open beyond
+/// `control.max_connections`.
+const ADMIN_RESERVE: usize = 8;
+
 /// Accepts clients until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for requests already being answered. At most `control.max_connections`
 /// are served at once: a semaphore permit travels with each connection task, and a
@@ -274,6 +278,9 @@ pub async fn serve(
     let limits = connection::Limits::new(control);
     check_fd_limit(max);
     let slots = Arc::new(Semaphore::new(max));
+    // Past the cap, root and the daemon's own user still get in: one allowed client
+    // holding every slot must not lock the administrators out of `status`.
+    let reserve = Arc::new(Semaphore::new(ADMIN_RESERVE));
     let (mut forbidden_log, mut full_log) = (Throttle::new(), Throttle::new());
     loop {
         let accepted = tokio::select! {
@@ -289,8 +296,12 @@ pub async fn serve(
                 continue;
             }
         };
+        let mut privileged = false;
         let allowed = match stream.peer_cred() {
-            Ok(cred) if gate.admits(cred.uid(), cred.gid(), &peer_groups(&stream)) => true,
+            Ok(cred) if gate.admits(cred.uid(), cred.gid(), &peer_groups(&stream)) => {
+                privileged = cred.uid() == 0 || cred.uid() == gate.own_uid;
+                true
+            }
             Ok(cred) => {
                 if let Some(suppressed) = forbidden_log.allow() {
                     tracing::warn!(
@@ -311,7 +322,14 @@ pub async fn serve(
             connection::refuse(stream, connection::forbidden());
             continue;
         }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let permit = slots.clone().try_acquire_owned().or_else(|full| {
+            if privileged {
+                reserve.clone().try_acquire_owned()
+            } else {
+                Err(full)
+            }
+        });
+        let Ok(permit) = permit else {
             if let Some(suppressed) = full_log.allow() {
                 let pid = stream.peer_cred().ok().and_then(|c| c.pid());
                 tracing::warn!(
