@@ -29,6 +29,16 @@ fn poisoned_envelope(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A connection to the test's own Redis, beside the daemon's.
+async fn redis_connection(d: &Daemon) -> redis::aio::MultiplexedConnection {
+    let redis = d.redis.as_ref().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
 /// Writes `job` straight into the daemon's queue for `kind`, as the backend stores it.
 async fn poison_queue(d: &Daemon, backend: Backend, kind: &str, job: &[u8]) {
     match backend {
@@ -53,12 +63,7 @@ async fn poison_queue(d: &Daemon, backend: Backend, kind: &str, job: &[u8]) {
             pool.close().await;
         }
         Backend::Redis | Backend::RedisAof | Backend::RedisEverysec => {
-            let redis = d.redis.as_ref().expect("redis");
-            let client = redis::Client::open(redis.url()).expect("redis url");
-            let mut con = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("redis connection");
+            let mut con = redis_connection(d).await;
             let ns = format!("t{}", std::process::id());
             redis::cmd("XADD")
                 .arg(format!("{ns}:{{{ns}:{kind}}}:stream"))
@@ -205,12 +210,7 @@ async fn a_redis_outage_under_inbound_load_loses_nothing_and_keeps_the_daemon() 
     // A clean stop, so Redis' own fsync policy cannot lose the last second of jobs:
     // what is tested is the daemon.
     {
-        let redis = d.redis.as_ref().expect("redis");
-        let client = redis::Client::open(redis.url()).expect("redis url");
-        let mut con = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis connection");
+        let mut con = redis_connection(&d).await;
         let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut con).await;
     }
     d.redis.as_mut().expect("redis").stop();

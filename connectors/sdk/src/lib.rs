@@ -70,17 +70,7 @@ pub mod __private {
     /// `version` fits `PB_MAX_VERSION_LEN` and has no NUL.
     pub const fn valid_version(version: &str) -> bool {
         let b = version.as_bytes();
-        if b.len() > crate::abi::PB_MAX_VERSION_LEN {
-            return false;
-        }
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == 0 {
-                return false;
-            }
-            i += 1;
-        }
-        true
+        b.len() <= crate::abi::PB_MAX_VERSION_LEN && crate::plugin::no_nul(b)
     }
 }
 

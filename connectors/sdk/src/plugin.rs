@@ -304,9 +304,12 @@ pub const fn valid_kind(kind: &str) -> bool {
 #[doc(hidden)]
 pub const fn valid_secret_key(key: &str) -> bool {
     let b = key.as_bytes();
-    if b.is_empty() || b.len() > abi::PB_MAX_SECRET_KEY_LEN {
-        return false;
-    }
+    !b.is_empty() && b.len() <= abi::PB_MAX_SECRET_KEY_LEN && no_nul(b)
+}
+
+/// Whether `b` holds no NUL byte (a C string's end); usable at compile time.
+#[doc(hidden)]
+pub const fn no_nul(b: &[u8]) -> bool {
     let mut i = 0;
     while i < b.len() {
         if b[i] == 0 {

@@ -621,11 +621,14 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn a_batch_stores_what_message_by_message_stores() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (one, ch1) = store(&dir, "one.db").await;
-        let (batch, ch2) = store(&dir, "batch.db").await;
+    /// Stores `traffic` message by message in `one` and as one batch in `batch`,
+    /// checks that both stores then read alike, and returns the batch's jobs and what
+    /// both read.
+    async fn one_and_batch(
+        (one, ch1): (&SqliteStore, Id),
+        (batch, ch2): (&SqliteStore, Id),
+        traffic: impl Fn(Id) -> Vec<InboundMessage>,
+    ) -> (Vec<InboundJob>, Vec<String>) {
         for m in traffic(ch1) {
             let phone = handlers::inbound_sender_phone(&m);
             one.store_inbound(&m, phone.as_deref())
@@ -637,11 +640,20 @@ mod tests {
             .enumerate()
             .map(|(i, m)| job(i, m))
             .collect();
-        journal(&batch, &jobs).await;
+        journal(batch, &jobs).await;
         let out = batch.run_inbound_batch(&jobs).await.expect("batch");
         assert_eq!(out, vec![BatchedJob::Done; jobs.len()]);
-        let expected = snapshot(&one).await;
-        assert_eq!(snapshot(&batch).await, expected);
+        let expected = snapshot(one).await;
+        assert_eq!(snapshot(batch).await, expected);
+        (jobs, expected)
+    }
+
+    #[tokio::test]
+    async fn a_batch_stores_what_message_by_message_stores() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (one, ch1) = store(&dir, "one.db").await;
+        let (batch, ch2) = store(&dir, "batch.db").await;
+        let (jobs, expected) = one_and_batch((&one, ch1), (&batch, ch2), traffic).await;
         assert!(
             expected.contains(&"contact +79161234567 - Ivan".to_owned()),
             "{expected:?}"
@@ -702,22 +714,7 @@ mod tests {
                 ),
             ]
         };
-        for m in traffic(ch1) {
-            let phone = handlers::inbound_sender_phone(&m);
-            one.store_inbound(&m, phone.as_deref())
-                .await
-                .expect("store");
-        }
-        let jobs: Vec<InboundJob> = traffic(ch2)
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| job(i, m))
-            .collect();
-        journal(&batch, &jobs).await;
-        let out = batch.run_inbound_batch(&jobs).await.expect("batch");
-        assert_eq!(out, vec![BatchedJob::Done; jobs.len()]);
-        let expected = snapshot(&one).await;
-        assert_eq!(snapshot(&batch).await, expected);
+        let (_, expected) = one_and_batch((&one, ch1), (&batch, ch2), traffic).await;
         let contacts: Vec<String> = expected
             .iter()
             .filter(|r| r.starts_with("contact "))
