@@ -1,7 +1,6 @@
 //! The daemon's shared state — settings, store, queue — and the operations that span
 //! them: enqueueing a job (journal, then queue) and retrying a dead one.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -421,22 +420,6 @@ impl App {
         let rec = self.store.journal_revive(id).await?;
         self.push(&rec, 0, None).await?;
         Ok(rec)
-    }
-
-    /// Jobs waiting in the queue, by kind; a backend that cannot answer shows as null.
-    pub async fn queue_depths(&self) -> BTreeMap<&'static str, Value> {
-        let mut out = BTreeMap::new();
-        for kind in JobKind::ALL {
-            let depth = match self.queue.depth(&self.queue_name(kind)).await {
-                Ok(n) => json!(n),
-                Err(e) => {
-                    tracing::warn!(error = %e, kind = %kind, "cannot read queue depth");
-                    Value::Null
-                }
-            };
-            out.insert(kind.as_str(), depth);
-        }
-        out
     }
 
     /// The billing configuration in force now (see the `billing` field).

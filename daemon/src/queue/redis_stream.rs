@@ -321,7 +321,7 @@ impl RedisQueue {
     ) -> Result<(), QueueError> {
         // Our backend retries Redis errors itself; a worker still ends on a panic
         // outside the handlers, and is then restarted after a backoff (1 s doubling to
-        // 60 s), so a fault that repeats cannot spin.
+        // 32 s), so a fault that repeats cannot spin.
         let mut monitor = run.monitor("redis");
         let mut keepers = Vec::new();
         for (spec, (name, _)) in specs.into_iter().zip(run.names.iter().cloned()) {
@@ -355,7 +355,7 @@ impl RedisQueue {
                         .before_start(move |_| async move {
                             if restarts > 0 {
                                 let secs = 1u64 << restarts.min(6).saturating_sub(1);
-                                tokio::time::sleep(Duration::from_secs(secs.min(60))).await;
+                                tokio::time::sleep(Duration::from_secs(secs)).await;
                             }
                             Ok::<(), RedisError>(())
                         });
