@@ -1,4 +1,5 @@
-//! patchbay's domain: job kinds and payloads, the handlers that run them, and the store.
+//! patchbay's domain: job kinds and payloads, the handlers that run them, and the store
+//! interface (its implementations live in `store/sqlite` and `store/postgres`).
 //!
 //! This crate knows nothing of sockets, queues or processes; the daemon feeds it
 //! validated requests and queued jobs. Everything here must stay idempotent: a handler
@@ -13,11 +14,9 @@ pub mod kind;
 pub mod model;
 pub mod phone;
 pub mod settings;
-pub mod sqlite_store;
 pub mod store;
 pub mod validate;
 
 pub use error::{DomainError, JobError};
 pub use kind::{JobKind, Payload};
-pub use sqlite_store::SqliteStore;
 pub use store::Store;

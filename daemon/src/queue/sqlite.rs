@@ -118,7 +118,7 @@ impl SqliteQueue {
             .pragma("cache_size", "-16384")
             // A fetch returns up to `batch_size` rows; sqlx hands them over 50 at a time
             // by default, each hand-off a thread wake-up on both sides.
-            .row_buffer_size(patchbay_jobs::sqlite_store::ROW_BUFFER);
+            .row_buffer_size(patchbay_store_sqlite::ROW_BUFFER);
 
         // apalis' setup() runs `PRAGMA synchronous = OFF` on whichever pooled
         // connection it gets, and that sticks for the connection's lifetime.

@@ -75,6 +75,7 @@ fn lower_priority() {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
+
     use super::*;
 
     #[tokio::test]

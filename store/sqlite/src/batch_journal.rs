@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
 
-use crate::kind::JobKind;
-use crate::model::job_created_at;
-use crate::store::{BatchedJob, StoreResult};
+use patchbay_jobs::kind::JobKind;
+use patchbay_jobs::model::job_created_at;
+use patchbay_jobs::store::{BatchedJob, StoreResult};
 
 /// The payload a finished `inbound_message` job keeps in the journal: which message it
 /// was, not its text or sender. The message itself lives in `messages`, where a data

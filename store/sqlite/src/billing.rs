@@ -10,6 +10,9 @@
 //! `resume_suspended` share the ledger and outbox writes. The UNIQUE (channel, day)
 //! constraint makes a second charge of a day impossible whoever attempts it.
 
+use crate::rows::*;
+use async_trait::async_trait;
+use patchbay_jobs::store::*;
 use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDate;
@@ -17,11 +20,11 @@ use serde_json::{Value, json};
 
 use super::SqliteStore;
 use super::batch_journal::{self, Ran};
-use crate::billing::{self, Prices};
-use crate::error::DomainError;
-use crate::kind::{JobKind, charge_account_key};
-use crate::model::{Id, now_ms};
-use crate::store::{
+use patchbay_jobs::billing::{self, Prices};
+use patchbay_jobs::error::DomainError;
+use patchbay_jobs::kind::{JobKind, charge_account_key};
+use patchbay_jobs::model::{Channel, Id, now_ms};
+use patchbay_jobs::store::{
     BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, Notification, StoreResult,
 };
 
@@ -658,14 +661,186 @@ pub(super) async fn settle_balance_checks(
     Ok(())
 }
 
+#[async_trait]
+impl Billing for SqliteStore {
+    async fn add_channel_charged(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<(Channel, bool)> {
+        let price = prices.price(kind);
+        let mut tx = self.begin_write().await?;
+        let now = now_ms();
+        let (balance, notify_days): (i64, i64) =
+            sqlx::query_as("SELECT balance, balance_notify_days FROM accounts WHERE id = $1")
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| DomainError::not_found("account", account))?;
+        if balance < price {
+            return Err(DomainError::InsufficientFunds(format!(
+                "the balance {balance} cannot pay today's price {price} of a {kind} channel; \
+                 top the account up first"
+            )));
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
+             VALUES ($1, $2, $3, $4, 'connecting', $5) RETURNING ",
+            channel_columns!()
+        ))
+        .bind(account)
+        .bind(kind)
+        .bind(name)
+        .bind(config.to_string())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let channel = channel_from_row(&row)?;
+        let left = balance.saturating_sub(price);
+        let charge = LedgerCharge {
+            account,
+            channel: channel.id,
+            price,
+            balance_after: left,
+        };
+        insert_charges(&mut tx, &[charge], day, now).await?;
+        set_balances(&mut tx, &[(account, left)].into_iter().collect()).await?;
+        // A charge happened: the warning rules apply as after a daily run.
+        let kinds: Vec<String> = sqlx::query_scalar(
+            "SELECT kind FROM channels WHERE account_id = $1 \
+             AND status NOT IN ('removed', 'suspended')",
+        )
+        .bind(account)
+        .fetch_all(&mut *tx)
+        .await?;
+        let total = patchbay_jobs::billing::daily_total(prices, &kinds);
+        let notice = Notice::warning(account, left, total, notify_days, day);
+        let noticed = record_notices(&mut tx, notice.as_slice(), now).await?;
+        tx.commit().await?;
+        Ok((channel, !noticed.is_empty()))
+    }
+
+    async fn charge_day(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        day_start: i64,
+        day_end: i64,
+        prices: &Prices,
+    ) -> StoreResult<Charged> {
+        charge_day(self, account, day, day_start, day_end, prices).await
+    }
+
+    async fn charge_accounts(
+        &self,
+        jobs: &[ChargeJob],
+        prices: &Prices,
+    ) -> StoreResult<Vec<(BatchedJob, Option<Charged>)>> {
+        charge_accounts(self, jobs, prices).await
+    }
+
+    async fn resume_suspended(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<(Vec<Channel>, bool)> {
+        let mut tx = self.begin_write().await?;
+        let now = now_ms();
+        let (balance, notify_days, suspended_on): (i64, i64, Option<String>) = sqlx::query_as(
+            "SELECT balance, balance_notify_days, suspended_on FROM accounts WHERE id = $1",
+        )
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| DomainError::not_found("account", account))?;
+        // The unpaid day, or today if later (ISO dates compare as strings).
+        let day = suspended_on
+            .and_then(|d| d.parse::<NaiveDate>().ok())
+            .filter(|d| *d > day)
+            .unwrap_or(day);
+        let channels: Vec<(Id, String, String, bool)> = sqlx::query_as(
+            "SELECT c.id, c.kind, c.status, \
+             EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2) \
+             FROM channels c WHERE c.account_id = $1 AND c.status <> 'removed' ORDER BY c.id",
+        )
+        .bind(account)
+        .bind(day.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        if !channels.iter().any(|c| c.2 == "suspended") {
+            return Ok((Vec::new(), false));
+        }
+        let needed = channels
+            .iter()
+            .filter(|c| !c.3)
+            .fold(0i64, |s, c| s.saturating_add(prices.price(&c.1)));
+        if balance < needed {
+            return Ok((Vec::new(), false));
+        }
+        let mut left = balance;
+        let charges: Vec<LedgerCharge> = channels
+            .iter()
+            .filter(|c| !c.3)
+            .map(|c| {
+                let price = prices.price(&c.1);
+                left = left.saturating_sub(price);
+                LedgerCharge {
+                    account,
+                    channel: c.0,
+                    price,
+                    balance_after: left,
+                }
+            })
+            .collect();
+        insert_charges(&mut tx, &charges, day, now).await?;
+        set_balances(&mut tx, &[(account, left)].into_iter().collect()).await?;
+        sqlx::query("UPDATE accounts SET suspended_on = NULL WHERE id = $1")
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(concat!(
+            "UPDATE channels SET status = 'connecting', status_reason = NULL \
+             WHERE account_id = $1 AND status = 'suspended' RETURNING ",
+            channel_columns!()
+        ))
+        .bind(account)
+        .fetch_all(&mut *tx)
+        .await?;
+        let resumed = rows
+            .iter()
+            .map(channel_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let kinds: Vec<String> = channels.into_iter().map(|c| c.1).collect();
+        let total = patchbay_jobs::billing::daily_total(prices, &kinds);
+        let notice = Notice::warning(account, left, total, notify_days, day);
+        let noticed = record_notices(&mut tx, notice.as_slice(), now).await?;
+        tx.commit().await?;
+        Ok((resumed, !noticed.is_empty()))
+    }
+
+    async fn suspended_accounts(&self) -> StoreResult<Vec<Id>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT account_id FROM channels WHERE status = 'suspended' ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use patchbay_jobs::store::*;
     use serde_json::json;
 
     use super::*;
-    use crate::sqlite_store::tests::pending_job;
-    use crate::store::{NewAccount, NewUser, Store};
-    use crate::{JobKind, Payload};
+    use crate::tests::pending_job;
+    use patchbay_jobs::store::{NewAccount, NewUser};
+    use patchbay_jobs::{JobKind, Payload};
 
     fn prices() -> Prices {
         Prices {

@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 
 use super::SqliteStore;
 use super::batch_journal::{self, Ran};
-use crate::kind::{InboundMessage, JobKind};
-use crate::model::{Id, now_ms};
-use crate::store::{BatchedJob, InboundJob, StoreResult};
+use patchbay_jobs::kind::{InboundMessage, JobKind};
+use patchbay_jobs::model::{Id, now_ms};
+use patchbay_jobs::store::{BatchedJob, InboundJob, StoreResult};
 
 type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
 
@@ -517,13 +517,14 @@ async fn contact_for(
 
 #[cfg(test)]
 mod tests {
+    use patchbay_jobs::store::*;
     use serde_json::json;
 
     use super::*;
-    use crate::model::{JobRecord, JobState};
-    use crate::sqlite_store::tests::pending_job;
-    use crate::store::{NewAccount, NewUser, Store};
-    use crate::{DomainError, JobKind, handlers};
+    use crate::tests::pending_job;
+    use patchbay_jobs::model::{JobRecord, JobState};
+    use patchbay_jobs::store::{NewAccount, NewUser};
+    use patchbay_jobs::{DomainError, JobKind, handlers};
 
     async fn store(dir: &tempfile::TempDir, name: &str) -> (SqliteStore, Id) {
         let s = SqliteStore::open(&dir.path().join(name))

@@ -1,0 +1,341 @@
+//! `Journal` on SQLite; batch journalling is in `batch_journal`.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+
+use patchbay_jobs::error::DomainError;
+use patchbay_jobs::kind::JobKind;
+use patchbay_jobs::model::{JobRecord, JobState, now_ms};
+use patchbay_jobs::store::*;
+
+use crate::SqliteStore;
+use crate::batch_journal;
+use crate::rows::*;
+
+#[async_trait]
+impl Journal for SqliteStore {
+    async fn journal_mark_dead(&self, rec: &JobRecord, reason: &str) -> StoreResult<()> {
+        // Two conflict clauses: the id's row is updated; another row's idempotency key
+        // leaves everything as it is.
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
+             idempotency_key, created_at, updated_at, run_at) \
+             VALUES ($1, $2, $3, 'dead', $4, $5, $6, $7, $8, $8, $8) \
+             ON CONFLICT (id) DO UPDATE SET state = 'dead', attempts = jobs.attempts + 1, \
+             last_error = excluded.last_error, updated_at = excluded.updated_at \
+             WHERE jobs.state NOT IN ('done', 'dead') \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(rec.kind.as_str())
+        .bind(patchbay_jobs::model::bounded_payload(rec.payload.clone()).to_string())
+        .bind(i64::from(rec.attempts.max(1)))
+        .bind(i64::from(rec.max_attempts))
+        .bind(reason)
+        .bind(&rec.idempotency_key)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert> {
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
+             idempotency_key, created_at, updated_at, run_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(rec.kind.as_str())
+        .bind(rec.payload.to_string())
+        .bind(rec.state.as_str())
+        .bind(i64::from(rec.attempts))
+        .bind(i64::from(rec.max_attempts))
+        .bind(&rec.last_error)
+        .bind(&rec.idempotency_key)
+        .bind(rec.created_at)
+        .bind(rec.updated_at)
+        .bind(rec.run_at)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(JournalInsert::Inserted);
+        }
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1 OR id = $2")
+                .bind(&rec.idempotency_key)
+                .bind(&rec.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        existing
+            .map(JournalInsert::Existing)
+            .ok_or_else(|| DomainError::Unavailable("job journal insert lost a race".into()))
+    }
+
+    async fn journal_insert_many(
+        &self,
+        recs: &[JobRecord],
+        pushed: bool,
+    ) -> StoreResult<Vec<bool>> {
+        if recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement for the whole batch (rows as a JSON array): this sits on the
+        // inbound path, where a statement per job was a measurable share of the cost.
+        let rows: Vec<serde_json::Value> = recs
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.id,
+                    r.kind.as_str(),
+                    r.payload.to_string(),
+                    r.state.as_str(),
+                    r.max_attempts,
+                    r.idempotency_key,
+                    r.created_at
+                ])
+            })
+            .collect();
+        let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
+             idempotency_key, created_at, updated_at, run_at, pushed) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, 0, value ->> 4, \
+             value ->> 5, value ->> 6, value ->> 6, value ->> 6, $2 FROM json_each($1) WHERE true \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(serde_json::Value::from(rows).to_string())
+        .bind(pushed)
+        .fetch_all(&self.writer)
+        .await?
+        .into_iter()
+        .collect();
+        Ok(recs.iter().map(|r| inserted.contains(&r.id)).collect())
+    }
+
+    async fn journal_get(&self, id: &str) -> StoreResult<JobRecord> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| DomainError::not_found("job", id))?;
+        job_from_row(&row)
+    }
+
+    async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE idempotency_key = $1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE ($1 IS NULL OR state = $1) \
+             AND ($2 IS NULL OR kind = $2) ORDER BY created_at DESC, id DESC LIMIT $3"
+        ))
+        .bind(filter.state.map(JobState::as_str))
+        .bind(filter.kind.map(JobKind::as_str))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>> {
+        // One autocommit statement in the usual case (the job was journalled when it
+        // was queued): this runs once per job, so every round trip counts.
+        let start = || {
+            sqlx::query(concat!(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = $1 \
+                 WHERE id = $2 AND state NOT IN ('done', 'dead') RETURNING ",
+                job_columns!()
+            ))
+            .bind(now_ms())
+            .bind(&rec.id)
+        };
+        if let Some(row) = start().fetch_optional(&self.writer).await? {
+            return job_from_row(&row).map(Some);
+        }
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+            .bind(&rec.id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if state.is_some() {
+            return Ok(None);
+        }
+        // Not journalled when it was queued (an inbound message from a connector, a
+        // charge from a fan-out on the SQLite queue), or the daemon died in between:
+        // create the entry, dated from the job's ULID so a data deletion's cutoff sees
+        // when it was queued, with `rec`'s idempotency key (a charge's (account, day)).
+        // If another row holds that key, nothing is inserted and the job does not run:
+        // that row's job is the one for the key, as an enqueue would have answered.
+        let now = now_ms();
+        let created = patchbay_jobs::model::job_created_at(&rec.id, now);
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
+             created_at, updated_at, run_at, idempotency_key) \
+             VALUES ($1, $2, $3, 'pending', 0, $4, $6, $5, $5, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&rec.id)
+        .bind(rec.kind.as_str())
+        .bind(rec.payload.to_string())
+        .bind(i64::from(rec.max_attempts))
+        .bind(now)
+        .bind(created)
+        .bind(&rec.idempotency_key)
+        .execute(&self.writer)
+        .await?;
+        start()
+            .fetch_optional(&self.writer)
+            .await?
+            .as_ref()
+            .map(job_from_row)
+            .transpose()
+    }
+
+    async fn journal_finish(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        run_at: i64,
+    ) -> StoreResult<()> {
+        // A done inbound job keeps no copy of the message (batch_journal::SCRUBBED_INBOUND).
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET state = $1, last_error = COALESCE($2, last_error), \
+             updated_at = $3, run_at = $4, \
+             payload = CASE WHEN $1 = 'done' THEN {} ELSE payload END \
+             WHERE id = $5 AND state <> 'done'",
+            batch_journal::SCRUBBED_INBOUND
+        )))
+        .bind(state.as_str())
+        .bind(error)
+        .bind(now_ms())
+        .bind(run_at)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64> {
+        // Job ids are ULIDs, ordered by creation time: the oldest jobs are a range at the
+        // start of the primary key, found on a reader without scanning the retention
+        // window, then deleted by id, so the writer is held only for the delete.
+        let floor = u64::try_from(before)
+            .map(|ms| ulid::Ulid::from_parts(ms, 0).to_string())
+            .unwrap_or_default();
+        let ids: Vec<String> = sqlx::query_scalar(
+            // `+state`: not through the state index, which would walk every done job.
+            "SELECT id FROM jobs WHERE id < $1 AND +state = 'done' AND updated_at < $2 LIMIT $3",
+        )
+        .bind(&floor)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each($1)) AND state = 'done'",
+        )
+        .bind(serde_json::Value::from(ids).to_string())
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
+    }
+
+    async fn journal_mark_pushed(&self, ids: &[String], pushed: bool) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE jobs SET pushed = $2 \
+             WHERE id IN (SELECT value FROM json_each($1)) AND pushed <> $2",
+        )
+        .bind(serde_json::Value::from(ids).to_string())
+        .bind(pushed)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn journal_claim_lost(
+        &self,
+        now: i64,
+        grace_ms: i64,
+        stale_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<JobRecord>> {
+        // Claimed rows stay unpushed until `App::push` succeeds; the fresh `updated_at`
+        // keeps other sweeps off them for the grace, after which a push that never
+        // happened (a crash mid-sweep) is claimed again.
+        let rows = sqlx::query(concat!(
+            "UPDATE jobs SET pushed = FALSE, state = 'pending', run_at = $1, updated_at = $1 \
+             WHERE id IN ( \
+             SELECT id FROM jobs WHERE state = 'pending' AND NOT pushed AND updated_at < $2 \
+             UNION ALL SELECT id FROM jobs WHERE state = 'failed' AND run_at < $2 \
+             UNION ALL SELECT id FROM jobs WHERE state = 'pending' AND pushed AND updated_at < $4 \
+             LIMIT $3) \
+             RETURNING ",
+            job_columns!()
+        ))
+        .bind(now)
+        .bind(now.saturating_sub(grace_ms))
+        .bind(i64::from(limit))
+        .bind(now.saturating_sub(stale_ms))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord> {
+        let now = now_ms();
+        // Not pushed until App::push succeeds: a crash in between leaves it to the sweep.
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'pending', attempts = 0, pushed = FALSE, updated_at = $1, \
+             run_at = $1 \
+             WHERE id = $2 AND state = 'dead' RETURNING ",
+            job_columns!()
+        ))
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await?;
+        match row {
+            Some(row) => job_from_row(&row),
+            None => {
+                let job = self.journal_get(id).await?;
+                Err(DomainError::Conflict(format!(
+                    "job {id} is {}, only dead jobs can be retried",
+                    job.state
+                )))
+            }
+        }
+    }
+
+    async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state ORDER BY kind, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(k, s, n)| Ok((JobKind::from_str(&k)?, JobState::from_str(&s)?, n)))
+            .collect()
+    }
+}
