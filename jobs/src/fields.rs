@@ -32,6 +32,13 @@ const TYPES: &str = "text, number, date, link, email, phone, checkbox, list";
 pub const BUILT_IN: [&str; 5] = ["name", "email", "e-mail", "url", "notes"];
 pub const MAX_TEXT_CHARS: usize = 10_000;
 
+impl TryFrom<String> for FieldType {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl FieldType {
     pub fn as_str(self) -> &'static str {
         match self {

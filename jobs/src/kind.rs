@@ -93,6 +93,13 @@ impl fmt::Display for JobKind {
     }
 }
 
+impl TryFrom<String> for JobKind {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl FromStr for JobKind {
     type Err = DomainError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DomainError;
 use crate::kind::JobKind;
+use crate::store::rows::JsonText;
 
 pub type Id = i64;
 
@@ -42,6 +43,13 @@ impl Role {
     }
 }
 
+impl TryFrom<String> for Role {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl FromStr for Role {
     type Err = DomainError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -55,7 +63,7 @@ impl FromStr for Role {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Settings {
     pub reset_responsible_on_close: bool,
     pub mark_read_on_open: bool,
@@ -63,34 +71,39 @@ pub struct Settings {
     pub balance_notify_days: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Account {
     pub id: Id,
     pub name: String,
     pub currency: String,
     pub balance: i64,
+    #[sqlx(flatten)]
     pub settings: Settings,
     pub created_at: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct User {
     pub id: Id,
+    #[sqlx(rename = "account_id")]
     pub account: Id,
     pub name: String,
     pub email: String,
+    #[sqlx(try_from = "String")]
     pub role: Role,
     pub created_at: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct LedgerEntry {
     pub id: Id,
+    #[sqlx(rename = "account_id")]
     pub account: Id,
     pub kind: String,
     pub amount: i64,
     pub balance_after: i64,
     pub reference: Option<String>,
+    #[sqlx(rename = "channel_id")]
     pub channel: Option<Id>,
     pub day: Option<String>,
     pub created_at: i64,
@@ -131,6 +144,13 @@ impl JobState {
 impl fmt::Display for JobState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for JobState {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 
@@ -184,13 +204,18 @@ pub fn bounded_payload(payload: serde_json::Value) -> serde_json::Value {
     serde_json::Value::Object(kept)
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct JobRecord {
     pub id: String,
+    #[sqlx(try_from = "String")]
     pub kind: JobKind,
+    #[sqlx(try_from = "JsonText")]
     pub payload: serde_json::Value,
+    #[sqlx(try_from = "String")]
     pub state: JobState,
+    #[sqlx(try_from = "i64")]
     pub attempts: u32,
+    #[sqlx(try_from = "i64")]
     pub max_attempts: u32,
     pub last_error: Option<String>,
     pub idempotency_key: Option<String>,
@@ -199,12 +224,14 @@ pub struct JobRecord {
     pub run_at: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Channel {
     pub id: Id,
+    #[sqlx(rename = "account_id")]
     pub account: Id,
     pub kind: String,
     pub name: String,
+    #[sqlx(try_from = "JsonText")]
     pub config: serde_json::Value,
     pub status: String,
     pub status_reason: Option<String>,
@@ -224,7 +251,7 @@ pub const CHANNEL_STATUSES: [&str; 6] = [
     "removed",
 ];
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Contact {
     pub id: Id,
     pub phone: Option<String>,
@@ -235,29 +262,37 @@ pub struct Contact {
     pub notes: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Chat {
     pub id: Id,
+    #[sqlx(rename = "account_id")]
     pub account: Id,
+    #[sqlx(rename = "channel_id")]
     pub channel: Id,
+    #[sqlx(rename = "contact_id")]
     pub contact: Id,
     pub external_chat_id: String,
     pub status: String,
+    #[sqlx(rename = "responsible_user_id")]
     pub responsible: Option<Id>,
     pub unread: i64,
     pub last_message_at: Option<i64>,
     pub created_at: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Message {
     pub id: Id,
+    #[sqlx(rename = "chat_id")]
     pub chat: Id,
+    #[sqlx(rename = "channel_id")]
     pub channel: Id,
     pub direction: String,
     pub external_message_id: Option<String>,
+    #[sqlx(rename = "author_user_id")]
     pub author: Option<Id>,
     pub text: String,
+    #[sqlx(try_from = "JsonText")]
     pub attachments: serde_json::Value,
     pub status: String,
     pub status_reason: Option<String>,
@@ -265,9 +300,10 @@ pub struct Message {
     pub created_at: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct DeletionRun {
     pub id: Id,
+    #[sqlx(rename = "account_id")]
     pub account: Id,
     /// Unix ms: everything created before it is deleted.
     pub cutoff: i64,

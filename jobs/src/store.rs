@@ -19,6 +19,7 @@ mod deletion;
 mod fields;
 mod journal;
 mod outbox;
+pub mod rows;
 mod users;
 
 pub use accounts::{Accounts, NewAccount};

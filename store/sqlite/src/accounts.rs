@@ -30,7 +30,7 @@ impl Accounts for SqliteStore {
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        let account = account_from_row(&row)?;
+        let account = decode::<Account, _>(&row)?;
         let row = sqlx::query(concat!(
             "INSERT INTO users (account_id, name, email, role, created_at) \
              VALUES ($1, $2, $3, 'administrator', $4) RETURNING ",
@@ -42,7 +42,7 @@ impl Accounts for SqliteStore {
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        let admin = user_from_row(&row)?;
+        let admin = decode::<User, _>(&row)?;
         tx.commit().await?;
         Ok((account, admin))
     }
@@ -57,7 +57,7 @@ impl Accounts for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("account", id))?;
-        account_from_row(&row)
+        decode::<Account, _>(&row)
     }
 
     async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry> {
@@ -73,7 +73,7 @@ impl Accounts for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = existing {
-            let entry = ledger_from_row(&row)?;
+            let entry = decode::<LedgerEntry, _>(&row)?;
             if entry.amount != amount {
                 return Err(DomainError::Conflict(format!(
                     "reference {reference:?} was already used for a top-up of {}",
@@ -117,7 +117,7 @@ impl Accounts for SqliteStore {
         .bind(now_ms())
         .fetch_one(&mut *tx)
         .await?;
-        let entry = ledger_from_row(&row)?;
+        let entry = decode::<LedgerEntry, _>(&row)?;
         tx.commit().await?;
         Ok(entry)
     }
@@ -133,7 +133,7 @@ impl Accounts for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(ledger_from_row).collect()
+        rows.iter().map(decode::<LedgerEntry, _>).collect()
     }
 
     async fn set_setting(

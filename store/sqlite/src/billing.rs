@@ -699,7 +699,7 @@ impl Billing for SqliteStore {
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        let channel = channel_from_row(&row)?;
+        let channel = decode::<Channel, _>(&row)?;
         let left = balance.saturating_sub(price);
         let charge = LedgerCharge {
             account,
@@ -813,7 +813,7 @@ impl Billing for SqliteStore {
         .await?;
         let resumed = rows
             .iter()
-            .map(channel_from_row)
+            .map(decode::<Channel, _>)
             .collect::<StoreResult<Vec<_>>>()?;
         let kinds: Vec<String> = channels.into_iter().map(|c| c.1).collect();
         let total = patchbay_jobs::billing::daily_total(prices, &kinds);

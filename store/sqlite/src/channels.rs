@@ -71,7 +71,7 @@ impl Channels for SqliteStore {
         .bind(now_ms())
         .fetch_one(&self.writer)
         .await?;
-        channel_from_row(&row)
+        decode::<Channel, _>(&row)
     }
 
     async fn channel(&self, id: Id) -> StoreResult<Channel> {
@@ -84,7 +84,7 @@ impl Channels for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("channel", id))?;
-        channel_from_row(&row)
+        decode::<Channel, _>(&row)
     }
 
     async fn channels(&self, account: Id) -> StoreResult<Vec<Channel>> {
@@ -97,7 +97,7 @@ impl Channels for SqliteStore {
         .bind(account)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(channel_from_row).collect()
+        rows.iter().map(decode::<Channel, _>).collect()
     }
 
     async fn runnable_channels(&self) -> StoreResult<Vec<Channel>> {
@@ -108,7 +108,7 @@ impl Channels for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(channel_from_row).collect()
+        rows.iter().map(decode::<Channel, _>).collect()
     }
 
     async fn set_channel_status(

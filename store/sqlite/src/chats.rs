@@ -1,7 +1,6 @@
 //! `Chats` on SQLite: the inbox reads and writes; inbound batches are in `inbound_batch`.
 
 use async_trait::async_trait;
-use sqlx::Row;
 
 use patchbay_jobs::error::DomainError;
 use patchbay_jobs::kind::InboundMessage;
@@ -55,7 +54,7 @@ impl Chats for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("chat", id))?;
-        chat_from_row(&row)
+        decode::<Chat, _>(&row)
     }
 
     async fn contact(&self, id: Id) -> StoreResult<Contact> {
@@ -66,15 +65,7 @@ impl Chats for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("contact", id))?;
-        Ok(Contact {
-            id: row.try_get("id")?,
-            phone: row.try_get("phone")?,
-            username: row.try_get("username")?,
-            name: row.try_get("name")?,
-            email: row.try_get("email")?,
-            url: row.try_get("url")?,
-            notes: row.try_get("notes")?,
-        })
+        decode::<Contact, _>(&row)
     }
 
     async fn chats(&self, account: Id, filter: &ChatFilter) -> StoreResult<Vec<Chat>> {
@@ -94,7 +85,7 @@ impl Chats for SqliteStore {
         .bind(i64::from(filter.limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(chat_from_row).collect()
+        rows.iter().map(decode::<Chat, _>).collect()
     }
 
     async fn messages(
@@ -115,7 +106,7 @@ impl Chats for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(message_from_row).collect()
+        rows.iter().map(decode::<Message, _>).collect()
     }
 
     async fn assign_chat(&self, chat: Id, user: Option<Id>) -> StoreResult<Chat> {
@@ -190,7 +181,7 @@ impl Chats for SqliteStore {
         .fetch_optional(&self.writer)
         .await?
         .ok_or_else(|| DomainError::not_found("chat", chat.id))?;
-        message_from_row(&row)
+        decode::<Message, _>(&row)
     }
 
     async fn message(&self, id: Id) -> StoreResult<Message> {
@@ -203,7 +194,7 @@ impl Chats for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("message", id))?;
-        message_from_row(&row)
+        decode::<Message, _>(&row)
     }
 
     async fn set_message_status(
@@ -322,7 +313,7 @@ async fn find_or_create_chat(
         .bind(epoch)
     };
     if let Some(row) = find().fetch_optional(&mut **tx).await? {
-        return chat_from_row(&row);
+        return decode::<Chat, _>(&row);
     }
     sqlx::query(
         "INSERT INTO chats (account_id, epoch, channel_id, contact_id, external_chat_id, status, \
@@ -337,5 +328,5 @@ async fn find_or_create_chat(
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    chat_from_row(&find().fetch_one(&mut **tx).await?)
+    decode::<Chat, _>(&find().fetch_one(&mut **tx).await?)
 }

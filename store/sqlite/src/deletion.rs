@@ -22,7 +22,7 @@ impl Deletion for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = active {
-            return Ok((run_from_row(&row)?, false));
+            return Ok((decode::<DeletionRun, _>(&row)?, false));
         }
         let epoch: i64 = sqlx::query_scalar(
             "UPDATE accounts SET data_epoch = data_epoch + 1 WHERE id = $1 RETURNING data_epoch",
@@ -42,7 +42,7 @@ impl Deletion for SqliteStore {
         .bind(epoch)
         .fetch_one(&mut *tx)
         .await?;
-        let run = run_from_row(&row)?;
+        let run = decode::<DeletionRun, _>(&row)?;
         tx.commit().await?;
         Ok((run, true))
     }
@@ -57,7 +57,7 @@ impl Deletion for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("deletion run", id))?;
-        run_from_row(&row)
+        decode::<DeletionRun, _>(&row)
     }
 
     async fn latest_deletion(&self, account: Id) -> StoreResult<Option<DeletionRun>> {
@@ -70,7 +70,7 @@ impl Deletion for SqliteStore {
         .bind(account)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(run_from_row).transpose()
+        row.as_ref().map(decode::<DeletionRun, _>).transpose()
     }
 
     async fn running_deletions(&self) -> StoreResult<Vec<DeletionRun>> {
@@ -81,7 +81,7 @@ impl Deletion for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(run_from_row).collect()
+        rows.iter().map(decode::<DeletionRun, _>).collect()
     }
 
     async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome> {

@@ -44,7 +44,7 @@ impl Fields for SqliteStore {
                 e.into()
             }
         })?;
-        field_from_row(&row)
+        decode::<FieldDef, _>(&row)
     }
 
     async fn fields(&self, account: Id) -> StoreResult<Vec<FieldDef>> {
@@ -57,7 +57,7 @@ impl Fields for SqliteStore {
         .bind(account)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(field_from_row).collect()
+        rows.iter().map(decode::<FieldDef, _>).collect()
     }
 
     async fn field(&self, id: Id) -> StoreResult<FieldDef> {
@@ -70,7 +70,7 @@ impl Fields for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("field", id))?;
-        field_from_row(&row)
+        decode::<FieldDef, _>(&row)
     }
 
     async fn remove_field(&self, id: Id) -> StoreResult<()> {

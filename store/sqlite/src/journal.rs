@@ -124,7 +124,7 @@ impl Journal for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("job", id))?;
-        job_from_row(&row)
+        decode::<JobRecord, _>(&row)
     }
 
     async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
@@ -136,7 +136,7 @@ impl Journal for SqliteStore {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.as_ref().map(decode::<JobRecord, _>).transpose()
     }
 
     async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
@@ -151,7 +151,7 @@ impl Journal for SqliteStore {
         .bind(i64::from(filter.limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(decode::<JobRecord, _>).collect()
     }
 
     async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>> {
@@ -167,7 +167,7 @@ impl Journal for SqliteStore {
             .bind(&rec.id)
         };
         if let Some(row) = start().fetch_optional(&self.writer).await? {
-            return job_from_row(&row).map(Some);
+            return decode::<JobRecord, _>(&row).map(Some);
         }
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
             .bind(&rec.id)
@@ -202,7 +202,7 @@ impl Journal for SqliteStore {
             .fetch_optional(&self.writer)
             .await?
             .as_ref()
-            .map(job_from_row)
+            .map(decode::<JobRecord, _>)
             .transpose()
     }
 
@@ -300,7 +300,7 @@ impl Journal for SqliteStore {
         .bind(now.saturating_sub(stale_ms))
         .fetch_all(&self.writer)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(decode::<JobRecord, _>).collect()
     }
 
     async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord> {
@@ -317,7 +317,7 @@ impl Journal for SqliteStore {
         .fetch_optional(&self.writer)
         .await?;
         match row {
-            Some(row) => job_from_row(&row),
+            Some(row) => decode::<JobRecord, _>(&row),
             None => {
                 let job = self.journal_get(id).await?;
                 Err(DomainError::Conflict(format!(

@@ -16,9 +16,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use patchbay_jobs::error::DomainError;
 use patchbay_jobs::store::StoreResult;
 
-// First: its column-list macros are used by the modules below.
-#[macro_use]
-mod rows;
 mod accounts;
 mod background;
 mod batch_journal;
@@ -30,6 +27,7 @@ mod fields;
 mod inbound_batch;
 mod journal;
 mod outbox;
+mod rows;
 mod users;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

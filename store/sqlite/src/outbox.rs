@@ -34,7 +34,7 @@ impl Outbox for SqliteStore {
         }
         rows.iter()
             .map(|r| {
-                let acc = account_from_row(r)?;
+                let acc = decode::<Account, _>(r)?;
                 let emails = to.remove(&acc.id).unwrap_or_default();
                 Ok((acc, emails))
             })

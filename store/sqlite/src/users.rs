@@ -54,7 +54,7 @@ impl Users for SqliteStore {
                 e.into()
             }
         })?;
-        let user = user_from_row(&row)?;
+        let user = decode::<User, _>(&row)?;
         tx.commit().await?;
         Ok(user)
     }
@@ -69,6 +69,6 @@ impl Users for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| DomainError::not_found("user", id))?;
-        user_from_row(&row)
+        decode::<User, _>(&row)
     }
 }
