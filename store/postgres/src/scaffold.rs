@@ -1,0 +1,478 @@
+//! TEMPORARY during the port: concept traits not yet written for PostgreSQL. Each
+//! porter deletes its concepts' blocks here as it writes them. Never lands on main.
+
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use patchbay_jobs::billing::Prices;
+use patchbay_jobs::fields::{FieldDef, FieldType};
+use patchbay_jobs::kind::{InboundMessage, JobKind};
+use patchbay_jobs::model::*;
+use patchbay_jobs::store::*;
+
+use crate::PgStore;
+
+// BEGIN Accounts
+#[async_trait]
+impl Accounts for PgStore {
+    #[allow(unused_variables)]
+    async fn create_account(&self, new: &NewAccount) -> StoreResult<(Account, User)> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn account(&self, id: Id) -> StoreResult<Account> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn ledger(&self, account: Id, limit: u32) -> StoreResult<Vec<LedgerEntry>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn set_setting(
+        &self,
+        account: Id,
+        setting: &patchbay_jobs::settings::Setting,
+    ) -> StoreResult<Settings> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Accounts
+
+// BEGIN Users
+#[async_trait]
+impl Users for PgStore {
+    #[allow(unused_variables)]
+    async fn add_user(&self, account: Id, user: &NewUser, role: Role) -> StoreResult<User> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn user(&self, id: Id) -> StoreResult<User> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Users
+
+// BEGIN Channels
+#[async_trait]
+impl Channels for PgStore {
+    #[allow(unused_variables)]
+    async fn active_channel_kinds(&self, account: Id) -> StoreResult<Vec<String>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn channel_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn stopped_channels(&self, ids: &[Id]) -> StoreResult<Vec<Id>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn channels_per_kind(&self) -> StoreResult<Vec<(String, i64)>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn add_channel(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> StoreResult<Channel> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn channel(&self, id: Id) -> StoreResult<Channel> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn channels(&self, account: Id) -> StoreResult<Vec<Channel>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn runnable_channels(&self) -> StoreResult<Vec<Channel>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn set_channel_status(
+        &self,
+        id: Id,
+        status: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn set_channel_identity(
+        &self,
+        id: Id,
+        number: Option<&str>,
+        display_name: Option<&str>,
+    ) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Channels
+
+// BEGIN Chats
+#[async_trait]
+impl Chats for PgStore {
+    #[allow(unused_variables)]
+    async fn create_chat(&self, channel: &Channel, phone: &str) -> StoreResult<Chat> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn chat(&self, id: Id) -> StoreResult<Chat> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn contact(&self, id: Id) -> StoreResult<Contact> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn chats(&self, account: Id, filter: &ChatFilter) -> StoreResult<Vec<Chat>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn messages(
+        &self,
+        chat: Id,
+        limit: u32,
+        before: Option<Id>,
+    ) -> StoreResult<Vec<Message>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn assign_chat(&self, chat: Id, user: Option<Id>) -> StoreResult<Chat> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn mark_read(&self, chat: Id) -> StoreResult<Chat> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn close_chat(
+        &self,
+        chat: Id,
+        reset_responsible: bool,
+        requested_at: Option<i64>,
+    ) -> StoreResult<Chat> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn add_outbound(&self, chat: &Chat, author: Id, text: &str) -> StoreResult<Message> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn message(&self, id: Id) -> StoreResult<Message> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn set_message_status(
+        &self,
+        id: Id,
+        status: &str,
+        reason: Option<&str>,
+        external_id: Option<&str>,
+    ) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn claim_send(&self, id: Id, until: i64) -> StoreResult<bool> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn release_send(&self, id: Id, until: i64) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn fail_unsent(&self, id: Id, reason: &str) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn store_inbound(&self, msg: &InboundMessage, phone: Option<&str>) -> StoreResult<bool> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn run_inbound_batch(&self, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Chats
+
+// BEGIN Fields
+#[async_trait]
+impl Fields for PgStore {
+    #[allow(unused_variables)]
+    async fn add_field(
+        &self,
+        account: Id,
+        name: &str,
+        field_type: FieldType,
+        options: Option<&[String]>,
+    ) -> StoreResult<FieldDef> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn fields(&self, account: Id) -> StoreResult<Vec<FieldDef>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn field(&self, id: Id) -> StoreResult<FieldDef> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn remove_field(&self, id: Id) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn set_field_value(
+        &self,
+        chat: Id,
+        field: Id,
+        value: &serde_json::Value,
+    ) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn field_values(&self, chat: Id) -> StoreResult<Vec<(Id, serde_json::Value)>> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Fields
+
+// BEGIN Journal
+#[async_trait]
+impl Journal for PgStore {
+    #[allow(unused_variables)]
+    async fn journal_insert(&self, rec: &JobRecord) -> StoreResult<JournalInsert> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_insert_many(
+        &self,
+        recs: &[JobRecord],
+        pushed: bool,
+    ) -> StoreResult<Vec<bool>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn journal_get(&self, id: &str) -> StoreResult<JobRecord> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_by_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_start(&self, rec: &JobRecord) -> StoreResult<Option<JobRecord>> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn journal_finish(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        run_at: i64,
+    ) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_mark_dead(&self, rec: &JobRecord, reason: &str) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_purge(&self, before: i64, limit: u32) -> StoreResult<u64> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_mark_pushed(&self, ids: &[String], pushed: bool) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_claim_lost(
+        &self,
+        now: i64,
+        grace_ms: i64,
+        stale_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<JobRecord>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Journal
+
+// BEGIN Billing
+#[async_trait]
+impl Billing for PgStore {
+    #[allow(unused_variables)]
+    async fn add_channel_charged(
+        &self,
+        account: Id,
+        kind: &str,
+        name: &str,
+        config: &serde_json::Value,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<(Channel, bool)> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn charge_day(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        day_start: i64,
+        day_end: i64,
+        prices: &Prices,
+    ) -> StoreResult<Charged> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn charge_accounts(
+        &self,
+        jobs: &[ChargeJob],
+        prices: &Prices,
+    ) -> StoreResult<Vec<(BatchedJob, Option<Charged>)>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn resume_suspended(
+        &self,
+        account: Id,
+        day: NaiveDate,
+        prices: &Prices,
+    ) -> StoreResult<(Vec<Channel>, bool)> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn suspended_accounts(&self) -> StoreResult<Vec<Id>> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Billing
+
+// BEGIN Deletion
+#[async_trait]
+impl Deletion for PgStore {
+    #[allow(unused_variables)]
+    async fn start_deletion(&self, account: Id) -> StoreResult<(DeletionRun, bool)> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn deletion_run(&self, id: Id) -> StoreResult<DeletionRun> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn latest_deletion(&self, account: Id) -> StoreResult<Option<DeletionRun>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn running_deletions(&self) -> StoreResult<Vec<DeletionRun>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn deletion_remaining(&self, run: &DeletionRun) -> StoreResult<i64> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Deletion
+
+// BEGIN Outbox
+#[async_trait]
+impl Outbox for PgStore {
+    #[allow(unused_variables)]
+    async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn claim_notifications(
+        &self,
+        account: Id,
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Vec<Notification>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn release_notification(&self, n: &Notification) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+
+    #[allow(unused_variables)]
+    async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn claim_balance_checks(
+        &self,
+        jobs: &[CheckJob],
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn settle_balance_checks(
+        &self,
+        sent: &[Notification],
+        unsent: &[Notification],
+        done: &[String],
+    ) -> StoreResult<()> {
+        unimplemented!("not yet ported")
+    }
+    #[allow(unused_variables)]
+    async fn accounts_with_unsent_notifications(
+        &self,
+        before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Id>> {
+        unimplemented!("not yet ported")
+    }
+}
+// END Outbox
