@@ -112,9 +112,11 @@ async fn make_template(
     .await?;
     sqlx::query(
         "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $2) \
-         INSERT INTO contacts (account_id, epoch, phone, name, created_at) \
+         INSERT INTO contacts (account_id, epoch, phone, name, created_at, identity) \
          SELECT a.id, 0, '+1555' || printf('%03d', a.id % 1000) || printf('%04d', s.i), \
-         'Client ' || s.i, $1 FROM accounts a, seq s ORDER BY a.id, s.i",
+         'Client ' || s.i, $1, \
+         'phone:+1555' || printf('%03d', a.id % 1000) || printf('%04d', s.i) \
+         FROM accounts a, seq s ORDER BY a.id, s.i",
     )
     .bind(old)
     .bind(chats)

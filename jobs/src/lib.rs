@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod billing;
+pub mod contact;
 pub mod error;
 pub mod fields;
 pub mod handlers;

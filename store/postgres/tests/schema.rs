@@ -667,31 +667,8 @@ async fn postgres_schema(pool: &PgPool) -> BTreeSet<Item> {
 #[tokio::test]
 async fn the_schema_is_sqlites_translated() {
     let (_, pool) = fresh("matches_sqlite").await;
-    let mut expected = sqlite_schema().await;
+    let expected = sqlite_schema().await;
     let actual = postgres_schema(&pool).await;
-
-    // contacts.identity comes with SQLite's migration 0005; until this tree has it,
-    // expect it as that migration adds it (last column, unique per account and epoch).
-    let has_identity = expected
-        .iter()
-        .any(|i| matches!(i, Item::Column(t, _, c, _, _) if t == "contacts" && c == "identity"));
-    if !has_identity {
-        let last = expected
-            .iter()
-            .filter(|i| matches!(i, Item::Column(t, ..) if t == "contacts"))
-            .count();
-        expected.insert(Item::Column(
-            "contacts".into(),
-            last,
-            "identity".into(),
-            "text".into(),
-            true,
-        ));
-        expected.insert(Item::Unique(
-            "contacts".into(),
-            vec!["account_id".into(), "epoch".into(), "identity".into()],
-        ));
-    }
 
     let missing: Vec<_> = expected.difference(&actual).collect();
     let extra: Vec<_> = actual.difference(&expected).collect();

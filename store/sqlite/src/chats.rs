@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 
+use patchbay_jobs::contact::Sender;
 use patchbay_jobs::error::DomainError;
 use patchbay_jobs::kind::InboundMessage;
 use patchbay_jobs::model::{Channel, Chat, Contact, Id, Message, now_ms};
@@ -21,15 +22,15 @@ impl Chats for SqliteStore {
             .bind(channel.account)
             .fetch_one(&mut *tx)
             .await?;
-        let sender = inbound_batch::Sender {
-            phone: Some(phone),
-            id: None,
-            username: None,
-            name: None,
-        };
-        let contact =
-            inbound_batch::find_or_create_contact(&mut tx, (channel.account, epoch), sender, now)
-                .await?;
+        // The chat's external id is the phone, so is the contact's identity.
+        let contact = inbound_batch::find_or_create_contact(
+            &mut tx,
+            (channel.account, epoch),
+            Sender::with_phone(phone),
+            (channel.id, phone),
+            now,
+        )
+        .await?;
         let chat = find_or_create_chat(
             &mut tx,
             (channel.id, channel.account),

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::SqliteStore;
 use super::batch_journal::{self, Ran};
+use patchbay_jobs::contact::{ContactBook, KnownContact, Sender};
 use patchbay_jobs::kind::{InboundMessage, JobKind};
 use patchbay_jobs::model::{Id, now_ms};
 use patchbay_jobs::store::{BatchedJob, InboundJob, StoreResult};
@@ -36,73 +37,6 @@ const BY_SENDER: &str = "SELECT DISTINCT c.id, c.phone, c.username, c.name, \
      c.sender_channel_id, c.sender_id FROM json_each($3) j JOIN contacts c \
      ON c.account_id = $1 AND c.epoch = $2 AND c.sender_channel_id = j.value ->> 0 \
      AND c.sender_id = j.value ->> 1 ORDER BY c.id";
-
-/// A contact as the batch knows it: enough to decide whether a message fills a gap.
-#[derive(Clone, Debug, sqlx::FromRow)]
-struct ContactRow {
-    id: Id,
-    phone: Option<String>,
-    username: Option<String>,
-    name: Option<String>,
-    sender_channel_id: Option<Id>,
-    sender_id: Option<String>,
-}
-
-impl ContactRow {
-    fn sender_key(&self) -> Option<(Id, String)> {
-        Some((self.sender_channel_id?, self.sender_id.clone()?))
-    }
-}
-
-/// The contacts of one (account, epoch) that this batch looked up or created.
-#[derive(Default)]
-struct Contacts {
-    by_phone: HashMap<String, ContactRow>,
-    by_sender: HashMap<(Id, String), ContactRow>,
-    by_username: HashMap<String, ContactRow>,
-}
-
-impl Contacts {
-    /// By phone, else by (channel, sender id), else by username (SPEC §5).
-    fn find(&self, s: &Sender<'_>) -> Option<ContactRow> {
-        s.phone
-            .and_then(|p| self.by_phone.get(p))
-            .or_else(|| {
-                s.id.and_then(|(ch, id)| self.by_sender.get(&(ch, id.to_owned())))
-            })
-            .or_else(|| s.username.and_then(|u| self.by_username.get(u)))
-            .cloned()
-    }
-
-    /// Remembers a contact under its phone, sender id and username; the first (lowest
-    /// id) wins, as in the per-message lookup's `ORDER BY id`.
-    fn remember(&mut self, c: &ContactRow) {
-        for (key, map) in [
-            (&c.phone, &mut self.by_phone),
-            (&c.username, &mut self.by_username),
-        ] {
-            if let Some(key) = key {
-                map.entry(key.clone()).or_insert_with(|| c.clone());
-            }
-        }
-        if let Some(key) = c.sender_key() {
-            self.by_sender.entry(key).or_insert_with(|| c.clone());
-        }
-    }
-
-    /// After a fill-in: later messages of the batch must see the contact as it is now.
-    fn refresh(&mut self, c: &ContactRow) {
-        for map in [&mut self.by_phone, &mut self.by_username] {
-            for v in map.values_mut().filter(|v| v.id == c.id) {
-                *v = c.clone();
-            }
-        }
-        for v in self.by_sender.values_mut().filter(|v| v.id == c.id) {
-            *v = c.clone();
-        }
-        self.remember(c);
-    }
-}
 
 pub(super) async fn run(store: &SqliteStore, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>> {
     let mut out = vec![BatchedJob::Done; jobs.len()];
@@ -226,13 +160,16 @@ pub(super) async fn store_messages(
                 // Fills in what the contact lacked. A sender with nothing to find a
                 // contact by simply writes as its chat's contact.
                 if sender.has_key() {
-                    contact_for(tx, book, (account, epoch), sender, now).await?;
+                    let chat = (msg.channel, msg.external_chat_id.as_str());
+                    contact_for(tx, book, (account, epoch), sender, chat, now).await?;
                 }
                 id
             }
             None => {
                 // In a chat not seen before, a sender without a key is a new contact.
-                let contact = contact_for(tx, book, (account, epoch), sender, now).await?;
+                // Its identity names the chat (`chat:<channel>:<external chat id>`).
+                let chat = (msg.channel, msg.external_chat_id.as_str());
+                let contact = contact_for(tx, book, (account, epoch), sender, chat, now).await?;
                 let id: Id = sqlx::query_scalar(
                     "INSERT INTO chats (account_id, epoch, channel_id, contact_id, \
                      external_chat_id, status, created_at) \
@@ -307,7 +244,7 @@ async fn lookup_contacts(
     msgs: &[(&InboundMessage, Option<&str>)],
     live: &[usize],
     channels: &HashMap<Id, (Id, i64)>,
-) -> StoreResult<HashMap<(Id, i64), Contacts>> {
+) -> StoreResult<HashMap<(Id, i64), ContactBook>> {
     // (account, epoch) -> (phones, [channel, sender id] pairs, usernames) to look up
     type Keys = (Vec<Value>, Vec<Value>, Vec<Value>);
     let mut wanted: HashMap<(Id, i64), Keys> = HashMap::new();
@@ -326,7 +263,7 @@ async fn lookup_contacts(
     }
     let mut books = HashMap::new();
     for ((account, epoch), (phones, senders, usernames)) in wanted {
-        let mut book = Contacts::default();
+        let mut book = ContactBook::default();
         for (sql, values) in [
             (BY_PHONE, phones),
             (BY_SENDER, senders),
@@ -335,7 +272,7 @@ async fn lookup_contacts(
             if values.is_empty() {
                 continue;
             }
-            let found: Vec<ContactRow> = sqlx::query_as(sql)
+            let found: Vec<KnownContact> = sqlx::query_as(sql)
                 .bind(account)
                 .bind(epoch)
                 .bind(Value::from(values).to_string())
@@ -380,41 +317,16 @@ async fn lookup_chats(
         .collect())
 }
 
-/// Who sent a message, as far as the contact is concerned.
-#[derive(Clone, Copy)]
-pub(super) struct Sender<'a> {
-    pub phone: Option<&'a str>,
-    /// The messenger's user id, with the channel that reported it.
-    pub id: Option<(Id, &'a str)>,
-    pub username: Option<&'a str>,
-    pub name: Option<&'a str>,
-}
-
-impl<'a> Sender<'a> {
-    fn of(msg: &'a InboundMessage, phone: Option<&'a str>) -> Self {
-        Sender {
-            phone,
-            id: msg.sender.id.as_deref().map(|id| (msg.channel, id)),
-            username: msg.sender.username.as_deref(),
-            name: msg.sender.name.as_deref(),
-        }
-    }
-
-    /// Whether anything identifies the sender's contact (a name does not).
-    fn has_key(&self) -> bool {
-        self.phone.is_some() || self.id.is_some() || self.username.is_some()
-    }
-}
-
 /// The one contact of `(account, epoch)` that `sender` is, found or created (for a
-/// chat an operator opens to a phone number).
+/// chat an operator opens to a phone number, whose external chat id is `chat.1`).
 pub(super) async fn find_or_create_contact(
     tx: &mut Tx,
     (account, epoch): (Id, i64),
     sender: Sender<'_>,
+    chat: (Id, &str),
     now: i64,
 ) -> StoreResult<Id> {
-    let mut book = Contacts::default();
+    let mut book = ContactBook::default();
     let keys = [
         (BY_PHONE, sender.phone.map(Value::from)),
         (BY_SENDER, sender.id.map(|(ch, id)| json!([ch, id]))),
@@ -422,7 +334,7 @@ pub(super) async fn find_or_create_contact(
     ];
     for (sql, key) in keys {
         if let Some(key) = key {
-            let found: Vec<ContactRow> = sqlx::query_as(sql)
+            let found: Vec<KnownContact> = sqlx::query_as(sql)
                 .bind(account)
                 .bind(epoch)
                 .bind(json!([key]).to_string())
@@ -431,88 +343,82 @@ pub(super) async fn find_or_create_contact(
             found.iter().for_each(|c| book.remember(c));
         }
     }
-    contact_for(tx, &mut book, (account, epoch), sender, now).await
+    contact_for(tx, &mut book, (account, epoch), sender, chat, now).await
 }
 
 /// The contact a message's sender is: found by phone, else sender id, else username,
-/// filled in where it lacked what the message tells, or created.
+/// or created under its identity (`patchbay_jobs::contact::identity`; `chat` is the
+/// message's (channel, external chat id)), then filled in where it lacked what the
+/// message tells.
 async fn contact_for(
     tx: &mut Tx,
-    book: &mut Contacts,
+    book: &mut ContactBook,
     (account, epoch): (Id, i64),
     sender: Sender<'_>,
+    chat: (Id, &str),
     now: i64,
 ) -> StoreResult<Id> {
-    let Sender {
-        phone,
-        id: sender_id,
-        username,
-        name,
-    } = sender;
-    let (sender_channel, sender_id) = sender_id.unzip();
-    match book.find(&sender) {
-        Some(mut c) => {
-            let fills = |have: &Option<String>, got: Option<&str>| have.is_none() && got.is_some();
-            // A contact keeps the first messenger id it was given (one per contact).
-            let fills_id = c.sender_id.is_none() && sender_id.is_some();
-            if fills(&c.phone, phone)
-                || fills(&c.username, username)
-                || fills(&c.name, name)
-                || fills_id
-            {
-                sqlx::query(
-                    "UPDATE contacts SET name = COALESCE(name, $1), \
-                     username = COALESCE(username, $2), phone = COALESCE(phone, $3), \
-                     sender_channel_id = CASE WHEN sender_id IS NULL THEN $5 \
-                     ELSE sender_channel_id END, \
-                     sender_id = COALESCE(sender_id, $6) WHERE id = $4",
-                )
-                .bind(name)
-                .bind(username)
-                .bind(phone)
-                .bind(c.id)
-                .bind(sender_channel)
-                .bind(sender_id)
-                .execute(&mut **tx)
-                .await?;
-                c.phone = c.phone.or_else(|| phone.map(str::to_owned));
-                c.username = c.username.or_else(|| username.map(str::to_owned));
-                c.name = c.name.or_else(|| name.map(str::to_owned));
-                if fills_id {
-                    c.sender_channel_id = sender_channel;
-                    c.sender_id = sender_id.map(str::to_owned);
-                }
-                book.refresh(&c);
-            }
-            Ok(c.id)
-        }
+    let found = match book.find(&sender) {
+        Some(c) => c,
         None => {
-            let id: Id = sqlx::query_scalar(
+            let new = KnownContact::new(0, &sender);
+            // The single writer looked it up first, so the conflict is only there for
+            // a contact keyed so but not found (the shape PostgreSQL's writers need):
+            // the row that holds the identity is the contact, filled in below.
+            let created: Option<Id> = sqlx::query_scalar(
                 "INSERT INTO contacts (account_id, epoch, phone, username, name, \
-                 sender_channel_id, sender_id, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                 sender_channel_id, sender_id, created_at, identity) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (account_id, epoch, identity) DO NOTHING RETURNING id",
             )
             .bind(account)
             .bind(epoch)
-            .bind(phone)
-            .bind(username)
-            .bind(name)
-            .bind(sender_channel)
-            .bind(sender_id)
+            .bind(&new.phone)
+            .bind(&new.username)
+            .bind(&new.name)
+            .bind(new.sender_channel_id)
+            .bind(&new.sender_id)
             .bind(now)
+            .bind(sender.identity(chat))
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(id) = created {
+                let c = KnownContact { id, ..new };
+                book.remember(&c);
+                return Ok(id);
+            }
+            let c: KnownContact = sqlx::query_as(
+                "SELECT id, phone, username, name, sender_channel_id, sender_id \
+                 FROM contacts WHERE account_id = $1 AND epoch = $2 AND identity = $3",
+            )
+            .bind(account)
+            .bind(epoch)
+            .bind(sender.identity(chat))
             .fetch_one(&mut **tx)
             .await?;
-            book.remember(&ContactRow {
-                id,
-                phone: phone.map(str::to_owned),
-                username: username.map(str::to_owned),
-                name: name.map(str::to_owned),
-                sender_channel_id: sender_channel,
-                sender_id: sender_id.map(str::to_owned),
-            });
-            Ok(id)
+            book.remember(&c);
+            c
         }
+    };
+    if let Some(c) = found.filled_by(&sender) {
+        sqlx::query(
+            "UPDATE contacts SET name = COALESCE(name, $1), \
+             username = COALESCE(username, $2), phone = COALESCE(phone, $3), \
+             sender_channel_id = CASE WHEN sender_id IS NULL THEN $5 \
+             ELSE sender_channel_id END, \
+             sender_id = COALESCE(sender_id, $6) WHERE id = $4",
+        )
+        .bind(sender.name)
+        .bind(sender.username)
+        .bind(sender.phone)
+        .bind(c.id)
+        .bind(sender.id.map(|(ch, _)| ch))
+        .bind(sender.id.map(|(_, id)| id))
+        .execute(&mut **tx)
+        .await?;
+        book.refresh(&c);
     }
+    Ok(found.id)
 }
 
 #[cfg(test)]

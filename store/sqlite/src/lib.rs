@@ -120,7 +120,7 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 mod tests {
     use super::*;
     use patchbay_jobs::kind::{InboundMessage, JobKind};
-    use patchbay_jobs::model::{Id, JobRecord, JobState, Message, Role, now_ms};
+    use patchbay_jobs::model::{Id, JobRecord, JobState, Message, now_ms};
     use patchbay_jobs::store::*;
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
