@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 mod batch_journal;
 mod connection;
+mod journal;
 mod scaffold;
 
 pub use connection::{ConnectError, MIGRATOR, PgOptions, connect, redact_url};
@@ -33,3 +34,4 @@ impl PgStore {
         &self.pool
     }
 }
+
