@@ -9,3 +9,4 @@ mod pg_cluster;
 #[macro_use]
 mod common;
 mod accounts;
+mod journal;
