@@ -8,9 +8,18 @@
 // Until the inbound and billing batches (ported alongside) call it.
 #[allow(dead_code)]
 mod batch_journal;
+mod channels;
 mod connection;
+mod deletion;
+mod fields;
 mod journal;
 mod scaffold;
+mod users;
+
+// The test process's own PostgreSQL server, for the unit tests of batch machinery.
+#[cfg(test)]
+#[path = "../../../tests/support/pg_cluster.rs"]
+mod pg_cluster;
 
 pub use connection::{ConnectError, MIGRATOR, PgOptions, connect, redact_url};
 
@@ -35,3 +44,7 @@ impl PgStore {
     }
 }
 
+/// A UNIQUE constraint refused the write.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
