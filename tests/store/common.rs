@@ -133,6 +133,16 @@ impl TestStore {
         .unwrap_or_else(|e| panic!("{sql:?}: {e}"))
     }
 
+    /// One TEXT column of every row of a query of portable SQL, in the order returned.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        let q = sqlx::AssertSqlSafe(sql.to_owned());
+        match &self.raw {
+            Raw::Sqlite(p) => sqlx::query_scalar(q).fetch_all(p).await,
+            Raw::Postgres(p) => sqlx::query_scalar(q).fetch_all(p).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql:?}: {e}"))
+    }
+
     /// Runs a statement of portable SQL (to set up what the interface cannot).
     pub async fn exec(&self, sql: &str) {
         let q = sqlx::AssertSqlSafe(sql.to_owned());

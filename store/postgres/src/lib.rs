@@ -5,14 +5,17 @@
 //! in a comment what it locks, and every "at most once" rule is a constraint of
 //! `migrations/`. Batches pass their rows as arrays (`UNNEST`).
 
-// Until the inbound and billing batches (ported alongside) call it.
+// Until the billing batches (ported alongside) call all of it.
 #[allow(dead_code)]
 mod batch_journal;
 mod channels;
+mod chats;
 mod connection;
 mod deletion;
 mod fields;
+mod inbound_batch;
 mod journal;
+mod locks;
 mod scaffold;
 mod users;
 
