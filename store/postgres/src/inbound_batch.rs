@@ -208,9 +208,9 @@ pub(crate) async fn store_messages(
         .map(|(_, m)| (m.channel, m.external_id.as_ref()))
         .unzip();
     let mut stored: HashSet<(Id, String)> = sqlx::query_as::<_, (Id, String)>(
-        "SELECT m.channel_id, m.external_message_id \
-         FROM UNNEST($1::BIGINT[], $2::TEXT[]) AS k(channel, ext) \
-         JOIN messages m ON m.channel_id = k.channel AND m.external_message_id = k.ext",
+        "SELECT k.channel, k.ext FROM UNNEST($1::BIGINT[], $2::TEXT[]) AS k(channel, ext) \
+         CROSS JOIN LATERAL (SELECT 1 FROM messages m WHERE m.channel_id = k.channel \
+                             AND m.external_message_id = k.ext LIMIT 1) AS m",
     )
     .bind(&chs)
     .bind(&exts)
@@ -395,10 +395,10 @@ async fn lookup_chats(
         externals.push(x);
     }
     let rows: Vec<(Id, Id, String)> = sqlx::query_as(
-        "SELECT c.id, c.channel_id, c.external_chat_id \
+        "SELECT c.id, k.channel, k.ext \
          FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[]) AS k(channel, epoch, ext) \
-         JOIN chats c ON c.channel_id = k.channel AND c.external_chat_id = k.ext \
-         AND c.epoch = k.epoch",
+         CROSS JOIN LATERAL (SELECT id FROM chats WHERE channel_id = k.channel \
+                             AND external_chat_id = k.ext AND epoch = k.epoch LIMIT 1) AS c",
     )
     .bind(&channels)
     .bind(&epochs)
@@ -487,6 +487,10 @@ async fn create_chats(
         .collect()
 }
 
+/// The columns of a `FoundContact`, of a `contacts` row named `c`.
+const CONTACT: &str = "c.account_id, c.epoch, c.id, c.phone, c.username, c.name, \
+     c.sender_channel_id, c.sender_id";
+
 /// A contact as looked up, with the (account, epoch) it belongs to.
 #[derive(sqlx::FromRow)]
 struct FoundContact {
@@ -559,27 +563,27 @@ impl Contacts {
             i_ch.push(ch);
             i_id.push(id.to_owned());
         }
-        let found: Vec<FoundContact> = sqlx::query_as(
-            "SELECT c.account_id, c.epoch, c.id, c.phone, c.username, c.name, \
-             c.sender_channel_id, c.sender_id \
-             FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[]) AS k(account, epoch, phone) \
-             JOIN contacts c ON c.account_id = k.account AND c.epoch = k.epoch \
-             AND c.phone = k.phone \
+        // One lateral probe of an index per key: OFFSET 0 keeps the planner from
+        // flattening it into a hash join over the whole table, which it picks while the
+        // table's statistics are young (a scan of every contact per batch).
+        let found: Vec<FoundContact> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONTACT} FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[]) \
+             AS k(account, epoch, phone) CROSS JOIN LATERAL (SELECT * FROM contacts \
+                 WHERE account_id = k.account AND epoch = k.epoch AND phone = k.phone \
+                 OFFSET 0) AS c \
              UNION \
-             SELECT c.account_id, c.epoch, c.id, c.phone, c.username, c.name, \
-             c.sender_channel_id, c.sender_id \
-             FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[]) \
-             AS k(account, epoch, channel, sender) \
-             JOIN contacts c ON c.account_id = k.account AND c.epoch = k.epoch \
-             AND c.sender_channel_id = k.channel AND c.sender_id = k.sender \
+             SELECT {CONTACT} FROM UNNEST($4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[]) \
+             AS k(account, epoch, channel, sender) CROSS JOIN LATERAL (SELECT * FROM contacts \
+                 WHERE account_id = k.account AND epoch = k.epoch \
+                 AND sender_channel_id = k.channel AND sender_id = k.sender \
+                 OFFSET 0) AS c \
              UNION \
-             SELECT c.account_id, c.epoch, c.id, c.phone, c.username, c.name, \
-             c.sender_channel_id, c.sender_id \
-             FROM UNNEST($8::BIGINT[], $9::BIGINT[], $10::TEXT[]) AS k(account, epoch, username) \
-             JOIN contacts c ON c.account_id = k.account AND c.epoch = k.epoch \
-             AND c.username = k.username \
-             ORDER BY id",
-        )
+             SELECT {CONTACT} FROM UNNEST($8::BIGINT[], $9::BIGINT[], $10::TEXT[]) \
+             AS k(account, epoch, username) CROSS JOIN LATERAL (SELECT * FROM contacts \
+                 WHERE account_id = k.account AND epoch = k.epoch AND username = k.username \
+                 OFFSET 0) AS c \
+             ORDER BY id"
+        )))
         .bind(&p_acc)
         .bind(&p_ep)
         .bind(&p_key)
