@@ -54,6 +54,42 @@ impl<T: Send + 'static> Batcher<T> {
         Batcher { tx }
     }
 
+    /// As `start`, with `writers` batches running at once (for a store that commits
+    /// them side by side): each runner takes every job waiting when it is free, so
+    /// batches still grow with the load, and one runs as `start` does.
+    pub fn start_writers<F, Fut>(kind: &'static str, writers: usize, run: F) -> Self
+    where
+        F: FnMut(Vec<T>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Vec<bool>> + Send,
+    {
+        if writers <= 1 {
+            return Self::start(kind, run);
+        }
+        let (tx, rx) = mpsc::channel::<Item<T>>(MAX_BATCH * 4);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers {
+            let (rx, mut run) = (rx.clone(), run.clone());
+            tokio::spawn(async move {
+                let mut items = Vec::with_capacity(MAX_BATCH);
+                loop {
+                    // The runner holding the receiver gathers; the others wait their turn.
+                    if rx.lock().await.recv_many(&mut items, MAX_BATCH).await == 0 {
+                        break;
+                    }
+                    let (jobs, waiters): (Vec<T>, Vec<oneshot::Sender<bool>>) =
+                        items.drain(..).map(|i| (i.job, i.done)).unzip();
+                    let (n, started) = (jobs.len(), std::time::Instant::now());
+                    let finished = run(jobs).await;
+                    tracing::debug!(kind, jobs = n, took = ?started.elapsed(), "batch committed");
+                    for (waiter, done) in waiters.into_iter().zip(finished) {
+                        let _ = waiter.send(done);
+                    }
+                }
+            });
+        }
+        Batcher { tx }
+    }
+
     /// Runs the job in the next batch: `true` when it is finished, `false` when the
     /// caller must run it on the per-job path.
     pub async fn submit(&self, job: T) -> bool {
@@ -62,5 +98,51 @@ impl<T: Send + 'static> Batcher<T> {
             return false;
         }
         finished.await.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Several runners: every job is answered once, and batches overlap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_writers_run_batches_side_by_side() {
+        let (running, most, seen) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let run = {
+            let (running, most, seen) = (running.clone(), most.clone(), seen.clone());
+            move |jobs: Vec<u32>| {
+                let (running, most, seen) = (running.clone(), most.clone(), seen.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    seen.fetch_add(jobs.len(), Ordering::SeqCst);
+                    jobs.iter().map(|j| j % 2 == 0).collect()
+                }
+            }
+        };
+        let batcher = Arc::new(Batcher::start_writers("test", 3, run));
+        let submits: Vec<_> = (0..200u32)
+            .map(|j| {
+                let b = batcher.clone();
+                tokio::spawn(async move { (j, b.submit(j).await) })
+            })
+            .collect();
+        for s in submits {
+            let (j, done) = s.await.expect("submit");
+            assert_eq!(done, j % 2 == 0, "job {j} got its own answer");
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 200, "each job in one batch");
+        assert!(most.load(Ordering::SeqCst) > 1, "batches overlapped");
     }
 }

@@ -84,9 +84,11 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
     }
 }
 
-/// Group commit for `inbound_message` jobs (`Store::run_inbound_batch`).
+/// Group commit for `inbound_message` jobs (`Store::run_inbound_batch`), with as many
+/// batches at once as the store takes (`Store::inbound_writers`).
 pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
-    Batcher::start("inbound_message", move |jobs: Vec<InboundJob>| {
+    let writers = store.inbound_writers();
+    Batcher::start_writers("inbound_message", writers, move |jobs: Vec<InboundJob>| {
         let store = store.clone();
         async move {
             let outcomes = store.run_inbound_batch(&jobs).await;

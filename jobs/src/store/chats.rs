@@ -95,4 +95,11 @@ pub trait Chats: Send + Sync {
     /// event) gets its row here. One outcome per job, in order. An `Err` means nothing
     /// was written and the caller should run the jobs one by one.
     async fn run_inbound_batch(&self, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>>;
+
+    /// How many `run_inbound_batch` calls are worth running at once: 1 for a store
+    /// whose writes queue for one writer (SQLite), more where batches commit side by
+    /// side (PostgreSQL).
+    fn inbound_writers(&self) -> usize {
+        1
+    }
 }

@@ -330,6 +330,12 @@ impl Chats for PgStore {
     async fn run_inbound_batch(&self, jobs: &[InboundJob]) -> StoreResult<Vec<BatchedJob>> {
         inbound_batch::run(self, jobs).await
     }
+
+    /// Batches commit side by side (they lock only the rows they write): up to 4 at
+    /// once, a quarter of the pool, so the rest of the daemon keeps connections.
+    fn inbound_writers(&self) -> usize {
+        (self.pool.options().get_max_connections() as usize / 4).clamp(1, 4)
+    }
 }
 
 /// Takes the chat's row lock until the commit.
