@@ -2,3 +2,6 @@
 //! `harness::STORE` tells the two builds apart by their crate name.
 
 include!("modules.rs");
+
+// Only here: what the PostgreSQL store alone has.
+mod postgres;
