@@ -189,10 +189,24 @@ async fn a_postgres_outage_under_inbound_load_loses_nothing() {
     .await;
     server.stop();
     let down_at = Instant::now();
+    let status = d
+        .until(
+            "status saying the store is down",
+            Duration::from_secs(20),
+            || async {
+                let s = d.ok("status", json!({})).await;
+                s["health"]["store"].is_string().then_some(s)
+            },
+        )
+        .await;
+    assert_eq!(status["health"]["ok"], false, "{status}");
     while down_at.elapsed() < Duration::from_secs(20) {
-        // The control socket answers (a store error is an error reply, not a hang).
-        let _ = d.call("status", json!({})).await;
-        assert_eq!(d.pid(), pid);
+        let s = d.ok("status", json!({})).await;
+        assert_eq!(
+            s["pid"].as_u64(),
+            Some(u64::from(pid)),
+            "the daemon restarted"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     server.start();
