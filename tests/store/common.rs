@@ -102,6 +102,27 @@ impl TestStore {
         }
     }
 
+    /// A second store on the same data, of either backend: another daemon's (on SQLite,
+    /// another process's connections to the same file).
+    pub async fn another_daemon(&self) -> TestStore {
+        match self.backend {
+            Backend::Postgres => TestStore::open_postgres(&self.location).await,
+            Backend::Sqlite => {
+                let store = SqliteStore::open(std::path::Path::new(&self.location))
+                    .await
+                    .expect("reopen sqlite store");
+                let raw = Raw::Sqlite(store.pool().clone());
+                TestStore {
+                    store: Arc::new(store),
+                    backend: Backend::Sqlite,
+                    location: self.location.clone(),
+                    raw,
+                    _dir: None,
+                }
+            }
+        }
+    }
+
     /// One BIGINT from a query of portable SQL (a count, a sum cast to BIGINT).
     pub async fn scalar(&self, sql: &str) -> i64 {
         let q = sqlx::AssertSqlSafe(sql.to_owned());

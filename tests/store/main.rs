@@ -9,3 +9,8 @@ mod pg_cluster;
 #[macro_use]
 mod common;
 mod accounts;
+mod channels;
+mod deletion;
+mod fields;
+mod journal;
+mod users;
