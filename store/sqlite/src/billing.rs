@@ -1,110 +1,74 @@
-//! Charging accounts for billing days, and the balance e-mails a charge makes due.
+//! `Billing` on SQLite: charging accounts for billing days, suspension when funds run
+//! out, resumption after a top-up.
 //!
-//! `charge` is the one place that applies SPEC §5's billing rules inside a store
-//! transaction: for each (account, day) it charges every channel active that day and
-//! not yet paid for it — all or nothing — or, when the balance cannot cover the total,
-//! suspends all the account's channels; then it records the balance e-mail that is due
-//! (a warning `k + 1` days ahead, or the disconnection) in the `notifications` outbox.
-//! `charge_accounts` runs it for a batch of `charge_account` jobs with one statement per
-//! step for the whole batch; `charge_day`, `add_channel_charged` and
-//! `resume_suspended` share the ledger and outbox writes. The UNIQUE (channel, day)
+//! The rules are the domain's (`patchbay_jobs::billing`: `plan_charges`,
+//! `charge_new_channel`, `plan_resume`); this file reads the rows they need and writes
+//! what they decide — ledger rows, balance changes, suspensions and the balance e-mails
+//! due (the `notifications` outbox) — one statement per step for a whole batch. Every
+//! transaction here runs on the store's one writer (`BEGIN IMMEDIATE`), so what it reads
+//! stays true until it commits; balances still change only by `balance = balance +
+//! delta`, in the transaction that writes their ledger rows. The UNIQUE (channel, day)
 //! constraint makes a second charge of a day impossible whoever attempts it.
 
-use crate::rows::*;
-use async_trait::async_trait;
-use patchbay_jobs::store::*;
 use std::collections::{HashMap, HashSet};
 
+use async_trait::async_trait;
 use chrono::NaiveDate;
 use serde_json::{Value, json};
 
-use super::SqliteStore;
-use super::batch_journal::{self, Ran};
-use patchbay_jobs::billing::{self, Prices};
+use patchbay_jobs::billing::{
+    self, DayChannel, Funds, LedgerCharge, Notice, Prices, ResumeChannel,
+};
 use patchbay_jobs::error::DomainError;
 use patchbay_jobs::kind::{JobKind, charge_account_key};
 use patchbay_jobs::model::{Channel, Id, now_ms};
-use patchbay_jobs::store::{
-    BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, Notification, StoreResult,
-};
+use patchbay_jobs::store::*;
+
+use crate::SqliteStore;
+use crate::batch_journal::{self, Ran};
+use crate::rows::*;
 
 type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
 
-/// A charge to write: one ledger row.
-pub(super) struct LedgerCharge {
-    pub account: Id,
-    pub channel: Id,
-    pub price: i64,
-    pub balance_after: i64,
-}
-
-/// A balance e-mail to record.
-pub(super) struct Notice {
-    pub account: Id,
-    pub kind: String,
-    pub disconnect_date: NaiveDate,
-    pub days: i64,
-    pub balance: i64,
-    pub daily_total: i64,
-}
-
-impl Notice {
-    /// The warning due after a charge left `balance`, if any (SPEC §5).
-    pub fn warning(
-        account: Id,
-        balance: i64,
-        daily_total: i64,
-        notify_days: i64,
-        day: NaiveDate,
-    ) -> Option<Notice> {
-        let w = billing::warning_due(balance, daily_total, notify_days, day)?;
-        Some(Notice {
-            account,
-            kind: w.kind,
-            disconnect_date: w.disconnect_date,
-            days: w.days,
-            balance,
-            daily_total,
-        })
-    }
-}
-
-/// Writes ledger charges for `day` (one statement).
-pub(super) async fn insert_charges(
-    tx: &mut Tx,
-    charges: &[LedgerCharge],
-    day: NaiveDate,
-    now: i64,
-) -> StoreResult<()> {
+/// Writes ledger charges (one statement).
+async fn insert_charges(tx: &mut Tx, charges: &[LedgerCharge], now: i64) -> StoreResult<()> {
     if charges.is_empty() {
         return Ok(());
     }
     let rows: Vec<Value> = charges
         .iter()
-        .map(|c| json!([c.account, -c.price, c.balance_after, c.channel]))
+        .map(|c| {
+            json!([
+                c.account,
+                -c.price,
+                c.balance_after,
+                c.channel,
+                c.day.to_string()
+            ])
+        })
         .collect();
     sqlx::query(
         "INSERT INTO ledger (account_id, kind, amount, balance_after, channel_id, day, created_at) \
-         SELECT value ->> 0, 'charge', value ->> 1, value ->> 2, value ->> 3, $2, $3 \
+         SELECT value ->> 0, 'charge', value ->> 1, value ->> 2, value ->> 3, value ->> 4, $2 \
          FROM json_each($1)",
     )
     .bind(Value::from(rows).to_string())
-    .bind(day.to_string())
     .bind(now)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// Sets account balances (one statement).
-pub(super) async fn set_balances(tx: &mut Tx, balances: &HashMap<Id, i64>) -> StoreResult<()> {
-    if balances.is_empty() {
+/// Adds each delta to its account's balance (one statement): a change, never a balance
+/// computed from an earlier read.
+async fn add_to_balances(tx: &mut Tx, deltas: &[(Id, i64)]) -> StoreResult<()> {
+    if deltas.is_empty() {
         return Ok(());
     }
-    let rows: Vec<Value> = balances.iter().map(|(a, b)| json!([a, b])).collect();
+    let rows: Vec<Value> = deltas.iter().map(|(a, d)| json!([a, d])).collect();
     sqlx::query(
-        "UPDATE accounts SET balance = j.b \
-         FROM (SELECT value ->> 0 AS id, value ->> 1 AS b FROM json_each($1)) AS j \
+        "UPDATE accounts SET balance = balance + j.d \
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS d FROM json_each($1)) AS j \
          WHERE accounts.id = j.id",
     )
     .bind(Value::from(rows).to_string())
@@ -115,11 +79,7 @@ pub(super) async fn set_balances(tx: &mut Tx, balances: &HashMap<Id, i64>) -> St
 
 /// Records balance e-mails (one statement); returns the accounts that got a new one.
 /// An e-mail recorded before for the same (account, kind, date) is not recorded again.
-pub(super) async fn record_notices(
-    tx: &mut Tx,
-    notices: &[Notice],
-    now: i64,
-) -> StoreResult<HashSet<Id>> {
+async fn record_notices(tx: &mut Tx, notices: &[Notice], now: i64) -> StoreResult<HashSet<Id>> {
     if notices.is_empty() {
         return Ok(HashSet::new());
     }
@@ -149,13 +109,26 @@ pub(super) async fn record_notices(
     Ok(accounts.into_iter().collect())
 }
 
-/// A channel active on a day: its daily price, whether it is paid for the day already,
-/// and whether it runs now (what the daily total of the warnings counts).
-struct ActiveChannel {
-    id: Id,
-    price: i64,
-    paid: bool,
-    running: bool,
+/// The funds of those of `accounts` that exist.
+async fn read_funds(tx: &mut Tx, accounts: &[Id]) -> StoreResult<HashMap<Id, Funds>> {
+    let rows: Vec<(Id, i64, i64, bool)> = sqlx::query_as(
+        "SELECT id, balance, balance_notify_days, suspended_on IS NOT NULL FROM accounts \
+         WHERE id IN (SELECT value FROM json_each($1))",
+    )
+    .bind(Value::from(accounts.to_vec()).to_string())
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, balance, notify_days, suspended)| {
+            let funds = Funds {
+                balance,
+                notify_days,
+                suspended,
+            };
+            (id, funds)
+        })
+        .collect())
 }
 
 /// The channels of these accounts that were active on `day` (the instants
@@ -171,7 +144,7 @@ async fn active_channels(
     day: NaiveDate,
     (day_start, day_end): (i64, i64),
     prices: &Prices,
-) -> StoreResult<Vec<(Id, ActiveChannel)>> {
+) -> StoreResult<Vec<(Id, DayChannel)>> {
     // ISO dates compare as strings; a NULL `suspended_on` makes the comparison false.
     let rows: Vec<(Id, Id, String, bool, bool)> = sqlx::query_as(
         "SELECT c.account_id, c.id, c.kind, \
@@ -195,50 +168,37 @@ async fn active_channels(
     Ok(rows
         .into_iter()
         .map(|(account, id, kind, paid, running)| {
-            let price = prices.price(&kind);
-            (
-                account,
-                ActiveChannel {
-                    id,
-                    price,
-                    paid,
-                    running,
-                },
-            )
+            let channel = DayChannel {
+                id,
+                price: prices.price(&kind),
+                paid,
+                running,
+            };
+            (account, channel)
         })
         .collect())
 }
 
-/// Charges each (account, day, (day_start, day_end)) in order, inside `tx`; `None` for
-/// an account that does not exist.
-pub(super) async fn charge(
+/// Charges each (account, day, (day_start, day_end)) in order, inside `tx`, as
+/// `billing::plan_charges` decides; `None` for an account that does not exist.
+async fn charge(
     tx: &mut Tx,
     items: &[(Id, NaiveDate, (i64, i64))],
     prices: &Prices,
     now: i64,
 ) -> StoreResult<Vec<Option<Charged>>> {
     let ids: Vec<Id> = items.iter().map(|i| i.0).collect();
-    // (balance, balance_notify_days, suspended already)
-    let mut accounts: HashMap<Id, (i64, i64, bool)> = sqlx::query_as::<_, (Id, i64, i64, bool)>(
-        "SELECT id, balance, balance_notify_days, suspended_on IS NOT NULL FROM accounts \
-             WHERE id IN (SELECT value FROM json_each($1))",
-    )
-    .bind(Value::from(ids).to_string())
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .map(|(id, balance, notify, suspended)| (id, (balance, notify, suspended)))
-    .collect();
+    let funds = read_funds(tx, &ids).await?;
 
     // The channels active per (account, day), looked up once per distinct day.
-    let mut channels: HashMap<(Id, NaiveDate), Vec<ActiveChannel>> = HashMap::new();
+    let mut channels: HashMap<(Id, NaiveDate), Vec<DayChannel>> = HashMap::new();
     let mut days: Vec<(NaiveDate, (i64, i64))> = items.iter().map(|i| (i.1, i.2)).collect();
     days.sort_unstable();
     days.dedup();
     for (day, span) in days {
         let of_day: Vec<Id> = items
             .iter()
-            .filter(|i| i.1 == day && accounts.contains_key(&i.0))
+            .filter(|i| i.1 == day && funds.contains_key(&i.0))
             .map(|i| i.0)
             .collect();
         for (account, channel) in active_channels(tx, &of_day, day, span, prices).await? {
@@ -246,101 +206,13 @@ pub(super) async fn charge(
         }
     }
 
-    let mut out = Vec::with_capacity(items.len());
-    let mut charges: HashMap<NaiveDate, Vec<LedgerCharge>> = HashMap::new();
-    let mut balances: HashMap<Id, i64> = HashMap::new();
-    let mut suspend: Vec<(Id, NaiveDate)> = Vec::new();
-    let mut suspended: HashSet<Id> = HashSet::new();
-    let mut notices: Vec<Notice> = Vec::new();
-    for &(account, day, _) in items {
-        let Some((balance, notify_days, suspended_before)) = accounts.get_mut(&account) else {
-            out.push(None);
-            continue;
-        };
-        if suspended.contains(&account) {
-            // Suspended earlier in this batch (for another day): nothing runs to charge.
-            out.push(Some(ChargeOutcome::NothingDue { balance: *balance }));
-            continue;
-        }
-        let list = channels.entry((account, day)).or_default();
-        // The warnings look ahead: only channels that run now count for the days to come.
-        let daily_total = list
-            .iter()
-            .filter(|c| c.running)
-            .fold(0i64, |s, c| s.saturating_add(c.price));
-        let needed = list
-            .iter()
-            .filter(|c| !c.paid)
-            .fold(0i64, |s, c| s.saturating_add(c.price));
-        let unpaid = list.iter().filter(|c| !c.paid).count();
-        if unpaid == 0 {
-            out.push(Some(ChargeOutcome::NothingDue { balance: *balance }));
-        } else if *balance < needed {
-            suspend.push((account, day));
-            suspended.insert(account);
-            // An account suspended already (a past day charged late) was told so then.
-            if !*suspended_before {
-                notices.push(Notice {
-                    account,
-                    kind: "disconnected".to_owned(),
-                    disconnect_date: day,
-                    days: 0,
-                    balance: *balance,
-                    daily_total: needed,
-                });
-            }
-            out.push(Some(ChargeOutcome::Suspended {
-                needed,
-                balance: *balance,
-                channels: Vec::new(),
-            }));
-        } else {
-            for c in list.iter_mut().filter(|c| !c.paid) {
-                *balance = balance.saturating_sub(c.price);
-                charges.entry(day).or_default().push(LedgerCharge {
-                    account,
-                    channel: c.id,
-                    price: c.price,
-                    balance_after: *balance,
-                });
-                c.paid = true;
-            }
-            balances.insert(account, *balance);
-            notices.extend(Notice::warning(
-                account,
-                *balance,
-                daily_total,
-                *notify_days,
-                day,
-            ));
-            out.push(Some(ChargeOutcome::Charged {
-                total: needed,
-                balance: *balance,
-                channels: unpaid,
-            }));
-        }
-    }
-
-    for (day, list) in &charges {
-        insert_charges(tx, list, *day, now).await?;
-    }
-    set_balances(tx, &balances).await?;
-    let stopped = suspend_accounts(tx, &suspend).await?;
-    let noticed = record_notices(tx, &notices, now).await?;
-    Ok(items
-        .iter()
-        .zip(out)
-        .map(|(&(account, _, _), outcome)| {
-            let mut outcome = outcome?;
-            if let ChargeOutcome::Suspended { channels, .. } = &mut outcome {
-                *channels = stopped.get(&account).cloned().unwrap_or_default();
-            }
-            Some(Charged {
-                outcome,
-                notices: noticed.contains(&account),
-            })
-        })
-        .collect())
+    let items: Vec<(Id, NaiveDate)> = items.iter().map(|i| (i.0, i.1)).collect();
+    let plan = billing::plan_charges(&items, &funds, channels);
+    insert_charges(tx, &plan.charges, now).await?;
+    add_to_balances(tx, &plan.deltas).await?;
+    let stopped = suspend_accounts(tx, &plan.suspend).await?;
+    let noticed = record_notices(tx, &plan.notices, now).await?;
+    Ok(billing::charged(&items, plan.outcomes, &stopped, &noticed))
 }
 
 /// Suspends every running channel of these accounts (reason `insufficient_funds`) and
@@ -382,33 +254,7 @@ async fn suspend_accounts(
     Ok(by_account)
 }
 
-pub(super) async fn charge_day(
-    store: &SqliteStore,
-    account: Id,
-    day: NaiveDate,
-    day_start: i64,
-    day_end: i64,
-    prices: &Prices,
-) -> StoreResult<Charged> {
-    let mut tx = store.begin_write().await?;
-    let now = now_ms();
-    let out = charge(
-        &mut tx,
-        &[(account, day, (day_start, day_end))],
-        prices,
-        now,
-    )
-    .await?;
-    let charged = out
-        .into_iter()
-        .next()
-        .flatten()
-        .ok_or_else(|| DomainError::not_found("account", account))?;
-    tx.commit().await?;
-    Ok(charged)
-}
-
-pub(super) async fn charge_accounts(
+async fn charge_accounts(
     store: &SqliteStore,
     jobs: &[ChargeJob],
     prices: &Prices,
@@ -423,7 +269,18 @@ pub(super) async fn charge_accounts(
         .iter()
         .map(|j| charge_account_key(j.account, j.day))
         .collect();
-    let live = charges_to_run(&mut tx, jobs, &keys, &mut out).await?;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    // The journal rows of these jobs, and those holding their (account, day) keys.
+    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT id, idempotency_key, state FROM jobs WHERE id IN (SELECT value FROM json_each($1)) \
+         UNION ALL SELECT id, idempotency_key, state FROM jobs \
+         WHERE idempotency_key IN (SELECT value FROM json_each($2))",
+    )
+    .bind(Value::from(ids.clone()).to_string())
+    .bind(Value::from(keys.clone()).to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    let live = billing::charges_to_run(&ids, &keys, &rows, &mut out);
     let items: Vec<(Id, NaiveDate, (i64, i64))> = live
         .iter()
         .filter(|l| l.charge)
@@ -467,200 +324,6 @@ pub(super) async fn charge_accounts(
     Ok(out.into_iter().zip(results).collect())
 }
 
-/// A job of a charge batch that the batch journals (`settle`).
-struct Live {
-    index: usize,
-    /// It has a journal row.
-    journalled: bool,
-    /// It charges; otherwise another job did or does its (account, day), and only its
-    /// row is finished.
-    charge: bool,
-}
-
-/// Which jobs of a charge batch to charge, and which only to journal done; fills `out`
-/// for the others (`AlreadyFinished`, without a row of their own to finish). A job
-/// whose own row is done or dead (a redelivery) does not run, nor one whose (account,
-/// day) key another row holds — a charge job for that day ran, runs or gave up before —
-/// or an earlier job of the batch has; if such a job has an unfinished row of its own,
-/// that row is finished. Charging twice would charge nothing twice, but a charge for a
-/// past day must not run after a top-up on a later day resumed the channels that day
-/// suspended. Most jobs (the fan-out's on the SQLite queue) have no row yet: `settle`
-/// writes it, with the key.
-async fn charges_to_run(
-    tx: &mut Tx,
-    jobs: &[ChargeJob],
-    keys: &[String],
-    out: &mut [BatchedJob],
-) -> StoreResult<Vec<Live>> {
-    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
-    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
-        "SELECT id, idempotency_key, state FROM jobs WHERE id IN (SELECT value FROM json_each($1)) \
-         UNION ALL SELECT id, idempotency_key, state FROM jobs \
-         WHERE idempotency_key IN (SELECT value FROM json_each($2))",
-    )
-    .bind(Value::from(ids).to_string())
-    .bind(Value::from(keys.to_vec()).to_string())
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut states: HashMap<&str, &str> = HashMap::new();
-    let mut holders: HashMap<&str, &str> = HashMap::new();
-    for (id, key, state) in &rows {
-        states.insert(id, state);
-        if let Some(key) = key {
-            holders.insert(key, id);
-        }
-    }
-    let mut live = Vec::with_capacity(jobs.len());
-    let mut seen: HashSet<&str> = HashSet::new();
-    let mut charging: HashSet<&str> = HashSet::new();
-    for (i, (job, key)) in jobs.iter().zip(keys).enumerate() {
-        let id = job.job.as_str();
-        let state = states.get(id).copied();
-        if matches!(state, Some("done" | "dead")) || !seen.insert(id) {
-            out[i] = BatchedJob::AlreadyFinished;
-            continue;
-        }
-        let held = holders
-            .get(key.as_str())
-            .is_some_and(|holder| *holder != id);
-        let charge = !held && charging.insert(key);
-        if charge || state.is_some() {
-            live.push(Live {
-                index: i,
-                journalled: state.is_some(),
-                charge,
-            });
-        } else {
-            out[i] = BatchedJob::AlreadyFinished;
-        }
-    }
-    Ok(live)
-}
-
-pub(super) async fn claim_notifications(
-    store: &SqliteStore,
-    account: Id,
-    now: i64,
-    lease_ms: i64,
-) -> StoreResult<Vec<Notification>> {
-    let mut conn = store.writer.acquire().await?;
-    claim(&mut conn, &[account], now, lease_ms).await
-}
-
-/// Claims the unsent, unclaimed e-mails of these accounts until `now + lease_ms`.
-async fn claim(
-    conn: &mut sqlx::SqliteConnection,
-    accounts: &[Id],
-    now: i64,
-    lease_ms: i64,
-) -> StoreResult<Vec<Notification>> {
-    let lease = now.saturating_add(lease_ms);
-    let rows: Vec<(Id, Id, String, String, i64, i64, i64)> = sqlx::query_as(
-        "UPDATE notifications SET claimed_until = $2 \
-         WHERE account_id IN (SELECT value FROM json_each($1)) AND sent_at IS NULL \
-         AND (claimed_until IS NULL OR claimed_until < $3) \
-         RETURNING id, account_id, kind, disconnect_date, days, balance, daily_total",
-    )
-    .bind(Value::from(accounts.to_vec()).to_string())
-    .bind(lease)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut out: Vec<Notification> = rows
-        .into_iter()
-        .map(|(id, account, kind, date, days, balance, daily_total)| {
-            let disconnect_date = date.parse().map_err(|e| {
-                DomainError::Unavailable(format!("corrupt notification {id} date {date:?}: {e}"))
-            })?;
-            Ok(Notification {
-                id,
-                account,
-                kind,
-                disconnect_date,
-                days,
-                balance,
-                daily_total,
-                lease,
-            })
-        })
-        .collect::<StoreResult<_>>()?;
-    // Oldest first: a warning before the disconnection it announced.
-    out.sort_by_key(|n| n.id);
-    Ok(out)
-}
-
-pub(super) async fn claim_balance_checks(
-    store: &SqliteStore,
-    jobs: &[CheckJob],
-    now: i64,
-    lease_ms: i64,
-) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>> {
-    let mut out = vec![BatchedJob::Done; jobs.len()];
-    if jobs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut tx = store.begin_write().await?;
-    let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
-    let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
-    let mut accounts: Vec<Id> = live.iter().map(|&i| jobs[i].account).collect();
-    accounts.sort_unstable();
-    accounts.dedup();
-    let mut claimed: HashMap<Id, Vec<Notification>> = HashMap::new();
-    for n in claim(&mut tx, &accounts, now, lease_ms).await? {
-        claimed.entry(n.account).or_default().push(n);
-    }
-    tx.commit().await?;
-    let mut notices = vec![Vec::new(); jobs.len()];
-    for i in live {
-        // The first live job of an account takes its e-mails; the others have none.
-        notices[i] = claimed.remove(&jobs[i].account).unwrap_or_default();
-    }
-    Ok(out.into_iter().zip(notices).collect())
-}
-
-pub(super) async fn settle_balance_checks(
-    store: &SqliteStore,
-    sent: &[Notification],
-    unsent: &[Notification],
-    done: &[String],
-) -> StoreResult<()> {
-    if sent.is_empty() && unsent.is_empty() && done.is_empty() {
-        return Ok(());
-    }
-    let claims = |ns: &[Notification]| {
-        Value::from(
-            ns.iter()
-                .map(|n| json!([n.id, n.lease]))
-                .collect::<Vec<_>>(),
-        )
-        .to_string()
-    };
-    let now = now_ms();
-    let mut tx = store.begin_write().await?;
-    // Each under its own claim, as `mark_notification_sent` / `release_notification`.
-    sqlx::query(
-        "UPDATE notifications SET sent_at = $2, claimed_until = NULL \
-         FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each($1)) AS c \
-         WHERE notifications.id = c.id AND notifications.claimed_until = c.lease",
-    )
-    .bind(claims(sent))
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE notifications SET claimed_until = NULL \
-         FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each($1)) AS c \
-         WHERE notifications.id = c.id AND notifications.claimed_until = c.lease",
-    )
-    .bind(claims(unsent))
-    .execute(&mut *tx)
-    .await?;
-    let ids: Vec<&str> = done.iter().map(String::as_str).collect();
-    batch_journal::finish(&mut tx, &ids, &vec![BatchedJob::Done; ids.len()], now).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 #[async_trait]
 impl Billing for SqliteStore {
     async fn add_channel_charged(
@@ -672,21 +335,20 @@ impl Billing for SqliteStore {
         day: NaiveDate,
         prices: &Prices,
     ) -> StoreResult<(Channel, bool)> {
-        let price = prices.price(kind);
         let mut tx = self.begin_write().await?;
         let now = now_ms();
-        let (balance, notify_days): (i64, i64) =
-            sqlx::query_as("SELECT balance, balance_notify_days FROM accounts WHERE id = $1")
-                .bind(account)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| DomainError::not_found("account", account))?;
-        if balance < price {
-            return Err(DomainError::InsufficientFunds(format!(
-                "the balance {balance} cannot pay today's price {price} of a {kind} channel; \
-                 top the account up first"
-            )));
-        }
+        let funds = read_funds(&mut tx, &[account])
+            .await?
+            .remove(&account)
+            .ok_or_else(|| DomainError::not_found("account", account))?;
+        let running: Vec<String> = sqlx::query_scalar(
+            "SELECT kind FROM channels WHERE account_id = $1 \
+             AND status NOT IN ('removed', 'suspended')",
+        )
+        .bind(account)
+        .fetch_all(&mut *tx)
+        .await?;
+        let charge = billing::charge_new_channel(account, funds, kind, &running, prices, day)?;
         let row = sqlx::query(concat!(
             "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
              VALUES ($1, $2, $3, $4, 'connecting', $5) RETURNING ",
@@ -700,26 +362,16 @@ impl Billing for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let channel = decode::<Channel, _>(&row)?;
-        let left = balance.saturating_sub(price);
-        let charge = LedgerCharge {
+        let ledger = LedgerCharge {
             account,
             channel: channel.id,
-            price,
-            balance_after: left,
+            day,
+            price: charge.price,
+            balance_after: charge.balance_after,
         };
-        insert_charges(&mut tx, &[charge], day, now).await?;
-        set_balances(&mut tx, &[(account, left)].into_iter().collect()).await?;
-        // A charge happened: the warning rules apply as after a daily run.
-        let kinds: Vec<String> = sqlx::query_scalar(
-            "SELECT kind FROM channels WHERE account_id = $1 \
-             AND status NOT IN ('removed', 'suspended')",
-        )
-        .bind(account)
-        .fetch_all(&mut *tx)
-        .await?;
-        let total = patchbay_jobs::billing::daily_total(prices, &kinds);
-        let notice = Notice::warning(account, left, total, notify_days, day);
-        let noticed = record_notices(&mut tx, notice.as_slice(), now).await?;
+        insert_charges(&mut tx, &[ledger], now).await?;
+        add_to_balances(&mut tx, &[(account, -charge.price)]).await?;
+        let noticed = record_notices(&mut tx, charge.notice.as_slice(), now).await?;
         tx.commit().await?;
         Ok((channel, !noticed.is_empty()))
     }
@@ -732,7 +384,16 @@ impl Billing for SqliteStore {
         day_end: i64,
         prices: &Prices,
     ) -> StoreResult<Charged> {
-        charge_day(self, account, day, day_start, day_end, prices).await
+        let mut tx = self.begin_write().await?;
+        let items = [(account, day, (day_start, day_end))];
+        let charged = charge(&mut tx, &items, prices, now_ms())
+            .await?
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| DomainError::not_found("account", account))?;
+        tx.commit().await?;
+        Ok(charged)
     }
 
     async fn charge_accounts(
@@ -758,12 +419,14 @@ impl Billing for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| DomainError::not_found("account", account))?;
-        // The unpaid day, or today if later (ISO dates compare as strings).
-        let day = suspended_on
-            .and_then(|d| d.parse::<NaiveDate>().ok())
-            .filter(|d| *d > day)
-            .unwrap_or(day);
-        let channels: Vec<(Id, String, String, bool)> = sqlx::query_as(
+        let suspended_on = suspended_on.and_then(|d| d.parse::<NaiveDate>().ok());
+        let day = billing::resume_day(suspended_on, day);
+        let funds = Funds {
+            balance,
+            notify_days,
+            suspended: suspended_on.is_some(),
+        };
+        let channels: Vec<ResumeChannel> = sqlx::query_as::<_, (Id, String, String, bool)>(
             "SELECT c.id, c.kind, c.status, \
              EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2) \
              FROM channels c WHERE c.account_id = $1 AND c.status <> 'removed' ORDER BY c.id",
@@ -771,34 +434,20 @@ impl Billing for SqliteStore {
         .bind(account)
         .bind(day.to_string())
         .fetch_all(&mut *tx)
-        .await?;
-        if !channels.iter().any(|c| c.2 == "suspended") {
+        .await?
+        .into_iter()
+        .map(|(id, kind, status, paid)| ResumeChannel {
+            id,
+            price: prices.price(&kind),
+            suspended: status == "suspended",
+            paid,
+        })
+        .collect();
+        let Some(plan) = billing::plan_resume(account, funds, day, &channels) else {
             return Ok((Vec::new(), false));
-        }
-        let needed = channels
-            .iter()
-            .filter(|c| !c.3)
-            .fold(0i64, |s, c| s.saturating_add(prices.price(&c.1)));
-        if balance < needed {
-            return Ok((Vec::new(), false));
-        }
-        let mut left = balance;
-        let charges: Vec<LedgerCharge> = channels
-            .iter()
-            .filter(|c| !c.3)
-            .map(|c| {
-                let price = prices.price(&c.1);
-                left = left.saturating_sub(price);
-                LedgerCharge {
-                    account,
-                    channel: c.0,
-                    price,
-                    balance_after: left,
-                }
-            })
-            .collect();
-        insert_charges(&mut tx, &charges, day, now).await?;
-        set_balances(&mut tx, &[(account, left)].into_iter().collect()).await?;
+        };
+        insert_charges(&mut tx, &plan.charges, now).await?;
+        add_to_balances(&mut tx, &[(account, plan.delta)]).await?;
         sqlx::query("UPDATE accounts SET suspended_on = NULL WHERE id = $1")
             .bind(account)
             .execute(&mut *tx)
@@ -815,10 +464,7 @@ impl Billing for SqliteStore {
             .iter()
             .map(decode::<Channel, _>)
             .collect::<StoreResult<Vec<_>>>()?;
-        let kinds: Vec<String> = channels.into_iter().map(|c| c.1).collect();
-        let total = patchbay_jobs::billing::daily_total(prices, &kinds);
-        let notice = Notice::warning(account, left, total, notify_days, day);
-        let noticed = record_notices(&mut tx, notice.as_slice(), now).await?;
+        let noticed = record_notices(&mut tx, plan.notice.as_slice(), now).await?;
         tx.commit().await?;
         Ok((resumed, !noticed.is_empty()))
     }
