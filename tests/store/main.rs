@@ -9,4 +9,5 @@ mod pg_cluster;
 #[macro_use]
 mod common;
 mod accounts;
+mod billing;
 mod journal;

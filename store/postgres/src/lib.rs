@@ -5,11 +5,14 @@
 //! in a comment what it locks, and every "at most once" rule is a constraint of
 //! `migrations/`. Batches pass their rows as arrays (`UNNEST`).
 
+mod accounts;
 // Until the inbound and billing batches (ported alongside) call it.
 #[allow(dead_code)]
 mod batch_journal;
+mod billing;
 mod connection;
 mod journal;
+mod outbox;
 mod scaffold;
 
 pub use connection::{ConnectError, MIGRATOR, PgOptions, connect, redact_url};
@@ -34,4 +37,3 @@ impl PgStore {
         &self.pool
     }
 }
-
