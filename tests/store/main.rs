@@ -10,4 +10,8 @@ mod pg_cluster;
 mod common;
 mod accounts;
 mod billing;
+mod channels;
+mod deletion;
+mod fields;
 mod journal;
+mod users;

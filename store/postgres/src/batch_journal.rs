@@ -238,3 +238,178 @@ pub(crate) async fn settle(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+    use sqlx::PgPool;
+
+    use super::*;
+
+    async fn pool() -> PgPool {
+        let url = crate::pg_cluster::fresh_database("batch_journal");
+        crate::connect(&url, &crate::PgOptions::default())
+            .await
+            .expect("connect")
+    }
+
+    async fn job(pool: &PgPool, id: &str, state: &str, payload: &str) {
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, state, max_attempts, created_at, updated_at, \
+             run_at) VALUES ($1, 'inbound_message', $2, $3, 8, 1, 1, 1)",
+        )
+        .bind(id)
+        .bind(payload)
+        .bind(state)
+        .execute(pool)
+        .await
+        .expect("job");
+    }
+
+    async fn row(pool: &PgPool, id: &str) -> Option<(String, i64, String, Option<String>, bool)> {
+        sqlx::query_as(
+            "SELECT state, attempts, payload, last_error, pushed FROM jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .expect("row")
+    }
+
+    #[tokio::test]
+    async fn start_and_finish_journal_what_ran() {
+        let pool = pool().await;
+        job(&pool, "a", "pending", "{}").await;
+        job(&pool, "b", "running", "{}").await;
+        job(&pool, "c", "done", "{}").await;
+        job(&pool, "d", "dead", "{}").await;
+        let jobs = ["a", "b", "c", "d", "x", "a"];
+        let mut out = vec![BatchedJob::Done; jobs.len()];
+        let mut tx = pool.begin().await.expect("begin");
+        let live = start(&mut tx, &jobs, &mut out).await.expect("start");
+        assert_eq!(live, [0, 1]);
+        assert_eq!(
+            out[2..],
+            [
+                BatchedJob::AlreadyFinished,
+                BatchedJob::AlreadyFinished,
+                BatchedJob::NotJournalled,
+                BatchedJob::AlreadyFinished,
+            ]
+        );
+        let ran = ["a", "b"];
+        let outcomes = [BatchedJob::Done, BatchedJob::Dead("no channel".into())];
+        finish(&mut tx, &ran, &outcomes, 5).await.expect("finish");
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            row(&pool, "a").await,
+            Some(("done".into(), 1, "{}".into(), None, false))
+        );
+        assert_eq!(
+            row(&pool, "b").await,
+            Some((
+                "dead".into(),
+                1,
+                "{}".into(),
+                Some("no channel".into()),
+                false
+            ))
+        );
+    }
+
+    /// A second batch with the same job waits for the first one's commit, then finds
+    /// the job done and does not run it.
+    #[tokio::test]
+    async fn a_concurrent_copy_of_a_batch_waits_and_runs_nothing() {
+        let pool = pool().await;
+        job(&pool, "a", "pending", "{}").await;
+        let mut first = pool.begin().await.expect("begin");
+        let mut out = vec![BatchedJob::Done];
+        assert_eq!(
+            start(&mut first, &["a"], &mut out).await.expect("start"),
+            [0]
+        );
+        let second = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut tx = pool.begin().await.expect("begin");
+                let mut out = vec![BatchedJob::Done];
+                let live = start(&mut tx, &["a"], &mut out).await.expect("start");
+                tx.commit().await.expect("commit");
+                (live, out)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !second.is_finished(),
+            "the second batch must wait for the first"
+        );
+        finish(&mut first, &["a"], &[BatchedJob::Done], 5)
+            .await
+            .expect("finish");
+        first.commit().await.expect("commit");
+        let (live, out) = second.await.expect("second");
+        assert!(live.is_empty());
+        assert_eq!(out, [BatchedJob::AlreadyFinished]);
+    }
+
+    #[tokio::test]
+    async fn settle_journals_jobs_that_ran_without_start() {
+        let pool = pool().await;
+        let stored = r#"{"channel":3,"external_message_id":"m1","text":"secret"}"#;
+        job(&pool, "dead-before", "dead", stored).await;
+        job(&pool, "done-before", "done", "{}").await;
+        let ran = |job: &'static str| Ran {
+            job,
+            payload: json!({"channel": 3, "external_message_id": job}),
+            max_attempts: 8,
+            key: None,
+        };
+        let jobs = [
+            ran("new"),
+            ran("dead-before"),
+            ran("done-before"),
+            ran("dead-unknown"),
+            ran("new"),
+        ];
+        let mut out = vec![
+            BatchedJob::Done,
+            BatchedJob::Done,
+            BatchedJob::Done,
+            BatchedJob::Dead("bad".into()),
+            BatchedJob::Done,
+        ];
+        let mut tx = pool.begin().await.expect("begin");
+        settle(&mut tx, JobKind::InboundMessage, &jobs, &mut out, 9)
+            .await
+            .expect("settle");
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            out,
+            [
+                BatchedJob::Done,
+                BatchedJob::Done,
+                BatchedJob::AlreadyFinished,
+                BatchedJob::NotJournalled,
+                BatchedJob::Done,
+            ]
+        );
+        let (state, attempts, payload, _, pushed) = row(&pool, "new").await.expect("new row");
+        assert_eq!((state.as_str(), attempts, pushed), ("done", 1, true));
+        assert_eq!(
+            serde_json::from_str::<Value>(&payload).expect("json"),
+            json!({"channel": 3, "external_message_id": "new"})
+        );
+        let (state, attempts, payload, _, _) = row(&pool, "dead-before").await.expect("row");
+        assert_eq!((state.as_str(), attempts), ("done", 1));
+        assert_eq!(
+            serde_json::from_str::<Value>(&payload).expect("json"),
+            json!({"channel": 3, "external_message_id": "m1"}),
+            "a done inbound job keeps no text"
+        );
+        assert_eq!(row(&pool, "done-before").await.expect("row").1, 0);
+        assert_eq!(row(&pool, "dead-unknown").await, None);
+    }
+}

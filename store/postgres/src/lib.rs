@@ -10,10 +10,19 @@ mod accounts;
 #[allow(dead_code)]
 mod batch_journal;
 mod billing;
+mod channels;
 mod connection;
+mod deletion;
+mod fields;
 mod journal;
 mod outbox;
 mod scaffold;
+mod users;
+
+// The test process's own PostgreSQL server, for the unit tests of batch machinery.
+#[cfg(test)]
+#[path = "../../../tests/support/pg_cluster.rs"]
+mod pg_cluster;
 
 pub use connection::{ConnectError, MIGRATOR, PgOptions, connect, redact_url};
 
@@ -36,4 +45,9 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// A UNIQUE constraint refused the write.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
