@@ -5,14 +5,17 @@
 //! in a comment what it locks, and every "at most once" rule is a constraint of
 //! `migrations/`. Batches pass their rows as arrays (`UNNEST`).
 
+mod accounts;
 // Until the inbound and billing batches (ported alongside) call it.
 #[allow(dead_code)]
 mod batch_journal;
+mod billing;
 mod channels;
 mod connection;
 mod deletion;
 mod fields;
 mod journal;
+mod outbox;
 mod scaffold;
 mod users;
 

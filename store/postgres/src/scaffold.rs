@@ -4,50 +4,12 @@
 #![allow(unused_imports)]
 
 use async_trait::async_trait;
-use chrono::NaiveDate;
-use patchbay_jobs::billing::Prices;
 use patchbay_jobs::fields::{FieldDef, FieldType};
 use patchbay_jobs::kind::{InboundMessage, JobKind};
 use patchbay_jobs::model::*;
 use patchbay_jobs::store::*;
 
 use crate::PgStore;
-
-// BEGIN Accounts
-#[async_trait]
-impl Accounts for PgStore {
-    #[allow(unused_variables)]
-    async fn create_account(&self, new: &NewAccount) -> StoreResult<(Account, User)> {
-        unimplemented!("not yet ported")
-    }
-
-    #[allow(unused_variables)]
-    async fn account(&self, id: Id) -> StoreResult<Account> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn topup(&self, account: Id, amount: i64, reference: &str) -> StoreResult<LedgerEntry> {
-        unimplemented!("not yet ported")
-    }
-
-    #[allow(unused_variables)]
-    async fn ledger(&self, account: Id, limit: u32) -> StoreResult<Vec<LedgerEntry>> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn set_setting(
-        &self,
-        account: Id,
-        setting: &patchbay_jobs::settings::Setting,
-    ) -> StoreResult<Settings> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn account_ids(&self, after: Id, limit: u32) -> StoreResult<Vec<Id>> {
-        unimplemented!("not yet ported")
-    }
-}
-// END Accounts
 
 // BEGIN Chats
 #[async_trait]
@@ -139,107 +101,3 @@ impl Chats for PgStore {
     }
 }
 // END Chats
-
-// BEGIN Billing
-#[async_trait]
-impl Billing for PgStore {
-    #[allow(unused_variables)]
-    async fn add_channel_charged(
-        &self,
-        account: Id,
-        kind: &str,
-        name: &str,
-        config: &serde_json::Value,
-        day: NaiveDate,
-        prices: &Prices,
-    ) -> StoreResult<(Channel, bool)> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn charge_day(
-        &self,
-        account: Id,
-        day: NaiveDate,
-        day_start: i64,
-        day_end: i64,
-        prices: &Prices,
-    ) -> StoreResult<Charged> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn charge_accounts(
-        &self,
-        jobs: &[ChargeJob],
-        prices: &Prices,
-    ) -> StoreResult<Vec<(BatchedJob, Option<Charged>)>> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn resume_suspended(
-        &self,
-        account: Id,
-        day: NaiveDate,
-        prices: &Prices,
-    ) -> StoreResult<(Vec<Channel>, bool)> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn suspended_accounts(&self) -> StoreResult<Vec<Id>> {
-        unimplemented!("not yet ported")
-    }
-}
-// END Billing
-
-// BEGIN Outbox
-#[async_trait]
-impl Outbox for PgStore {
-    #[allow(unused_variables)]
-    async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn claim_notifications(
-        &self,
-        account: Id,
-        now: i64,
-        lease_ms: i64,
-    ) -> StoreResult<Vec<Notification>> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn release_notification(&self, n: &Notification) -> StoreResult<()> {
-        unimplemented!("not yet ported")
-    }
-
-    #[allow(unused_variables)]
-    async fn mark_notification_sent(&self, n: &Notification) -> StoreResult<()> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn claim_balance_checks(
-        &self,
-        jobs: &[CheckJob],
-        now: i64,
-        lease_ms: i64,
-    ) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn settle_balance_checks(
-        &self,
-        sent: &[Notification],
-        unsent: &[Notification],
-        done: &[String],
-    ) -> StoreResult<()> {
-        unimplemented!("not yet ported")
-    }
-    #[allow(unused_variables)]
-    async fn accounts_with_unsent_notifications(
-        &self,
-        before: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Id>> {
-        unimplemented!("not yet ported")
-    }
-}
-// END Outbox
