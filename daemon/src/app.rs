@@ -462,6 +462,10 @@ impl App {
 
 #[async_trait::async_trait]
 impl Effects for App {
+    async fn pause(&self, d: std::time::Duration) {
+        tokio::time::sleep(d).await;
+    }
+
     async fn deliver(
         &self,
         channel: &Channel,

@@ -67,7 +67,15 @@ pub struct ControlConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// `sqlite://PATH` (the default) or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`.
     pub url: String,
+    /// PostgreSQL: connections this daemon opens at most.
+    pub pool_size: u32,
+    /// PostgreSQL: how long connecting (or waiting for a pooled connection) may take.
+    pub connect_timeout_secs: u64,
+    /// PostgreSQL: the server cancels a statement running longer (0: never); its job
+    /// fails and is retried.
+    pub statement_timeout_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +170,9 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: "sqlite://var/patchbay.db".into(),
+            pool_size: 16,
+            connect_timeout_secs: 10,
+            statement_timeout_secs: 30,
         }
     }
 }
@@ -236,12 +247,31 @@ impl Default for LogConfig {
     }
 }
 
+/// Where the store is, from `store.url`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The SQLite file, made absolute.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL, as written (it may hold a password: show `Display`).
+    Postgres(String),
+}
+
+impl std::fmt::Display for StoreLocation {
+    /// The file's path, or the URL with its password replaced.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(p) => write!(f, "{}", p.display()),
+            StoreLocation::Postgres(url) => f.write_str(&patchbay_store_postgres::redact_url(url)),
+        }
+    }
+}
+
 /// A loaded and checked configuration, with paths made absolute.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub raw: Config,
     pub socket: PathBuf,
-    pub store_path: PathBuf,
+    pub store: StoreLocation,
     pub queue: QueueBackend,
     pub queue_sqlite_path: PathBuf,
     pub plugins_dir: PathBuf,
@@ -522,16 +552,7 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             }
         }
     }
-    let store_path = match raw.store.url.strip_prefix("sqlite://") {
-        Some(p) if !p.is_empty() => resolve(base, Path::new(p)),
-        _ => {
-            return Err(ConfigError::new(
-                "store.url",
-                &raw.store.url,
-                "sqlite://PATH (PostgreSQL is planned, not yet available)",
-            ));
-        }
-    };
+    let store = store_location(base, &raw.store)?;
     if !matches!(raw.mail.transport.as_str(), "file" | "smtp") {
         return Err(ConfigError::new(
             "mail.transport",
@@ -614,7 +635,7 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
     check_control_limits(&raw.control)?;
     Ok(Settings {
         socket,
-        store_path,
+        store,
         queue,
         queue_sqlite_path: resolve(base, &raw.queue.sqlite_path),
         plugins_dir: resolve(base, &raw.plugins.dir),
@@ -627,6 +648,54 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
 const MAX_SOCKET_PATH: usize = 107;
 /// The longest retry backoff: long enough for any outage worth waiting out.
 const MAX_RETRY_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// `store.url` and the PostgreSQL pool settings. A PostgreSQL URL is checked for its
+/// form here; whether the server answers is found at start (with a clear message).
+fn store_location(base: &Path, store: &StoreConfig) -> Result<StoreLocation, ConfigError> {
+    const FORMS: &str = "sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
+    let url = store.url.as_str();
+    let location = if let Some(p) = url.strip_prefix("sqlite://") {
+        if p.is_empty() {
+            return Err(ConfigError::new("store.url", url, FORMS));
+        }
+        StoreLocation::Sqlite(resolve(base, Path::new(p)))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let parsed = url::Url::parse(url).ok();
+        let has_db = parsed
+            .as_ref()
+            .is_some_and(|u| u.path().trim_start_matches('/').len() > 0);
+        if !has_db {
+            let shown = patchbay_store_postgres::redact_url(url);
+            return Err(ConfigError::new("store.url", shown, FORMS));
+        }
+        StoreLocation::Postgres(url.to_owned())
+    } else {
+        let shown = patchbay_store_postgres::redact_url(url);
+        return Err(ConfigError::new("store.url", shown, FORMS));
+    };
+    if store.pool_size == 0 || store.pool_size > 1000 {
+        return Err(ConfigError::new(
+            "store.pool_size",
+            store.pool_size,
+            "1 to 1000",
+        ));
+    }
+    if store.connect_timeout_secs == 0 || store.connect_timeout_secs > 3600 {
+        return Err(ConfigError::new(
+            "store.connect_timeout_secs",
+            store.connect_timeout_secs,
+            "1 to 3600",
+        ));
+    }
+    if store.statement_timeout_secs > 86_400 {
+        return Err(ConfigError::new(
+            "store.statement_timeout_secs",
+            store.statement_timeout_secs,
+            "0 (no limit) to 86400",
+        ));
+    }
+    Ok(location)
+}
 
 /// `control.socket` resolved; binding an empty or over-long path fails only at start,
 /// with an error that names no key.
@@ -784,6 +853,8 @@ mod tests {
                 "queue.concurrency.billing",
             ),
             ("[store]\nurl = \"postgres://x\"", "store.url"),
+            ("[store]\nurl = \"mysql://x/db\"", "store.url"),
+            ("[store]\npool_size = 0", "store.pool_size"),
             ("[billing]\nrun_at = \"25:00\"", "billing.run_at"),
             ("[billing.prices]\nloopback = -1", "billing.prices.loopback"),
             (

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use patchbay_jobs::{JobKind, Store};
+use patchbay_store_postgres::{PgOptions, PgStore};
 use patchbay_store_sqlite::SqliteStore;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
-use crate::config::{QueueBackend, Settings};
+use crate::config::{QueueBackend, Settings, StoreLocation};
 use crate::control::server::{self, Gate};
 use crate::mail::{Mailer, Transport};
 use crate::plugin_host::registry::Registry;
@@ -32,23 +33,18 @@ const EVENT_QUEUE: usize = 65_536;
 /// Runs the daemon until SIGTERM/SIGINT. `config_file` is what `--config` named: SIGHUP
 /// reads it again.
 pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Result<()> {
-    for dir in [
-        settings.store_path.parent(),
-        settings.queue_sqlite_path.parent(),
-    ]
-    .into_iter()
-    .flatten()
+    let store_dir = match &settings.store {
+        StoreLocation::Sqlite(path) => path.parent(),
+        StoreLocation::Postgres(_) => None,
+    };
+    for dir in [store_dir, settings.queue_sqlite_path.parent()]
+        .into_iter()
+        .flatten()
     {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     }
-    let sqlite = Arc::new(
-        SqliteStore::open(&settings.store_path)
-            .await
-            .context("cannot open the store")?,
-    );
-    let checkpoints = tokio::spawn(checkpoint_store(sqlite.clone()));
-    let store: Arc<dyn Store> = sqlite;
+    let (store, checkpoints) = open_store(&settings).await?;
     let queue = match settings.queue {
         QueueBackend::Sqlite => Queue::open_sqlite(&settings.queue_sqlite_path).await,
         QueueBackend::Redis => {
@@ -163,7 +159,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
                 tracing::info!(
                     socket = %socket_path.display(),
                     queue = %app.settings.raw.queue.backend,
-                    store = %app.settings.store_path.display(),
+                    store = %app.settings.store,
                     "patchbayd is ready"
                 );
                 notify::ready(&format!("ready; queue {}", app.settings.raw.queue.backend));
@@ -210,7 +206,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     }
     // Connectors stop last: sends in flight needed them until the workers finished.
     cron.abort();
-    checkpoints.abort();
+    if let Some(checkpoints) = checkpoints {
+        checkpoints.abort();
+    }
     let _ = sweep.await;
     let _ = watch.await;
     app.plugins.stop_all().await;
@@ -249,6 +247,37 @@ impl Stop {
                     "{why}{detail}; exiting with an error so that the service manager restarts patchbayd"
                 ))
             }
+        }
+    }
+}
+
+/// Opens the store `store.url` names; for SQLite, also the task that checkpoints it.
+/// PostgreSQL down at start is an error naming the URL without its password; down
+/// later, store calls fail and their jobs retry.
+async fn open_store(
+    settings: &Settings,
+) -> anyhow::Result<(Arc<dyn Store>, Option<tokio::task::JoinHandle<()>>)> {
+    match &settings.store {
+        StoreLocation::Sqlite(path) => {
+            let sqlite = Arc::new(
+                SqliteStore::open(path)
+                    .await
+                    .context("cannot open the store")?,
+            );
+            let checkpoints = tokio::spawn(checkpoint_store(sqlite.clone()));
+            Ok((sqlite, Some(checkpoints)))
+        }
+        StoreLocation::Postgres(url) => {
+            let c = &settings.raw.store;
+            let options = PgOptions {
+                max_connections: c.pool_size,
+                connect_timeout: Duration::from_secs(c.connect_timeout_secs),
+                statement_timeout: Duration::from_secs(c.statement_timeout_secs),
+            };
+            let store = PgStore::connect(url, &options)
+                .await
+                .context("cannot open the store (store.url)")?;
+            Ok((Arc::new(store), None))
         }
     }
 }

@@ -17,5 +17,6 @@ pub mod notify;
 pub mod plugin_host;
 pub mod queue;
 pub mod reload;
+pub mod store_copy;
 pub mod sweep;
 pub mod worker;

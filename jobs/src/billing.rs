@@ -1,17 +1,23 @@
-//! Billing arithmetic (SPEC §5 "Billing" and "Balance warnings"): daily prices, the
-//! account's daily total, days until suspension, which warning is due after a charge,
-//! and the billing calendar day in the configured time zone.
+//! Billing arithmetic and rules (SPEC §5 "Billing" and "Balance warnings"): daily
+//! prices, the account's daily total, days until suspension, which warning is due after
+//! a charge, the billing calendar day in the configured time zone — and what a charge
+//! decides: which channels of a day it charges, or that it suspends the account, and
+//! which balance e-mail is then due (`plan_charges`, `charge_new_channel`,
+//! `plan_resume`).
 //!
-//! Pure functions, no I/O: the `charge_account` and `balance_check` handlers call them
-//! and the store enforces "once". Money is i64 minor units; sums saturate rather than
-//! wrap, so an absurd price list can never turn into a negative total.
+//! Pure functions, no I/O: the stores read the rows (under their locks), call these,
+//! and write what they return; the store enforces "once". Money is i64 minor units;
+//! sums saturate rather than wrap, so an absurd price list can never turn into a
+//! negative total.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 
 use crate::error::DomainError;
+use crate::model::Id;
+use crate::store::{BatchedJob, ChargeOutcome, Charged};
 
 /// Daily price per connector kind, in minor units (config `[billing]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -180,220 +186,405 @@ pub fn parse_timezone(name: &str) -> Result<Tz, DomainError> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+// What a charge decides. The stores read the account (under its row lock) and its
+// channels of the day, call these, and write what they return — ledger rows, the
+// balance change as `balance = balance + delta`, the suspension, the e-mail — in that
+// same transaction. One set of rules for every store and every path (the daily run,
+// `channel.add`, a top-up's resume).
 
-    fn date(s: &str) -> NaiveDate {
-        s.parse().unwrap()
+/// An account as a charge reads it, under its row lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Funds {
+    pub balance: i64,
+    /// The account's `balance_notify_days` setting.
+    pub notify_days: i64,
+    /// Its channels are suspended for lack of funds already (`suspended_on` is set).
+    pub suspended: bool,
+}
+
+/// A channel that was active on the day being charged (by what the store knows of that
+/// day: see the stores' `active_channels`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DayChannel {
+    pub id: Id,
+    /// Its daily price (`Prices::price` of its kind).
+    pub price: i64,
+    /// The ledger holds its charge for the day already.
+    pub paid: bool,
+    /// It runs now (neither suspended nor removed): the warnings look ahead and count
+    /// only these.
+    pub running: bool,
+}
+
+/// One charge for the ledger: `-price` on `channel` for `day`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerCharge {
+    pub account: Id,
+    pub channel: Id,
+    pub day: NaiveDate,
+    pub price: i64,
+    /// The account's balance once this row, and the account's rows before it, are paid.
+    pub balance_after: i64,
+}
+
+/// A balance e-mail to record in the `notifications` outbox, with the figures it shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub account: Id,
+    /// `warning_<n>_days`, `warning_1_day` or `disconnected`.
+    pub kind: String,
+    pub disconnect_date: NaiveDate,
+    /// Days from the charge until the disconnection; 0 for `disconnected`.
+    pub days: i64,
+    pub balance: i64,
+    pub daily_total: i64,
+}
+
+impl Notice {
+    /// The warning due after a charge for `day` left `balance` (SPEC §5), if any.
+    pub fn warning(
+        account: Id,
+        balance: i64,
+        daily_total: i64,
+        notify_days: i64,
+        day: NaiveDate,
+    ) -> Option<Notice> {
+        let w = warning_due(balance, daily_total, notify_days, day)?;
+        Some(Notice {
+            account,
+            kind: w.kind,
+            disconnect_date: w.disconnect_date,
+            days: w.days,
+            balance,
+            daily_total,
+        })
     }
 
-    fn utc(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    #[test]
-    fn price_falls_back_to_default() {
-        let prices = Prices {
-            default_price: 100,
-            by_kind: BTreeMap::from([("telegram".to_owned(), 300)]),
-        };
-        assert_eq!(prices.price("telegram"), 300);
-        assert_eq!(prices.price("loopback"), 100);
-        let kinds = ["telegram", "loopback", "loopback"].map(String::from);
-        assert_eq!(daily_total(&prices, &kinds), 500);
-        assert_eq!(daily_total(&prices, &[]), 0);
-    }
-
-    #[test]
-    fn daily_total_saturates() {
-        let prices = Prices {
-            default_price: i64::MAX,
-            by_kind: BTreeMap::new(),
-        };
-        let kinds = ["a", "b"].map(String::from);
-        assert_eq!(daily_total(&prices, &kinds), i64::MAX);
-    }
-
-    #[test]
-    fn days_until_suspension_is_floor_plus_one() {
-        assert_eq!(days_until_suspension(250, 100), Some(3));
-        assert_eq!(days_until_suspension(200, 100), Some(3));
-        assert_eq!(days_until_suspension(199, 100), Some(2));
-        assert_eq!(days_until_suspension(99, 100), Some(1));
-        assert_eq!(days_until_suspension(0, 100), Some(1));
-        assert_eq!(days_until_suspension(-50, 100), Some(1));
-        assert_eq!(days_until_suspension(-500, 100), Some(1));
-        assert_eq!(days_until_suspension(i64::MAX, 1), Some(i64::MAX));
-        assert_eq!(days_until_suspension(250, 0), None);
-        assert_eq!(days_until_suspension(250, -1), None);
-    }
-
-    /// SPEC §5 worked example, run by run: setting 3, daily total 100, 250 left after
-    /// day 0's charge. The daily run charges while it can; it suspends when it cannot.
-    #[test]
-    fn spec_example_day_by_day() {
-        let day0 = date("2026-11-25");
-        let (daily, setting) = (100, 3);
-        let mut balance = 250;
-        let mut log = Vec::new();
-        for d in 0..6u64 {
-            let today = day0 + Days::new(d);
-            if d > 0 {
-                if balance < daily {
-                    log.push((today, "suspended".to_owned(), None));
-                    break;
-                }
-                balance -= daily;
-            }
-            if let Some(w) = warning_due(balance, daily, setting, today) {
-                log.push((today, w.kind, Some(w.disconnect_date)));
-            }
+    /// The "disconnected" e-mail of an account suspended because `balance` could not
+    /// pay the `needed` of `day`.
+    pub fn disconnected(account: Id, day: NaiveDate, balance: i64, needed: i64) -> Notice {
+        Notice {
+            account,
+            kind: "disconnected".to_owned(),
+            disconnect_date: day,
+            days: 0,
+            balance,
+            daily_total: needed,
         }
-        let day3 = date("2026-11-28");
-        assert_eq!(
-            log,
-            vec![
-                (day0, "warning_3_days".to_owned(), Some(day3)),
-                (date("2026-11-27"), "warning_1_day".to_owned(), Some(day3)),
-                (day3, "suspended".to_owned(), None),
-            ]
-        );
-    }
-
-    #[test]
-    fn spec_example_figures() {
-        let today = date("2026-11-25");
-        let w = warning_due(250, 100, 3, today).unwrap();
-        assert_eq!(w.kind, "warning_3_days");
-        assert_eq!(w.days, 3);
-        assert_eq!(w.disconnect_date, date("2026-11-28"));
-        assert_eq!(w.message_id(42), "warning_3_days-42-2026-11-28@patchbay");
-        assert_eq!(warning_due(150, 100, 3, date("2026-11-26")), None);
-        let w = warning_due(50, 100, 3, date("2026-11-27")).unwrap();
-        assert_eq!(w.kind, "warning_1_day");
-        assert_eq!(w.days, 1);
-        assert_eq!(w.disconnect_date, date("2026-11-28"));
-    }
-
-    #[test]
-    fn setting_one_gives_a_single_warning() {
-        let today = date("2026-03-01");
-        assert_eq!(warning_due(150, 100, 1, today), None);
-        let w = warning_due(50, 100, 1, today).unwrap();
-        assert_eq!(w.kind, "warning_1_day");
-        assert_eq!(w.disconnect_date, date("2026-03-02"));
-    }
-
-    #[test]
-    fn empty_or_negative_balance_warns_one_day() {
-        let today = date("2026-12-31");
-        for balance in [0, -1, -1000] {
-            let w = warning_due(balance, 100, 3, today).unwrap();
-            assert_eq!(w.kind, "warning_1_day");
-            assert_eq!(w.disconnect_date, date("2027-01-01"));
-        }
-    }
-
-    #[test]
-    fn nothing_charged_never_warns() {
-        assert_eq!(warning_due(0, 0, 3, date("2026-01-01")), None);
-        assert_eq!(warning_due(-5, 0, 1, date("2026-01-01")), None);
-    }
-
-    #[test]
-    fn large_settings_and_balances() {
-        let today = date("2026-01-01");
-        let w = warning_due(2950, 100, 30, today).unwrap();
-        assert_eq!((w.kind.as_str(), w.days), ("warning_30_days", 30));
-        assert_eq!(w.disconnect_date, date("2026-01-31"));
-        assert_eq!(warning_due(i64::MAX, 1, 30, today), None);
-    }
-
-    #[test]
-    fn billing_day_follows_the_time_zone() {
-        let now = utc("2026-11-24T22:30:00Z");
-        assert_eq!(billing_day(now, Tz::UTC), date("2026-11-24"));
-        assert_eq!(
-            billing_day(now, parse_timezone("Europe/Moscow").unwrap()),
-            date("2026-11-25")
-        );
-        assert_eq!(
-            billing_day(now, parse_timezone("America/New_York").unwrap()),
-            date("2026-11-24")
-        );
-    }
-
-    #[test]
-    fn a_day_ends_at_the_next_local_midnight() {
-        let day = |d: &str| d.parse::<NaiveDate>().expect("date");
-        assert_eq!(
-            day_end(day("2026-11-24"), Tz::UTC),
-            utc("2026-11-25T00:00:00Z").timestamp_millis()
-        );
-        let moscow: Tz = "Europe/Moscow".parse().expect("tz");
-        assert_eq!(
-            day_end(day("2026-11-24"), moscow),
-            utc("2026-11-24T21:00:00Z").timestamp_millis()
-        );
-        // Santiago skips local midnight when summer time starts (2026-09-06): that day
-        // starts at 01:00 local, and the day before ends then.
-        let santiago: Tz = "America/Santiago".parse().expect("tz");
-        assert_eq!(
-            day_end(day("2026-09-05"), santiago),
-            utc("2026-09-06T04:00:00Z").timestamp_millis()
-        );
-    }
-
-    #[test]
-    fn a_day_starts_where_the_day_before_ends() {
-        let day = date("2026-11-24");
-        let moscow: Tz = "Europe/Moscow".parse().expect("tz");
-        assert_eq!(
-            day_start(day, moscow),
-            utc("2026-11-23T21:00:00Z").timestamp_millis()
-        );
-        let santiago: Tz = "America/Santiago".parse().expect("tz");
-        let gap = date("2026-09-06");
-        assert_eq!(
-            day_start(gap, santiago),
-            day_end(date("2026-09-05"), santiago)
-        );
-    }
-
-    #[test]
-    fn operators_charge_neither_future_days_nor_days_beyond_the_window() {
-        let today = date("2026-11-24");
-        assert!(check_charge_date(today, today, 6).is_ok());
-        assert!(check_charge_date(date("2026-11-18"), today, 6).is_ok());
-        let future = check_charge_date(date("2026-11-25"), today, 6).unwrap_err();
-        assert_eq!(future.kind(), "invalid_value");
-        assert!(
-            future.to_string().contains("after today (2026-11-24"),
-            "{future}"
-        );
-        assert!(check_charge_date(date("2026-12-24"), today, 6).is_err());
-        let old = check_charge_date(date("2026-11-17"), today, 6).unwrap_err();
-        assert_eq!(old.kind(), "invalid_value");
-        assert!(
-            old.to_string()
-                .contains("earliest day that may still be charged is 2026-11-18")
-        );
-        // A window of 0: today only.
-        assert!(check_charge_date(today, today, 0).is_ok());
-        assert!(check_charge_date(date("2026-11-23"), today, 0).is_err());
-        // A window that reaches before the calendar's start cannot overflow.
-        assert!(check_charge_date(NaiveDate::MIN, NaiveDate::MIN, u32::MAX).is_ok());
-    }
-
-    #[test]
-    fn timezone_names() {
-        assert_eq!(parse_timezone("UTC").unwrap(), Tz::UTC);
-        assert!(parse_timezone("Europe/Moscow").is_ok());
-        let err = parse_timezone("Mars/Olympus").unwrap_err();
-        assert_eq!(err.kind(), "invalid_value");
-        assert!(err.to_string().contains("Mars/Olympus"));
-        assert!(err.to_string().contains("Europe/Moscow or UTC"));
-        assert!(parse_timezone("").is_err());
     }
 }
+
+/// Charges the (channel, price) pairs from `balance`, in order: the ledger rows and
+/// the balance left.
+fn charge_unpaid(
+    account: Id,
+    day: NaiveDate,
+    balance: i64,
+    unpaid: impl IntoIterator<Item = (Id, i64)>,
+) -> (Vec<LedgerCharge>, i64) {
+    let mut left = balance;
+    let charges = unpaid
+        .into_iter()
+        .map(|(channel, price)| {
+            left = left.saturating_sub(price);
+            LedgerCharge {
+                account,
+                channel,
+                day,
+                price,
+                balance_after: left,
+            }
+        })
+        .collect();
+    (charges, left)
+}
+
+fn price_sum<'a>(channels: impl Iterator<Item = &'a DayChannel>) -> i64 {
+    channels.fold(0i64, |s, c| s.saturating_add(c.price))
+}
+
+/// What charging a batch of (account, day) items writes, and each item's outcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChargePlan {
+    /// One per item, in order; `None` for an account that does not exist. The channels
+    /// of a `Suspended` outcome are for the store to fill in: those its suspension
+    /// stopped (see [`charged`]).
+    pub outcomes: Vec<Option<ChargeOutcome>>,
+    /// The ledger rows, in item order.
+    pub charges: Vec<LedgerCharge>,
+    /// Per account that paid, the change of its balance (negative), in ascending
+    /// account order: applied as `balance = balance + delta`, never as a balance read
+    /// earlier, so nothing written meanwhile is lost.
+    pub deltas: Vec<(Id, i64)>,
+    /// Accounts whose channels are suspended now, with the day they could not pay.
+    pub suspend: Vec<(Id, NaiveDate)>,
+    /// The balance e-mails now due (the outbox keeps one per account, kind and date).
+    pub notices: Vec<Notice>,
+}
+
+/// Charges each (account, day) of `items` in order (SPEC §5): every channel active that
+/// day and not paid for yet, all or nothing. When the balance cannot cover the day's
+/// total nothing is charged and all the account's channels are suspended, with a
+/// "disconnected" e-mail unless the account was suspended already (a past day charged
+/// late: it was told then); after a charge, the warning the balance left makes due.
+/// An account suspended by an earlier item of the batch has nothing running to charge
+/// for a later one, and a later item of the same account starts from the balance the
+/// earlier ones left. `accounts` holds those that exist, as read under their locks;
+/// `channels` the channels active per (account, day).
+pub fn plan_charges(
+    items: &[(Id, NaiveDate)],
+    accounts: &HashMap<Id, Funds>,
+    mut channels: HashMap<(Id, NaiveDate), Vec<DayChannel>>,
+) -> ChargePlan {
+    let mut plan = ChargePlan::default();
+    // (balance read, balance now) of the accounts that paid.
+    let mut paid: HashMap<Id, (i64, i64)> = HashMap::new();
+    let mut suspended: HashSet<Id> = HashSet::new();
+    for &(account, day) in items {
+        let Some(funds) = accounts.get(&account) else {
+            plan.outcomes.push(None);
+            continue;
+        };
+        let balance = paid.get(&account).map_or(funds.balance, |p| p.1);
+        if suspended.contains(&account) {
+            plan.outcomes
+                .push(Some(ChargeOutcome::NothingDue { balance }));
+            continue;
+        }
+        let list = channels.entry((account, day)).or_default();
+        let daily_total = price_sum(list.iter().filter(|c| c.running));
+        let needed = price_sum(list.iter().filter(|c| !c.paid));
+        let unpaid = list.iter().filter(|c| !c.paid).count();
+        if unpaid == 0 {
+            plan.outcomes
+                .push(Some(ChargeOutcome::NothingDue { balance }));
+        } else if balance < needed {
+            suspended.insert(account);
+            plan.suspend.push((account, day));
+            if !funds.suspended {
+                plan.notices
+                    .push(Notice::disconnected(account, day, balance, needed));
+            }
+            plan.outcomes.push(Some(ChargeOutcome::Suspended {
+                needed,
+                balance,
+                channels: Vec::new(),
+            }));
+        } else {
+            let unpaid_channels = list.iter().filter(|c| !c.paid).map(|c| (c.id, c.price));
+            let (charges, left) = charge_unpaid(account, day, balance, unpaid_channels);
+            for c in list.iter_mut() {
+                c.paid = true;
+            }
+            plan.charges.extend(charges);
+            paid.entry(account).or_insert((funds.balance, left)).1 = left;
+            plan.notices.extend(Notice::warning(
+                account,
+                left,
+                daily_total,
+                funds.notify_days,
+                day,
+            ));
+            plan.outcomes.push(Some(ChargeOutcome::Charged {
+                total: needed,
+                balance: left,
+                channels: unpaid,
+            }));
+        }
+    }
+    plan.deltas = paid
+        .into_iter()
+        .map(|(account, (read, now))| (account, now.saturating_sub(read)))
+        .collect();
+    plan.deltas.sort_unstable();
+    plan
+}
+
+/// Each item's `Charged` once a plan is written: a suspension's outcome lists the
+/// channels it stopped (`stopped`, per account), and `notices` says whether the outbox
+/// recorded a new e-mail for the account (`noticed`; one it held already is not new).
+pub fn charged(
+    items: &[(Id, NaiveDate)],
+    outcomes: Vec<Option<ChargeOutcome>>,
+    stopped: &HashMap<Id, Vec<Id>>,
+    noticed: &HashSet<Id>,
+) -> Vec<Option<Charged>> {
+    items
+        .iter()
+        .zip(outcomes)
+        .map(|(&(account, _), outcome)| {
+            let mut outcome = outcome?;
+            if let ChargeOutcome::Suspended { channels, .. } = &mut outcome {
+                *channels = stopped.get(&account).cloned().unwrap_or_default();
+            }
+            Some(Charged {
+                outcome,
+                notices: noticed.contains(&account),
+            })
+        })
+        .collect()
+}
+
+/// What adding a channel charges (SPEC §5: a channel is charged at once when added).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewChannelCharge {
+    pub price: i64,
+    /// The balance once the new channel's price for today is paid.
+    pub balance_after: i64,
+    /// The warning that charge makes due.
+    pub notice: Option<Notice>,
+}
+
+/// Charges today's price of a new channel of `kind`, or refuses with
+/// `insufficient_funds` when the balance cannot pay it (then nothing is created).
+/// `running` are the kinds of the account's channels that run now, the new one not
+/// included: the warning's daily total counts them and the new channel.
+pub fn charge_new_channel(
+    account: Id,
+    funds: Funds,
+    kind: &str,
+    running: &[String],
+    prices: &Prices,
+    day: NaiveDate,
+) -> Result<NewChannelCharge, DomainError> {
+    let price = prices.price(kind);
+    if funds.balance < price {
+        return Err(DomainError::InsufficientFunds(format!(
+            "the balance {} cannot pay today's price {price} of a {kind} channel; \
+             top the account up first",
+            funds.balance
+        )));
+    }
+    let balance_after = funds.balance.saturating_sub(price);
+    let total = daily_total(prices, running).saturating_add(price);
+    Ok(NewChannelCharge {
+        price,
+        balance_after,
+        notice: Notice::warning(account, balance_after, total, funds.notify_days, day),
+    })
+}
+
+/// The day a resume pays: the day the suspension could not pay, or `today` if later.
+pub fn resume_day(suspended_on: Option<NaiveDate>, today: NaiveDate) -> NaiveDate {
+    suspended_on.filter(|d| *d > today).unwrap_or(today)
+}
+
+/// A channel of an account a top-up may resume (every channel not removed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumeChannel {
+    pub id: Id,
+    pub price: i64,
+    pub suspended: bool,
+    /// The ledger holds its charge for the resume's day already.
+    pub paid: bool,
+}
+
+/// What a resume writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumePlan {
+    pub charges: Vec<LedgerCharge>,
+    /// The balance left.
+    pub balance: i64,
+    /// Applied as `balance = balance + delta` (negative: what the day cost).
+    pub delta: i64,
+    pub notice: Option<Notice>,
+}
+
+/// Whether the account resumes (SPEC §5: "a top-up that covers the day resumes them
+/// and charges the day"): when a channel is suspended and the balance covers `day`
+/// (see [`resume_day`]) for every channel, suspended ones included, the unpaid ones are
+/// charged and the suspended ones resume. `None`: nothing is suspended, or the balance
+/// does not cover the day. The warning counts every channel, all running once resumed.
+pub fn plan_resume(
+    account: Id,
+    funds: Funds,
+    day: NaiveDate,
+    channels: &[ResumeChannel],
+) -> Option<ResumePlan> {
+    if !channels.iter().any(|c| c.suspended) {
+        return None;
+    }
+    let unpaid = || channels.iter().filter(|c| !c.paid);
+    let needed = unpaid().fold(0i64, |s, c| s.saturating_add(c.price));
+    if funds.balance < needed {
+        return None;
+    }
+    let (charges, left) = charge_unpaid(
+        account,
+        day,
+        funds.balance,
+        unpaid().map(|c| (c.id, c.price)),
+    );
+    let total = channels.iter().fold(0i64, |s, c| s.saturating_add(c.price));
+    Some(ResumePlan {
+        charges,
+        balance: left,
+        delta: left.saturating_sub(funds.balance),
+        notice: Notice::warning(account, left, total, funds.notify_days, day),
+    })
+}
+
+/// A job of a charge batch that the batch journals (see [`charges_to_run`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChargeRun {
+    /// Its index in the batch.
+    pub index: usize,
+    /// It has a journal row.
+    pub journalled: bool,
+    /// It charges; otherwise another job did or does its (account, day), and only its
+    /// row is finished.
+    pub charge: bool,
+}
+
+/// Which jobs of a charge batch to charge, and which only to journal done, from the
+/// journal rows the batch read (`rows`: (id, idempotency key, state), found by the
+/// jobs' ids or their (account, day) `keys`); fills `out` for the others
+/// (`AlreadyFinished`, without a row of their own to finish). A job whose own row is
+/// done or dead (a redelivery) does not run, nor one whose key another row holds — a
+/// charge job for that day ran, runs or gave up before — or an earlier job of the batch
+/// has; if such a job has an unfinished row of its own, that row is finished. Charging
+/// twice would charge nothing twice, but a charge for a past day must not run after a
+/// top-up on a later day resumed the channels that day suspended. Most jobs (a fan-out
+/// on the SQLite queue) have no row yet: the batch writes it, with the key.
+pub fn charges_to_run(
+    jobs: &[&str],
+    keys: &[String],
+    rows: &[(String, Option<String>, String)],
+    out: &mut [BatchedJob],
+) -> Vec<ChargeRun> {
+    let mut states: HashMap<&str, &str> = HashMap::new();
+    let mut holders: HashMap<&str, &str> = HashMap::new();
+    for (id, key, state) in rows {
+        states.insert(id, state);
+        if let Some(key) = key {
+            holders.insert(key, id);
+        }
+    }
+    let mut live = Vec::with_capacity(jobs.len());
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut charging: HashSet<&str> = HashSet::new();
+    for (i, ((&id, key), out)) in jobs.iter().zip(keys).zip(out.iter_mut()).enumerate() {
+        let state = states.get(id).copied();
+        if matches!(state, Some("done" | "dead")) || !seen.insert(id) {
+            *out = BatchedJob::AlreadyFinished;
+            continue;
+        }
+        let held = holders
+            .get(key.as_str())
+            .is_some_and(|holder| *holder != id);
+        let charge = !held && charging.insert(key);
+        if charge || state.is_some() {
+            live.push(ChargeRun {
+                index: i,
+                journalled: state.is_some(),
+                charge,
+            });
+        } else {
+            *out = BatchedJob::AlreadyFinished;
+        }
+    }
+    live
+}
+
+#[cfg(test)]
+mod tests;

@@ -53,6 +53,9 @@ pub trait Effects: Send + Sync {
     async fn account_credited(&self, account: Id) -> Result<(), JobError>;
     /// Sends an e-mail about the account's balance to its administrators.
     async fn send_notice(&self, notice: &Notice) -> Result<(), JobError>;
+    /// Waits `d` (between retries, between deletion batches): time is the daemon's, so
+    /// this crate never sleeps on its own.
+    async fn pause(&self, d: std::time::Duration);
 }
 
 /// A balance e-mail: a warning before disconnection, or the disconnection itself.
@@ -180,7 +183,7 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
     // One attempt at a time hands the message to the connector: a job redelivered
     // while its first run is still sending finds the lease and backs off.
     match effects.deliver(&channel, &outbound, SEND_LEASE_MS).await {
-        Ok(Some(external_id)) => record_sent(store, id, &external_id).await,
+        Ok(Some(external_id)) => record_sent(store, effects, id, &external_id).await,
         Ok(None) => {
             let status = store.message(id).await?.status;
             if status != "queued" && status != "failed" {
@@ -207,8 +210,13 @@ async fn send_message(store: &dyn Store, effects: &dyn Effects, id: Id) -> Resul
 /// unrecorded would have the job retried, and the message sent twice. If the store
 /// stays down, the job dies with the messenger's id in its error and the message keeps
 /// its lease, so nothing sends it again on its own.
-async fn record_sent(store: &dyn Store, id: Id, external_id: &str) -> Result<(), JobError> {
-    retrying(&format!("sent message {id}"), || {
+async fn record_sent(
+    store: &dyn Store,
+    effects: &dyn Effects,
+    id: Id,
+    external_id: &str,
+) -> Result<(), JobError> {
+    retrying(effects, &format!("sent message {id}"), || {
         store.set_message_status(id, "sent", None, Some(external_id))
     })
     .await
@@ -223,7 +231,7 @@ async fn record_sent(store: &dyn Store, id: Id, external_id: &str) -> Result<(),
 /// Runs a store write that records something already done outside the store (a send),
 /// retrying a failing store 5 times with a doubling pause from 100 ms: giving up early
 /// would have it done again.
-async fn retrying<F, Fut>(what: &str, mut write: F) -> StoreResult<()>
+async fn retrying<F, Fut>(effects: &dyn Effects, what: &str, mut write: F) -> StoreResult<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = StoreResult<()>>,
@@ -235,7 +243,7 @@ where
             Ok(()) => return Ok(()),
             Err(e) if tries < 5 => {
                 tracing::warn!(error = %e, "cannot record {what}; retrying");
-                tokio::time::sleep(wait).await;
+                effects.pause(wait).await;
                 wait *= 2;
                 tries += 1;
             }
@@ -263,7 +271,7 @@ async fn data_deletion(store: &dyn Store, effects: &dyn Effects, run: Id) -> Res
             ));
         }
         if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
+            effects.pause(pause).await;
         }
     }
 }
@@ -486,7 +494,7 @@ pub async fn balance_checks(
                     .iter()
                     .flat_map(|(_, n)| n.iter().cloned())
                     .collect();
-                let released = retrying("released balance e-mails", || {
+                let released = retrying(effects, "released balance e-mails", || {
                     store.settle_balance_checks(&[], &held, &[])
                 })
                 .await;
@@ -559,7 +567,7 @@ pub async fn balance_checks(
             pending = 0;
             // Safe to repeat: each update is made under its own claim.
             settling = Some(Box::pin(async move {
-                retrying("sent balance e-mails", || {
+                retrying(effects, "sent balance e-mails", || {
                     store.settle_balance_checks(&sent, &unsent, &finished)
                 })
                 .await

@@ -4,8 +4,6 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::Connection;
-use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::harness::{Backend, Daemon, ctl};
 
@@ -70,19 +68,13 @@ async fn the_chat(s: &Setup) -> Value {
         .expect("one chat")
 }
 
-/// Stored values of a field, counted in the daemon's own SQLite file (read-only).
+/// Stored values of a field, counted in the daemon's own store.
 async fn field_values_in_store(d: &Daemon, field: i64) -> i64 {
-    let options = SqliteConnectOptions::new()
-        .filename(d.dir.path().join("var/patchbay.db"))
-        .read_only(true);
-    let mut conn = sqlx::SqliteConnection::connect_with(&options)
-        .await
-        .expect("open the store read-only");
-    sqlx::query_scalar("SELECT COUNT(*) FROM field_values WHERE field_id = $1")
-        .bind(field)
-        .fetch_one(&mut conn)
-        .await
-        .expect("count field values")
+    d.store_scalar(
+        "SELECT COUNT(*) FROM field_values WHERE field_id = $1",
+        &[field.into()],
+    )
+    .await
 }
 
 async fn visible(s: &Setup, user: i64) -> usize {

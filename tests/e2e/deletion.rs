@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::Connection;
 
 use crate::harness::{Backend, Daemon};
 
@@ -45,32 +44,18 @@ async fn seed(d: &Daemon) -> (i64, i64, i64) {
             .collect(),
     )
     .await;
-    let db = d.dir.path().join("var/patchbay.db");
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .expect("open store");
-    sqlx::query("PRAGMA busy_timeout = 10000")
-        .execute(&mut conn)
-        .await
-        .expect("pragma");
     let extra = OLD_MESSAGES - CHATS as i64;
-    sqlx::query(
+    d.store_exec(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $1) \
          INSERT INTO messages (account_id, chat_id, channel_id, direction, external_message_id, \
          text, attachments, status, sent_at, created_at) \
          SELECT m.account_id, m.chat_id, m.channel_id, 'in', 'bulk-' || n.i || '-' || m.chat_id, \
          'old text', '[]', 'received', m.sent_at, m.created_at \
          FROM n JOIN messages m ON m.id = (SELECT MIN(id) FROM messages) + (n.i % $2)",
+        &[extra.into(), (CHATS as i64).into()],
     )
-    .bind(extra)
-    .bind(CHATS as i64)
-    .execute(&mut conn)
-    .await
-    .expect("bulk insert");
-    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
-        .fetch_one(&mut conn)
-        .await
-        .expect("count");
+    .await;
+    let total = d.store_count("SELECT COUNT(*) FROM messages").await;
     assert_eq!(total, OLD_MESSAGES);
     (acc, admin, channel)
 }
@@ -284,29 +269,19 @@ async fn a_run_without_its_job_resumes_at_start() {
     );
     let (acc, _, _) = seed(&d).await;
     d.kill9();
-    let db = d.dir.path().join("var/patchbay.db");
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .expect("open store");
     let now = chrono::Utc::now().timestamp_millis();
-    let epoch: i64 = sqlx::query_scalar(
-        "UPDATE accounts SET data_epoch = data_epoch + 1 WHERE id = $1 RETURNING data_epoch",
-    )
-    .bind(acc)
-    .fetch_one(&mut conn)
-    .await
-    .expect("epoch");
-    sqlx::query(
+    let epoch = d
+        .store_scalar(
+            "UPDATE accounts SET data_epoch = data_epoch + 1 WHERE id = $1 RETURNING data_epoch",
+            &[acc.into()],
+        )
+        .await;
+    d.store_exec(
         "INSERT INTO deletion_runs (account_id, cutoff, epoch, state, started_at) \
          VALUES ($1, $2, $3, 'running', $2)",
+        &[acc.into(), now.into(), epoch.into()],
     )
-    .bind(acc)
-    .bind(now)
-    .bind(epoch)
-    .execute(&mut conn)
-    .await
-    .expect("run");
-    conn.close().await.expect("close");
+    .await;
     d.spawn();
     let status = wait_done(&d, acc, Duration::from_secs(120)).await;
     assert_eq!(

@@ -13,6 +13,56 @@ use serde_json::{Value, json};
 pub const PATCHBAYD: &str = env!("CARGO_BIN_EXE_patchbayd");
 pub const PATCHBAYCTL: &str = env!("CARGO_BIN_EXE_patchbayctl");
 
+/// An argument of `Daemon::store_exec` / `store_scalar`.
+#[derive(Clone, Debug)]
+pub enum StoreArg {
+    Int(i64),
+    Text(String),
+    Bool(bool),
+}
+
+impl From<i64> for StoreArg {
+    fn from(v: i64) -> Self {
+        StoreArg::Int(v)
+    }
+}
+
+impl From<&str> for StoreArg {
+    fn from(v: &str) -> Self {
+        StoreArg::Text(v.to_owned())
+    }
+}
+
+impl From<String> for StoreArg {
+    fn from(v: String) -> Self {
+        StoreArg::Text(v)
+    }
+}
+
+impl From<bool> for StoreArg {
+    fn from(v: bool) -> Self {
+        StoreArg::Bool(v)
+    }
+}
+
+enum StoreConn {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+/// Where the daemons of this build keep their store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// `e2e` runs on SQLite files, `e2e_postgres` on PostgreSQL (see main.rs).
+pub const STORE: StoreKind = match env!("CARGO_CRATE_NAME").as_bytes() {
+    b"e2e_postgres" => StoreKind::Postgres,
+    _ => StoreKind::Sqlite,
+};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -168,6 +218,8 @@ pub struct Daemon {
     pub redis: Option<Redis>,
     /// Extra environment for the process (a sibling's own socket).
     env: Vec<(String, String)>,
+    /// The PostgreSQL database of this daemon (and its siblings), on `e2e_postgres`.
+    pub pg_url: Option<String>,
 }
 
 impl Daemon {
@@ -277,7 +329,14 @@ impl Daemon {
         } else {
             "[billing]\ndefault_price = 0\n"
         };
-        let extra = format!("{extra}\n{billing}[plugins]\ndir = \"plugins\"\n");
+        // On e2e_postgres each daemon gets a fresh database (its siblings share it).
+        let pg_url = (STORE == StoreKind::Postgres && !extra.contains("[store]"))
+            .then(|| crate::pg_cluster::fresh_database("e2e"));
+        let store = match &pg_url {
+            Some(url) => format!("[store]\nurl = \"{url}\"\n"),
+            None => String::new(),
+        };
+        let extra = format!("{extra}\n{billing}{store}[plugins]\ndir = \"plugins\"\n");
         std::fs::write(
             &config,
             Daemon::config_text(backend, redis.as_ref(), &extra),
@@ -291,6 +350,7 @@ impl Daemon {
             child: None,
             redis,
             env: Vec::new(),
+            pg_url,
         }
     }
 
@@ -316,6 +376,7 @@ impl Daemon {
             child: None,
             redis: None,
             env,
+            pg_url: self.pg_url.clone(),
         };
         d.spawn();
         d
@@ -485,10 +546,101 @@ impl Daemon {
         id
     }
 
-    /// One integer a query of the daemon's SQLite store answers (read-only, beside the
-    /// running daemon: WAL lets it read while the daemon writes).
+    /// Runs a statement of portable SQL on the daemon's store (SQLite file or
+    /// PostgreSQL database): writes what a crash or an old version would have left.
+    /// Returns the rows affected.
+    pub async fn store_exec(&self, sql: &str, args: &[StoreArg]) -> u64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.store_conn().await {
+            StoreConn::Sqlite(mut c) => {
+                let mut q = sqlx::query(sql);
+                for a in args {
+                    q = match a {
+                        StoreArg::Int(v) => q.bind(*v),
+                        StoreArg::Text(v) => q.bind(v.clone()),
+                        StoreArg::Bool(v) => q.bind(*v),
+                    };
+                }
+                q.execute(&mut c).await.expect("store statement").rows_affected()
+            }
+            StoreConn::Postgres(mut c) => {
+                let mut q = sqlx::query(sql);
+                for a in args {
+                    q = match a {
+                        StoreArg::Int(v) => q.bind(*v),
+                        StoreArg::Text(v) => q.bind(v.clone()),
+                        StoreArg::Bool(v) => q.bind(*v),
+                    };
+                }
+                q.execute(&mut c).await.expect("store statement").rows_affected()
+            }
+        }
+    }
+
+    /// `store_count` with arguments: one BIGINT a portable query answers.
+    pub async fn store_scalar(&self, sql: &str, args: &[StoreArg]) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.store_conn().await {
+            StoreConn::Sqlite(mut c) => {
+                let mut q = sqlx::query_scalar(sql);
+                for a in args {
+                    q = match a {
+                        StoreArg::Int(v) => q.bind(*v),
+                        StoreArg::Text(v) => q.bind(v.clone()),
+                        StoreArg::Bool(v) => q.bind(*v),
+                    };
+                }
+                q.fetch_one(&mut c).await.expect("store query")
+            }
+            StoreConn::Postgres(mut c) => {
+                let mut q = sqlx::query_scalar(sql);
+                for a in args {
+                    q = match a {
+                        StoreArg::Int(v) => q.bind(*v),
+                        StoreArg::Text(v) => q.bind(v.clone()),
+                        StoreArg::Bool(v) => q.bind(*v),
+                    };
+                }
+                q.fetch_one(&mut c).await.expect("store query")
+            }
+        }
+    }
+
+    async fn store_conn(&self) -> StoreConn {
+        use sqlx::ConnectOptions;
+        match &self.pg_url {
+            Some(url) => StoreConn::Postgres(
+                url.parse::<sqlx::postgres::PgConnectOptions>()
+                    .expect("store url")
+                    .connect()
+                    .await
+                    .expect("connect to the store"),
+            ),
+            None => StoreConn::Sqlite(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.dir.path().join("var/patchbay.db"))
+                    .busy_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await
+                    .expect("open the store"),
+            ),
+        }
+    }
+
+    /// One integer a query (portable SQL) of the daemon's store answers: its SQLite file
+    /// read-only, beside the running daemon (WAL lets it read while the daemon writes),
+    /// or its PostgreSQL database.
     pub async fn store_count(&self, sql: &str) -> i64 {
         use sqlx::Connection;
+        if let Some(url) = &self.pg_url {
+            let mut conn = sqlx::PgConnection::connect(url)
+                .await
+                .expect("connect to the store");
+            return sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_one(&mut conn)
+                .await
+                .expect("store query");
+        }
         let url = format!(
             "sqlite://{}?mode=ro",
             self.dir.path().join("var/patchbay.db").display()

@@ -267,35 +267,29 @@ async fn crash_and_restart_redis() {
 /// the stopped daemon's store, as the crash would leave it) is queued by the lost-job
 /// sweep after the restart and runs once; so is a retry that was never queued.
 async fn lost_jobs(backend: Backend) {
-    use sqlx::Connection;
     let mut d = Daemon::start(backend);
     let (acc, _) = d.account("lost").await;
     d.kill9();
-    let db = d.dir.path().join("var/patchbay.db");
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .expect("open store");
     for (id, state, reference) in [
         ("lost-pending", "pending", "p"),
         ("lost-retry", "failed", "f"),
     ] {
         let payload = json!({"account": acc, "amount": 7, "reference": reference});
-        sqlx::query(
+        d.store_exec(
             "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, \
              idempotency_key, pushed, created_at, updated_at, run_at) \
              VALUES ($1, 'topup', $2, $3, $4, 8, $5, $6, 1000, 1000, 1000)",
+            &[
+                id.into(),
+                payload.to_string().into(),
+                state.into(),
+                i64::from(state == "failed").into(),
+                format!("topup:{acc}:{reference}").into(),
+                (state == "failed").into(),
+            ],
         )
-        .bind(id)
-        .bind(payload.to_string())
-        .bind(state)
-        .bind(i64::from(state == "failed"))
-        .bind(format!("topup:{acc}:{reference}"))
-        .bind(state == "failed")
-        .execute(&mut conn)
-        .await
-        .expect("journal row");
+        .await;
     }
-    conn.close().await.expect("close");
     d.spawn();
     for id in ["lost-pending", "lost-retry"] {
         d.job_until(id, &["done"], Duration::from_secs(30)).await;

@@ -9,6 +9,7 @@ mod pg_cluster;
 #[macro_use]
 mod common;
 mod accounts;
+mod billing;
 mod channels;
 mod chats;
 mod deletion;

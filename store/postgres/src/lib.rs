@@ -5,9 +5,9 @@
 //! in a comment what it locks, and every "at most once" rule is a constraint of
 //! `migrations/`. Batches pass their rows as arrays (`UNNEST`).
 
-// Until the billing batches (ported alongside) call all of it.
-#[allow(dead_code)]
+mod accounts;
 mod batch_journal;
+mod billing;
 mod channels;
 mod chats;
 mod connection;
@@ -16,7 +16,7 @@ mod fields;
 mod inbound_batch;
 mod journal;
 mod locks;
-mod scaffold;
+mod outbox;
 mod users;
 
 // The test process's own PostgreSQL server, for the unit tests of batch machinery.

@@ -1,14 +1,62 @@
-//! `Outbox` on SQLite: the balance e-mails a charge recorded.
+//! `Outbox` on SQLite: the balance e-mails a charge recorded (`billing`), their claims
+//! and their recipients. A claim is a lease (`claimed_until`): only its holder may
+//! release it or mark it sent, so a sender whose lease ran out cannot undo another's.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use serde_json::{Value, json};
 
+use patchbay_jobs::error::DomainError;
 use patchbay_jobs::model::{Account, Id, now_ms};
 use patchbay_jobs::store::*;
 
 use crate::SqliteStore;
+use crate::batch_journal;
 use crate::rows::*;
+
+/// Claims the unsent, unclaimed e-mails of these accounts until `now + lease_ms`,
+/// oldest first. Runs on the writer, so no two claims overlap.
+async fn claim(
+    conn: &mut sqlx::SqliteConnection,
+    accounts: &[Id],
+    now: i64,
+    lease_ms: i64,
+) -> StoreResult<Vec<Notification>> {
+    let lease = now.saturating_add(lease_ms);
+    let rows: Vec<(Id, Id, String, String, i64, i64, i64)> = sqlx::query_as(
+        "UPDATE notifications SET claimed_until = $2 \
+         WHERE account_id IN (SELECT value FROM json_each($1)) AND sent_at IS NULL \
+         AND (claimed_until IS NULL OR claimed_until < $3) \
+         RETURNING id, account_id, kind, disconnect_date, days, balance, daily_total",
+    )
+    .bind(Value::from(accounts.to_vec()).to_string())
+    .bind(lease)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out: Vec<Notification> = rows
+        .into_iter()
+        .map(|(id, account, kind, date, days, balance, daily_total)| {
+            let disconnect_date = date.parse().map_err(|e| {
+                DomainError::Unavailable(format!("corrupt notification {id} date {date:?}: {e}"))
+            })?;
+            Ok(Notification {
+                id,
+                account,
+                kind,
+                disconnect_date,
+                days,
+                balance,
+                daily_total,
+                lease,
+            })
+        })
+        .collect::<StoreResult<_>>()?;
+    // Oldest first: a warning before the disconnection it announced.
+    out.sort_by_key(|n| n.id);
+    Ok(out)
+}
 
 #[async_trait]
 impl Outbox for SqliteStore {
@@ -47,7 +95,8 @@ impl Outbox for SqliteStore {
         now: i64,
         lease_ms: i64,
     ) -> StoreResult<Vec<Notification>> {
-        crate::billing::claim_notifications(self, account, now, lease_ms).await
+        let mut conn = self.writer.acquire().await?;
+        claim(&mut conn, &[account], now, lease_ms).await
     }
 
     // Each settles only its own claim: a sender whose lease ran out must not undo a
@@ -82,7 +131,27 @@ impl Outbox for SqliteStore {
         now: i64,
         lease_ms: i64,
     ) -> StoreResult<Vec<(BatchedJob, Vec<Notification>)>> {
-        crate::billing::claim_balance_checks(self, jobs, now, lease_ms).await
+        let mut out = vec![BatchedJob::Done; jobs.len()];
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write().await?;
+        let ids: Vec<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+        let live = batch_journal::start(&mut tx, &ids, &mut out).await?;
+        let mut accounts: Vec<Id> = live.iter().map(|&i| jobs[i].account).collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut claimed: HashMap<Id, Vec<Notification>> = HashMap::new();
+        for n in claim(&mut tx, &accounts, now, lease_ms).await? {
+            claimed.entry(n.account).or_default().push(n);
+        }
+        tx.commit().await?;
+        let mut notices = vec![Vec::new(); jobs.len()];
+        for i in live {
+            // The first live job of an account takes its e-mails; the others have none.
+            notices[i] = claimed.remove(&jobs[i].account).unwrap_or_default();
+        }
+        Ok(out.into_iter().zip(notices).collect())
     }
 
     async fn settle_balance_checks(
@@ -91,7 +160,41 @@ impl Outbox for SqliteStore {
         unsent: &[Notification],
         done: &[String],
     ) -> StoreResult<()> {
-        crate::billing::settle_balance_checks(self, sent, unsent, done).await
+        if sent.is_empty() && unsent.is_empty() && done.is_empty() {
+            return Ok(());
+        }
+        let claims = |ns: &[Notification]| {
+            Value::from(
+                ns.iter()
+                    .map(|n| json!([n.id, n.lease]))
+                    .collect::<Vec<_>>(),
+            )
+            .to_string()
+        };
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        // Each under its own claim, as `mark_notification_sent` / `release_notification`.
+        sqlx::query(
+            "UPDATE notifications SET sent_at = $2, claimed_until = NULL \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each($1)) AS c \
+             WHERE notifications.id = c.id AND notifications.claimed_until = c.lease",
+        )
+        .bind(claims(sent))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE notifications SET claimed_until = NULL \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each($1)) AS c \
+             WHERE notifications.id = c.id AND notifications.claimed_until = c.lease",
+        )
+        .bind(claims(unsent))
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<&str> = done.iter().map(String::as_str).collect();
+        batch_journal::finish(&mut tx, &ids, &vec![BatchedJob::Done; ids.len()], now).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn accounts_with_unsent_notifications(

@@ -1,0 +1,22 @@
+// The suite's modules, shared by both builds (`main.rs`, `main_postgres.rs`): included,
+// not a module, so that each build is one crate with these modules at its root.
+mod accounts;
+mod billing;
+mod channels;
+mod chats;
+mod config;
+mod control;
+mod control_limits;
+mod deletion;
+mod fake_http;
+mod faults;
+mod harness;
+mod inbound_limits;
+mod jobs;
+mod lifecycle;
+#[path = "../support/pg_cluster.rs"]
+mod pg_cluster;
+mod secrets;
+mod systemd;
+mod telegram;
+mod webhook;
