@@ -115,26 +115,3 @@ impl SqliteStore {
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
-
-#[cfg(test)]
-mod tests {
-    use patchbay_jobs::kind::JobKind;
-    use patchbay_jobs::model::{JobRecord, JobState};
-
-    /// A pending job recorded at the epoch's first millisecond (the store's tests share it).
-    pub(super) fn pending_job(id: &str, kind: JobKind, payload: serde_json::Value) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            kind,
-            payload,
-            state: JobState::Pending,
-            attempts: 0,
-            max_attempts: 8,
-            last_error: None,
-            idempotency_key: None,
-            created_at: 1,
-            updated_at: 1,
-            run_at: 1,
-        }
-    }
-}
