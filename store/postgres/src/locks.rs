@@ -1,7 +1,7 @@
 //! The advisory locks of the PostgreSQL store: what SQLite's single writer serialised
-//! that no row lock can (a row that does not exist yet), each held to the end of its transaction (`pg_advisory_xact_*`)
-//! and taken before the transaction writes any row, in ascending key order, so lock
-//! waits never close a cycle. Keys are PostgreSQL's two-int4 form, whose space is
+//! that no row lock can (rows that do not exist yet), each held to the end of its
+//! transaction (`pg_advisory_xact_*`) and taken before the transaction writes any row,
+//! in ascending key order, so lock waits never close a cycle. Keys are PostgreSQL's two-int4 form, whose space is
 //! apart from the single-bigint one (sqlx's migrator locks there); the first int names
 //! the lock's class.
 //!
@@ -18,10 +18,12 @@ use patchbay_jobs::store::StoreResult;
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;
 
-/// Lock classes: "pb" and a number.
+// Lock classes: "pb" and a number.
+
 /// One account's contact creation as a whole: shared by a writer that locks single
 /// keys, exclusive by one with too many keys to lock one by one.
 const CONTACTS: i32 = 0x7062_0002;
+/// One contact key (see `contact_key`).
 const CONTACT_KEY: i32 = 0x7062_0003;
 
 /// A writer with more new senders' keys than this in one account holds the account's
