@@ -663,7 +663,7 @@ fn store_location(base: &Path, store: &StoreConfig) -> Result<StoreLocation, Con
         let parsed = url::Url::parse(url).ok();
         let has_db = parsed
             .as_ref()
-            .is_some_and(|u| u.path().trim_start_matches('/').len() > 0);
+            .is_some_and(|u| !u.path().trim_start_matches('/').is_empty());
         if !has_db {
             let shown = patchbay_store_postgres::redact_url(url);
             return Err(ConfigError::new("store.url", shown, FORMS));
