@@ -103,7 +103,7 @@ async fn store_copy_moves_a_sqlite_store_to_postgres() {
     );
     assert_eq!(messages(&new, acc).await.len(), 30);
     // New rows continue after the copied ids.
-    let (acc2, _) = new.account("after the move").await;
+    let (acc2, _) = new.account("aftermove").await;
     assert!(acc2 > acc, "account {acc2} after {acc}");
     let channels = new.ok("channel.list", json!({"account": acc})).await;
     assert!(
