@@ -12,7 +12,9 @@
 //!
 //! A target with data is refused unless `--resume` (each table continues after the
 //! last key the target holds: batches commit in key order, so an interrupted copy
-//! resumes where it stopped) or `--replace` (the target's tables are emptied first).
+//! resumes where it stopped — valid only while no daemon has used the SQLite store in
+//! between, since rows changed since are not copied again) or `--replace` (the
+//! target's tables are emptied first).
 
 use std::path::Path;
 
@@ -117,6 +119,8 @@ pub async fn run(from: &str, to: &str, opts: &CopyOptions) -> anyhow::Result<Cop
         to,
         &PgOptions {
             max_connections: 2,
+            // The final counts of a large store may take longer than a daemon's limit.
+            statement_timeout: std::time::Duration::ZERO,
             ..PgOptions::default()
         },
     )
@@ -236,7 +240,11 @@ async fn copy_table(
     let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
     let key_list = key.join(", ");
     // Where the target stands: resume after its greatest key.
-    let last_sql = format!("SELECT {key_list} FROM {table} ORDER BY {key_list} DESC LIMIT 1");
+    let descending: Vec<String> = key.iter().map(|k| format!("{k} DESC")).collect();
+    let last_sql = format!(
+        "SELECT {key_list} FROM {table} ORDER BY {} LIMIT 1",
+        descending.join(", ")
+    );
     let mut after: Option<Vec<KeyValue>> = sqlx::query(sqlx::AssertSqlSafe(last_sql))
         .fetch_optional(dst)
         .await?
@@ -296,7 +304,15 @@ async fn copy_table(
             for (i, col) in cols.iter_mut().enumerate() {
                 match col {
                     Column::BigInt(v) => v.push(r.try_get(i)?),
-                    Column::Text(v) => v.push(r.try_get(i)?),
+                    // PostgreSQL TEXT cannot hold NUL, which SQLite keeps: the same
+                    // replacement the PostgreSQL store makes on its inbound path.
+                    Column::Text(v) => v.push(r.try_get::<Option<String>, _>(i)?.map(|t| {
+                        if t.contains('\0') {
+                            t.replace('\0', "\u{FFFD}")
+                        } else {
+                            t
+                        }
+                    })),
                     Column::Bool(v) => v.push(r.try_get(i)?),
                 }
             }

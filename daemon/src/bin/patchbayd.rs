@@ -51,7 +51,9 @@ enum StoreAction {
         /// The PostgreSQL database to fill: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
         #[arg(long, value_name = "URL", env = "PATCHBAY_COPY_TO")]
         to: String,
-        /// Continue an interrupted copy into a target that holds part of the data.
+        /// Continue an interrupted copy into a target that holds part of the data (only
+        /// while no daemon has used the SQLite store since: changed rows are not copied
+        /// again; otherwise use --replace).
         #[arg(long, conflicts_with = "replace")]
         resume: bool,
         /// Empty the target first and copy from scratch.

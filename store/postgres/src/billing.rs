@@ -527,10 +527,13 @@ impl Billing for PgStore {
             notify_days,
             suspended: suspended_on.is_some(),
         };
+        // Locks the channels too: a removal racing the resume must not leave a charge
+        // for a channel that is not resumed.
         let channels: Vec<ResumeChannel> = sqlx::query_as::<_, (Id, String, String, bool)>(
             "SELECT c.id, c.kind, c.status, \
              EXISTS (SELECT 1 FROM ledger l WHERE l.channel_id = c.id AND l.day = $2) \
-             FROM channels c WHERE c.account_id = $1 AND c.status <> 'removed' ORDER BY c.id",
+             FROM channels c WHERE c.account_id = $1 AND c.status <> 'removed' ORDER BY c.id \
+             FOR NO KEY UPDATE OF c",
         )
         .bind(account)
         .bind(day.to_string())

@@ -285,12 +285,12 @@ pub(crate) async fn store_messages(
         ChatRef::New(k) => new_chat_ids[k],
     };
 
-    // Messages in (channel, external id) order; the ones another writer stored since
-    // the check above come back as conflicts and count nowhere.
-    placed.sort_by(|a, b| {
-        let (ma, mb) = (&live[a.0].1, &live[b.0].1);
-        (ma.channel, &ma.external_id).cmp(&(mb.channel, &mb.external_id))
-    });
+    // Messages in arrival order, so ids (which order a chat's messages) follow it as on
+    // SQLite. The ones another writer stored since the check above come back as
+    // conflicts and count nowhere. Two batches inserting the same redelivered messages
+    // in opposite orders can deadlock; PostgreSQL aborts one, and its jobs are run one
+    // by one (`run_inbound_batch`'s `Err`), which stores each once.
+    placed.sort_by_key(|p| p.0);
     let mut rows = MessageRows::default();
     for &(n, at) in &placed {
         let (i, m) = &live[n];
