@@ -326,10 +326,7 @@ async fn copy_table(
             };
         }
         q.execute(dst).await?;
-        let last = rows
-            .last()
-            .map(|r| read_sqlite_key(r, key, columns))
-            .transpose()?;
+        let last = rows.last().map(|r| read_key(r, key, columns)).transpose()?;
         after = last;
         copied += rows.len() as u64;
         bar.inc(rows.len() as u64);
@@ -350,26 +347,18 @@ fn key_type(columns: &[(String, ColumnType)], name: &str) -> anyhow::Result<Colu
         .with_context(|| format!("key column {name} is missing"))
 }
 
-fn read_key(
-    r: &sqlx::postgres::PgRow,
+/// The key columns of a row of either database.
+fn read_key<'r, R>(
+    r: &'r R,
     key: &[&str],
     columns: &[(String, ColumnType)],
-) -> anyhow::Result<Vec<KeyValue>> {
-    key.iter()
-        .map(|k| {
-            Ok(match key_type(columns, k)? {
-                ColumnType::Text => KeyValue::Text(r.try_get(*k)?),
-                _ => KeyValue::Int(r.try_get(*k)?),
-            })
-        })
-        .collect()
-}
-
-fn read_sqlite_key(
-    r: &sqlx::sqlite::SqliteRow,
-    key: &[&str],
-    columns: &[(String, ColumnType)],
-) -> anyhow::Result<Vec<KeyValue>> {
+) -> anyhow::Result<Vec<KeyValue>>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     key.iter()
         .map(|k| {
             Ok(match key_type(columns, k)? {

@@ -45,6 +45,21 @@ impl From<bool> for StoreArg {
     }
 }
 
+/// Binds `StoreArg`s to a query of either database (one loop, whatever the query type).
+macro_rules! bind_args {
+    ($query:expr, $args:expr) => {{
+        let mut q = $query;
+        for a in $args {
+            q = match a {
+                StoreArg::Int(v) => q.bind(*v),
+                StoreArg::Text(v) => q.bind(v.clone()),
+                StoreArg::Bool(v) => q.bind(*v),
+            };
+        }
+        q
+    }};
+}
+
 enum StoreConn {
     Sqlite(sqlx::SqliteConnection),
     Postgres(sqlx::PgConnection),
@@ -553,25 +568,11 @@ impl Daemon {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match self.store_conn().await {
             StoreConn::Sqlite(mut c) => {
-                let mut q = sqlx::query(sql);
-                for a in args {
-                    q = match a {
-                        StoreArg::Int(v) => q.bind(*v),
-                        StoreArg::Text(v) => q.bind(v.clone()),
-                        StoreArg::Bool(v) => q.bind(*v),
-                    };
-                }
+                let q = bind_args!(sqlx::query(sql), args);
                 q.execute(&mut c).await.expect("store statement").rows_affected()
             }
             StoreConn::Postgres(mut c) => {
-                let mut q = sqlx::query(sql);
-                for a in args {
-                    q = match a {
-                        StoreArg::Int(v) => q.bind(*v),
-                        StoreArg::Text(v) => q.bind(v.clone()),
-                        StoreArg::Bool(v) => q.bind(*v),
-                    };
-                }
+                let q = bind_args!(sqlx::query(sql), args);
                 q.execute(&mut c).await.expect("store statement").rows_affected()
             }
         }
@@ -582,25 +583,11 @@ impl Daemon {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match self.store_conn().await {
             StoreConn::Sqlite(mut c) => {
-                let mut q = sqlx::query_scalar(sql);
-                for a in args {
-                    q = match a {
-                        StoreArg::Int(v) => q.bind(*v),
-                        StoreArg::Text(v) => q.bind(v.clone()),
-                        StoreArg::Bool(v) => q.bind(*v),
-                    };
-                }
+                let q = bind_args!(sqlx::query_scalar(sql), args);
                 q.fetch_one(&mut c).await.expect("store query")
             }
             StoreConn::Postgres(mut c) => {
-                let mut q = sqlx::query_scalar(sql);
-                for a in args {
-                    q = match a {
-                        StoreArg::Int(v) => q.bind(*v),
-                        StoreArg::Text(v) => q.bind(v.clone()),
-                        StoreArg::Bool(v) => q.bind(*v),
-                    };
-                }
+                let q = bind_args!(sqlx::query_scalar(sql), args);
                 q.fetch_one(&mut c).await.expect("store query")
             }
         }
