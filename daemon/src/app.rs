@@ -20,7 +20,7 @@ use crate::batcher::Batcher;
 use crate::config::{BillingConfig, Settings};
 use crate::mail::{self, AccountFigures, Mailer};
 use crate::plugin_host::supervisor::Supervisor;
-use crate::queue::{Envelope, Queue, WorkerBoard};
+use crate::queue::{Envelope, Queue, QueueError, WorkerBoard};
 use tokio_util::sync::CancellationToken;
 
 pub struct App {
@@ -47,6 +47,8 @@ pub struct App {
     pub checks: Batcher<CheckJob>,
     /// Cancelled when the daemon starts to stop.
     pub stop: CancellationToken,
+    /// Where the metrics, health and dashboard listener is bound (`http.listen`).
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl App {
@@ -180,7 +182,7 @@ impl App {
             })
             .collect();
         let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
-        if let Err(e) = self.queue.push_many(&self.queue_name(kind), &envs).await {
+        if let Err(e) = self.push_timed(kind, &envs).await {
             // Recorded and not queued: the lost-job sweep queues them once the queue
             // is back. (Marking them dead would strand jobs whose idempotency key then
             // makes every later enqueue return them.)
@@ -234,11 +236,18 @@ impl App {
                 attempt: 0,
             })
             .collect();
-        self.queue
-            .push_many(&self.queue_name(kind), &envs)
+        self.push_timed(kind, &envs)
             .await
             .map_err(|e| DomainError::Unavailable(format!("queue unavailable: {e}")))?;
         Ok(envs.len())
+    }
+
+    /// One push of many jobs, timed for `patchbay_queue_push_duration_seconds`.
+    async fn push_timed(&self, kind: JobKind, envs: &[Envelope]) -> Result<(), QueueError> {
+        let started = Instant::now();
+        let pushed = self.queue.push_many(&self.queue_name(kind), envs).await;
+        crate::metrics::queue_push(started.elapsed());
+        pushed
     }
 
     /// Reads again whether the queue keeps every job it acknowledged across its own
@@ -363,11 +372,13 @@ impl App {
             attempt,
         };
         let pending = rec.state == JobState::Pending;
-        if let Err(e) = self
+        let started = Instant::now();
+        let pushed = self
             .queue
             .push(&self.queue_name(rec.kind), &env, delay)
-            .await
-        {
+            .await;
+        crate::metrics::queue_push(started.elapsed());
+        if let Err(e) = pushed {
             // A new job stays pending and unqueued, a retry stays failed: either way
             // the lost-job sweep queues it once the queue is back.
             if pending {

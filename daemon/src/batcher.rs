@@ -41,9 +41,7 @@ impl<T: Send + 'static> Batcher<T> {
             while rx.recv_many(&mut items, MAX_BATCH).await > 0 {
                 let (jobs, waiters): (Vec<T>, Vec<oneshot::Sender<bool>>) =
                     items.drain(..).map(|i| (i.job, i.done)).unzip();
-                let (n, started) = (jobs.len(), std::time::Instant::now());
-                let finished = run(jobs).await;
-                tracing::debug!(kind, jobs = n, took = ?started.elapsed(), "batch committed");
+                let finished = commit(kind, jobs, &mut run).await;
                 // A short answer leaves the rest to the per-job path (dropped senders);
                 // a handler that went away (shutdown) leaves a redelivery to the queue.
                 for (waiter, done) in waiters.into_iter().zip(finished) {
@@ -78,9 +76,7 @@ impl<T: Send + 'static> Batcher<T> {
                     }
                     let (jobs, waiters): (Vec<T>, Vec<oneshot::Sender<bool>>) =
                         items.drain(..).map(|i| (i.job, i.done)).unzip();
-                    let (n, started) = (jobs.len(), std::time::Instant::now());
-                    let finished = run(jobs).await;
-                    tracing::debug!(kind, jobs = n, took = ?started.elapsed(), "batch committed");
+                    let finished = commit(kind, jobs, &mut run).await;
                     for (waiter, done) in waiters.into_iter().zip(finished) {
                         let _ = waiter.send(done);
                     }
@@ -99,6 +95,20 @@ impl<T: Send + 'static> Batcher<T> {
         }
         finished.await.unwrap_or(false)
     }
+}
+
+/// Runs one batch, timed for the log and `patchbay_store_batch_duration_seconds`.
+async fn commit<T, F, Fut>(kind: &'static str, jobs: Vec<T>, run: &mut F) -> Vec<bool>
+where
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: Future<Output = Vec<bool>>,
+{
+    let (n, started) = (jobs.len(), std::time::Instant::now());
+    let finished = run(jobs).await;
+    let took = started.elapsed();
+    crate::metrics::store_batch(kind, took);
+    tracing::debug!(kind, jobs = n, took = ?took, "batch committed");
+    finished
 }
 
 #[cfg(test)]

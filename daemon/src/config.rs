@@ -26,7 +26,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: &str, value: impl std::fmt::Debug, allowed: impl Into<String>) -> Self {
+    pub(crate) fn new(key: &str, value: impl std::fmt::Debug, allowed: impl Into<String>) -> Self {
         ConfigError {
             key: key.to_owned(),
             value: format!("{value:?}"),
@@ -46,6 +46,7 @@ pub struct Config {
     pub billing: BillingConfig,
     pub deletion: DeletionConfig,
     pub log: LogConfig,
+    pub http: crate::http::config::HttpConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -256,6 +257,16 @@ pub enum StoreLocation {
     Postgres(String),
 }
 
+impl StoreLocation {
+    /// `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreLocation::Sqlite(_) => "sqlite",
+            StoreLocation::Postgres(_) => "postgres",
+        }
+    }
+}
+
 impl std::fmt::Display for StoreLocation {
     /// The file's path, or the URL with its password replaced.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -276,6 +287,7 @@ pub struct Settings {
     pub queue_sqlite_path: PathBuf,
     pub plugins_dir: PathBuf,
     pub mail_spool_dir: PathBuf,
+    pub http: crate::http::config::HttpSettings,
 }
 
 impl Settings {
@@ -633,7 +645,9 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
     }
     let socket = check_socket(base, &raw.control.socket)?;
     check_control_limits(&raw.control)?;
+    let http = crate::http::config::check(&raw.http)?;
     Ok(Settings {
+        http,
         socket,
         store,
         queue,

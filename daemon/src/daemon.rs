@@ -44,6 +44,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     }
+    let metrics = crate::metrics::Metrics::install();
     let (store, checkpoints) = open_store(&settings).await?;
     let queue = match settings.queue {
         QueueBackend::Sqlite => Queue::open_sqlite(&settings.queue_sqlite_path).await,
@@ -54,6 +55,10 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     .context("cannot open the job queue")?;
     let socket = server::open(&settings.socket).await?;
     let (listener, socket_path, socket_owned) = (socket.listener, socket.path, socket.owned);
+    // After the control socket, whose check names another daemon on this folder; a
+    // taken port then ends the start, naming http.listen.
+    let http_listener = crate::http::bind(settings.http.listen).await?;
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
     let embedded_default = config_file.is_none();
     let mut reloader = Reloader::new(config_file, &settings);
     let gate = Gate::new(
@@ -86,6 +91,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         started: Instant::now(),
         billing,
         mailer,
+        http_addr,
     });
     app.check_queue_persistence(true).await;
     let cron = tokio::spawn(crate::billing::run_schedule(app.clone()));
@@ -121,6 +127,24 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         })
         .collect();
     let sweep = tokio::spawn(crate::sweep::run(app.clone(), stop.clone()));
+    let http = http_listener.map(|listener| {
+        let history = Arc::new(crate::http::history::History::default());
+        let settings = &app.settings.http;
+        let auth = crate::http::auth::Auth::new(settings.token.clone(), settings.public());
+        tokio::spawn(crate::http::history::run(
+            app.clone(),
+            history.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(metrics.clone().upkeep(stop.clone()));
+        let state = crate::http::Http {
+            app: app.clone(),
+            metrics: metrics.clone(),
+            history,
+            auth: Arc::new(auth),
+        };
+        tokio::spawn(crate::http::serve(listener, state, stop.clone()))
+    });
     let watch = tokio::spawn(
         app.plugins
             .clone()
@@ -160,6 +184,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
                     socket = %socket_path.display(),
                     queue = %app.settings.raw.queue.backend,
                     store = %app.settings.store,
+                    http = ?app.http_addr,
                     "patchbayd is ready"
                 );
                 notify::ready(&format!("ready; queue {}", app.settings.raw.queue.backend));
@@ -185,6 +210,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     }
     connections.close();
     let _ = control.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     if tokio::time::timeout(Duration::from_secs(5), connections.wait())
         .await
         .is_err()

@@ -227,6 +227,12 @@ impl Mailer {
     /// receiver sees the same Message-ID (a duplicate is possible only if the relay
     /// accepted and the reply was lost — the job then retries, which is the lesser evil).
     pub async fn send(&self, mail: &Mail) -> Result<(), MailError> {
+        let sent = self.send_once(mail).await;
+        crate::metrics::mail_sent(sent.is_ok());
+        sent
+    }
+
+    async fn send_once(&self, mail: &Mail) -> Result<(), MailError> {
         let message = self.message(mail)?;
         match &self.sink {
             Sink::File(dir, one_at_a_time) => {

@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use patchbay_jobs::model::{Id, JobRecord, JobState, now_ms};
-use patchbay_jobs::store::{BatchedJob, ChargeJob, Charged, CheckJob, InboundJob};
+use patchbay_jobs::store::{BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, InboundJob};
 use patchbay_jobs::{DomainError, JobError, JobKind, Payload, Store, handlers};
 use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::batcher::Batcher;
+use crate::metrics::{self, Outcome};
 use crate::queue::{Envelope, Handler, Rejected, panic_message};
 
 /// The daemon's queue handler: [`run_job`] for each job, [`reject`] for a job that
@@ -48,6 +49,8 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
             return;
         }
     };
+    let started = std::time::Instant::now();
+    metrics::job_started(kind, &env.id, env.attempt);
     // Bad payloads skip the batchers: the per-job path makes them dead with the reason.
     let batched = match kind.parse_payload(&env.payload) {
         Ok(Payload::InboundMessage(msg)) => {
@@ -82,6 +85,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
     if !batched {
         run_single(app, env, kind).await
     }
+    metrics::job_ran(kind, started.elapsed());
 }
 
 /// Group commit for `inbound_message` jobs (`Store::run_inbound_batch`), with as many
@@ -92,7 +96,11 @@ pub fn inbound_batcher(store: Arc<dyn Store>) -> Batcher<InboundJob> {
         let store = store.clone();
         async move {
             let outcomes = store.run_inbound_batch(&jobs).await;
-            finished(outcomes, jobs.iter().map(|j| j.job.as_str()))
+            finished(
+                JobKind::InboundMessage,
+                outcomes,
+                jobs.iter().map(|j| j.job.as_str()),
+            )
         }
     })
 }
@@ -114,7 +122,10 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
             };
             let results = match app.store.charge_accounts(&jobs, &app.prices()).await {
                 Ok(results) => results,
-                Err(e) => return finished(Err(e), jobs.iter().map(|j| j.job.as_str())),
+                Err(e) => {
+                    let jobs = jobs.iter().map(|j| j.job.as_str());
+                    return finished(JobKind::ChargeAccount, Err(e), jobs);
+                }
             };
             let charges: Vec<(Id, Charged)> = jobs
                 .iter()
@@ -125,8 +136,18 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
             if !charges.is_empty() && follow_ups.send(charges).await.is_err() {
                 tracing::warn!("charges committed, their balance checks are left to the sweep");
             }
+            for (_, charged) in &results {
+                if let Some(Charged {
+                    outcome: ChargeOutcome::Charged { total, .. },
+                    ..
+                }) = charged
+                {
+                    metrics::charged(*total);
+                }
+            }
             let outcomes = results.into_iter().map(|(o, _)| o).collect();
-            finished(Ok(outcomes), jobs.iter().map(|j| j.job.as_str()))
+            let jobs = jobs.iter().map(|j| j.job.as_str());
+            finished(JobKind::ChargeAccount, Ok(outcomes), jobs)
         }
     })
 }
@@ -161,7 +182,11 @@ pub fn check_batcher(app: Weak<App>) -> Batcher<CheckJob> {
                 return vec![false; jobs.len()];
             };
             let outcomes = handlers::balance_checks(app.store.as_ref(), app.as_ref(), &jobs).await;
-            finished(outcomes, jobs.iter().map(|j| j.job.as_str()))
+            finished(
+                JobKind::BalanceCheck,
+                outcomes,
+                jobs.iter().map(|j| j.job.as_str()),
+            )
         }
     })
 }
@@ -169,6 +194,7 @@ pub fn check_batcher(app: Weak<App>) -> Batcher<CheckJob> {
 /// Which jobs of a batch are finished (`true`) or must go the per-job path (`false`);
 /// `outcomes` are in the order of `jobs` (their journal ids).
 fn finished<'a>(
+    kind: JobKind,
     outcomes: Result<Vec<BatchedJob>, DomainError>,
     jobs: impl ExactSizeIterator<Item = &'a str>,
 ) -> Vec<bool> {
@@ -177,8 +203,13 @@ fn finished<'a>(
             .into_iter()
             .zip(jobs)
             .map(|(outcome, job)| match outcome {
-                BatchedJob::Done | BatchedJob::AlreadyFinished => true,
+                BatchedJob::Done => {
+                    metrics::job_finished(kind, Outcome::Done);
+                    true
+                }
+                BatchedJob::AlreadyFinished => true,
                 BatchedJob::Dead(reason) => {
+                    metrics::job_finished(kind, Outcome::Dead);
                     tracing::warn!(job = %job, error = %reason, "job is dead");
                     true
                 }
@@ -256,6 +287,14 @@ async fn attempt(app: Arc<App>, env: Envelope, kind: JobKind, started: JobRecord
             Some(app.settings.retry_delay(started.attempts)),
         ),
     };
+    metrics::job_finished(
+        kind,
+        match state {
+            JobState::Done => Outcome::Done,
+            JobState::Dead => Outcome::Dead,
+            _ => Outcome::Retry,
+        },
+    );
     match (&state, &error) {
         (JobState::Done, _) => tracing::debug!("job done"),
         (JobState::Dead, Some(m)) => tracing::warn!(error = %m, "job is dead"),
@@ -356,6 +395,7 @@ pub async fn reject(app: Arc<App>, job: Rejected) {
         run_at: now,
     };
     tracing::warn!(job = %rec.id, kind = %kind, reason = %job.reason, "job is dead: the queue rejected it");
+    metrics::job_finished(kind, Outcome::Dead);
     let mut wait = Duration::from_millis(100);
     loop {
         // One statement that reads no row back: a stored row past repair cannot

@@ -29,7 +29,7 @@ pub use chats::{ChatFilter, Chats, InboundJob};
 pub use deletion::{BatchOutcome, Deletion};
 pub use fields::Fields;
 pub use journal::{JobFilter, Journal, JournalInsert};
-pub use outbox::{CheckJob, Notification, Outbox};
+pub use outbox::{CheckJob, Notification, Outbox, OutboxCounts};
 pub use users::{NewUser, Users};
 
 use crate::error::DomainError;

@@ -351,7 +351,14 @@ impl Daemon {
             Some(url) => format!("[store]\nurl = \"{url}\"\n"),
             None => String::new(),
         };
-        let extra = format!("{extra}\n{billing}{store}[plugins]\ndir = \"plugins\"\n");
+        // Any free port for the metrics/dashboard listener (`status` says which), unless
+        // the test configures it: parallel daemons cannot share the default 9464.
+        let http = if extra.contains("[http]") {
+            ""
+        } else {
+            "[http]\nlisten = \"127.0.0.1:0\"\n"
+        };
+        let extra = format!("{extra}\n{billing}{store}{http}[plugins]\ndir = \"plugins\"\n");
         std::fs::write(
             &config,
             Daemon::config_text(backend, redis.as_ref(), &extra),

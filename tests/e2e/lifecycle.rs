@@ -37,6 +37,7 @@ async fn sigterm_stops_gracefully_and_notifies() {
             .arg("--config")
             .arg(&config)
             .env("NOTIFY_SOCKET", &notify_path)
+            .env("PATCHBAY__HTTP__LISTEN", "127.0.0.1:0")
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn"),
@@ -124,6 +125,8 @@ async fn embedded_default_starts_a_demo_account() {
         let mut child = Command::new(PATCHBAYD)
             .current_dir(dir.path())
             .env_remove("PATCHBAY_CONFIG")
+            // Not the embedded default's 9464: tests run side by side.
+            .env("PATCHBAY__HTTP__LISTEN", "127.0.0.1:0")
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");

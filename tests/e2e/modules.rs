@@ -14,6 +14,7 @@ mod harness;
 mod inbound_limits;
 mod jobs;
 mod lifecycle;
+mod monitoring;
 #[path = "../support/pg_cluster.rs"]
 mod pg_cluster;
 mod secrets;

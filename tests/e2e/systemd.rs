@@ -136,6 +136,7 @@ fn spawn_with_watchdog_pid(script: &str, args: &[&Path], notify: &Notify, log: &
         .args(args)
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "1000000")
+        .env("PATCHBAY__HTTP__LISTEN", "127.0.0.1:0")
         .env_remove("RUST_LOG")
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -260,7 +261,7 @@ fn socket_activation_notify_watchdog_reload_and_stop() {
     // As systemd runs the pair: the socket exists first and the daemon starts on the
     // first connection, with LISTEN_FDS=1 and LISTEN_PID set for it.
     let mut daemon = spawn_with_watchdog_pid(
-        r#"exec systemd-socket-activate -l "$1" -E NOTIFY_SOCKET -E WATCHDOG_USEC -E WATCHDOG_PID "$2" --config "$3""#,
+        r#"exec systemd-socket-activate -l "$1" -E NOTIFY_SOCKET -E WATCHDOG_USEC -E WATCHDOG_PID -E PATCHBAY__HTTP__LISTEN "$2" --config "$3""#,
         &[&socket, Path::new(PATCHBAYD), &config],
         &notify,
         &log_path,

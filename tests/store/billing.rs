@@ -14,12 +14,13 @@ use patchbay_jobs::billing::Prices;
 use patchbay_jobs::kind::{JobKind, charge_account_key};
 use patchbay_jobs::model::{Id, JobState, now_ms};
 use patchbay_jobs::store::{
-    BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, NewAccount, NewUser,
+    BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, NewAccount, NewUser, OutboxCounts,
 };
 
 use crate::common::{Backend, TestStore, pending_job};
 
 on_both_stores!(
+    the_outbox_counts_unsent_e_mails_and_those_sent_since,
     an_unsent_e_mail_gets_a_new_check_once_per_grace_after_one_died,
     a_batch_of_balance_checks_claims_once_per_account_and_settles_each_claim,
     a_batch_charges_suspends_and_records_the_e_mails_once,
@@ -116,6 +117,29 @@ async fn notify(s: &TestStore, account: Id, kind: &str, date: &str) {
          daily_total, created_at) VALUES ({account}, '{kind}', '{date}', 3, 250, 100, 1)"
     ))
     .await;
+}
+
+async fn the_outbox_counts_unsent_e_mails_and_those_sent_since(b: Backend) {
+    let s = TestStore::open(b).await;
+    let acc = account(&s, "outbox", 1000, 0).await;
+    assert_eq!(
+        s.outbox_counts(0).await.expect("counts"),
+        OutboxCounts::default()
+    );
+    notify(&s, acc, "warning_3_days", "2026-12-01").await;
+    notify(&s, acc, "warning_2_days", "2026-12-01").await;
+    notify(&s, acc, "warning_1_day", "2026-12-01").await;
+    s.exec("UPDATE notifications SET sent_at = 500 WHERE kind = 'warning_3_days'")
+        .await;
+    s.exec("UPDATE notifications SET sent_at = 2000 WHERE kind = 'warning_2_days'")
+        .await;
+    assert_eq!(
+        s.outbox_counts(1000).await.expect("counts"),
+        OutboxCounts {
+            unsent: 1,
+            sent_since: 1
+        }
+    );
 }
 
 async fn an_unsent_e_mail_gets_a_new_check_once_per_grace_after_one_died(b: Backend) {

@@ -115,6 +115,12 @@ async fn channel_lists_and_counts_leave_out_what_must_not_run(b: Backend) {
         s.active_channel_kinds(acc.id).await.expect("kinds"),
         ["loopback"]
     );
+    assert_eq!(
+        ids(s.troubled_channels(10).await.expect("troubled")),
+        [elsewhere, suspended],
+        "not connected, not removed, newest first"
+    );
+    assert_eq!(ids(s.troubled_channels(1).await.expect("one")), [elsewhere]);
     let mut stopped = s
         .stopped_channels(&[live, suspended, removed, elsewhere, 999])
         .await

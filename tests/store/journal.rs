@@ -309,6 +309,7 @@ async fn an_idempotency_key_holds_one_job(b: Backend) {
             state: Some(JobState::Pending),
             kind: Some(JobKind::ChargeAccount),
             limit: 10,
+            offset: 0,
         })
         .await
         .expect("list");
@@ -322,6 +323,17 @@ async fn an_idempotency_key_holds_one_job(b: Backend) {
         .await
         .expect("list");
     assert_eq!(all.len(), 2);
+    let second = s
+        .journal_list(&patchbay_jobs::store::JobFilter {
+            kind: Some(JobKind::ChargeAccount),
+            limit: 5,
+            offset: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list a page");
+    let ids: Vec<&str> = second.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [ulid(1).as_str()], "the page after the newest");
     let counts = s.journal_counts().await.expect("counts");
     assert_eq!(
         counts,
@@ -330,6 +342,20 @@ async fn an_idempotency_key_holds_one_job(b: Backend) {
             (JobKind::InboundMessage, JobState::Pending, 2),
         ]
     );
+    s.journal_finish(&ulid(4), JobState::Done, None, 0)
+        .await
+        .expect("finish");
+    let open = s.journal_open_counts().await.expect("open counts");
+    assert_eq!(
+        open,
+        vec![
+            (JobKind::ChargeAccount, JobState::Pending, 1),
+            (JobKind::InboundMessage, JobState::Pending, 2),
+        ],
+        "done jobs are not open"
+    );
+    let all = s.journal_counts().await.expect("counts");
+    assert!(all.contains(&(JobKind::ChargeAccount, JobState::Done, 1)));
 }
 
 /// `journal_start` of a job the journal never saw records it, dated from its ULID,

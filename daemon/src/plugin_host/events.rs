@@ -15,6 +15,7 @@
 //! unsettled. Only bytes that are no JSON object of type `inbound` are dropped on
 //! purpose (nothing to store), and stale status events of replaced instances.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use patchbay_connector_sdk::Event;
@@ -25,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::app::App;
+use crate::metrics;
 
 /// Inbound events queued together: one queue push.
 const BATCH: usize = 512;
@@ -44,10 +46,14 @@ pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<RawEvent>) {
     let (batches, pending) = mpsc::channel::<Batch>(4);
     let writer = tokio::spawn(write_batches(app.clone(), pending));
     let mut buf: Batch = Vec::with_capacity(BATCH);
+    let mut kinds = Kinds::default();
     while let Some(first) = events.recv().await {
         let mut next = Some(first);
         while let Some(raw) = next.take() {
-            handle(&app, raw, &mut buf).await;
+            let channel = raw.tag;
+            if let Some((kind, outcome)) = handle(&app, raw, &mut buf).await {
+                metrics::connector_events(&kinds.of(&app, channel), kind, outcome, 1);
+            }
             if buf.len() < BATCH {
                 next = events.try_recv().ok();
             }
@@ -64,6 +70,7 @@ pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<RawEvent>) {
 /// slots in each instance's budget) live until their batch is queued.
 async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
     let queue = app.queue_name(JobKind::InboundMessage);
+    let mut kinds = Kinds::default();
     while let Some(batch) = pending.recv().await {
         // Backpressure: while the workers are this far behind, hold the batch. Its raw
         // events keep their slots in each instance's budget, so connectors get BUSY and
@@ -79,38 +86,59 @@ async fn write_batches(app: Arc<App>, mut pending: mpsc::Receiver<Batch>) {
         let (payloads, raws): (Vec<Value>, Vec<RawEvent>) = batch.into_iter().unzip();
         match app.queue_batched(JobKind::InboundMessage, payloads).await {
             // Queued: durable, so connectors may acknowledge them.
-            Ok(_) => raws.into_iter().for_each(RawEvent::settle),
+            Ok(_) => {
+                for (kind, n) in kinds.count(&app, &raws) {
+                    metrics::inbound_queued(&kind, n);
+                    metrics::connector_events(&kind, "inbound", "accepted", n);
+                }
+                raws.into_iter().for_each(RawEvent::settle)
+            }
             // Dropped unsettled: the connectors' flushes fail, they acknowledge nothing,
             // and the supervisor replaces them so the messages come again.
             Err(e) => {
                 tracing::warn!(events = n, error = %e, "dropping inbound events the queue refused");
+                for (kind, n) in kinds.count(&app, &raws) {
+                    metrics::connector_events(&kind, "inbound", "failed", n);
+                }
                 drop(raws);
             }
         }
     }
 }
 
-async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
+/// Handles one event; returns its type and outcome for
+/// `patchbay_connector_events_total` (accepted; refused: kept as a dead job; dropped;
+/// stale: of a replaced instance; failed: left unsettled for the messenger to send
+/// again), or `None` for an inbound event gathered into the batch (counted when its
+/// batch is queued).
+async fn handle(
+    app: &App,
+    raw: RawEvent,
+    inbound: &mut Batch,
+) -> Option<(&'static str, &'static str)> {
     let channel = raw.tag;
     let event = match raw.parse() {
         Ok(e) => e,
         Err(e) => {
-            match refused_inbound(channel, &raw.json) {
-                Some(payload) => dead_letter(app, raw, payload, &e.to_string()).await,
+            return Some(match refused_inbound(channel, &raw.json) {
+                Some(payload) => {
+                    dead_letter(app, raw, payload, &e.to_string()).await;
+                    ("inbound", "refused")
+                }
                 None => {
                     tracing::warn!(channel, "dropping a malformed connector event: {e}");
                     // Dropped on purpose, not lost: there is nothing to store.
                     raw.settle();
+                    ("malformed", "dropped")
                 }
-            }
-            return;
+            });
         }
     };
     match event {
         Event::Status(s) => {
             if !app.plugins.is_current(channel, raw.instance) {
                 raw.settle();
-                return;
+                return Some(("status", "stale"));
             }
             // Number and name first: whoever sees "connected" must see them too.
             if (s.number.is_some() || s.display_name.is_some())
@@ -129,6 +157,7 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                 tracing::warn!(channel, error = %e, "cannot record the channel status");
             }
             raw.settle();
+            Some(("status", "accepted"))
         }
         Event::Inbound(m) => {
             let payload = json!({
@@ -142,8 +171,14 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
             });
             // Checked one by one, so one bad event cannot sink its batch.
             match JobKind::InboundMessage.parse_payload(&payload) {
-                Ok(_) => inbound.push((payload, raw)),
-                Err(e) => dead_letter(app, raw, payload, &e.to_string()).await,
+                Ok(_) => {
+                    inbound.push((payload, raw));
+                    None
+                }
+                Err(e) => {
+                    dead_letter(app, raw, payload, &e.to_string()).await;
+                    Some(("inbound", "refused"))
+                }
             }
         }
         Event::Receipt(r) => {
@@ -168,8 +203,10 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                         // messenger reports it again.
                         tracing::warn!(channel, message = msg.id, error = %e, "cannot record a receipt");
                         drop(raw);
-                        return;
+                        return Some(("receipt", "failed"));
                     }
+                    raw.settle();
+                    return Some(("receipt", "accepted"));
                 }
                 Ok(msg) if msg.channel == channel => tracing::warn!(
                     channel,
@@ -195,7 +232,38 @@ async fn handle(app: &App, raw: RawEvent, inbound: &mut Batch) {
                 ),
             }
             raw.settle();
+            Some(("receipt", "dropped"))
         }
+    }
+}
+
+/// Each channel's connector kind, for the metrics' `connector` label. Cached per
+/// consumer, since a channel's kind never changes; bounded by the channels seen.
+#[derive(Default)]
+struct Kinds(HashMap<i64, Arc<str>>);
+
+impl Kinds {
+    fn of(&mut self, app: &App, channel: i64) -> Arc<str> {
+        if let Some(kind) = self.0.get(&channel) {
+            return kind.clone();
+        }
+        match app.plugins.kind_of(channel) {
+            Some(kind) => {
+                self.0.insert(channel, kind.clone());
+                kind
+            }
+            // Stopped meanwhile: not cached, its kind may be found later.
+            None => Arc::from("unknown"),
+        }
+    }
+
+    /// Events per connector kind.
+    fn count(&mut self, app: &App, raws: &[RawEvent]) -> HashMap<Arc<str>, u64> {
+        let mut per_kind = HashMap::new();
+        for raw in raws {
+            *per_kind.entry(self.of(app, raw.tag)).or_default() += 1;
+        }
+        per_kind
     }
 }
 

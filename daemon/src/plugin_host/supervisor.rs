@@ -55,6 +55,8 @@ const EVENTS_PER_INSTANCE: usize = 4096;
 type Turn = Arc<tokio::sync::Mutex<()>>;
 
 struct Running {
+    /// The channel's connector kind (for metrics' `connector` label).
+    kind: Arc<str>,
     stop: watch::Sender<bool>,
     /// The instance whose events count: set at create, before start emits anything.
     current: Option<u64>,
@@ -118,12 +120,13 @@ impl Supervisor {
             return;
         }
         let (stop, stop_rx) = watch::channel(false);
-        let id = channel.id;
+        let (id, kind) = (channel.id, Arc::from(channel.kind.as_str()));
         let calls = Turn::default();
         let task = tokio::spawn(self.clone().supervise(channel, calls.clone(), stop_rx));
         map.insert(
             id,
             Running {
+                kind,
                 stop,
                 current: None,
                 instance: None,
@@ -197,6 +200,11 @@ impl Supervisor {
         }
     }
 
+    /// The connector kind of a supervised channel.
+    pub fn kind_of(&self, channel: Id) -> Option<Arc<str>> {
+        self.lock().get(&channel).map(|r| r.kind.clone())
+    }
+
     /// Whether `instance` is the channel's current instance: events of an instance that
     /// was replaced or stopped are stale.
     pub fn is_current(&self, channel: Id, instance: u64) -> bool {
@@ -224,6 +232,23 @@ impl Supervisor {
     /// `{"type":"sent"}` with a non-empty external id: anything else fails the message
     /// for good, since it may have been sent and a retry could send it twice.
     pub async fn deliver(
+        &self,
+        channel: &Channel,
+        outbound: &Value,
+        lease_ms: i64,
+    ) -> Result<Option<String>, JobError> {
+        let sent = self.deliver_once(channel, outbound, lease_ms).await;
+        let outcome = match &sent {
+            Ok(Some(_)) => "sent",
+            Ok(None) => "skipped",
+            Err(JobError::Retryable(_)) => "retry",
+            Err(JobError::Permanent(_)) => "failed",
+        };
+        crate::metrics::outbound(&channel.kind, outcome);
+        sent
+    }
+
+    async fn deliver_once(
         &self,
         channel: &Channel,
         outbound: &Value,

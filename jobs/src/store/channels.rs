@@ -36,6 +36,11 @@ pub trait Channels: Send + Sync {
     /// Channels of every account that should be running (not removed, not suspended).
     async fn runnable_channels(&self) -> StoreResult<Vec<Channel>>;
 
+    /// Up to `limit` channels of every account that need an operator's eye: not
+    /// connected and not removed (connecting, disconnected, error, suspended), the
+    /// most recently created first.
+    async fn troubled_channels(&self, limit: u32) -> StoreResult<Vec<Channel>>;
+
     async fn set_channel_status(
         &self,
         id: Id,

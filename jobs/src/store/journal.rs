@@ -18,6 +18,8 @@ pub struct JobFilter {
     pub state: Option<JobState>,
     pub kind: Option<JobKind>,
     pub limit: u32,
+    /// Jobs to skip, newest first (paging).
+    pub offset: u32,
 }
 
 /// The job journal: the state of every job, whatever the queue backend.
@@ -88,4 +90,8 @@ pub trait Journal: Send + Sync {
     async fn journal_revive(&self, id: &str) -> StoreResult<JobRecord>;
 
     async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>>;
+
+    /// `journal_counts` without the done jobs, which a long retention makes the bulk
+    /// of the journal: cheap enough for every metrics scrape (an index range per state).
+    async fn journal_open_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>>;
 }

@@ -31,9 +31,19 @@ pub struct CheckJob {
     pub account: Id,
 }
 
+/// How the outbox stands: e-mails waiting to be sent, and those sent since a time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxCounts {
+    pub unsent: i64,
+    pub sent_since: i64,
+}
+
 /// The balance e-mail outbox: recorded notifications, their claims and their recipients.
 #[async_trait]
 pub trait Outbox: Send + Sync {
+    /// E-mails recorded and not sent yet, and e-mails sent at or after `since` (ms).
+    async fn outbox_counts(&self, since: i64) -> StoreResult<OutboxCounts>;
+
     /// Those of `accounts` that exist, each with its administrators' e-mail addresses
     /// (in user id order): who gets the balance e-mails. Two queries for a batch.
     async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>>;

@@ -106,6 +106,18 @@ impl Channels for PgStore {
         rows.iter().map(decode::<Channel, _>).collect()
     }
 
+    async fn troubled_channels(&self, limit: u32) -> StoreResult<Vec<Channel>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            channel_columns!(),
+            " FROM channels WHERE status NOT IN ('connected', 'removed') ORDER BY id DESC LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode::<Channel, _>).collect()
+    }
+
     async fn runnable_channels(&self) -> StoreResult<Vec<Channel>> {
         let rows = sqlx::query(concat!(
             "SELECT ",

@@ -77,6 +77,17 @@ fn claims(ns: &[Notification]) -> (Vec<Id>, Vec<i64>) {
 
 #[async_trait]
 impl Outbox for PgStore {
+    async fn outbox_counts(&self, since: i64) -> StoreResult<OutboxCounts> {
+        let (unsent, sent_since): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM notifications WHERE sent_at IS NULL)::BIGINT, \
+             (SELECT COUNT(*) FROM notifications WHERE sent_at >= $1)::BIGINT",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OutboxCounts { unsent, sent_since })
+    }
+
     async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>> {
         let rows = sqlx::query(concat!(
             "SELECT ",

@@ -144,11 +144,12 @@ impl Journal for SqliteStore {
             "SELECT ",
             job_columns!(),
             " FROM jobs WHERE ($1 IS NULL OR state = $1) \
-             AND ($2 IS NULL OR kind = $2) ORDER BY created_at DESC, id DESC LIMIT $3"
+             AND ($2 IS NULL OR kind = $2) ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4"
         ))
         .bind(filter.state.map(JobState::as_str))
         .bind(filter.kind.map(JobKind::as_str))
         .bind(i64::from(filter.limit))
+        .bind(i64::from(filter.offset))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(decode::<JobRecord, _>).collect()
@@ -329,13 +330,30 @@ impl Journal for SqliteStore {
     }
 
     async fn journal_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>> {
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state ORDER BY kind, state",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|(k, s, n)| Ok((JobKind::from_str(&k)?, JobState::from_str(&s)?, n)))
-            .collect()
+        job_counts(&self.pool, "").await
     }
+
+    async fn journal_open_counts(&self) -> StoreResult<Vec<(JobKind, JobState, i64)>> {
+        job_counts(
+            &self.pool,
+            "WHERE state IN ('pending', 'running', 'failed', 'dead')",
+        )
+        .await
+    }
+}
+
+/// Jobs by kind and state, of the rows `filter` (a WHERE clause or nothing) keeps.
+async fn job_counts(
+    pool: &sqlx::SqlitePool,
+    filter: &'static str,
+) -> StoreResult<Vec<(JobKind, JobState, i64)>> {
+    let sql = format!(
+        "SELECT kind, state, COUNT(*) FROM jobs {filter} GROUP BY kind, state ORDER BY kind, state"
+    );
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await?;
+    rows.into_iter()
+        .map(|(k, s, n)| Ok((JobKind::from_str(&k)?, JobState::from_str(&s)?, n)))
+        .collect()
 }

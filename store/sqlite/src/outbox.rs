@@ -60,6 +60,17 @@ async fn claim(
 
 #[async_trait]
 impl Outbox for SqliteStore {
+    async fn outbox_counts(&self, since: i64) -> StoreResult<OutboxCounts> {
+        let (unsent, sent_since): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM notifications WHERE sent_at IS NULL), \
+             (SELECT COUNT(*) FROM notifications WHERE sent_at >= $1)",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OutboxCounts { unsent, sent_since })
+    }
+
     async fn mail_recipients(&self, accounts: &[Id]) -> StoreResult<Vec<(Account, Vec<String>)>> {
         let ids = serde_json::Value::from(accounts.to_vec()).to_string();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(

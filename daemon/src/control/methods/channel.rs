@@ -50,17 +50,12 @@ pub async fn add(app: &App, p: AddParams) -> Result<Value, RpcError> {
     };
     // Charged for today at once: no channel runs a day unpaid. The charge records the
     // balance warning it makes due, like a daily run's; a balance_check sends it.
+    let prices = app.prices();
     let (channel, noticed) = app
         .store
-        .add_channel_charged(
-            p.account,
-            &p.kind,
-            &name,
-            &config,
-            app.today(),
-            &app.prices(),
-        )
+        .add_channel_charged(p.account, &p.kind, &name, &config, app.today(), &prices)
         .await?;
+    crate::metrics::charged(prices.price(&p.kind));
     app.plugins.start(channel.clone());
     if noticed {
         let check = json!({ "account": p.account });

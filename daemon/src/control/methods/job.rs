@@ -51,6 +51,8 @@ pub struct ListParams {
     state: Option<String>,
     kind: Option<String>,
     limit: Option<u32>,
+    /// Jobs to skip, newest first: `limit` and `offset` page through the list.
+    offset: Option<u32>,
 }
 
 pub async fn list(app: &App, p: ListParams) -> Result<Value, RpcError> {
@@ -58,6 +60,7 @@ pub async fn list(app: &App, p: ListParams) -> Result<Value, RpcError> {
         state: p.state.as_deref().map(str::parse::<JobState>).transpose()?,
         kind: p.kind.as_deref().map(str::parse::<JobKind>).transpose()?,
         limit: p.limit.unwrap_or(100).min(10_000),
+        offset: p.offset.unwrap_or(0),
     };
     to_json(&app.store.journal_list(&filter).await?)
 }

@@ -49,7 +49,7 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
         "uptime_secs": app.started.elapsed().as_secs(),
         "backends": {
             "queue": app.settings.raw.queue.backend,
-            "store": "sqlite",
+            "store": app.settings.store.kind(),
             "mail": app.settings.raw.mail.transport,
         },
         "health": {
@@ -59,6 +59,7 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
             "queue": probe.queue.as_ref().err(),
             "workers": probe.workers,
         },
+        "http": app.http_addr.map(|a| a.to_string()),
         "plugins": app.plugins.registry().kinds(),
         "channels": channels,
         "queue_depth": queue_depth,

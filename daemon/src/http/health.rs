@@ -1,0 +1,45 @@
+//! `/healthz` (the process answers) and `/readyz` (the store and the queue answer and
+//! every worker runs), for load balancers, Kubernetes probes and monitoring. Both
+//! answer JSON and stay open without the token: they say what is down, not the data.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::Http;
+use crate::health;
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok", "pid": std::process::id() }))
+}
+
+/// 200 when all is up, else 503 with each part's reason.
+pub async fn readyz(State(http): State<Http>) -> impl IntoResponse {
+    let probe = health::probe(&http.app).await;
+    let down = probe.down();
+    let code = if down.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let part = |r: Result<(), &String>| match r {
+        Ok(()) => json!({ "ok": true }),
+        Err(e) => json!({ "ok": false, "error": e }),
+    };
+    let workers_down: Vec<&String> = probe
+        .workers
+        .iter()
+        .filter(|(_, w)| !w.running)
+        .map(|(q, _)| q)
+        .collect();
+    let body = json!({
+        "ready": down.is_empty(),
+        "down": down,
+        "store": part(probe.channels.as_ref().map(|_| ())),
+        "queue": part(probe.queue.as_ref().map(|_| ())),
+        "workers": { "ok": workers_down.is_empty(), "not_running": workers_down },
+    });
+    (code, Json(body))
+}
