@@ -7,6 +7,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Text,
+    /// Free text that may run long (a reason, an error, a message): cut in list tables
+    /// unless `-o wide`, whole in single-object views.
+    Prose,
     /// Unix milliseconds: relative by default, RFC 3339 with `-o wide`.
     Time,
     /// Integer minor units, right-aligned.
@@ -59,7 +62,7 @@ const CHANNEL: &[Column] = &[
     col("KIND", "/kind", Text),
     col("NUMBER", "/number", Text),
     col("STATUS", "/status", Status),
-    col("REASON", "/status_reason", Text),
+    col("REASON", "/status_reason", Prose),
     col("PRICE/DAY (MINOR UNITS)", "/daily_price", Money),
     wide("DISPLAY NAME", "/display_name", Text),
     wide("ACCOUNT", "/account", Text),
@@ -115,7 +118,7 @@ const JOB: &[Column] = &[
     col("ATTEMPTS", "/attempts", OutOf("/max_attempts")),
     col("CREATED", "/created_at", Time),
     col("UPDATED", "/updated_at", Time),
-    col("LAST ERROR", "/last_error", Text),
+    col("LAST ERROR", "/last_error", Prose),
     wide("RUN AT", "/run_at", Time),
     wide("KEY", "/idempotency_key", Text),
     wide("PAYLOAD", "/payload", Json),
@@ -177,8 +180,8 @@ const MESSAGE: &[Column] = &[
     col("STATUS", "/status", Status),
     col("AUTHOR", "/author", Text),
     col("SENT", "/sent_at", Time),
-    col("TEXT", "/text", Text),
-    wide("REASON", "/status_reason", Text),
+    col("TEXT", "/text", Prose),
+    wide("REASON", "/status_reason", Prose),
     wide("CHANNEL", "/channel", Text),
     wide("EXTERNAL ID", "/external_message_id", Text),
     wide("ATTACHMENTS", "/attachments", Json),
@@ -208,7 +211,7 @@ const DELETION: &[Column] = &[
     col("FINISHED", "/finished_at", Time),
     col("JOB", "/job/id", Text),
     col("JOB STATE", "/job/state", Status),
-    col("JOB ERROR", "/job/last_error", Text),
+    col("JOB ERROR", "/job/last_error", Prose),
     wide("ACCOUNT", "/account", Text),
     wide("JOB ATTEMPTS", "/job/attempts", Text),
 ];

@@ -78,14 +78,18 @@ pub fn resource(r: Resource, v: &Value, ctx: &Ctx) -> String {
             let header = cols.iter().map(|c| c.header.to_owned()).collect();
             let body = rows
                 .iter()
-                .map(|row| cols.iter().map(|c| styled(c, row, ctx)).collect())
+                .map(|row| {
+                    cols.iter()
+                        .map(|c| styled(c, row, ctx, !ctx.wide))
+                        .collect()
+                })
                 .collect();
             grid(Some(header), body, &aligns(&cols))
         }
         Value::Object(_) => {
             let body = r
                 .shown(ctx.wide)
-                .map(|c| vec![Cell::new(c.header), styled(c, v, ctx)])
+                .map(|c| vec![Cell::new(c.header), styled(c, v, ctx, false)])
                 .collect();
             grid(None, body, &[CellAlignment::Left, CellAlignment::Left])
         }
@@ -127,8 +131,14 @@ pub fn cell_text(c: &Column, row: &Value, ctx: &Ctx) -> String {
     }
 }
 
-fn styled(c: &Column, row: &Value, ctx: &Ctx) -> Cell {
-    let text = cell_text(c, row, ctx);
+/// Longest prose cell of a list table without `-o wide`, in characters.
+pub const PROSE_WIDTH: usize = 60;
+
+fn styled(c: &Column, row: &Value, ctx: &Ctx, clip: bool) -> Cell {
+    let mut text = cell_text(c, row, ctx);
+    if clip && c.kind == Kind::Prose {
+        text = clipped(&text, PROSE_WIDTH);
+    }
     let colour = match c.kind {
         Kind::Status if ctx.colour => status_colour(&text),
         _ => None,
@@ -138,6 +148,16 @@ fn styled(c: &Column, row: &Value, ctx: &Ctx) -> Cell {
         Some(colour) => cell.fg(colour),
         None => cell,
     }
+}
+
+/// `text` cut to `max` characters, the cut marked with `…`.
+pub fn clipped(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// Status words that need attention in red, the healthy ones in green, the in-between

@@ -275,3 +275,25 @@ fn top_computes_throughput_from_successive_counts() {
         KeyModifiers::NONE
     )));
 }
+
+#[test]
+fn long_reasons_are_cut_in_list_tables_but_whole_in_one_object_and_with_wide() {
+    let none = BTreeMap::new();
+    let reason = "connector refused its configuration:".repeat(4);
+    let row = channel(2, "telegram", "error", json!(reason), json!({}));
+    let list = render(
+        View::Of(Resource::Channel),
+        &json!([row]),
+        &ctx(false, &none),
+    );
+    let cut = format!("{}…", &reason[..59]);
+    assert!(list.contains(&format!("error    {cut}   ")), "{list}");
+    let wide = render(
+        View::Of(Resource::Channel),
+        &json!([row]),
+        &ctx(true, &none),
+    );
+    assert!(wide.contains(&reason), "{wide}");
+    let one = render(View::Of(Resource::Channel), &row, &ctx(false, &none));
+    assert!(one.contains(&reason), "{one}");
+}
