@@ -397,13 +397,14 @@ Channels:   2 connected, 1 removed"
         .collect();
     assert_eq!([&topup[..1], &topup[2..]].concat(), ["topup", "0", "0", "0", "0", "1"], "{status}");
     assert!(!status.contains('{'), "no JSON in the summary: {status}");
+    assert!(!status.contains('\x1b'), "no colour when piped: {status:?}");
 }
 
 /// `top` piped prints one frame, with throughput from two samples; under a pseudo-
-/// terminal (util-linux `script`) it draws on the alternate screen, quits on `q` and
-/// leaves the alternate screen again.
+/// terminal it draws on the alternate screen, quits on `q` or Ctrl-C and leaves the
+/// alternate screen again. Colour comes only at a terminal, and not with NO_COLOR.
 #[tokio::test(flavor = "multi_thread")]
-async fn top_prints_a_frame_when_piped_and_quits_on_q_at_a_terminal() {
+async fn top_and_colour_at_a_terminal_and_piped() {
     let d = Daemon::start(Backend::Sqlite);
     let frame = pb(&d, &["top"]);
     assert!(frame.starts_with("patchbayd "), "{frame}");
@@ -413,32 +414,52 @@ async fn top_prints_a_frame_when_piped_and_quits_on_q_at_a_terminal() {
     );
     assert!(frame.ends_with("refreshed every 1 s; q, Esc or Ctrl-C quits\n"), "{frame}");
 
-    let command = format!("{PATCHBAYCTL} --config {} top", d.config.display());
+    // q, and Ctrl-C (which raw mode delivers as a key).
+    for key in [b"q", b"\x03"] {
+        let screen = at_a_terminal(&d, &["top"], &[], Some(key));
+        assert!(screen.contains("\x1b[?1049h") && screen.contains("DONE/S"), "{screen:?}");
+        assert!(
+            screen.trim_end().ends_with("\x1b[?1049l"),
+            "the terminal restored after {key:?}: {screen:?}"
+        );
+    }
+    // Colour at a terminal (health ok in green), none with NO_COLOR.
+    let green = "\x1b[38;5;10m";
+    assert!(at_a_terminal(&d, &["status"], &[], None).contains(green));
+    let plain = at_a_terminal(&d, &["status"], &[("NO_COLOR", "1")], None);
+    assert!(plain.contains("Health:") && !plain.contains('\x1b'), "{plain:?}");
+}
+
+/// patchbayctl under a pseudo-terminal (util-linux `script`); `key`, if any, typed after
+/// two refreshes. Its screen output, once it exited with success.
+fn at_a_terminal(d: &Daemon, args: &[&str], env: &[(&str, &str)], key: Option<&[u8]>) -> String {
+    let command = format!("{PATCHBAYCTL} --config {} {}", d.config.display(), args.join(" "));
     let mut child = Command::new("script")
         .args(["-qfec", &command, "/dev/null"])
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("script (util-linux) runs");
     let mut stdin = child.stdin.take().expect("stdin");
-    // Two frames' time, then q.
-    std::thread::sleep(Duration::from_millis(2500));
-    stdin.write_all(b"q").expect("send q");
+    if let Some(key) = key {
+        std::thread::sleep(Duration::from_millis(2500));
+        stdin.write_all(key).expect("type the key");
+    }
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "top did not quit on q");
+        assert!(start.elapsed() < Duration::from_secs(10), "patchbayctl {args:?} did not exit");
         std::thread::sleep(Duration::from_millis(50));
     };
     drop(stdin);
     let out = child.wait_with_output().expect("output");
-    let screen = String::from_utf8_lossy(&out.stdout);
-    assert!(status.success(), "{screen}");
-    assert!(screen.contains("\x1b[?1049h") && screen.contains("DONE/S"), "{screen:?}");
-    assert!(screen.trim_end().ends_with("\x1b[?1049l"), "the terminal restored: {screen:?}");
+    let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(status.success(), "patchbayctl {args:?}: {screen}");
+    screen
 }
 
 /// Completions and the man page need no daemon; a reader that stops reading early

@@ -87,8 +87,8 @@ fn channels(status: &Value) -> String {
     }
 }
 
-/// Per job kind: the queue's depth (`?` while it does not answer) and the journal's
-/// jobs by state; with `rates`, a DONE/S column too (from successive counts, `top`).
+/// Per job kind: the queue's depth and the journal's jobs by state (`?` where the
+/// queue or the store does not answer); with `rates` (`top`), a DONE/S column too.
 fn jobs_table(status: &Value, rates: Option<&BTreeMap<String, f64>>, ctx: &Ctx) -> String {
     let depth = status["queue_depth"].as_object();
     let mut kinds: Vec<&String> = depth.into_iter().flat_map(|m| m.keys()).collect();
@@ -116,8 +116,13 @@ fn jobs_table(status: &Value, rates: Option<&BTreeMap<String, f64>>, ctx: &Ctx) 
             };
             let mut row = vec![Cell::new(kind), Cell::new(queued)];
             for state in STATES {
-                let n = status["jobs"][kind.as_str()][state].as_i64().unwrap_or(0);
-                let cell = Cell::new(n);
+                // No counts at all: the store did not answer (`?`), not zero jobs.
+                let n = match &status["jobs"] {
+                    Value::Null => None,
+                    jobs => Some(jobs[kind.as_str()][state].as_i64().unwrap_or(0)),
+                };
+                let cell = Cell::new(n.map_or("?".into(), |n| n.to_string()));
+                let n = n.unwrap_or(0);
                 row.push(match state {
                     "dead" | "failed" if n > 0 && ctx.colour => cell.fg(Color::Red),
                     _ => cell,

@@ -223,6 +223,13 @@ send_message             ?         0         0      0        0      1";
         down.contains("Health:     degraded\n            - queue down (connection refused)"),
         "{down}"
     );
+    let mut store_down = status(0, &["store down (timed out)"]);
+    store_down["jobs"] = Value::Null;
+    let text = render(View::Status, &store_down, &ctx(false, &none));
+    assert!(
+        text.contains("\ninbound_message         12         ?         ?      ?        ?      ?"),
+        "{text}"
+    );
 }
 
 #[test]
