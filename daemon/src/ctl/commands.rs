@@ -46,28 +46,39 @@ impl Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Version, uptime, backends, channels and queue depth.
+    /// Version, uptime, backends, health, channels and the queue by job kind.
     Status,
+    /// Accounts: create, balance, top-ups, ledger.
     #[command(subcommand)]
     Account(AccountCmd),
+    /// Users of an account.
     #[command(subcommand)]
     User(UserCmd),
+    /// Background jobs: list, inspect, retry dead ones, enqueue.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Loaded connector plugins.
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Messenger channels of an account.
     #[command(subcommand)]
     Channel(ChannelCmd),
+    /// An account's general settings.
     #[command(subcommand)]
     Settings(SettingsCmd),
+    /// Additional fields of the chat card.
     #[command(subcommand)]
     Field(FieldCmd),
+    /// The shared inbox: chats, messages, assignment, fields.
     #[command(subcommand)]
     Chat(ChatCmd),
+    /// Send a message to a client.
     #[command(subcommand)]
     Message(MessageCmd),
+    /// Deletion of an account's old data.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Daily billing runs.
     #[command(subcommand)]
     Billing(BillingCmd),
     /// Call any method with JSON params: `patchbayctl call account.get '{"account": 1}'`.
@@ -76,13 +87,18 @@ pub enum Command {
         params: Option<String>,
     },
     /// A live view of throughput, queue depth and channels; q, Esc or Ctrl-C quits.
-    /// Not on a terminal: prints one frame and exits.
+    ///
+    /// Not on a terminal (`patchbayctl top | cat`) it prints one frame, from two samples
+    /// an interval apart, and exits.
     Top {
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
         interval: u64,
     },
-    /// Print a shell completion script: `patchbayctl completions bash > /etc/bash_completion.d/patchbayctl`.
+    /// Print a shell completion script (bash, zsh, fish, …).
+    ///
+    /// `patchbayctl completions bash > ~/.local/share/bash-completion/completions/patchbayctl`;
+    /// the .deb installs the bash, zsh and fish ones.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): `patchbayctl man | man -l -`.
     #[command(hide = true)]
