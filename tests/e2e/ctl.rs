@@ -187,6 +187,7 @@ async fn every_resource_as_a_table_and_the_rpc_result_as_json_and_yaml() {
     let sales = d
         .loopback(1, 1, json!({"number": "+15550000200", "rate_per_sec": 0, "id_prefix": "s"}))
         .await;
+    assert_eq!((support, sales), (1, 2));
     let gone = d.loopback(1, 1, json!({"number": "+15550000300", "rate_per_sec": 0})).await;
     let removed = pb(
         &d,
@@ -213,7 +214,6 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
 2    lb     loopback   +15550000200   connected   -                            100
 "
     );
-    assert!(support == 1 && sales == 2);
     let wide = pb(&d, &["-o", "wide", "channel", "list", "--account", "1"]);
     let first = wide.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = first.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
