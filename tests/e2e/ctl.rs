@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Daemon, PATCHBAYCTL, ctl};
+use crate::harness::{Backend, Daemon, PATCHBAYCTL, STORE, StoreKind, ctl};
 
 const SECRET: &str = "lb-secret-for-the-ctl-tables";
 
@@ -374,13 +374,19 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
     let sections: Vec<&str> = status.trim_end().split("\n\n").collect();
     assert_eq!(sections.len(), 3, "{status}");
     assert!(sections[0].starts_with(&format!("patchbayd {}, pid ", env!("CARGO_PKG_VERSION"))), "{status}");
+    let store = match STORE {
+        StoreKind::Sqlite => "sqlite",
+        StoreKind::Postgres => "postgres",
+    };
     assert_eq!(
         sections[1],
-        "\
-Backends:   queue sqlite, store sqlite, mail file
+        format!(
+            "\
+Backends:   queue sqlite, store {store}, mail file
 Plugins:    loopback
 Health:     ok
 Channels:   2 connected, 1 removed"
+        )
     );
     assert!(
         sections[2].starts_with("KIND              IN QUEUE   PENDING   RUNNING   DONE   FAILED   DEAD\n"),

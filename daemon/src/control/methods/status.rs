@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::NoParams;
 use crate::app::App;
+use crate::config::StoreLocation;
 use crate::control::rpc::RpcError;
 use crate::health::{self, PART_TIMEOUT};
 
@@ -49,7 +50,10 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
         "uptime_secs": app.started.elapsed().as_secs(),
         "backends": {
             "queue": app.settings.raw.queue.backend,
-            "store": "sqlite",
+            "store": match app.settings.store {
+                StoreLocation::Sqlite(_) => "sqlite",
+                StoreLocation::Postgres(_) => "postgres",
+            },
             "mail": app.settings.raw.mail.transport,
         },
         "health": {
