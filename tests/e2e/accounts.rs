@@ -87,7 +87,10 @@ async fn accounts_users_and_topups() {
     );
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("balance") && text.contains("1500"), "{text}");
+    assert!(
+        text.contains("BALANCE (MINOR UNITS)") && text.contains("1500"),
+        "{text}"
+    );
     let out = ctl(
         &d.config,
         &["--json", "account", "ledger", "--account", &acc.to_string()],

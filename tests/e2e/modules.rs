@@ -7,6 +7,7 @@ mod chats;
 mod config;
 mod control;
 mod control_limits;
+mod ctl;
 mod deletion;
 mod fake_http;
 mod faults;

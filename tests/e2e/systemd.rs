@@ -588,6 +588,8 @@ fn deb_package_recipe_is_complete() {
         "lib/systemd/system/patchbayd.socket",
         "usr/lib/sysusers.d/patchbay.conf",
         "etc/patchbay/patchbayd.toml",
+        "usr/share/bash-completion/completions/patchbayctl",
+        "usr/share/man/man1/patchbayctl.1",
     ] {
         assert!(
             shipped.iter().any(|s| s == want),
@@ -614,4 +616,24 @@ fn deb_package_recipe_is_complete() {
         );
         assert!(mode & 0o111 != 0, "{} is not executable", path.display());
     }
+    // patchbayctl's completions and man page: the script writes every one the package
+    // ships, from the binary itself.
+    let out = tempfile::tempdir().expect("tempdir");
+    let ok = Command::new(daemon_dir.join("patchbayctl-assets.sh"))
+        .arg(crate::harness::PATCHBAYCTL)
+        .arg(out.path())
+        .status()
+        .expect("patchbayctl-assets.sh");
+    assert!(ok.success(), "patchbayctl-assets.sh failed");
+    let generated = assets
+        .iter()
+        .filter_map(|a| a[0].strip_prefix("target/release/"))
+        .filter(|f| f.starts_with("patchbayctl.") || f.starts_with("_patchbayctl"));
+    let mut n = 0;
+    for file in generated {
+        let len = std::fs::metadata(out.path().join(file)).map_or(0, |m| m.len());
+        assert!(len > 0, "patchbayctl-assets.sh did not write {file}");
+        n += 1;
+    }
+    assert_eq!(n, 4, "bash, zsh and fish completions and the man page");
 }

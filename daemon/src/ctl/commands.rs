@@ -1,9 +1,14 @@
 //! patchbayctl's command line: one subcommand per control method, named like it
-//! (`patchbayctl job list --state dead` calls `job.list`), plus `call` for any method.
+//! (`patchbayctl job list --state dead` calls `job.list`), plus `call` for any method,
+//! `top`, and the generated `completions` and `man`; and how each result is shown.
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value, json};
 use std::path::PathBuf;
+
+use crate::ctl::columns::Resource;
+use crate::ctl::output::Format;
+use crate::ctl::render::View;
 
 #[derive(Parser)]
 #[command(
@@ -18,37 +23,62 @@ pub struct Cli {
     /// Configuration file to read the socket path from.
     #[arg(long, short, global = true, env = "PATCHBAY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Print the raw JSON result, for scripts.
-    #[arg(long, global = true)]
+    /// Output: table (default), wide (more columns, absolute times), json (the RPC
+    /// result unchanged, for scripts) or yaml.
+    #[arg(long, short, global = true, value_enum)]
+    pub output: Option<Format>,
+    /// The same as `-o json`.
+    #[arg(long, global = true, conflicts_with = "output")]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
 
+impl Cli {
+    pub fn format(&self) -> Format {
+        match (self.json, self.output) {
+            (true, _) => Format::Json,
+            (false, Some(f)) => f,
+            (false, None) => Format::Table,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
-    /// Version, uptime, backends, channels and queue depth.
+    /// Version, uptime, backends, health, channels and the queue by job kind.
     Status,
+    /// Accounts: create, balance, top-ups, ledger.
     #[command(subcommand)]
     Account(AccountCmd),
+    /// Users of an account.
     #[command(subcommand)]
     User(UserCmd),
+    /// Background jobs: list, inspect, retry dead ones, enqueue.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Loaded connector plugins.
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Messenger channels of an account.
     #[command(subcommand)]
     Channel(ChannelCmd),
+    /// An account's general settings.
     #[command(subcommand)]
     Settings(SettingsCmd),
+    /// Additional fields of the chat card.
     #[command(subcommand)]
     Field(FieldCmd),
+    /// The shared inbox: chats, messages, assignment, fields.
     #[command(subcommand)]
     Chat(ChatCmd),
+    /// Send a message to a client.
     #[command(subcommand)]
     Message(MessageCmd),
+    /// Deletion of an account's old data.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Daily billing runs.
     #[command(subcommand)]
     Billing(BillingCmd),
     /// Call any method with JSON params: `patchbayctl call account.get '{"account": 1}'`.
@@ -56,6 +86,23 @@ pub enum Command {
         method: String,
         params: Option<String>,
     },
+    /// A live view of throughput, queue depth and channels; q, Esc or Ctrl-C quits.
+    ///
+    /// Not on a terminal (`patchbayctl top | cat`) it prints one frame, from two samples
+    /// an interval apart, and exits.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
+        interval: u64,
+    },
+    /// Print a shell completion script (bash, zsh, fish, …).
+    ///
+    /// `patchbayctl completions bash > ~/.local/share/bash-completion/completions/patchbayctl`;
+    /// the .deb installs the bash, zsh and fish ones.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `patchbayctl man | man -l -`.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -360,9 +407,45 @@ fn object(pairs: Vec<(&str, Value)>) -> Value {
     Value::Object(map)
 }
 
-/// The method and params a command stands for.
-pub fn to_call(cmd: &Command) -> anyhow::Result<(String, Value)> {
-    Ok(match cmd {
+impl Command {
+    /// How the command's result is shown in a table format.
+    pub fn view(&self) -> View {
+        use Resource as R;
+        match self {
+            Command::Status => View::Status,
+            Command::Account(AccountCmd::Create { .. }) => View::AccountCreated,
+            Command::Account(AccountCmd::Get(_)) => View::Of(R::Account),
+            Command::Account(AccountCmd::Topup { .. } | AccountCmd::Ledger { .. }) => {
+                View::Of(R::Ledger)
+            }
+            Command::User(_) => View::Of(R::User),
+            Command::Job(JobCmd::Enqueue { .. }) => View::Generic,
+            Command::Job(_) => View::Of(R::Job),
+            Command::Plugin(_) => View::Of(R::Plugin),
+            Command::Channel(_) => View::Of(R::Channel),
+            Command::Settings(_) => View::Of(R::Settings),
+            Command::Field(FieldCmd::Remove { .. }) => View::Generic,
+            Command::Field(_) => View::Of(R::Field),
+            Command::Chat(ChatCmd::Get { .. }) => View::ChatCard,
+            Command::Chat(ChatCmd::Messages { .. }) => View::Of(R::Message),
+            Command::Chat(ChatCmd::Close { .. } | ChatCmd::SetField { .. }) => View::Generic,
+            Command::Chat(_) => View::Of(R::Chat),
+            Command::Data(_) => View::Of(R::Deletion),
+            Command::Message(_)
+            | Command::Billing(_)
+            | Command::Call { .. }
+            | Command::Top { .. }
+            | Command::Completions { .. }
+            | Command::Man => View::Generic,
+        }
+    }
+}
+
+/// The method and params a command stands for; `None` for the commands that call no
+/// single method (`top`, `completions`, `man`).
+pub fn to_call(cmd: &Command) -> anyhow::Result<Option<(String, Value)>> {
+    Ok(Some(match cmd {
+        Command::Top { .. } | Command::Completions { .. } | Command::Man => return Ok(None),
         Command::Status => ("status".into(), json!({})),
         Command::Call { method, params } => {
             let params = match params {
@@ -583,5 +666,5 @@ pub fn to_call(cmd: &Command) -> anyhow::Result<(String, Value)> {
             "message.send".into(),
             json!({ "chat": chat, "actor": actor, "text": text }),
         ),
-    })
+    }))
 }
