@@ -378,12 +378,17 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
         StoreKind::Sqlite => "sqlite",
         StoreKind::Postgres => "postgres",
     };
+    let http = d.ok("status", json!({})).await["http"]
+        .as_str()
+        .expect("the listener")
+        .to_owned();
     assert_eq!(
         sections[1],
         format!(
             "\
 Backends:   queue sqlite, store {store}, mail file
 Plugins:    loopback
+HTTP:       http://{http}/ (dashboard, /metrics, /readyz)
 Health:     ok
 Channels:   2 connected, 1 removed"
         )

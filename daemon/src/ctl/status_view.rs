@@ -47,9 +47,14 @@ fn labelled(status: &Value, ctx: &Ctx) -> String {
         Some(p) if !p.is_empty() => p.iter().map(plain).collect::<Vec<_>>().join(", "),
         _ => "none loaded".into(),
     };
+    let http = match status["http"].as_str() {
+        Some(addr) => format!("http://{addr}/ (dashboard, /metrics, /readyz)"),
+        None => "off".into(),
+    };
     let rows = vec![
         vec![Cell::new("Backends:"), Cell::new(backends)],
         vec![Cell::new("Plugins:"), Cell::new(plugins)],
+        vec![Cell::new("HTTP:"), Cell::new(http)],
         vec![Cell::new("Health:"), health(status, ctx)],
         vec![Cell::new("Channels:"), Cell::new(channels(status))],
     ];

@@ -192,6 +192,7 @@ fn status(done: i64, down: &[&str]) -> Value {
         "backends": {"queue": "redis", "store": "sqlite", "mail": "file"},
         "health": {"ok": down.is_empty(), "down": down},
         "plugins": ["loopback", "telegram"],
+        "http": "127.0.0.1:9464",
         "channels": {"connected": 3, "error": 1},
         "queue_depth": {"inbound_message": 12, "send_message": null},
         "jobs": {"inbound_message": {"done": done, "running": 2}, "send_message": {"dead": 1}},
@@ -207,6 +208,7 @@ patchbayd 0.1.0, pid 4242, up 2 h 5 min
 
 Backends:   queue redis, store sqlite, mail file
 Plugins:    loopback, telegram
+HTTP:       http://127.0.0.1:9464/ (dashboard, /metrics, /readyz)
 Health:     ok
 Channels:   3 connected, 1 error
 
