@@ -301,6 +301,11 @@ async fn readyz_says_what_is_down_while_redis_is_stopped() {
     let (code, body) = ready().await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["ready"], true);
+    // The dashboard on the Redis queue, too.
+    let page = http.get(format!("{base}/")).send().await.expect("GET /");
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.expect("page");
+    assert!(page.contains("All parts up") && page.contains("data-kind=\"inbound_message\""));
     d.redis.as_mut().expect("redis").stop();
     let (code, body) = ready().await;
     assert_eq!(code, 503, "{body}");
