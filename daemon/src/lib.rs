@@ -21,4 +21,5 @@ pub mod queue;
 pub mod reload;
 pub mod store_copy;
 pub mod sweep;
+pub mod time_text;
 pub mod worker;

@@ -11,7 +11,7 @@ use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table};
 use serde_json::Value;
 
 use crate::ctl::columns::{Column, Kind, Resource};
-use crate::ctl::time_text;
+use crate::time_text;
 
 /// What the renderers need besides the result.
 pub struct Ctx<'a> {

@@ -8,7 +8,7 @@ use comfy_table::{Cell, CellAlignment, Color};
 use serde_json::Value;
 
 use crate::ctl::render::{Ctx, grid, plain};
-use crate::ctl::time_text;
+use crate::time_text;
 
 /// The journal's job states, in the order a job passes through them.
 const STATES: [&str; 5] = ["pending", "running", "done", "failed", "dead"];

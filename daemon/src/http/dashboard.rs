@@ -13,7 +13,6 @@ use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 use patchbay_jobs::JobKind;
 use patchbay_jobs::model::{Channel, JobRecord, JobState, now_ms};
@@ -24,6 +23,7 @@ use super::Http;
 use super::auth::{self, Refusal};
 use super::history::{SAMPLE_EVERY, Series};
 use crate::health::{self, PART_TIMEOUT};
+use crate::time_text;
 
 /// Dead jobs on one page.
 const PAGE: u32 = 20;
@@ -155,7 +155,7 @@ fn shell(http: &Http, session: Option<&str>, main: Markup) -> Markup {
                     span.meta {
                         "patchbayd " (env!("CARGO_PKG_VERSION"))
                         " · pid " (std::process::id())
-                        " · up " (ago_secs(app.started.elapsed().as_secs()))
+                        " · up " (time_text::duration(app.started.elapsed().as_secs()))
                         " · store " (app.settings.store.kind())
                         " · queue " (app.settings.raw.queue.backend)
                     }
@@ -328,7 +328,7 @@ fn dead_jobs(
                                 td { (j.kind.as_str()) }
                                 td.n { (j.attempts) "/" (j.max_attempts) }
                                 td.reason { (j.last_error.as_deref().unwrap_or("")) }
-                                td title=(absolute(j.updated_at)) { (ago_ms(j.updated_at)) }
+                                td title=(time_text::absolute(j.updated_at)) { (ago_ms(j.updated_at)) }
                                 td {
                                     @if let Some(csrf) = csrf {
                                         form.inline method="post" action={"/jobs/" (j.id) "/retry"} {
@@ -365,7 +365,7 @@ fn billing(o: &Overview) -> Markup {
                 "Last run: "
                 (run.payload.get("date").and_then(|d| d.as_str()).unwrap_or("?"))
                 ", " span class={"badge state-" (run.state)} { (run.state) }
-                ", " span title=(absolute(run.updated_at)) { (ago_ms(run.updated_at)) }
+                ", " span title=(time_text::absolute(run.updated_at)) { (ago_ms(run.updated_at)) }
                 @if let Some(e) = &run.last_error { " — " span.reason { (e) } }
             },
             Err(e) => p.down { "store: " (e) },
@@ -442,24 +442,8 @@ fn format_value(v: f64) -> String {
     }
 }
 
-fn ago_secs(secs: u64) -> String {
-    match secs {
-        0..60 => format!("{secs} s"),
-        60..3600 => format!("{} min", secs / 60),
-        3600..86_400 => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
-        _ => format!("{} d {} h", secs / 86_400, secs % 86_400 / 3600),
-    }
-}
-
 fn ago_ms(at: i64) -> String {
-    let secs = u64::try_from((now_ms() - at).max(0) / 1000).unwrap_or(0);
-    format!("{} ago", ago_secs(secs))
-}
-
-fn absolute(at: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(at)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
+    time_text::relative(at, now_ms())
 }
 
 #[derive(Deserialize)]
@@ -558,14 +542,6 @@ pub async fn js() -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn relative_times_read_like_a_person_would_say_them() {
-        assert_eq!(ago_secs(5), "5 s");
-        assert_eq!(ago_secs(125), "2 min");
-        assert_eq!(ago_secs(3 * 3600 + 60), "3 h 1 min");
-        assert_eq!(ago_secs(2 * 86_400 + 7200), "2 d 2 h");
-    }
 
     #[test]
     fn a_chart_escapes_nothing_it_does_not_own_and_says_when_empty() {

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use super::{Ctx, View, redacted_config, render};
 use crate::ctl::columns::Resource;
-use crate::ctl::time_text::{absolute, duration, relative};
 use crate::ctl::top::{Sample, frame, quits, rates};
+use crate::time_text::{absolute, duration, relative};
 
 const NOW: i64 = 1_796_607_034_000;
 const MIN: i64 = 60_000;

@@ -1,4 +1,4 @@
-//! Times and durations as people read them: "3 min ago", "in 2 h", "2 h 5 min", and
+//! Times and durations as people read them (patchbayctl's tables, the dashboard): "3 min ago", "in 2 h", "2 h 5 min", and
 //! RFC 3339 for `-o wide`. Pure functions of the instant and "now" (Unix milliseconds).
 
 use chrono::{DateTime, SecondsFormat};
