@@ -47,6 +47,7 @@ pub struct Config {
     pub deletion: DeletionConfig,
     pub log: LogConfig,
     pub http: crate::http::config::HttpConfig,
+    pub node: crate::node::NodeConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -288,6 +289,8 @@ pub struct Settings {
     pub plugins_dir: PathBuf,
     pub mail_spool_dir: PathBuf,
     pub http: crate::http::config::HttpSettings,
+    /// `node.name`, or the host name.
+    pub node: String,
 }
 
 impl Settings {
@@ -646,8 +649,10 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
     let socket = check_socket(base, &raw.control.socket)?;
     check_control_limits(&raw.control)?;
     let http = crate::http::config::check(&raw.http)?;
+    let node = crate::node::check(&raw.node)?;
     Ok(Settings {
         http,
+        node,
         socket,
         store,
         queue,

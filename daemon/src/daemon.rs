@@ -44,7 +44,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     }
-    let metrics = crate::metrics::Metrics::install();
+    let metrics = crate::metrics::Metrics::install(&settings.node);
     let (store, checkpoints) = open_store(&settings).await?;
     let queue = match settings.queue {
         QueueBackend::Sqlite => Queue::open_sqlite(&settings.queue_sqlite_path).await,

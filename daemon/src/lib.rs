@@ -15,6 +15,7 @@ pub mod http;
 pub mod logging;
 pub mod mail;
 pub mod metrics;
+pub mod node;
 pub mod notify;
 pub mod plugin_host;
 pub mod queue;

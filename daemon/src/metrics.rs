@@ -63,11 +63,13 @@ static INSTALLED: OnceLock<Metrics> = OnceLock::new();
 impl Metrics {
     /// Installs the global recorder (once per process; later calls return the first)
     /// and describes every metric, so a scrape shows HELP and TYPE lines even for those
-    /// not recorded yet.
-    pub fn install() -> Metrics {
+    /// not recorded yet. Every series carries `node`: daemons sharing a store and a
+    /// queue are told apart.
+    pub fn install(node: &str) -> Metrics {
         INSTALLED
             .get_or_init(|| {
                 let builder = PrometheusBuilder::new()
+                    .add_global_label("node", node)
                     .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
                     .expect("the bucket list is not empty");
                 let recorder = builder.build_recorder();

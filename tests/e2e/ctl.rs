@@ -373,7 +373,8 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
     let status = pb(&d, &["status"]);
     let sections: Vec<&str> = status.trim_end().split("\n\n").collect();
     assert_eq!(sections.len(), 3, "{status}");
-    assert!(sections[0].starts_with(&format!("patchbayd {}, pid ", env!("CARGO_PKG_VERSION"))), "{status}");
+    assert!(sections[0].starts_with(&format!("patchbayd {}, node ", env!("CARGO_PKG_VERSION"))), "{status}");
+    assert!(sections[0].contains(", pid "), "{status}");
     let store = match STORE {
         StoreKind::Sqlite => "sqlite",
         StoreKind::Postgres => "postgres",

@@ -28,9 +28,10 @@ fn client() -> reqwest::Client {
         .expect("http client")
 }
 
-/// Every sample of the scrape, keyed by name and sorted labels, after checking that
-/// the whole text parses as the Prometheus exposition format.
-async fn scrape(base: &str) -> HashMap<String, f64> {
+/// Every sample of the scrape, keyed by name and sorted labels but `node`, after
+/// checking that the whole text parses as the Prometheus exposition format and that
+/// every sample names this node.
+async fn scrape(base: &str, node: &str) -> HashMap<String, f64> {
     let reply = client()
         .get(format!("{base}/metrics"))
         .send()
@@ -58,9 +59,11 @@ async fn scrape(base: &str) -> HashMap<String, f64> {
             | prometheus_parse::Value::Untyped(v) => v,
             _ => continue,
         };
+        assert_eq!(s.labels.get("node"), Some(node), "{} names its node", s.metric);
         let mut labels: Vec<(String, String)> = s
             .labels
             .iter()
+            .filter(|(k, _)| k.as_str() != "node")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         labels.sort();
@@ -86,7 +89,7 @@ async fn metrics_and_the_dashboard_show_a_known_workload() {
     const M: usize = 3;
     let d = Daemon::start_with(
         Backend::Sqlite,
-        &format!("[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"),
+        &format!("[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n[node]\nname = \"mon-1\"\n"),
     );
     let base = base(&d).await;
     let (acc, admin) = d.account("monitoring").await;
@@ -129,7 +132,7 @@ async fn metrics_and_the_dashboard_show_a_known_workload() {
         .to_owned();
     d.job_until(&dead, &["dead"], Duration::from_secs(20)).await;
 
-    let m = scrape(&base).await;
+    let m = scrape(&base, "mon-1").await;
     assert_eq!(sample(&m, "patchbay_inbound_messages_total{connector=loopback}"), N as f64);
     assert_eq!(
         sample(&m, "patchbay_connector_events_total{connector=loopback,outcome=accepted,type=inbound}"),
@@ -188,6 +191,7 @@ async fn metrics_and_the_dashboard_show_a_known_workload() {
         "the reason, escaped"
     );
     assert!(dom.contains("sign in to retry"), "no retry button before signing in");
+    assert!(dom.contains("node mon-1"), "the node's name in the header");
 
     let http = client();
     let retry_url = format!("{base}/jobs/{dead}/retry");

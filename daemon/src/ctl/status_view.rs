@@ -23,14 +23,15 @@ pub fn render(status: &Value, rates: Option<&BTreeMap<String, f64>>, ctx: &Ctx) 
     .join("\n\n")
 }
 
-/// `patchbayd 0.1.0, pid 4242, up 2 h 5 min`.
+/// `patchbayd 0.1.0, node eu-1, pid 4242, up 2 h 5 min`.
 fn daemon_line(status: &Value) -> String {
     let uptime = status["uptime_secs"]
         .as_u64()
         .map_or_else(|| "-".into(), time_text::duration);
     format!(
-        "patchbayd {}, pid {}, up {uptime}",
+        "patchbayd {}, node {}, pid {}, up {uptime}",
         plain(&status["version"]),
+        plain(&status["node"]),
         plain(&status["pid"]),
     )
 }

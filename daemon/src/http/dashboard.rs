@@ -154,6 +154,7 @@ fn shell(http: &Http, session: Option<&str>, main: Markup) -> Markup {
                     h1 { "patchbay" }
                     span.meta {
                         "patchbayd " (env!("CARGO_PKG_VERSION"))
+                        " · node " (app.settings.node)
                         " · pid " (std::process::id())
                         " · up " (time_text::duration(app.started.elapsed().as_secs()))
                         " · store " (app.settings.store.kind())

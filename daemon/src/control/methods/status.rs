@@ -45,6 +45,7 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
     let down = probe.down();
     Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "node": app.settings.node,
         "pid": std::process::id(),
         "uptime_secs": app.started.elapsed().as_secs(),
         "backends": {

@@ -188,7 +188,7 @@ ID                           KIND    STATE   ATTEMPTS   CREATED   UPDATED    LAS
 
 fn status(done: i64, down: &[&str]) -> Value {
     json!({
-        "version": "0.1.0", "pid": 4242, "uptime_secs": 7509,
+        "version": "0.1.0", "node": "eu-1", "pid": 4242, "uptime_secs": 7509,
         "backends": {"queue": "redis", "store": "sqlite", "mail": "file"},
         "health": {"ok": down.is_empty(), "down": down},
         "plugins": ["loopback", "telegram"],
@@ -204,7 +204,7 @@ fn status_is_a_summary_with_what_is_down_and_a_table_of_job_kinds() {
     let none = BTreeMap::new();
     let text = render(View::Status, &status(100, &[]), &ctx(false, &none));
     let want = "\
-patchbayd 0.1.0, pid 4242, up 2 h 5 min
+patchbayd 0.1.0, node eu-1, pid 4242, up 2 h 5 min
 
 Backends:   queue redis, store sqlite, mail file
 Plugins:    loopback, telegram

@@ -1,0 +1,58 @@
+//! This daemon as one node of a cluster: `node.name`, the stable name people see in
+//! metrics (the `node` label) and the dashboard, by default the host name.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// Longest `node.name`.
+const MAX_NAME: usize = 64;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Empty: the host name. Two daemons on one host need names of their own.
+    pub name: String,
+}
+
+/// `node.name`, or the host name when it is empty.
+pub fn check(raw: &NodeConfig) -> Result<String, ConfigError> {
+    let name = if raw.name.is_empty() {
+        let host = rustix::system::uname();
+        host.nodename().to_string_lossy().into_owned()
+    } else {
+        raw.name.clone()
+    };
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !valid {
+        return Err(ConfigError::new(
+            "node.name",
+            &name,
+            format!("1 to {MAX_NAME} letters, digits, '-', '_' or '.' (empty: the host name)"),
+        ));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_the_host_name_and_bad_names_are_refused() {
+        let host = check(&NodeConfig::default()).expect("host name");
+        assert!(!host.is_empty());
+        let named = NodeConfig {
+            name: "eu-1.a".into(),
+        };
+        assert_eq!(check(&named).unwrap(), "eu-1.a");
+        for bad in ["two words", "ünicode", &"x".repeat(65)] {
+            let e = check(&NodeConfig { name: bad.into() }).expect_err(bad);
+            assert_eq!(e.key, "node.name");
+        }
+    }
+}
