@@ -327,6 +327,10 @@ impl App {
     pub async fn after_charges(&self, charges: &[(Id, Charged)]) -> Result<(), DomainError> {
         let mut checks = Vec::new();
         for (account, charged) in charges {
+            // Both ways a charge goes (its batch, or the per-job path) come here.
+            if let ChargeOutcome::Charged { total, .. } = &charged.outcome {
+                crate::metrics::charged(*total);
+            }
             if let ChargeOutcome::Suspended {
                 needed,
                 balance,

@@ -127,7 +127,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         })
         .collect();
     let sweep = tokio::spawn(crate::sweep::run(app.clone(), stop.clone()));
-    let http = http_listener.map(|listener| {
+    // Histograms hold their samples until drained, listener or not.
+    tokio::spawn(metrics.clone().upkeep(stop.clone()));
+    let http = http_listener.zip(http_addr).map(|(listener, addr)| {
         let history = Arc::new(crate::http::history::History::default());
         let settings = &app.settings.http;
         let auth = crate::http::auth::Auth::new(settings.token.clone(), settings.public());
@@ -136,12 +138,13 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
             history.clone(),
             stop.clone(),
         ));
-        tokio::spawn(metrics.clone().upkeep(stop.clone()));
         let state = crate::http::Http {
+            addr,
             app: app.clone(),
             metrics: metrics.clone(),
             history,
             auth: Arc::new(auth),
+            dashboard_turn: Default::default(),
         };
         tokio::spawn(crate::http::serve(listener, state, stop.clone()))
     });

@@ -111,7 +111,7 @@ fn describe() {
     describe_histogram!(JOB_DURATION, "Time a job's handler took, by kind.");
     describe_histogram!(
         JOB_QUEUE_LATENCY,
-        "Time from a job's creation to its first start, by kind."
+        "Time a job waited for a worker once due (enqueued, or its retry's backoff over), by kind."
     );
     describe_gauge!(
         QUEUE_DEPTH,
@@ -201,16 +201,19 @@ pub fn job_ran(kind: JobKind, took: Duration) {
     histogram!(JOB_DURATION, "kind" => kind.as_str()).record(took);
 }
 
-/// A job's first delivery (`attempt` 0; a retry waited for its backoff, not for a
-/// worker): its id is a ULID, whose first 48 bits are its creation time.
-pub fn job_started(kind: JobKind, id: &str, attempt: u32) {
-    if attempt > 0 {
-        return;
-    }
-    if let Ok(ulid) = ulid::Ulid::from_string(id) {
-        let waited = patchbay_jobs::model::now_ms().saturating_sub(ulid.timestamp_ms() as i64);
-        let secs = waited.max(0) as f64 / 1000.0;
-        histogram!(JOB_QUEUE_LATENCY, "kind" => kind.as_str()).record(secs);
+/// How long a job waited for a worker after it was due, in ms.
+pub fn waited(kind: JobKind, ms: i64) {
+    histogram!(JOB_QUEUE_LATENCY, "kind" => kind.as_str()).record(ms.max(0) as f64 / 1000.0);
+}
+
+/// A group-committed job's first delivery (`attempt` 0): its id is a ULID, whose
+/// first 48 bits are its creation time. (A dead one retried by hand also comes as
+/// attempt 0 and counts from its creation: rare, and an operator's doing.)
+pub fn first_start(kind: JobKind, id: &str, attempt: u32, now: i64) {
+    if attempt == 0
+        && let Ok(ulid) = ulid::Ulid::from_string(id)
+    {
+        waited(kind, now.saturating_sub(ulid.timestamp_ms() as i64));
     }
 }
 

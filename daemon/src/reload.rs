@@ -158,6 +158,8 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("deletion", differs(&running.deletion, &new.deletion)),
         ("log.format", running.log.format != new.log.format),
+        ("http", differs(&running.http, &new.http)),
+        ("node.name", running.node.name != new.node.name),
     ] {
         if changed {
             keys.push(key);

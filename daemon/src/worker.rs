@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use patchbay_jobs::model::{Id, JobRecord, JobState, now_ms};
-use patchbay_jobs::store::{BatchedJob, ChargeJob, ChargeOutcome, Charged, CheckJob, InboundJob};
+use patchbay_jobs::store::{BatchedJob, ChargeJob, Charged, CheckJob, InboundJob};
 use patchbay_jobs::{DomainError, JobError, JobKind, Payload, Store, handlers};
 use tokio::sync::mpsc;
 
@@ -50,7 +50,7 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
         }
     };
     let started = std::time::Instant::now();
-    metrics::job_started(kind, &env.id, env.attempt);
+    let (id, attempt) = (env.id.clone(), env.attempt);
     // Bad payloads skip the batchers: the per-job path makes them dead with the reason.
     let batched = match kind.parse_payload(&env.payload) {
         Ok(Payload::InboundMessage(msg)) => {
@@ -82,10 +82,16 @@ pub async fn run_job(app: Arc<App>, env: Envelope) {
         }
         _ => false,
     };
-    if !batched {
+    let ran = if batched {
+        // A batch reads no journal row back: the first delivery's wait is its age.
+        metrics::first_start(kind, &id, attempt, now_ms());
+        true
+    } else {
         run_single(app, env, kind).await
+    };
+    if ran {
+        metrics::job_ran(kind, started.elapsed());
     }
-    metrics::job_ran(kind, started.elapsed());
 }
 
 /// Group commit for `inbound_message` jobs (`Store::run_inbound_batch`), with as many
@@ -135,15 +141,6 @@ pub fn charge_batcher(app: Weak<App>) -> Batcher<ChargeJob> {
             // Waits only when `FOLLOW_UPS` batches are behind: bounded memory.
             if !charges.is_empty() && follow_ups.send(charges).await.is_err() {
                 tracing::warn!("charges committed, their balance checks are left to the sweep");
-            }
-            for (_, charged) in &results {
-                if let Some(Charged {
-                    outcome: ChargeOutcome::Charged { total, .. },
-                    ..
-                }) = charged
-                {
-                    metrics::charged(*total);
-                }
             }
             let outcomes = results.into_iter().map(|(o, _)| o).collect();
             let jobs = jobs.iter().map(|j| j.job.as_str());
@@ -229,7 +226,8 @@ fn finished<'a>(
 }
 
 /// The per-job path: journal the attempt, run the handler, journal the outcome.
-async fn run_single(app: Arc<App>, env: Envelope, kind: JobKind) {
+/// `false` when the job did not run (finished before, or the store is unreachable).
+async fn run_single(app: Arc<App>, env: Envelope, kind: JobKind) -> bool {
     let now = now_ms();
     let rec = JobRecord {
         id: env.id.clone(),
@@ -250,10 +248,13 @@ async fn run_single(app: Arc<App>, env: Envelope, kind: JobKind) {
         run_at: now,
     };
     let Some(started) = start(&app, &rec).await else {
-        return;
+        return false;
     };
+    // Due since `run_at`: its enqueue, its retry's backoff, or its revival.
+    metrics::waited(kind, now_ms().saturating_sub(started.run_at));
     let span = tracing::info_span!("job", id = %rec.id, kind = %kind, attempt = started.attempts);
     tracing::Instrument::instrument(attempt(app, env, kind, started), span).await;
+    true
 }
 
 /// Runs one attempt and records its outcome; runs inside the job's span.

@@ -149,6 +149,7 @@ async fn metrics_and_the_dashboard_show_a_known_workload() {
     assert_eq!(sample(&m, "patchbay_channels{status=connected}"), 1.0);
     assert_eq!(sample(&m, "patchbay_up{part=store}"), 1.0);
     assert!(m.contains_key("patchbay_job_duration_seconds_count{kind=send_message}"));
+    assert!(m.contains_key("patchbay_job_queue_latency_seconds_count{kind=inbound_message}"));
 
     // A second channel that its messenger refuses: shown with its reason.
     let refused = d
@@ -245,7 +246,18 @@ async fn metrics_and_the_dashboard_show_a_known_workload() {
         .await
         .unwrap();
     assert_eq!(retried.status(), 303);
+    assert_eq!(retried.headers()["location"], format!("/?retried={dead}"));
     d.job_until(&dead, &["done"], Duration::from_secs(20)).await;
+    // A script retries with the bearer token alone and gets JSON.
+    let again = http
+        .post(&retry_url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "the job is done now: nothing to retry");
+    let body: Value = again.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap_or("").contains("only dead jobs"), "{body}");
     assert_eq!(
         d.store_count(&format!(
             "SELECT COUNT(*) FROM messages WHERE channel_id = {refused} AND external_message_id = 'x1'"
@@ -305,11 +317,23 @@ async fn readyz_says_what_is_down_while_redis_is_stopped() {
     let (code, body) = ready().await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["ready"], true);
-    // The dashboard on the Redis queue, too.
+    // The dashboard on the Redis queue, too; read-only without http.token.
     let page = http.get(format!("{base}/")).send().await.expect("GET /");
     assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
     let page = page.text().await.expect("page");
     assert!(page.contains("All parts up") && page.contains("data-kind=\"inbound_message\""));
+    assert!(page.contains("read-only"));
+    let retry = http.post(format!("{base}/jobs/x/retry")).send().await.unwrap();
+    assert_eq!(retry.status(), 403, "no token configured: no actions");
+    // A name re-pointed at 127.0.0.1 by another site (DNS rebinding) reads nothing.
+    let rebound = http
+        .get(format!("{base}/metrics"))
+        .header("host", "evil.example:9464")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 421);
     d.redis.as_mut().expect("redis").stop();
     let (code, body) = ready().await;
     assert_eq!(code, 503, "{body}");

@@ -9,15 +9,16 @@
 
 use std::collections::BTreeMap;
 
-use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Form, Json};
 use maud::{DOCTYPE, Markup, html};
 use patchbay_jobs::JobKind;
 use patchbay_jobs::model::{Channel, JobRecord, JobState, now_ms};
 use patchbay_jobs::store::{JobFilter, OutboxCounts};
 use serde::Deserialize;
+use serde_json::json;
 
 use super::Http;
 use super::auth::{self, Refusal};
@@ -31,6 +32,13 @@ const PAGE: u32 = 20;
 const TROUBLED: u32 = 50;
 /// Seconds between the script's refreshes.
 const REFRESH_SECS: u32 = 5;
+/// Dead jobs the pager goes back at most.
+const MAX_OFFSET: u32 = 10_000;
+
+/// A job id as the daemon makes them (ULIDs), or as an operator could have typed one.
+fn is_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
 
 #[derive(Deserialize, Default)]
 pub struct PageQuery {
@@ -40,8 +48,10 @@ pub struct PageQuery {
     offset: Option<u32>,
     /// `main`: the live part only, for the script.
     part: Option<String>,
-    /// A line to show on top: what the last action did.
-    notice: Option<String>,
+    /// The job a retry from this page queued again, or could not (`retry_failed`):
+    /// the notice on top is worded here, never taken from the address.
+    retried: Option<String>,
+    retry_failed: Option<String>,
 }
 
 /// What one page shows, each part read within `PART_TIMEOUT`; `Err`: why it is missing.
@@ -118,18 +128,24 @@ pub async fn page(
         },
         None => None,
     };
-    let offset = q.offset.unwrap_or(0).min(1_000_000);
-    let o = overview(&http, kind, offset).await;
+    let offset = q.offset.unwrap_or(0).min(MAX_OFFSET);
+    let o = {
+        // One overview at a time: open tabs and their refreshes never hold more than
+        // one of the store's connections.
+        let _turn = http.dashboard_turn.lock().await;
+        overview(&http, kind, offset).await
+    };
     let session = http.auth.session(&headers);
     let csrf = session.as_deref().and_then(|s| http.auth.csrf(s));
-    let main = live(
-        &http,
-        &o,
-        kind,
-        offset,
-        csrf.as_deref(),
-        q.notice.as_deref(),
-    );
+    let id = |v: &Option<String>| v.as_deref().filter(|id| is_job_id(id)).map(str::to_owned);
+    let notice = match (id(&q.retried), id(&q.retry_failed)) {
+        (Some(job), _) => Some(format!("Job {job} is queued again.")),
+        (_, Some(job)) => Some(format!(
+            "Job {job} could not be retried: see `patchbayctl job get {job}` and the log."
+        )),
+        _ => None,
+    };
+    let main = live(&http, &o, kind, offset, csrf.as_deref(), notice.as_deref());
     if q.part.as_deref() == Some("main") {
         return main.into_response();
     }
@@ -242,12 +258,13 @@ fn jobs_table(o: &Overview) -> Markup {
     };
     html! {
         table {
-            thead { tr { th { "kind" } th.n { "queued" } th.n { "running" } th.n { "retrying" } th.n { "dead" } } }
+            thead { tr { th { "kind" } th.n title="waiting in the queue backend" { "queued" } th.n title="recorded, not started" { "pending" } th.n { "running" } th.n { "retrying" } th.n { "dead" } } }
             tbody {
                 @for kind in JobKind::ALL {
                     tr data-kind=(kind.as_str()) {
                         td { (kind.as_str()) }
                         td.n { (queued.and_then(|q| q.get(kind.as_str())).map_or("?".to_owned(), u64::to_string)) }
+                        td.n { (count(kind, JobState::Pending)) }
                         td.n { (count(kind, JobState::Running)) }
                         td.n { (count(kind, JobState::Failed)) }
                         td.n.dead[count(kind, JobState::Dead) > 0] { (count(kind, JobState::Dead)) }
@@ -349,7 +366,7 @@ fn dead_jobs(
                         a href=(page_link(offset.saturating_sub(PAGE))) { "← newer" } " "
                     }
                     "jobs " (offset + 1) "–" (offset as usize + list.len().min(PAGE as usize))
-                    @if list.len() > PAGE as usize {
+                    @if list.len() > PAGE as usize && offset + PAGE <= MAX_OFFSET {
                         " " a href=(page_link(offset + PAGE)) { "older →" }
                     }
                 }
@@ -486,14 +503,16 @@ pub struct ActionForm {
     csrf: Option<String>,
 }
 
-/// Retries a dead job (`job.retry`), for the token's holder.
+/// Retries a dead job (`job.retry`), for the token's holder: a browser is sent back
+/// to the page, a script (`Authorization: Bearer`, no form needed) gets JSON.
 pub async fn retry(
     State(http): State<Http>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Form(f): Form<ActionForm>,
+    form: Result<Form<ActionForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    if let Err(why) = http.auth.may_act(&headers, f.csrf.as_deref()) {
+    let csrf = form.as_ref().ok().and_then(|Form(f)| f.csrf.as_deref());
+    if let Err(why) = http.auth.may_act(&headers, csrf) {
         let (code, text) = match why {
             Refusal::ReadOnly => (
                 StatusCode::FORBIDDEN,
@@ -510,13 +529,30 @@ pub async fn retry(
         };
         return (code, format!("{text}\n")).into_response();
     }
-    let notice = match http.app.retry(&id).await {
-        Ok(job) => format!("job {} queued again ({})", job.id, job.kind.as_str()),
-        Err(e) => format!("cannot retry job {id}: {e}"),
+    let outcome = http.app.retry(&id).await;
+    match &outcome {
+        Ok(job) => {
+            tracing::info!(job = %job.id, kind = %job.kind, "dead job queued again from the dashboard")
+        }
+        Err(e) => tracing::warn!(job = %id, error = %e, "the dashboard cannot retry a job"),
+    }
+    if http.auth.bearer(&headers) {
+        return match outcome {
+            Ok(job) => Json(json!({ "id": job.id, "state": job.state })).into_response(),
+            Err(e) => (
+                StatusCode::CONFLICT,
+                Json(json!({ "error": e.to_string() })),
+            )
+                .into_response(),
+        };
+    }
+    let key = if outcome.is_ok() {
+        "retried"
+    } else {
+        "retry_failed"
     };
-    tracing::info!(job = %id, "{notice} (from the dashboard)");
-    let mut target = url::form_urlencoded::Serializer::new(String::from("/?"));
-    target.append_pair("notice", &notice);
+    let mut target = url::form_urlencoded::Serializer::for_suffix(String::from("/?"), 2);
+    target.append_pair(key, &id);
     Redirect::to(&target.finish()).into_response()
 }
 

@@ -39,20 +39,27 @@ use history::History;
 
 /// Connections at once; the next one is closed at accept.
 const MAX_CONNECTIONS: usize = 128;
-/// Requests being answered at once over all connections.
+/// Requests being answered at once over all connections; the next wait their turn.
 const MAX_IN_FLIGHT: usize = 32;
 /// A client must send its request head within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request must be read and answered within this, its wait for a turn included: a
+/// client trickling its body loses its connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Request bodies (the dashboard's forms) are small.
 const MAX_BODY: usize = 16 * 1024;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct Http {
+    /// Where the listener is bound: the `Host` a loopback listener accepts.
+    pub addr: SocketAddr,
     pub app: Arc<App>,
     pub metrics: Metrics,
     pub history: Arc<History>,
     pub auth: Arc<Auth>,
+    /// Taken while a dashboard page reads the store.
+    pub dashboard_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Binds `http.listen`, if set. Port 0 takes any free port: `status` shows which.
@@ -79,13 +86,68 @@ fn router(http: Http) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
+        .layer(axum::middleware::from_fn_with_state(http.clone(), guard))
         .with_state(http)
+}
+
+/// Every request: on a loopback listener only a loopback `Host` (a page of another
+/// site whose name was re-pointed at 127.0.0.1 — DNS rebinding — reads nothing), and
+/// every answer refuses framing and content sniffing.
+async fn guard(
+    State(http): State<Http>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !http.auth.public() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let port = http.addr.port();
+        let allowed = [
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+            format!("localhost:{port}"),
+            http.addr.to_string(),
+        ];
+        if !allowed.iter().any(|a| a == host) {
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("this listener answers to {} only\n", allowed[0]),
+            )
+                .into_response();
+        }
+    }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    response
 }
 
 /// Serves until `stop`, then lets open requests finish.
 pub async fn serve(listener: TcpListener, http: Http, stop: CancellationToken) {
-    let router = router(http);
+    // One limit and one deadline over all routes and connections (a layer on the
+    // router would give each route its own).
+    let router = tower::ServiceBuilder::new()
+        .layer(tower::timeout::TimeoutLayer::new(REQUEST_TIMEOUT))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_IN_FLIGHT,
+        ))
+        .service(router(http));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let conns = TaskTracker::new();
     loop {

@@ -22,6 +22,33 @@ pub struct JobFilter {
     pub offset: u32,
 }
 
+impl JobFilter {
+    /// The WHERE clause both stores use, with `$1`… for the values returned (bind them
+    /// in order, then the limit and the offset). Only the filters that are set appear,
+    /// so the `(state, kind)` index serves every list: a kind alone is asked for under
+    /// every state (a handful of index ranges), not by scanning the journal.
+    pub fn sql_where(&self) -> (String, Vec<&'static str>) {
+        match (self.state, self.kind) {
+            (Some(state), Some(kind)) => (
+                "state = $1 AND kind = $2".into(),
+                vec![state.as_str(), kind.as_str()],
+            ),
+            (Some(state), None) => ("state = $1".into(), vec![state.as_str()]),
+            (None, Some(kind)) => {
+                let states: Vec<String> = JobState::ALL
+                    .iter()
+                    .map(|s| format!("'{}'", s.as_str()))
+                    .collect();
+                (
+                    format!("state IN ({}) AND kind = $1", states.join(", ")),
+                    vec![kind.as_str()],
+                )
+            }
+            (None, None) => ("TRUE".into(), Vec::new()),
+        }
+    }
+}
+
 /// The job journal: the state of every job, whatever the queue backend.
 #[async_trait]
 pub trait Journal: Send + Sync {

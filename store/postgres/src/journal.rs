@@ -173,18 +173,27 @@ impl Journal for PgStore {
     }
 
     async fn journal_list(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE ($1::TEXT IS NULL OR state = $1) \
-             AND ($2::TEXT IS NULL OR kind = $2) ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4"
-        ))
-        .bind(filter.state.map(JobState::as_str))
-        .bind(filter.kind.map(JobKind::as_str))
-        .bind(i64::from(filter.limit))
-        .bind(i64::from(filter.offset))
-        .fetch_all(&self.pool)
-        .await?;
+        let (clause, values) = filter.sql_where();
+        let n = values.len();
+        let sql = format!(
+            concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE {} ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${}"
+            ),
+            clause,
+            n + 1,
+            n + 2
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for v in values {
+            query = query.bind(v);
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .bind(i64::from(filter.offset))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(decode::<JobRecord, _>).collect()
     }
 

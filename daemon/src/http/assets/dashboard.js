@@ -9,7 +9,8 @@
     if (document.hidden || main.contains(document.activeElement)) return;
     const url = new URL(window.location.href);
     url.searchParams.set("part", "main");
-    url.searchParams.delete("notice");
+    url.searchParams.delete("retried");
+    url.searchParams.delete("retry_failed");
     try {
       const reply = await fetch(url, { credentials: "same-origin" });
       if (reply.ok) main.innerHTML = await reply.text();
