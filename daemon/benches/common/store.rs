@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, FromRow, SqlitePool};
 
@@ -117,9 +117,16 @@ impl Store {
                         .await?,
                 )
             }
-            StoreAt::Postgres(url) => {
-                Store::Postgres(PgPoolOptions::new().max_connections(2).connect(url).await?)
-            }
+            // As the bench's role, whose statements the server's report leaves out.
+            StoreAt::Postgres(url) => Store::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(
+                        url.parse::<PgConnectOptions>()?
+                            .username(super::postgres::BENCH_ROLE),
+                    )
+                    .await?,
+            ),
         })
     }
 
