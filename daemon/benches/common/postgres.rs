@@ -1,8 +1,9 @@
 //! The benches' own PostgreSQL: a durable cluster of the bench process
 //! (`tests/support/pg_cluster.rs`, `PgServer::start_durable`) with the settings in
-//! [`SETTINGS`], a database per daemon, and the report of where the server's time went
-//! (`pg_stat_statements`, `pg_stat_wal`, and with `BENCH_PG_EXPLAIN=<ms>` the
-//! `EXPLAIN (ANALYZE, BUFFERS)` plans `auto_explain` logged for the hottest statements).
+//! [`SETTINGS`] (plus `BENCH_PG_SETTINGS`), a database per daemon, and the report of
+//! where the server's time went (`pg_stat_statements`, `pg_stat_wal`, and with
+//! `BENCH_PG_EXPLAIN=<ms>` the `EXPLAIN (ANALYZE, BUFFERS)` plans `auto_explain` logged
+//! for the hottest statements).
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row as _};
@@ -47,22 +48,36 @@ impl BenchPg {
         let explain_ms: Option<u64> = std::env::var("BENCH_PG_EXPLAIN")
             .ok()
             .and_then(|v| v.parse().ok());
-        let mut settings: Vec<(&str, String)> = SETTINGS
+        let mut settings: Vec<(String, String)> = SETTINGS
             .iter()
-            .map(|(k, v)| (*k, (*v).to_owned()))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        // BENCH_PG_SETTINGS: more `name=value` settings, comma-separated, for an A/B
+        // (e.g. `synchronous_commit=off`); a later setting wins.
+        let extra = std::env::var("BENCH_PG_SETTINGS").unwrap_or_default();
+        for kv in extra.split(',').filter(|s| !s.trim().is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("BENCH_PG_SETTINGS: {kv:?} is not name=value"))?;
+            settings.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
         if let Some(ms) = explain_ms {
             // Instruments every statement (timing per plan node): a diagnostic run, not
             // one whose rates are reported.
-            settings.extend([
+            for (k, v) in [
                 ("auto_explain.log_min_duration", ms.to_string()),
                 ("auto_explain.log_analyze", "on".to_owned()),
                 ("auto_explain.log_buffers", "on".to_owned()),
-            ]);
+            ] {
+                settings.push((k.to_owned(), v));
+            }
         }
+        let shown: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let server = tokio::task::spawn_blocking(move || {
-            let settings: Vec<(&str, &str)> =
-                settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let settings: Vec<(&str, &str)> = settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             PgServer::start_durable(&settings)
         })
         .await?;
@@ -86,11 +101,7 @@ impl BenchPg {
         println!(
             "PostgreSQL {version} of the bench's own (socket {}), durable, with {}{}",
             server.socket_dir().display(),
-            SETTINGS
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" "),
+            shown.join(" "),
             explain_ms.map_or(String::new(), |ms| format!(
                 "; auto_explain of statements over {ms} ms (instrumented: diagnostic figures)"
             ))
