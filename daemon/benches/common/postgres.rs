@@ -68,6 +68,8 @@ impl BenchPg {
                 ("auto_explain.log_min_duration", ms.to_string()),
                 ("auto_explain.log_analyze", "on".to_owned()),
                 ("auto_explain.log_buffers", "on".to_owned()),
+                // Foreign-key checks run as triggers after the plan: their time too.
+                ("auto_explain.log_triggers", "on".to_owned()),
             ] {
                 settings.push((k.to_owned(), v));
             }
