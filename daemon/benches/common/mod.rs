@@ -14,12 +14,16 @@
 #[path = "../../../tests/support/pg_cluster.rs"]
 mod pg_cluster;
 mod postgres;
+#[macro_use]
+#[path = "../../../tests/support/store_arg.rs"]
+mod store_arg;
 mod store;
 
 pub use postgres::BenchPg;
 // Each bench uses some of these.
 #[allow(unused_imports)]
-pub use store::{Arg, CommitClock, Store, StoreAt, StoreKind};
+pub use store::{CommitClock, Store, StoreAt, StoreKind};
+pub use store_arg::StoreArg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -227,8 +231,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Writes `dir/patchbayd.toml` (queue backend, store, plugin folder with the
-    /// loopback connector, then `extra`) without starting anything.
-    pub fn prepare(
+    /// loopback connector, then `extra`) and starts the daemon on it.
+    pub fn start(
         dir: &Path,
         backend: Backend,
         redis: Option<&Redis>,
@@ -268,24 +272,14 @@ impl Daemon {
                 env_or("BENCH_CONFIG", String::new()).replace("\\n", "\n")
             ),
         )?;
-        Ok(Daemon {
+        let mut d = Daemon {
             dir: dir.to_path_buf(),
             config,
             socket: dir.join("var/patchbayd.sock"),
             store_path: dir.join("var/patchbay.db"),
             store_at: store_at.clone(),
             child: None,
-        })
-    }
-
-    pub fn start(
-        dir: &Path,
-        backend: Backend,
-        redis: Option<&Redis>,
-        store_at: &StoreAt,
-        extra: &str,
-    ) -> Res<Daemon> {
-        let mut d = Daemon::prepare(dir, backend, redis, store_at, extra)?;
+        };
         d.spawn()?;
         Ok(d)
     }

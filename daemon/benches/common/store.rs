@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, FromRow, SqlitePool};
 
-use super::{Res, now_ms};
+use super::{Res, StoreArg, now_ms};
 
 /// Which database a bench's daemon keeps its store in (`BENCH_STORE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,43 +46,10 @@ pub enum StoreAt {
     Postgres(String),
 }
 
-/// An argument of a [`Store`] query.
-#[derive(Clone, Debug)]
-pub enum Arg {
-    Int(i64),
-    Text(String),
-}
-
-impl From<i64> for Arg {
-    fn from(v: i64) -> Self {
-        Arg::Int(v)
-    }
-}
-
-impl From<&str> for Arg {
-    fn from(v: &str) -> Self {
-        Arg::Text(v.to_owned())
-    }
-}
-
 /// A row type both databases decode (tuples of i64, String, Option<…>).
 pub trait Row: Send + Unpin + for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> {}
 impl<T> Row for T where T: Send + Unpin + for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow>
 {}
-
-/// Binds `Arg`s to a query of either database (one loop, whatever the query type).
-macro_rules! bind_args {
-    ($query:expr, $args:expr) => {{
-        let mut q = $query;
-        for a in $args {
-            q = match a {
-                Arg::Int(v) => q.bind(*v),
-                Arg::Text(v) => q.bind(v.clone()),
-            };
-        }
-        q
-    }};
-}
 
 /// Runs `$body` with `$pool` bound to whichever pool the store has.
 macro_rules! on_pool {
@@ -137,7 +104,7 @@ impl Store {
         }
     }
 
-    pub async fn exec(&self, sql: &str, args: &[Arg]) -> Res<u64> {
+    pub async fn exec(&self, sql: &str, args: &[StoreArg]) -> Res<u64> {
         let sql = AssertSqlSafe(sql.to_owned());
         Ok(
             on_pool!(self, p => bind_args!(sqlx::query(sql), args).execute(p).await?.rows_affected()),
@@ -145,7 +112,7 @@ impl Store {
     }
 
     /// Statements run in one transaction.
-    pub async fn exec_all(&self, statements: &[(&str, Vec<Arg>)]) -> Res<()> {
+    pub async fn exec_all(&self, statements: &[(&str, Vec<StoreArg>)]) -> Res<()> {
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
             for (sql, args) in statements {
@@ -157,18 +124,18 @@ impl Store {
         Ok(())
     }
 
-    pub async fn one<T: Row>(&self, sql: &str, args: &[Arg]) -> Res<T> {
+    pub async fn one<T: Row>(&self, sql: &str, args: &[StoreArg]) -> Res<T> {
         let sql = AssertSqlSafe(sql.to_owned());
         Ok(on_pool!(self, p => bind_args!(sqlx::query_as(sql), args).fetch_one(p).await?))
     }
 
-    pub async fn all<T: Row>(&self, sql: &str, args: &[Arg]) -> Res<Vec<T>> {
+    pub async fn all<T: Row>(&self, sql: &str, args: &[StoreArg]) -> Res<Vec<T>> {
         let sql = AssertSqlSafe(sql.to_owned());
         Ok(on_pool!(self, p => bind_args!(sqlx::query_as(sql), args).fetch_all(p).await?))
     }
 
     /// One BIGINT (or other single value) a query answers.
-    pub async fn scalar<T>(&self, sql: &str, args: &[Arg]) -> Res<T>
+    pub async fn scalar<T>(&self, sql: &str, args: &[StoreArg]) -> Res<T>
     where
         (T,): Row,
     {
