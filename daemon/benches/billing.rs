@@ -1,12 +1,13 @@
 //! billing: one daily `billing.run` over 100,000 accounts with 300,000 channels, on the
-//! SQLite queue (the default) and on Redis, against the real release-built `patchbayd`.
+//! SQLite queue (the default) and on Redis, with the store in SQLite (the default) or
+//! in PostgreSQL, against the real release-built `patchbayd`.
 //!
 //!     cargo bench -p patchbay-daemon --bench billing
 //!
 //! Seeding: the daemon is started on a fresh folder (so its supervisor launches no
 //! connector instances: 300,000 loopback threads are not what this measures), then the
 //! bench inserts the accounts, one administrator each and three `loopback` channels each
-//! (status `connected`) straight into the store file with set-based SQL, while the
+//! (status `connected`) straight into the store with set-based SQL, while the
 //! daemon is idle. Price 100 per channel per day, so 300 per account:
 //! * 90 % of accounts hold 1,000,000 — charged, no e-mail;
 //! * 5 % (id ≡ 1 mod 20) hold 1,000 — charged, 700 left = 3 days: a warning e-mail;
@@ -20,13 +21,16 @@
 //! forced full re-execution — the bench clears the `billing_run` / `charge_account`
 //! idempotency keys in the journal so every account is charged again — which must
 //! change nothing (ledger, balances, suspensions, e-mails) thanks to the store's UNIQUE
-//! (channel, day) and notification constraints.
+//! (channel, day) and notification constraints. A rerun that changes the ledger's rows
+//! or any balance stops the bench with an error. On PostgreSQL the server's top
+//! statements are reported for the first run and for rerun B.
 //!
-//! Knobs: BILLING_BACKENDS (default "sqlite,redis"), BILLING_ACCOUNTS (100000),
+//! Knobs: BILLING_BACKENDS (default "sqlite,redis"), BENCH_STORE (sqlite, postgres or
+//! both; default sqlite), BILLING_ACCOUNTS (100000),
 //! BILLING_TIMEOUT_SECS (per run, 150: an unfinished run reports its progress and rate
 //! and skips the reruns), BILLING_SPOOL (a folder for the e-mail spool instead of the
 //! daemon's own, e.g. /dev/shm: a diagnostic, see BENCHMARKS.md), plus PATCHBAYD_BIN /
-//! LOOPBACK_LIB / BENCH_TMPDIR.
+//! LOOPBACK_LIB / BENCH_TMPDIR / BENCH_PG_EXPLAIN.
 
 mod common;
 
@@ -34,17 +38,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-use sqlx::SqlitePool;
 
 #[tokio::main]
 async fn main() -> Res<()> {
     let backends: String = env_or("BILLING_BACKENDS", "sqlite,redis".to_owned());
     let accounts: i64 = env_or("BILLING_ACCOUNTS", 100_000);
+    let stores = StoreKind::from_env()?;
     println!("billing bench — {}", machine());
     println!(
         "patchbayd: {}\n{accounts} accounts x 3 channels, price 100/channel/day\n",
         patchbayd_bin().display()
     );
+    let pg = bench_pg(&stores).await?;
     let mut summary = Vec::new();
     for b in backends.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let backend = match b {
@@ -52,52 +57,51 @@ async fn main() -> Res<()> {
             "redis" => Backend::Redis,
             other => return Err(format!("unknown backend {other}").into()),
         };
-        summary.extend(bench(backend, accounts).await?);
+        for &store in &stores {
+            summary.extend(bench(backend, store, pg.as_ref(), accounts).await?);
+        }
     }
     println!("\n==== billing summary (load now {}) ====", loadavg());
     for s in summary {
         println!("{s}");
     }
-    println!("target: whole run <= 10 s on SQLite; rerun changes nothing and takes no longer");
+    println!(
+        "target: whole run <= 10 s on SQLite and on PostgreSQL; rerun changes nothing and \
+         takes no longer"
+    );
     Ok(())
 }
 
-async fn seed(pool: &SqlitePool, accounts: i64) -> Res<f64> {
+async fn seed(store: &Store, accounts: i64) -> Res<f64> {
     let t = Instant::now();
     // Two days ago: the run bills yesterday (a day after today is refused), on which
     // the channels must have existed.
     let now = now_ms() - 2 * 86_400_000;
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
-         INSERT INTO accounts (name, currency, balance, created_at) \
-         SELECT 'acc' || i, 'RUB', \
-                CASE WHEN i % 20 = 0 THEN 100 WHEN i % 20 = 1 THEN 1000 ELSE 1000000 END, $2 \
-         FROM seq",
-    )
-    .bind(accounts)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO users (account_id, name, email, role, created_at) \
-         SELECT id, 'Admin', 'admin' || id || '@bench.test', 'administrator', $1 FROM accounts",
-    )
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
-         SELECT a.id, 'loopback', 'ch' || k.k, '{}', 'connected', $1 FROM accounts a, \
-         (SELECT 1 AS k UNION ALL SELECT 2 UNION ALL SELECT 3) k ORDER BY a.id, k.k",
-    )
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(pool)
+    store
+        .exec_all(&[
+            (
+                "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
+                 INSERT INTO accounts (name, currency, balance, created_at) \
+                 SELECT 'acc' || i, 'RUB', \
+                        CASE WHEN i % 20 = 0 THEN 100 WHEN i % 20 = 1 THEN 1000 ELSE 1000000 END, $2 \
+                 FROM seq",
+                vec![accounts.into(), now.into()],
+            ),
+            (
+                "INSERT INTO users (account_id, name, email, role, created_at) \
+                 SELECT id, 'Admin', 'admin' || id || '@bench.test', 'administrator', $1 \
+                 FROM accounts",
+                vec![now.into()],
+            ),
+            (
+                "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
+                 SELECT a.id, 'loopback', 'ch' || k.k, '{}', 'connected', $1 FROM accounts a, \
+                 (SELECT 1 AS k UNION ALL SELECT 2 UNION ALL SELECT 3) k ORDER BY a.id, k.k",
+                vec![now.into()],
+            ),
+        ])
         .await?;
+    store.settle().await?;
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -105,34 +109,51 @@ async fn seed(pool: &SqlitePool, accounts: i64) -> Res<f64> {
 struct Effects {
     charges: i64,
     charged: i64,
+    ledger_rows: i64,
     balances: i64,
+    /// A digest of every (account, balance): a rerun moving money between accounts
+    /// shows here even when the sum stays.
+    balances_digest: u64,
     suspended: i64,
     notifications: i64,
     mails: usize,
 }
 
-async fn effects(pool: &SqlitePool, day: &str, spool: &std::path::Path) -> Res<Effects> {
-    let (charges, charged): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COALESCE(-SUM(amount), 0) FROM ledger WHERE kind = 'charge' AND day = $1",
-    )
-    .bind(day)
-    .fetch_one(pool)
-    .await?;
-    let balances: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(balance), 0) FROM accounts")
-        .fetch_one(pool)
+async fn effects(store: &Store, day: &str, spool: &std::path::Path) -> Res<Effects> {
+    let (charges, charged): (i64, i64) = store
+        .one(
+            "SELECT COUNT(*), CAST(COALESCE(-SUM(amount), 0) AS BIGINT) FROM ledger \
+             WHERE kind = 'charge' AND day = $1",
+            &[day.into()],
+        )
         .await?;
-    let suspended: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM channels WHERE status = 'suspended'")
-            .fetch_one(pool)
-            .await?;
-    let notifications: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notifications")
-        .fetch_one(pool)
+    let ledger_rows: i64 = store.scalar("SELECT COUNT(*) FROM ledger", &[]).await?;
+    let balances: Vec<(i64, i64)> = store
+        .all("SELECT id, balance FROM accounts ORDER BY id", &[])
+        .await?;
+    // FNV-1a over the pairs.
+    let balances_digest = balances
+        .iter()
+        .flat_map(|(id, b)| id.to_le_bytes().into_iter().chain(b.to_le_bytes()))
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, byte| {
+            (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let suspended: i64 = store
+        .scalar(
+            "SELECT COUNT(*) FROM channels WHERE status = 'suspended'",
+            &[],
+        )
+        .await?;
+    let notifications: i64 = store
+        .scalar("SELECT COUNT(*) FROM notifications", &[])
         .await?;
     let mails = std::fs::read_dir(spool).map_or(0, |d| d.count());
     Ok(Effects {
         charges,
         charged,
-        balances,
+        ledger_rows,
+        balances: balances.iter().map(|b| b.1).sum(),
+        balances_digest,
         suspended,
         notifications,
         mails,
@@ -140,19 +161,21 @@ async fn effects(pool: &SqlitePool, day: &str, spool: &std::path::Path) -> Res<E
 }
 
 /// Journal counts of the charge jobs not finished yet, and finished ones, by kind.
-async fn open_and_done(pool: &SqlitePool) -> Res<(i64, i64, i64, i64)> {
-    let open: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'failed') \
-         AND kind IN ('billing_run', 'charge_account', 'balance_check') GROUP BY kind",
-    )
-    .fetch_all(pool)
-    .await?;
-    let done: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('done', 'dead') \
-         AND kind IN ('charge_account', 'balance_check') GROUP BY kind",
-    )
-    .fetch_all(pool)
-    .await?;
+async fn open_and_done(store: &Store) -> Res<(i64, i64, i64, i64)> {
+    let open: Vec<(String, i64)> = store
+        .all(
+            "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'failed') \
+             AND kind IN ('billing_run', 'charge_account', 'balance_check') GROUP BY kind",
+            &[],
+        )
+        .await?;
+    let done: Vec<(String, i64)> = store
+        .all(
+            "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('done', 'dead') \
+             AND kind IN ('charge_account', 'balance_check') GROUP BY kind",
+            &[],
+        )
+        .await?;
     let get = |v: &[(String, i64)], k: &str| v.iter().find(|r| r.0 == k).map_or(0, |r| r.1);
     Ok((
         get(&open, "charge_account") + get(&open, "billing_run"),
@@ -180,7 +203,7 @@ struct RunFigures {
 async fn run(
     daemon: &Daemon,
     redis: Option<&Redis>,
-    pool: &SqlitePool,
+    pool: &Store,
     day: &str,
     accounts: i64,
     expected_checks: i64,
@@ -199,9 +222,11 @@ async fn run(
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (open_c, open_b, done_c, done_b) = open_and_done(pool).await?;
-        let run_state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
-            .bind(&job)
-            .fetch_one(pool)
+        let run_state: String = pool
+            .scalar(
+                "SELECT state FROM jobs WHERE id = $1",
+                &[job.as_str().into()],
+            )
             .await?;
         let (dc, db) = (done_c - base_charge, done_b - base_check);
         fanout_done = run_state == "done";
@@ -234,24 +259,14 @@ async fn run(
     let cpu = cpu_secs(daemon.pid()).unwrap_or(0.0) - cpu0;
     let redis_cpu = redis.and_then(|r| cpu_secs(r.pid())).unwrap_or(0.0) - rcpu0;
     // Exact phase times from the journal (unix ms).
-    let run_done: i64 = sqlx::query_scalar("SELECT updated_at FROM jobs WHERE id = $1")
-        .bind(&job)
-        .fetch_one(pool)
+    let run_done: i64 = pool
+        .scalar(
+            "SELECT updated_at FROM jobs WHERE id = $1",
+            &[job.as_str().into()],
+        )
         .await?;
-    let (charge_jobs, charges_end, dead_c): (i64, Option<i64>, i64) = sqlx::query_as(
-        "SELECT COUNT(*), MAX(updated_at), COALESCE(SUM(state = 'dead'), 0) FROM jobs \
-         WHERE kind = 'charge_account' AND created_at >= $1",
-    )
-    .bind(t_call)
-    .fetch_one(pool)
-    .await?;
-    let (check_jobs, checks_end, dead_b): (i64, Option<i64>, i64) = sqlx::query_as(
-        "SELECT COUNT(*), MAX(updated_at), COALESCE(SUM(state = 'dead'), 0) FROM jobs \
-         WHERE kind = 'balance_check' AND created_at >= $1",
-    )
-    .bind(t_call)
-    .fetch_one(pool)
-    .await?;
+    let (charge_jobs, charges_end, dead_c) = jobs_since(pool, "charge_account", t_call).await?;
+    let (check_jobs, checks_end, dead_b) = jobs_since(pool, "balance_check", t_call).await?;
     let s = |t: i64| (t - t_call) as f64 / 1000.0;
     let checks_done = s(checks_end.unwrap_or(t_call));
     let charges_done = s(charges_end.unwrap_or(t_call));
@@ -284,6 +299,16 @@ async fn run(
         cpu,
         redis_cpu,
     })
+}
+
+/// Jobs of `kind` created since `t` (unix ms): how many, the last update, how many dead.
+async fn jobs_since(pool: &Store, kind: &str, t: i64) -> Res<(i64, Option<i64>, i64)> {
+    pool.one(
+        "SELECT COUNT(*), MAX(updated_at), COUNT(*) FILTER (WHERE state = 'dead') FROM jobs \
+         WHERE kind = $1 AND created_at >= $2",
+        &[kind.into(), t.into()],
+    )
+    .await
 }
 
 fn print_run(label: &str, f: &RunFigures) -> String {
@@ -330,14 +355,15 @@ fn print_run(label: &str, f: &RunFigures) -> String {
 }
 
 /// Waits until the daemon's catch-up `billing_run` for today is done.
-async fn wait_for_catch_up(pool: &SqlitePool) -> Res<()> {
+async fn wait_for_catch_up(pool: &Store) -> Res<()> {
     let start = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE kind = 'billing_run' AND state = 'done'",
-        )
-        .fetch_one(pool)
-        .await?;
+        let done: i64 = pool
+            .scalar(
+                "SELECT COUNT(*) FROM jobs WHERE kind = 'billing_run' AND state = 'done'",
+                &[],
+            )
+            .await?;
         if done > 0 {
             return Ok(());
         }
@@ -348,13 +374,22 @@ async fn wait_for_catch_up(pool: &SqlitePool) -> Res<()> {
     }
 }
 
-async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
-    println!("--- {} ---", backend.name());
+async fn bench(
+    backend: Backend,
+    store: StoreKind,
+    pg: Option<&BenchPg>,
+    accounts: i64,
+) -> Res<Vec<String>> {
+    println!("--- {} queue, {} store ---", backend.name(), store.name());
+    let label = format!("{} queue, {} store", backend.name(), store.name());
     let redis = match backend {
         Backend::Redis => Some(Redis::start()?),
         Backend::Sqlite => None,
     };
     let dir = tempdir(&format!("pb-bench-billing-{}-", backend.name()));
+    let db = format!("billing_{}", backend.name());
+    let store_at = store_for(store, pg, &db).await?;
+    let pg = pg.filter(|_| store == StoreKind::Postgres);
     // BILLING_SPOOL: the e-mail spool somewhere else, e.g. on a tmpfs, to tell the
     // daemon's cost from this disk's (see BENCHMARKS.md, "The spool's cost").
     let spool_parent = match std::env::var_os("BILLING_SPOOL") {
@@ -375,6 +410,7 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
         dir.path(),
         backend,
         redis.as_ref(),
+        &store_at,
         // run_at 00:00: the daemon always catches up today's run at start, which the
         // bench lets finish on the empty store before seeding (else it races the seed).
         &format!(
@@ -400,15 +436,21 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
 
     // Accounts with id ≡ 0 or 1 (mod 20) get an e-mail: a balance_check each.
     let mailed = (1..=accounts).filter(|id| id % 20 <= 1).count() as i64;
+    if let Some(pg) = pg {
+        pg.reset_stats().await?;
+    }
     let first = run(&daemon, redis.as_ref(), &pool, &day, accounts, mailed).await?;
-    let mut out = vec![print_run(&format!("{} first run", backend.name()), &first)];
+    let mut out = vec![print_run(&format!("{label} first run"), &first)];
+    if let Some(pg) = pg {
+        pg.report(&db, "the first run", 12).await?;
+    }
     if !first.finished {
         out.push(format!(
-            "{} reruns skipped (first run unfinished; try BILLING_ACCOUNTS=10000)",
-            backend.name()
+            "{label} reruns skipped (first run unfinished; try BILLING_ACCOUNTS=10000)"
         ));
-        drop(pool);
+        pool.close().await;
         daemon.terminate();
+        drop_store(store, pg, &db).await?;
         return Ok(out);
     }
     let after = effects(&pool, &day, &spool).await?;
@@ -429,29 +471,33 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after_a = effects(&pool, &day, &spool).await?;
     let line = format!(
-        "{} rerun A (billing.run again): existing = {}, answered in {a_ms:.1} ms, effects unchanged: {}",
-        backend.name(),
+        "{label} rerun A (billing.run again): existing = {}, answered in {a_ms:.1} ms, effects \
+         unchanged: {}",
         r["existing"],
         after_a == after
     );
     println!("  {line}");
     out.push(line);
+    unchanged_or_fail("rerun A", &after, &after_a)?;
 
     // Rerun B: forget the keys, so the fan-out and every charge really run again.
-    sqlx::query(
+    pool.exec(
         "UPDATE jobs SET idempotency_key = NULL WHERE kind IN ('billing_run', 'charge_account')",
+        &[],
     )
-    .execute(&pool)
     .await?;
+    if let Some(pg) = pg {
+        pg.reset_stats().await?;
+    }
     let second = run(&daemon, redis.as_ref(), &pool, &day, accounts, 0).await?;
     let after_b = effects(&pool, &day, &spool).await?;
     let mut line = print_run(
-        &format!(
-            "{} rerun B (forced re-execution of every charge)",
-            backend.name()
-        ),
+        &format!("{label} rerun B (forced re-execution of every charge)"),
         &second,
     );
+    if let Some(pg) = pg {
+        pg.report(&db, "rerun B", 8).await?;
+    }
     let unchanged = after_b == after;
     line.push_str(&format!(
         "; effects unchanged: {unchanged}; no longer than the first run: {}",
@@ -459,8 +505,21 @@ async fn bench(backend: Backend, accounts: i64) -> Res<Vec<String>> {
     ));
     println!("  effects unchanged: {unchanged} {after_b:?}");
     out.push(line);
-    drop(pool);
+    unchanged_or_fail("rerun B", &after, &after_b)?;
+    pool.close().await;
     daemon.terminate();
     drop(redis);
+    drop_store(store, pg, &db).await?;
     Ok(out)
+}
+
+/// A rerun of a billed day must leave the ledger and every balance as they were.
+fn unchanged_or_fail(rerun: &str, before: &Effects, after: &Effects) -> Res<()> {
+    if after.ledger_rows != before.ledger_rows
+        || after.balances_digest != before.balances_digest
+        || after != before
+    {
+        return Err(format!("{rerun} changed the store: {before:?} -> {after:?}").into());
+    }
+    Ok(())
 }

@@ -13,52 +13,11 @@ use serde_json::{Value, json};
 pub const PATCHBAYD: &str = env!("CARGO_BIN_EXE_patchbayd");
 pub const PATCHBAYCTL: &str = env!("CARGO_BIN_EXE_patchbayctl");
 
-/// An argument of `Daemon::store_exec` / `store_scalar`.
-#[derive(Clone, Debug)]
-pub enum StoreArg {
-    Int(i64),
-    Text(String),
-    Bool(bool),
-}
-
-impl From<i64> for StoreArg {
-    fn from(v: i64) -> Self {
-        StoreArg::Int(v)
-    }
-}
-
-impl From<&str> for StoreArg {
-    fn from(v: &str) -> Self {
-        StoreArg::Text(v.to_owned())
-    }
-}
-
-impl From<String> for StoreArg {
-    fn from(v: String) -> Self {
-        StoreArg::Text(v)
-    }
-}
-
-impl From<bool> for StoreArg {
-    fn from(v: bool) -> Self {
-        StoreArg::Bool(v)
-    }
-}
-
-/// Binds `StoreArg`s to a query of either database (one loop, whatever the query type).
-macro_rules! bind_args {
-    ($query:expr, $args:expr) => {{
-        let mut q = $query;
-        for a in $args {
-            q = match a {
-                StoreArg::Int(v) => q.bind(*v),
-                StoreArg::Text(v) => q.bind(v.clone()),
-                StoreArg::Bool(v) => q.bind(*v),
-            };
-        }
-        q
-    }};
-}
+/// An argument of `Daemon::store_exec` / `store_scalar`, and `bind_args!`.
+#[macro_use]
+#[path = "../support/store_arg.rs"]
+mod store_arg;
+pub use store_arg::StoreArg;
 
 enum StoreConn {
     Sqlite(sqlx::SqliteConnection),

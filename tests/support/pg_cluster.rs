@@ -10,6 +10,8 @@
 //! * [`PgServer::start_private`] is a server a test owns alone, to stop and start in
 //!   place (same data, same port: "PostgreSQL down while running"). Dropping it stops
 //!   it and removes its files.
+//! * [`PgServer::start_durable`] is a private server with production's durability, for
+//!   the benches (`daemon/benches/`): what it acknowledges survives a machine crash.
 //!
 //! Design:
 //! * Debian's binaries, the highest version under `/usr/lib/postgresql/*/bin/` (or
@@ -18,8 +20,8 @@
 //!   and every client is pointed there explicitly.
 //! * initdb refuses to run as root, so as root the binaries run as the `postgres` user
 //!   (uid and gid from /etc/passwd) in a folder chowned to it; otherwise as ourselves.
-//! * Durability is off (`fsync`, `full_page_writes`): the data is thrown away, and a
-//!   crash of the machine is not what these tests are about. The shared server also
+//! * Durability is off (`fsync`, `full_page_writes`) except on a durable server: the
+//!   data is thrown away, and a crash of the machine is not what these tests are about. The shared server also
 //!   runs with `synchronous_commit=off`; a private one does not, since a test may
 //!   [`crash`](PgServer::crash) it and then count on every commit the server
 //!   acknowledged (without it an immediate shutdown loses the last ~200 ms of them).
@@ -60,7 +62,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The test binary's shared server, started on first use.
 pub fn shared() -> &'static PgServer {
     static SHARED: OnceLock<PgServer> = OnceLock::new();
-    SHARED.get_or_init(|| PgServer::launch(true))
+    SHARED.get_or_init(|| PgServer::launch(true, Durability::Off))
 }
 
 /// A new, empty database on the shared server; returns its URL.
@@ -89,10 +91,18 @@ enum Request {
 impl PgServer {
     /// A server of the calling test's own, which it may stop and start.
     pub fn start_private() -> PgServer {
-        Self::launch(false)
+        Self::launch(false, Durability::Off)
     }
 
-    fn launch(shared: bool) -> PgServer {
+    /// A private server with `fsync`, `full_page_writes` and `synchronous_commit` on (a
+    /// commit returns once its WAL is on disk), plus `settings` as `-c name=value`
+    /// (memory, WAL size, preloaded libraries: what a bench states it ran with).
+    pub fn start_durable(settings: &[(&str, &str)]) -> PgServer {
+        let settings = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        Self::launch(false, Durability::On(settings))
+    }
+
+    fn launch(shared: bool, durability: Durability) -> PgServer {
         static CLEANUP: Once = Once::new();
         CLEANUP.call_once(remove_stale_folders);
         static SEQ: AtomicU16 = AtomicU16::new(0);
@@ -115,17 +125,19 @@ impl PgServer {
         }
 
         let data = root.join("data");
-        let out = as_server_user(Command::new(bin.join("initdb")), run_as, &root)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "--auth=trust",
-                "--username=postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
+        let durable = matches!(durability, Durability::On(_));
+        let mut initdb = as_server_user(Command::new(bin.join("initdb")), run_as, &root);
+        initdb.arg("-D").arg(&data).args([
+            "--auth=trust",
+            "--username=postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        if !durable {
+            initdb.arg("--no-sync");
+        }
+        let out = initdb
             .output()
             .unwrap_or_else(|e| panic!("running {}/initdb: {e}", bin.display()));
         assert!(
@@ -145,6 +157,7 @@ impl PgServer {
             run_as,
             port: first_port,
             shared,
+            durability,
         };
         let supervisor = std::thread::Builder::new()
             .name(format!("pg-server-{seq}"))
@@ -286,6 +299,13 @@ struct Process {
     run_as: Option<(u32, u32)>,
     port: u16,
     shared: bool,
+    durability: Durability,
+}
+
+/// A test server's durability is off; a bench's is on, with its own `-c` settings.
+enum Durability {
+    Off,
+    On(Vec<String>),
 }
 
 /// The server's owning thread: it spawns the process (so the parent-death signal is
@@ -394,18 +414,33 @@ impl Process {
             .arg(&self.root)
             .args(["-p", &port])
             .args(["-c", "listen_addresses="])
-            .args(["-c", "fsync=off"])
-            .args([
-                "-c",
-                if self.shared {
-                    "synchronous_commit=off"
-                } else {
-                    "synchronous_commit=on"
-                },
-            ])
-            .args(["-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300"])
-            .args(["-c", "shared_buffers=128MB"])
+            .args(["-c", "max_connections=300"]);
+        match &self.durability {
+            Durability::Off => {
+                command
+                    .args(["-c", "fsync=off"])
+                    .args([
+                        "-c",
+                        if self.shared {
+                            "synchronous_commit=off"
+                        } else {
+                            "synchronous_commit=on"
+                        },
+                    ])
+                    .args(["-c", "full_page_writes=off"])
+                    .args(["-c", "shared_buffers=128MB"]);
+            }
+            Durability::On(settings) => {
+                command
+                    .args(["-c", "fsync=on"])
+                    .args(["-c", "synchronous_commit=on"])
+                    .args(["-c", "full_page_writes=on"]);
+                for setting in settings {
+                    command.arg("-c").arg(setting);
+                }
+            }
+        }
+        command
             // Never stdout or stderr of the test process: cargo waits for those pipes
             // to close, which a server outliving a test would delay.
             .stdin(Stdio::null())

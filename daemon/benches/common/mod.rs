@@ -1,12 +1,29 @@
 //! Shared by the end-to-end benches (`inbound`, `billing`, `deletion`): the real
 //! release-built `patchbayd` in a temp folder with its own config, a throwaway
-//! redis-server, a control-socket client, read access to the store file, and a few
-//! measuring helpers. Not a bench target itself (cargo only discovers `benches/*.rs`).
+//! redis-server, a control-socket client, the bench's access to the store (`store.rs`:
+//! the SQLite file or a database of the bench's own PostgreSQL, `postgres.rs`), and a
+//! few measuring helpers. Not a bench target itself (cargo only discovers
+//! `benches/*.rs`).
 //!
 //! Overrides: `PATCHBAYD_BIN` (the daemon binary), `LOOPBACK_LIB` or `PLUGIN_DIR`
-//! (where `libloopback.so` is), `BENCH_TMPDIR` (where the temp folders go).
+//! (where `libloopback.so` is), `BENCH_TMPDIR` (where the temp folders go),
+//! `BENCH_STORE` (`sqlite`, `postgres` or `both`), `BENCH_PG_EXPLAIN` (see postgres.rs).
 
 #![allow(dead_code)]
+
+#[path = "../../../tests/support/pg_cluster.rs"]
+mod pg_cluster;
+mod postgres;
+#[macro_use]
+#[path = "../../../tests/support/store_arg.rs"]
+mod store_arg;
+mod store;
+
+pub use postgres::BenchPg;
+// Each bench uses some of these.
+#[allow(unused_imports)]
+pub use store::{CommitClock, Store, StoreAt, StoreKind};
+pub use store_arg::StoreArg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,8 +31,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use patchbay_daemon::ctl::client::Client;
 use serde_json::{Value, json};
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Res<T> = Result<T, BoxError>;
@@ -203,22 +218,25 @@ impl Drop for Redis {
     }
 }
 
-/// One patchbayd with its own folder (`var/` holds socket, store, queue, mail).
+/// One patchbayd with its own folder (`var/` holds socket, queue, mail, and the store
+/// unless it is in PostgreSQL).
 pub struct Daemon {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub store_path: PathBuf,
+    pub store_at: StoreAt,
     child: Option<Child>,
 }
 
 impl Daemon {
-    /// Writes `dir/patchbayd.toml` (queue backend, plugin folder with the loopback
-    /// connector, then `extra`) without starting anything.
-    pub fn prepare(
+    /// Writes `dir/patchbayd.toml` (queue backend, store, plugin folder with the
+    /// loopback connector, then `extra`) and starts the daemon on it.
+    pub fn start(
         dir: &Path,
         backend: Backend,
         redis: Option<&Redis>,
+        store_at: &StoreAt,
         extra: &str,
     ) -> Res<Daemon> {
         let plugins = dir.join("plugins");
@@ -235,11 +253,17 @@ impl Daemon {
             (Backend::Redis, None) => return Err("redis backend without a server".into()),
             (Backend::Sqlite, _) => "backend = \"sqlite\"\n".to_owned(),
         };
+        // The shipped pool size and timeouts: only the URL is the bench's.
+        let store = match store_at {
+            StoreAt::File => String::new(),
+            // A JSON string is a TOML basic string.
+            StoreAt::Postgres(url) => format!("[store]\nurl = {}\n", json!(url)),
+        };
         let config = dir.join("patchbayd.toml");
         std::fs::write(
             &config,
             format!(
-                "[queue]\n{queue}shutdown_timeout_secs = 10\n{extra}\n[plugins]\ndir = \"plugins\"\n\
+                "[queue]\n{queue}shutdown_timeout_secs = 10\n{store}{extra}\n[plugins]\ndir = \"plugins\"\n\
                  [log]\nlevel = \"{}\"\n{}\n",
                 // BENCH_LOG: the daemon's log level, e.g. "info,patchbay_daemon::batcher=debug".
                 env_or("BENCH_LOG", "info".to_owned()),
@@ -248,17 +272,14 @@ impl Daemon {
                 env_or("BENCH_CONFIG", String::new()).replace("\\n", "\n")
             ),
         )?;
-        Ok(Daemon {
+        let mut d = Daemon {
             dir: dir.to_path_buf(),
             config,
             socket: dir.join("var/patchbayd.sock"),
             store_path: dir.join("var/patchbay.db"),
+            store_at: store_at.clone(),
             child: None,
-        })
-    }
-
-    pub fn start(dir: &Path, backend: Backend, redis: Option<&Redis>, extra: &str) -> Res<Daemon> {
-        let mut d = Daemon::prepare(dir, backend, redis, extra)?;
+        };
         d.spawn()?;
         Ok(d)
     }
@@ -384,10 +405,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// A pool on the daemon's store file for the bench's own (read-only) queries, or
-    /// for seeding while the daemon is stopped or idle.
-    pub async fn store(&self) -> Res<SqlitePool> {
-        open_store(&self.store_path).await
+    /// A pool on the daemon's store for the bench's own (read-only) queries, or for
+    /// seeding while the daemon is stopped or idle.
+    pub async fn store(&self) -> Res<Store> {
+        Store::open(&self.store_at, &self.store_path).await
     }
 }
 
@@ -398,17 +419,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-pub async fn open_store(path: &Path) -> Res<SqlitePool> {
-    let opts = SqliteConnectOptions::new()
-        .filename(path)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(30));
-    Ok(SqlitePoolOptions::new()
-        .max_connections(2)
-        .connect_with(opts)
-        .await?)
 }
 
 /// Samples a process's RSS; summarises flatness.
@@ -481,48 +491,31 @@ pub fn latency_line(mut v: Vec<i64>) -> String {
     )
 }
 
-/// Records when each message id became visible: a poller reads `MAX(id)` of
-/// `messages` every `period`. Ids are assigned inside the writing transaction and
-/// SQLite has one writer at a time, so id order is commit order and "first poll that saw
-/// max(id) >= id" bounds the commit time from above (within one period).
-pub struct CommitClock {
-    pub marks: Vec<(i64, i64)>, // (max id seen, unix ms when first seen)
+/// The bench's PostgreSQL, started if `kinds` holds it.
+pub async fn bench_pg(kinds: &[StoreKind]) -> Res<Option<BenchPg>> {
+    if kinds.contains(&StoreKind::Postgres) {
+        Ok(Some(BenchPg::start().await?))
+    } else {
+        Ok(None)
+    }
 }
 
-impl CommitClock {
-    pub fn spawn(
-        pool: SqlitePool,
-        period: Duration,
-        stop: tokio::sync::watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<CommitClock> {
-        tokio::spawn(async move {
-            let mut marks: Vec<(i64, i64)> = Vec::new();
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tick.tick().await;
-                if *stop.borrow() {
-                    break;
-                }
-                let max: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM messages")
-                    .fetch_one(&pool)
-                    .await
-                    .ok()
-                    .flatten();
-                let t = now_ms();
-                if let Some(m) = max
-                    && marks.last().is_none_or(|l| m > l.0)
-                {
-                    marks.push((m, t));
-                }
-            }
-            CommitClock { marks }
-        })
+/// Where one daemon run keeps its store: the file in its folder, or a new database
+/// `db` on the bench's PostgreSQL (dropped with [`drop_store`]).
+pub async fn store_for(kind: StoreKind, pg: Option<&BenchPg>, db: &str) -> Res<StoreAt> {
+    match (kind, pg) {
+        (StoreKind::Sqlite, _) => Ok(StoreAt::File),
+        (StoreKind::Postgres, Some(pg)) => {
+            Ok(StoreAt::Postgres(pg.create_database(db, None).await?))
+        }
+        (StoreKind::Postgres, None) => Err("a PostgreSQL store without the bench's server".into()),
     }
+}
 
-    /// The first time a max(id) >= `id` was seen.
-    pub fn seen_at(&self, id: i64) -> Option<i64> {
-        let i = self.marks.partition_point(|m| m.0 < id);
-        self.marks.get(i).map(|m| m.1)
+/// Drops the run's database (the SQLite file goes with its temp folder).
+pub async fn drop_store(kind: StoreKind, pg: Option<&BenchPg>, db: &str) -> Res<()> {
+    match (kind, pg) {
+        (StoreKind::Postgres, Some(pg)) => pg.drop_database(db).await,
+        _ => Ok(()),
     }
 }
