@@ -65,7 +65,7 @@ async fn bench(queue: &Queue, run: usize) -> Result<Figures, BoxError> {
             vec![WorkerSpec {
                 queue: QUEUE.into(),
                 concurrency: CONCURRENCY,
-                poll_interval: None,
+                poll_fallback: None,
             }],
             handler,
             async move { waiter.notified().await },
@@ -160,7 +160,7 @@ async fn main() -> Result<(), BoxError> {
         let path = std::env::temp_dir().join(format!("qbench-{}-{run}.db", std::process::id()));
         let mut tuning = patchbay_daemon::queue::SqliteTuning::default();
         if let Ok(ms) = std::env::var("QBENCH_POLL_MS") {
-            tuning.poll_interval = Duration::from_millis(ms.parse()?);
+            tuning.poll_fallback = Duration::from_millis(ms.parse()?);
         }
         if let Ok(b) = std::env::var("QBENCH_BATCH") {
             tuning.batch_size = b.parse()?;

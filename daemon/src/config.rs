@@ -111,6 +111,9 @@ pub struct QueueConfig {
     /// `appendfsync everysec`, which may lose the last second of acknowledged pushes if
     /// Redis itself dies. Off: they skip the journal only with `appendfsync always`.
     pub redis_trust_everysec: bool,
+    /// How often an idle worker looks for jobs other processes pushed; this daemon's
+    /// own pushes wake their worker at once.
+    pub poll_fallback_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -192,6 +195,7 @@ impl Default for QueueConfig {
             lost_job_grace_secs: 30,
             journal_retention_days: 7,
             redis_trust_everysec: false,
+            poll_fallback_ms: crate::queue::DEFAULT_POLL_FALLBACK.as_millis() as u64,
             concurrency: BTreeMap::new(),
             max_attempts: BTreeMap::new(),
         }
@@ -321,19 +325,12 @@ impl Settings {
             .unwrap_or(default)
     }
 
-    /// How often the SQLite queue polls for jobs of `kind`; `None`: every 50 ms. Each
-    /// poll is a write on the queue's one connection (and SQLite re-prepares apalis'
-    /// fetch statement every time), so kinds whose latency nobody waits on, and whose
-    /// volume is small, poll less: that leaves the connection to the busy kinds and
-    /// cuts an idle daemon's CPU. `charge_account` and `balance_check` keep 50 ms: a
-    /// fetch takes at most 500 jobs, so the interval bounds a billing run's rate.
-    pub fn poll_interval(&self, kind: JobKind) -> Option<Duration> {
-        match kind {
-            JobKind::Topup | JobKind::BillingRun | JobKind::DataDeletion | JobKind::ChatClose => {
-                Some(Duration::from_millis(250))
-            }
-            _ => None,
-        }
+    /// How long an idle worker waits before it looks for jobs that other processes
+    /// pushed (`queue.poll_fallback_ms`). This daemon's pushes wake their worker at once,
+    /// so the interval only bounds how late another daemon's (or a retry's, pushed by
+    /// another daemon) jobs start while this one has nothing else to do.
+    pub fn poll_fallback(&self) -> Duration {
+        Duration::from_millis(self.raw.queue.poll_fallback_ms)
     }
 
     pub fn journal_retention(&self) -> Duration {
@@ -523,6 +520,13 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "queue.journal_retention_days",
             raw.queue.journal_retention_days,
             "days from 1 to 3650",
+        ));
+    }
+    if !(10..=3_600_000).contains(&raw.queue.poll_fallback_ms) {
+        return Err(ConfigError::new(
+            "queue.poll_fallback_ms",
+            raw.queue.poll_fallback_ms,
+            "milliseconds from 10 to 3600000",
         ));
     }
     if !(1..=86_400).contains(&raw.queue.lost_job_grace_secs) {

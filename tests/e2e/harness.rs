@@ -229,6 +229,16 @@ impl Daemon {
         d
     }
 
+    /// Starts with `env` set for the daemon (`PATCHBAY__SECTION__KEY` overrides keys of
+    /// a section the harness's configuration already has, such as `[queue]`).
+    pub fn start_env(backend: Backend, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::prepare(backend, extra, |_| {});
+        d.env
+            .extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        d.spawn();
+        d
+    }
+
     /// Starts on a wall clock of its own that the test moves forward with
     /// [`set_days_ahead`](Self::set_days_ahead): libfaketime, preloaded into the real
     /// binary, offsets the real time by what the daemon's `clock` file says. Monotonic

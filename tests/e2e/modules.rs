@@ -21,4 +21,5 @@ mod pg_cluster;
 mod secrets;
 mod systemd;
 mod telegram;
+mod wakeups;
 mod webhook;

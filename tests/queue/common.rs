@@ -115,6 +115,14 @@ impl Recorder {
         *self.seen.lock().unwrap().entry(id.to_owned()).or_default() += 1;
         self.changed.notify_waiters();
     }
+    /// A handler that records each job it runs.
+    pub fn handler(&self) -> impl Handler {
+        let r = self.clone();
+        move |e: Envelope| {
+            let r = r.clone();
+            async move { r.record(&e.id) }
+        }
+    }
     pub fn distinct(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
@@ -153,7 +161,7 @@ pub fn spec(queue: &str, concurrency: usize) -> Vec<WorkerSpec> {
     vec![WorkerSpec {
         queue: queue.into(),
         concurrency,
-        poll_interval: None,
+        poll_fallback: None,
     }]
 }
 

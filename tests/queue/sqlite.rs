@@ -91,6 +91,71 @@ async fn idle_worker_picks_up_quickly() {
     );
 }
 
+/// An idle worker writes nothing to the queue's file: its polls and heartbeats only
+/// read, so `PRAGMA data_version`, which changes whenever another connection committed
+/// a write, stays put across dozens of polls and several heartbeats; a push still wakes
+/// the worker at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_writes_nothing() {
+    use sqlx::ConnectOptions;
+    let db = TempDb::new("quiet");
+    let tuning = SqliteTuning {
+        heartbeat: Duration::from_secs(1),
+        poll_fallback: Duration::from_millis(50),
+        ..SqliteTuning::default()
+    };
+    let queue = Queue::open_sqlite_with(&db.0, tuning).await.unwrap();
+    let q = "patchbay:quiet";
+    let mut watch = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db.0)
+        .connect()
+        .await
+        .unwrap();
+    let rec = Recorder::default();
+    let handler = rec.handler();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let workers = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            queue
+                .run_workers(
+                    spec(q, 1),
+                    handler,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                    Duration::from_secs(5),
+                )
+                .await
+        }
+    });
+    // Past start-up, which writes (registration, the first job's fetch and ack).
+    queue.push(q, &env("first", "x"), None).await.unwrap();
+    rec.wait_until(Duration::from_secs(10), "first", |r| r.total() == 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let version = async |c: &mut sqlx::SqliteConnection| -> i64 {
+        sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(c)
+            .await
+            .unwrap()
+    };
+    let before = version(&mut watch).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        version(&mut watch).await,
+        before,
+        "an idle worker wrote to the queue"
+    );
+
+    queue.push(q, &env("second", "x"), None).await.unwrap();
+    rec.wait_until(Duration::from_secs(10), "second", |r| r.total() == 2)
+        .await;
+    stop.send(()).unwrap();
+    workers.await.unwrap().unwrap();
+}
+
 /// Delayed jobs wait (apalis-sqlite stores run_at in whole seconds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_job_waits() {
@@ -180,6 +245,22 @@ async fn queue_queries_stay_on_indexes() {
              AND strftime('%s', 'now') - Workers.last_seen >= ?1 AND Workers.worker_type = ?2 \
              AND (?3 IS NULL OR Workers.id != ?3) AND (?4 IS NULL OR Workers.id = ?4))",
             "pb_jobs_locked",
+        ),
+        (
+            // `sqlite_worker::ANY_DUE`: the read before a fetch.
+            "due",
+            "SELECT EXISTS (SELECT 1 FROM Jobs WHERE job_type = ?1 \
+             AND status = 'Pending' AND lock_by IS NULL AND (run_at IS NULL OR run_at <= ?2)) \
+             OR EXISTS (SELECT 1 FROM Jobs WHERE job_type = ?1 AND status = 'Failed' \
+             AND attempts < max_attempts AND (run_at IS NULL OR run_at <= ?2))",
+            "idx_jobs_job_type_status_run_at",
+        ),
+        (
+            // `sqlite_worker::ANY_LOCKED`: the read before a heartbeat.
+            "locked",
+            "SELECT EXISTS (SELECT 1 FROM Jobs \
+             WHERE (status = 'Running' OR status = 'Queued') AND job_type = ?1)",
+            "COVERING INDEX idx_jobs_job_type_status_run_at",
         ),
         (
             "depth",

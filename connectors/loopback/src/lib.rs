@@ -421,10 +421,12 @@ fn run(shared: Arc<Shared>, prefix: String, receipts: Receiver<Receipt>) {
             break;
         }
         let generating = interval.is_some() && under_limit(n);
+        // Not generating: sleep until a receipt is queued or `stop` (which drops the
+        // sender, ending the wait at once); `recv_timeout` takes `MAX` as "no timeout".
         let wait = if generating {
             due.saturating_duration_since(Instant::now()).min(tick)
         } else {
-            tick
+            Duration::MAX
         };
         match receipts.recv_timeout(wait) {
             Ok(r) => {

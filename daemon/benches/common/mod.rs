@@ -48,6 +48,20 @@ impl Backend {
             Backend::Redis => "redis",
         }
     }
+
+    /// The backends a comma-separated environment variable names (`default` if unset).
+    pub fn list_from_env(var: &str, default: &str) -> Res<Vec<Backend>> {
+        env_or(var, default.to_owned())
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|b| match b {
+                "sqlite" => Ok(Backend::Sqlite),
+                "redis" => Ok(Backend::Redis),
+                other => Err(format!("unknown backend {other} in {var}").into()),
+            })
+            .collect()
+    }
 }
 
 pub fn now_ms() -> i64 {

@@ -12,9 +12,14 @@
 //! panics, goes to [`Handler::reject`] (the daemon records it dead) and the
 //! worker takes the next one. A worker that ends anyway is restarted, and
 //! [`WorkerBoard`] says which are running and how often each restarted.
+//!
+//! An idle worker sleeps: this process's pushes wake their queue's worker at once
+//! (`wake`), and polling is only a slow fallback for jobs that other processes pushed.
 
 mod redis_stream;
 mod sqlite;
+mod sqlite_worker;
+mod wake;
 
 use std::{
     collections::BTreeMap,
@@ -70,10 +75,16 @@ pub enum QueueError {
 pub struct WorkerSpec {
     pub queue: String,
     pub concurrency: usize,
-    /// How often a polling backend (SQLite) looks for new jobs; `None`: the backend's
-    /// default. Redis blocks on the stream instead and ignores it.
-    pub poll_interval: Option<Duration>,
+    /// How long an idle worker waits before it looks for jobs that other processes
+    /// pushed (this process's pushes wake it at once); `None`: the backend's tuning
+    /// (`DEFAULT_POLL_FALLBACK` unless set). On Redis it is the longest XREADGROUP
+    /// BLOCK, which any push (from any process) ends at once: it bounds how late
+    /// another process's delayed jobs and abandoned entries are picked up.
+    pub poll_fallback: Option<Duration>,
 }
+
+/// `queue.poll_fallback_ms`'s default.
+pub const DEFAULT_POLL_FALLBACK: Duration = Duration::from_secs(5);
 
 /// Clone-able producer handle + worker runner.
 #[derive(Clone)]

@@ -17,7 +17,10 @@ use std::{
     collections::{HashSet, VecDeque},
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicI64, Ordering},
+    },
     task::{Context, Poll, ready},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -57,8 +60,11 @@ pub struct RedisTuning {
     pub visibility_timeout: Duration,
     /// How often each worker scans for such abandoned entries.
     pub reclaim_interval: Duration,
-    /// XREADGROUP BLOCK time; also bounds delayed-job lateness and the
-    /// extra shutdown time of an idle worker.
+    /// Longest XREADGROUP BLOCK (a worker's `poll_fallback` overrides it; at most a
+    /// third of the visibility timeout). Any XADD ends a block at once; it bounds how
+    /// late an idle worker promotes another process's delayed jobs that were not due
+    /// when it started blocking (ours promote themselves, see `push`) and finds
+    /// abandoned entries.
     pub block: Duration,
     /// Entries per XREADGROUP/XAUTOCLAIM (capped by the worker's concurrency).
     pub fetch_batch: usize,
@@ -76,7 +82,7 @@ impl Default for RedisTuning {
         Self {
             visibility_timeout: Duration::from_secs(30),
             reclaim_interval: Duration::from_secs(5),
-            block: Duration::from_millis(500),
+            block: super::DEFAULT_POLL_FALLBACK,
             fetch_batch: 500,
             promote_batch: 200,
             push_chunk: 10_000,
@@ -87,13 +93,19 @@ impl Default for RedisTuning {
 
 /// Moves due delayed jobs to the stream, at most ARGV[2] per call, so no
 /// backlog size can exceed Lua's argument limits (apalis-redis' failure mode).
+/// Returns how many moved and the due time (ms) of the next one still delayed, or -1:
+/// an idle worker blocks no longer than until then.
 const PROMOTE_LUA: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for i = 1, #due do
   redis.call('XADD', KEYS[2], '*', ARGV[3], due[i])
   redis.call('ZREM', KEYS[1], due[i])
 end
-return #due
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then
+  return {#due, -1}
+end
+return {#due, tonumber(nxt[2])}
 "#;
 
 /// Ack = XACK + XDEL, atomically, so depth (XLEN) never counts finished jobs.
@@ -258,7 +270,8 @@ impl RedisQueue {
                     .arg(due)
                     .arg(json)
                     .query_async::<()>(&mut conn)
-                    .await?
+                    .await?;
+                self.promote_when_due(keys, d);
             }
             None => {
                 redis::cmd("XADD")
@@ -271,6 +284,25 @@ impl RedisQueue {
             }
         }
         Ok(())
+    }
+
+    /// Moves a delayed job of ours to the stream once it is due, so a worker blocked in
+    /// XREADGROUP wakes then rather than at the end of its block. Best effort: a worker
+    /// promotes it anyway after its next block.
+    fn promote_when_due(&self, keys: Keys, delay: Duration) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut conn = inner.conn.clone();
+            let mut inv = inner.scripts.promote.key(&keys.delayed);
+            inv.key(&keys.stream)
+                .arg(now_ms())
+                .arg(inner.tuning.promote_batch)
+                .arg(FIELD);
+            if let Err(e) = inv.invoke_async::<(i64, i64)>(&mut conn).await {
+                tracing::debug!(error = %e, "cannot promote a due delayed job; a worker will");
+            }
+        });
     }
 
     /// One pipeline per `push_chunk` envelopes: a 100k fan-out is ~10 round
@@ -350,15 +382,14 @@ impl RedisQueue {
                     // no longer refreshed, it is reclaimed after the visibility timeout.
                     acker.owned.lock().clear();
                 }
-                let backend =
-                    StreamBackend::new(&inner, acker.clone(), spec.concurrency, up.clone())
-                        .before_start(move |_| async move {
-                            if restarts > 0 {
-                                let secs = 1u64 << restarts.min(6).saturating_sub(1);
-                                tokio::time::sleep(Duration::from_secs(secs)).await;
-                            }
-                            Ok::<(), RedisError>(())
-                        });
+                let backend = StreamBackend::new(&inner, acker.clone(), &spec, up.clone())
+                    .before_start(move |_| async move {
+                        if restarts > 0 {
+                            let secs = 1u64 << restarts.min(6).saturating_sub(1);
+                            tokio::time::sleep(Duration::from_secs(secs)).await;
+                        }
+                        Ok::<(), RedisError>(())
+                    });
                 let queue = spec.queue.clone();
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
@@ -539,6 +570,12 @@ struct Fetcher {
     acker: Acker,
     tuning: RedisTuning,
     count: usize,
+    /// The longest XREADGROUP BLOCK of this worker.
+    block: Duration,
+    /// When the next delayed job is due (unix ms), as the last promotion saw it.
+    next_due: Option<u64>,
+    /// The reader connection's `CLIENT ID`, for `CLIENT UNBLOCK` at shutdown (0: none).
+    reader_id: Arc<AtomicI64>,
     group_ready: bool,
     last_promote: Option<Instant>,
     last_reclaim: Option<Instant>,
@@ -556,8 +593,19 @@ impl Fetcher {
         // response timeout must exceed BLOCK (redis-rs default is 500 ms).
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(self.tuning.block + Duration::from_secs(5)));
-        let conn = self.client.get_connection_manager_with_config(cfg).await?;
+            .set_response_timeout(Some(self.block + Duration::from_secs(5)));
+        let mut conn = self.client.get_connection_manager_with_config(cfg).await?;
+        // Stale after a silent reconnect: then a stop waits for the block to end.
+        match redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async::<i64>(&mut conn)
+            .await
+        {
+            Ok(id) => self.reader_id.store(id, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(error = %e, "no CLIENT ID; a stop waits for the read's block")
+            }
+        }
         self.reader = Some(conn.clone());
         Ok(conn)
     }
@@ -598,17 +646,19 @@ impl Fetcher {
         }
 
         let now = Instant::now();
-        if self.last_promote.is_none_or(|t| now - t >= PROMOTE_EVERY) {
+        let due = self.next_due.is_some_and(|d| d <= now_ms());
+        if due || self.last_promote.is_none_or(|t| now - t >= PROMOTE_EVERY) {
             self.last_promote = Some(now);
             let mut inv = self.acker.scripts.promote.key(&self.acker.keys.delayed);
             inv.key(&stream)
                 .arg(now_ms())
                 .arg(self.tuning.promote_batch)
                 .arg(FIELD);
-            let moved: i64 = inv.invoke_async(&mut conn).await?;
+            let (moved, next): (i64, i64) = inv.invoke_async(&mut conn).await?;
             if moved as usize >= self.tuning.promote_batch {
                 self.last_promote = None; // more are due: promote again next round
             }
+            self.next_due = u64::try_from(next).ok();
         }
 
         if self
@@ -636,6 +686,10 @@ impl Fetcher {
             }
         }
 
+        // Until the next delayed job is due at the latest; an XADD ends it sooner.
+        let block = self.next_due.map_or(self.block, |d| {
+            Duration::from_millis(d.saturating_sub(now_ms())).min(self.block)
+        });
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -643,7 +697,7 @@ impl Fetcher {
             .arg("COUNT")
             .arg(self.count)
             .arg("BLOCK")
-            .arg(millis(self.tuning.block))
+            .arg(millis(block))
             .arg("STREAMS")
             .arg(&stream)
             .arg(">")
@@ -696,16 +750,29 @@ pub struct StreamBackend {
     buffer: VecDeque<Job>,
     acker: Acker,
     tuning: RedisTuning,
+    reader_id: Arc<AtomicI64>,
+    /// Ends the worker's blocked read at shutdown (see `poll_close`).
+    unblocker: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl StreamBackend {
-    fn new(inner: &Inner, acker: Acker, concurrency: usize, up: Up) -> Self {
+    fn new(inner: &Inner, acker: Acker, spec: &WorkerSpec, up: Up) -> Self {
+        let reader_id = Arc::new(AtomicI64::new(0));
+        // A third of the visibility timeout at most: a blocked consumer must look alive
+        // to `reap_dead_consumers` and must not outwait its own leases.
+        let block = spec
+            .poll_fallback
+            .unwrap_or(inner.tuning.block)
+            .min(inner.tuning.visibility_timeout / 3);
         let fetcher = Fetcher {
             client: inner.client.clone(),
             reader: None,
             acker: acker.clone(),
             tuning: inner.tuning.clone(),
-            count: inner.tuning.fetch_batch.min(concurrency).max(1),
+            count: inner.tuning.fetch_batch.min(spec.concurrency).max(1),
+            block,
+            next_due: None,
+            reader_id: reader_id.clone(),
             group_ready: false,
             last_promote: None,
             last_reclaim: None,
@@ -717,7 +784,30 @@ impl StreamBackend {
             buffer: VecDeque::new(),
             acker,
             tuning: inner.tuning.clone(),
+            reader_id,
+            unblocker: None,
         }
+    }
+
+    /// Asks Redis to end the worker's blocked XREADGROUP (as a timeout: no entry is
+    /// taken), again every 100 ms in case the read had not started blocking yet.
+    fn unblock(&mut self) {
+        let id = self.reader_id.load(Ordering::Relaxed);
+        if id == 0 || self.unblocker.is_some() {
+            return;
+        }
+        let mut conn = self.acker.conn.clone();
+        let rounds = (self.tuning.visibility_timeout.as_millis() / 300).max(1);
+        self.unblocker = Some(tokio::spawn(async move {
+            for _ in 0..rounds {
+                let _ = redis::cmd("CLIENT")
+                    .arg("UNBLOCK")
+                    .arg(id)
+                    .query_async::<i64>(&mut conn)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
     }
 
     fn start_fetch(mut fetcher: Fetcher) -> FetchState {
@@ -804,9 +894,13 @@ impl Backend for StreamBackend {
                 FetchState::Fetching(mut fut) => match fut.poll_unpin(cx) {
                     Poll::Pending => {
                         self.state = FetchState::Fetching(fut);
+                        self.unblock();
                         return Poll::Pending;
                     }
                     Poll::Ready((fetcher, res)) => {
+                        if let Some(u) = self.unblocker.take() {
+                            u.abort();
+                        }
                         self.buffer.extend(res.unwrap_or_default());
                         FetchState::Idle(fetcher)
                     }

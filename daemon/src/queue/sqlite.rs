@@ -1,22 +1,16 @@
 //! SQLite backend: apalis-sqlite's `SqliteStorage` on one database file,
 //! with our own connection settings (WAL + durable `synchronous`), tuning
 //! (batching, polling, heartbeats), worker wiring, retention of completed
-//! jobs, and a fix for apalis' O(processed-jobs) ack query. Workers read each job's
-//! stored bytes through [`RawCodec`], which cannot fail, and decode them in
-//! `queue::deliver`: a job apalis' JSON codec refused ended the worker, whose restart
-//! fetched the same job again, forever.
+//! jobs, and a fix for apalis' O(processed-jobs) ack query. Workers run on
+//! [`SqliteWorker`](super::sqlite_worker) (apalis-sqlite's queries, quiet while idle),
+//! woken by this handle's pushes; they read each job's stored bytes, which
+//! `queue::deliver` decodes: a job apalis' JSON codec refused ended the worker, whose
+//! restart fetched the same job again, forever.
 
-use std::{future::Future, path::Path, time::Duration};
+use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
 use apalis_core::{
-    backend::{
-        TaskSink,
-        codec::Codec,
-        ext::{
-            BackendExt,
-            poll_strategy::{PollSnapshot, PollStrategy},
-        },
-    },
+    backend::{TaskSink, ext::BackendExt},
     error::BoxDynError,
     task::builder::TaskBuilder,
     worker::builder::WorkerBuilder,
@@ -24,8 +18,11 @@ use apalis_core::{
 use apalis_sqlite::{Config, SqlitePool, SqliteStorage};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::Notify;
 use tower::limit::ConcurrencyLimitLayer;
 
+use super::sqlite_worker::SqliteWorker;
+use super::wake::{WakeSource, Wakers};
 use super::{Envelope, Handler, QueueError, Run, WorkerSpec, deliver, run_monitor};
 
 /// Index changes after apalis' `setup()`. apalis-sqlite 1.0 keeps nine indexes on
@@ -53,9 +50,9 @@ const LEANER_INDEXES: [&str; 4] = [
 pub struct SqliteTuning {
     /// Jobs claimed per fetch query (apalis default 10 is ~3x slower).
     pub batch_size: usize,
-    /// How often an idle worker re-polls. Without it apalis only re-polls on
-    /// its heartbeat, so a job pushed to an idle worker waits up to that long.
-    pub poll_interval: Duration,
+    /// How often an idle worker looks for jobs pushed by other processes (this
+    /// handle's pushes wake it at once); `queue.poll_fallback_ms`.
+    pub poll_fallback: Duration,
     /// Worker heartbeat; a dead worker's jobs are re-queued by a live worker
     /// of the same queue once `heartbeat * missed_heartbeats` passed.
     pub heartbeat: Duration,
@@ -78,7 +75,7 @@ impl Default for SqliteTuning {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            poll_interval: Duration::from_millis(50),
+            poll_fallback: super::DEFAULT_POLL_FALLBACK,
             heartbeat: Duration::from_secs(5),
             missed_heartbeats: 2,
             synchronous: SqliteSynchronous::Normal,
@@ -95,6 +92,10 @@ pub struct SqliteQueue {
     /// Only for `PRAGMA wal_checkpoint` (see `open`).
     checkpointer: SqlitePool,
     tuning: SqliteTuning,
+    /// Each queue's worker, woken by our pushes.
+    wakers: Wakers,
+    /// Signalled after each write to the file: the checkpoint task sleeps until then.
+    written: Arc<Notify>,
 }
 
 impl SqliteQueue {
@@ -167,6 +168,8 @@ impl SqliteQueue {
             pool,
             checkpointer,
             tuning,
+            wakers: Wakers::default(),
+            written: Arc::new(Notify::new()),
         })
     }
 
@@ -208,6 +211,9 @@ impl SqliteQueue {
             .await?
             .rows_affected();
             total += n;
+            if n > 0 {
+                self.written.notify_one();
+            }
             if n < 2000 {
                 return Ok(total);
             }
@@ -218,19 +224,19 @@ impl SqliteQueue {
         tokio::join!(self.purge_loop(), self.checkpoints());
     }
 
-    /// Copies the WAL into the database file four times a second, off the working
-    /// connection, as far as readers allow (PASSIVE: it waits for nobody).
+    /// Copies the WAL into the database file at most four times a second while the
+    /// queue is written, off the working connection, as far as readers allow (PASSIVE:
+    /// it waits for nobody); an idle queue is not touched.
     async fn checkpoints(&self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            self.written.notified().await;
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                 .execute(&self.checkpointer)
                 .await
             {
                 tracing::warn!(error = %e, "cannot checkpoint the queue");
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -265,7 +271,15 @@ impl SqliteQueue {
         self.storage(queue)
             .push_task(builder.build())
             .await
-            .map_err(|e| QueueError::Push(e.to_string()))
+            .map_err(|e| QueueError::Push(e.to_string()))?;
+        self.written.notify_one();
+        match delay {
+            // apalis-sqlite stores the due time rounded down to the second, so the job
+            // is due by then; the slack covers the timer's and the wall clock's drift.
+            Some(d) if !d.is_zero() => self.wakers.wake_after(queue, d, Duration::from_millis(10)),
+            _ => self.wakers.wake(queue),
+        }
+        Ok(())
     }
 
     /// Many jobs in one INSERT. apalis' own `push_all` runs one statement per job
@@ -298,6 +312,8 @@ impl SqliteQueue {
         .bind(i64::try_from(now).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
+        self.written.notify_one();
+        self.wakers.wake(queue);
         Ok(())
     }
 
@@ -340,33 +356,37 @@ impl SqliteQueue {
                 let started = started.clone();
                 let board = board.clone();
                 let queue = spec.queue.clone();
-                let backend = SqliteStorage::<RawJob>::new(&this.pool)
-                    .with_config(this.config(&spec.queue))
-                    .with_codec(RawCodec)
-                    .before_start(move |_| async move {
-                        if restarts > 0 {
-                            tokio::time::sleep(restart_delay).await;
-                        }
-                        Ok::<(), apalis_sqlite::Error>(())
-                    })
-                    // The first poll_ready registers the worker in `Workers`.
-                    .after_start(move |_| {
-                        started.started();
-                        board.up(&queue);
-                        async { Ok::<(), apalis_sqlite::Error>(()) }
-                    })
-                    .poll_with_strategy(Ticker::new(
-                        spec.poll_interval.unwrap_or(this.tuning.poll_interval),
-                    ));
+                let wake = WakeSource::new(
+                    this.wakers.get(&spec.queue),
+                    spec.poll_fallback.unwrap_or(this.tuning.poll_fallback),
+                );
+                let backend = SqliteWorker::new(
+                    &this.pool,
+                    this.config(&spec.queue),
+                    this.written.clone(),
+                    wake,
+                )
+                .before_start(move |_| async move {
+                    if restarts > 0 {
+                        tokio::time::sleep(restart_delay).await;
+                    }
+                    Ok::<(), apalis_sqlite::Error>(())
+                })
+                // The first poll_ready registers the worker in `Workers`.
+                .after_start(move |_| {
+                    started.started();
+                    board.up(&queue);
+                    async { Ok::<(), apalis_sqlite::Error>(()) }
+                });
                 let queue = spec.queue.clone();
                 WorkerBuilder::new(name.as_str())
                     .backend(backend)
                     .layer(ConcurrencyLimitLayer::new(spec.concurrency))
-                    .build(move |job: RawJob| {
+                    .build(move |bytes: Vec<u8>| {
                         let handler = handler.clone();
                         let queue = queue.clone();
                         async move {
-                            deliver(&handler, &queue, &job.0).await;
+                            deliver(&handler, &queue, &bytes).await;
                             Ok::<(), BoxDynError>(())
                         }
                     })
@@ -375,60 +395,6 @@ impl SqliteQueue {
         tokio::select! {
             res = run_monitor(monitor, shutdown, grace) => res,
             () = self.housekeeping() => Ok(()),
-        }
-    }
-}
-
-/// A job's stored bytes (apalis' `job` column), undecoded.
-pub struct RawJob(pub Vec<u8>);
-
-/// The worker side's codec: hands the stored bytes over as they are. (Pushes keep
-/// apalis' JSON codec.)
-#[derive(Clone, Copy, Debug)]
-pub struct RawCodec;
-
-impl Codec<RawJob> for RawCodec {
-    type Error = std::convert::Infallible;
-    type Compact = Vec<u8>;
-
-    fn encode(&self, job: &RawJob) -> Result<Vec<u8>, Self::Error> {
-        Ok(job.0.clone())
-    }
-
-    fn decode(&self, bytes: &Vec<u8>) -> Result<RawJob, Self::Error> {
-        Ok(RawJob(bytes.clone()))
-    }
-}
-
-/// Wakes an idle worker every `period` to poll for jobs. apalis-core 1.0's
-/// `IntervalStrategy` replaces its timer when it fires without polling the new one, so
-/// no wake-up is armed for the next tick: now and then an idle worker then slept until
-/// its heartbeat (a job pushed 2 s after the last one ran 3 s late, with the 5 s
-/// heartbeat). This one polls its interval until it is pending, which arms it.
-struct Ticker(tokio::time::Interval);
-
-impl Ticker {
-    fn new(period: Duration) -> Self {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ticker(tick)
-    }
-}
-
-impl PollStrategy for Ticker {
-    fn poll_drive(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        _: &PollSnapshot,
-    ) -> std::task::Poll<Option<()>> {
-        let mut fired = false;
-        while self.0.poll_tick(cx).is_ready() {
-            fired = true;
-        }
-        if fired {
-            std::task::Poll::Ready(Some(()))
-        } else {
-            std::task::Poll::Pending
         }
     }
 }
