@@ -33,6 +33,8 @@ pub struct App {
     /// `queue_batched`. Checked at start and by every sweep.
     pub journal_inbound: AtomicBool,
     pub plugins: Arc<Supervisor>,
+    /// This node's identity and channel leases; wake it after changing what runs.
+    pub leases: Arc<crate::cluster::Leases>,
     /// Each queue worker: running or not, restarts (`status`, STATUS=).
     pub workers: WorkerBoard,
     pub started: Instant,
@@ -296,8 +298,8 @@ impl App {
             .resume_suspended(account, self.today(), &self.prices())
             .await?;
         let n = channels.len();
-        for channel in channels {
-            self.plugins.start(channel);
+        if n > 0 {
+            self.leases.wake();
         }
         if noticed {
             self.enqueue(JobKind::BalanceCheck, json!({ "account": account }))
@@ -343,11 +345,11 @@ impl App {
                     balance,
                     "account cannot pay the day; channels suspended"
                 );
-                // Not awaited: a stop may wait out a send in flight, and the batch's
-                // other jobs must not wait for it. The store says suspended already.
-                for &id in channels {
-                    let plugins = self.plugins.clone();
-                    tokio::spawn(async move { plugins.stop(id).await });
+                // The store says suspended already: the reconcile loop stops them (not
+                // here: a stop may wait out a send in flight, and the batch's other
+                // jobs must not wait for it).
+                if !channels.is_empty() {
+                    self.leases.wake();
                 }
             }
             if charged.notices {
@@ -487,7 +489,14 @@ impl Effects for App {
         outbound: &Value,
         lease_ms: i64,
     ) -> Result<Option<String>, JobError> {
-        self.plugins.deliver(channel, outbound, lease_ms).await
+        // Sends reach here only on the node that runs the channel (`worker::placement`);
+        // the fence makes sure of it in the statement that claims the send.
+        let fence = self.leases.fence(channel.id).map_err(|_| {
+            JobError::Retryable(format!("channel {} does not run on this node", channel.id))
+        })?;
+        self.plugins
+            .deliver(channel, outbound, lease_ms, fence.as_ref())
+            .await
     }
 
     fn prices(&self) -> Prices {

@@ -45,7 +45,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     }
     let metrics = crate::metrics::Metrics::install(&settings.node);
-    let (store, checkpoints) = open_store(&settings).await?;
+    let (store, checkpoints, _store_guard) = open_store(&settings).await?;
     let queue = match settings.queue {
         QueueBackend::Sqlite => Queue::open_sqlite(&settings.queue_sqlite_path).await,
         QueueBackend::Redis => {
@@ -75,6 +75,12 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         .and_then(|t| Mailer::new(t, &mail.from))
         .context("cannot set up mail")?;
     let stop = CancellationToken::new();
+    let shared = matches!(settings.store, StoreLocation::Postgres(_));
+    let leases = Arc::new(crate::cluster::Leases::new(
+        &settings.node,
+        shared,
+        &settings.raw.node,
+    ));
     // The charge batcher reaches back into the App (prices, connectors, the queue).
     let app = Arc::new_cyclic(|app| App {
         settings,
@@ -87,6 +93,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         // Until the check below says the queue keeps its jobs: the safe side.
         journal_inbound: std::sync::atomic::AtomicBool::new(true),
         plugins,
+        leases,
         workers: Default::default(),
         started: Instant::now(),
         billing,
@@ -96,14 +103,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     app.check_queue_persistence(true).await;
     let cron = tokio::spawn(crate::billing::run_schedule(app.clone()));
     let events = tokio::spawn(plugin_host::events::run(app.clone(), events_rx));
-    for channel in app
-        .store
-        .runnable_channels()
-        .await
-        .context("cannot list channels")?
-    {
-        app.plugins.start(channel);
-    }
+    // Channels start from the reconcile loop: on PostgreSQL only those whose lease
+    // this node takes.
+    let cluster = tokio::spawn(crate::cluster::run(app.clone(), stop.clone()));
     if embedded_default {
         crate::demo::seed(&app).await;
     }
@@ -148,11 +150,6 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         };
         tokio::spawn(crate::http::serve(listener, state, stop.clone()))
     });
-    let watch = tokio::spawn(
-        app.plugins
-            .clone()
-            .watch_store(Duration::from_secs(10), stop.clone()),
-    );
     let worker_app = app.clone();
     let workers_stop = stop.clone();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -241,8 +238,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         checkpoints.abort();
     }
     let _ = sweep.await;
-    let _ = watch.await;
+    let _ = cluster.await;
     app.plugins.stop_all().await;
+    crate::cluster::leave(&app).await;
     drop(app);
     events.abort();
     // A socket passed by systemd is the socket unit's to remove (RemoveOnStop=).
@@ -282,21 +280,28 @@ impl Stop {
     }
 }
 
+/// The store, the task checkpointing a SQLite one, and the lock keeping other daemons
+/// off a SQLite file.
+type OpenStore = (
+    Arc<dyn Store>,
+    Option<tokio::task::JoinHandle<()>>,
+    Option<crate::cluster::store_guard::StoreGuard>,
+);
+
 /// Opens the store `store.url` names; for SQLite, also the task that checkpoints it.
 /// PostgreSQL down at start is an error naming the URL without its password; down
 /// later, store calls fail and their jobs retry.
-async fn open_store(
-    settings: &Settings,
-) -> anyhow::Result<(Arc<dyn Store>, Option<tokio::task::JoinHandle<()>>)> {
+async fn open_store(settings: &Settings) -> anyhow::Result<OpenStore> {
     match &settings.store {
         StoreLocation::Sqlite(path) => {
+            let guard = crate::cluster::store_guard::lock(path)?;
             let sqlite = Arc::new(
                 SqliteStore::open(path)
                     .await
                     .context("cannot open the store")?,
             );
             let checkpoints = tokio::spawn(checkpoint_store(sqlite.clone(), path.clone()));
-            Ok((sqlite, Some(checkpoints)))
+            Ok((sqlite, Some(checkpoints), Some(guard)))
         }
         StoreLocation::Postgres(url) => {
             let c = &settings.raw.store;
@@ -308,7 +313,7 @@ async fn open_store(
             let store = PgStore::connect(url, &options)
                 .await
                 .context("cannot open the store (store.url)")?;
-            Ok((Arc::new(store), None))
+            Ok((Arc::new(store), None, None))
         }
     }
 }

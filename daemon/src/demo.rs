@@ -64,7 +64,7 @@ pub async fn seed(app: &App) {
                 channel = channel.id,
                 "demo account with a loopback channel created; try `patchbayctl chat list --account 1`"
             );
-            app.plugins.start(channel);
+            app.leases.wake();
         }
         Err(e) => tracing::warn!(error = %e, "cannot add the demo channel"),
     }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod batcher;
 pub mod billing;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;

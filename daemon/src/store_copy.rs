@@ -41,6 +41,10 @@ const TABLES: &[(&str, &[&str])] = &[
     ("jobs", &["id"]),
 ];
 
+/// The cluster's state (nodes, channel leases): never copied, since it belongs to the
+/// daemons running on a store, but emptied with the rest on `--replace`.
+const RUNTIME_TABLES: &[&str] = &["channel_leases", "nodes"];
+
 /// What to do with a target that holds data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Existing {
@@ -141,7 +145,8 @@ pub async fn run(from: &str, to: &str, opts: &CopyOptions) -> anyhow::Result<Cop
             holding.join(", ")
         ),
         Existing::Replace if !holding.is_empty() => {
-            let all: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
+            let mut all: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
+            all.extend(RUNTIME_TABLES);
             let sql = format!("TRUNCATE {} RESTART IDENTITY", all.join(", "));
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(dst)

@@ -228,6 +228,9 @@ fn finished<'a>(
 /// The per-job path: journal the attempt, run the handler, journal the outcome.
 /// `false` when the job did not run (finished before, or the store is unreachable).
 async fn run_single(app: Arc<App>, env: Envelope, kind: JobKind) -> bool {
+    if crate::cluster::placement::handed_back(&app, kind, &env).await {
+        return false;
+    }
     let now = now_ms();
     let rec = JobRecord {
         id: env.id.clone(),

@@ -2,7 +2,7 @@
 //!
 //! The interface is split by concept, one small capability trait per file (in the
 //! manner of apalis-core's backend traits): `Accounts`, `Users`, `Channels`, `Chats`,
-//! `Fields`, `Journal`, `Billing`, `Deletion` and `Outbox`. `Store` is all of them; an
+//! `Fields`, `Journal`, `Billing`, `Deletion`, `Outbox` and `Cluster`. `Store` is all of them; an
 //! implementation provides each trait and gets `Store` for free. Handlers and control
 //! methods talk to `dyn Store` (bring the traits into scope with `use store::*`).
 //!
@@ -15,6 +15,7 @@ mod accounts;
 mod billing;
 mod channels;
 mod chats;
+mod cluster;
 mod deletion;
 mod fields;
 mod journal;
@@ -26,6 +27,7 @@ pub use accounts::{Accounts, NewAccount};
 pub use billing::{Billing, ChargeJob, ChargeOutcome, Charged};
 pub use channels::Channels;
 pub use chats::{ChatFilter, Chats, InboundJob};
+pub use cluster::{Cluster, Fence, LeaseRow, NodeRow, SendClaim};
 pub use deletion::{BatchOutcome, Deletion};
 pub use fields::Fields;
 pub use journal::{JobFilter, Journal, JournalInsert};
@@ -54,7 +56,17 @@ pub enum BatchedJob {
 
 /// The whole store: every concept trait. Implemented for any type that has them all.
 pub trait Store:
-    Accounts + Users + Channels + Chats + Fields + Journal + Billing + Deletion + Outbox + 'static
+    Accounts
+    + Users
+    + Channels
+    + Chats
+    + Fields
+    + Journal
+    + Billing
+    + Deletion
+    + Outbox
+    + Cluster
+    + 'static
 {
 }
 
@@ -68,6 +80,7 @@ impl<T> Store for T where
         + Billing
         + Deletion
         + Outbox
+        + Cluster
         + 'static
 {
 }

@@ -193,7 +193,8 @@ async fn worked_example_day_by_day() {
     assert!(charges.iter().all(|e| e["amount"] == -100));
 }
 
-/// 40 accounts with 1-3 channels; two daemons share the Redis queue and the store and
+/// 40 accounts with 1-3 channels; two daemons share the Redis queue and the PostgreSQL
+/// store and
 /// both start the same day's run while one is killed mid fan-out: every (channel, day)
 /// is charged exactly once and every balance is exact. On Redis the charges are
 /// journalled before they are queued.
@@ -211,7 +212,14 @@ async fn two_daemons_and_a_kill_charge_each_channel_once_unjournalled() {
 
 async fn two_daemons_and_a_kill(backend: Backend) {
     let smtp = Smtp::start();
-    let mut a = Daemon::start_clocked(backend, &billing_config(&smtp, ""));
+    // Several daemons share a PostgreSQL store (a second one on a SQLite file is
+    // refused), in both builds of the suite.
+    let store = format!(
+        "[store]\nurl = \"{}\"\n",
+        crate::pg_cluster::fresh_database("e2e")
+    );
+    let config = format!("{}{store}", billing_config(&smtp, ""));
+    let mut a = Daemon::start_clocked(backend, &config);
     let (mut expected, mut channels) = (Vec::new(), 0);
     for i in 0..40 {
         let (acc, admin) = a.account(&format!("acc{i}")).await;

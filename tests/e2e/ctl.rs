@@ -217,12 +217,15 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
     let wide = pb(&d, &["-o", "wide", "channel", "list", "--account", "1"]);
     let first = wide.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = first.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
-    // … DISPLAY NAME, ACCOUNT, CREATED (RFC 3339), REMOVED, CONFIG (secrets masked).
-    assert_eq!(cells.len(), 12, "{wide}");
-    assert_eq!(cells[7..9], ["Acme support", "1"], "{wide}");
-    assert!(chrono::DateTime::parse_from_rfc3339(cells[9]).is_ok(), "{wide}");
+    // … OWNER (this node's id), EPOCH (none on SQLite), DISPLAY NAME, ACCOUNT, CREATED
+    // (RFC 3339), REMOVED, CONFIG (secrets masked).
+    assert_eq!(cells.len(), 14, "{wide}");
+    let node = d.ok("status", json!({})).await["node_id"].clone();
+    assert_eq!(cells[7..9], [node.as_str().expect("node_id"), "-"], "{wide}");
+    assert_eq!(cells[9..11], ["Acme support", "1"], "{wide}");
+    assert!(chrono::DateTime::parse_from_rfc3339(cells[11]).is_ok(), "{wide}");
     assert_eq!(
-        cells[10..],
+        cells[12..],
         ["-", "display_name=Acme support, number=+15550000100, rate_per_sec=0, secret=***"],
         "{wide}"
     );
@@ -379,10 +382,9 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
         StoreKind::Sqlite => "sqlite",
         StoreKind::Postgres => "postgres",
     };
-    let http = d.ok("status", json!({})).await["http"]
-        .as_str()
-        .expect("the listener")
-        .to_owned();
+    let rpc_status = d.ok("status", json!({})).await;
+    let http = rpc_status["http"].as_str().expect("the listener").to_owned();
+    let node = rpc_status["node"].as_str().expect("node").to_owned();
     assert_eq!(
         sections[1],
         format!(
@@ -391,7 +393,8 @@ Backends:   queue sqlite, store {store}, mail file
 Plugins:    loopback
 HTTP:       http://{http}/ (dashboard, /metrics, /readyz)
 Health:     ok
-Channels:   2 connected, 1 removed"
+Channels:   2 connected, 1 removed
+Cluster:    1 node: {node} (2 channels, this one)"
         )
     );
     assert!(

@@ -348,12 +348,22 @@ impl Daemon {
     /// A second daemon on the same configuration — same store, queue, plugins, clock —
     /// with a control socket of its own.
     pub fn sibling(&self) -> Daemon {
+        self.sibling_with(&[])
+    }
+
+    /// A [`sibling`](Self::sibling) with `env` set for it as well (its `node.name`).
+    pub fn sibling_with(&self, extra_env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("sibling.sock");
         let mut env = vec![(
             "PATCHBAY__CONTROL__SOCKET".to_owned(),
             socket.display().to_string(),
         )];
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         env.extend(
             self.env
                 .iter()

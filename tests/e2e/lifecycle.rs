@@ -102,7 +102,33 @@ async fn a_second_daemon_does_not_steal_the_socket() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another patchbayd is listening"));
+    // Refused by the store's lock (SQLite) or by the live socket (PostgreSQL).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another patchbayd"), "{stderr}");
+    assert!(d.ok("status", json!({})).await.is_object());
+    assert_eq!(d.terminate(), Some(0));
+}
+
+/// A second daemon on the same SQLite store, with a socket of its own, is refused with
+/// what to do instead; the first keeps running. (Several daemons need PostgreSQL.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_one_sqlite_store_is_refused() {
+    // A SQLite store in both builds of the suite.
+    let mut d = Daemon::start_with(Backend::Sqlite, "[store]\nurl = \"sqlite://var/patchbay.db\"\n");
+    let other = d.dir.path().join("other.sock");
+    let out = Command::new(PATCHBAYD)
+        .arg("--config")
+        .arg(&d.config)
+        .env("PATCHBAY__CONTROL__SOCKET", &other)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("in use by another patchbayd") && stderr.contains("PostgreSQL"),
+        "{stderr}"
+    );
+    assert!(!other.exists(), "the refused daemon made no socket");
     assert!(d.ok("status", json!({})).await.is_object());
     assert_eq!(d.terminate(), Some(0));
 }

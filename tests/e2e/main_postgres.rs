@@ -4,4 +4,5 @@
 include!("modules.rs");
 
 // Only here: what the PostgreSQL store alone has.
+mod cluster;
 mod postgres;

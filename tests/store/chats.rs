@@ -6,7 +6,7 @@
 use patchbay_jobs::DomainError;
 use patchbay_jobs::kind::InboundMessage;
 use patchbay_jobs::model::{Channel, Id, Message, now_ms};
-use patchbay_jobs::store::ChatFilter;
+use patchbay_jobs::store::{ChatFilter, SendClaim};
 use serde_json::json;
 
 use crate::common::{Backend, TestStore, acme};
@@ -41,7 +41,7 @@ async fn channel(s: &TestStore) -> (Channel, Id) {
 }
 
 /// An outbound message in a fresh chat, after the client's "in-1".
-async fn outbound(s: &TestStore) -> Message {
+pub(crate) async fn outbound(s: &TestStore) -> Message {
     let (ch, admin) = channel(s).await;
     let m = inbound(ch.id, "c1", "in-1", "+4915112345678", 0);
     assert!(
@@ -70,14 +70,17 @@ async fn one_send_attempt_at_a_time_holds_a_message(b: Backend) {
         async move { s.message(id).await.expect("message").status }
     };
     let until = now_ms() + 60_000;
-    assert!(s.claim_send(msg.id, until).await.expect("claim"));
+    assert!((s.claim_send(msg.id, until, None).await.expect("claim") == SendClaim::Claimed));
     assert!(
-        !s.claim_send(msg.id, until + 1).await.expect("claim again"),
+        !(s.claim_send(msg.id, until + 1, None)
+            .await
+            .expect("claim again")
+            == SendClaim::Claimed),
         "a second attempt must not take a held message"
     );
     // Only the holder's token gives the lease back.
     s.release_send(msg.id, until + 1).await.expect("release");
-    assert!(!s.claim_send(msg.id, until).await.expect("still held"));
+    assert!(!(s.claim_send(msg.id, until, None).await.expect("still held") == SendClaim::Claimed));
     // A send that gave up fails the message only once nobody holds it.
     s.fail_unsent(msg.id, "gave up").await.expect("fail");
     assert_eq!(
@@ -86,19 +89,24 @@ async fn one_send_attempt_at_a_time_holds_a_message(b: Backend) {
         "a held message may yet be sent"
     );
     s.release_send(msg.id, until).await.expect("release");
-    assert!(s.claim_send(msg.id, until).await.expect("after release"));
+    assert!(
+        (s.claim_send(msg.id, until, None)
+            .await
+            .expect("after release")
+            == SendClaim::Claimed)
+    );
     // A lease that ran out (its daemon died mid-send) can be taken again.
     s.exec(&format!(
         "UPDATE messages SET send_lease_until = 1 WHERE id = {}",
         msg.id
     ))
     .await;
-    assert!(s.claim_send(msg.id, until).await.expect("expired"));
+    assert!((s.claim_send(msg.id, until, None).await.expect("expired") == SendClaim::Claimed));
     s.set_message_status(msg.id, "sent", None, Some("ext-1"))
         .await
         .expect("sent");
     assert!(
-        !s.claim_send(msg.id, until + 2).await.expect("sent"),
+        !(s.claim_send(msg.id, until + 2, None).await.expect("sent") == SendClaim::Claimed),
         "a sent message is never claimed again"
     );
     s.fail_unsent(msg.id, "gave up").await.expect("fail sent");
@@ -111,7 +119,7 @@ async fn one_send_attempt_at_a_time_holds_a_message(b: Backend) {
     let inbound = s
         .scalar("SELECT id FROM messages WHERE direction = 'in'")
         .await;
-    assert!(!s.claim_send(inbound, until).await.expect("inbound"));
+    assert!(!(s.claim_send(inbound, until, None).await.expect("inbound") == SendClaim::Claimed));
 
     // A failed one may be claimed for another attempt; two attempts at once (two
     // daemons), one wins.
@@ -122,11 +130,11 @@ async fn one_send_attempt_at_a_time_holds_a_message(b: Backend) {
     assert_eq!(status(again.id).await, "failed");
     let other = s.another_daemon().await;
     let (one, two) = tokio::join!(
-        s.claim_send(again.id, until),
-        other.claim_send(again.id, until + 1)
+        s.claim_send(again.id, until, None),
+        other.claim_send(again.id, until + 1, None)
     );
     assert!(
-        one.expect("one") ^ two.expect("two"),
+        (one.expect("one") == SendClaim::Claimed) ^ (two.expect("two") == SendClaim::Claimed),
         "exactly one attempt holds it"
     );
     assert_eq!(s.message(again.id).await.expect("message").channel, ch);

@@ -12,6 +12,7 @@ mod accounts;
 mod billing;
 mod channels;
 mod chats;
+mod cluster;
 mod deletion;
 mod fields;
 mod inbound;

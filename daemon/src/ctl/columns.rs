@@ -64,6 +64,8 @@ const CHANNEL: &[Column] = &[
     col("STATUS", "/status", Status),
     col("REASON", "/status_reason", Prose),
     col("PRICE/DAY (MINOR UNITS)", "/daily_price", Money),
+    wide("OWNER", "/owner", Text),
+    wide("EPOCH", "/lease_epoch", Text),
     wide("DISPLAY NAME", "/display_name", Text),
     wide("ACCOUNT", "/account", Text),
     wide("CREATED", "/created_at", Time),
@@ -216,6 +218,17 @@ const DELETION: &[Column] = &[
     wide("JOB ATTEMPTS", "/job/attempts", Text),
 ];
 
+const NODE: &[Column] = &[
+    col("NAME", "/name", Text),
+    col("INSTANCE", "/instance", Text),
+    col("CHANNELS", "/channels", Text),
+    col("STARTED", "/started_at", Time),
+    col("HEARTBEAT", "/heartbeat_at", Time),
+    col("THIS", "/this", Text),
+    wide("MAX CHANNELS", "/max_channels", Text),
+    wide("EXPIRES", "/expires_at", Time),
+];
+
 /// The kinds of object results are made of; each has its columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resource {
@@ -232,6 +245,7 @@ pub enum Resource {
     Message,
     Settings,
     Deletion,
+    Node,
 }
 
 impl Resource {
@@ -250,6 +264,7 @@ impl Resource {
             Resource::Message => MESSAGE,
             Resource::Settings => SETTINGS,
             Resource::Deletion => DELETION,
+            Resource::Node => NODE,
         }
     }
 

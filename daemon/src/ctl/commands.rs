@@ -57,6 +57,9 @@ pub enum Command {
     /// Background jobs: list, inspect, retry dead ones, enqueue.
     #[command(subcommand)]
     Job(JobCmd),
+    /// The daemons sharing this one's store (nodes of the cluster).
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Loaded connector plugins.
     #[command(subcommand)]
     Plugin(PluginCmd),
@@ -181,6 +184,12 @@ pub enum JobCmd {
     },
     /// Queue a dead job again.
     Retry { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Live nodes: name, instance, channels held, started, last heartbeat.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -421,6 +430,7 @@ impl Command {
             Command::User(_) => View::Of(R::User),
             Command::Job(JobCmd::Enqueue { .. }) => View::Generic,
             Command::Job(_) => View::Of(R::Job),
+            Command::Node(_) => View::Of(R::Node),
             Command::Plugin(_) => View::Of(R::Plugin),
             Command::Channel(_) => View::Of(R::Channel),
             Command::Settings(_) => View::Of(R::Settings),
@@ -509,6 +519,7 @@ pub fn to_call(cmd: &Command) -> anyhow::Result<Option<(String, Value)>> {
             ),
             JobCmd::Retry { id } => ("job.retry".into(), json!({ "id": id })),
         },
+        Command::Node(NodeCmd::List) => ("node.list".into(), json!({})),
         Command::Plugin(PluginCmd::List) => ("plugin.list".into(), json!({})),
         Command::Channel(c) => match c {
             ChannelCmd::Add {

@@ -52,14 +52,37 @@ fn labelled(status: &Value, ctx: &Ctx) -> String {
         Some(addr) => format!("http://{addr}/ (dashboard, /metrics, /readyz)"),
         None => "off".into(),
     };
-    let rows = vec![
+    let mut rows = vec![
         vec![Cell::new("Backends:"), Cell::new(backends)],
         vec![Cell::new("Plugins:"), Cell::new(plugins)],
         vec![Cell::new("HTTP:"), Cell::new(http)],
         vec![Cell::new("Health:"), health(status, ctx)],
         vec![Cell::new("Channels:"), Cell::new(channels(status))],
     ];
+    if let Some(nodes) = status["nodes"].as_array() {
+        rows.push(vec![Cell::new("Cluster:"), Cell::new(cluster(nodes))]);
+    }
     grid(None, rows, &[])
+}
+
+/// `2 nodes: eu-1 (15 channels, this one), eu-2 (15 channels)`.
+fn cluster(nodes: &[Value]) -> String {
+    let each: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            let this = if n["this"] == true { ", this one" } else { "" };
+            format!(
+                "{} ({} channels{this})",
+                plain(&n["name"]),
+                plain(&n["channels"])
+            )
+        })
+        .collect();
+    let count = match nodes.len() {
+        1 => "1 node".to_owned(),
+        n => format!("{n} nodes"),
+    };
+    format!("{count}: {}", each.join(", "))
 }
 
 /// `ok`, or `degraded` and one line per part that is down.

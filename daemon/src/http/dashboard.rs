@@ -7,7 +7,7 @@
 //! channel reasons come from outside). The page's one script re-fetches the `<main>`
 //! part every few seconds; without it the page is still whole, only not live.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Form, Json};
 use maud::{DOCTYPE, Markup, html};
 use patchbay_jobs::JobKind;
-use patchbay_jobs::model::{Channel, JobRecord, JobState, now_ms};
+use patchbay_jobs::model::{Channel, Id, JobRecord, JobState, now_ms};
 use patchbay_jobs::store::{JobFilter, OutboxCounts};
 use serde::Deserialize;
 use serde_json::json;
@@ -60,6 +60,8 @@ struct Overview {
     jobs: Result<Vec<(JobKind, JobState, i64)>, String>,
     dead: Result<Vec<JobRecord>, String>,
     troubled: Result<Vec<Channel>, String>,
+    /// Each runnable channel's owner node (the name part of its node id).
+    owners: HashMap<Id, String>,
     billing: Result<Option<JobRecord>, String>,
     outbox: Result<OutboxCounts, String>,
     throughput: Vec<Series>,
@@ -89,19 +91,30 @@ async fn overview(http: &Http, kind: Option<JobKind>, offset: u32) -> Overview {
         limit: 1,
         ..Default::default()
     };
-    let (health, jobs, dead, troubled, billing, outbox) = tokio::join!(
+    let (health, jobs, dead, troubled, billing, outbox, owners) = tokio::join!(
         health::probe(&http.app),
         bounded(store.journal_open_counts()),
         bounded(store.journal_list(&dead_filter)),
         bounded(store.troubled_channels(TROUBLED)),
         bounded(async { Ok(store.journal_list(&billing_filter).await?.pop()) }),
         bounded(store.outbox_counts(now_ms() - 86_400_000)),
+        bounded(crate::cluster::view::owners(&http.app)),
     );
+    // The node's name, not its per-start id: what people call it.
+    let owners = owners
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(ch, (node, _))| {
+            let name = node.rsplit_once('/').map_or(node.as_str(), |(n, _)| n);
+            (ch, name.to_owned())
+        })
+        .collect();
     Overview {
         health,
         jobs,
         dead,
         troubled,
+        owners,
         billing,
         outbox,
         throughput: http.history.throughput(),
@@ -290,7 +303,7 @@ fn channels(o: &Overview) -> Markup {
         @match &o.troubled {
             Ok(list) if list.is_empty() => p.muted { "Every channel is connected." },
             Ok(list) => table {
-                thead { tr { th.n { "id" } th { "name" } th { "kind" } th { "status" } th { "reason" } } }
+                thead { tr { th.n { "id" } th { "name" } th { "kind" } th { "status" } th { "reason" } th { "node" } } }
                 tbody {
                     @for c in list {
                         tr data-channel=(c.id) {
@@ -299,6 +312,7 @@ fn channels(o: &Overview) -> Markup {
                             td { (c.kind) }
                             td { span class={"badge status-" (c.status)} { (c.status) } }
                             td.reason { (c.status_reason.as_deref().unwrap_or("")) }
+                            td { (o.owners.get(&c.id).map_or("-", String::as_str)) }
                         }
                     }
                 }

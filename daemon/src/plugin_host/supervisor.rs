@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use patchbay_connector_sdk::host::{Instance, InstanceState, PluginError, RawEvent, codes};
 use patchbay_connector_sdk::{ChannelState, Outbound, Status};
 use patchbay_jobs::model::{Channel, Id, now_ms};
+use patchbay_jobs::store::{Fence, SendClaim};
 use patchbay_jobs::{DomainError, JobError, Store};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
 
@@ -113,6 +113,11 @@ impl Supervisor {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The channels this daemon supervises now.
+    pub fn running(&self) -> Vec<Id> {
+        self.lock().keys().copied().collect()
+    }
+
     /// Starts supervising `channel` (no-op if it already is).
     pub fn start(self: &Arc<Self>, channel: Channel) {
         let mut map = self.lock();
@@ -150,49 +155,6 @@ impl Supervisor {
         }
     }
 
-    /// Stops the instances of channels the store says must not run: suspended by a
-    /// billing run or removed on another daemon sharing the store, which could only
-    /// stop its own instances.
-    pub async fn stop_inactive(self: &Arc<Self>) -> Result<usize, DomainError> {
-        let running: Vec<Id> = self.lock().keys().copied().collect();
-        let stopped = self.store.stopped_channels(&running).await?;
-        for &id in &stopped {
-            tracing::info!(
-                channel = id,
-                "stopping a channel suspended or removed elsewhere"
-            );
-            self.stop(id).await;
-            // A top-up may have resumed it meanwhile, its `start` a no-op because the
-            // instance was still running: the store decides, read after the stop.
-            match self.store.channel(id).await {
-                Ok(ch) if !matches!(ch.status.as_str(), "suspended" | "removed") => {
-                    tracing::info!(channel = id, "restarting a channel resumed meanwhile");
-                    self.start(ch);
-                }
-                Ok(_) | Err(DomainError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(channel = id, error = %e, "cannot re-read a stopped channel")
-                }
-            }
-        }
-        Ok(stopped.len())
-    }
-
-    /// Runs `stop_inactive` every `every` until `stop`.
-    pub async fn watch_store(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.stop_inactive().await {
-                tracing::warn!(error = %e, "cannot check the running channels against the store");
-            }
-        }
-    }
-
     pub async fn stop_all(&self) {
         let ids: Vec<Id> = self.lock().keys().copied().collect();
         for id in ids {
@@ -226,7 +188,7 @@ impl Supervisor {
 
     /// Hands an outbound message to the channel's running instance. Sends on one
     /// channel take turns; once it is this message's turn, its send lease is claimed
-    /// for `lease_ms` (`Store::claim_send`), and `None` means the claim failed (sent
+    /// for `lease_ms` under `fence` (`Store::claim_send`), and `None` means the claim failed (sent
     /// since, or another attempt holds it) and nothing was sent. A retryable failure
     /// gives the lease back; any other outcome keeps it. The connector's answer must be
     /// `{"type":"sent"}` with a non-empty external id: anything else fails the message
@@ -236,8 +198,9 @@ impl Supervisor {
         channel: &Channel,
         outbound: &Value,
         lease_ms: i64,
+        fence: Option<&Fence>,
     ) -> Result<Option<String>, JobError> {
-        let sent = self.deliver_once(channel, outbound, lease_ms).await;
+        let sent = self.deliver_once(channel, outbound, lease_ms, fence).await;
         let outcome = match &sent {
             Ok(Some(_)) => "sent",
             Ok(None) => "skipped",
@@ -253,6 +216,7 @@ impl Supervisor {
         channel: &Channel,
         outbound: &Value,
         lease_ms: i64,
+        fence: Option<&Fence>,
     ) -> Result<Option<String>, JobError> {
         let msg: Outbound = serde_json::from_value(outbound.clone()).map_err(|e| {
             JobError::Permanent(format!("not a valid outbound message for a connector: {e}"))
@@ -269,8 +233,18 @@ impl Supervisor {
         // Claimed with the turn, and timed from it, so the lease covers one call, not
         // the wait behind other sends.
         let (message, lease_until) = (msg.message, now_ms() + lease_ms);
-        if !self.store.claim_send(message, lease_until).await? {
-            return Ok(None);
+        match self.store.claim_send(message, lease_until, fence).await? {
+            SendClaim::Claimed => {}
+            SendClaim::Taken => return Ok(None),
+            // This node lost the channel (paused or cut off past its lease): the new
+            // owner sends it; a retry here finds out where it runs.
+            SendClaim::Fenced => {
+                return Err(JobError::Retryable(format!(
+                    "channel {} is no longer run by this node (lease epoch {:?} ended)",
+                    channel.id,
+                    fence.map(|f| f.epoch)
+                )));
+            }
         }
         let sent = async {
             // Taken only now, with the turn: the instance is the current one, and no

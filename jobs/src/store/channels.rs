@@ -14,9 +14,6 @@ pub trait Channels: Send + Sync {
     /// Number of channels in each status, over all accounts.
     async fn channel_counts(&self) -> StoreResult<Vec<(String, i64)>>;
 
-    /// Those of `ids` that must not run: suspended or removed (by any daemon).
-    async fn stopped_channels(&self, ids: &[Id]) -> StoreResult<Vec<Id>>;
-
     /// Number of channels that are not removed, per connector kind, over all accounts.
     async fn channels_per_kind(&self) -> StoreResult<Vec<(String, i64)>>;
 

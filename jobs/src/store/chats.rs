@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use super::{BatchedJob, StoreResult};
+use super::{BatchedJob, Fence, SendClaim, StoreResult};
 use crate::kind::InboundMessage;
 use crate::model::{Channel, Chat, Contact, Id, Message};
 
@@ -73,8 +73,12 @@ pub trait Chats: Send + Sync {
     ) -> StoreResult<()>;
 
     /// Claims a queued or failed outbound message for one send attempt until `until`
-    /// (ms): `false` when it was sent since or another attempt holds the lease.
-    async fn claim_send(&self, id: Id, until: i64) -> StoreResult<bool>;
+    /// (ms): `Taken` when it was sent since or another attempt holds the lease. With a
+    /// fence, only while that node holds the channel's lease under that epoch, checked
+    /// in the claiming statement (`Fenced` otherwise): a node that lost the channel
+    /// (paused past its lease, cut off) can never hand the message to a connector.
+    async fn claim_send(&self, id: Id, until: i64, fence: Option<&Fence>)
+    -> StoreResult<SendClaim>;
 
     /// Gives a send lease back (the attempt did not send and will be retried); only
     /// the lease claimed with this `until`, never another attempt's.

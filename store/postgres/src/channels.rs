@@ -33,19 +33,6 @@ impl Channels for PgStore {
         )
     }
 
-    async fn stopped_channels(&self, ids: &[Id]) -> StoreResult<Vec<Id>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM channels WHERE id = ANY($1::BIGINT[]) \
-             AND status IN ('suspended', 'removed')",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     async fn channels_per_kind(&self) -> StoreResult<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT kind, COUNT(*) FROM channels WHERE status <> 'removed' \

@@ -273,21 +273,40 @@ impl Chats for PgStore {
         }
     }
 
-    async fn claim_send(&self, id: Id, until: i64) -> StoreResult<bool> {
+    async fn claim_send(
+        &self,
+        id: Id,
+        until: i64,
+        fence: Option<&Fence>,
+    ) -> StoreResult<SendClaim> {
         // One conditional UPDATE: of two attempts at once, the second waits for the
         // first's row lock, re-checks the lease on the row it left, and claims nothing.
-        let claimed = sqlx::query(
+        // The fence reads the channel's lease row in the same statement (no lock: a
+        // takeover commits a new epoch, and this statement sees either one).
+        let claimed = sqlx::query(concat!(
             "UPDATE messages SET send_lease_until = $2 WHERE id = $1 AND direction = 'out' \
              AND status IN ('queued', 'failed') \
-             AND (send_lease_until IS NULL OR send_lease_until <= $3)",
-        )
+             AND (send_lease_until IS NULL OR send_lease_until <= $3) \
+             AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM channel_leases l \
+             WHERE l.channel_id = messages.channel_id AND l.owner = $4 AND l.epoch = $5 \
+             AND l.expires_at > ",
+            now_ms_sql!(),
+            "))"
+        ))
         .bind(id)
         .bind(until)
         .bind(now_ms())
+        .bind(fence.map(|f| f.node.as_str()))
+        .bind(fence.map(|f| f.epoch))
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(claimed == 1)
+        Ok(match (claimed, fence) {
+            (1, _) => SendClaim::Claimed,
+            // An epoch never comes back, so a fence seen broken stays broken.
+            (_, Some(f)) if !crate::cluster::fence_holds(self, id, f).await? => SendClaim::Fenced,
+            _ => SendClaim::Taken,
+        })
     }
 
     async fn release_send(&self, id: Id, until: i64) -> StoreResult<()> {

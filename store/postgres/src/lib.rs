@@ -5,11 +5,20 @@
 //! in a comment what it locks, and every "at most once" rule is a constraint of
 //! `migrations/`. Batches pass their rows as arrays (`UNNEST`).
 
+/// Unix ms on the database's clock, for `concat!`ed SQL (`clock_timestamp()`, which
+/// moves within a transaction): what leases expire by, whatever the nodes' clocks say.
+macro_rules! now_ms_sql {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
 mod accounts;
 mod batch_journal;
 mod billing;
 mod channels;
 mod chats;
+mod cluster;
 mod connection;
 mod deletion;
 mod fields;

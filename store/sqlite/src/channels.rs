@@ -29,19 +29,6 @@ impl Channels for SqliteStore {
         )
     }
 
-    async fn stopped_channels(&self, ids: &[Id]) -> StoreResult<Vec<Id>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM channels WHERE id IN (SELECT value FROM json_each($1)) \
-             AND status IN ('suspended', 'removed')",
-        )
-        .bind(serde_json::Value::from(ids.to_vec()).to_string())
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     async fn channels_per_kind(&self) -> StoreResult<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT kind, COUNT(*) FROM channels WHERE status <> 'removed' \

@@ -22,6 +22,7 @@ mod batch_journal;
 mod billing;
 mod channels;
 mod chats;
+mod cluster;
 mod deletion;
 mod fields;
 mod inbound_batch;

@@ -56,7 +56,7 @@ pub async fn add(app: &App, p: AddParams) -> Result<Value, RpcError> {
         .add_channel_charged(p.account, &p.kind, &name, &config, app.today(), &prices)
         .await?;
     crate::metrics::charged(prices.price(&p.kind));
-    app.plugins.start(channel.clone());
+    app.leases.wake();
     if noticed {
         let check = json!({ "account": p.account });
         app.enqueue(patchbay_jobs::JobKind::BalanceCheck, check)
@@ -79,12 +79,15 @@ pub async fn remove(app: &App, p: RemoveParams) -> Result<Value, RpcError> {
     if channel.account != p.account || channel.status == "removed" {
         return Err(DomainError::not_found("channel", p.channel).into());
     }
-    // The store first: a supervisor that re-reads the channel while the instance stops
-    // (`Supervisor::stop_inactive`) must find it removed, not start it again.
+    // The store first: a reconcile round that reads the channels while the instance
+    // stops must find it removed, not start it again.
     app.store
         .set_channel_status(channel.id, "removed", Some("removed by an administrator"))
         .await?;
+    // Stopped here at once if it runs here; the reconcile loop of the node that runs
+    // it (this one's too) stops it and hands its lease back.
     app.plugins.stop(channel.id).await;
+    app.leases.wake();
     channel_view(app, &app.store.channel(channel.id).await?)
 }
 
@@ -96,8 +99,19 @@ pub struct ListParams {
 
 pub async fn list(app: &App, p: ListParams) -> Result<Value, RpcError> {
     let channels = app.store.channels(p.account).await?;
-    let views: Result<Vec<Value>, RpcError> =
-        channels.iter().map(|c| channel_view(app, c)).collect();
+    let owners = crate::cluster::view::owners(app).await?;
+    let views: Result<Vec<Value>, RpcError> = channels
+        .iter()
+        .map(|c| {
+            let mut v = channel_view(app, c)?;
+            if let Value::Object(m) = &mut v {
+                let (owner, epoch) = owners.get(&c.id).cloned().unzip();
+                m.insert("owner".into(), json!(owner));
+                m.insert("lease_epoch".into(), json!(epoch.flatten()));
+            }
+            Ok(v)
+        })
+        .collect();
     Ok(Value::Array(views?))
 }
 

@@ -14,10 +14,15 @@ use crate::control::rpc::RpcError;
 use crate::health::{self, PART_TIMEOUT};
 
 pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
-    let (probe, counts) = tokio::join!(
+    let (probe, counts, nodes) = tokio::join!(
         health::probe(app),
-        tokio::time::timeout(PART_TIMEOUT, app.store.journal_counts())
+        tokio::time::timeout(PART_TIMEOUT, app.store.journal_counts()),
+        tokio::time::timeout(PART_TIMEOUT, crate::cluster::view::nodes(app))
     );
+    let nodes = match nodes {
+        Ok(Ok(nodes)) => json!(nodes),
+        _ => Value::Null,
+    };
     let jobs = match counts {
         Ok(Ok(counts)) => {
             let mut jobs: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
@@ -43,9 +48,15 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
         })
         .collect();
     let down = probe.down();
+    let mut running = app.plugins.running();
+    running.sort_unstable();
     Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node": app.settings.node,
+        "node_id": app.leases.node_id,
+        "nodes": nodes,
+        // What runs in this process, from the supervisor itself (not the store).
+        "running_channels": running,
         "pid": std::process::id(),
         "uptime_secs": app.started.elapsed().as_secs(),
         "backends": {
@@ -66,4 +77,9 @@ pub async fn status(app: &App, _: NoParams) -> Result<Value, RpcError> {
         "queue_depth": queue_depth,
         "jobs": jobs,
     }))
+}
+
+/// `node.list`: the live nodes, their channel counts and last heartbeats.
+pub async fn nodes(app: &App, _: NoParams) -> Result<Value, RpcError> {
+    Ok(json!(crate::cluster::view::nodes(app).await?))
 }

@@ -97,6 +97,8 @@ ID   NAME      KIND       NUMBER         STATUS      REASON          PRICE/DAY (
             "STATUS",
             "REASON",
             "PRICE/DAY (MINOR UNITS)",
+            "OWNER",
+            "EPOCH",
             "DISPLAY NAME",
             "ACCOUNT",
             "CREATED",
@@ -305,4 +307,23 @@ fn long_reasons_are_cut_in_list_tables_but_whole_in_one_object_and_with_wide() {
     assert!(wide.contains(&reason), "{wide}");
     let one = render(View::Of(Resource::Channel), &row, &ctx(false, &none));
     assert!(one.contains(&reason), "{one}");
+}
+
+#[test]
+fn node_list_shows_names_instances_counts_and_heartbeats() {
+    let none = BTreeMap::new();
+    let rows = json!([
+        {"id": "eu-1/01M97JN6NT", "name": "eu-1", "instance": "01M97JN6NT", "channels": 15,
+         "started_at": NOW - 60 * MIN, "heartbeat_at": NOW - 1_000, "expires_at": NOW + 14_000,
+         "max_channels": null, "this": true},
+        {"id": "eu-2/01M97JR2KN", "name": "eu-2", "instance": "01M97JR2KN", "channels": 14,
+         "started_at": NOW - 5 * MIN, "heartbeat_at": NOW - 3_000, "expires_at": NOW + 12_000,
+         "max_channels": 100, "this": false},
+    ]);
+    let table = render(View::Of(Resource::Node), &rows, &ctx(false, &none));
+    let want = "\
+NAME   INSTANCE     CHANNELS   STARTED     HEARTBEAT   THIS
+eu-1   01M97JN6NT   15         1 h ago     1 s ago     yes
+eu-2   01M97JR2KN   14         5 min ago   3 s ago     no";
+    assert_eq!(table, want);
 }

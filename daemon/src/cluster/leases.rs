@@ -1,0 +1,143 @@
+//! What this node may run right now: its identity in the store, the channel leases it
+//! holds with their epochs, and until when it may trust them by its own monotonic clock.
+//!
+//! On a SQLite store the daemon is alone (a second one on the file is refused, see
+//! `store_guard`): it runs every runnable channel and holds no leases. On PostgreSQL a
+//! channel runs here only while this node holds its lease, and every send carries the
+//! lease's epoch as its fence.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use patchbay_jobs::model::{Id, now_ms};
+use patchbay_jobs::store::Fence;
+use tokio::sync::Notify;
+
+/// This node holds no lease of the channel.
+#[derive(Debug, thiserror::Error)]
+#[error("this node does not run the channel")]
+pub struct NotHeld;
+
+pub struct Leases {
+    /// `<node.name>/<ULID of this start>`: unique per process, so processes sharing a
+    /// host name (or a `node.name`) are never taken for one node.
+    pub node_id: String,
+    pub name: String,
+    pub started_at: i64,
+    /// Whether channels are shared through leases (a PostgreSQL store).
+    pub shared: bool,
+    pub ttl: Duration,
+    pub max_channels: Option<u64>,
+    pub moves_per_round: usize,
+    held: Mutex<Held>,
+    /// Wakes the reconcile loop: a channel added, removed, suspended or resumed here.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Held {
+    epochs: HashMap<Id, i64>,
+    /// The leases end no sooner than this on the store's clock, as seen from here: the
+    /// start of the last renewal that answered, plus the TTL.
+    valid_until: Option<Instant>,
+}
+
+impl Leases {
+    pub fn new(name: &str, shared: bool, config: &crate::node::NodeConfig) -> Leases {
+        Leases {
+            node_id: format!("{name}/{}", ulid::Ulid::new()),
+            name: name.to_owned(),
+            started_at: now_ms(),
+            shared,
+            ttl: Duration::from_secs(config.lease_ttl_secs),
+            max_channels: (config.max_channels > 0).then_some(u64::from(config.max_channels)),
+            moves_per_round: config.moves_per_round as usize,
+            held: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How often leases are renewed: a third of the TTL, so one lost renewal still
+    /// leaves time for the next.
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// When this node must have stopped its connectors if no renewal answers: a third
+    /// of the TTL before the leases can end, which leaves that long for the stops.
+    pub fn fence_at(&self) -> Option<Instant> {
+        let held = self.lock();
+        if held.epochs.is_empty() {
+            return None;
+        }
+        held.valid_until.map(|t| t - self.ttl / 3)
+    }
+
+    /// The fence a send on `channel` must pass: `Ok(None)` when the daemon is alone
+    /// (SQLite), `Err` when this node does not hold the channel.
+    pub fn fence(&self, channel: Id) -> Result<Option<Fence>, NotHeld> {
+        if !self.shared {
+            return Ok(None);
+        }
+        let epoch = self.lock().epochs.get(&channel).copied().ok_or(NotHeld)?;
+        Ok(Some(Fence {
+            node: self.node_id.clone(),
+            epoch,
+        }))
+    }
+
+    pub fn holds(&self, channel: Id) -> bool {
+        !self.shared || self.lock().epochs.contains_key(&channel)
+    }
+
+    pub fn held(&self) -> HashMap<Id, i64> {
+        self.lock().epochs.clone()
+    }
+
+    pub fn epoch(&self, channel: Id) -> Option<i64> {
+        self.lock().epochs.get(&channel).copied()
+    }
+
+    /// A renewal sent at `sent` answered with these leases (the others ran out).
+    pub(super) fn renewed(&self, sent: Instant, leases: &[(Id, i64)]) {
+        let mut held = self.lock();
+        held.epochs = leases.iter().copied().collect();
+        held.valid_until = Some(sent + self.ttl);
+    }
+
+    /// Leases taken by a statement sent at `sent`: they end no sooner than `sent` +
+    /// TTL, which is no sooner than the last renewal's.
+    pub(super) fn acquired(&self, sent: Instant, leases: &[(Id, i64)]) {
+        let mut held = self.lock();
+        held.epochs.extend(leases.iter().copied());
+        held.valid_until.get_or_insert(sent + self.ttl);
+    }
+
+    pub(super) fn forget(&self, channels: &[Id]) {
+        let mut held = self.lock();
+        for ch in channels {
+            held.epochs.remove(ch);
+        }
+    }
+
+    /// Drops every lease (they ran out, or were released at shutdown).
+    pub(super) fn forget_all(&self) {
+        let mut held = self.lock();
+        held.epochs.clear();
+        held.valid_until = None;
+    }
+
+    /// Asks the reconcile loop for a round now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(super) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}

@@ -1,0 +1,24 @@
+-- Several daemons (ARCHITECTURE.md, "Several daemons"): the live nodes and one lease per
+-- runnable channel. On SQLite the daemons share one host (and its clock); the same
+-- tables and rules as on PostgreSQL, so a second daemon on one store file shares the
+-- channels instead of running each one twice.
+CREATE TABLE nodes (
+    -- `<node.name>/<ULID of the start>`: unique per process, never reused.
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    max_channels INTEGER
+);
+
+-- At most one holder per channel: the primary key. A new holder increments `epoch`
+-- (never reset: a released lease keeps its row and epoch), and every send checks
+-- (owner, epoch) in the statement that claims it.
+CREATE TABLE channel_leases (
+    channel_id INTEGER PRIMARY KEY REFERENCES channels(id),
+    owner TEXT,
+    epoch INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX channel_leases_owner ON channel_leases (owner, expires_at);

@@ -1,0 +1,318 @@
+//! Several daemons on one PostgreSQL store and one Redis queue (real processes, the
+//! test's own servers): every channel runs on exactly one node, a SIGTERM hands its
+//! channels over within seconds, a joining node receives its share, a killed node's
+//! channels run elsewhere after the lease TTL with no inbound message lost or stored
+//! twice, a paused node sends nothing once it wakes, and billing runs once a day.
+//!
+//! Which channels a node runs is read from each process (`status.running_channels`,
+//! the supervisor's own map), not from the store the nodes coordinate through.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, Daemon};
+
+/// Short leases so the suite waits seconds, not the production 15 s.
+const TTL_SECS: u64 = 3;
+
+fn config() -> String {
+    format!("[node]\nlease_ttl_secs = {TTL_SECS}\n")
+}
+
+fn first(name: &str) -> Daemon {
+    Daemon::start_env(Backend::Redis, &config(), &[("PATCHBAY__NODE__NAME", name)])
+}
+
+fn join(a: &Daemon, name: &str) -> Daemon {
+    a.sibling_with(&[("PATCHBAY__NODE__NAME", name)])
+}
+
+/// `key` → `value` of every node `node.list` returned.
+fn by(nodes: &Value, key: &str, value: &str) -> BTreeMap<String, Value> {
+    nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| (n[key].as_str().expect("key").to_owned(), n[value].clone()))
+        .collect()
+}
+
+async fn running(d: &Daemon) -> BTreeSet<i64> {
+    let status = d.ok("status", json!({})).await;
+    status["running_channels"]
+        .as_array()
+        .expect("running_channels")
+        .iter()
+        .map(|v| v.as_i64().expect("id"))
+        .collect()
+}
+
+/// Waits until the daemons together run exactly `channels`, none twice, each within
+/// `spread` of an even share; returns each daemon's set.
+async fn settled(
+    nodes: &[&Daemon],
+    channels: &BTreeSet<i64>,
+    spread: usize,
+    limit: Duration,
+) -> Vec<BTreeSet<i64>> {
+    let start = Instant::now();
+    let even = channels.len() as f64 / nodes.len() as f64;
+    loop {
+        let mut sets = Vec::new();
+        for d in nodes {
+            sets.push(running(d).await);
+        }
+        let total: usize = sets.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<i64> = sets.iter().flatten().copied().collect();
+        let balanced = sets
+            .iter()
+            .all(|s| (s.len() as f64 - even).abs() <= spread as f64);
+        if total == channels.len() && &union == channels && balanced {
+            return sets;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "not settled after {limit:?}: {:?}\n{}",
+            sets.iter().map(BTreeSet::len).collect::<Vec<_>>(),
+            nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Added {
+    acc: i64,
+    admin: i64,
+    ids: BTreeSet<i64>,
+}
+
+async fn add_channels(d: &Daemon, n: usize, config: impl Fn(usize) -> Value) -> Added {
+    let (acc, admin) = d.account("cluster").await;
+    let mut ids = BTreeSet::new();
+    for i in 0..n {
+        let ch = d
+            .ok(
+                "channel.add",
+                json!({"account": acc, "actor": admin, "kind": "loopback",
+                       "name": format!("c{i}"), "config": config(i)}),
+            )
+            .await;
+        ids.insert(ch["id"].as_i64().expect("id"));
+    }
+    Added { acc, admin, ids }
+}
+
+/// The process's own count of messages its connectors sent (its `/metrics`).
+async fn sent_by(d: &Daemon) -> f64 {
+    let status = d.ok("status", json!({})).await;
+    let addr = status["http"].as_str().expect("status.http");
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("patchbay_outbound_messages_total{") && l.contains("outcome=\"sent\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// 3 daemons and 30 channels: each channel runs once; `channel.list` names its owner
+/// and epoch; SIGTERM hands a node's channels to the others within seconds; a joining
+/// node evens the counts out, moving a few channels at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn channels_run_once_and_move_on_sigterm_and_join() {
+    let a = first("n1");
+    let added = add_channels(&a, 30, |i| json!({"number": format!("+1555100{i:04}")})).await;
+    let channels = added.ids.clone();
+    let b = join(&a, "n2");
+    let mut c = join(&a, "n3");
+    let sets = settled(&[&a, &b, &c], &channels, 1, Duration::from_secs(30)).await;
+    assert!(sets.iter().all(|s| s.len() == 10), "even: {sets:?}");
+
+    // The cluster as every node sees it.
+    let nodes = a.ok("node.list", json!({})).await;
+    assert_eq!(
+        by(&nodes, "name", "channels"),
+        BTreeMap::from([
+            ("n1".into(), json!(10)),
+            ("n2".into(), json!(10)),
+            ("n3".into(), json!(10))
+        ])
+    );
+    let status = b.ok("status", json!({})).await;
+    assert_eq!(status["nodes"].as_array().expect("nodes").len(), 3);
+    let list = c.ok("channel.list", json!({"account": added.acc})).await;
+    let ids = by(&nodes, "id", "name");
+    for ch in list.as_array().expect("channels") {
+        let id = ch["id"].as_i64().expect("id");
+        let owner = ids
+            .get(ch["owner"].as_str().expect("owner"))
+            .expect("a live node");
+        let at = ["n1", "n2", "n3"]
+            .iter()
+            .position(|n| owner.as_str() == Some(*n))
+            .expect("named");
+        assert!(
+            sets[at].contains(&id),
+            "channel {id} runs where channel.list says"
+        );
+        assert!(ch["lease_epoch"].as_i64().expect("epoch") >= 1);
+    }
+
+    // SIGTERM: the leases are released at once, the others take the channels.
+    assert_eq!(c.terminate(), Some(0));
+    let stopped = Instant::now();
+    settled(&[&a, &b], &channels, 0, Duration::from_secs(5)).await;
+    let handover = stopped.elapsed();
+    assert!(
+        handover < Duration::from_secs(5),
+        "handover took {handover:?}"
+    );
+
+    // A fourth daemon joins: channels move to it a few per round, none on two nodes.
+    let d = join(&a, "n4");
+    let sets = settled(&[&a, &b, &d], &channels, 1, Duration::from_secs(30)).await;
+    assert!(sets.iter().all(|s| s.len() == 10), "even again: {sets:?}");
+}
+
+/// kill -9 of one of three daemons while every channel generates inbound traffic with
+/// fixed ids: the killed node's channels run elsewhere after the TTL, and every message
+/// is stored exactly once (a successor regenerates the ids; the store keeps one each).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_node_loses_no_message_and_doubles_none() {
+    const PER_CHANNEL: i64 = 60;
+    let mut a = first("k1");
+    let channels = add_channels(
+        &a,
+        12,
+        |i| json!({"id_prefix": format!("k{i}"), "rate_per_sec": 20, "limit": PER_CHANNEL}),
+    )
+    .await
+    .ids;
+    let b = join(&a, "k2");
+    let c = join(&a, "k3");
+    settled(&[&a, &b, &c], &channels, 1, Duration::from_secs(30)).await;
+    // Restart the traffic on the balanced cluster (channels that moved started over),
+    // then kill a node in the middle of it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lost = running(&a).await;
+    assert!(!lost.is_empty());
+    a.kill9();
+    let killed = Instant::now();
+    settled(&[&b, &c], &channels, 0, Duration::from_secs(TTL_SECS + 10)).await;
+    let failover = killed.elapsed();
+    assert!(
+        failover <= Duration::from_secs(TTL_SECS + 4),
+        "failover took {failover:?}"
+    );
+    let want = channels.len() as i64 * PER_CHANNEL;
+    let stored = || async {
+        b.store_count("SELECT COUNT(*) FROM messages WHERE direction = 'in'")
+            .await
+    };
+    b.until("every message stored", Duration::from_secs(60), || async {
+        (stored().await >= want).then_some(())
+    })
+    .await;
+    // Nothing more arrives later, and each id is there once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stored().await, want, "no message twice, none lost");
+    let distinct = b
+        .store_count(
+            "SELECT COUNT(DISTINCT external_message_id) FROM messages WHERE direction = 'in'",
+        )
+        .await;
+    assert_eq!(distinct, want);
+}
+
+/// SIGSTOP a node for 2 × TTL with sends queued for its channels: the other node takes
+/// the channels and sends every message once; the woken node stops its stale instances
+/// and its connectors send nothing (its claims carry the old epoch).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_node_sends_nothing_when_it_wakes() {
+    let a = first("p1");
+    let added = add_channels(&a, 6, |i| json!({"number": format!("+1555200{i:04}")})).await;
+    let channels = added.ids.clone();
+    let b = join(&a, "p2");
+    settled(&[&a, &b], &channels, 0, Duration::from_secs(30)).await;
+    let paused = running(&b).await;
+    let pid = b.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let mut sends = 0;
+    for &ch in &paused {
+        let chat = a
+            .ok(
+                "chat.create",
+                json!({"account": added.acc, "actor": added.admin, "channel": ch,
+                       "phone": format!("+1555300{ch:04}")}),
+            )
+            .await;
+        for n in 0..3 {
+            a.ok(
+                "message.send",
+                json!({"chat": chat["id"], "actor": added.admin, "text": format!("m{ch}-{n}")}),
+            )
+            .await;
+            sends += 1;
+        }
+    }
+    let sent = || async {
+        a.store_count(
+            "SELECT COUNT(*) FROM messages WHERE direction = 'out' AND status IN ('sent', 'delivered', 'read')",
+        )
+        .await
+    };
+    // While it sleeps past its leases, the other node takes its channels.
+    tokio::time::sleep(Duration::from_secs(2 * TTL_SECS)).await;
+    assert!(
+        running(&a).await.is_superset(&paused),
+        "the paused node's channels run on the other"
+    );
+    // Woken, it may still hold queue entries it took before it slept: whatever it
+    // tries to send fails its fence, and the job moves to the channel's new node.
+    signal("-CONT");
+    a.until("every send sent", Duration::from_secs(60), || async {
+        (sent().await == sends).then_some(())
+    })
+    .await;
+    // The woken node finds its leases gone and stops its stale instances.
+    settled(
+        &[&a, &b],
+        &channels,
+        channels.len(),
+        Duration::from_secs(10),
+    )
+    .await;
+    b.until(
+        "the woken node runs none of them",
+        Duration::from_secs(10),
+        || async { running(&b).await.is_disjoint(&paused).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sent().await, sends, "each message sent once");
+    assert_eq!(
+        sent_by(&b).await,
+        0.0,
+        "the woken node's connectors sent nothing"
+    );
+    assert_eq!(
+        sent_by(&a).await,
+        sends as f64,
+        "the other node sent each message once"
+    );
+}
