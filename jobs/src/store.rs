@@ -27,7 +27,7 @@ pub use accounts::{Accounts, NewAccount};
 pub use billing::{Billing, ChargeJob, ChargeOutcome, Charged};
 pub use channels::Channels;
 pub use chats::{ChatFilter, Chats, InboundJob};
-pub use cluster::{Cluster, Fence, LeaseRow, NodeRow, SendClaim};
+pub use cluster::{Cluster, Fence, LeaseRow, NodeInfo, NodeRow, SendClaim};
 pub use deletion::{BatchOutcome, Deletion};
 pub use fields::Fields;
 pub use journal::{JobFilter, Journal, JournalInsert};

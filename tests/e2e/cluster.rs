@@ -316,3 +316,35 @@ async fn a_paused_node_sends_nothing_when_it_wakes() {
         "the other node sent each message once"
     );
 }
+
+/// A daemon restarted after kill -9 (systemd's `Restart=`) takes its dead predecessor's
+/// channels at once: same host, same PID namespace, its pid gone. Without that they
+/// would wait out the lease TTL (here 60 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_daemon_takes_its_dead_predecessors_channels_at_once() {
+    let mut a = Daemon::start_env(
+        Backend::Redis,
+        "[node]\nlease_ttl_secs = 60\n",
+        &[("PATCHBAY__NODE__NAME", "r1")],
+    );
+    let channels = add_channels(&a, 5, |i| json!({"number": format!("+1555400{i:04}")}))
+        .await
+        .ids;
+    settled(&[&a], &channels, 0, Duration::from_secs(30)).await;
+    a.kill9();
+    a.spawn();
+    // Well inside the 60 s TTL, or `settled` fails.
+    settled(&[&a], &channels, 0, Duration::from_secs(20)).await;
+    assert!(
+        a.log()
+            .contains("took over the leases of a node of this host whose process is gone"),
+        "{}",
+        a.log()
+    );
+    let nodes = a.ok("node.list", json!({})).await;
+    assert_eq!(
+        nodes.as_array().map(Vec::len),
+        Some(1),
+        "the dead node is gone: {nodes}"
+    );
+}

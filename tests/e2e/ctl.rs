@@ -217,11 +217,16 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
     let wide = pb(&d, &["-o", "wide", "channel", "list", "--account", "1"]);
     let first = wide.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = first.split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
-    // … OWNER (this node's id), EPOCH (none on SQLite), DISPLAY NAME, ACCOUNT, CREATED
-    // (RFC 3339), REMOVED, CONFIG (secrets masked).
+    // … OWNER (this node's id), EPOCH (the lease's on PostgreSQL, none alone on
+    // SQLite), DISPLAY NAME, ACCOUNT, CREATED (RFC 3339), REMOVED, CONFIG (secrets
+    // masked).
     assert_eq!(cells.len(), 14, "{wide}");
     let node = d.ok("status", json!({})).await["node_id"].clone();
-    assert_eq!(cells[7..9], [node.as_str().expect("node_id"), "-"], "{wide}");
+    let epoch = match STORE {
+        StoreKind::Sqlite => "-",
+        StoreKind::Postgres => "1",
+    };
+    assert_eq!(cells[7..9], [node.as_str().expect("node_id"), epoch], "{wide}");
     assert_eq!(cells[9..11], ["Acme support", "1"], "{wide}");
     assert!(chrono::DateTime::parse_from_rfc3339(cells[11]).is_ok(), "{wide}");
     assert_eq!(

@@ -3,7 +3,7 @@
 //! revive an expired lease, and a send claim that a stale holder cannot pass.
 
 use patchbay_jobs::model::now_ms;
-use patchbay_jobs::store::{Fence, SendClaim};
+use patchbay_jobs::store::{Fence, NodeInfo, SendClaim};
 use serde_json::json;
 
 use crate::common::{Backend, TestStore, acme};
@@ -110,11 +110,18 @@ async fn a_channel_has_one_holder_and_every_new_holder_a_new_epoch(b: Backend) {
 async fn nodes_expire_and_count_their_live_leases(b: Backend) {
     let s = TestStore::open(b).await;
     let (a, c) = two_channels(&s).await;
-    let started = now_ms();
-    s.node_heartbeat("eu-1/01", "eu-1", started, None, 60_000)
+    let node = |id, max_channels, pid| NodeInfo {
+        id,
+        name: "eu-1",
+        started_at: now_ms(),
+        max_channels,
+        host: Some("boot/pid:[1]"),
+        pid,
+    };
+    s.node_heartbeat(&node("eu-1/01", None, 10), 60_000)
         .await
         .expect("heartbeat");
-    s.node_heartbeat("eu-1/02", "eu-1", started, Some(10), 60_000)
+    s.node_heartbeat(&node("eu-1/02", Some(10), 11), 60_000)
         .await
         .expect("same name, other process");
     s.acquire_leases("eu-1/01", &[a, c], 60_000)
@@ -130,19 +137,36 @@ async fn nodes_expire_and_count_their_live_leases(b: Backend) {
         vec![("eu-1/01", 2, None), ("eu-1/02", 0, Some(10))],
         "two processes sharing a host name are two nodes"
     );
+    assert_eq!(
+        (nodes[0].host.as_deref(), nodes[0].pid),
+        (Some("boot/pid:[1]"), Some(10))
+    );
+    // A node found dead gives its leases up at once.
+    s.node_heartbeat(&node("eu-1/03", None, 12), 60_000)
+        .await
+        .expect("third");
+    assert!(
+        s.acquire_leases("eu-1/03", &[a], 60_000)
+            .await
+            .expect("take")
+            .is_empty(),
+        "a is held by eu-1/01"
+    );
+    assert_eq!(s.reap_node("eu-1/01").await.expect("reap"), 2);
+    assert_eq!(
+        s.acquire_leases("eu-1/03", &[a, c], 60_000)
+            .await
+            .expect("take"),
+        vec![(a, 2), (c, 2)]
+    );
+    s.node_leave("eu-1/03").await.expect("leave");
     s.exec("UPDATE nodes SET expires_at = 1 WHERE id = 'eu-1/02'")
         .await;
-    let live: Vec<String> = s
-        .live_nodes()
-        .await
-        .expect("nodes")
-        .into_iter()
-        .map(|n| n.id)
-        .collect();
-    assert_eq!(live, vec!["eu-1/01".to_string()]);
-    assert_eq!(s.purge_nodes(0).await.expect("purge"), 1);
-    s.node_leave("eu-1/01").await.expect("leave");
-    assert!(s.live_nodes().await.expect("nodes").is_empty());
+    assert!(
+        s.live_nodes().await.expect("nodes").is_empty(),
+        "eu-1/01 reaped, eu-1/02 expired, eu-1/03 left"
+    );
+    assert_eq!(s.purge_nodes(0).await.expect("purge"), 1, "the expired one");
 }
 
 async fn a_stale_holder_cannot_claim_a_send(b: Backend) {

@@ -344,6 +344,14 @@ impl Daemon {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// SIGKILL and reap: a crash, for failover measurements.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM, then wait (SIGKILL after 30 s).
     pub fn terminate(&mut self) {
         let Some(mut c) = self.child.take() else {

@@ -129,6 +129,47 @@ impl BenchPg {
         Ok(self.url(name))
     }
 
+    /// Statements the daemons' role ran in database `db` since the server started (or
+    /// the last [`reset_stats`](Self::reset_stats)).
+    pub async fn statement_calls(&self, db: &str) -> Res<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(SUM(s.calls), 0)::bigint FROM pg_stat_statements s \
+             JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.userid \
+             WHERE d.datname = $1 AND r.rolname = 'postgres'",
+        )
+        .bind(db)
+        .fetch_one(&self.admin)
+        .await?)
+    }
+
+    /// One integer a query of database `db` answers, as the bench's role (so it is not
+    /// counted among the daemons' statements).
+    pub async fn count(&self, db: &str, sql: &str) -> Res<i64> {
+        use sqlx::ConnectOptions;
+        let mut conn = self
+            .url(db)
+            .parse::<sqlx::postgres::PgConnectOptions>()?
+            .username(BENCH_ROLE)
+            .connect()
+            .await?;
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&mut conn)
+            .await?)
+    }
+
+    /// The server processes serving connections to `db` now.
+    pub async fn backend_pids(&self, db: &str) -> Res<Vec<u32>> {
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+                .bind(db)
+                .fetch_all(&self.admin)
+                .await?;
+        Ok(pids
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect())
+    }
+
     pub async fn drop_database(&self, name: &str) -> Res<()> {
         sqlx::query(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"

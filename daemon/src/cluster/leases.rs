@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use patchbay_jobs::model::{Id, now_ms};
-use patchbay_jobs::store::Fence;
+use patchbay_jobs::store::{Fence, NodeInfo, NodeRow};
 use tokio::sync::Notify;
 
 /// This node holds no lease of the channel.
@@ -30,6 +30,9 @@ pub struct Leases {
     pub ttl: Duration,
     pub max_channels: Option<u64>,
     pub moves_per_round: usize,
+    /// The kernel's boot id and this process's PID namespace: two nodes with the same
+    /// `host` see the same pids, so one may tell whether the other's process is gone.
+    pub host: Option<String>,
     held: Mutex<Held>,
     /// Wakes the reconcile loop: a channel added, removed, suspended or resumed here.
     wake: Notify,
@@ -53,9 +56,42 @@ impl Leases {
             ttl: Duration::from_secs(config.lease_ttl_secs),
             max_channels: (config.max_channels > 0).then_some(u64::from(config.max_channels)),
             moves_per_round: config.moves_per_round as usize,
+            host: host_identity(),
             held: Mutex::default(),
             wake: Notify::new(),
         }
+    }
+
+    /// What this node registers about itself.
+    pub fn info(&self) -> NodeInfo<'_> {
+        NodeInfo {
+            id: &self.node_id,
+            name: &self.name,
+            started_at: self.started_at,
+            max_channels: self.max_channels.map(|c| c as i64),
+            host: self.host.as_deref(),
+            pid: i64::from(std::process::id()),
+        }
+    }
+
+    /// Whether `node`, seen in the store, is a process of this host that is gone: a
+    /// daemon restarted after a crash then takes its predecessor's channels at once
+    /// instead of after the TTL. Anything unsure (another host, another PID namespace,
+    /// a pid in use, even by another program) counts as alive.
+    pub fn is_dead_here(&self, node: &NodeRow) -> bool {
+        let (Some(mine), Some(theirs), Some(pid)) = (&self.host, &node.host, node.pid) else {
+            return false;
+        };
+        if mine != theirs || node.id == self.node_id {
+            return false;
+        }
+        let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return false;
+        };
+        rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -140,4 +176,11 @@ impl Leases {
     pub(super) async fn woken(&self) {
         self.wake.notified().await;
     }
+}
+
+/// `<boot id>/<pid namespace>`, or `None` where /proc does not tell.
+fn host_identity() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), ns.display()))
 }

@@ -91,15 +91,10 @@ async fn round(app: &App, last_renew: &mut Option<Instant>) -> Result<(), Domain
         let ttl_ms = i64::try_from(leases.ttl.as_millis()).unwrap_or(i64::MAX);
         if due {
             let sent = Instant::now();
-            app.store
-                .node_heartbeat(
-                    &leases.node_id,
-                    &leases.name,
-                    leases.started_at,
-                    leases.max_channels.map(|c| c as i64),
-                    ttl_ms,
-                )
-                .await?;
+            app.store.node_heartbeat(&leases.info(), ttl_ms).await?;
+            if last_renew.is_none() {
+                reap_predecessors(app).await?;
+            }
             let renewed = app.store.renew_leases(&leases.node_id, ttl_ms).await?;
             leases.renewed(sent, &renewed);
             *last_renew = Some(sent);
@@ -110,6 +105,20 @@ async fn round(app: &App, last_renew: &mut Option<Instant>) -> Result<(), Domain
         rebalance(app, &runnable, ttl_ms).await?;
     }
     converge(app, runnable).await;
+    Ok(())
+}
+
+/// At start: nodes of this host whose process is gone (this daemon's own previous run,
+/// killed or crashed) give up their leases now, not after the TTL. Only at start, so
+/// failover between running nodes keeps to the one rule every host shares (the TTL).
+async fn reap_predecessors(app: &App) -> Result<(), DomainError> {
+    for node in app.store.live_nodes().await? {
+        if app.leases.is_dead_here(&node) {
+            let released = app.store.reap_node(&node.id).await?;
+            tracing::info!(node = %node.id, pid = ?node.pid, channels = released,
+                "took over the leases of a node of this host whose process is gone");
+        }
+    }
     Ok(())
 }
 

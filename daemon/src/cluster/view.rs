@@ -26,6 +26,8 @@ pub async fn nodes(app: &App) -> Result<Vec<Value>, DomainError> {
             expires_at: now,
             max_channels: l.max_channels.map(|c| c as i64),
             channels: app.plugins.running().len() as i64,
+            host: l.host.clone(),
+            pid: Some(i64::from(std::process::id())),
         }]
     };
     Ok(rows
@@ -41,6 +43,7 @@ pub async fn nodes(app: &App) -> Result<Vec<Value>, DomainError> {
                 "expires_at": n.expires_at,
                 "channels": n.channels,
                 "max_channels": n.max_channels,
+                "pid": n.pid,
                 "this": n.id == l.node_id,
             })
         })

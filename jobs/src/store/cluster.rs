@@ -27,6 +27,20 @@ pub struct NodeRow {
     pub max_channels: Option<i64>,
     /// Channels whose unexpired lease it holds.
     pub channels: i64,
+    /// The kernel boot id and PID namespace it runs in, and its pid (see `Leases`).
+    pub host: Option<String>,
+    pub pid: Option<i64>,
+}
+
+/// What a node registers about itself.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeInfo<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub started_at: i64,
+    pub max_channels: Option<i64>,
+    pub host: Option<&'a str>,
+    pub pid: i64,
 }
 
 /// A channel's lease as the store has it (possibly expired, or released: no owner).
@@ -63,14 +77,11 @@ pub struct Fence {
 #[async_trait]
 pub trait Cluster: Send + Sync {
     /// Registers the node or renews its heartbeat until now + `ttl_ms`.
-    async fn node_heartbeat(
-        &self,
-        id: &str,
-        name: &str,
-        started_at: i64,
-        max_channels: Option<i64>,
-        ttl_ms: i64,
-    ) -> StoreResult<()>;
+    async fn node_heartbeat(&self, node: &NodeInfo<'_>, ttl_ms: i64) -> StoreResult<()>;
+
+    /// A node known to be dead (its process is gone): releases its leases and removes
+    /// it, so others take its channels without waiting for the TTL.
+    async fn reap_node(&self, id: &str) -> StoreResult<u64>;
 
     /// Removes the node (a clean stop); its leases must be released first.
     async fn node_leave(&self, id: &str) -> StoreResult<()>;

@@ -9,7 +9,11 @@ CREATE TABLE nodes (
     started_at BIGINT NOT NULL,
     heartbeat_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL,
-    max_channels BIGINT
+    max_channels BIGINT,
+    -- Where the process runs (the kernel's boot id and PID namespace) and its pid: a
+    -- daemon starting where a dead one ran takes the dead one's leases at once.
+    host TEXT,
+    pid BIGINT
 );
 
 -- At most one holder per channel: the primary key; takeovers are one

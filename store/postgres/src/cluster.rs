@@ -11,32 +11,45 @@ use crate::PgStore;
 
 #[async_trait]
 impl Cluster for PgStore {
-    async fn node_heartbeat(
-        &self,
-        id: &str,
-        name: &str,
-        started_at: i64,
-        max_channels: Option<i64>,
-        ttl_ms: i64,
-    ) -> StoreResult<()> {
+    async fn node_heartbeat(&self, node: &NodeInfo<'_>, ttl_ms: i64) -> StoreResult<()> {
         // Locks the node's own row only.
         sqlx::query(concat!(
-            "INSERT INTO nodes (id, name, started_at, heartbeat_at, expires_at, max_channels) \
-             VALUES ($1, $2, $3, ",
+            "INSERT INTO nodes (id, name, started_at, heartbeat_at, expires_at, max_channels, \
+             host, pid) VALUES ($1, $2, $3, ",
             now_ms_sql!(),
             ", ",
             now_ms_sql!(),
-            " + $4, $5) ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
-             expires_at = excluded.expires_at, max_channels = excluded.max_channels"
+            " + $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
+             heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at, \
+             max_channels = excluded.max_channels"
         ))
-        .bind(id)
-        .bind(name)
-        .bind(started_at)
+        .bind(node.id)
+        .bind(node.name)
+        .bind(node.started_at)
         .bind(ttl_ms)
-        .bind(max_channels)
+        .bind(node.max_channels)
+        .bind(node.host)
+        .bind(node.pid)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn reap_node(&self, id: &str) -> StoreResult<u64> {
+        // Locks the dead node's lease rows and its node row, in one transaction.
+        let mut tx = self.pool.begin().await?;
+        let released =
+            sqlx::query("UPDATE channel_leases SET owner = NULL, expires_at = 0 WHERE owner = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(released)
     }
 
     async fn node_leave(&self, id: &str) -> StoreResult<()> {
@@ -50,6 +63,7 @@ impl Cluster for PgStore {
     async fn live_nodes(&self) -> StoreResult<Vec<NodeRow>> {
         Ok(sqlx::query_as(concat!(
             "SELECT n.id, n.name, n.started_at, n.heartbeat_at, n.expires_at, n.max_channels, \
+             n.host, n.pid, \
              (SELECT COUNT(*) FROM channel_leases l WHERE l.owner = n.id AND l.expires_at > ",
             now_ms_sql!(),
             ") AS channels FROM nodes n WHERE n.expires_at > ",

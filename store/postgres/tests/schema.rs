@@ -14,8 +14,9 @@ use patchbay_store_postgres::{ConnectError, MIGRATOR, PgOptions, connect, redact
 use pg_cluster::PgServer;
 use sqlx::{Connection, PgConnection, PgPool, Row, SqliteConnection};
 
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 14] = [
     "accounts",
+    "channel_leases",
     "channels",
     "chats",
     "contacts",
@@ -25,9 +26,13 @@ const TABLES: [&str; 12] = [
     "jobs",
     "ledger",
     "messages",
+    "nodes",
     "notifications",
     "users",
 ];
+
+/// Every migration of `migrations/`, applied once each.
+const APPLIED: [(i64, bool); 2] = [(1, true), (2, true)];
 
 async fn fresh(hint: &str) -> (String, PgPool) {
     let url = pg_cluster::fresh_database(hint);
@@ -69,7 +74,7 @@ async fn migrations_apply_on_a_fresh_database() {
     .into_iter()
     .collect();
     assert_eq!(tables, TABLES.iter().map(|t| t.to_string()).collect());
-    assert_eq!(applied_migrations(&pool).await, vec![(1, true)]);
+    assert_eq!(applied_migrations(&pool).await, APPLIED.to_vec());
 
     // The Rust side reads every integer as i64: no INT4/INT2 column may exist.
     let narrow: Vec<String> = sqlx::query_scalar(
@@ -117,7 +122,7 @@ async fn applying_twice_is_a_no_op() {
     let again = connect(&url, &PgOptions::default()).await.unwrap();
     MIGRATOR.run(&again).await.unwrap();
 
-    assert_eq!(applied_migrations(&again).await, vec![(1, true)]);
+    assert_eq!(applied_migrations(&again).await, APPLIED.to_vec());
     let installed_again: String =
         sqlx::query_scalar("SELECT installed_on::text FROM _sqlx_migrations")
             .fetch_one(&again)
@@ -145,7 +150,7 @@ async fn daemons_starting_at_once_all_succeed() {
         pools.push(start.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
     }
     for pool in &pools {
-        assert_eq!(applied_migrations(pool).await, vec![(1, true)]);
+        assert_eq!(applied_migrations(pool).await, APPLIED.to_vec());
     }
 }
 
@@ -205,7 +210,7 @@ async fn migrators_take_turns_on_an_advisory_lock() {
     sqlx::raw_sql("COMMIT").execute(&mut admin).await.unwrap();
     let first = first.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
     let second = second.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(applied_migrations(&first).await, vec![(1, true)]);
+    assert_eq!(applied_migrations(&first).await, APPLIED.to_vec());
     let contacts: i64 = sqlx::query_scalar("SELECT count(*) FROM contacts")
         .fetch_one(&second)
         .await

@@ -9,7 +9,11 @@ CREATE TABLE nodes (
     started_at INTEGER NOT NULL,
     heartbeat_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
-    max_channels INTEGER
+    max_channels INTEGER,
+    -- Where the process runs (the kernel's boot id and PID namespace) and its pid: a
+    -- daemon starting where a dead one ran takes the dead one's leases at once.
+    host TEXT,
+    pid INTEGER
 );
 
 -- At most one holder per channel: the primary key. A new holder increments `epoch`

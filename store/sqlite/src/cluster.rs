@@ -16,30 +16,41 @@ fn ids_json(ids: &[Id]) -> String {
 
 #[async_trait]
 impl Cluster for SqliteStore {
-    async fn node_heartbeat(
-        &self,
-        id: &str,
-        name: &str,
-        started_at: i64,
-        max_channels: Option<i64>,
-        ttl_ms: i64,
-    ) -> StoreResult<()> {
+    async fn node_heartbeat(&self, node: &NodeInfo<'_>, ttl_ms: i64) -> StoreResult<()> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO nodes (id, name, started_at, heartbeat_at, expires_at, max_channels) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+            "INSERT INTO nodes (id, name, started_at, heartbeat_at, expires_at, max_channels, \
+             host, pid) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET \
              heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at, \
              max_channels = excluded.max_channels",
         )
-        .bind(id)
-        .bind(name)
-        .bind(started_at)
+        .bind(node.id)
+        .bind(node.name)
+        .bind(node.started_at)
         .bind(now)
         .bind(now.saturating_add(ttl_ms))
-        .bind(max_channels)
+        .bind(node.max_channels)
+        .bind(node.host)
+        .bind(node.pid)
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn reap_node(&self, id: &str) -> StoreResult<u64> {
+        let mut tx = self.begin_write().await?;
+        let released =
+            sqlx::query("UPDATE channel_leases SET owner = NULL, expires_at = 0 WHERE owner = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(released)
     }
 
     async fn node_leave(&self, id: &str) -> StoreResult<()> {
@@ -53,6 +64,7 @@ impl Cluster for SqliteStore {
     async fn live_nodes(&self) -> StoreResult<Vec<NodeRow>> {
         Ok(sqlx::query_as(
             "SELECT n.id, n.name, n.started_at, n.heartbeat_at, n.expires_at, n.max_channels, \
+             n.host, n.pid, \
              (SELECT COUNT(*) FROM channel_leases l WHERE l.owner = n.id AND l.expires_at > $1) \
              AS channels FROM nodes n WHERE n.expires_at > $1 ORDER BY n.id",
         )
