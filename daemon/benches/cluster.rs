@@ -15,7 +15,7 @@
 //!     cargo bench -p patchbay-daemon --bench cluster
 //!
 //! Knobs (environment, defaults): CLUSTER_NODES (3), CLUSTER_CHANNELS (1000),
-//! CLUSTER_IDLE_SECS (60), CLUSTER_KILLS (10), CLUSTER_TTL (15: `node.lease_ttl_secs`),
+//! CLUSTER_IDLE_SECS (60), CLUSTER_KILLS (10), CLUSTER_TTL (15: `leases.ttl_secs`),
 //! CLUSTER_RATE (1500), CLUSTER_TRAFFIC_CHANNELS (30), CLUSTER_SECS (30), plus
 //! PATCHBAYD_BIN / LOOPBACK_LIB / BENCH_TMPDIR (see common/mod.rs).
 
@@ -169,7 +169,7 @@ impl Cluster {
             let dir = tempdir("pb-bench-cluster-");
             let extra = format!(
                 "[billing]\ndefault_price = 0\n[http]\nlisten = \"127.0.0.1:0\"\n\
-                 [node]\nname = \"b{}\"\nlease_ttl_secs = {ttl}\n",
+                 [node]\nname = \"b{}\"\n[leases]\nttl_secs = {ttl}\n",
                 i + 1
             );
             daemons.push(Daemon::start(

@@ -54,6 +54,12 @@ pub struct App {
 }
 
 impl App {
+    /// Whether other daemons read this daemon's queue (Redis), so a job pushed back
+    /// may reach another node.
+    pub fn queue_is_shared(&self) -> bool {
+        matches!(self.settings.queue, crate::config::QueueBackend::Redis)
+    }
+
     pub fn queue_name(&self, kind: JobKind) -> String {
         format!("{}:{}", self.settings.raw.queue.namespace, kind.as_str())
     }

@@ -48,6 +48,7 @@ pub struct Config {
     pub log: LogConfig,
     pub http: crate::http::config::HttpConfig,
     pub node: crate::node::NodeConfig,
+    pub leases: crate::cluster::config::LeasesConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -654,6 +655,7 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
     check_control_limits(&raw.control)?;
     let http = crate::http::config::check(&raw.http)?;
     let node = crate::node::check(&raw.node)?;
+    crate::cluster::config::check(&raw.leases)?;
     Ok(Settings {
         http,
         node,

@@ -80,6 +80,7 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
         &settings.node,
         shared,
         &settings.raw.node,
+        &settings.raw.leases,
     ));
     // The charge batcher reaches back into the App (prices, connectors, the queue).
     let app = Arc::new_cyclic(|app| App {
@@ -106,6 +107,10 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     // Channels start from the reconcile loop: on PostgreSQL only those whose lease
     // this node takes.
     let cluster = tokio::spawn(crate::cluster::run(app.clone(), stop.clone()));
+    // Renewals outlive `stop`: the connectors run until the workers drained, and their
+    // leases must hold until then.
+    let renewals_stop = CancellationToken::new();
+    let renewals = tokio::spawn(crate::cluster::renew(app.clone(), renewals_stop.clone()));
     if embedded_default {
         crate::demo::seed(&app).await;
     }
@@ -240,6 +245,8 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     let _ = sweep.await;
     let _ = cluster.await;
     app.plugins.stop_all().await;
+    renewals_stop.cancel();
+    let _ = renewals.await;
     crate::cluster::leave(&app).await;
     drop(app);
     events.abort();

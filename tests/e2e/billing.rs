@@ -193,24 +193,23 @@ async fn worked_example_day_by_day() {
     assert!(charges.iter().all(|e| e["amount"] == -100));
 }
 
-/// 40 accounts with 1-3 channels; two daemons share the Redis queue and the PostgreSQL
-/// store and
-/// both start the same day's run while one is killed mid fan-out: every (channel, day)
+/// 40 accounts with 1-3 channels; three daemons share the Redis queue and the PostgreSQL
+/// store, all start the same day's run, and one is killed mid fan-out: every (channel, day)
 /// is charged exactly once and every balance is exact. On Redis the charges are
 /// journalled before they are queued.
 #[tokio::test(flavor = "multi_thread")]
-async fn two_daemons_and_a_kill_charge_each_channel_once() {
-    two_daemons_and_a_kill(Backend::Redis).await;
+async fn three_daemons_and_a_kill_charge_each_channel_once() {
+    three_daemons_and_a_kill(Backend::Redis).await;
 }
 
 /// The same on the SQLite queue, where the charges are queued without journal rows:
 /// the killed daemon's charges in flight are redelivered, not journalled.
 #[tokio::test(flavor = "multi_thread")]
-async fn two_daemons_and_a_kill_charge_each_channel_once_unjournalled() {
-    two_daemons_and_a_kill(Backend::Sqlite).await;
+async fn three_daemons_and_a_kill_charge_each_channel_once_unjournalled() {
+    three_daemons_and_a_kill(Backend::Sqlite).await;
 }
 
-async fn two_daemons_and_a_kill(backend: Backend) {
+async fn three_daemons_and_a_kill(backend: Backend) {
     let smtp = Smtp::start();
     // Several daemons share a PostgreSQL store (a second one on a SQLite file is
     // refused), in both builds of the suite.
@@ -235,15 +234,18 @@ async fn two_daemons_and_a_kill(backend: Backend) {
         channels += n;
         expected.push((acc, 10_000 - 200 * n));
     }
-    // A second daemon on the same store, queue and clock; both live the next day.
+    // Two more daemons on the same store, queue and clock; all live the next day.
     let b = a.sibling();
+    let c = a.sibling();
     b.set_days_ahead(1).await;
     let date = today().checked_add_days(Days::new(1)).expect("date");
-    let (ra, rb) = tokio::join!(
+    let (ra, rb, rc) = tokio::join!(
         a.ok("billing.run", json!({"date": date})),
-        b.ok("billing.run", json!({"date": date}))
+        b.ok("billing.run", json!({"date": date})),
+        c.ok("billing.run", json!({"date": date}))
     );
     assert_eq!(ra["job"], rb["job"], "one billing_run per day");
+    assert_eq!(ra["job"], rc["job"], "one billing_run per day");
     // Kill one daemon while charges run, then bring it back.
     tokio::time::sleep(Duration::from_millis(150)).await;
     a.kill9();

@@ -226,7 +226,7 @@ async fn signed_inbound_and_retried_outbound() {
         .trim_end_matches("/in")
         .to_owned();
     // On PostgreSQL the store may still say `connected` from the killed process while
-    // its lease runs out (node.lease_ttl_secs); the restarted daemon then starts the
+    // its lease runs out (leases.ttl_secs); the restarted daemon then starts the
     // connector and its port opens.
     d.until("the webhook listening again", Duration::from_secs(30), || async {
         std::net::TcpStream::connect(&addr).is_ok().then_some(())

@@ -6,7 +6,7 @@
 //! channel runs here only while this node holds its lease, and every send carries the
 //! lease's epoch as its fence.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,9 @@ pub struct Leases {
     /// `host` see the same pids, so one may tell whether the other's process is gone.
     pub host: Option<String>,
     held: Mutex<Held>,
+    /// Taken by every statement that changes which leases this node holds (renew,
+    /// acquire, release) together with the map update, so none overwrites another's.
+    pub(super) ops: tokio::sync::Mutex<()>,
     /// Wakes the reconcile loop: a channel added, removed, suspended or resumed here.
     wake: Notify,
 }
@@ -41,23 +44,32 @@ pub struct Leases {
 #[derive(Default)]
 struct Held {
     epochs: HashMap<Id, i64>,
+    /// Given up here and stopping; the store still has them until their release
+    /// commits, so a renewal meanwhile must not bring them back.
+    releasing: HashSet<Id>,
     /// The leases end no sooner than this on the store's clock, as seen from here: the
     /// start of the last renewal that answered, plus the TTL.
     valid_until: Option<Instant>,
 }
 
 impl Leases {
-    pub fn new(name: &str, shared: bool, config: &crate::node::NodeConfig) -> Leases {
+    pub fn new(
+        name: &str,
+        shared: bool,
+        node: &crate::node::NodeConfig,
+        config: &super::config::LeasesConfig,
+    ) -> Leases {
         Leases {
             node_id: format!("{name}/{}", ulid::Ulid::new()),
             name: name.to_owned(),
             started_at: now_ms(),
             shared,
-            ttl: Duration::from_secs(config.lease_ttl_secs),
-            max_channels: (config.max_channels > 0).then_some(u64::from(config.max_channels)),
+            ttl: Duration::from_secs(config.ttl_secs),
+            max_channels: (node.max_channels > 0).then_some(u64::from(node.max_channels)),
             moves_per_round: config.moves_per_round as usize,
             host: host_identity(),
             held: Mutex::default(),
+            ops: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         }
     }
@@ -139,10 +151,16 @@ impl Leases {
         self.lock().epochs.get(&channel).copied()
     }
 
-    /// A renewal sent at `sent` answered with these leases (the others ran out).
+    /// A renewal sent at `sent` answered with these leases (the others ran out);
+    /// those being released here stay out.
     pub(super) fn renewed(&self, sent: Instant, leases: &[(Id, i64)]) {
         let mut held = self.lock();
-        held.epochs = leases.iter().copied().collect();
+        let epochs = leases
+            .iter()
+            .copied()
+            .filter(|(id, _)| !held.releasing.contains(id))
+            .collect();
+        held.epochs = epochs;
         held.valid_until = Some(sent + self.ttl);
     }
 
@@ -154,10 +172,20 @@ impl Leases {
         held.valid_until.get_or_insert(sent + self.ttl);
     }
 
+    /// Stops counting `channels` as held: their connectors are about to stop and
+    /// their leases to be released (`released` when that committed or failed).
     pub(super) fn forget(&self, channels: &[Id]) {
         let mut held = self.lock();
         for ch in channels {
             held.epochs.remove(ch);
+            held.releasing.insert(*ch);
+        }
+    }
+
+    pub(super) fn released(&self, channels: &[Id]) {
+        let mut held = self.lock();
+        for ch in channels {
+            held.releasing.remove(ch);
         }
     }
 

@@ -4,6 +4,7 @@
 //! a SQLite store (`store_guard`).
 
 mod balance;
+pub mod config;
 mod leases;
 pub mod placement;
 mod reconcile;
@@ -11,4 +12,4 @@ pub mod store_guard;
 pub mod view;
 
 pub use leases::Leases;
-pub use reconcile::{leave, run};
+pub use reconcile::{leave, renew, run};

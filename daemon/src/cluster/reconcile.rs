@@ -1,20 +1,26 @@
-//! The one loop that decides which connectors run on this node: what should run (the
-//! runnable channels whose lease this node holds; on SQLite, every runnable channel)
-//! against what does run (the supervisor's instances). Control methods, billing and
-//! resumes only change the store and wake it, on whichever daemon they arrive.
+//! Two loops decide which connectors run on this node.
 //!
-//! On PostgreSQL a round also heartbeats the node, renews its leases in one statement
-//! every third of the TTL, gives up leases beyond its share (a few per round, stopping
-//! the connector before the lease is released, so no channel ever runs twice), and
-//! takes unowned or expired ones up to its share. Should renewals stop answering, the
-//! node stops its connectors a third of the TTL before its leases can end.
+//! `run`, the reconcile loop: what should run (the runnable channels whose lease this
+//! node holds; on SQLite, every runnable channel) against what does run (the
+//! supervisor's instances). Control methods, billing and resumes only change the store
+//! and wake it, on whichever daemon they arrive. On PostgreSQL a round also gives up
+//! leases beyond this node's share (a few per round, stopping each connector before its
+//! lease is released, so no channel ever runs twice) and takes unowned or expired ones
+//! up to it.
+//!
+//! `renew` (PostgreSQL only): heartbeats the node and renews its leases in one
+//! statement every third of the TTL, on a task of its own so that no slow connector stop
+//! delays a renewal; should renewals stop answering, it stops every connector a third of
+//! the TTL before the leases can end. At shutdown it keeps renewing while the workers
+//! drain and the connectors stop, and only then hands the leases back (`leave`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use patchbay_jobs::DomainError;
-use patchbay_jobs::model::Id;
+use patchbay_jobs::model::{Channel, Id};
 use tokio_util::sync::CancellationToken;
 
 use super::balance;
@@ -22,56 +28,113 @@ use crate::app::App;
 
 /// Rounds on PostgreSQL: often enough that a released channel is taken within seconds.
 const ROUND: Duration = Duration::from_secs(2);
-/// Rounds on SQLite, where nothing changes the channels behind this daemon's back but
-/// a `patchbayctl` on a copy of the config (a read, no write).
+/// Rounds on SQLite, where only this daemon changes the channels (a read, no write).
 const SOLO_ROUND: Duration = Duration::from_secs(10);
 /// Dead nodes' rows are kept this long, for `node list`'s history.
 const DEAD_NODE_KEPT_MS: i64 = 3_600_000;
+/// What a channel nobody runs says (`Cluster::disconnect_unowned`).
+const UNOWNED: &str = "no node runs it now (its node stopped or lost its lease); \
+                       another node takes it within the lease TTL";
 
+/// The reconcile loop, until `stop`.
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
-    let leases = app.leases.clone();
-    let mut last_renew: Option<Instant> = None;
+    let every = if app.leases.shared { ROUND } else { SOLO_ROUND };
     loop {
-        let fence_at = leases.fence_at();
-        let fenced = async {
-            match fence_at {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = stop.cancelled() => return,
-            r = round(&app, &mut last_renew) => {
+            r = round(&app) => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cannot reconcile the channels with the store");
                 }
             }
-            () = fenced => self_fence(&app).await,
         }
-        let fence_at = leases.fence_at();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+            () = app.leases.woken() => {}
+        }
+    }
+}
+
+async fn round(app: &App) -> Result<(), DomainError> {
+    let runnable = app.store.runnable_channels().await?;
+    if app.leases.shared {
+        rebalance(app, &runnable).await?;
+    }
+    converge(app, runnable).await;
+    Ok(())
+}
+
+/// The renewal loop (PostgreSQL), until `stop`: the daemon cancels it only once its
+/// connectors stopped, then calls `leave`.
+pub async fn renew(app: Arc<App>, stop: CancellationToken) {
+    let leases = app.leases.clone();
+    if !leases.shared {
+        return;
+    }
+    let ttl_ms = i64::try_from(leases.ttl.as_millis()).unwrap_or(i64::MAX);
+    let mut registered = false;
+    loop {
         let fenced = async {
-            match fence_at {
+            match leases.fence_at() {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
         };
-        // Never longer than a renewal interval: a round is what renews.
-        let every = if leases.shared {
-            ROUND.min(leases.renew_every())
-        } else {
-            SOLO_ROUND
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = renew_once(&app, ttl_ms, !registered) => match r {
+                Ok(()) if !registered => {
+                    registered = true;
+                    // Now in the node list: the reconcile loop may take its share.
+                    leases.wake();
+                }
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot renew the channel leases; retrying"),
+            },
+            () = fenced => self_fence(&app).await,
+        }
+        let fenced = async {
+            match leases.fence_at() {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
         };
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-            () = leases.woken() => {}
+            () = tokio::time::sleep(leases.renew_every()) => {}
             () = fenced => self_fence(&app).await,
         }
     }
 }
 
+async fn renew_once(app: &App, ttl_ms: i64, first: bool) -> Result<(), DomainError> {
+    let leases = &app.leases;
+    let _ops = leases.ops.lock().await;
+    let sent = Instant::now();
+    app.store.node_heartbeat(&leases.info(), ttl_ms).await?;
+    if first {
+        reap_predecessors(app).await?;
+    }
+    let renewed = app.store.renew_leases(&leases.node_id, ttl_ms).await?;
+    leases.renewed(sent, &renewed);
+    drop(_ops);
+    // Housekeeping any node may do, idempotent: at most a write when there is work.
+    let disconnected = app.store.disconnect_unowned(UNOWNED).await?;
+    if disconnected > 0 {
+        tracing::info!(
+            channels = disconnected,
+            "channels no node runs now marked disconnected"
+        );
+    }
+    if let Err(e) = app.store.purge_nodes(DEAD_NODE_KEPT_MS).await {
+        tracing::debug!(error = %e, "cannot purge dead nodes");
+    }
+    Ok(())
+}
+
 /// No renewal answered in time: this node may no longer hold its leases, so its
-/// connectors stop now, before another node can take the channels.
+/// connectors stop now (all at once), before another node can take the channels.
 async fn self_fence(app: &App) {
     let held = app.leases.held();
     tracing::error!(
@@ -80,32 +143,11 @@ async fn self_fence(app: &App) {
         "cannot renew the channel leases: stopping every connector before the leases run out"
     );
     app.leases.forget_all();
-    app.plugins.stop_all().await;
+    stop_each(app, &app.plugins.running()).await;
 }
 
-async fn round(app: &App, last_renew: &mut Option<Instant>) -> Result<(), DomainError> {
-    let leases = &app.leases;
-    let runnable = app.store.runnable_channels().await?;
-    if leases.shared {
-        let due = last_renew.is_none_or(|t| t.elapsed() >= leases.renew_every());
-        let ttl_ms = i64::try_from(leases.ttl.as_millis()).unwrap_or(i64::MAX);
-        if due {
-            let sent = Instant::now();
-            app.store.node_heartbeat(&leases.info(), ttl_ms).await?;
-            if last_renew.is_none() {
-                reap_predecessors(app).await?;
-            }
-            let renewed = app.store.renew_leases(&leases.node_id, ttl_ms).await?;
-            leases.renewed(sent, &renewed);
-            *last_renew = Some(sent);
-            if let Err(e) = app.store.purge_nodes(DEAD_NODE_KEPT_MS).await {
-                tracing::debug!(error = %e, "cannot purge dead nodes");
-            }
-        }
-        rebalance(app, &runnable, ttl_ms).await?;
-    }
-    converge(app, runnable).await;
-    Ok(())
+async fn stop_each(app: &App, channels: &[Id]) {
+    join_all(channels.iter().map(|&id| app.plugins.stop(id))).await;
 }
 
 /// At start: nodes of this host whose process is gone (this daemon's own previous run,
@@ -123,18 +165,14 @@ async fn reap_predecessors(app: &App) -> Result<(), DomainError> {
 }
 
 /// Gives up what is beyond this node's share and takes unowned channels up to it.
-async fn rebalance(
-    app: &App,
-    runnable: &[patchbay_jobs::model::Channel],
-    ttl_ms: i64,
-) -> Result<(), DomainError> {
+async fn rebalance(app: &App, runnable: &[Channel]) -> Result<(), DomainError> {
     let leases = &app.leases;
+    let ttl_ms = i64::try_from(leases.ttl.as_millis()).unwrap_or(i64::MAX);
     let runnable_ids: HashSet<Id> = runnable.iter().map(|c| c.id).collect();
-    let held = leases.held();
     // Held but no longer runnable (removed, suspended): stop, then let go.
-    let gone: Vec<Id> = held
-        .keys()
-        .copied()
+    let gone: Vec<Id> = leases
+        .held()
+        .into_keys()
         .filter(|id| !runnable_ids.contains(id))
         .collect();
     release(app, &gone).await?;
@@ -146,7 +184,7 @@ async fn rebalance(
         .collect();
     let shares = balance::shares(&caps, runnable.len() as u64);
     let Some(me) = nodes.iter().position(|n| n.id == leases.node_id) else {
-        // Not registered yet (the heartbeat is due next round): take nothing.
+        // Not registered yet (the renewal loop's first heartbeat wakes us): take nothing.
         return Ok(());
     };
     let share = shares[me] as usize;
@@ -183,38 +221,44 @@ async fn rebalance(
             .take(share - mine.len())
             .collect();
         if !free.is_empty() {
+            let _ops = leases.ops.lock().await;
             let sent = Instant::now();
             let taken = app
                 .store
                 .acquire_leases(&leases.node_id, &free, ttl_ms)
                 .await?;
+            leases.acquired(sent, &taken);
+            drop(_ops);
             if !taken.is_empty() {
                 tracing::info!(channels = taken.len(), share, "took channel leases");
             }
-            leases.acquired(sent, &taken);
         }
     }
     Ok(())
 }
 
-/// Stops the connectors of `channels`, then releases their leases: never the other
-/// way round, or another node could start one while it still runs here.
+/// Stops the connectors of `channels` (all at once), then releases their leases: never
+/// the other way round, or another node could start one while it still runs here.
 async fn release(app: &App, channels: &[Id]) -> Result<(), DomainError> {
     if channels.is_empty() {
         return Ok(());
     }
     app.leases.forget(channels);
-    for &id in channels {
-        app.plugins.stop(id).await;
-    }
-    app.store
-        .release_leases(&app.leases.node_id, Some(channels))
-        .await?;
-    Ok(())
+    stop_each(app, channels).await;
+    let released = {
+        let _ops = app.leases.ops.lock().await;
+        app.store
+            .release_leases(&app.leases.node_id, Some(channels))
+            .await
+    };
+    // Released or not, they are no longer being released: a lease the store still
+    // has (the release failed) comes back with the next renewal and runs here again.
+    app.leases.released(channels);
+    released.map(|_| ())
 }
 
 /// Starts what should run here and stops what should not.
-async fn converge(app: &App, runnable: Vec<patchbay_jobs::model::Channel>) {
+async fn converge(app: &App, runnable: Vec<Channel>) {
     let running: HashSet<Id> = app.plugins.running().into_iter().collect();
     let mut wanted = HashSet::new();
     for channel in runnable {
@@ -226,9 +270,13 @@ async fn converge(app: &App, runnable: Vec<patchbay_jobs::model::Channel>) {
             app.plugins.start(channel);
         }
     }
-    for id in running.difference(&wanted) {
-        tracing::info!(channel = id, "stopping a channel that no longer runs here");
-        app.plugins.stop(*id).await;
+    let unwanted: Vec<Id> = running.difference(&wanted).copied().collect();
+    if !unwanted.is_empty() {
+        tracing::info!(
+            channels = unwanted.len(),
+            "stopping channels that no longer run here"
+        );
+        stop_each(app, &unwanted).await;
     }
 }
 

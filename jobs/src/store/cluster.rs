@@ -114,6 +114,11 @@ pub trait Cluster: Send + Sync {
     /// The leases of runnable channels (not removed, not suspended), by channel.
     async fn channel_leases(&self) -> StoreResult<Vec<LeaseRow>>;
 
+    /// Channels that say `connected` or `connecting` but whose lease no live node holds
+    /// (its node died or was cut off) become `disconnected` with `reason`: a status
+    /// never claims a connection nobody runs. One statement; the count changed.
+    async fn disconnect_unowned(&self, reason: &str) -> StoreResult<u64>;
+
     /// One channel's lease, if it ever had one.
     async fn channel_lease(&self, channel: Id) -> StoreResult<Option<LeaseRow>>;
 }

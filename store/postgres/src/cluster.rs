@@ -157,6 +157,23 @@ impl Cluster for PgStore {
         .await?)
     }
 
+    async fn disconnect_unowned(&self, reason: &str) -> StoreResult<u64> {
+        // Locks the channel rows it changes; a lease taken meanwhile keeps its channel
+        // out (the NOT EXISTS reads the newest committed lease).
+        Ok(sqlx::query(concat!(
+            "UPDATE channels SET status = 'disconnected', status_reason = $1 \
+             WHERE status IN ('connected', 'connecting') AND NOT EXISTS \
+             (SELECT 1 FROM channel_leases l WHERE l.channel_id = channels.id \
+             AND l.owner IS NOT NULL AND l.expires_at > ",
+            now_ms_sql!(),
+            ")"
+        ))
+        .bind(reason)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     async fn channel_lease(&self, channel: Id) -> StoreResult<Option<LeaseRow>> {
         Ok(sqlx::query_as(concat!(
             "SELECT channel_id AS channel, owner, epoch, expires_at, \

@@ -1,7 +1,7 @@
 -- Several daemons (ARCHITECTURE.md, "Several daemons"): the live nodes and one lease per
--- runnable channel. On SQLite the daemons share one host (and its clock); the same
--- tables and rules as on PostgreSQL, so a second daemon on one store file shares the
--- channels instead of running each one twice.
+-- runnable channel, as on PostgreSQL (one schema for both stores). A SQLite file serves
+-- one daemon (a second is refused at start), which runs every channel without leases;
+-- the tables are here so the two schemas stay one.
 CREATE TABLE nodes (
     -- `<node.name>/<ULID of the start>`: unique per process, never reused.
     id TEXT PRIMARY KEY,

@@ -145,6 +145,20 @@ impl Cluster for SqliteStore {
         .await?)
     }
 
+    async fn disconnect_unowned(&self, reason: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE channels SET status = 'disconnected', status_reason = $1 \
+             WHERE status IN ('connected', 'connecting') AND NOT EXISTS \
+             (SELECT 1 FROM channel_leases l WHERE l.channel_id = channels.id \
+             AND l.owner IS NOT NULL AND l.expires_at > $2)",
+        )
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
+    }
+
     async fn channel_lease(&self, channel: Id) -> StoreResult<Option<LeaseRow>> {
         Ok(sqlx::query_as(
             "SELECT channel_id AS channel, owner, epoch, expires_at, \
