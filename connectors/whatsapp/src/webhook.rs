@@ -1,0 +1,228 @@
+//! Answering one webhook request: the GET verification handshake, and a POST checked
+//! in this order — path, size (declared, then as read), `X-Hub-Signature-256` against
+//! the app secret of the channels on that path (before anything is parsed), the JSON,
+//! then each change routed to the channel of its phone_number_id. 200 only once every
+//! channel involved has flushed its events to the host, so anything else makes Meta
+//! deliver the notification again (it is stored once).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use patchbay_connector_sdk::{EmitError, Event, FlushError, Level};
+use serde_json::json;
+
+use crate::channel::Channel;
+use crate::inbound;
+use crate::listener::Listener;
+use crate::signature::{self, SIGNATURE_HEADER, SignatureError};
+
+/// A client must send its whole body within this (408 otherwise).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for a busy host before answering 503.
+const EMIT_WAIT: Duration = Duration::from_secs(2);
+/// How long a request waits for the host to record its events durably.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// Longest `hub.challenge` echoed.
+const MAX_CHALLENGE: usize = 256;
+
+fn respond(status: u16, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn refuse(status: u16, message: &str) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        json!({"ok": false, "error": message}).to_string(),
+        "application/json",
+    )
+}
+
+fn busy(message: &str) -> Response<Full<Bytes>> {
+    let mut r = refuse(503, message);
+    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(5u32));
+    r
+}
+
+/// The GET handshake Meta makes when the webhook URL is registered: echo
+/// `hub.challenge` if `hub.mode=subscribe` and `hub.verify_token` is one of the
+/// channels' verify tokens (compared in constant time), else 403.
+pub fn handshake(query: Option<&str>, channels: &[Arc<Channel>]) -> Response<Full<Bytes>> {
+    let url = reqwest::Url::parse(&format!("http://x/?{}", query.unwrap_or_default()));
+    let (mut mode, mut token, mut challenge) = (None, None, None);
+    if let Ok(url) = &url {
+        for (k, v) in url.query_pairs() {
+            match &*k {
+                "hub.mode" => mode = Some(v.into_owned()),
+                "hub.verify_token" => token = Some(v.into_owned()),
+                "hub.challenge" => challenge = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    let token_ok = token.as_deref().is_some_and(|t| {
+        // Every channel is tried, so the time does not tell which one matched.
+        channels
+            .iter()
+            .filter(|c| signature::same_secret(t.as_bytes(), c.config.verify_token.as_bytes()))
+            .count()
+            > 0
+    });
+    match challenge {
+        Some(ch)
+            if mode.as_deref() == Some("subscribe")
+                && token_ok
+                && !ch.is_empty()
+                && ch.len() <= MAX_CHALLENGE =>
+        {
+            respond(200, ch, "text/plain")
+        }
+        _ => refuse(
+            403,
+            "verification failed: wrong hub.mode, hub.verify_token or hub.challenge",
+        ),
+    }
+}
+
+async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await;
+    match read {
+        Err(_) => Err(refuse(408, "body not received within 10 s")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            Err(refuse(413, &format!("body is over max_body_bytes ({max})")))
+        }
+        Ok(Err(e)) => Err(refuse(400, &format!("cannot read the body: {e}"))),
+    }
+}
+
+/// Answers one request on `listener`.
+pub async fn handle(listener: &Listener, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let channels = listener.channels(parts.uri.path());
+    if channels.is_empty() {
+        return refuse(404, "no whatsapp channel on this path");
+    }
+    if parts.method == Method::GET {
+        return handshake(parts.uri.query(), &channels);
+    }
+    if parts.method != Method::POST {
+        return refuse(405, "use POST (GET for the verification handshake)");
+    }
+    let reject = |status: u16, message: &str| {
+        for c in &channels {
+            c.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        channels[0].host.log(
+            Level::Debug,
+            &format!("whatsapp: refused a webhook POST with {status}: {message}"),
+        );
+        refuse(status, message)
+    };
+    let max = channels
+        .iter()
+        .map(|c| c.config.max_body_bytes)
+        .max()
+        .unwrap_or(0);
+    let declared = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return reject(413, &format!("body is over max_body_bytes ({max})"));
+    }
+    // The tag's form is checked before the body is even read.
+    let header = parts
+        .headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let tag = match signature::decode(header) {
+        Ok(t) => t,
+        Err(e @ SignatureError::Missing) => return reject(401, &e.to_string()),
+        Err(e) => return reject(403, &e.to_string()),
+    };
+    let body = match read_body(body, max).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    // Authenticated before parsing: only the channels whose app secret signed it.
+    let signed: Vec<&Arc<Channel>> = channels
+        .iter()
+        .filter(|c| signature::matches(c.config.app_secret.as_bytes(), &tag, &body))
+        .collect();
+    if signed.is_empty() {
+        return reject(403, &SignatureError::Mismatch.to_string());
+    }
+    let parsed = match inbound::parse(&body) {
+        Ok(p) => p,
+        Err(e) => return reject(400, &e.0),
+    };
+    for note in &parsed.notes {
+        let level = if note.contains("webhook error") {
+            Level::Warn
+        } else {
+            Level::Info
+        };
+        signed[0].host.log(level, &format!("whatsapp: {note}"));
+    }
+    // Route every change first: nothing is emitted unless every number is served.
+    let mut routed: BTreeMap<String, (&Arc<Channel>, &Vec<Event>)> = BTreeMap::new();
+    for (number, events) in &parsed.routes {
+        match signed.iter().find(|c| c.config.phone_number_id == *number) {
+            Some(c) => {
+                routed.insert(number.clone(), (c, events));
+            }
+            // Not running here (restarting, or not configured yet): Meta delivers it
+            // again, and the part already taken is stored once.
+            None => {
+                return busy(&format!(
+                    "no running channel here serves phone_number_id {number}; deliver again later"
+                ));
+            }
+        }
+    }
+    for (channel, events) in routed.values() {
+        for event in events.iter() {
+            match channel.emit_for(event, EMIT_WAIT).await {
+                Ok(()) => {
+                    let counter = match event {
+                        Event::Receipt(_) => &channel.counters.receipts,
+                        _ => &channel.counters.accepted,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    channel.counters.busy.fetch_add(1, Ordering::Relaxed);
+                    // Busy, closed (stopping) or too large: nothing is acknowledged.
+                    let e = if e == EmitError::TooLarge {
+                        "an event is too large for the host".to_owned()
+                    } else {
+                        e.to_string()
+                    };
+                    return busy(&format!("{e}; deliver again later"));
+                }
+            }
+        }
+    }
+    // 200 tells Meta it may forget the notification: only once it is durable.
+    for (channel, _) in routed.values() {
+        match channel.flush(FLUSH_WAIT).await {
+            Ok(()) | Err(FlushError::Unsupported) => {}
+            Err(e) => {
+                channel.counters.busy.fetch_add(1, Ordering::Relaxed);
+                return busy(&format!("{e}; deliver again later"));
+            }
+        }
+    }
+    respond(200, json!({"ok": true}).to_string(), "application/json")
+}
