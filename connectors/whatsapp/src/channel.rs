@@ -1,11 +1,13 @@
 //! What the listener and the connector share of one running channel: its config, its
-//! host handle, its last status and counters, and the async emit/flush the webhook
-//! path uses (backing off while the host is busy, flushing off the runtime's workers).
+//! host handle and cancel token, its last status and counters, and the emit/flush the
+//! webhook path uses (the SDK runtime's: backing off while the host is busy, flushing
+//! without parking a thread per waiter).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use patchbay_connector_sdk::runtime::{self, CancellationToken};
 use patchbay_connector_sdk::{EmitError, Event, FlushError, Host, Status};
 use serde_json::json;
 
@@ -24,7 +26,8 @@ pub struct Counters {
 pub struct Channel {
     pub config: Arc<Config>,
     pub host: Host,
-    pub stopped: AtomicBool,
+    /// The instance's `Tasks` token: cancelled when the channel stops.
+    pub cancel: CancellationToken,
     /// Set by a 401/190 from Graph: sends fail at once until the channel restarts.
     pub token_refused: AtomicBool,
     pub counters: Counters,
@@ -32,11 +35,16 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub fn new(config: Arc<Config>, host: Host, initial: Status) -> Channel {
+    pub fn new(
+        config: Arc<Config>,
+        host: Host,
+        cancel: CancellationToken,
+        initial: Status,
+    ) -> Channel {
         Channel {
             config,
             host,
-            stopped: AtomicBool::new(false),
+            cancel,
             token_refused: AtomicBool::new(false),
             counters: Counters::default(),
             state: Mutex::new(initial),
@@ -69,32 +77,13 @@ impl Channel {
         s
     }
 
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Relaxed)
-    }
-
     /// Emits, backing off while the host is busy, for at most `wait`.
     pub async fn emit_for(&self, event: &Event, wait: Duration) -> Result<(), EmitError> {
-        let deadline = Instant::now() + wait;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match self.host.emit(event) {
-                Err(EmitError::Busy) if Instant::now() < deadline && !self.is_stopped() => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                other => return other,
-            }
-        }
+        runtime::emit_within(&self.host, event, wait, &self.cancel).await
     }
 
     /// Waits until the host has durably recorded what this channel emitted so far.
     pub async fn flush(&self, wait: Duration) -> Result<(), FlushError> {
-        let host = self.host.clone();
-        // flush blocks its thread: keep it off the runtime's workers.
-        match tokio::task::spawn_blocking(move || host.flush(wait)).await {
-            Ok(r) => r,
-            Err(_) => Err(FlushError::Closed),
-        }
+        runtime::flush(&self.host, wait).await
     }
 }

@@ -7,7 +7,7 @@
 //! (`listener`, `webhook`, `inbound`). Outbound, `send` POSTs a text to
 //! `/{phone_number_id}/messages` (`outbound`, `graph`) and the `wamid` becomes the
 //! message's external id; status webhooks then become receipts. Everything runs on the
-//! plugin's one shared runtime (`runtime`): a channel owns tasks, not threads.
+//! SDK's one runtime per plugin (`runtime::Tasks`): a channel owns tasks, not threads.
 
 #![forbid(unsafe_code)]
 
@@ -18,24 +18,20 @@ pub mod inbound;
 pub mod listener;
 pub mod outbound;
 pub mod payload;
-pub mod runtime;
-pub mod signature;
 pub mod webhook;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use patchbay_connector_sdk::runtime::{CancellationToken, Tasks};
 use patchbay_connector_sdk::{
     ChannelState, Connector, ConnectorError, Host, Level, Outbound, Sent, Status, export_connector,
 };
 use serde_json::json;
-use tokio::runtime::Handle;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use config::Config;
-pub use signature::{SIGNATURE_HEADER, sign};
+pub use webhook::SIGNATURE_HEADER;
 
 use channel::Channel;
 use graph::{Failure, Graph, TOKEN_REASON};
@@ -55,12 +51,10 @@ const SEND_ATTEMPTS: u32 = 4;
 /// The longest `Retry-After` a send sleeps through itself.
 const MAX_SEND_PAUSE: Duration = Duration::from_secs(5);
 
-/// A started channel: its place on the listener and the task that reads the number.
+/// A started channel: its tasks on the plugin's runtime and its place on the listener.
 struct Running {
-    handle: Handle,
+    tasks: Tasks,
     registration: Registration,
-    stop: watch::Sender<bool>,
-    checker: JoinHandle<()>,
 }
 
 /// One whatsapp channel.
@@ -78,12 +72,12 @@ fn display_e164(display: &str) -> Option<String> {
 /// Reads the number's display phone number and verified name (`GET
 /// /{phone_number_id}`) until it succeeds or the token is refused, backing off 1 s
 /// doubling to 60 s; reports `connected`, `error` or `connecting` as it goes.
-async fn check_number(channel: Arc<Channel>, graph: Graph, mut stop: watch::Receiver<bool>) {
+async fn check_number(channel: Arc<Channel>, graph: Graph, stop: CancellationToken) {
     let mut pause = Duration::from_secs(1);
     loop {
         let outcome = tokio::select! {
             r = graph.number() => r,
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.cancelled() => return,
         };
         match outcome {
             Ok(info) => {
@@ -125,7 +119,7 @@ async fn check_number(channel: Arc<Channel>, graph: Graph, mut stop: watch::Rece
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.cancelled() => return,
         }
         pause = (pause * 2).min(Duration::from_secs(60));
     }
@@ -133,15 +127,16 @@ async fn check_number(channel: Arc<Channel>, graph: Graph, mut stop: watch::Rece
 
 impl WhatsApp {
     fn shutdown(&mut self) {
-        self.channel.stopped.store(true, Ordering::Relaxed);
         let Some(mut r) = self.running.take() else {
             return;
         };
-        let _ = r.stop.send(true);
-        let checker = r.checker;
-        let _ = r
-            .handle
-            .block_on(async { tokio::time::timeout(Duration::from_secs(2), checker).await });
+        // Cancelled first: requests in progress stop emitting for this channel.
+        let outcome = r.tasks.stop(listener::STOP_GRACE);
+        if outcome.panicked + outcome.aborted > 0 {
+            self.channel
+                .host
+                .log(Level::Warn, &format!("whatsapp: stop: {outcome:?}"));
+        }
         r.registration.detach();
     }
 
@@ -203,7 +198,12 @@ impl Connector for WhatsApp {
         let graph = Graph::new(config.clone()).map_err(|e| ConnectorError::new("internal", e))?;
         let initial = Status::new(ChannelState::Disconnected).with_reason("not started");
         Ok(WhatsApp {
-            channel: Arc::new(Channel::new(config, host, initial)),
+            channel: Arc::new(Channel::new(
+                config,
+                host,
+                CancellationToken::new(),
+                initial,
+            )),
             graph,
             running: None,
         })
@@ -216,18 +216,19 @@ impl Connector for WhatsApp {
                 "whatsapp is already running",
             ));
         }
-        let handle = runtime::handle()?;
+        let tasks = Tasks::new()?;
         // A fresh Channel per start: a request still holding the previous one sees it
-        // stopped, never this run's state.
+        // cancelled, never this run's state.
         let c = self.channel.config.clone();
         self.channel = Arc::new(Channel::new(
             c.clone(),
             self.channel.host.clone(),
+            tasks.token(),
             Status::new(ChannelState::Connecting),
         ));
         self.channel
             .set_status(Status::new(ChannelState::Connecting));
-        let registration = match listener::attach(&handle, self.channel.clone()) {
+        let registration = match listener::attach(tasks.handle(), self.channel.clone()) {
             Ok(r) => r,
             Err(e) => {
                 let reason = e.to_string();
@@ -250,17 +251,14 @@ impl Connector for WhatsApp {
                 c.path
             ),
         );
-        let (stop, stop_rx) = watch::channel(false);
-        let checker = handle.spawn(check_number(
+        tasks.spawn(check_number(
             self.channel.clone(),
             self.graph.clone(),
-            stop_rx,
+            tasks.token(),
         ));
         self.running = Some(Running {
-            handle,
+            tasks,
             registration,
-            stop,
-            checker,
         });
         Ok(())
     }
@@ -273,7 +271,7 @@ impl Connector for WhatsApp {
         if self.channel.token_refused.load(Ordering::Relaxed) {
             return Err(ConnectorError::new("unauthorized", TOKEN_REASON));
         }
-        r.handle.clone().block_on(self.deliver(&body))
+        r.tasks.block_on(self.deliver(&body))
     }
 
     fn status(&self) -> Status {

@@ -20,7 +20,18 @@ use serde_json::json;
 use crate::channel::Channel;
 use crate::inbound;
 use crate::listener::Listener;
-use crate::signature::{self, SIGNATURE_HEADER, SignatureError};
+use patchbay_connector_sdk::runtime::signature::{self, HmacError};
+
+/// Meta's signature header: `sha256=<hex HMAC-SHA256(raw body, app_secret)>`.
+pub const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
+
+/// Whether two secrets are equal, in time independent of where they differ: the
+/// given one is checked as a MAC of a fixed message under the expected one.
+pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
+    const MESSAGE: &[u8] = b"patchbay-whatsapp-verify-token";
+    let tag = signature::sign(given.as_bytes(), &[MESSAGE]);
+    signature::verify(expected.as_bytes(), &[MESSAGE], Some(&tag)).is_ok()
+}
 
 /// A client must send its whole body within this (408 otherwise).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,7 +84,7 @@ pub fn handshake(query: Option<&str>, channels: &[Arc<Channel>]) -> Response<Ful
         // Every channel is tried, so the time does not tell which one matched.
         channels
             .iter()
-            .filter(|c| signature::same_secret(t.as_bytes(), c.config.verify_token.as_bytes()))
+            .filter(|c| same_secret(t, &c.config.verify_token))
             .count()
             > 0
     });
@@ -141,27 +152,31 @@ pub async fn handle(listener: &Listener, req: Request<Incoming>) -> Response<Ful
     if declared.is_some_and(|n| n > max) {
         return reject(413, &format!("body is over max_body_bytes ({max})"));
     }
-    // The tag's form is checked before the body is even read.
     let header = parts
         .headers
         .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok());
-    let tag = match signature::decode(header) {
-        Ok(t) => t,
-        Err(e @ SignatureError::Missing) => return reject(401, &e.to_string()),
-        Err(e) => return reject(403, &e.to_string()),
-    };
+    if header.is_none() {
+        return reject(401, "missing X-Hub-Signature-256 header");
+    }
     let body = match read_body(body, max).await {
         Ok(b) => b,
         Err(r) => return r,
     };
     // Authenticated before parsing: only the channels whose app secret signed it.
-    let signed: Vec<&Arc<Channel>> = channels
-        .iter()
-        .filter(|c| signature::matches(c.config.app_secret.as_bytes(), &tag, &body))
-        .collect();
+    let mut signed: Vec<&Arc<Channel>> = Vec::new();
+    for c in &channels {
+        match signature::verify(c.config.app_secret.as_bytes(), &[&body], header) {
+            Ok(()) => signed.push(c),
+            Err(HmacError::Mismatch) => {}
+            Err(e) => return reject(403, &format!("X-Hub-Signature-256: {e}")),
+        }
+    }
     if signed.is_empty() {
-        return reject(403, &SignatureError::Mismatch.to_string());
+        return reject(
+            403,
+            "X-Hub-Signature-256 does not match the body (is app_secret the app's secret?)",
+        );
     }
     let parsed = match inbound::parse(&body) {
         Ok(p) => p,
