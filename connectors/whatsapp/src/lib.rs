@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use patchbay_connector_sdk::runtime::{CancellationToken, Tasks};
+use patchbay_connector_sdk::runtime::{CancellationToken, Tasks, tokio};
 use patchbay_connector_sdk::{
     ChannelState, Connector, ConnectorError, Host, Level, Outbound, Sent, Status, export_connector,
 };
@@ -228,7 +228,7 @@ impl Connector for WhatsApp {
         ));
         self.channel
             .set_status(Status::new(ChannelState::Connecting));
-        let registration = match listener::attach(tasks.handle(), self.channel.clone()) {
+        let registration = match listener::attach(self.channel.clone()) {
             Ok(r) => r,
             Err(e) => {
                 let reason = e.to_string();
@@ -237,8 +237,8 @@ impl Connector for WhatsApp {
                 let err = ConnectorError::new("listen_failed", reason);
                 // A taken port may free up; a duplicate number is a config problem.
                 return Err(match e {
-                    listener::AttachError::Bind { .. } => err.retryable(),
-                    listener::AttachError::Duplicate(_) => err,
+                    listener::AttachError::Bind(_) => err.retryable(),
+                    listener::AttachError::Duplicate(_) | listener::AttachError::Invalid(_) => err,
                 });
             }
         };

@@ -1,7 +1,8 @@
-//! Answering one webhook request: the GET verification handshake, and a POST checked
-//! in this order — path, size (declared, then as read), `X-Hub-Signature-256` against
-//! the app secret of the channels on that path (before anything is parsed), the JSON,
-//! then each change routed to the channel of its phone_number_id. 200 only once every
+//! Answering one webhook request for the channels on its path (the SDK listener has
+//! bounded its size and time already): the GET verification handshake, and a POST
+//! checked in this order — `X-Hub-Signature-256` against the app secret of the channels
+//! on that path (before anything is parsed), the JSON, then each change routed to the
+//! channel of its phone_number_id. 200 only once every
 //! channel involved has flushed its events to the host, so anything else makes Meta
 //! deliver the notification again (it is stored once).
 
@@ -10,16 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use hyper::{Method, Request, Response, StatusCode};
+use patchbay_connector_sdk::runtime::http::HttpRequest;
+use patchbay_connector_sdk::runtime::http_body_util::Full;
+use patchbay_connector_sdk::runtime::hyper::body::Bytes;
+use patchbay_connector_sdk::runtime::hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use patchbay_connector_sdk::runtime::hyper::{Method, Response, StatusCode};
 use patchbay_connector_sdk::{EmitError, Event, FlushError, Level};
 use serde_json::json;
 
 use crate::channel::Channel;
 use crate::inbound;
-use crate::listener::Listener;
 use patchbay_connector_sdk::runtime::signature::{self, HmacError};
 
 /// Meta's signature header: `sha256=<hex HMAC-SHA256(raw body, app_secret)>`.
@@ -33,8 +34,6 @@ pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     signature::verify(expected.as_bytes(), &[MESSAGE], Some(&tag)).is_ok()
 }
 
-/// A client must send its whole body within this (408 otherwise).
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request waits for a busy host before answering 503.
 const EMIT_WAIT: Duration = Duration::from_secs(2);
 /// How long a request waits for the host to record its events durably.
@@ -104,33 +103,17 @@ pub fn handshake(query: Option<&str>, channels: &[Arc<Channel>]) -> Response<Ful
     }
 }
 
-async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Full<Bytes>>> {
-    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await;
-    match read {
-        Err(_) => Err(refuse(408, "body not received within 10 s")),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            Err(refuse(413, &format!("body is over max_body_bytes ({max})")))
-        }
-        Ok(Err(e)) => Err(refuse(400, &format!("cannot read the body: {e}"))),
-    }
-}
-
-/// Answers one request on `listener`.
-pub async fn handle(listener: &Listener, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let channels = listener.channels(parts.uri.path());
+/// Answers one request (its body read within the bounds) for the `channels` that share
+/// its listener and path.
+pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Full<Bytes>> {
     if channels.is_empty() {
-        return refuse(404, "no whatsapp channel on this path");
+        return busy("no whatsapp channel is running here yet; deliver again later");
     }
-    if parts.method == Method::GET {
-        return handshake(parts.uri.query(), &channels);
-    }
-    if parts.method != Method::POST {
-        return refuse(405, "use POST (GET for the verification handshake)");
+    if req.method == Method::GET {
+        return handshake(req.query(), channels);
     }
     let reject = |status: u16, message: &str| {
-        for c in &channels {
+        for c in channels {
             c.counters.rejected.fetch_add(1, Ordering::Relaxed);
         }
         channels[0].host.log(
@@ -139,34 +122,15 @@ pub async fn handle(listener: &Listener, req: Request<Incoming>) -> Response<Ful
         );
         refuse(status, message)
     };
-    let max = channels
-        .iter()
-        .map(|c| c.config.max_body_bytes)
-        .max()
-        .unwrap_or(0);
-    let declared = parts
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if declared.is_some_and(|n| n > max) {
-        return reject(413, &format!("body is over max_body_bytes ({max})"));
-    }
-    let header = parts
-        .headers
-        .get(SIGNATURE_HEADER)
-        .and_then(|v| v.to_str().ok());
+    let header = req.header(SIGNATURE_HEADER);
     if header.is_none() {
         return reject(401, "missing X-Hub-Signature-256 header");
     }
-    let body = match read_body(body, max).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let body = &req.body;
     // Authenticated before parsing: only the channels whose app secret signed it.
     let mut signed: Vec<&Arc<Channel>> = Vec::new();
-    for c in &channels {
-        match signature::verify(c.config.app_secret.as_bytes(), &[&body], header) {
+    for c in channels {
+        match signature::verify(c.config.app_secret.as_bytes(), &[body], header) {
             Ok(()) => signed.push(c),
             Err(HmacError::Mismatch) => {}
             Err(e) => return reject(403, &format!("X-Hub-Signature-256: {e}")),
@@ -178,7 +142,7 @@ pub async fn handle(listener: &Listener, req: Request<Incoming>) -> Response<Ful
             "X-Hub-Signature-256 does not match the body (is app_secret the app's secret?)",
         );
     }
-    let parsed = match inbound::parse(&body) {
+    let parsed = match inbound::parse(body) {
         Ok(p) => p,
         Err(e) => return reject(400, &e.0),
     };
