@@ -5,14 +5,18 @@
 use std::net::SocketAddr;
 
 use patchbay_connector_sdk::ConnectorError;
+use patchbay_connector_sdk::runtime::config::{
+    https_or_loopback, in_range, invalid, parse, secret_invalid,
+};
 use serde::Deserialize;
 
 /// Meta's Graph API.
 pub const DEFAULT_GRAPH_BASE: &str = "https://graph.facebook.com";
 /// The Graph API version the connector is written against.
 pub const DEFAULT_API_VERSION: &str = "v21.0";
-/// The largest inbound body accepted at all: an event must fit the host's 1 MiB limit.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024 - 4096;
+/// The largest inbound body accepted at all: the SDK listener's bound.
+pub const MAX_BODY_BYTES: usize = patchbay_connector_sdk::runtime::http::MAX_BODY_BYTES;
+const KIND: &str = "whatsapp";
 
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,29 +90,6 @@ fn default_request_timeout() -> u64 {
     10
 }
 
-/// `graph_base` is https://, or http:// to a loopback IP literal (a test fake): every
-/// request carries the access token.
-fn check_graph_base(base: &str) -> Result<(), &'static str> {
-    let url = reqwest::Url::parse(base).map_err(|_| "not a URL")?;
-    let host = url.host_str().unwrap_or_default();
-    let loopback = host
-        .trim_matches(['[', ']'])
-        .parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback());
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err("a base URL without query or fragment");
-    }
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" => Err(
-            "http:// is only allowed to a loopback address (127.0.0.0/8 or [::1]); use https:// \
-             since every request carries the access token",
-        ),
-        _ => Err("an https:// URL (http:// only to a loopback address)"),
-    }
-}
-
 /// `v` and a dotted number: `v21.0`.
 fn valid_version(v: &str) -> bool {
     v.strip_prefix('v').is_some_and(|rest| {
@@ -122,17 +103,14 @@ fn valid_version(v: &str) -> bool {
 
 impl Config {
     pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
-        let c: Config = serde_json::from_value(value)
-            .map_err(|e| ConnectorError::config(format!("whatsapp config: {e}")))?;
+        let c: Config = parse(KIND, value)?;
         c.validate()?;
         Ok(c)
     }
 
     fn validate(&self) -> Result<(), ConnectorError> {
         let bad = |key: &str, value: &dyn std::fmt::Debug, allowed: &str| {
-            Err(ConnectorError::config(format!(
-                "whatsapp config: {key} = {value:?}: {allowed}"
-            )))
+            Err(invalid(KIND, key, value, allowed))
         };
         if self.phone_number_id.is_empty()
             || self.phone_number_id.len() > 64
@@ -151,18 +129,26 @@ impl Config {
             ("verify_token", &self.verify_token),
         ] {
             if value.trim().is_empty() || value.len() > 4096 {
-                return Err(ConnectorError::config(format!(
-                    "whatsapp config: {key} must be 1 to 4096 bytes, not blank"
-                )));
+                return Err(secret_invalid(
+                    KIND,
+                    key,
+                    "must be 1 to 4096 bytes, not blank",
+                ));
             }
             if value.chars().any(char::is_control) {
-                return Err(ConnectorError::config(format!(
-                    "whatsapp config: {key} must not contain control characters"
-                )));
+                return Err(secret_invalid(
+                    KIND,
+                    key,
+                    "must not contain control characters",
+                ));
             }
         }
-        if let Err(allowed) = check_graph_base(&self.graph_base) {
-            return bad("graph_base", &self.graph_base, allowed);
+        match https_or_loopback(&self.graph_base) {
+            Err(allowed) => return bad("graph_base", &self.graph_base, allowed),
+            Ok(url) if url.query().is_some() || url.fragment().is_some() => {
+                return bad("graph_base", &self.graph_base, "a base URL without query");
+            }
+            Ok(_) => {}
         }
         if !valid_version(&self.api_version) {
             return bad("api_version", &self.api_version, "like v21.0");
@@ -181,20 +167,18 @@ impl Config {
                 "an absolute path without query, e.g. /whatsapp/webhook",
             );
         }
-        if !(1024..=MAX_BODY_BYTES).contains(&self.max_body_bytes) {
-            return bad(
-                "max_body_bytes",
-                &self.max_body_bytes,
-                &format!("1024 to {MAX_BODY_BYTES}"),
-            );
-        }
-        if !(1..=20).contains(&self.request_timeout_secs) {
-            return bad(
-                "request_timeout_secs",
-                &self.request_timeout_secs,
-                "1 to 20",
-            );
-        }
+        in_range(
+            KIND,
+            "max_body_bytes",
+            self.max_body_bytes,
+            1024..=MAX_BODY_BYTES,
+        )?;
+        in_range(
+            KIND,
+            "request_timeout_secs",
+            self.request_timeout_secs,
+            1..=20,
+        )?;
         if let Some(name) = &self.display_name
             && (name.trim().is_empty() || name.chars().count() > 256)
         {
