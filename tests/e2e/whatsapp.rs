@@ -263,6 +263,13 @@ async fn message_until(d: &Daemon, chat: &Value, id: i64, states: &[&str]) -> Va
 async fn webhooks_statuses_and_sends() {
     let graph = FakeGraph::start();
     let d = Daemon::start_full(Backend::Sqlite, "", |dir| install_connector(dir, "whatsapp"));
+    let plugins = d.ok("plugin.list", json!({})).await;
+    assert!(
+        plugins
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["kind"] == "whatsapp")),
+        "{plugins}"
+    );
     let (acc, admin) = d.account("wa").await;
     let port = free_port();
     let id = add_channel(&d, acc, admin, "wa", channel_config(&graph, NUMBER_A, port)).await;
