@@ -159,13 +159,29 @@ fn serve(conn: TcpStream, handler: &Handler, requests: &Mutex<Vec<Request>>) {
 /// POSTs `body` with `headers` to `url` (`http://host:port/path`) and returns the
 /// status code and the response body.
 pub fn post(url: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String) {
+    request("POST", url, headers, body).unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+/// GETs `url` (`http://host:port/path?query`): the status code and the response body.
+pub fn get(url: &str) -> (u16, String) {
+    request("GET", url, &[], b"").unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// One request on a fresh connection; `Err` when the server cannot be reached or
+/// sends no HTTP answer (a daemon that is down, for clients that retry).
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<(u16, String), String> {
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut conn = TcpStream::connect(host).expect("connect");
+    let mut conn = TcpStream::connect(host).map_err(|e| format!("connect: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+        .map_err(|e| e.to_string())?;
     let mut head = format!(
-        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "{method} {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
         if path.is_empty() { "/" } else { path },
         body.len()
     );
@@ -173,7 +189,8 @@ pub fn post(url: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String)
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    conn.write_all(head.as_bytes()).expect("write head");
+    conn.write_all(head.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     // The server may answer (413) and close before taking the whole body.
     let _ = conn.write_all(body);
     let mut raw = Vec::new();
@@ -183,10 +200,10 @@ pub fn post(url: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String)
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+        .ok_or_else(|| format!("no HTTP status in {text:?}"))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }

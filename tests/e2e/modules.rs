@@ -23,3 +23,4 @@ mod systemd;
 mod telegram;
 mod wakeups;
 mod webhook;
+mod whatsapp;

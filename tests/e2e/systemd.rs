@@ -582,6 +582,7 @@ fn deb_package_recipe_is_complete() {
         "libloopback.so",
         "libtelegram.so",
         "libwebhook.so",
+        "libwhatsapp.so",
         "usr/bin/patchbayd",
         "usr/lib/patchbay/connectors/libtelegram.so",
         "lib/systemd/system/patchbayd.service",

@@ -1,7 +1,10 @@
 //! patchbay's connector plugin boundary: the versioned C ABI (`abi`, mirroring
 //! `include/patchbay_connector.h`), the JSON payloads both sides exchange (`events`),
 //! the plugin side (`Connector`, `Host`, `export_connector!`), and, behind the `host`
-//! feature, the daemon's side (`host`: `check_file`, `load`, `Instance`).
+//! feature, the daemon's side (`host`: `check_file`, `load`, `Instance`), and behind the
+//! `runtime` feature the shared async plumbing for connectors (`runtime`: one tokio
+//! runtime per plugin, per-instance `Tasks`, async emit/flush, `StatusBoard`, HMAC, a
+//! shared HTTP listener).
 //!
 //! A Rust connector implements `Connector` and calls `export_connector!`; it needs no
 //! `unsafe` of its own. See `connectors/README.md` for the author's guide.
@@ -51,6 +54,8 @@ pub mod events;
 pub mod host;
 pub mod json_limits;
 mod plugin;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 pub use events::{
     ChannelState, ErrorBody, Event, EventError, Inbound, Outbound, Receipt, ReceiptStatus,
