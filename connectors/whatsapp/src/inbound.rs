@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use patchbay_connector_sdk::chrono::{DateTime, Utc};
 use patchbay_connector_sdk::json_limits::{MAX_JSON_DEPTH, check_depth};
 use patchbay_connector_sdk::{Event, Inbound, Receipt, ReceiptStatus, Sender};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::graph;
-use crate::payload::{ChangeValue, Contact, Message, MessageStatus, Notification};
+use crate::payload::{Contact, GraphError, Message, MessageStatus, Metadata, Notification};
 
 /// What the send request's `biz_opaque_callback_data` starts with; the host's message
 /// id follows, so a status names its message without any state in the connector.
@@ -23,9 +24,14 @@ pub const CALLBACK_PREFIX: &str = "patchbay:";
 pub struct Parsed {
     /// By phone_number_id, in the body's order.
     pub routes: BTreeMap<String, Vec<Event>>,
-    /// Lines for the operator's log: `value.errors`, unreadable changes, statuses
-    /// that name no patchbay message.
+    /// Lines for the operator's log (info): ignored fields, statuses that name no
+    /// patchbay message.
     pub notes: Vec<String>,
+    /// Lines for the log at warn: `value.errors`, unreadable messages and statuses.
+    pub warnings: Vec<String>,
+    /// `messages` changes whose metadata is unreadable, so no channel can be named:
+    /// the webhook answers 503 for them after storing the rest.
+    pub unroutable: usize,
 }
 
 impl Parsed {
@@ -60,39 +66,121 @@ pub fn parse(body: &[u8]) -> Result<Parsed, BodyError> {
                 ));
                 continue;
             }
-            let value: ChangeValue = match serde_json::from_value(change.value) {
-                Ok(v) => v,
-                Err(e) => {
-                    out.notes
-                        .push(format!("skipping an unreadable messages change: {e}"));
-                    continue;
-                }
-            };
-            change_events(value, &mut out);
+            change_events(&change.value, &mut out);
         }
     }
     Ok(out)
 }
 
-fn change_events(value: ChangeValue, out: &mut Parsed) {
-    let number = value.metadata.phone_number_id;
-    for e in &value.errors {
-        out.notes
+/// How much of an unreadable item's JSON is kept (in events and log lines).
+pub const MAX_RAW: usize = 4096;
+
+/// `v` as JSON, cut to `MAX_RAW` bytes (on a char boundary).
+pub fn bounded_raw(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > MAX_RAW {
+        let mut end = MAX_RAW;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The array under `key`; absent or not an array is empty.
+fn items<'a>(value: &'a Value, key: &str) -> &'a [Value] {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+fn change_events(value: &Value, out: &mut Parsed) {
+    let metadata = value
+        .get("metadata")
+        .ok_or_else(|| "no metadata".to_owned())
+        .and_then(|m| Metadata::deserialize(m).map_err(|e| e.to_string()));
+    let number = match metadata {
+        Ok(m) => m.phone_number_id,
+        Err(e) => {
+            out.unroutable += 1;
+            out.warnings.push(format!(
+                "a messages change with unreadable metadata ({e}), not acknowledged: {}",
+                bounded_raw(value)
+            ));
+            return;
+        }
+    };
+    for e in items(value, "errors") {
+        let e = GraphError::deserialize(e).unwrap_or_default();
+        out.warnings
             .push(format!("number {number}: webhook error {}", e.describe()));
     }
+    // A contact that does not parse only costs the sender's name.
+    let contacts: Vec<Contact> = items(value, "contacts")
+        .iter()
+        .filter_map(|c| Contact::deserialize(c).ok())
+        .collect();
     let mut events = Vec::new();
-    for m in &value.messages {
-        events.push(Event::Inbound(to_inbound(m, &value.contacts)));
+    for raw in items(value, "messages") {
+        let inbound = match Message::deserialize(raw) {
+            Ok(m) => to_inbound(&m, &contacts),
+            Err(e) => {
+                out.warnings.push(format!(
+                    "number {number}: an unreadable message ({e}) stored as unsupported: {}",
+                    bounded_raw(raw)
+                ));
+                unreadable_inbound(raw, &contacts)
+            }
+        };
+        events.push(Event::Inbound(inbound));
     }
-    for s in &value.statuses {
-        match to_receipt(s) {
-            Ok(Some(r)) => events.push(Event::Receipt(r)),
-            Ok(None) => {}
-            Err(note) => out.notes.push(format!("number {number}: {note}")),
+    for raw in items(value, "statuses") {
+        match MessageStatus::deserialize(raw) {
+            Ok(s) => match to_receipt(&s) {
+                Ok(Some(r)) => events.push(Event::Receipt(r)),
+                Ok(None) => {}
+                Err(note) => out.notes.push(format!("number {number}: {note}")),
+            },
+            // No message id to attach a receipt to: the log is all there is.
+            Err(e) => out.warnings.push(format!(
+                "number {number}: skipping an unreadable status ({e}): {}",
+                bounded_raw(raw)
+            )),
         }
     }
     if !events.is_empty() {
         out.routes.entry(number).or_default().extend(events);
+    }
+}
+
+/// A message that does not fit `Message`, kept as an `unsupported` attachment with
+/// its raw JSON (bounded). Without a readable id, the id is derived from the raw JSON,
+/// so a redelivery of the same bytes is still stored once.
+fn unreadable_inbound(raw: &Value, contacts: &[Contact]) -> Inbound {
+    let from = str_of(raw, "from").unwrap_or("unknown").to_owned();
+    let raw_json = bounded_raw(raw);
+    let id = str_of(raw, "id").map(str::to_owned).unwrap_or_else(|| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        raw.to_string().hash(&mut h);
+        format!("unreadable:{:016x}", h.finish())
+    });
+    let mut u = Map::new();
+    u.insert("type".into(), "unsupported".into());
+    if let Some(kind) = str_of(raw, "type") {
+        u.insert("raw_type".into(), kind.into());
+    }
+    u.insert("raw".into(), raw_json.into());
+    Inbound {
+        external_chat_id: from.clone(),
+        external_message_id: id,
+        sender: sender(&from, contacts),
+        text: String::new(),
+        attachments: vec![Value::Object(u)],
+        sent_at: sent_at(str_of(raw, "timestamp")),
     }
 }
 

@@ -1,6 +1,8 @@
 //! The webhook notification as Meta sends it (`object: whatsapp_business_account`,
 //! `entry[].changes[].value`), as serde types. Unknown fields are ignored; messages
 //! stay raw JSON beside their common fields, so no message type is lost to parsing.
+//! A change's parts (metadata, each message, each status) are read one by one, so
+//! one unreadable item never hides its neighbours.
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -35,19 +37,6 @@ pub struct Metadata {
     #[serde(default)]
     pub display_phone_number: Option<String>,
     pub phone_number_id: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChangeValue {
-    pub metadata: Metadata,
-    #[serde(default)]
-    pub contacts: Vec<Contact>,
-    #[serde(default)]
-    pub messages: Vec<Message>,
-    #[serde(default)]
-    pub statuses: Vec<MessageStatus>,
-    #[serde(default)]
-    pub errors: Vec<GraphError>,
 }
 
 #[derive(Debug, Deserialize)]

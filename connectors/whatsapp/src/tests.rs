@@ -215,11 +215,11 @@ fn statuses_become_receipts_for_patchbay_messages() {
             .any(|n| n.contains("names no patchbay message"))
     );
     assert!(
-        p.notes.iter().any(|n| n.contains("webhook error")
+        p.warnings.iter().any(|n| n.contains("webhook error")
             && n.contains("130429")
             && n.contains("slow down")),
         "{:?}",
-        p.notes
+        p.warnings
     );
 }
 
@@ -232,14 +232,75 @@ fn bad_bodies_are_refused() {
     ] {
         assert!(inbound::parse(bad.as_bytes()).is_err(), "{bad}");
     }
-    // An unreadable change is a note; the others still count.
+    // A change without readable metadata is a warning and unroutable (503 after the
+    // rest is stored); the others still count.
     let body = json!({"object": "whatsapp_business_account", "entry": [{"changes": [
         {"field": "messages", "value": {"no_metadata": true}},
+        {"field": "messages", "value": {"metadata": {"phone_number_id": 111}}},
         change("111", json!([]), vec![message("wamid.x", "1555", "text", json!({"body": "x"}))]),
     ]}]});
     let p = inbound::parse(body.to_string().as_bytes()).unwrap();
     assert_eq!(p.events(), 1);
-    assert_eq!(p.notes.len(), 1);
+    assert_eq!(p.unroutable, 2);
+    assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+    assert!(p.warnings.iter().all(|w| w.contains("unreadable metadata")));
+}
+
+#[test]
+fn one_unreadable_item_keeps_its_neighbours() {
+    let big = "x".repeat(3 * inbound::MAX_RAW);
+    let mut value = change(
+        "111",
+        json!([{"wa_id": 7}, {"wa_id": "1555", "profile": {"name": "Ann"}}]),
+        vec![
+            message("wamid.a", "1555", "text", json!({"body": "first"})),
+            // `from` is a number: the old all-or-nothing parse lost the whole change.
+            json!({"from": 1555, "id": "wamid.b", "type": "image", "image": {"id": big}}),
+            json!({"type": "text"}),
+            message("wamid.c", "1555", "text", json!({"body": "last"})),
+        ],
+    );
+    value["value"]["statuses"] = json!([
+        {"id": "wamid.out1", "status": 5},
+        {"id": "wamid.out2", "status": "read", "biz_opaque_callback_data": "patchbay:9"},
+    ]);
+    let body = json!({"object": "whatsapp_business_account", "entry": [{"changes": [value]}]});
+    let p = inbound::parse(body.to_string().as_bytes()).unwrap();
+    let events = &p.routes["111"];
+    let msgs = inbound_of(events);
+    let ids: Vec<_> = msgs
+        .iter()
+        .map(|m| m.external_message_id.as_str())
+        .collect();
+    assert_eq!(ids[0], "wamid.a");
+    assert_eq!(ids[1], "wamid.b");
+    assert!(ids[2].starts_with("unreadable:"), "{ids:?}");
+    assert_eq!(ids[3], "wamid.c");
+    assert_eq!(msgs[0].sender.name.as_deref(), Some("Ann"));
+    let u = &msgs[1].attachments[0];
+    assert_eq!(u["type"], "unsupported");
+    assert_eq!(u["raw_type"], "image");
+    assert!(u["raw"].as_str().unwrap().len() <= inbound::MAX_RAW);
+    assert!(u["raw"].as_str().unwrap().contains("wamid.b"));
+    assert_eq!(msgs[2].attachments[0]["raw_type"], "text");
+    // The same bytes give the same id, so a redelivery is stored once.
+    let again = inbound::parse(body.to_string().as_bytes()).unwrap();
+    assert_eq!(
+        inbound_of(&again.routes["111"])[2].external_message_id,
+        ids[2]
+    );
+    let receipts: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Receipt(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].message, 9);
+    assert_eq!(p.unroutable, 0);
+    assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
+    assert!(p.warnings.iter().all(|w| w.len() < 2 * inbound::MAX_RAW));
 }
 
 #[test]

@@ -147,27 +147,27 @@ pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Ful
         Err(e) => return reject(400, &e.0),
     };
     for note in &parsed.notes {
-        let level = if note.contains("webhook error") {
-            Level::Warn
-        } else {
-            Level::Info
-        };
-        signed[0].host.log(level, &format!("whatsapp: {note}"));
+        signed[0]
+            .host
+            .log(Level::Info, &format!("whatsapp: {note}"));
     }
-    // Route every change first: nothing is emitted unless every number is served.
+    for warning in &parsed.warnings {
+        signed[0]
+            .host
+            .log(Level::Warn, &format!("whatsapp: {warning}"));
+    }
+    // The served numbers' parts are stored first; the rest is answered 503 afterwards,
+    // and the redelivery's served part is stored once (one per channel and external id).
     let mut routed: BTreeMap<String, (&Arc<Channel>, &Vec<Event>)> = BTreeMap::new();
+    let mut unserved: Vec<&str> = Vec::new();
     for (number, events) in &parsed.routes {
         match signed.iter().find(|c| c.config.phone_number_id == *number) {
             Some(c) => {
                 routed.insert(number.clone(), (c, events));
             }
             // Not running here (restarting, or not configured yet): Meta delivers it
-            // again, and the part already taken is stored once.
-            None => {
-                return busy(&format!(
-                    "no running channel here serves phone_number_id {number}; deliver again later"
-                ));
-            }
+            // again.
+            None => unserved.push(number),
         }
     }
     for (channel, events) in routed.values() {
@@ -202,6 +202,17 @@ pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Ful
                 return busy(&format!("{e}; deliver again later"));
             }
         }
+    }
+    if let Some(number) = unserved.first() {
+        return busy(&format!(
+            "no running channel here serves phone_number_id {number}; deliver again later"
+        ));
+    }
+    // Unreadable metadata names no channel, so nothing could store it. 503 rather than
+    // 200: Meta redelivers a non-200 for up to 7 days, which leaves time to fix the
+    // cause (e.g. a connector upgrade for a changed format); a 200 would lose it.
+    if parsed.unroutable > 0 {
+        return busy("a messages change has unreadable metadata; deliver again later");
     }
     respond(200, json!({"ok": true}).to_string(), "application/json")
 }
