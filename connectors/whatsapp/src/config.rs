@@ -16,6 +16,8 @@ pub const DEFAULT_GRAPH_BASE: &str = "https://graph.facebook.com";
 pub const DEFAULT_API_VERSION: &str = "v21.0";
 /// The largest inbound body accepted at all: the SDK listener's bound.
 pub const MAX_BODY_BYTES: usize = patchbay_connector_sdk::runtime::http::MAX_BODY_BYTES;
+/// Meta documents webhook batches of up to 3 MB.
+pub const DEFAULT_BODY_BYTES: usize = 3 * 1024 * 1024;
 const KIND: &str = "whatsapp";
 
 #[derive(Clone, PartialEq, Deserialize)]
@@ -84,7 +86,7 @@ fn default_path() -> String {
     "/whatsapp/webhook".into()
 }
 fn default_max_body() -> usize {
-    512 * 1024
+    DEFAULT_BODY_BYTES
 }
 fn default_request_timeout() -> u64 {
     10

@@ -156,6 +156,21 @@ fn change_events(value: &Value, out: &mut Parsed) {
     }
 }
 
+/// An inbound event too large for the host, cut down: its text to 4096 chars and its
+/// attachments to one `unsupported` attachment with their bounded JSON. `None` for a
+/// receipt (always small).
+pub fn shrunk(event: &Event) -> Option<Event> {
+    let Event::Inbound(m) = event else {
+        return None;
+    };
+    let mut m = m.clone();
+    m.text = m.text.chars().take(4096).collect();
+    let raw = bounded_raw(&Value::Array(std::mem::take(&mut m.attachments)));
+    m.attachments = vec![json!({"type": "unsupported", "raw_type": "too_large", "raw": raw})];
+    m.sender.name = m.sender.name.map(|n| n.chars().take(256).collect());
+    Some(Event::Inbound(m))
+}
+
 /// A message that does not fit `Message`, kept as an `unsupported` attachment with
 /// its raw JSON (bounded). Without a readable id, the id is derived from the raw JSON,
 /// so a redelivery of the same bytes is still stored once.

@@ -32,6 +32,10 @@ fn config_defaults_and_refusals_never_echo_secrets() {
         c.graph_url("106540352242922/messages"),
         "https://graph.facebook.com/v21.0/106540352242922/messages"
     );
+    // Meta's batches reach 3 MB: the default takes them, and up to 8 MiB may be set.
+    assert_eq!(c.max_body_bytes, 3 * 1024 * 1024);
+    assert!(config(json!({"max_body_bytes": 8 * 1024 * 1024})).is_ok());
+    assert!(config(json!({"max_body_bytes": 8 * 1024 * 1024 + 1})).is_err());
     assert!(config(json!({"graph_base": "http://127.0.0.1:9/"})).is_ok());
     assert!(config(json!({"graph_base": "http://[::1]:9"})).is_ok());
     for bad in [
@@ -409,4 +413,24 @@ fn meta_error_codes_map_to_sdk_classes() {
             ..
         }
     ));
+}
+
+#[test]
+fn an_event_too_large_for_the_host_is_cut_down() {
+    let card = json!({"name": {"formatted_name": "x".repeat(2 * 1024 * 1024)}});
+    let mut m = message("wamid.big", "1555", "contacts", json!(null));
+    m["contacts"] = json!([card]);
+    let body = json!({"object": "whatsapp_business_account", "entry": [{"changes": [
+        change("111", json!([]), vec![m]),
+    ]}]});
+    let p = inbound::parse(body.to_string().as_bytes()).unwrap();
+    let event = &p.routes["111"][0];
+    assert!(serde_json::to_string(event).unwrap().len() > 2 * 1024 * 1024);
+    let small = inbound::shrunk(event).unwrap();
+    let json = serde_json::to_string(&small).unwrap();
+    assert!(json.len() < 2 * inbound::MAX_RAW, "{}", json.len());
+    let m = &inbound_of(std::slice::from_ref(&small))[0];
+    assert_eq!(m.external_message_id, "wamid.big");
+    assert_eq!(m.attachments[0]["type"], "unsupported");
+    assert_eq!(m.attachments[0]["raw_type"], "too_large");
 }

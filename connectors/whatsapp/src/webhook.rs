@@ -172,7 +172,19 @@ pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Ful
     }
     for (channel, events) in routed.values() {
         for event in events.iter() {
-            match channel.emit_for(event, EMIT_WAIT).await {
+            let mut sent = channel.emit_for(event, EMIT_WAIT).await;
+            // Too large for the host stays too large on every redelivery: store it cut
+            // down (what Meta sent, bounded) rather than answer 503 for 7 days.
+            if sent == Err(EmitError::TooLarge)
+                && let Some(small) = inbound::shrunk(event)
+            {
+                channel.host.log(
+                    Level::Warn,
+                    "whatsapp: an event too large for the host is stored cut down",
+                );
+                sent = channel.emit_for(&small, EMIT_WAIT).await;
+            }
+            match sent {
                 Ok(()) => {
                     let counter = match event {
                         Event::Receipt(_) => &channel.counters.receipts,

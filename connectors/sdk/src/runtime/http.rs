@@ -44,9 +44,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The largest body any route may accept: an event must fit the host's 1 MiB payload
-/// limit, with room for what the connector adds around it.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024 - 4096;
+/// The largest body any route may accept. A body may be a batch of many events (Meta
+/// sends webhook batches up to 3 MB), so it is bounded on its own; each event still has
+/// to fit the host's per-event limit, which the route's handler deals with.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// The largest `max_connections`: each connection is a file descriptor of the daemon's.
 pub const MAX_CONNECTIONS: usize = 16_384;
 /// Connections past `max_connections` answered 503 at once; past these too, a new
