@@ -50,13 +50,16 @@ pub fn parse(body: &[u8]) -> Result<Parsed, BodyError> {
     check_depth(body, MAX_JSON_DEPTH).map_err(|e| BodyError(format!("invalid JSON: {e}")))?;
     let n: Notification =
         serde_json::from_slice(body).map_err(|e| BodyError(format!("invalid JSON: {e}")))?;
-    if n.object != "whatsapp_business_account" {
-        return Err(BodyError(format!(
-            "object is {:?}, expected \"whatsapp_business_account\"",
-            n.object
-        )));
-    }
     let mut out = Parsed::default();
+    // Another product's notification on a shared callback URL: acknowledged (a 400
+    // would make Meta retry it for days), noted.
+    if n.object != "whatsapp_business_account" {
+        out.notes.push(format!(
+            "ignoring a notification for object {:?} (only \"whatsapp_business_account\" is handled)",
+            n.object
+        ));
+        return Ok(out);
+    }
     for entry in n.entry {
         for change in entry.changes {
             if change.field != "messages" {

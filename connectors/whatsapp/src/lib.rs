@@ -174,7 +174,12 @@ impl WhatsApp {
                     if attempt == SEND_ATTEMPTS {
                         break;
                     }
-                    let wait = after.unwrap_or(pause).min(MAX_SEND_PAUSE);
+                    // A longer Retry-After than we wait in the call: hand the send back
+                    // at once as retryable; the host's job retry backs off.
+                    if after.is_some_and(|a| a > MAX_SEND_PAUSE) {
+                        break;
+                    }
+                    let wait = after.unwrap_or(pause);
                     // Never let the retries push the call past the daemon's timeout.
                     if started.elapsed() + wait + timeout > SEND_BUDGET {
                         break;

@@ -231,11 +231,16 @@ fn statuses_become_receipts_for_patchbay_messages() {
 fn bad_bodies_are_refused() {
     for bad in [
         "{".to_owned(),
-        json!({"object": "page", "entry": []}).to_string(),
         format!("{}{}", "[".repeat(40), "]".repeat(40)),
     ] {
         assert!(inbound::parse(bad.as_bytes()).is_err(), "{bad}");
     }
+    // Another product's notification: nothing, one note, no refusal (200).
+    let page =
+        json!({"object": "page", "entry": [{"changes": [change("111", json!([]), vec![])]}]});
+    let p = inbound::parse(page.to_string().as_bytes()).unwrap();
+    assert_eq!(p.events(), 0);
+    assert!(p.notes[0].contains("\"page\""), "{:?}", p.notes);
     // A change without readable metadata is a warning and unroutable (503 after the
     // rest is stored); the others still count.
     let body = json!({"object": "whatsapp_business_account", "entry": [{"changes": [
