@@ -491,6 +491,15 @@ async fn webhooks_statuses_and_sends() {
         })
     })
     .await;
+    // The next send fails at once: the refused token is not tried on Graph again.
+    let before = graph.server.requests().len();
+    let (out6, failed) = send_until(&d, &ann_chat, admin, "still revoked", &["failed"]).await;
+    assert!(
+        failed["status_reason"].as_str().unwrap_or_default().contains("access token invalid or expired"),
+        "{failed}"
+    );
+    assert!(graph.sends_of(out6).is_empty(), "no request for {out6}");
+    assert_eq!(graph.server.requests().len(), before, "the fake Graph saw no request");
     let log = d.log();
     assert!(!log.contains(TOKEN) && !log.contains(APP_SECRET), "secrets stay out of the log");
     assert!(!log.contains("panicked"), "{log}");
