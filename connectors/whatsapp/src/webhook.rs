@@ -16,6 +16,7 @@ use patchbay_connector_sdk::runtime::http_body_util::Full;
 use patchbay_connector_sdk::runtime::hyper::body::Bytes;
 use patchbay_connector_sdk::runtime::hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use patchbay_connector_sdk::runtime::hyper::{Method, Response, StatusCode};
+use patchbay_connector_sdk::runtime::tokio;
 use patchbay_connector_sdk::{EmitError, Event, FlushError, Level};
 use serde_json::json;
 
@@ -38,6 +39,9 @@ pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
 const EMIT_WAIT: Duration = Duration::from_secs(2);
 /// How long a request waits for the host to record its events durably.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// The deadline of one POST's whole handling (each event may wait `EMIT_WAIT`, each
+/// flush `FLUSH_WAIT`); past it, 503.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest `hub.challenge` echoed.
 const MAX_CHALLENGE: usize = 256;
 
@@ -170,6 +174,28 @@ pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Ful
             None => unserved.push(number),
         }
     }
+    // One deadline for the whole handling: past it nothing is acknowledged.
+    match tokio::time::timeout(REQUEST_DEADLINE, store(&routed)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return busy(&format!("{e}; deliver again later")),
+        Err(_) => return busy("the daemon did not store the events in time; deliver again later"),
+    }
+    if let Some(number) = unserved.first() {
+        return busy(&format!(
+            "no running channel here serves phone_number_id {number}; deliver again later"
+        ));
+    }
+    // Unreadable metadata names no channel, so nothing could store it. 503 rather than
+    // 200: Meta redelivers a non-200 for up to 7 days, which leaves time to fix the
+    // cause (e.g. a connector upgrade for a changed format); a 200 would lose it.
+    if parsed.unroutable > 0 {
+        return busy("a messages change has unreadable metadata; deliver again later");
+    }
+    respond(200, json!({"ok": true}).to_string(), "application/json")
+}
+
+/// Emits every served number's events, then waits until each channel's are durable.
+async fn store(routed: &BTreeMap<String, (&Arc<Channel>, &Vec<Event>)>) -> Result<(), String> {
     for (channel, events) in routed.values() {
         for event in events.iter() {
             let mut sent = channel.emit_for(event, EMIT_WAIT).await;
@@ -200,7 +226,7 @@ pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Ful
                     } else {
                         e.to_string()
                     };
-                    return busy(&format!("{e}; deliver again later"));
+                    return Err(e);
                 }
             }
         }
@@ -211,20 +237,9 @@ pub async fn handle(channels: &[Arc<Channel>], req: HttpRequest) -> Response<Ful
             Ok(()) | Err(FlushError::Unsupported) => {}
             Err(e) => {
                 channel.counters.busy.fetch_add(1, Ordering::Relaxed);
-                return busy(&format!("{e}; deliver again later"));
+                return Err(e.to_string());
             }
         }
     }
-    if let Some(number) = unserved.first() {
-        return busy(&format!(
-            "no running channel here serves phone_number_id {number}; deliver again later"
-        ));
-    }
-    // Unreadable metadata names no channel, so nothing could store it. 503 rather than
-    // 200: Meta redelivers a non-200 for up to 7 days, which leaves time to fix the
-    // cause (e.g. a connector upgrade for a changed format); a 200 would lose it.
-    if parsed.unroutable > 0 {
-        return busy("a messages change has unreadable metadata; deliver again later");
-    }
-    respond(200, json!({"ok": true}).to_string(), "application/json")
+    Ok(())
 }
