@@ -70,6 +70,10 @@ pub struct Config {
     /// in the process only, later starts run clean (0 = every start): a channel that
     /// fails, is restarted by the daemon, and recovers.
     pub fault_starts: u64,
+    /// A folder where each running instance holds a lock file for its `number`; a
+    /// second live instance of the same number records the overlap there and fails its
+    /// start (see `exclusive`). For tests of "one instance per channel" across daemons.
+    pub exclusive_dir: Option<String>,
 }
 
 impl Default for Config {
@@ -97,6 +101,7 @@ impl Default for Config {
             hang_status_ms: 0,
             secret: None,
             fault_starts: 0,
+            exclusive_dir: None,
         }
     }
 }
@@ -172,6 +177,15 @@ impl Config {
                 "report_error_after_ms",
                 &self.report_error_after_ms,
                 "0 to 3600000",
+            );
+        }
+        if let Some(d) = &self.exclusive_dir
+            && !(d.starts_with('/') && std::path::Path::new(d).is_dir())
+        {
+            return bad(
+                "exclusive_dir",
+                d,
+                "an existing folder, as an absolute path",
             );
         }
         if self.hang_status_ms > 600_000 {

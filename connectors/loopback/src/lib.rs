@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod exclusive;
 mod traffic;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,8 @@ pub struct Loopback {
     prefix: String,
     receipts: Option<mpsc::UnboundedSender<Receipt>>,
     tasks: Option<Tasks>,
+    /// `exclusive_dir`'s lock while running.
+    exclusive: Option<exclusive::Held>,
 }
 
 impl Loopback {
@@ -73,6 +76,8 @@ impl Loopback {
                 .host
                 .log(Level::Error, "loopback traffic task panicked");
         }
+        // Only once its traffic stopped does the instance let go of its number.
+        self.exclusive = None;
     }
 }
 
@@ -104,6 +109,7 @@ impl Connector for Loopback {
             prefix,
             receipts: None,
             tasks: None,
+            exclusive: None,
         })
     }
 
@@ -129,6 +135,9 @@ impl Connector for Loopback {
                 .shared
                 .emit_status_now(Status::new(ChannelState::Error).with_reason(reason));
             return Err(ConnectorError::new("start_failed", reason).retryable());
+        }
+        if let Some(dir) = &c.exclusive_dir {
+            self.exclusive = Some(exclusive::take(dir, &c.number)?);
         }
         let tasks = Tasks::new()?;
         let (tx, rx) = mpsc::unbounded_channel();
