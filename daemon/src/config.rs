@@ -121,6 +121,11 @@ pub struct QueueConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     pub dir: PathBuf,
+    /// How often each running instance's `status` is asked, as a liveness check
+    /// (status changes arrive as events); each instance's checks are spread over it.
+    pub liveness_check_ms: u64,
+    /// A liveness check unanswered this long means the instance hangs: it is replaced.
+    pub liveness_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -207,6 +212,8 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         PluginsConfig {
             dir: "target/release".into(),
+            liveness_check_ms: 60_000,
+            liveness_timeout_ms: 10_000,
         }
     }
 }
@@ -332,6 +339,14 @@ impl Settings {
     /// another daemon) jobs start while this one has nothing else to do.
     pub fn poll_fallback(&self) -> Duration {
         Duration::from_millis(self.raw.queue.poll_fallback_ms)
+    }
+
+    /// The supervisor's liveness check: how often, and how long an answer may take.
+    pub fn liveness(&self) -> crate::plugin_host::supervisor::Liveness {
+        crate::plugin_host::supervisor::Liveness {
+            every: Duration::from_millis(self.raw.plugins.liveness_check_ms),
+            timeout: Duration::from_millis(self.raw.plugins.liveness_timeout_ms),
+        }
     }
 
     pub fn journal_retention(&self) -> Duration {
@@ -528,6 +543,20 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "queue.poll_fallback_ms",
             raw.queue.poll_fallback_ms,
             "milliseconds from 10 to 3600000",
+        ));
+    }
+    if !(100..=86_400_000).contains(&raw.plugins.liveness_check_ms) {
+        return Err(ConfigError::new(
+            "plugins.liveness_check_ms",
+            raw.plugins.liveness_check_ms,
+            "milliseconds from 100 to 86400000",
+        ));
+    }
+    if !(100..=600_000).contains(&raw.plugins.liveness_timeout_ms) {
+        return Err(ConfigError::new(
+            "plugins.liveness_timeout_ms",
+            raw.plugins.liveness_timeout_ms,
+            "milliseconds from 100 to 600000",
         ));
     }
     if !(1..=86_400).contains(&raw.queue.lost_job_grace_secs) {

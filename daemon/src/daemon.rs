@@ -68,7 +68,9 @@ pub async fn run(settings: Settings, config_file: Option<PathBuf>) -> anyhow::Re
     let grace = settings.shutdown_timeout();
     let registry = Registry::scan(&settings.plugins_dir);
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-    let plugins = Arc::new(Supervisor::new(registry, store.clone(), events_tx));
+    let plugins = Arc::new(
+        Supervisor::new(registry, store.clone(), events_tx).with_liveness(settings.liveness()),
+    );
     let billing = std::sync::RwLock::new(Arc::new(settings.raw.billing.clone()));
     let mail = &settings.raw.mail;
     let mailer = Transport::from_config(&mail.transport, &settings.mail_spool_dir, &mail.smtp_url)

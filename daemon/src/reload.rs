@@ -150,6 +150,11 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ("store", differs(&running.store, &new.store)),
         ("queue", differs(&running.queue, &new.queue)),
         ("plugins.dir", running.plugins.dir != new.plugins.dir),
+        (
+            "plugins.liveness_check_ms / plugins.liveness_timeout_ms",
+            running.plugins.liveness_check_ms != new.plugins.liveness_check_ms
+                || running.plugins.liveness_timeout_ms != new.plugins.liveness_timeout_ms,
+        ),
         ("mail", differs(&running.mail, &new.mail)),
         (
             "billing.run_at / billing.timezone",

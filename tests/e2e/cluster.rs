@@ -6,7 +6,9 @@
 //! predecessor's channels at once. (Billing with several daemons: `billing.rs`.)
 //!
 //! Which channels a node runs is read from each process (`status.running_channels`,
-//! the supervisor's own map), not from the store the nodes coordinate through.
+//! the supervisor's own map), not from the store the nodes coordinate through; and the
+//! loopback connectors themselves hold a lock file per channel (`exclusive_dir`): a
+//! second live instance of one channel anywhere would be recorded in its `overlaps`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -84,6 +86,29 @@ async fn settled(
     }
 }
 
+/// The `exclusive_dir` probe's folder; `assert_no_overlap` at the end of a test.
+struct Probe(tempfile::TempDir);
+
+impl Probe {
+    fn new() -> Probe {
+        Probe(tempfile::tempdir().expect("probe dir"))
+    }
+
+    fn dir(&self) -> String {
+        self.0.path().display().to_string()
+    }
+
+    fn assert_no_overlap(&self) {
+        let overlaps = std::fs::read_to_string(self.0.path().join("overlaps")).unwrap_or_default();
+        assert!(
+            overlaps.is_empty(),
+            "channels ran twice at once: {overlaps}"
+        );
+        let locks = std::fs::read_dir(self.0.path()).expect("probe dir").count();
+        assert!(locks > 0, "the connectors used the probe");
+    }
+}
+
 struct Added {
     acc: i64,
     admin: i64,
@@ -129,8 +154,14 @@ async fn sent_by(d: &Daemon) -> f64 {
 /// node evens the counts out, moving a few channels at a time.
 #[tokio::test(flavor = "multi_thread")]
 async fn channels_run_once_and_move_on_sigterm_and_join() {
+    let probe = Probe::new();
     let a = first("n1");
-    let added = add_channels(&a, 30, |i| json!({"number": format!("+1555100{i:04}")})).await;
+    let added = add_channels(
+        &a,
+        30,
+        |i| json!({"number": format!("+1555100{i:04}"), "exclusive_dir": probe.dir()}),
+    )
+    .await;
     let channels = added.ids.clone();
     let b = join(&a, "n2");
     let mut c = join(&a, "n3");
@@ -186,6 +217,7 @@ async fn channels_run_once_and_move_on_sigterm_and_join() {
     let mut counts: Vec<usize> = sets.iter().map(BTreeSet::len).collect();
     counts.sort_unstable();
     assert_eq!(counts, [7, 7, 8, 8], "{sets:?}");
+    probe.assert_no_overlap();
 }
 
 /// kill -9 of one of three daemons while every channel generates inbound traffic with
@@ -194,12 +226,12 @@ async fn channels_run_once_and_move_on_sigterm_and_join() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_node_loses_no_message_and_doubles_none() {
     const PER_CHANNEL: i64 = 60;
+    let probe = Probe::new();
     let mut a = first("k1");
-    let channels = add_channels(
-        &a,
-        12,
-        |i| json!({"id_prefix": format!("k{i}"), "rate_per_sec": 20, "limit": PER_CHANNEL}),
-    )
+    let channels = add_channels(&a, 12, |i| {
+        json!({"id_prefix": format!("k{i}"), "rate_per_sec": 20, "limit": PER_CHANNEL,
+               "number": format!("+1555500{i:04}"), "exclusive_dir": probe.dir()})
+    })
     .await
     .ids;
     let b = join(&a, "k2");
@@ -236,6 +268,7 @@ async fn a_killed_node_loses_no_message_and_doubles_none() {
         )
         .await;
     assert_eq!(distinct, want);
+    probe.assert_no_overlap();
 }
 
 /// SIGSTOP a node for 2 × TTL with sends queued for its channels: the other node takes

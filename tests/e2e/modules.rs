@@ -9,6 +9,7 @@ mod control;
 mod control_limits;
 mod ctl;
 mod deletion;
+mod density;
 mod fake_http;
 mod faults;
 mod harness;

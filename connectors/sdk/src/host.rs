@@ -750,6 +750,9 @@ struct Tracker {
     ledger: Mutex<Ledger>,
     /// Notified whenever an event is settled or the instance stops taking flushes.
     changed: Condvar,
+    /// Notified when something the host's supervisor must react to happens (an event
+    /// lost, the instance poisoned): see `Instance::changes`.
+    alarm: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -790,6 +793,9 @@ impl Tracker {
         }
         drop(l);
         self.changed.notify_all();
+        if lost {
+            self.alarm.notify_one();
+        }
     }
 
     fn close(&self) {
@@ -925,6 +931,7 @@ impl Shared {
                 capacity: capacity.max(1),
                 ledger: Mutex::new(Ledger::default()),
                 changed: Condvar::new(),
+                alarm: Arc::new(tokio::sync::Notify::new()),
             }),
             sink,
             accepted: AtomicU64::new(0),
@@ -1354,6 +1361,13 @@ impl Instance {
         self.shared.tracker.lock().lost
     }
 
+    /// Notified (one stored permit, so none is missed) when the instance loses an
+    /// event or is poisoned: a supervisor can wait on it instead of polling
+    /// `lost_events` and `state`.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.tracker.alarm.clone()
+    }
+
     pub fn emit_stats(&self) -> EmitStats {
         EmitStats {
             accepted: self.shared.accepted.load(Ordering::Relaxed),
@@ -1397,6 +1411,7 @@ impl Instance {
             abi::PB_PANICKED => {
                 self.shared.state.store(POISONED, Ordering::Release);
                 self.shared.tracker.close();
+                self.shared.tracker.alarm.notify_one();
                 Err(scrub(status_error(status, output)))
             }
             _ => Err(scrub(status_error(status, output))),

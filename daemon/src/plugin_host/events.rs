@@ -156,6 +156,10 @@ async fn handle(
             {
                 tracing::warn!(channel, error = %e, "cannot record the channel status");
             }
+            // The supervisor learns of an `error` (and of recovering) from here, not
+            // from polling the connector.
+            app.plugins
+                .status_reported(channel, raw.instance, s.state, s.reason.as_deref());
             raw.settle();
             Some(("status", "accepted"))
         }

@@ -5,9 +5,16 @@
 //! the reason and start a fresh instance after an exponential backoff (1 s doubling to
 //! 60 s, back to 1 s only once an instance stayed up for a minute). An instance fails
 //! when it panics, stops by itself, loses events the daemon could not store (its
-//! messenger then delivers them again to the successor), reports `error` from its
-//! `status` for longer than a grace period, or does not answer a `status` call in time.
-//! A failing channel never touches the others.
+//! messenger then delivers them again to the successor), reports `error` for longer
+//! than a grace period, or does not answer a liveness check in time. A failing channel
+//! never touches the others.
+//!
+//! Watching is by event, not by polling: the task sleeps until the instance's
+//! `changes` alarm (an event lost, a panic), a status the connector emitted
+//! (`status_reported`, from the event loop), the end of an error's grace period, its
+//! next liveness check, or the channel's stop. The liveness check — one `status` call
+//! every `Liveness::every` (60 s by default, each instance at its own phase) — is the
+//! only periodic work per channel; a quiet, healthy instance costs a parked task.
 //!
 //! Plugin calls never run on the async workers, and neither does an instance's last
 //! drop (which stops it if needed and calls the plugin's `destroy`). Calls into one
@@ -36,10 +43,33 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An instance that ran this long before failing resets the backoff; one that fails
 /// sooner (say, connects and then errors at once) keeps backing off.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-/// How often each instance's `status` is asked.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
-/// A `status` call that takes longer means the plugin is wedged.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often each instance's `status` is asked as a liveness check, and how long its
+/// answer may take before the plugin counts as wedged (`[plugins]` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    pub every: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            every: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Liveness {
+    /// When an instance's first check is due: somewhere in [every/2, 3·every/2) after
+    /// its start, by a hash of its id, so instances started together do not check
+    /// together.
+    fn first_check(&self, instance: u64) -> Duration {
+        let spread = instance.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+        let frac = spread as f64 / (1u64 << 53) as f64;
+        self.every.mul_f64(0.5 + frac)
+    }
+}
 /// How long a connector may report `error` before it is restarted: long enough for one
 /// to retry a passing failure itself, short enough that a stuck one does not sit idle.
 const ERROR_GRACE: Duration = Duration::from_secs(15);
@@ -54,9 +84,28 @@ const EVENTS_PER_INSTANCE: usize = 4096;
 /// stop take turns here instead of getting the plugin's `busy`.
 type Turn = Arc<tokio::sync::Mutex<()>>;
 
+/// What the event loop tells a channel's supervising task: the latest status the
+/// connector emitted, and a wake-up.
+#[derive(Default)]
+struct Reports {
+    latest: Mutex<Option<(u64, ChannelState, Option<String>)>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Reports {
+    fn take(&self, instance: u64) -> Option<(ChannelState, Option<String>)> {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        match latest.take() {
+            Some((i, state, reason)) if i == instance => Some((state, reason)),
+            _ => None,
+        }
+    }
+}
+
 struct Running {
     /// The channel's connector kind (for metrics' `connector` label).
     kind: Arc<str>,
+    reports: Arc<Reports>,
     stop: watch::Sender<bool>,
     /// The instance whose events count: set at create, before start emits anything.
     current: Option<u64>,
@@ -73,6 +122,7 @@ pub struct Supervisor {
     store: Arc<dyn Store>,
     events: mpsc::Sender<RawEvent>,
     channels: Mutex<HashMap<Id, Running>>,
+    liveness: Liveness,
 }
 
 impl Supervisor {
@@ -82,6 +132,30 @@ impl Supervisor {
             store,
             events,
             channels: Mutex::new(HashMap::new()),
+            liveness: Liveness::default(),
+        }
+    }
+
+    /// Sets the liveness check (before any channel starts).
+    pub fn with_liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = liveness;
+        self
+    }
+
+    /// A status the channel's current `instance` emitted, already recorded in the
+    /// store: wakes the supervising task, which starts (or ends) the error grace.
+    pub fn status_reported(
+        &self,
+        channel: Id,
+        instance: u64,
+        state: ChannelState,
+        reason: Option<&str>,
+    ) {
+        let reports = self.lock().get(&channel).map(|r| r.reports.clone());
+        if let Some(reports) = reports {
+            *reports.latest.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((instance, state, reason.map(str::to_owned)));
+            reports.wake.notify_one();
         }
     }
 
@@ -127,11 +201,17 @@ impl Supervisor {
         let (stop, stop_rx) = watch::channel(false);
         let (id, kind) = (channel.id, Arc::from(channel.kind.as_str()));
         let calls = Turn::default();
-        let task = tokio::spawn(self.clone().supervise(channel, calls.clone(), stop_rx));
+        let reports = Arc::new(Reports::default());
+        let task =
+            tokio::spawn(
+                self.clone()
+                    .supervise(channel, calls.clone(), reports.clone(), stop_rx),
+            );
         map.insert(
             id,
             Running {
                 kind,
+                reports,
                 stop,
                 current: None,
                 instance: None,
@@ -313,6 +393,7 @@ impl Supervisor {
         self: Arc<Self>,
         channel: Channel,
         calls: Turn,
+        reports: Arc<Reports>,
         mut stop: watch::Receiver<bool>,
     ) {
         let id = channel.id;
@@ -326,7 +407,8 @@ impl Supervisor {
                 Ok(instance) => {
                     self.set_instance(id, Some(instance.clone()));
                     let started = Instant::now();
-                    let outcome = watch_instance(&instance, &calls, &mut stop).await;
+                    let outcome =
+                        watch_instance(&instance, &calls, &reports, self.liveness, &mut stop).await;
                     self.set_instance(id, None);
                     self.set_current(id, None);
                     finish(instance, calls.clone()).await;
@@ -428,34 +510,55 @@ enum Outcome {
     Failed(String),
 }
 
-/// Watches a running instance until the channel is told to stop or the instance fails:
-/// checks its state often, and asks its `status` every `STATUS_EVERY`.
+/// Watches a running instance until the channel is told to stop or the instance fails.
+/// Sleeps until something happens (see the module doc); costs nothing while quiet.
 async fn watch_instance(
     instance: &Arc<Instance>,
     calls: &Turn,
+    reports: &Reports,
+    liveness: Liveness,
     stop: &mut watch::Receiver<bool>,
 ) -> Outcome {
+    let alarm = instance.changes();
     let mut health = Health::default();
-    let mut next_poll = Instant::now() + STATUS_EVERY;
+    let mut next_check = Instant::now() + liveness.first_check(instance.id());
     loop {
         if let Some(reason) = dead(instance) {
             return Outcome::Failed(reason);
         }
-        if health.polling && Instant::now() >= next_poll {
+        let now = Instant::now();
+        if let Some((state, reason)) = reports.take(instance.id())
+            && let Some(reason) = health.observe(state, reason, now)
+        {
+            return Outcome::Failed(reason);
+        }
+        if let Some(reason) = health.overdue(now) {
+            return Outcome::Failed(reason);
+        }
+        if health.polling && now >= next_check {
             tokio::select! {
-                poll = poll_status(instance, calls) => {
+                poll = poll_status(instance, calls, liveness.timeout) => {
                     if let Some(reason) = health.record(poll, Instant::now()) {
                         return Outcome::Failed(reason);
                     }
                 }
                 _ = stop.changed() => return Outcome::Stopped,
             }
-            next_poll = Instant::now() + STATUS_EVERY;
+            next_check = Instant::now() + liveness.every;
             continue;
         }
+        // Far enough that a connector without status sleeps until something happens.
+        let check = if health.polling {
+            next_check
+        } else {
+            now + Duration::from_secs(86_400)
+        };
+        let wake_at = health.deadline().map_or(check, |d| d.min(check));
         tokio::select! {
             _ = stop.changed() => return Outcome::Stopped,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            () = alarm.notified() => {}
+            () = reports.wake.notified() => {}
+            () = tokio::time::sleep_until(wake_at.into()) => {}
         }
     }
 }
@@ -485,18 +588,18 @@ enum Poll {
     Answered(Result<Status, PluginError>),
     /// A send holds the channel's turn; it gives up within `CALL_TIMEOUT` by itself.
     Skipped,
-    /// The call did not return within `STATUS_TIMEOUT`.
-    TimedOut,
+    /// The call did not return within this (the liveness timeout).
+    TimedOut(Duration),
 }
 
-async fn poll_status(instance: &Arc<Instance>, calls: &Turn) -> Poll {
+async fn poll_status(instance: &Arc<Instance>, calls: &Turn, timeout: Duration) -> Poll {
     let Ok(_turn) = calls.try_lock() else {
         return Poll::Skipped;
     };
     let polled = instance.clone();
-    match blocking(STATUS_TIMEOUT, move || polled.status()).await {
+    match blocking(timeout, move || polled.status()).await {
+        Err(CallFailure::TimedOut) => Poll::TimedOut(timeout),
         Ok(answer) => Poll::Answered(answer),
-        Err(CallFailure::TimedOut) => Poll::TimedOut,
         Err(CallFailure::Crashed) => Poll::Answered(Err(PluginError {
             code: "host_failure".into(),
             message: "the status call failed in the host".into(),
@@ -530,10 +633,10 @@ impl Health {
     fn record(&mut self, poll: Poll, now: Instant) -> Option<String> {
         let answer = match poll {
             Poll::Skipped => return None,
-            Poll::TimedOut => {
+            Poll::TimedOut(limit) => {
                 return Some(format!(
-                    "the connector did not answer a status call within {STATUS_TIMEOUT:?}; \
-                     restarting it"
+                    "the connector did not answer a liveness check (status call) within \
+                     {limit:?}; restarting it"
                 ));
             }
             Poll::Answered(answer) => answer,
@@ -542,13 +645,7 @@ impl Health {
             self.busy_since = None;
         }
         let reported_error = match answer {
-            Ok(s) if s.state == ChannelState::Error => {
-                s.reason.unwrap_or_else(|| "no reason given".to_owned())
-            }
-            Ok(_) => {
-                self.error_since = None;
-                return None;
-            }
+            Ok(s) => return self.observe(s.state, s.reason, now),
             Err(e) if e.code == codes::UNSUPPORTED => {
                 self.polling = false;
                 return None;
@@ -569,25 +666,49 @@ impl Health {
             // A status the host cannot read counts as an error report.
             Err(e) => format!("its status call failed: {}: {}", e.code, e.message),
         };
-        let since = match &mut self.error_since {
-            Some((since, reason)) => {
-                *reason = reported_error;
-                *since
-            }
-            None => {
-                self.error_since = Some((now, reported_error));
-                now
-            }
-        };
-        let lasted = now.duration_since(since);
-        if lasted < ERROR_GRACE {
+        self.error_reported(reported_error, now)
+    }
+
+    /// Takes a reported state into account (an emitted status event, or a check's
+    /// answer); `Some(reason)` when the instance must be replaced.
+    fn observe(
+        &mut self,
+        state: ChannelState,
+        reason: Option<String>,
+        now: Instant,
+    ) -> Option<String> {
+        if state != ChannelState::Error {
+            self.error_since = None;
             return None;
         }
-        let reason = self.error_since.as_ref().map_or("", |(_, r)| r.as_str());
-        Some(format!(
-            "the connector has reported an error for {} s ({reason}); restarting it",
-            lasted.as_secs()
-        ))
+        self.error_reported(reason.unwrap_or_else(|| "no reason given".to_owned()), now)
+    }
+
+    /// When the error being reported outlasts the grace, if one is.
+    fn deadline(&self) -> Option<Instant> {
+        self.error_since
+            .as_ref()
+            .map(|(since, _)| *since + ERROR_GRACE)
+    }
+
+    /// `Some(reason)` once the error reported since `error_since` outlasted the grace.
+    fn overdue(&self, now: Instant) -> Option<String> {
+        let (since, reason) = self.error_since.as_ref()?;
+        let lasted = now.duration_since(*since);
+        (lasted >= ERROR_GRACE).then(|| {
+            format!(
+                "the connector has reported an error for {} s ({reason}); restarting it",
+                lasted.as_secs()
+            )
+        })
+    }
+
+    fn error_reported(&mut self, reported_error: String, now: Instant) -> Option<String> {
+        match &mut self.error_since {
+            Some((_, reason)) => *reason = reported_error,
+            None => self.error_since = Some((now, reported_error)),
+        }
+        self.overdue(now)
     }
 }
 
@@ -745,7 +866,10 @@ mod tests {
     fn timeouts_panics_and_stuck_calls_fail_the_instance() {
         let t0 = Instant::now();
         let mut h = Health::default();
-        assert!(h.record(Poll::TimedOut, t0).is_some());
+        assert!(
+            h.record(Poll::TimedOut(Duration::from_secs(10)), t0)
+                .is_some()
+        );
         assert!(h.record(host_error(codes::POISONED), t0).is_some());
         assert!(h.record(Poll::Skipped, t0).is_none());
         assert!(h.record(host_error(codes::BUSY), t0).is_none());
