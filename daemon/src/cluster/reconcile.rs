@@ -75,12 +75,6 @@ pub async fn renew(app: Arc<App>, stop: CancellationToken) {
     let ttl_ms = i64::try_from(leases.ttl.as_millis()).unwrap_or(i64::MAX);
     let mut registered = false;
     loop {
-        let fenced = async {
-            match leases.fence_at() {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = stop.cancelled() => return,
             r = renew_once(&app, ttl_ms, !registered) => match r {
@@ -92,19 +86,21 @@ pub async fn renew(app: Arc<App>, stop: CancellationToken) {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot renew the channel leases; retrying"),
             },
-            () = fenced => self_fence(&app).await,
+            () = fence_due(&leases) => self_fence(&app).await,
         }
-        let fenced = async {
-            match leases.fence_at() {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(leases.renew_every()) => {}
-            () = fenced => self_fence(&app).await,
+            () = fence_due(&leases) => self_fence(&app).await,
         }
+    }
+}
+
+/// Resolves when this node must fence itself (never while it holds no lease).
+async fn fence_due(leases: &super::Leases) {
+    match leases.fence_at() {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 
