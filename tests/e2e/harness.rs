@@ -510,6 +510,24 @@ impl Daemon {
         )
     }
 
+    /// Every message of the account's chats (up to 100 a chat), each with its chat's
+    /// `chat_external_id` and `chat_channel` beside its own fields.
+    pub async fn account_messages(&self, account: i64) -> Vec<Value> {
+        let chats = self.ok("chat.list", json!({"account": account})).await;
+        let mut out = Vec::new();
+        for chat in chats.as_array().expect("chats") {
+            let m = self
+                .ok("chat.messages", json!({"chat": chat["id"], "limit": 100}))
+                .await;
+            for mut msg in m.as_array().expect("messages").iter().cloned() {
+                msg["chat_external_id"] = chat["external_chat_id"].clone();
+                msg["chat_channel"] = chat["channel"].clone();
+                out.push(msg);
+            }
+        }
+        out
+    }
+
     /// Polls `f` until it returns Some, failing after `limit`.
     pub async fn until<T, F, Fut>(&self, what: &str, limit: Duration, mut f: F) -> T
     where

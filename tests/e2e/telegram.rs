@@ -167,21 +167,9 @@ fn handle(state: &(Mutex<Bot>, Condvar), req: &Request) -> Response {
 }
 
 async fn inbound(d: &Daemon, account: i64) -> Vec<Value> {
-    let chats = d.ok("chat.list", json!({"account": account})).await;
-    let mut out = Vec::new();
-    for chat in chats.as_array().expect("chats") {
-        let m = d
-            .ok("chat.messages", json!({"chat": chat["id"], "limit": 100}))
-            .await;
-        out.extend(
-            m.as_array()
-                .expect("messages")
-                .iter()
-                .filter(|m| m["direction"] == "in")
-                .cloned(),
-        );
-    }
-    out
+    let mut all = d.account_messages(account).await;
+    all.retain(|m| m["direction"] == "in");
+    all
 }
 
 async fn channel(d: &Daemon, account: i64, id: i64) -> Option<Value> {

@@ -29,15 +29,7 @@ fn now() -> i64 {
 }
 
 async fn all_messages(d: &Daemon, account: i64) -> Vec<Value> {
-    let chats = d.ok("chat.list", json!({"account": account})).await;
-    let mut out = Vec::new();
-    for chat in chats.as_array().expect("chats") {
-        let m = d
-            .ok("chat.messages", json!({"chat": chat["id"], "limit": 100}))
-            .await;
-        out.extend(m.as_array().expect("messages").iter().cloned());
-    }
-    out
+    d.account_messages(account).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

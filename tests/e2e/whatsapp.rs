@@ -149,21 +149,8 @@ async fn connected(d: &Daemon, account: i64, id: i64) -> Value {
     .await
 }
 
-/// Every message of the account, with its chat's external id and channel.
 async fn all_messages(d: &Daemon, account: i64) -> Vec<Value> {
-    let chats = d.ok("chat.list", json!({"account": account})).await;
-    let mut out = Vec::new();
-    for chat in chats.as_array().expect("chats") {
-        let m = d
-            .ok("chat.messages", json!({"chat": chat["id"], "limit": 100}))
-            .await;
-        for mut msg in m.as_array().expect("messages").iter().cloned() {
-            msg["chat_external_id"] = chat["external_chat_id"].clone();
-            msg["chat_channel"] = chat["channel"].clone();
-            out.push(msg);
-        }
-    }
-    out
+    d.account_messages(account).await
 }
 
 fn message(id: &str, from: &str, kind: &str, body: Value) -> Value {
