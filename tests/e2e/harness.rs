@@ -59,6 +59,8 @@ pub struct Redis {
     dir: tempfile::TempDir,
     /// With an append-only file: its `appendfsync` policy.
     aof: Option<&'static str>,
+    /// Also listening on TCP here (`start_on`).
+    tcp: Option<std::net::SocketAddr>,
 }
 
 impl Redis {
@@ -76,6 +78,28 @@ impl Redis {
             socket,
             dir,
             aof,
+            tcp: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// Also listening on TCP on `addr` (an address of the test's own, such as a veth
+    /// end), on a port free there.
+    #[allow(dead_code)] // e2e_postgres only (cluster.rs)
+    pub fn start_on(addr: std::net::IpAddr) -> Redis {
+        let port = std::net::TcpListener::bind((addr, 0))
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("no free port on {addr}: {e}"))
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("redis.sock");
+        let mut redis = Redis {
+            child: None,
+            socket,
+            dir,
+            aof: None,
+            tcp: Some((addr, port).into()),
         };
         redis.restart();
         redis
@@ -94,10 +118,13 @@ impl Redis {
     /// Starts the server (again) on the same socket.
     pub fn restart(&mut self) {
         self.stop();
+        let (bind, port) = match self.tcp {
+            Some(a) => (a.ip().to_string(), a.port().to_string()),
+            None => ("127.0.0.1".to_owned(), "0".to_owned()),
+        };
         let child = Command::new("redis-server")
+            .args(["--bind", &bind, "--port", &port, "--protected-mode", "no"])
             .args([
-                "--port",
-                "0",
                 "--save",
                 "",
                 "--appendonly",
@@ -121,6 +148,13 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis+unix://{}", self.socket.display())
+    }
+
+    /// The TCP URL of a [`start_on`](Self::start_on) server.
+    #[allow(dead_code)] // e2e_postgres only (cluster.rs)
+    pub fn tcp_url(&self) -> String {
+        let addr = self.tcp.expect("a server started with start_on");
+        format!("redis://{addr}")
     }
 }
 
@@ -194,6 +228,8 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     /// The PostgreSQL database of this daemon (and its siblings), on `e2e_postgres`.
     pub pg_url: Option<String>,
+    /// Runs the binary under this command (`ip netns exec <ns>`), if any.
+    launcher: Vec<String>,
 }
 
 impl Daemon {
@@ -233,6 +269,16 @@ impl Daemon {
     /// a section the harness's configuration already has, such as `[queue]`).
     pub fn start_env(backend: Backend, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let mut d = Daemon::prepare(backend, extra, |_| {});
+        d.env
+            .extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        d.spawn();
+        d
+    }
+
+    /// Starts on the test's own `redis` (and the store `extra` names), with `env` set.
+    #[allow(dead_code)] // e2e_postgres only (cluster.rs)
+    pub fn start_on(redis: Redis, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::prepare_on(Backend::Redis, Some(redis), extra, |_| {});
         d.env
             .extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         d.spawn();
@@ -290,13 +336,22 @@ impl Daemon {
 
     /// The folder, config and (for Redis) server of a daemon not yet started.
     fn prepare(backend: Backend, extra: &str, plugins: impl FnOnce(&Path)) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
         let redis = match backend {
             Backend::Sqlite => None,
             Backend::Redis => Some(Redis::start()),
             Backend::RedisAof => Some(Redis::start_persistent(Some("always"))),
             Backend::RedisEverysec => Some(Redis::start_persistent(Some("everysec"))),
         };
+        Daemon::prepare_on(backend, redis, extra, plugins)
+    }
+
+    fn prepare_on(
+        backend: Backend,
+        redis: Option<Redis>,
+        extra: &str,
+        plugins: impl FnOnce(&Path),
+    ) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir(&plugin_dir).expect("plugin dir");
         // Whatever the umask: the daemon refuses a group- or world-writable plugin
@@ -342,6 +397,7 @@ impl Daemon {
             redis,
             env: Vec::new(),
             pg_url,
+            launcher: Vec::new(),
         }
     }
 
@@ -353,6 +409,12 @@ impl Daemon {
 
     /// A [`sibling`](Self::sibling) with `env` set for it as well (its `node.name`).
     pub fn sibling_with(&self, extra_env: &[(&str, &str)]) -> Daemon {
+        self.sibling_under(&[], extra_env)
+    }
+
+    /// A [`sibling_with`](Self::sibling_with) whose binary runs under `launcher`
+    /// (`ip netns exec <ns>`, which execs it: the child's pid is the daemon's).
+    pub fn sibling_under(&self, launcher: &[&str], extra_env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("sibling.sock");
         let mut env = vec![(
@@ -378,6 +440,7 @@ impl Daemon {
             redis: None,
             env,
             pg_url: self.pg_url.clone(),
+            launcher: launcher.iter().map(|s| (*s).to_owned()).collect(),
         };
         d.spawn();
         d
@@ -406,7 +469,15 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(PATCHBAYD)
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(PATCHBAYD);
+                c
+            }
+            None => Command::new(PATCHBAYD),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -5,4 +5,5 @@ include!("modules.rs");
 
 // Only here: what the PostgreSQL store alone has.
 mod cluster;
+mod netns;
 mod postgres;

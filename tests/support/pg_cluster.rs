@@ -12,12 +12,16 @@
 //!   it and removes its files.
 //! * [`PgServer::start_durable`] is a private server with production's durability, for
 //!   the benches (`daemon/benches/`): what it acknowledges survives a machine crash.
+//! * [`PgServer::start_private_on`] is a private server that also listens on TCP on one
+//!   address of the test's own (a veth in a network namespace the test made), for
+//!   clients whose route to it the test cuts.
 //!
 //! Design:
 //! * Debian's binaries, the highest version under `/usr/lib/postgresql/*/bin/` (or
 //!   `$PG_BIN_DIR`). The machine's own PostgreSQL is never used: each server listens
 //!   only on a Unix socket in its own temporary folder (`listen_addresses=''`, `-k`),
-//!   and every client is pointed there explicitly.
+//!   and every client is pointed there explicitly (a `start_private_on` server also on
+//!   the one address it was given).
 //! * initdb refuses to run as root, so as root the binaries run as the `postgres` user
 //!   (uid and gid from /etc/passwd) in a folder chowned to it; otherwise as ourselves.
 //! * Durability is off (`fsync`, `full_page_writes`) except on a durable server: the
@@ -62,7 +66,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The test binary's shared server, started on first use.
 pub fn shared() -> &'static PgServer {
     static SHARED: OnceLock<PgServer> = OnceLock::new();
-    SHARED.get_or_init(|| PgServer::launch(true, Durability::Off))
+    SHARED.get_or_init(|| PgServer::launch(true, Durability::Off, None))
 }
 
 /// A new, empty database on the shared server; returns its URL.
@@ -75,6 +79,8 @@ pub fn fresh_database(name_hint: &str) -> String {
 pub struct PgServer {
     root: PathBuf,
     port: u16,
+    /// The TCP address of a `start_private_on` server.
+    tcp: Option<std::net::IpAddr>,
     bin: PathBuf,
     shared: bool,
     control: mpsc::Sender<Request>,
@@ -91,7 +97,20 @@ enum Request {
 impl PgServer {
     /// A server of the calling test's own, which it may stop and start.
     pub fn start_private() -> PgServer {
-        Self::launch(false, Durability::Off)
+        Self::launch(false, Durability::Off, None)
+    }
+
+    /// A private server that also accepts TCP connections on `addr` (an IP address the
+    /// machine has) from the clients of network `clients` (CIDR), without a password.
+    pub fn start_private_on(addr: std::net::IpAddr, clients: &str) -> PgServer {
+        Self::launch(
+            false,
+            Durability::Off,
+            Some(Tcp {
+                addr,
+                clients: clients.to_owned(),
+            }),
+        )
     }
 
     /// A private server with `fsync`, `full_page_writes` and `synchronous_commit` on (a
@@ -99,10 +118,10 @@ impl PgServer {
     /// (memory, WAL size, preloaded libraries: what a bench states it ran with).
     pub fn start_durable(settings: &[(&str, &str)]) -> PgServer {
         let settings = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        Self::launch(false, Durability::On(settings))
+        Self::launch(false, Durability::On(settings), None)
     }
 
-    fn launch(shared: bool, durability: Durability) -> PgServer {
+    fn launch(shared: bool, durability: Durability, tcp: Option<Tcp>) -> PgServer {
         static CLEANUP: Once = Once::new();
         CLEANUP.call_once(remove_stale_folders);
         static SEQ: AtomicU16 = AtomicU16::new(0);
@@ -147,6 +166,13 @@ impl PgServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(tcp) = &tcp {
+            // initdb's rules admit local and loopback clients only.
+            let hba = data.join("pg_hba.conf");
+            let mut rules = fs::read_to_string(&hba).expect("reading pg_hba.conf");
+            rules.push_str(&format!("host all all {} trust\n", tcp.clients));
+            fs::write(&hba, rules).expect("writing pg_hba.conf");
+        }
 
         let first_port = 20000 + (me % 20000) as u16 + seq;
         let (control, requests) = mpsc::channel();
@@ -158,6 +184,7 @@ impl PgServer {
             port: first_port,
             shared,
             durability,
+            listen: tcp.as_ref().map(|t| t.addr),
         };
         let supervisor = std::thread::Builder::new()
             .name(format!("pg-server-{seq}"))
@@ -171,6 +198,7 @@ impl PgServer {
         PgServer {
             root,
             port,
+            tcp: tcp.map(|t| t.addr),
             bin,
             shared,
             control,
@@ -197,8 +225,21 @@ impl PgServer {
         )
     }
 
+    /// The URL of database `db` over TCP, on a [`start_private_on`](Self::start_private_on)
+    /// server.
+    pub fn tcp_url(&self, db: &str) -> String {
+        let addr = self.tcp.expect("a server started with start_private_on");
+        format!("postgres://postgres@{addr}:{}/{db}", self.port)
+    }
+
     /// Creates a database with a name unique on this server and returns its URL.
     pub fn fresh_database(&self, name_hint: &str) -> String {
+        let name = self.create_database(name_hint);
+        self.url(&name)
+    }
+
+    /// Creates a database with a name unique on this server and returns the name.
+    pub fn create_database(&self, name_hint: &str) -> String {
         let mut name: String = name_hint
             .chars()
             .map(|c| {
@@ -226,7 +267,7 @@ impl PgServer {
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
-        self.url(&name)
+        name
     }
 
     /// Fast shutdown (SIGINT: sessions are ended, a checkpoint is written); returns once
@@ -300,6 +341,14 @@ struct Process {
     port: u16,
     shared: bool,
     durability: Durability,
+    /// Also listen on TCP on this address (else only on the Unix socket).
+    listen: Option<std::net::IpAddr>,
+}
+
+/// A TCP listener for a private server: its address and the clients admitted.
+struct Tcp {
+    addr: std::net::IpAddr,
+    clients: String,
 }
 
 /// A test server's durability is off; a bench's is on, with its own `-c` settings.
@@ -413,7 +462,11 @@ impl Process {
             .arg("-k")
             .arg(&self.root)
             .args(["-p", &port])
-            .args(["-c", "listen_addresses="])
+            .arg("-c")
+            .arg(format!(
+                "listen_addresses={}",
+                self.listen.map(|a| a.to_string()).unwrap_or_default()
+            ))
             .args(["-c", "max_connections=300"]);
         match &self.durability {
             Durability::Off => {

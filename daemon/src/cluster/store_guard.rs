@@ -1,5 +1,7 @@
 //! One daemon per SQLite store: an exclusive `flock` on `<store>.lock`, held for the
 //! life of the process (the kernel drops it when the process dies, however it dies).
+//! The lock is named after the store's canonical path, so two daemons that name one
+//! file differently (a relative path, a symlink) still find each other.
 //! Channel leases need a store every node reaches and one clock; several daemons need
 //! PostgreSQL, and a second one on a SQLite file is refused at start.
 
@@ -31,6 +33,7 @@ pub enum GuardError {
 }
 
 pub fn lock(store: &Path) -> Result<StoreGuard, GuardError> {
+    let store = &canonical(store);
     let mut name = store.as_os_str().to_owned();
     name.push(".lock");
     let lock = PathBuf::from(name);
@@ -55,6 +58,21 @@ pub fn lock(store: &Path) -> Result<StoreGuard, GuardError> {
     }
 }
 
+/// The store file's canonical path; before the file exists, its canonical folder's.
+fn canonical(store: &Path) -> PathBuf {
+    if let Ok(path) = store.canonicalize() {
+        return path;
+    }
+    let parent = match store.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), store.file_name()) {
+        (Ok(dir), Some(file)) => dir.join(file),
+        _ => store.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -66,5 +84,17 @@ mod tests {
         assert!(e.to_string().contains("PostgreSQL"), "{e}");
         drop(first);
         super::lock(&store).expect("after the first is gone");
+    }
+
+    #[test]
+    fn one_store_named_through_a_symlink_is_still_one_store() {
+        let dir = tempfile::tempdir().expect("dir");
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let _first = super::lock(&real.join("patchbay.db")).expect("first");
+        let e = super::lock(&link.join("patchbay.db")).expect_err("the same file");
+        assert!(e.to_string().contains("in use"), "{e}");
     }
 }
