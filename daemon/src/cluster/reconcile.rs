@@ -74,17 +74,24 @@ pub async fn renew(app: Arc<App>, stop: CancellationToken) {
     }
     let ttl_ms = i64::try_from(leases.ttl.as_millis()).unwrap_or(i64::MAX);
     let mut registered = false;
+    // A renewal answering later than this comes after the fence anyway; bounding it
+    // also drops a connection a network cut left hanging, so the next one starts anew.
+    let answer_within = leases.ttl - leases.renew_every();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            r = renew_once(&app, ttl_ms, !registered) => match r {
-                Ok(()) if !registered => {
+            r = tokio::time::timeout(answer_within, renew_once(&app, ttl_ms, !registered)) => match r {
+                Ok(Ok(())) if !registered => {
                     registered = true;
                     // Now in the node list: the reconcile loop may take its share.
                     leases.wake();
                 }
-                Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot renew the channel leases; retrying"),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the channel leases; retrying"),
+                Err(_) => tracing::warn!(
+                    within = ?answer_within,
+                    "the store did not answer the lease renewal in time; retrying"
+                ),
             },
             () = fence_due(&leases) => self_fence(&app).await,
         }
