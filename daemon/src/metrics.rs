@@ -19,7 +19,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use patchbay_jobs::JobKind;
 use patchbay_jobs::model::JobState;
@@ -78,6 +81,7 @@ impl Metrics {
                     tracing::warn!(error = %e, "another metrics recorder is installed; /metrics shows nothing");
                 }
                 describe();
+                let _ = JOB_SERIES.set(JobSeries::resolve());
                 Metrics { handle }
             })
             .clone()
@@ -99,6 +103,11 @@ impl Metrics {
     /// gauges.
     pub async fn render(&self, app: &App) -> String {
         refresh_gauges(app).await;
+        self.recorded()
+    }
+
+    /// The text exposition of what was recorded, without reading any gauge.
+    pub fn recorded(&self) -> String {
         self.handle.render()
     }
 }
@@ -161,12 +170,12 @@ fn describe() {
     gauge!(START_TIME).set(started);
 }
 
-/// Where a job attempt ended.
+/// Where a job attempt ended (the discriminant indexes `JobSeries::finished`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Done,
-    Retry,
-    Dead,
+    Done = 0,
+    Retry = 1,
+    Dead = 2,
 }
 
 impl Outcome {
@@ -179,15 +188,50 @@ impl Outcome {
     }
 }
 
+/// The per-job series, resolved once when the recorder is installed: the workers
+/// record three of them for every job, and looking a series up by its name and labels
+/// (a key built, hashed and found under a lock) on each call was most of their cost.
+/// Unset without a recorder, when there is nothing to record.
+struct JobSeries {
+    /// Per kind in `JobKind::ALL` order, per [`Outcome`].
+    finished: [[Counter; 3]; JobKind::ALL.len()],
+    ran: [Histogram; JobKind::ALL.len()],
+    waited: [Histogram; JobKind::ALL.len()],
+}
+
+static JOB_SERIES: OnceLock<JobSeries> = OnceLock::new();
+
+impl JobSeries {
+    fn resolve() -> JobSeries {
+        let kind = |i: usize| JobKind::ALL[i].as_str();
+        JobSeries {
+            finished: std::array::from_fn(|i| {
+                [Outcome::Done, Outcome::Retry, Outcome::Dead]
+                    .map(|o| counter!(JOBS, "kind" => kind(i), "outcome" => o.as_str()))
+            }),
+            ran: std::array::from_fn(|i| histogram!(JOB_DURATION, "kind" => kind(i))),
+            waited: std::array::from_fn(|i| histogram!(JOB_QUEUE_LATENCY, "kind" => kind(i))),
+        }
+    }
+
+    fn get(kind: JobKind) -> Option<(&'static JobSeries, usize)> {
+        let i = JobKind::ALL.iter().position(|k| *k == kind)?;
+        Some((JOB_SERIES.get()?, i))
+    }
+}
+
 /// Jobs done by this process, per kind in `JobKind::ALL` order: the dashboard's
 /// throughput (the `metrics` facade has no reading back).
 static DONE: [AtomicU64; JobKind::ALL.len()] = [const { AtomicU64::new(0) }; JobKind::ALL.len()];
 
 pub fn job_finished(kind: JobKind, outcome: Outcome) {
-    counter!(JOBS, "kind" => kind.as_str(), "outcome" => outcome.as_str()).increment(1);
-    if outcome == Outcome::Done
-        && let Some(i) = JobKind::ALL.iter().position(|k| *k == kind)
-    {
+    let Some(i) = JobKind::ALL.iter().position(|k| *k == kind) else {
+        return;
+    };
+    if let Some(series) = JOB_SERIES.get() {
+        series.finished[i][outcome as usize].increment(1);
+    }
+    if outcome == Outcome::Done {
         DONE[i].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -198,12 +242,16 @@ pub fn done_totals() -> [u64; JobKind::ALL.len()] {
 }
 
 pub fn job_ran(kind: JobKind, took: Duration) {
-    histogram!(JOB_DURATION, "kind" => kind.as_str()).record(took);
+    if let Some((series, i)) = JobSeries::get(kind) {
+        series.ran[i].record(took);
+    }
 }
 
 /// How long a job waited for a worker after it was due, in ms.
 pub fn waited(kind: JobKind, ms: i64) {
-    histogram!(JOB_QUEUE_LATENCY, "kind" => kind.as_str()).record(ms.max(0) as f64 / 1000.0);
+    if let Some((series, i)) = JobSeries::get(kind) {
+        series.waited[i].record(ms.max(0) as f64 / 1000.0);
+    }
 }
 
 /// A group-committed job's first delivery (`attempt` 0): its id is a ULID, whose
