@@ -17,7 +17,11 @@
 //!   in its own transaction before it claims jobs;
 //! * the worker is woken by its queue's in-process notifier (`wake::Wakers`, signalled
 //!   next to every push) and otherwise only by the slow fallback timer, for jobs that
-//!   other processes pushed.
+//!   other processes pushed;
+//! * a fetch that found less than a full batch lets the next one start no sooner than
+//!   [`SHORT_FETCH_GAP`] after it: woken by every push, a worker at a moderate rate
+//!   would otherwise claim a job or two per write transaction. A full batch (a backlog)
+//!   or a worker idle for longer is fetched at once.
 
 use std::{
     sync::{
@@ -63,6 +67,10 @@ const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM Jobs WHERE job_type = ?1 \
 const ANY_LOCKED: &str = "SELECT EXISTS (SELECT 1 FROM Jobs \
      WHERE (status = 'Running' OR status = 'Queued') AND job_type = ?1)";
 
+/// The least time between a fetch that found less than a full batch and the next: at
+/// most this much latency at moderate rates, for batches of what arrived meanwhile.
+pub(super) const SHORT_FETCH_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// apalis-sqlite's persistence with the idle rules above.
 #[derive(Clone)]
 struct QuietPersistence {
@@ -75,6 +83,8 @@ struct QuietPersistence {
     /// Unix seconds of our last `last_seen` write (registration, heartbeat, or a fetch
     /// after an idle stretch).
     alive_at: Arc<AtomicU64>,
+    /// No fetch before this (set by a fetch that found less than a full batch).
+    next_fetch: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 fn unix_secs() -> u64 {
@@ -99,6 +109,32 @@ impl QuietPersistence {
 
     fn alive(&self) {
         self.alive_at.store(unix_secs(), Ordering::Relaxed);
+    }
+
+    /// One fetch: a read first unless the last fetch found jobs, then apalis-sqlite's
+    /// claim (with a `last_seen` refresh after an idle stretch).
+    async fn fetch_now(&self, worker: &WorkerContext) -> Result<Vec<Task<Vec<u8>>>, Error> {
+        let now = i64::try_from(unix_secs()).unwrap_or(i64::MAX);
+        if !self.busy.load(Ordering::Relaxed) && !self.exists(ANY_DUE, Some(now)).await? {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let stale = self.stale();
+        if stale {
+            // After an idle stretch: another daemon's orphan recovery must not take
+            // the jobs this transaction claims.
+            keep_alive(&mut *tx, &self.config, worker).await?;
+        }
+        let tasks = fetch_next(&mut *tx, &self.config, worker).await?;
+        tx.commit().await?;
+        if stale {
+            self.alive();
+        }
+        self.busy.store(!tasks.is_empty(), Ordering::Relaxed);
+        if stale || !tasks.is_empty() {
+            self.written.notify_one();
+        }
+        Ok(tasks)
     }
 }
 
@@ -151,26 +187,14 @@ impl Persistence for QuietPersistence {
     }
 
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<Task<Vec<u8>>>, Error> {
-        let now = i64::try_from(unix_secs()).unwrap_or(i64::MAX);
-        if !self.busy.load(Ordering::Relaxed) && !self.exists(ANY_DUE, Some(now)).await? {
-            return Ok(Vec::new());
+        let not_before = *self.next_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = not_before {
+            tokio::time::sleep_until(t).await;
         }
-        let mut tx = self.pool.begin().await?;
-        let stale = self.stale();
-        if stale {
-            // After an idle stretch: another daemon's orphan recovery must not take
-            // the jobs this transaction claims.
-            keep_alive(&mut *tx, &self.config, worker).await?;
-        }
-        let tasks = fetch_next(&mut *tx, &self.config, worker).await?;
-        tx.commit().await?;
-        if stale {
-            self.alive();
-        }
-        self.busy.store(!tasks.is_empty(), Ordering::Relaxed);
-        if stale || !tasks.is_empty() {
-            self.written.notify_one();
-        }
+        let tasks = self.fetch_now(worker).await?;
+        let short = tasks.len() < self.config.batch_size;
+        *self.next_fetch.lock().unwrap_or_else(|p| p.into_inner()) =
+            short.then(|| tokio::time::Instant::now() + SHORT_FETCH_GAP);
         Ok(tasks)
     }
 
@@ -258,6 +282,7 @@ impl SqliteWorker {
                 // The first fetch looks without asking: what waited before we started.
                 busy: Arc::new(AtomicBool::new(true)),
                 alive_at: Arc::new(AtomicU64::new(0)),
+                next_fetch: Arc::default(),
             }),
             wake,
         }
