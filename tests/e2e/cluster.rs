@@ -443,8 +443,9 @@ async fn a_cut_off_node_stops_its_channels_and_rejoins_when_healed() {
     // at most, plus a reconcile round); by then it has stopped them itself.
     settled(&[&a, &b], &channels, 1, Duration::from_secs(TTL_SECS + 10)).await;
     let failover = cut.elapsed();
+    // TTL, then the node row's expiry seen by a round (2 s), the round itself, slack.
     assert!(
-        failover <= Duration::from_secs(TTL_SECS + 4),
+        failover <= Duration::from_secs(TTL_SECS + 6),
         "failover took {failover:?}"
     );
     assert!(

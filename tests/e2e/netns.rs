@@ -6,6 +6,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const PREFIX: &str = "pbcut";
 
 pub struct NetNs {
     name: String,
@@ -15,21 +18,23 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// A namespace named after this process, on a /30 of 10.0.0.0/8 derived from the
-    /// pid (so parallel test binaries do not clash), with loopback up inside.
+    /// A namespace named after this process and a per-process sequence number, on a
+    /// /30 of 198.18.0.0/15 (the range reserved for network tests, never routed)
+    /// derived from both, with loopback up inside. Namespaces left by test processes
+    /// that are gone (killed before their drop ran) are removed first.
     pub fn new() -> NetNs {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        remove_stale();
         let pid = std::process::id();
-        let name = format!("pbcut{pid}");
-        let host_if = format!("pbh{pid}");
-        let ns_if = format!("pbn{pid}");
-        let (a, b, c) = (
-            (100 + (pid >> 14) % 100) as u8,
-            (pid >> 6) as u8,
-            ((pid & 0x3f) << 2) as u8,
-        );
-        let host_addr = Ipv4Addr::new(10, a, b, c + 1);
-        let ns_addr = Ipv4Addr::new(10, a, b, c + 2);
-        // Left over by an earlier run of a process with this pid: start clean.
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{pid}-{seq}");
+        let host_if = format!("pbh{pid}x{seq}");
+        let ns_if = format!("pbn{pid}x{seq}");
+        let slot = (pid.wrapping_mul(8).wrapping_add(seq)) % (1 << 15);
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + slot * 4;
+        let host_addr = Ipv4Addr::from(base + 1);
+        let ns_addr = Ipv4Addr::from(base + 2);
+        // Left over by an earlier process with this pid: start clean.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
         let ns = NetNs {
@@ -111,5 +116,33 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
             .output();
+    }
+}
+
+/// Deletes the namespaces of this harness whose test process is gone, killing what
+/// still runs inside them (a daemon has no parent-death signal).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", p]).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
     }
 }

@@ -37,8 +37,14 @@ pub struct Leases {
     /// Taken by every statement that changes which leases this node holds (renew,
     /// acquire, release) together with the map update, so none overwrites another's.
     pub(super) ops: tokio::sync::Mutex<()>,
+    /// Held across "is the lease held? then start" (reconcile) and "forget every lease,
+    /// then see what runs" (self-fencing), so no start slips between the two.
+    pub(super) deciding: Mutex<()>,
     /// Wakes the reconcile loop: a channel added, removed, suspended or resumed here.
     wake: Notify,
+    /// Signalled when leases are taken while none were held: the fence deadline the
+    /// renewal loop waits for has just appeared.
+    armed: Notify,
 }
 
 #[derive(Default)]
@@ -70,7 +76,9 @@ impl Leases {
             host: host_identity(),
             held: Mutex::default(),
             ops: tokio::sync::Mutex::new(()),
+            deciding: Mutex::new(()),
             wake: Notify::new(),
+            armed: Notify::new(),
         }
     }
 
@@ -166,10 +174,34 @@ impl Leases {
 
     /// Leases taken by a statement sent at `sent`: they end no sooner than `sent` +
     /// TTL, which is no sooner than the last renewal's.
+    /// An answer that came after the fence point of `sent` is not trusted: those leases
+    /// stay unused here (a later renewal brings them back, or they run out).
     pub(super) fn acquired(&self, sent: Instant, leases: &[(Id, i64)]) {
+        if leases.is_empty() || Instant::now() >= sent + self.ttl - self.ttl / 3 {
+            return;
+        }
         let mut held = self.lock();
         held.epochs.extend(leases.iter().copied());
-        held.valid_until.get_or_insert(sent + self.ttl);
+        if held.valid_until.is_none() {
+            held.valid_until = Some(sent + self.ttl);
+            drop(held);
+            self.armed.notify_waiters();
+        }
+    }
+
+    /// Resolves when this node must fence itself; while it holds no lease, it waits
+    /// for leases to be taken and then for their deadline.
+    pub(super) async fn fence_due(&self) {
+        loop {
+            let armed = self.armed.notified();
+            tokio::pin!(armed);
+            // Registered before the deadline is read: a take in between is not missed.
+            armed.as_mut().enable();
+            match self.fence_at() {
+                Some(t) => return tokio::time::sleep_until(t.into()).await,
+                None => armed.await,
+            }
+        }
     }
 
     /// Stops counting `channels` as held: their connectors are about to stop and

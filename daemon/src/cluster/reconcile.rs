@@ -78,36 +78,43 @@ pub async fn renew(app: Arc<App>, stop: CancellationToken) {
     // also drops a connection a network cut left hanging, so the next one starts anew.
     let answer_within = leases.ttl - leases.renew_every();
     loop {
+        let mut renewed = false;
         tokio::select! {
             () = stop.cancelled() => return,
             r = tokio::time::timeout(answer_within, renew_once(&app, ttl_ms, !registered)) => match r {
-                Ok(Ok(())) if !registered => {
-                    registered = true;
-                    // Now in the node list: the reconcile loop may take its share.
-                    leases.wake();
+                Ok(Ok(())) => {
+                    renewed = true;
+                    if !registered {
+                        registered = true;
+                        // Now in the node list: the reconcile loop may take its share.
+                        leases.wake();
+                    }
                 }
-                Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the channel leases; retrying"),
                 Err(_) => tracing::warn!(
                     within = ?answer_within,
                     "the store did not answer the lease renewal in time; retrying"
                 ),
             },
-            () = fence_due(&leases) => self_fence(&app).await,
+            () = leases.fence_due() => self_fence(&app).await,
+        }
+        if renewed {
+            // Still racing the fence: a store that hangs here must not hold it off.
+            tokio::select! {
+                () = stop.cancelled() => return,
+                r = tokio::time::timeout(answer_within, housekeeping(&app)) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "lease housekeeping failed"),
+                    Err(_) => tracing::debug!("lease housekeeping did not finish in time"),
+                },
+                () = leases.fence_due() => self_fence(&app).await,
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(leases.renew_every()) => {}
-            () = fence_due(&leases) => self_fence(&app).await,
+            () = leases.fence_due() => self_fence(&app).await,
         }
-    }
-}
-
-/// Resolves when this node must fence itself (never while it holds no lease).
-async fn fence_due(leases: &super::Leases) {
-    match leases.fence_at() {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -121,8 +128,12 @@ async fn renew_once(app: &App, ttl_ms: i64, first: bool) -> Result<(), DomainErr
     }
     let renewed = app.store.renew_leases(&leases.node_id, ttl_ms).await?;
     leases.renewed(sent, &renewed);
-    drop(_ops);
-    // Housekeeping any node may do, idempotent: at most a write when there is work.
+    Ok(())
+}
+
+/// Housekeeping any node may do after a renewal, idempotent: at most a write when
+/// there is work.
+async fn housekeeping(app: &App) -> Result<(), DomainError> {
     let disconnected = app.store.disconnect_unowned(UNOWNED).await?;
     if disconnected > 0 {
         tracing::info!(
@@ -145,8 +156,16 @@ async fn self_fence(app: &App) {
         ttl = ?app.leases.ttl,
         "cannot renew the channel leases: stopping every connector before the leases run out"
     );
-    app.leases.forget_all();
-    stop_each(app, &app.plugins.running()).await;
+    let running = {
+        let _deciding = app
+            .leases
+            .deciding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        app.leases.forget_all();
+        app.plugins.running()
+    };
+    stop_each(app, &running).await;
 }
 
 async fn stop_each(app: &App, channels: &[Id]) {
@@ -265,6 +284,11 @@ async fn converge(app: &App, runnable: Vec<Channel>) {
     let running: HashSet<Id> = app.plugins.running().into_iter().collect();
     let mut wanted = HashSet::new();
     for channel in runnable {
+        let _deciding = app
+            .leases
+            .deciding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if !app.leases.holds(channel.id) {
             continue;
         }

@@ -402,8 +402,16 @@ impl Supervisor {
             if *stop.borrow() {
                 return;
             }
-            self.status(id, "connecting", None).await;
-            let (failure, ran) = match self.launch(&channel, &calls).await {
+            // The store may hang (a network cut): a stop meanwhile wins, and no instance
+            // starts after it (a node fencing itself must not start one late).
+            tokio::select! {
+                () = self.status(id, "connecting", None) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let (failure, ran) = match self.launch(&channel, &calls, &stop).await {
                 Ok(instance) => {
                     self.set_instance(id, Some(instance.clone()));
                     let started = Instant::now();
@@ -417,6 +425,7 @@ impl Supervisor {
                         Outcome::Failed(reason) => (reason, Some(started.elapsed())),
                     }
                 }
+                Err(_) if *stop.borrow() => return,
                 Err(reason) => (reason, None),
             };
             let delay = backoff.after_failure(ran);
@@ -431,7 +440,12 @@ impl Supervisor {
 
     /// Creates and starts an instance, each on a blocking thread. The instance becomes
     /// current between the two, so the status events `start` emits are not stale.
-    async fn launch(&self, channel: &Channel, calls: &Turn) -> Result<Arc<Instance>, String> {
+    async fn launch(
+        &self,
+        channel: &Channel,
+        calls: &Turn,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Arc<Instance>, String> {
         let registry = self.registry();
         let Some(lib) = registry.get(&channel.kind).cloned() else {
             return Err(format!(
@@ -458,6 +472,11 @@ impl Supervisor {
                 return Err(format!("connector was not created within {CALL_TIMEOUT:?}"));
             }
         };
+        if *stop.borrow() {
+            // Stopped while it was being created: it never starts.
+            finish(instance, calls.clone()).await;
+            return Err("stopped before it started".into());
+        }
         self.set_current(id, Some(instance.id()));
         let starting = instance.clone();
         let failure = match blocking(CALL_TIMEOUT, move || starting.start()).await {
