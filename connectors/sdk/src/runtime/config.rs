@@ -2,6 +2,7 @@
 //! and what is allowed but never echo a secret value.
 
 use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
 use serde::de::DeserializeOwned;
@@ -62,5 +63,31 @@ pub fn https_or_loopback(url: &str) -> Result<url::Url, &'static str> {
              (credentials travel with every request)",
         ),
         _ => Err("an https:// URL (http:// only to a loopback address)"),
+    }
+}
+
+/// A listener's `ip:port` (port 0: any free port), else `invalid` naming an example on
+/// `example_port`.
+pub fn listen_addr(
+    kind: &str,
+    key: &str,
+    value: &str,
+    example_port: u16,
+) -> Result<SocketAddr, ConnectorError> {
+    value.parse().map_err(|_| {
+        let allowed =
+            format!("an IP address and port, e.g. 127.0.0.1:{example_port} or [::]:{example_port}");
+        invalid(kind, key, &value, &allowed)
+    })
+}
+
+/// An HTTP path a listener serves: absolute, without query, fragment or spaces; else
+/// `invalid` naming `example`.
+pub fn url_path(kind: &str, key: &str, value: &str, example: &str) -> Result<(), ConnectorError> {
+    if value.starts_with('/') && !value.contains(['?', '#', ' ']) {
+        Ok(())
+    } else {
+        let allowed = format!("an absolute path without query, e.g. {example}");
+        Err(invalid(kind, key, &value, &allowed))
     }
 }
