@@ -349,3 +349,58 @@ fn stop_is_prompt_even_when_the_api_is_unreachable() {
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(t.status().state, ChannelState::Disconnected);
 }
+
+#[test]
+fn stopping_one_bot_leaves_the_others_running() {
+    let (url, calls) = fake_api(|method| match method {
+        "getMe" => (
+            200,
+            json!({"ok": true, "result": {"id": 1, "first_name": "B", "username": "b"}}),
+        ),
+        "getUpdates" => (200, json!({"ok": true, "result": []})),
+        _ => (
+            200,
+            json!({"ok": true, "result": {"message_id": 9, "chat": {"id": 42}}}),
+        ),
+    });
+    let config = cfg(json!({"api_base": url, "poll_timeout_secs": 0}));
+    let mut bots: Vec<Telegram> = (0..3)
+        .map(|_| Telegram::create(config.clone(), Host::detached()).unwrap())
+        .collect();
+    for b in &mut bots {
+        b.start().unwrap();
+    }
+    let waiting = Instant::now();
+    while bots
+        .iter()
+        .any(|b| b.status().state != ChannelState::Connected)
+    {
+        assert!(waiting.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bots[1].stop().unwrap();
+    assert_eq!(bots[1].status().state, ChannelState::Disconnected);
+    let msg = || Outbound {
+        message: 1,
+        external_chat_id: "42".into(),
+        to: Default::default(),
+        text: "hi".into(),
+        attachments: vec![],
+    };
+    // The others still poll and send on the shared runtime; the stopped one does not.
+    for i in [0, 2] {
+        assert_eq!(bots[i].status().state, ChannelState::Connected);
+        assert_eq!(bots[i].send(msg()).unwrap().external_message_id, "42:9");
+    }
+    assert_eq!(bots[1].send(msg()).unwrap_err().code, "not_running");
+    let sends = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| *m == "sendMessage")
+        .count();
+    assert_eq!(sends, 2);
+    for b in &mut bots {
+        b.stop().unwrap();
+    }
+}
