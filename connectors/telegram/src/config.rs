@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use patchbay_connector_sdk::ConnectorError;
 use patchbay_connector_sdk::runtime::config::{
-    https_or_loopback, in_range, invalid, parse, secret_invalid,
+    https_or_loopback, in_range, invalid, parse_checked, secret_invalid,
 };
 use serde::Deserialize;
 
@@ -62,9 +62,7 @@ fn default_request_timeout() -> u64 {
 
 impl Config {
     pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
-        let c: Config = parse(KIND, value)?;
-        c.validate()?;
-        Ok(c)
+        parse_checked(KIND, value, Config::validate)
     }
 
     fn validate(&self) -> Result<(), ConnectorError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use patchbay_connector_sdk::ConnectorError;
 use patchbay_connector_sdk::runtime::config::{
-    in_range, invalid, listen_addr, parse, secret_invalid, url_path,
+    in_range, invalid, listen_addr, parse_checked, secret_invalid, url_path,
 };
 use serde::Deserialize;
 
@@ -121,9 +121,7 @@ fn default_display_name() -> String {
 
 impl Config {
     pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
-        let c: Config = parse(KIND, value)?;
-        c.validate()?;
-        Ok(c)
+        parse_checked(KIND, value, Config::validate)
     }
 
     fn validate(&self) -> Result<(), ConnectorError> {

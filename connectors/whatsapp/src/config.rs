@@ -4,7 +4,7 @@
 
 use patchbay_connector_sdk::ConnectorError;
 use patchbay_connector_sdk::runtime::config::{
-    https_or_loopback, in_range, invalid, listen_addr, parse, secret_invalid, url_path,
+    https_or_loopback, in_range, invalid, listen_addr, parse_checked, secret_invalid, url_path,
 };
 use serde::Deserialize;
 
@@ -103,9 +103,7 @@ fn valid_version(v: &str) -> bool {
 
 impl Config {
     pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
-        let c: Config = parse(KIND, value)?;
-        c.validate()?;
-        Ok(c)
+        parse_checked(KIND, value, Config::validate)
     }
 
     fn validate(&self) -> Result<(), ConnectorError> {

@@ -18,6 +18,18 @@ pub fn parse<T: DeserializeOwned>(
     serde_json::from_value(value).map_err(|e| ConnectorError::config(format!("{kind} config: {e}")))
 }
 
+/// `parse`, then `validate` (the checks serde cannot express) on the result: a
+/// connector's whole `Config::parse`.
+pub fn parse_checked<T: DeserializeOwned>(
+    kind: &str,
+    value: serde_json::Value,
+    validate: impl FnOnce(&T) -> Result<(), ConnectorError>,
+) -> Result<T, ConnectorError> {
+    let config = parse(kind, value)?;
+    validate(&config)?;
+    Ok(config)
+}
+
 /// `invalid_config`: `"<kind> config: <key> = <value:?>: <allowed>"`. Only for values
 /// that are not secret; see `secret_invalid`.
 pub fn invalid(kind: &str, key: &str, value: &dyn Debug, allowed: &str) -> ConnectorError {
