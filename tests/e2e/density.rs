@@ -1,4 +1,5 @@
-//! Issue 21 on the real daemon: thousands of loopback channels on few threads, status
+//! Issue 21 on the real daemon: thousands of loopback channels on few threads, a few
+//! hundred Telegram channels long-polling a fake Bot API on few threads too, status
 //! changes reaching `channel.list` by event (no poll), and a hanging instance still
 //! replaced by the liveness check.
 
@@ -6,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Daemon};
+use crate::harness::{Backend, Daemon, install_connector};
+use crate::telegram::{FakeBotApi, TOKEN};
 
 fn threads(pid: u32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -20,6 +22,17 @@ fn threads(pid: u32) -> usize {
 async fn channel(d: &Daemon, account: i64, id: i64) -> Option<Value> {
     let list = d.ok("channel.list", json!({"account": account})).await;
     list.as_array()?.iter().find(|c| c["id"] == id).cloned()
+}
+
+/// `Some` once exactly `want` of the account's channels are connected.
+async fn all_connected(d: &Daemon, account: i64, want: usize) -> Option<()> {
+    let list = d.ok("channel.list", json!({"account": account})).await;
+    let n = list
+        .as_array()?
+        .iter()
+        .filter(|c| c["status"] == "connected")
+        .count();
+    (n == want).then_some(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -108,18 +121,7 @@ async fn two_thousand_loopback_channels_on_few_threads() {
             .await;
         ids.push(ch["id"].as_i64().expect("id"));
     }
-    let connected = |want: usize| {
-        let d = &d;
-        async move {
-            let list = d.ok("channel.list", json!({"account": acc})).await;
-            let n = list
-                .as_array()?
-                .iter()
-                .filter(|c| c["status"] == "connected")
-                .count();
-            (n == want).then_some(())
-        }
-    };
+    let connected = |want: usize| all_connected(&d, acc, want);
     d.until("all connected", Duration::from_secs(120), || connected(N))
         .await;
     // Blocking threads used to start them retire after 10 s idle.
@@ -152,4 +154,54 @@ async fn two_thousand_loopback_channels_on_few_threads() {
     }
     // The removed ones' instances are stopped: each logged its stop, the kept did not.
     assert!(threads(d.pid()) <= base + BOUND + 16);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_telegram_channels_on_few_threads() {
+    const N: usize = 200;
+    // As for loopback: the plugin's runtime is in the base; above it only a few blocking
+    // threads (flushes, the daemon's own pool) at a time.
+    const BOUND: usize = 32;
+    let api = FakeBotApi::start();
+    let d = Daemon::start_full(Backend::Sqlite, "", |dir| {
+        install_connector(dir, "telegram")
+    });
+    let (acc, admin) = d.account("bots").await;
+    // Long polls held 25 s by the fake, as the real Bot API holds them.
+    let config = json!({"token": TOKEN, "api_base": api.server.url(), "poll_timeout_secs": 25});
+    let add = |i: usize| {
+        let d = &d;
+        let config = config.clone();
+        async move {
+            d.ok(
+                "channel.add",
+                json!({"account": acc, "actor": admin, "kind": "telegram", "name": format!("bot{i}"), "config": config}),
+            )
+            .await["id"]
+                .as_i64()
+                .expect("id")
+        }
+    };
+    let connected = |want: usize| all_connected(&d, acc, want);
+    // One channel first, so the plugin's runtime is part of the base being compared.
+    add(0).await;
+    d.until("the first bot connected", Duration::from_secs(30), || {
+        connected(1)
+    })
+    .await;
+    let base = threads(d.pid());
+    for i in 1..N {
+        add(i).await;
+    }
+    d.until("all bots connected", Duration::from_secs(120), || connected(N))
+        .await;
+    // Blocking threads used to start them retire after 10 s idle.
+    let settle = Instant::now();
+    let mut now = threads(d.pid());
+    while now > base + BOUND && settle.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        now = threads(d.pid());
+    }
+    eprintln!("daemon threads: {base} with 1 telegram channel, {now} with {N}");
+    assert!(now <= base + BOUND, "{now} threads, base {base}");
 }

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use patchbay_connector_sdk::runtime::tokio;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 

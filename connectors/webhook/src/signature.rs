@@ -1,19 +1,17 @@
-//! Request signing shared by both directions: HMAC-SHA256 over `"{timestamp}.{raw body}"`
-//! with the channel's secret, sent as `X-Patchbay-Signature: sha256=<lowercase hex>`
-//! beside `X-Patchbay-Timestamp: <unix seconds>`.
+//! patchbay's webhook signing scheme, used in both directions: HMAC-SHA256 over
+//! `"{timestamp}.{raw body}"` with the channel's secret, sent as
+//! `X-Patchbay-Signature: sha256=<lowercase hex>` beside `X-Patchbay-Timestamp: <unix
+//! seconds>`. The HMAC and its constant-time check are the SDK's
+//! (`runtime::signature`); this file owns the timestamp.
 //!
 //! The timestamp is inside the signed material so a captured request cannot be replayed
 //! with a fresh timestamp; the receiver refuses timestamps further than `max_skew_secs`
 //! from its clock (either way, so a clock ahead of ours cannot pre-sign requests).
 
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use patchbay_connector_sdk::runtime::signature::{self, HmacError};
 
 pub const SIGNATURE_HEADER: &str = "X-Patchbay-Signature";
 pub const TIMESTAMP_HEADER: &str = "X-Patchbay-Timestamp";
-const PREFIX: &str = "sha256=";
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Why a request's signature headers were refused; `Display` goes into the 401 body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,25 +30,13 @@ pub enum SignatureError {
         "timestamp is {skew_secs} s away from this server's clock (at most {max_skew_secs} s allowed)"
     )]
     Stale { skew_secs: i64, max_skew_secs: u64 },
-    #[error("the signing secret is unusable")]
-    BadKey,
 }
 
-fn mac(secret: &[u8], timestamp: &str, body: &[u8]) -> Result<HmacSha256, SignatureError> {
-    // HMAC takes keys of any length, so this only fails if the hmac crate changes.
-    let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| SignatureError::BadKey)?;
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    Ok(mac)
-}
-
-/// The `X-Patchbay-Signature` value for `body` sent at `timestamp`.
+/// The `X-Patchbay-Signature` value for `body` sent at `timestamp`. (A `Result` so
+/// callers keep working should signing ever be able to fail; today it cannot.)
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> Result<String, SignatureError> {
-    let tag = mac(secret, &timestamp.to_string(), body)?
-        .finalize()
-        .into_bytes();
-    Ok(format!("{PREFIX}{}", hex::encode(tag)))
+    let ts = timestamp.to_string();
+    Ok(signature::sign(secret, &[ts.as_bytes(), b".", body]))
 }
 
 /// Checks the two headers against the raw body, in constant time, and the timestamp
@@ -70,19 +56,13 @@ pub fn verify(
     let ts: i64 = timestamp
         .parse()
         .map_err(|_| SignatureError::BadTimestamp)?;
-    let signature = signature
-        .map(str::trim)
-        .ok_or(SignatureError::MissingSignature)?;
-    let hex_tag = signature
-        .strip_prefix(PREFIX)
-        .ok_or(SignatureError::MalformedSignature)?;
-    let tag = hex::decode(hex_tag).map_err(|_| SignatureError::MalformedSignature)?;
-    if tag.len() != 32 {
-        return Err(SignatureError::MalformedSignature);
-    }
-    mac(secret, timestamp, body)?
-        .verify_slice(&tag)
-        .map_err(|_| SignatureError::Mismatch)?;
+    signature::verify(secret, &[timestamp.as_bytes(), b".", body], signature).map_err(
+        |e| match e {
+            HmacError::Missing => SignatureError::MissingSignature,
+            HmacError::Malformed => SignatureError::MalformedSignature,
+            HmacError::Mismatch => SignatureError::Mismatch,
+        },
+    )?;
     let skew_secs = now.saturating_sub(ts).saturating_abs();
     if skew_secs.unsigned_abs() > max_skew_secs {
         return Err(SignatureError::Stale {

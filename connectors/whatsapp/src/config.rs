@@ -2,11 +2,9 @@
 //! serde cannot express. Unknown keys are refused, and the three secrets
 //! (`access_token`, `app_secret`, `verify_token`) never appear in errors or debug output.
 
-use std::net::SocketAddr;
-
 use patchbay_connector_sdk::ConnectorError;
 use patchbay_connector_sdk::runtime::config::{
-    https_or_loopback, in_range, invalid, parse, secret_invalid,
+    https_or_loopback, in_range, invalid, listen_addr, parse_checked, secret_invalid, url_path,
 };
 use serde::Deserialize;
 
@@ -105,9 +103,7 @@ fn valid_version(v: &str) -> bool {
 
 impl Config {
     pub fn parse(value: serde_json::Value) -> Result<Config, ConnectorError> {
-        let c: Config = parse(KIND, value)?;
-        c.validate()?;
-        Ok(c)
+        parse_checked(KIND, value, Config::validate)
     }
 
     fn validate(&self) -> Result<(), ConnectorError> {
@@ -155,20 +151,8 @@ impl Config {
         if !valid_version(&self.api_version) {
             return bad("api_version", &self.api_version, "like v21.0");
         }
-        if self.listen.parse::<SocketAddr>().is_err() {
-            return bad(
-                "listen",
-                &self.listen,
-                "an IP address and port, e.g. 127.0.0.1:8089 or [::]:8089",
-            );
-        }
-        if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
-            return bad(
-                "path",
-                &self.path,
-                "an absolute path without query, e.g. /whatsapp/webhook",
-            );
-        }
+        listen_addr(KIND, "listen", &self.listen, 8089)?;
+        url_path(KIND, "path", &self.path, "/whatsapp/webhook")?;
         in_range(
             KIND,
             "max_body_bytes",

@@ -2,6 +2,7 @@
 //! and what is allowed but never echo a secret value.
 
 use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
 use serde::de::DeserializeOwned;
@@ -15,6 +16,18 @@ pub fn parse<T: DeserializeOwned>(
     value: serde_json::Value,
 ) -> Result<T, ConnectorError> {
     serde_json::from_value(value).map_err(|e| ConnectorError::config(format!("{kind} config: {e}")))
+}
+
+/// `parse`, then `validate` (the checks serde cannot express) on the result: a
+/// connector's whole `Config::parse`.
+pub fn parse_checked<T: DeserializeOwned>(
+    kind: &str,
+    value: serde_json::Value,
+    validate: impl FnOnce(&T) -> Result<(), ConnectorError>,
+) -> Result<T, ConnectorError> {
+    let config = parse(kind, value)?;
+    validate(&config)?;
+    Ok(config)
 }
 
 /// `invalid_config`: `"<kind> config: <key> = <value:?>: <allowed>"`. Only for values
@@ -62,5 +75,31 @@ pub fn https_or_loopback(url: &str) -> Result<url::Url, &'static str> {
              (credentials travel with every request)",
         ),
         _ => Err("an https:// URL (http:// only to a loopback address)"),
+    }
+}
+
+/// A listener's `ip:port` (port 0: any free port), else `invalid` naming an example on
+/// `example_port`.
+pub fn listen_addr(
+    kind: &str,
+    key: &str,
+    value: &str,
+    example_port: u16,
+) -> Result<SocketAddr, ConnectorError> {
+    value.parse().map_err(|_| {
+        let allowed =
+            format!("an IP address and port, e.g. 127.0.0.1:{example_port} or [::]:{example_port}");
+        invalid(kind, key, &value, &allowed)
+    })
+}
+
+/// An HTTP path a listener serves: absolute, without query, fragment or spaces; else
+/// `invalid` naming `example`.
+pub fn url_path(kind: &str, key: &str, value: &str, example: &str) -> Result<(), ConnectorError> {
+    if value.starts_with('/') && !value.contains(['?', '#', ' ']) {
+        Ok(())
+    } else {
+        let allowed = format!("an absolute path without query, e.g. {example}");
+        Err(invalid(kind, key, &value, &allowed))
     }
 }

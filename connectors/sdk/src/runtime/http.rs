@@ -612,7 +612,9 @@ async fn connection(stream: TcpStream, listener: Arc<Listener>) {
 async fn refuse_busy(mut stream: TcpStream, max: usize) {
     let body = json!({
         "ok": false,
-        "error": format!("this listener serves {max} connections already; try again shortly"),
+        "error": format!(
+            "this listener serves {max} connections already (max_connections); try again shortly"
+        ),
     })
     .to_string();
     let answer = format!(

@@ -326,7 +326,6 @@ fn config_helpers() {
     #[derive(serde::Deserialize, Debug)]
     #[serde(deny_unknown_fields)]
     struct C {
-        #[allow(dead_code)]
         a: u32,
     }
     let e = config::parse::<C>("k", json!({"a": 1, "b": 2})).unwrap_err();
@@ -336,4 +335,20 @@ fn config_helpers() {
         "{}",
         e.message
     );
+    // The checks after parsing run on what was parsed.
+    let small = |c: &C| config::in_range("k", "a", c.a, 0..=9);
+    assert!(config::parse_checked("k", json!({"a": 9}), small).is_ok());
+    let e = config::parse_checked("k", json!({"a": 10}), small).unwrap_err();
+    assert_eq!(e.message, "k config: a = 10: 0 to 9");
+    assert_eq!(
+        config::listen_addr("k", "listen", "[::]:80", 8088).unwrap(),
+        "[::]:80".parse().unwrap()
+    );
+    let e = config::listen_addr("k", "listen", "localhost:80", 8088).unwrap_err();
+    assert!(e.message.contains("127.0.0.1:8088"), "{}", e.message);
+    assert!(config::url_path("k", "path", "/in", "/x").is_ok());
+    for bad in ["in", "/in?x=1", "/a b", "/in#f"] {
+        let e = config::url_path("k", "path", bad, "/x").unwrap_err();
+        assert!(e.message.contains("e.g. /x"), "{bad}: {}", e.message);
+    }
 }

@@ -1,0 +1,406 @@
+//! Unit tests of the telegram connector: config checks, the offset file, send plans,
+//! and start/send/stop against a small Bot API stand-in on 127.0.0.1.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use patchbay_connector_sdk::{ChannelState, Connector, Host, Outbound};
+use serde_json::{Value, json};
+
+use crate::sender::{MAX_CAPTION, MAX_TEXT};
+use crate::{Config, DEFAULT_API_BASE, OffsetFile, Telegram, plan_send};
+
+fn cfg(extra: Value) -> Value {
+    let mut v = json!({"token": "123456:ABC-def_1"});
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    v
+}
+
+#[test]
+fn config_defaults_and_validation() {
+    let c = Config::parse(cfg(json!({}))).unwrap();
+    assert_eq!(c.api_base, DEFAULT_API_BASE);
+    assert_eq!(c.poll_timeout_secs, 25);
+    assert_eq!(c.bot_id(), "123456");
+    assert!(!format!("{c:?}").contains("ABC"));
+    for bad in [
+        json!({}),
+        json!({"token": "nocolon"}),
+        json!({"token": "abc:def"}),
+        json!({"token": "1:has space"}),
+        cfg(json!({"api_base": "ftp://x"})),
+        cfg(json!({"api_base": "http://api.telegram.org"})),
+        cfg(json!({"api_base": "http://localhost:8081"})),
+        cfg(json!({"api_base": "http://10.0.0.5:8081"})),
+        cfg(json!({"api_base": "http://[fe80::1]:8081"})),
+        cfg(json!({"api_base": "not a url"})),
+        cfg(json!({"poll_timeout_secs": 51})),
+        cfg(json!({"request_timeout_secs": 0})),
+        cfg(json!({"poll_timeout": 1})),
+    ] {
+        let e = Config::parse(bad.clone()).unwrap_err();
+        assert_eq!(e.code, "invalid_config", "{bad}");
+        assert!(
+            !e.message.contains("ABC-def"),
+            "token leaked: {}",
+            e.message
+        );
+    }
+}
+
+#[test]
+fn api_base_is_https_except_to_loopback() {
+    for ok in [
+        "https://api.telegram.org",
+        "https://bots.example.net:8443/prefix",
+        "http://127.0.0.1:8081",
+        "http://127.1.2.3",
+        "http://[::1]:8081/",
+    ] {
+        let c = Config::parse(cfg(json!({ "api_base": ok })));
+        assert!(c.is_ok(), "{ok}: {:?}", c.err());
+    }
+    for bad in [
+        "http://api.telegram.org",
+        "http://192.168.1.10:8081",
+        "http://localhost:8081",
+    ] {
+        let e = Config::parse(cfg(json!({ "api_base": bad }))).unwrap_err();
+        assert_eq!(e.code, "invalid_config");
+        assert!(
+            e.message.contains("api_base") && e.message.contains("only allowed to a loopback"),
+            "{bad}: {}",
+            e.message
+        );
+    }
+}
+
+#[test]
+fn offset_file_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = OffsetFile::new(&dir.path().join("sub"), "42");
+    assert_eq!(f.load().unwrap(), None);
+    f.save(17).unwrap();
+    assert_eq!(f.load().unwrap(), Some(17));
+    f.save(18).unwrap();
+    assert_eq!(f.load().unwrap(), Some(18));
+    std::fs::write(dir.path().join("sub/telegram-42.offset"), "junk").unwrap();
+    assert!(f.load().is_err());
+}
+
+#[test]
+fn send_plans() {
+    let chat = json!(42);
+    let p = plan_send(&chat, "hi", &[]).unwrap();
+    assert_eq!(
+        p,
+        vec![("sendMessage", json!({"chat_id": 42, "text": "hi"}))]
+    );
+    let long = "x".repeat(MAX_TEXT + 1);
+    assert_eq!(plan_send(&chat, &long, &[]).unwrap().len(), 2);
+    let p = plan_send(
+        &chat,
+        "see",
+        &[
+            json!({"type": "photo", "file_id": "F"}),
+            json!({"type": "document", "url": "https://x/a.pdf"}),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        p[0],
+        (
+            "sendPhoto",
+            json!({"chat_id": 42, "photo": "F", "caption": "see"})
+        )
+    );
+    assert_eq!(
+        p[1],
+        (
+            "sendDocument",
+            json!({"chat_id": 42, "document": "https://x/a.pdf"})
+        )
+    );
+    let p = plan_send(&chat, "hi", &[json!({"type": "sticker", "file_id": "S"})]).unwrap();
+    assert_eq!(p.len(), 2, "stickers take no caption: {p:?}");
+    assert_eq!(
+        plan_send(&chat, "", &[json!({"type": "hologram", "file_id": "H"})])
+            .unwrap_err()
+            .code,
+        "unsupported_attachment"
+    );
+    assert_eq!(
+        plan_send(&chat, "", &[]).unwrap_err().code,
+        "invalid_message"
+    );
+    // A reply: the first call answers the message; the reply alone sends nothing.
+    let reply = json!({"type": "reply", "external_message_id": "42:5"});
+    let p = plan_send(&chat, "yes", std::slice::from_ref(&reply)).unwrap();
+    assert_eq!(
+        p,
+        vec![(
+            "sendMessage",
+            json!({"chat_id": 42, "text": "yes",
+                   "reply_parameters": {"message_id": 5, "allow_sending_without_reply": true}})
+        )]
+    );
+    let p = plan_send(
+        &chat,
+        "",
+        &[
+            json!({"type": "reply", "external_message_id": "7:5"}),
+            json!({"type": "photo", "file_id": "F"}),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        p[0].1["reply_parameters"],
+        json!({"message_id": 5, "chat_id": 7, "allow_sending_without_reply": true})
+    );
+    assert_eq!(
+        plan_send(&chat, "", &[reply]).unwrap_err().code,
+        "invalid_message"
+    );
+    let bad = json!({"type": "reply", "external_message_id": "nonsense"});
+    assert_eq!(
+        plan_send(&chat, "x", &[bad]).unwrap_err().code,
+        "invalid_message"
+    );
+}
+
+#[test]
+fn send_needs_a_chat_id() {
+    let mut t = Telegram::create(cfg(json!({})), Host::detached()).unwrap();
+    let e = t
+        .send(Outbound {
+            message: 1,
+            external_chat_id: String::new(),
+            to: Default::default(),
+            text: "x".into(),
+            attachments: vec![],
+        })
+        .unwrap_err();
+    assert_eq!(e.code, "no_chat");
+}
+
+/// A Bot API stand-in: answers each request by method from `answer` (status, body),
+/// one connection per request, and records the methods called.
+fn fake_api(
+    answer: impl Fn(&str) -> (u16, Value) + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (seen, answer) = (calls.clone(), Arc::new(answer));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (seen, answer) = (seen.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn);
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let method = line.split('/').nth(2).unwrap_or("").split(' ').next();
+                let method = method.unwrap_or("").to_owned();
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                if method == "getUpdates" {
+                    // A long poll that finds nothing.
+                    std::thread::sleep(Duration::from_millis(500));
+                } else {
+                    seen.lock().unwrap().push(method.clone());
+                }
+                let (status, body) = answer(&method);
+                let body = body.to_string();
+                let out = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = r.into_inner().write_all(out.as_bytes());
+            });
+        }
+    });
+    (url, calls)
+}
+
+#[test]
+fn a_part_that_fails_after_another_was_sent_is_not_retried() {
+    let (url, calls) = fake_api(|method| match method {
+        "getMe" => (
+            200,
+            json!({"ok": true, "result": {"id": 1, "first_name": "B"}}),
+        ),
+        "getUpdates" => (200, json!({"ok": true, "result": []})),
+        "sendPhoto" => (
+            200,
+            json!({"ok": true, "result": {"message_id": 7, "chat": {"id": 42}}}),
+        ),
+        _ => (
+            502,
+            json!({"ok": false, "error_code": 502, "description": "Bad Gateway"}),
+        ),
+    });
+    let mut t = Telegram::create(
+        cfg(json!({"api_base": url, "request_timeout_secs": 2, "poll_timeout_secs": 0})),
+        Host::detached(),
+    )
+    .unwrap();
+    t.start().unwrap();
+    let msg = |text: String, attachments| Outbound {
+        message: 1,
+        external_chat_id: "42".into(),
+        to: Default::default(),
+        text,
+        attachments,
+    };
+    // Photo first (caption too long to ride along), then the text: the text fails.
+    let photo = vec![json!({"type": "photo", "file_id": "F"})];
+    let e = t
+        .send(msg("x".repeat(MAX_CAPTION + 1), photo.clone()))
+        .unwrap_err();
+    assert_eq!(e.code, "partially_sent", "{e:?}");
+    assert!(!e.retryable, "a retry would send the photo twice");
+    assert!(e.message.contains("42:7"), "{}", e.message);
+    // Nothing sent yet when the first part fails: retryable as usual.
+    let e = t.send(msg("hi".into(), vec![])).unwrap_err();
+    assert_eq!((e.code.as_str(), e.retryable), ("unavailable", true));
+    let sends: Vec<String> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.starts_with("send"))
+        .cloned()
+        .collect();
+    assert_eq!(sends, ["sendPhoto", "sendMessage", "sendMessage"]);
+    t.stop().unwrap();
+}
+
+#[test]
+fn stop_cancels_a_call_in_flight_and_joins() {
+    // A server that accepts and never answers: getMe hangs like a long poll.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = std::thread::spawn(move || silent.accept().map(|(conn, _)| conn));
+    let mut t = Telegram::create(
+        cfg(json!({"api_base": format!("http://{addr}"), "request_timeout_secs": 25})),
+        Host::detached(),
+    )
+    .unwrap();
+    t.start().unwrap();
+    // Wait until the call is in flight.
+    let conn = held.join().unwrap().unwrap();
+    let started = Instant::now();
+    t.stop().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(t.running.is_none());
+    // The call was dropped with its connection: the server sees EOF.
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut conn = conn;
+    loop {
+        match std::io::Read::read(&mut conn, &mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("connection still open after stop: {e}"),
+        }
+    }
+}
+
+#[test]
+fn stop_is_prompt_even_when_the_api_is_unreachable() {
+    // Port 1 on loopback refuses connections: getMe fails and backs off.
+    let mut t = Telegram::create(
+        cfg(json!({"api_base": "http://127.0.0.1:1", "request_timeout_secs": 1})),
+        Host::detached(),
+    )
+    .unwrap();
+    t.start().unwrap();
+    let waiting = Instant::now();
+    while t.status().reason.is_none() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            t.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = t.status();
+    assert_eq!(s.state, ChannelState::Connecting, "{s:?}");
+    assert!(s.reason.unwrap_or_default().contains("unavailable"));
+    let started = Instant::now();
+    t.stop().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(t.status().state, ChannelState::Disconnected);
+}
+
+#[test]
+fn stopping_one_bot_leaves_the_others_running() {
+    let (url, calls) = fake_api(|method| match method {
+        "getMe" => (
+            200,
+            json!({"ok": true, "result": {"id": 1, "first_name": "B", "username": "b"}}),
+        ),
+        "getUpdates" => (200, json!({"ok": true, "result": []})),
+        _ => (
+            200,
+            json!({"ok": true, "result": {"message_id": 9, "chat": {"id": 42}}}),
+        ),
+    });
+    let config = cfg(json!({"api_base": url, "poll_timeout_secs": 0}));
+    let mut bots: Vec<Telegram> = (0..3)
+        .map(|_| Telegram::create(config.clone(), Host::detached()).unwrap())
+        .collect();
+    for b in &mut bots {
+        b.start().unwrap();
+    }
+    let waiting = Instant::now();
+    while bots
+        .iter()
+        .any(|b| b.status().state != ChannelState::Connected)
+    {
+        assert!(waiting.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bots[1].stop().unwrap();
+    assert_eq!(bots[1].status().state, ChannelState::Disconnected);
+    let msg = || Outbound {
+        message: 1,
+        external_chat_id: "42".into(),
+        to: Default::default(),
+        text: "hi".into(),
+        attachments: vec![],
+    };
+    // The others still poll and send on the shared runtime; the stopped one does not.
+    for i in [0, 2] {
+        assert_eq!(bots[i].status().state, ChannelState::Connected);
+        assert_eq!(bots[i].send(msg()).unwrap().external_message_id, "42:9");
+    }
+    assert_eq!(bots[1].send(msg()).unwrap_err().code, "not_running");
+    let sends = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| *m == "sendMessage")
+        .count();
+    assert_eq!(sends, 2);
+    for b in &mut bots {
+        b.stop().unwrap();
+    }
+}
