@@ -19,9 +19,10 @@
 //!   next to every push) and otherwise only by the slow fallback timer, for jobs that
 //!   other processes pushed;
 //! * a fetch that found less than a full batch lets the next one start no sooner than
-//!   [`SHORT_FETCH_GAP`] after it: woken by every push, a worker at a moderate rate
-//!   would otherwise claim a job or two per write transaction. A full batch (a backlog)
-//!   or a worker idle for longer is fetched at once.
+//!   [`SHORT_FETCH_GAP`] after it (one asked for sooner answers empty at once, and the
+//!   worker is woken when the gap ends): woken by every push, a worker at a moderate
+//!   rate would otherwise claim a job or two per write transaction. A full batch (a
+//!   backlog) or a worker idle for longer is fetched at once.
 
 use std::{
     sync::{
@@ -85,6 +86,10 @@ struct QuietPersistence {
     alive_at: Arc<AtomicU64>,
     /// No fetch before this (set by a fetch that found less than a full batch).
     next_fetch: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// The worker's wake-up notifier, signalled when that gap ends, and whether such a
+    /// signal is already on its way.
+    wake: Arc<Notify>,
+    wake_armed: Arc<AtomicBool>,
 }
 
 fn unix_secs() -> u64 {
@@ -188,8 +193,20 @@ impl Persistence for QuietPersistence {
 
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Vec<Task<Vec<u8>>>, Error> {
         let not_before = *self.next_fetch.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = not_before {
-            tokio::time::sleep_until(t).await;
+        if let Some(t) = not_before
+            && tokio::time::Instant::now() < t
+        {
+            // Not now: answer empty at once (a fetch that waited here would hold back
+            // the acks queued behind it) and wake the worker when the gap ends.
+            if !self.wake_armed.swap(true, Ordering::AcqRel) {
+                let (wake, armed) = (self.wake.clone(), self.wake_armed.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(t).await;
+                    armed.store(false, Ordering::Release);
+                    wake.notify_one();
+                });
+            }
+            return Ok(Vec::new());
         }
         let tasks = self.fetch_now(worker).await?;
         let short = tasks.len() < self.config.batch_size;
@@ -274,6 +291,7 @@ impl SqliteWorker {
         written: Arc<Notify>,
         wake: WakeSource,
     ) -> Self {
+        let notify = wake.notifier();
         SqliteWorker {
             persisted: Persisted::new(QuietPersistence {
                 pool: pool.clone(),
@@ -283,6 +301,8 @@ impl SqliteWorker {
                 busy: Arc::new(AtomicBool::new(true)),
                 alive_at: Arc::new(AtomicU64::new(0)),
                 next_fetch: Arc::default(),
+                wake: notify,
+                wake_armed: Arc::new(AtomicBool::new(false)),
             }),
             wake,
         }

@@ -61,6 +61,11 @@ impl WakeSource {
         }
     }
 
+    /// The notifier this source listens to (to wake the worker from elsewhere).
+    pub(super) fn notifier(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+
     /// Whether a push or the fallback timer fired since the last call. Either way both
     /// are left armed with `cx`'s waker, so the worker's task is woken by the next one.
     pub(super) fn poll_woken(&mut self, cx: &mut Context<'_>) -> bool {
