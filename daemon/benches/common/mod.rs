@@ -1,13 +1,14 @@
-//! Shared by the end-to-end benches (`inbound`, `billing`, `deletion`): the real
-//! release-built `patchbayd` in a temp folder with its own config, a throwaway
-//! redis-server, a control-socket client, the bench's access to the store (`store.rs`:
-//! the SQLite file or a database of the bench's own PostgreSQL, `postgres.rs`), and a
-//! few measuring helpers. Not a bench target itself (cargo only discovers
-//! `benches/*.rs`).
+//! Shared by the end-to-end benches (`inbound`, `billing`, `deletion`, `idle`,
+//! `cluster`, `density`): the real release-built `patchbayd` in a temp folder with its
+//! own config, a throwaway redis-server, a control-socket client, the bench's access to
+//! the store (`store.rs`: the SQLite file or a database of the bench's own PostgreSQL,
+//! `postgres.rs`), and a few measuring helpers. Not a bench target itself (cargo only
+//! discovers `benches/*.rs`).
 //!
-//! Overrides: `PATCHBAYD_BIN` (the daemon binary), `LOOPBACK_LIB` or `PLUGIN_DIR`
-//! (where `libloopback.so` is), `BENCH_TMPDIR` (where the temp folders go),
-//! `BENCH_STORE` (`sqlite`, `postgres` or `both`), `BENCH_PG_EXPLAIN` (see postgres.rs).
+//! Overrides: `PATCHBAYD_BIN` (the daemon binary), `LOOPBACK_LIB` / `TELEGRAM_LIB` or
+//! `PLUGIN_DIR` (where `libloopback.so` / `libtelegram.so` are), `BENCH_TMPDIR` (where
+//! the temp folders go), `BENCH_STORE` (`sqlite`, `postgres` or `both`),
+//! `BENCH_PG_EXPLAIN` (see postgres.rs).
 
 #![allow(dead_code)]
 
@@ -85,24 +86,30 @@ pub fn patchbayd_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_patchbayd")))
 }
 
-/// `libloopback.so`: `LOOPBACK_LIB`, else in `PLUGIN_DIR`, else beside the daemon binary
-/// (cargo puts the workspace's cdylibs in `target/release` and `target/release/deps`).
+/// `libloopback.so`: `LOOPBACK_LIB`, else in `PLUGIN_DIR`, else beside the daemon binary.
 pub fn loopback_lib() -> PathBuf {
-    if let Some(p) = std::env::var_os("LOOPBACK_LIB") {
+    connector_lib("libloopback.so", "LOOPBACK_LIB")
+}
+
+/// A connector library `file`: the path in `var`, else in `PLUGIN_DIR`, else beside the
+/// daemon binary (cargo puts the workspace's cdylibs in `target/release` and
+/// `target/release/deps`).
+pub fn connector_lib(file: &str, var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
     if let Some(d) = std::env::var_os("PLUGIN_DIR") {
-        return Path::new(&d).join("libloopback.so");
+        return Path::new(&d).join(file);
     }
     let bin = patchbayd_bin();
     let dir = bin.parent().expect("binary folder").to_path_buf();
-    [dir.join("libloopback.so"), dir.join("deps/libloopback.so")]
+    [dir.join(file), dir.join("deps").join(file)]
         .into_iter()
         .find(|p| p.exists())
         .unwrap_or_else(|| {
             panic!(
-                "libloopback.so not found beside {}; build the workspace (cargo build --release \
-                 --workspace) or set LOOPBACK_LIB",
+                "{file} not found beside {}; build the workspace (cargo build --release \
+                 --workspace) or set {var}",
                 bin.display()
             )
         })
@@ -142,6 +149,12 @@ pub fn rss_anon_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "RssAnon:")
 }
 
+/// The number of threads of a process (`Threads:` in /proc/<pid>/status).
+pub fn threads(pid: u32) -> Option<u64> {
+    status_kib(pid, "Threads:")
+}
+
+/// A numeric field of /proc/<pid>/status (the memory ones are in KiB).
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
