@@ -191,3 +191,32 @@ async fn embedded_default_starts_a_demo_account() {
         assert_eq!(child.wait().expect("wait").code(), Some(0));
     }
 }
+
+/// A daemon that stops with no other running marks its channels `disconnected`: no
+/// status claims a channel runs while no daemon runs it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_daemon_leaves_no_channel_connected() {
+    let mut d = Daemon::start(Backend::Sqlite);
+    let (acc, admin) = d.account("stop").await;
+    d.loopback(acc, admin, json!({})).await;
+    let connected = "SELECT COUNT(*) FROM channels WHERE status = 'connected'";
+    d.until("the channel runs", Duration::from_secs(20), || async {
+        (d.store_count(connected).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(d.terminate(), Some(0));
+    assert_eq!(d.store_count(connected).await, 0, "stopped: none connected");
+    let said = d
+        .store_count(
+            "SELECT COUNT(*) FROM channels WHERE status = 'disconnected' \
+             AND status_reason IS NOT NULL",
+        )
+        .await;
+    assert_eq!(said, 1, "the channel says why");
+    // Started again, it runs the channel again.
+    d.spawn();
+    d.until("the channel runs again", Duration::from_secs(20), || async {
+        (d.store_count(connected).await == 1).then_some(())
+    })
+    .await;
+}

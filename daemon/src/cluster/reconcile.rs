@@ -36,9 +36,19 @@ const DEAD_NODE_KEPT_MS: i64 = 3_600_000;
 const UNOWNED: &str = "no node runs it now (its node stopped or lost its lease); \
                        another node takes it within the lease TTL";
 
+/// What a channel says while the one daemon of its SQLite store is not running.
+const STOPPED: &str = "patchbayd is not running; the channel connects when it starts";
+
 /// The reconcile loop, until `stop`.
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let every = if app.leases.shared { ROUND } else { SOLO_ROUND };
+    if !app.leases.shared {
+        // A daemon killed before its `leave` left its channels `connected`: that was a
+        // previous process, and this one has not started them yet.
+        if let Err(e) = app.store.disconnect_unowned(STOPPED).await {
+            tracing::warn!(error = %e, "cannot mark the channels disconnected");
+        }
+    }
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -311,11 +321,20 @@ async fn converge(app: &App, runnable: Vec<Channel>) {
 /// other nodes take the channels at their next round instead of after the TTL.
 pub async fn leave(app: &App) {
     if !app.leases.shared {
+        // Alone on the store: nothing runs its channels until it starts again, and no
+        // status may claim otherwise (`disconnect_unowned`: no leases, so all of them).
+        if let Err(e) = app.store.disconnect_unowned(STOPPED).await {
+            tracing::warn!(error = %e, "cannot mark the channels disconnected");
+        }
         return;
     }
     app.leases.forget_all();
     let released = app.store.release_leases(&app.leases.node_id, None).await;
     let left = app.store.node_leave(&app.leases.node_id).await;
+    // What nobody else runs now (the last node stopping) says so at once.
+    if let Err(e) = app.store.disconnect_unowned(UNOWNED).await {
+        tracing::debug!(error = %e, "cannot mark unowned channels disconnected");
+    }
     match (released, left) {
         (Ok(n), Ok(())) => tracing::info!(channels = n, "released the channel leases"),
         (Err(e), _) | (_, Err(e)) => {
