@@ -462,7 +462,8 @@ async fn a_failing_channel_shows_its_error_and_recovers_while_others_carry_on() 
     .await;
     let healthy_before = inbound_count(&d, acc, healthy).await;
 
-    // Its first two starts fail, the third succeeds.
+    // Its first three starts fail, the fourth succeeds (the last error lasts the 4 s
+    // of its backoff: long enough for a poll of a loaded machine to see it).
     let flaky = d
         .ok(
             "channel.add",
@@ -470,7 +471,7 @@ async fn a_failing_channel_shows_its_error_and_recovers_while_others_carry_on() 
                 "flaky",
                 acc,
                 admin,
-                json!({"fail_start": true, "fault_starts": 2, "id_prefix": "fl", "rate_per_sec": 5, "clients": 1}),
+                json!({"fail_start": true, "fault_starts": 3, "id_prefix": "fl", "rate_per_sec": 5, "clients": 1}),
             ),
         )
         .await["id"]
@@ -495,9 +496,11 @@ async fn a_failing_channel_shows_its_error_and_recovers_while_others_carry_on() 
         .filter(|l| l.contains("fail_start is set") && mentions(l, flaky))
         .filter(|l| l.contains("retry_in="))
         .collect();
-    assert_eq!(retries.len(), 2, "two failed starts: {retries:?}");
+    assert_eq!(retries.len(), 3, "three failed starts: {retries:?}");
     assert!(
-        retries[0].contains("retry_in=1s") && retries[1].contains("retry_in=2s"),
+        retries[0].contains("retry_in=1s")
+            && retries[1].contains("retry_in=2s")
+            && retries[2].contains("retry_in=4s"),
         "the backoff grows: {retries:?}"
     );
 
