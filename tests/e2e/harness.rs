@@ -1,5 +1,5 @@
-//! Test fixtures that own their components: a throwaway redis-server on a unix socket,
-//! and the real patchbayd binary in a temp folder, driven over its control socket —
+//! Test fixtures that own their components: the real patchbayd binary in a temp folder
+//! (with a throwaway redis-server of its own, `redis.rs`), driven over its control socket —
 //! optionally on a wall clock the test moves forward (libfaketime), for billing days.
 
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +18,8 @@ pub const PATCHBAYCTL: &str = env!("CARGO_BIN_EXE_patchbayctl");
 #[path = "../support/store_arg.rs"]
 mod store_arg;
 pub use store_arg::StoreArg;
+
+pub use crate::redis::Redis;
 
 enum StoreConn {
     Sqlite(sqlx::SqliteConnection),
@@ -50,118 +52,6 @@ pub enum Backend {
     /// lose the last second of pushes: the daemon journals inbound messages first unless
     /// `queue.redis_trust_everysec` says otherwise.
     RedisEverysec,
-}
-
-/// A redis-server of our own on a unix socket; never the machine's shared one.
-pub struct Redis {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    dir: tempfile::TempDir,
-    /// With an append-only file: its `appendfsync` policy.
-    aof: Option<&'static str>,
-    /// Also listening on TCP here (`start_on`).
-    tcp: Option<std::net::SocketAddr>,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        Redis::start_persistent(None)
-    }
-
-    /// With `aof`, an append-only file in the server's own folder, synced by that
-    /// `appendfsync` policy (`always`, `everysec`).
-    pub fn start_persistent(aof: Option<&'static str>) -> Redis {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("redis.sock");
-        let mut redis = Redis {
-            child: None,
-            socket,
-            dir,
-            aof,
-            tcp: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    /// Also listening on TCP on `addr` (an address of the test's own, such as a veth
-    /// end), on a port free there.
-    #[allow(dead_code)] // e2e_postgres only (cluster.rs)
-    pub fn start_on(addr: std::net::IpAddr) -> Redis {
-        let port = std::net::TcpListener::bind((addr, 0))
-            .and_then(|l| l.local_addr())
-            .unwrap_or_else(|e| panic!("no free port on {addr}: {e}"))
-            .port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("redis.sock");
-        let mut redis = Redis {
-            child: None,
-            socket,
-            dir,
-            aof: None,
-            tcp: Some((addr, port).into()),
-        };
-        redis.restart();
-        redis
-    }
-
-    /// Kills the server (an outage); its data is gone, as with `--save ""`, unless it
-    /// has an append-only file.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
-
-    /// Starts the server (again) on the same socket.
-    pub fn restart(&mut self) {
-        self.stop();
-        let (bind, port) = match self.tcp {
-            Some(a) => (a.ip().to_string(), a.port().to_string()),
-            None => ("127.0.0.1".to_owned(), "0".to_owned()),
-        };
-        let child = Command::new("redis-server")
-            .args(["--bind", &bind, "--port", &port, "--protected-mode", "no"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                if self.aof.is_some() { "yes" } else { "no" },
-                "--appendfsync",
-                self.aof.unwrap_or("everysec"),
-                "--unixsocketperm",
-                "700",
-            ])
-            .arg("--unixsocket")
-            .arg(&self.socket)
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (.ci/run installs it)");
-        self.child = Some(child);
-        wait_for(Duration::from_secs(10), || self.socket.exists());
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket.display())
-    }
-
-    /// The TCP URL of a [`start_on`](Self::start_on) server.
-    #[allow(dead_code)] // e2e_postgres only (cluster.rs)
-    pub fn tcp_url(&self) -> String {
-        let addr = self.tcp.expect("a server started with start_on");
-        format!("redis://{addr}")
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// The loopback connector cargo built for this test run (a dev-dependency).

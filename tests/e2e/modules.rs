@@ -19,6 +19,7 @@ mod lifecycle;
 mod monitoring;
 #[path = "../support/pg_cluster.rs"]
 mod pg_cluster;
+mod redis;
 mod secrets;
 mod systemd;
 mod telegram;
