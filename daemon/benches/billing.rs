@@ -4,8 +4,9 @@
 //!
 //!     cargo bench -p patchbay-daemon --bench billing
 //!
-//! Seeding: the daemon is started on a fresh folder (so its supervisor launches no
-//! connector instances: 300,000 loopback threads are not what this measures), then the
+//! Seeding: the daemon is started on a fresh folder as a worker-only node
+//! (`node.run_channels = false`: 300,000 loopback connectors are not what this
+//! measures), then the
 //! bench inserts the accounts, one administrator each and three `loopback` channels each
 //! (status `connected`) straight into the store with set-based SQL, while the
 //! daemon is idle. Price 100 per channel per day, so 300 per account:
@@ -413,9 +414,11 @@ async fn bench(
         &store_at,
         // run_at 00:00: the daemon always catches up today's run at start, which the
         // bench lets finish on the empty store before seeding (else it races the seed).
+        // A worker-only node: the reconcile loop would otherwise start the 300,000
+        // seeded channels' connectors, which is not what this measures.
         &format!(
             "[billing]\ndefault_price = 100\nrun_at = \"00:00\"\ntimezone = \"UTC\"\n\
-             [mail]\nspool_dir = {}\n",
+             [node]\nrun_channels = false\n[mail]\nspool_dir = {}\n",
             // A JSON string is a TOML basic string.
             json!(spool.to_string_lossy())
         ),

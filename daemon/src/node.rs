@@ -1,6 +1,7 @@
 //! This daemon as one node of a cluster: `node.name`, the stable name people see in
 //! metrics (the `node` label) and the dashboard, by default the host name, and how many
-//! channels it may run (`node.max_channels`, see `cluster`).
+//! channels it may run (`node.max_channels`, or none with `node.run_channels = false`:
+//! a node that only works the job queue; see `cluster`).
 
 use serde::{Deserialize, Serialize};
 
@@ -9,13 +10,26 @@ use crate::config::ConfigError;
 /// Longest `node.name`.
 const MAX_NAME: usize = 64;
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Empty: the host name. Two daemons on one host need names of their own.
     pub name: String,
     /// Most channels this node runs (0: no limit); the others take the rest.
     pub max_channels: u32,
+    /// False: this node runs no connector at all, only jobs (the others run every
+    /// channel; alone on its store, no channel runs).
+    pub run_channels: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            name: String::new(),
+            max_channels: 0,
+            run_channels: true,
+        }
+    }
 }
 
 /// `node.name`, or the host name when it is empty.

@@ -29,6 +29,8 @@ pub struct Leases {
     pub shared: bool,
     pub ttl: Duration,
     pub max_channels: Option<u64>,
+    /// False (`node.run_channels`): this node holds no channel, on either store.
+    pub runs_channels: bool,
     pub moves_per_round: usize,
     /// The kernel's boot id and this process's PID namespace: two nodes with the same
     /// `host` see the same pids, so one may tell whether the other's process is gone.
@@ -71,7 +73,13 @@ impl Leases {
             started_at: now_ms(),
             shared,
             ttl: Duration::from_secs(config.ttl_secs),
-            max_channels: (node.max_channels > 0).then_some(u64::from(node.max_channels)),
+            // A cap of 0 in the node table: the others' shares cover every channel.
+            max_channels: if node.run_channels {
+                (node.max_channels > 0).then_some(u64::from(node.max_channels))
+            } else {
+                Some(0)
+            },
+            runs_channels: node.run_channels,
             moves_per_round: config.moves_per_round as usize,
             host: host_identity(),
             held: Mutex::default(),
@@ -148,7 +156,7 @@ impl Leases {
     }
 
     pub fn holds(&self, channel: Id) -> bool {
-        !self.shared || self.lock().epochs.contains_key(&channel)
+        self.runs_channels && (!self.shared || self.lock().epochs.contains_key(&channel))
     }
 
     pub fn held(&self) -> HashMap<Id, i64> {
@@ -163,13 +171,19 @@ impl Leases {
     /// those being released here stay out.
     pub(super) fn renewed(&self, sent: Instant, leases: &[(Id, i64)]) {
         let mut held = self.lock();
-        let epochs = leases
+        let epochs: HashMap<Id, i64> = leases
             .iter()
             .copied()
             .filter(|(id, _)| !held.releasing.contains(id))
             .collect();
+        let lost = held.epochs.keys().any(|id| !epochs.contains_key(id));
         held.epochs = epochs;
         held.valid_until = Some(sent + self.ttl);
+        drop(held);
+        if lost {
+            // Another node took some: their connectors stop at once, not next round.
+            self.wake();
+        }
     }
 
     /// Leases taken by a statement sent at `sent`: they end no sooner than `sent` +
@@ -198,6 +212,11 @@ impl Leases {
             // Registered before the deadline is read: a take in between is not missed.
             armed.as_mut().enable();
             match self.fence_at() {
+                // Read off the monotonic clock, not left to the timer: after a pause
+                // (SIGSTOP, a stalled VM) tokio's timer wheel fires past deadlines only
+                // at its next turn, and a renewal answering first would let the node
+                // carry on as if it had never lost its leases.
+                Some(t) if Instant::now() >= t => return,
                 Some(t) => return tokio::time::sleep_until(t.into()).await,
                 None => armed.await,
             }
@@ -243,4 +262,58 @@ fn host_identity() -> Option<String> {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
     Some(format!("{}/{}", boot.trim(), ns.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use futures::FutureExt;
+
+    use super::Leases;
+    use crate::cluster::config::LeasesConfig;
+    use crate::node::NodeConfig;
+
+    fn shared() -> Leases {
+        Leases::new("t", true, &NodeConfig::default(), &LeasesConfig::default())
+    }
+
+    #[tokio::test]
+    async fn a_fence_whose_time_passed_is_due_at_once_and_a_lost_lease_wakes_the_loop() {
+        let leases = shared();
+        assert!(leases.fence_due().now_or_never().is_none(), "nothing held");
+        // The last renewal that answered was sent a whole TTL ago (the node slept).
+        let long_ago = Instant::now() - leases.ttl;
+        leases.renewed(long_ago, &[(1, 1), (2, 1)]);
+        assert!(
+            leases.fence_due().now_or_never().is_some(),
+            "due by the clock, without waiting for the timer"
+        );
+        assert!(leases.woken().now_or_never().is_none(), "none lost yet");
+        leases.renewed(Instant::now(), &[(1, 1)]);
+        assert!(
+            leases.woken().now_or_never().is_some(),
+            "channel 2 went elsewhere: the reconcile loop stops it now"
+        );
+        assert!(leases.holds(1) && !leases.holds(2));
+        assert!(
+            leases.fence_at().expect("held") > Instant::now(),
+            "renewed now"
+        );
+        assert!(leases.fence_due().now_or_never().is_none());
+    }
+
+    #[test]
+    fn a_worker_only_node_holds_nothing_and_registers_a_cap_of_zero() {
+        let node = NodeConfig {
+            run_channels: false,
+            ..NodeConfig::default()
+        };
+        for shared in [false, true] {
+            let leases = Leases::new("w", shared, &node, &LeasesConfig::default());
+            assert!(!leases.holds(7));
+            assert_eq!(leases.info().max_channels, Some(0));
+        }
+        assert!(Leases::new("s", false, &NodeConfig::default(), &LeasesConfig::default()).holds(7));
+    }
 }

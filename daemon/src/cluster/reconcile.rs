@@ -42,6 +42,16 @@ const STOPPED: &str = "patchbayd is not running; the channel connects when it st
 /// The reconcile loop, until `stop`.
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let every = if app.leases.shared { ROUND } else { SOLO_ROUND };
+    if !app.leases.runs_channels {
+        if app.leases.shared {
+            tracing::info!("node.run_channels = false: this node runs jobs, no connector");
+        } else {
+            tracing::warn!(
+                "node.run_channels = false alone on a SQLite store: no channel runs \
+                 until a daemon with run_channels = true starts"
+            );
+        }
+    }
     if !app.leases.shared {
         // A daemon killed before its `leave` left its channels `connected`: that was a
         // previous process, and this one has not started them yet.
