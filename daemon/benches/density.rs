@@ -32,7 +32,8 @@
 //! (channels added one RPC at a time before the batches, default 200), DENSITY_ADD_CONNS
 //! (connections adding batches at once, default 4), DENSITY_POLL_SECS (telegram's
 //! poll_timeout_secs, default 25), DENSITY_CONNECT_SECS (how long to wait for all
-//! connected, default 600), DENSITY_RESTART (0: skip step 4), DENSITY_DEBUG (set: the
+//! connected, default 600), DENSITY_RESTART (0: skip step 4), DENSITY_CONFIG (daemon
+//! config to add, `\n` between lines), DENSITY_DEBUG (set: the
 //! daemon log's tail after each inbound window), plus PATCHBAYD_BIN / LOOPBACK_LIB /
 //! TELEGRAM_LIB / BENCH_TMPDIR (see common/mod.rs).
 
@@ -84,6 +85,8 @@ struct Knobs {
     poll_secs: u64,
     connect_wait: Duration,
     restart: bool,
+    /// `CONFIG` and what DENSITY_CONFIG adds.
+    config: String,
 }
 
 /// What one kind and size gave.
@@ -132,6 +135,11 @@ async fn main() -> Res<()> {
         poll_secs: env_or("DENSITY_POLL_SECS", 25),
         connect_wait: secs("DENSITY_CONNECT_SECS", 600),
         restart: env_or("DENSITY_RESTART", 1) != 0,
+        // TOML lines with `\n` for newlines, e.g. "[plugins]\nliveness_check_ms = 600000".
+        config: format!(
+            "{CONFIG}{}\n",
+            env_or("DENSITY_CONFIG", String::new()).replace("\\n", "\n")
+        ),
     };
     println!("density bench — {}", machine());
     println!(
@@ -221,7 +229,7 @@ async fn run(kind: Kind, n: usize, k: &Knobs, fake: Option<&FakeBotApi>) -> Res<
             plugins.join("libtelegram.so"),
         )?;
     }
-    let mut daemon = Daemon::start(dir.path(), Backend::Sqlite, None, &StoreAt::File, CONFIG)?;
+    let mut daemon = Daemon::start(dir.path(), Backend::Sqlite, None, &StoreAt::File, &k.config)?;
     let pid = daemon.pid();
     let base_threads = threads(pid).ok_or("no /proc status")?;
     let base_anon_kib = rss_anon_kib(pid).ok_or("no /proc status")?;
@@ -333,7 +341,13 @@ async fn run(kind: Kind, n: usize, k: &Knobs, fake: Option<&FakeBotApi>) -> Res<
     drop(dir);
 
     let bdir = tempdir("pb-bench-density-base-");
-    let mut base = Daemon::start(bdir.path(), Backend::Sqlite, None, &StoreAt::File, CONFIG)?;
+    let mut base = Daemon::start(
+        bdir.path(),
+        Backend::Sqlite,
+        None,
+        &StoreAt::File,
+        &k.config,
+    )?;
     let (bacc, badmin) = base.account("baseline").await?;
     let baseline = saturated(&base, bacc, badmin, BASELINE_CHANNELS, "b", k).await?;
     println!(

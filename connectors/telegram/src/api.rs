@@ -8,6 +8,7 @@
 //! trouble is worth retrying. The token never appears in an error message. Calls are
 //! futures, so the poller can drop a long poll the moment the channel stops.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use patchbay_connector_sdk::runtime::tokio;
@@ -92,25 +93,40 @@ pub struct Me {
     pub username: Option<String>,
 }
 
-/// The client for one bot token. Cheap to clone (the connection pool is shared); use it
-/// on the runtime it was first used on.
+/// The HTTP client of every bot of this plugin: one connection pool (keyed by host, so
+/// bots on one Bot API share its connections, which the token in each path tells
+/// apart), one TLS setup and one idle-connection reaper, instead of one of each per bot.
+/// Its connections are tasks of the plugin's runtime, which lives as long as the plugin.
+fn shared_client() -> Result<reqwest::Client, ApiError> {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c.clone());
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| ApiError::Unavailable(format!("cannot build the HTTP client: {e}")))?;
+    Ok(CLIENT.get_or_init(|| client).clone())
+}
+
+/// The client for one bot token. Cheap to clone; use it on the plugin's runtime.
 #[derive(Clone)]
 pub struct Api {
     client: reqwest::Client,
-    /// `{api_base}/bot{token}/`: secret, never logged.
-    prefix: String,
+    /// `{api_base}/bot{token}/`, parsed once (each call only joins its method to it):
+    /// secret, never logged.
+    prefix: reqwest::Url,
     token: String,
 }
 
 impl Api {
     pub fn new(api_base: &str, token: &str) -> Result<Api, ApiError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| ApiError::Unavailable(format!("cannot build the HTTP client: {e}")))?;
+        let prefix = format!("{}/bot{token}/", api_base.trim_end_matches('/'));
+        let prefix = reqwest::Url::parse(&prefix)
+            .map_err(|e| ApiError::Unavailable(format!("api_base is not a usable URL ({e})")))?;
         Ok(Api {
-            client,
-            prefix: format!("{}/bot{token}/", api_base.trim_end_matches('/')),
+            client: shared_client()?,
+            prefix,
             token: token.to_owned(),
         })
     }
@@ -135,11 +151,14 @@ impl Api {
         params: &serde_json::Value,
         timeout: Duration,
     ) -> Result<T, ApiError> {
-        let url = format!("{}{method}", self.prefix);
+        let url = self
+            .prefix
+            .join(method)
+            .map_err(|e| self.unavailable(method, e))?;
         let exchange = async {
             let mut resp = self
                 .client
-                .post(&url)
+                .post(url)
                 .json(params)
                 .send()
                 .await
@@ -274,6 +293,6 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ApiError::Unavailable(_)), "{e}");
         assert!(!e.to_string().contains("SECRET"), "{e}");
-        assert_eq!(api.prefix, "http://127.0.0.1:1/bot123:SECRET/");
+        assert_eq!(api.prefix.as_str(), "http://127.0.0.1:1/bot123:SECRET/");
     }
 }
