@@ -8,7 +8,8 @@
 //! (`node.run_channels = false`: 300,000 loopback connectors are not what this
 //! measures), then the
 //! bench inserts the accounts, one administrator each and three `loopback` channels each
-//! (status `connected`) straight into the store with set-based SQL, while the
+//! (status `disconnected`, as a node running no connector leaves them: charged all
+//! the same) straight into the store with set-based SQL, while the
 //! daemon is idle. Price 100 per channel per day, so 300 per account:
 //! * 90 % of accounts hold 1,000,000 — charged, no e-mail;
 //! * 5 % (id ≡ 1 mod 20) hold 1,000 — charged, 700 left = 3 days: a warning e-mail;
@@ -59,6 +60,12 @@ async fn main() -> Res<()> {
             other => return Err(format!("unknown backend {other}").into()),
         };
         for &store in &stores {
+            if store == StoreKind::Postgres && backend == Backend::Sqlite {
+                // A worker-only node on PostgreSQL needs the shared queue (its sends go
+                // through it to the channels' nodes): the daemon refuses the pair.
+                println!("(skipped: the SQLite queue with the PostgreSQL store)");
+                continue;
+            }
             summary.extend(bench(backend, store, pg.as_ref(), accounts).await?);
         }
     }
@@ -96,7 +103,7 @@ async fn seed(store: &Store, accounts: i64) -> Res<f64> {
             ),
             (
                 "INSERT INTO channels (account_id, kind, name, config, status, created_at) \
-                 SELECT a.id, 'loopback', 'ch' || k.k, '{}', 'connected', $1 FROM accounts a, \
+                 SELECT a.id, 'loopback', 'ch' || k.k, '{}', 'disconnected', $1 FROM accounts a, \
                  (SELECT 1 AS k UNION ALL SELECT 2 UNION ALL SELECT 3) k ORDER BY a.id, k.k",
                 vec![now.into()],
             ),

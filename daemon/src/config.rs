@@ -126,6 +126,9 @@ pub struct PluginsConfig {
     pub liveness_check_ms: u64,
     /// A liveness check unanswered this long means the instance hangs: it is replaced.
     pub liveness_timeout_ms: u64,
+    /// Most liveness checks a second over all instances: beyond that many channels
+    /// (× the period) each instance is checked less often, not the host more.
+    pub liveness_checks_per_sec: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -214,6 +217,7 @@ impl Default for PluginsConfig {
             dir: "target/release".into(),
             liveness_check_ms: 60_000,
             liveness_timeout_ms: 10_000,
+            liveness_checks_per_sec: 50,
         }
     }
 }
@@ -343,10 +347,11 @@ impl Settings {
 
     /// The supervisor's liveness check: how often, and how long an answer may take.
     pub fn liveness(&self) -> crate::plugin_host::supervisor::Liveness {
-        crate::plugin_host::supervisor::Liveness {
-            every: Duration::from_millis(self.raw.plugins.liveness_check_ms),
-            timeout: Duration::from_millis(self.raw.plugins.liveness_timeout_ms),
-        }
+        crate::plugin_host::supervisor::Liveness::new(
+            Duration::from_millis(self.raw.plugins.liveness_check_ms),
+            Duration::from_millis(self.raw.plugins.liveness_timeout_ms),
+            self.raw.plugins.liveness_checks_per_sec,
+        )
     }
 
     pub fn journal_retention(&self) -> Duration {
@@ -559,6 +564,13 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
             "milliseconds from 100 to 600000",
         ));
     }
+    if !(1..=10_000).contains(&raw.plugins.liveness_checks_per_sec) {
+        return Err(ConfigError::new(
+            "plugins.liveness_checks_per_sec",
+            raw.plugins.liveness_checks_per_sec,
+            "checks a second from 1 to 10000",
+        ));
+    }
     if !(1..=86_400).contains(&raw.queue.lost_job_grace_secs) {
         return Err(ConfigError::new(
             "queue.lost_job_grace_secs",
@@ -684,6 +696,19 @@ fn check(raw: Config, base: &Path) -> Result<Settings, ConfigError> {
     check_control_limits(&raw.control)?;
     let http = crate::http::config::check(&raw.http)?;
     let node = crate::node::check(&raw.node)?;
+    if !raw.node.run_channels
+        && matches!(store, StoreLocation::Postgres(_))
+        && queue != QueueBackend::Redis
+    {
+        // Its sends must reach the node that runs their channel: only a shared queue
+        // hands them over.
+        return Err(ConfigError::new(
+            "node.run_channels",
+            false,
+            "true, unless the nodes share the Redis queue (queue.backend = \"redis\"): \
+             a node that runs no channel passes its sends on through it",
+        ));
+    }
     crate::cluster::config::check(&raw.leases)?;
     Ok(Settings {
         http,
@@ -909,6 +934,10 @@ mod tests {
             ("[store]\nurl = \"postgres://x\"", "store.url"),
             ("[store]\nurl = \"mysql://x/db\"", "store.url"),
             ("[store]\npool_size = 0", "store.pool_size"),
+            (
+                "[store]\nurl = \"postgres://u@db/pb\"\n[node]\nrun_channels = false",
+                "node.run_channels",
+            ),
             ("[billing]\nrun_at = \"25:00\"", "billing.run_at"),
             ("[billing.prices]\nloopback = -1", "billing.prices.loopback"),
             (

@@ -151,9 +151,10 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ("queue", differs(&running.queue, &new.queue)),
         ("plugins.dir", running.plugins.dir != new.plugins.dir),
         (
-            "plugins.liveness_check_ms / plugins.liveness_timeout_ms",
+            "plugins.liveness_check_ms / liveness_timeout_ms / liveness_checks_per_sec",
             running.plugins.liveness_check_ms != new.plugins.liveness_check_ms
-                || running.plugins.liveness_timeout_ms != new.plugins.liveness_timeout_ms,
+                || running.plugins.liveness_timeout_ms != new.plugins.liveness_timeout_ms
+                || running.plugins.liveness_checks_per_sec != new.plugins.liveness_checks_per_sec,
         ),
         ("mail", differs(&running.mail, &new.mail)),
         (
@@ -164,7 +165,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ("deletion", differs(&running.deletion, &new.deletion)),
         ("log.format", running.log.format != new.log.format),
         ("http", differs(&running.http, &new.http)),
-        ("node.name", running.node.name != new.node.name),
+        ("node", differs(&running.node, &new.node)),
     ] {
         if changed {
             keys.push(key);

@@ -155,8 +155,21 @@ impl Leases {
         }))
     }
 
+    /// Whether `channel` may run here now. On PostgreSQL: its lease is held and the
+    /// fence point has not passed (a round right after a pause must not start a
+    /// connector the renewal loop is about to fence).
     pub fn holds(&self, channel: Id) -> bool {
-        self.runs_channels && (!self.shared || self.lock().epochs.contains_key(&channel))
+        if !self.runs_channels {
+            return false;
+        }
+        if !self.shared {
+            return true;
+        }
+        let held = self.lock();
+        held.epochs.contains_key(&channel)
+            && held
+                .valid_until
+                .is_some_and(|t| Instant::now() < t - self.ttl / 3)
     }
 
     pub fn held(&self) -> HashMap<Id, i64> {
@@ -195,10 +208,17 @@ impl Leases {
             return;
         }
         let mut held = self.lock();
+        // Nothing held until now (no deadline, or only an empty renewal's): the fence
+        // deadline a waiting `fence_due` needs has just appeared.
+        let arming = held.epochs.is_empty();
         held.epochs.extend(leases.iter().copied());
-        if held.valid_until.is_none() {
+        // While nothing was held an older deadline vouched for nothing: these leases
+        // set it. Otherwise the older (earlier) one stands for all.
+        if arming || held.valid_until.is_none() {
             held.valid_until = Some(sent + self.ttl);
-            drop(held);
+        }
+        drop(held);
+        if arming {
             self.armed.notify_waiters();
         }
     }
@@ -283,8 +303,11 @@ mod tests {
         let leases = shared();
         assert!(leases.fence_due().now_or_never().is_none(), "nothing held");
         // The last renewal that answered was sent a whole TTL ago (the node slept).
-        let long_ago = Instant::now() - leases.ttl;
+        let Some(long_ago) = Instant::now().checked_sub(leases.ttl) else {
+            return; // a host up for less than a TTL
+        };
         leases.renewed(long_ago, &[(1, 1), (2, 1)]);
+        assert!(!leases.holds(1), "past the fence point nothing may start");
         assert!(
             leases.fence_due().now_or_never().is_some(),
             "due by the clock, without waiting for the timer"

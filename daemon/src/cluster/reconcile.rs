@@ -28,7 +28,8 @@ use crate::app::App;
 
 /// Rounds on PostgreSQL: often enough that a released channel is taken within seconds.
 const ROUND: Duration = Duration::from_secs(2);
-/// Rounds on SQLite, where only this daemon changes the channels (a read, no write).
+/// Rounds on SQLite, where only this daemon changes the channels (a read; a
+/// worker-only node's round is one UPDATE instead).
 const SOLO_ROUND: Duration = Duration::from_secs(10);
 /// Dead nodes' rows are kept this long, for `node list`'s history.
 const DEAD_NODE_KEPT_MS: i64 = 3_600_000;
@@ -39,6 +40,10 @@ const UNOWNED: &str = "no node runs it now (its node stopped or lost its lease);
 /// What a channel says while the one daemon of its SQLite store is not running.
 const STOPPED: &str = "patchbayd is not running; the channel connects when it starts";
 
+/// What a channel says while the one daemon of its SQLite store runs no connector.
+const WORKER_ONLY: &str = "patchbayd runs no connector (node.run_channels = false); \
+                           the channel connects once it runs with run_channels = true";
+
 /// The reconcile loop, until `stop`.
 pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let every = if app.leases.shared { ROUND } else { SOLO_ROUND };
@@ -48,7 +53,7 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
         } else {
             tracing::warn!(
                 "node.run_channels = false alone on a SQLite store: no channel runs \
-                 until a daemon with run_channels = true starts"
+                 until this daemon runs again with run_channels = true"
             );
         }
     }
@@ -77,6 +82,12 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
 }
 
 async fn round(app: &App) -> Result<(), DomainError> {
+    if !app.leases.runs_channels && !app.leases.shared {
+        // Nothing runs here nor anywhere else: no channel added or resumed since
+        // may stay `connecting` (one UPDATE, which changes rows only when there are).
+        app.store.disconnect_unowned(WORKER_ONLY).await?;
+        return Ok(());
+    }
     let runnable = app.store.runnable_channels().await?;
     if app.leases.shared {
         rebalance(app, &runnable).await?;

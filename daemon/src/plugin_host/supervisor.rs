@@ -12,9 +12,10 @@
 //! Watching is by event, not by polling: the task sleeps until the instance's
 //! `changes` alarm (an event lost, a panic), a status the connector emitted
 //! (`status_reported`, from the event loop), the end of an error's grace period, its
-//! next liveness check, or the channel's stop. The liveness check — one `status` call
-//! every `Liveness::every` (60 s by default, each instance at its own phase) — is the
-//! only periodic work per channel; a quiet, healthy instance costs a parked task.
+//! next liveness check, or the channel's stop. The liveness check (`liveness`: one
+//! `status` call every 60 s by default, each instance at its own phase, at most 50 a
+//! second in all) is the only periodic work, and its rate does not grow with the
+//! channels; a quiet, healthy instance costs a parked task.
 //!
 //! Plugin calls never run on the async workers, and neither does an instance's last
 //! drop (which stops it if needed and calls the plugin's `destroy`). Calls into one
@@ -34,6 +35,7 @@ use patchbay_jobs::{DomainError, JobError, Store};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use super::liveness::Liveness;
 use super::registry::Registry;
 
 /// Also bounds how long a send holds its message's lease (see `deliver`).
@@ -43,33 +45,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An instance that ran this long before failing resets the backoff; one that fails
 /// sooner (say, connects and then errors at once) keeps backing off.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-/// How often each instance's `status` is asked as a liveness check, and how long its
-/// answer may take before the plugin counts as wedged (`[plugins]` in the config).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Liveness {
-    pub every: Duration,
-    pub timeout: Duration,
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness {
-            every: Duration::from_secs(60),
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Liveness {
-    /// When an instance's first check is due: somewhere in [every/2, 3·every/2) after
-    /// its start, by a hash of its id, so instances started together do not check
-    /// together.
-    fn first_check(&self, instance: u64) -> Duration {
-        let spread = instance.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
-        let frac = spread as f64 / (1u64 << 53) as f64;
-        self.every.mul_f64(0.5 + frac)
-    }
-}
 /// How long a connector may report `error` before it is restarted: long enough for one
 /// to retry a passing failure itself, short enough that a stuck one does not sit idle.
 const ERROR_GRACE: Duration = Duration::from_secs(15);
@@ -416,7 +391,8 @@ impl Supervisor {
                     self.set_instance(id, Some(instance.clone()));
                     let started = Instant::now();
                     let outcome =
-                        watch_instance(&instance, &calls, &reports, self.liveness, &mut stop).await;
+                        watch_instance(&instance, &calls, &reports, &self.liveness, &mut stop)
+                            .await;
                     self.set_instance(id, None);
                     self.set_current(id, None);
                     finish(instance, calls.clone()).await;
@@ -535,12 +511,14 @@ async fn watch_instance(
     instance: &Arc<Instance>,
     calls: &Turn,
     reports: &Reports,
-    liveness: Liveness,
+    liveness: &Liveness,
     stop: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let alarm = instance.changes();
     let mut health = Health::default();
-    let mut next_check = Instant::now() + liveness.first_check(instance.id());
+    let mut next_check = liveness.first_due(instance.id());
+    // The paced time of the check that is due, once taken (`Liveness::pace`).
+    let mut slot: Option<Instant> = None;
     loop {
         if let Some(reason) = dead(instance) {
             return Outcome::Failed(reason);
@@ -554,7 +532,12 @@ async fn watch_instance(
         if let Some(reason) = health.overdue(now) {
             return Outcome::Failed(reason);
         }
-        if health.polling && now >= next_check {
+        let ready = health.polling && now >= next_check && {
+            let at = *slot.get_or_insert_with(|| liveness.pace(now));
+            now >= at
+        };
+        if ready {
+            slot = None;
             tokio::select! {
                 poll = poll_status(instance, calls, liveness.timeout) => {
                     if let Some(reason) = health.record(poll, Instant::now()) {
@@ -563,12 +546,12 @@ async fn watch_instance(
                 }
                 _ = stop.changed() => return Outcome::Stopped,
             }
-            next_check = Instant::now() + liveness.every;
+            next_check = liveness.next_due();
             continue;
         }
         // Far enough that a connector without status sleeps until something happens.
         let check = if health.polling {
-            next_check
+            slot.unwrap_or(next_check)
         } else {
             now + Duration::from_secs(86_400)
         };
