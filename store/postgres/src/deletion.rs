@@ -110,6 +110,13 @@ impl Deletion for PgStore {
     async fn delete_batch(&self, run: Id, limit: u32) -> StoreResult<BatchOutcome> {
         let limit = i64::from(limit.max(1));
         let mut tx = self.pool.begin().await?;
+        // The serial batches need not each wait for their WAL flush: a batch lost in a
+        // server crash takes its run's counts with it and is deleted again, and the
+        // job's own completion (a synchronous commit, later in the WAL) flushes every
+        // batch before it, so a run is never left unfinished behind a finished job.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         // The run's row, locked to the commit: another daemon's batch of this run waits
         // here, then reads the state this one leaves (done, or the counts advanced).
         let row = sqlx::query(concat!(
