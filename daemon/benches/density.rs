@@ -33,7 +33,9 @@
 //! (connections adding batches at once, default 4), DENSITY_POLL_SECS (telegram's
 //! poll_timeout_secs, default 25), DENSITY_CONNECT_SECS (how long to wait for all
 //! connected, default 600), DENSITY_RESTART (0: skip step 4), DENSITY_CONFIG (daemon
-//! config to add, `\n` between lines), DENSITY_DEBUG (set: the
+//! config to add, `\n` between lines; for keys of the tables the bench writes itself,
+//! `[plugins]`, `[billing]` and `[http]`, use `PATCHBAY__…` environment variables,
+//! which the daemon inherits), DENSITY_DEBUG (set: the
 //! daemon log's tail after each inbound window), plus PATCHBAYD_BIN / LOOPBACK_LIB /
 //! TELEGRAM_LIB / BENCH_TMPDIR (see common/mod.rs).
 
