@@ -346,8 +346,8 @@ impl Settings {
     }
 
     /// The supervisor's liveness check: how often, and how long an answer may take.
-    pub fn liveness(&self) -> crate::plugin_host::supervisor::Liveness {
-        crate::plugin_host::supervisor::Liveness::new(
+    pub fn liveness(&self) -> crate::plugin_host::liveness::Liveness {
+        crate::plugin_host::liveness::Liveness::new(
             Duration::from_millis(self.raw.plugins.liveness_check_ms),
             Duration::from_millis(self.raw.plugins.liveness_timeout_ms),
             self.raw.plugins.liveness_checks_per_sec,

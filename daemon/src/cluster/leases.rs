@@ -139,6 +139,11 @@ impl Leases {
         if held.epochs.is_empty() {
             return None;
         }
+        self.fence_point(&held)
+    }
+
+    /// `valid_until` less the third of the TTL the stops are given.
+    fn fence_point(&self, held: &Held) -> Option<Instant> {
         held.valid_until.map(|t| t - self.ttl / 3)
     }
 
@@ -167,9 +172,7 @@ impl Leases {
         }
         let held = self.lock();
         held.epochs.contains_key(&channel)
-            && held
-                .valid_until
-                .is_some_and(|t| Instant::now() < t - self.ttl / 3)
+            && self.fence_point(&held).is_some_and(|t| Instant::now() < t)
     }
 
     pub fn held(&self) -> HashMap<Id, i64> {

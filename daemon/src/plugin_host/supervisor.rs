@@ -9,16 +9,12 @@
 //! than a grace period, or does not answer a liveness check in time. A failing channel
 //! never touches the others.
 //!
-//! Watching is by event, not by polling: the task sleeps until the instance's
-//! `changes` alarm (an event lost, a panic), a status the connector emitted
-//! (`status_reported`, from the event loop), the end of an error's grace period, its
-//! next liveness check, or the channel's stop. The liveness check (`liveness`: one
-//! `status` call every 60 s by default, each instance at its own phase, at most 50 a
-//! second in all) is the only periodic work, and its rate does not grow with the
-//! channels; a quiet, healthy instance costs a parked task.
+//! Watching is by event, not by polling (`watch`); the paced liveness check
+//! (`liveness`) is the only periodic work, and its rate does not grow with the
+//! channels: a quiet, healthy instance costs a parked task.
 //!
-//! Plugin calls never run on the async workers, and neither does an instance's last
-//! drop (which stops it if needed and calls the plugin's `destroy`). Calls into one
+//! Plugin calls never run on the async workers (`blocking`), and neither does an
+//! instance's last drop (which stops it if needed and calls the plugin's `destroy`). Calls into one
 //! instance take the channel's call turn, so a send, a status poll and the final stop
 //! never meet inside the plugin.
 
@@ -27,16 +23,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use patchbay_connector_sdk::host::{Instance, InstanceState, PluginError, RawEvent, codes};
-use patchbay_connector_sdk::{ChannelState, Outbound, Status};
+use patchbay_connector_sdk::host::{Instance, RawEvent};
+use patchbay_connector_sdk::{ChannelState, Outbound};
 use patchbay_jobs::model::{Channel, Id, now_ms};
 use patchbay_jobs::store::{Fence, SendClaim};
 use patchbay_jobs::{DomainError, JobError, Store};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-pub use super::liveness::Liveness;
+use super::blocking::{CallFailure, blocking, release};
+use super::liveness::Liveness;
 use super::registry::Registry;
+use super::watch::{Outcome, Reports, watch_instance};
 
 /// Also bounds how long a send holds its message's lease (see `deliver`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,37 +43,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An instance that ran this long before failing resets the backoff; one that fails
 /// sooner (say, connects and then errors at once) keeps backing off.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-/// How long a connector may report `error` before it is restarted: long enough for one
-/// to retry a passing failure itself, short enough that a stuck one does not sit idle.
-const ERROR_GRACE: Duration = Duration::from_secs(15);
-/// How long a call may keep the instance busy (seen by status polls) before the
-/// instance counts as wedged: a send gives up after CALL_TIMEOUT, so this is beyond any
-/// legitimate call.
-const STUCK_AFTER: Duration = Duration::from_secs(60);
 /// Events one instance may have in flight before its emit gets BUSY.
 const EVENTS_PER_INSTANCE: usize = 4096;
 
 /// The host never calls one instance concurrently: sends, status polls and the final
 /// stop take turns here instead of getting the plugin's `busy`.
-type Turn = Arc<tokio::sync::Mutex<()>>;
-
-/// What the event loop tells a channel's supervising task: the latest status the
-/// connector emitted, and a wake-up.
-#[derive(Default)]
-struct Reports {
-    latest: Mutex<Option<(u64, ChannelState, Option<String>)>>,
-    wake: tokio::sync::Notify,
-}
-
-impl Reports {
-    fn take(&self, instance: u64) -> Option<(ChannelState, Option<String>)> {
-        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        match latest.take() {
-            Some((i, state, reason)) if i == instance => Some((state, reason)),
-            _ => None,
-        }
-    }
-}
+pub(super) type Turn = Arc<tokio::sync::Mutex<()>>;
 
 struct Running {
     /// The channel's connector kind (for metrics' `connector` label).
@@ -128,9 +101,7 @@ impl Supervisor {
     ) {
         let reports = self.lock().get(&channel).map(|r| r.reports.clone());
         if let Some(reports) = reports {
-            *reports.latest.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((instance, state, reason.map(str::to_owned)));
-            reports.wake.notify_one();
+            reports.put(instance, state, reason);
         }
     }
 
@@ -498,281 +469,6 @@ impl Backoff {
     }
 }
 
-enum Outcome {
-    /// The channel was told to stop.
-    Stopped,
-    /// The instance failed, for this reason (the channel's `error` reason).
-    Failed(String),
-}
-
-/// Watches a running instance until the channel is told to stop or the instance fails.
-/// Sleeps until something happens (see the module doc); costs nothing while quiet.
-async fn watch_instance(
-    instance: &Arc<Instance>,
-    calls: &Turn,
-    reports: &Reports,
-    liveness: &Liveness,
-    stop: &mut watch::Receiver<bool>,
-) -> Outcome {
-    let alarm = instance.changes();
-    let mut health = Health::default();
-    let mut next_check = liveness.first_due(instance.id());
-    // The paced time of the check that is due, once taken (`Liveness::pace`).
-    let mut slot: Option<Instant> = None;
-    loop {
-        if let Some(reason) = dead(instance) {
-            return Outcome::Failed(reason);
-        }
-        let now = Instant::now();
-        if let Some((state, reason)) = reports.take(instance.id())
-            && let Some(reason) = health.observe(state, reason, now)
-        {
-            return Outcome::Failed(reason);
-        }
-        if let Some(reason) = health.overdue(now) {
-            return Outcome::Failed(reason);
-        }
-        let ready = health.polling && now >= next_check && {
-            let at = *slot.get_or_insert_with(|| liveness.pace(now));
-            now >= at
-        };
-        if ready {
-            slot = None;
-            tokio::select! {
-                poll = poll_status(instance, calls, liveness.timeout) => {
-                    if let Some(reason) = health.record(poll, Instant::now()) {
-                        return Outcome::Failed(reason);
-                    }
-                }
-                _ = stop.changed() => return Outcome::Stopped,
-            }
-            next_check = liveness.next_due();
-            continue;
-        }
-        // Far enough that a connector without status sleeps until something happens.
-        let check = if health.polling {
-            slot.unwrap_or(next_check)
-        } else {
-            now + Duration::from_secs(86_400)
-        };
-        let wake_at = health.deadline().map_or(check, |d| d.min(check));
-        tokio::select! {
-            _ = stop.changed() => return Outcome::Stopped,
-            () = alarm.notified() => {}
-            () = reports.wake.notified() => {}
-            () = tokio::time::sleep_until(wake_at.into()) => {}
-        }
-    }
-}
-
-/// Why the instance cannot go on, judged from its state alone. An instance that lost
-/// events dies too: its flushes fail from then on, so it would never acknowledge a
-/// message again.
-fn dead(instance: &Instance) -> Option<String> {
-    let lost = instance.lost_events();
-    if instance.is_poisoned() {
-        Some("the connector panicked; restarting it".to_owned())
-    } else if lost > 0 {
-        Some(format!(
-            "the daemon could not store {lost} inbound event(s) of this channel; \
-             restarting the connector so the messenger delivers them again"
-        ))
-    } else if instance.state() != InstanceState::Running {
-        Some("the connector stopped by itself; restarting it".to_owned())
-    } else {
-        None
-    }
-}
-
-/// One `status` poll.
-enum Poll {
-    /// The plugin answered (or the host refused the call, e.g. `busy`).
-    Answered(Result<Status, PluginError>),
-    /// A send holds the channel's turn; it gives up within `CALL_TIMEOUT` by itself.
-    Skipped,
-    /// The call did not return within this (the liveness timeout).
-    TimedOut(Duration),
-}
-
-async fn poll_status(instance: &Arc<Instance>, calls: &Turn, timeout: Duration) -> Poll {
-    let Ok(_turn) = calls.try_lock() else {
-        return Poll::Skipped;
-    };
-    let polled = instance.clone();
-    match blocking(timeout, move || polled.status()).await {
-        Err(CallFailure::TimedOut) => Poll::TimedOut(timeout),
-        Ok(answer) => Poll::Answered(answer),
-        Err(CallFailure::Crashed) => Poll::Answered(Err(PluginError {
-            code: "host_failure".into(),
-            message: "the status call failed in the host".into(),
-            retryable: true,
-        })),
-    }
-}
-
-/// What the status polls of one instance have seen so far.
-struct Health {
-    /// False once the connector said it has no `status`.
-    polling: bool,
-    /// Since when the connector reports `error`, and its latest reason.
-    error_since: Option<(Instant, String)>,
-    /// Since when every poll found another call still running in the instance.
-    busy_since: Option<Instant>,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            polling: true,
-            error_since: None,
-            busy_since: None,
-        }
-    }
-}
-
-impl Health {
-    /// Takes one poll into account; `Some(reason)` when the instance must be replaced.
-    fn record(&mut self, poll: Poll, now: Instant) -> Option<String> {
-        let answer = match poll {
-            Poll::Skipped => return None,
-            Poll::TimedOut(limit) => {
-                return Some(format!(
-                    "the connector did not answer a liveness check (status call) within \
-                     {limit:?}; restarting it"
-                ));
-            }
-            Poll::Answered(answer) => answer,
-        };
-        if !matches!(&answer, Err(e) if e.code == codes::BUSY) {
-            self.busy_since = None;
-        }
-        let reported_error = match answer {
-            Ok(s) => return self.observe(s.state, s.reason, now),
-            Err(e) if e.code == codes::UNSUPPORTED => {
-                self.polling = false;
-                return None;
-            }
-            Err(e) if e.is_panic() => return Some("the connector panicked; restarting it".into()),
-            Err(e) if e.code == codes::BUSY => {
-                let since = *self.busy_since.get_or_insert(now);
-                if now.duration_since(since) >= STUCK_AFTER {
-                    return Some(format!(
-                        "a call to the connector has not returned for {} s; restarting it",
-                        now.duration_since(since).as_secs()
-                    ));
-                }
-                return None;
-            }
-            // Stopped by itself: `dead` reports it at the next check.
-            Err(e) if e.code == codes::NOT_RUNNING => return None,
-            // A status the host cannot read counts as an error report.
-            Err(e) => format!("its status call failed: {}: {}", e.code, e.message),
-        };
-        self.error_reported(reported_error, now)
-    }
-
-    /// Takes a reported state into account (an emitted status event, or a check's
-    /// answer); `Some(reason)` when the instance must be replaced.
-    fn observe(
-        &mut self,
-        state: ChannelState,
-        reason: Option<String>,
-        now: Instant,
-    ) -> Option<String> {
-        if state != ChannelState::Error {
-            self.error_since = None;
-            return None;
-        }
-        self.error_reported(reason.unwrap_or_else(|| "no reason given".to_owned()), now)
-    }
-
-    /// When the error being reported outlasts the grace, if one is.
-    fn deadline(&self) -> Option<Instant> {
-        self.error_since
-            .as_ref()
-            .map(|(since, _)| *since + ERROR_GRACE)
-    }
-
-    /// `Some(reason)` once the error reported since `error_since` outlasted the grace.
-    fn overdue(&self, now: Instant) -> Option<String> {
-        let (since, reason) = self.error_since.as_ref()?;
-        let lasted = now.duration_since(*since);
-        (lasted >= ERROR_GRACE).then(|| {
-            format!(
-                "the connector has reported an error for {} s ({reason}); restarting it",
-                lasted.as_secs()
-            )
-        })
-    }
-
-    fn error_reported(&mut self, reported_error: String, now: Instant) -> Option<String> {
-        match &mut self.error_since {
-            Some((_, reason)) => *reason = reported_error,
-            None => self.error_since = Some((now, reported_error)),
-        }
-        self.overdue(now)
-    }
-}
-
-/// Why a blocking call gave no answer.
-enum CallFailure {
-    /// Not within its time limit; it runs on by itself.
-    TimedOut,
-    /// The host code around the plugin call panicked.
-    Crashed,
-}
-
-/// Runs `f` (a plugin call) on a blocking thread and waits at most `limit` for it. What
-/// it returns may hold the last handle on an instance, whose drop calls the plugin: if
-/// nobody waits for it any more (timeout, or the caller was cancelled), it is dropped on
-/// a blocking thread too.
-async fn blocking<T, F>(limit: Duration, f: F) -> Result<T, CallFailure>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let (tx, rx) = oneshot::channel();
-    tokio::task::spawn_blocking(move || {
-        // A receiver that gave up hands the value back: dropped here, on this thread.
-        let _ = tx.send(f());
-    });
-    let mut answer = Answer(rx);
-    match tokio::time::timeout(limit, &mut answer.0).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(_)) => Err(CallFailure::Crashed),
-        Err(_) => Err(CallFailure::TimedOut),
-    }
-}
-
-/// The receiving end of a blocking call. Closed when dropped, so a later answer stays on
-/// its blocking thread; one that arrived just before is moved to a blocking thread.
-struct Answer<T: Send + 'static>(oneshot::Receiver<T>);
-
-impl<T: Send + 'static> Drop for Answer<T> {
-    fn drop(&mut self) {
-        self.0.close();
-        if let Ok(value) = self.0.try_recv() {
-            on_blocking_thread(move || drop(value));
-        }
-    }
-}
-
-/// Runs `f` on a blocking thread when on the runtime; inline when already off it.
-fn on_blocking_thread(f: impl FnOnce() + Send + 'static) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(f)),
-        Err(_) => f(),
-    }
-}
-
-/// Drops a handle on an instance; the last one is dropped on a blocking thread, since
-/// the instance's `Drop` calls the plugin (its `stop` if needed, then `destroy`).
-fn release(instance: Arc<Instance>) {
-    if let Some(last) = Arc::into_inner(instance) {
-        on_blocking_thread(move || drop(last));
-    }
-}
-
 /// Stops an instance and drops this handle on it, on a blocking thread, taking the
 /// channel's turn first so no send or status poll runs into the stop. Waits at most
 /// `CALL_TIMEOUT`; the stop carries on by itself after that.
@@ -809,83 +505,5 @@ mod tests {
         // An instance that ran long enough starts the count again.
         assert_eq!(secs(b.after_failure(Some(HEALTHY_AFTER))), 1);
         assert_eq!(secs(b.after_failure(None)), 2);
-    }
-
-    fn status(state: ChannelState, reason: Option<&str>) -> Poll {
-        let mut s = Status::new(state);
-        s.reason = reason.map(str::to_owned);
-        Poll::Answered(Ok(s))
-    }
-
-    fn host_error(code: &str) -> Poll {
-        Poll::Answered(Err(PluginError {
-            code: code.into(),
-            message: "m".into(),
-            retryable: true,
-        }))
-    }
-
-    #[test]
-    fn a_reported_error_is_tolerated_for_the_grace_period() {
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut h = Health::default();
-        assert!(
-            h.record(status(ChannelState::Error, Some("down")), at(0))
-                .is_none()
-        );
-        assert!(
-            h.record(status(ChannelState::Error, Some("still down")), at(10))
-                .is_none()
-        );
-        let reason = h
-            .record(status(ChannelState::Error, Some("still down")), at(15))
-            .expect("past the grace period");
-        assert!(reason.contains("15 s (still down)"), "{reason}");
-
-        // Recovering in between starts the grace period again.
-        let mut h = Health::default();
-        assert!(h.record(status(ChannelState::Error, None), at(0)).is_none());
-        assert!(
-            h.record(status(ChannelState::Connected, None), at(10))
-                .is_none()
-        );
-        assert!(
-            h.record(status(ChannelState::Error, None), at(20))
-                .is_none()
-        );
-        assert!(
-            h.record(status(ChannelState::Error, None), at(30))
-                .is_none()
-        );
-        assert!(
-            h.record(status(ChannelState::Error, None), at(35))
-                .is_some()
-        );
-    }
-
-    #[test]
-    fn timeouts_panics_and_stuck_calls_fail_the_instance() {
-        let t0 = Instant::now();
-        let mut h = Health::default();
-        assert!(
-            h.record(Poll::TimedOut(Duration::from_secs(10)), t0)
-                .is_some()
-        );
-        assert!(h.record(host_error(codes::POISONED), t0).is_some());
-        assert!(h.record(Poll::Skipped, t0).is_none());
-        assert!(h.record(host_error(codes::BUSY), t0).is_none());
-        assert!(
-            h.record(host_error(codes::BUSY), t0 + STUCK_AFTER / 2)
-                .is_none()
-        );
-        assert!(
-            h.record(host_error(codes::BUSY), t0 + STUCK_AFTER)
-                .is_some()
-        );
-        // A connector without status is not polled again.
-        let mut h = Health::default();
-        assert!(h.record(host_error(codes::UNSUPPORTED), t0).is_none());
-        assert!(!h.polling);
     }
 }
