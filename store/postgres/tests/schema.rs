@@ -32,7 +32,7 @@ const TABLES: [&str; 14] = [
 ];
 
 /// Every migration of `migrations/`, applied once each.
-const APPLIED: [(i64, bool); 3] = [(1, true), (2, true), (3, true)];
+const APPLIED: [(i64, bool); 4] = [(1, true), (2, true), (3, true), (4, true)];
 
 async fn fresh(hint: &str) -> (String, PgPool) {
     let url = pg_cluster::fresh_database(hint);
