@@ -15,10 +15,3 @@ ALTER TABLE ledger DROP CONSTRAINT ledger_channel_id_fkey;
 -- read all channels each time, 0.5 s at 300,000.
 CREATE INDEX channels_live ON channels (id) WHERE status IN ('connected', 'connecting');
 
--- Most journal rows are written `done` and stay so until the purge (every inbound
--- message's job, every charge): they no longer carry an entry in the state index, which
--- serves the open states only (the sweeps, the open counts of `status`). A third less
--- time per row in the inbound and charge settles' inserts; the purge walks the primary
--- key, and the count of all states reads the table, as it did the whole index.
-DROP INDEX jobs_state;
-CREATE INDEX jobs_state ON jobs (state, kind) WHERE state <> 'done';
