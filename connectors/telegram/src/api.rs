@@ -15,8 +15,10 @@ use patchbay_connector_sdk::runtime::tokio;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::link::Link;
+
 /// Largest response body read; getUpdates with 100 updates stays far below it.
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// The longest `retry_after` believed: a larger (or absurd) value from a server would
 /// otherwise overflow `Instant + Duration` or park the channel for days.
 pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
@@ -129,6 +131,11 @@ impl Api {
             prefix,
             token: token.to_owned(),
         })
+    }
+
+    /// A connection of this bot's own for its poller (`link`), to the same prefix.
+    pub fn link(&self) -> Result<Link, ApiError> {
+        Link::new(&self.prefix, &self.token)
     }
 
     /// Removes the token from text that may quote the URL (reqwest errors do).

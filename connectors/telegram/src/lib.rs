@@ -26,6 +26,7 @@
 pub mod api;
 pub mod bot;
 pub mod config;
+pub mod link;
 pub mod offset;
 pub mod poller;
 pub mod sender;

@@ -3,7 +3,8 @@
 //! stops, the token is refused, or the host closes the instance. Each `message` update
 //! is emitted (backing off while the host is busy); the offset passes a batch only once
 //! the host's flush confirmed its events durable, and is then saved to the offset file.
-//! Every wait and call gives way to the instance's cancel token at once.
+//! Every wait and call gives way to the instance's cancel token at once. The poller's
+//! calls go over the bot's own kept-alive connection (`link`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::api::{ApiError, Me};
 use crate::bot::Bot;
+use crate::link::Link;
 use crate::offset::OffsetFile;
 use crate::update::{self, Skip};
 
@@ -93,13 +95,11 @@ async fn flushed(bot: &Bot, cancel: &CancellationToken) -> bool {
 }
 
 /// getMe until it answers; `None`: stop (the channel stops, or the token is refused).
-async fn who_am_i(bot: &Bot, cancel: &CancellationToken) -> Option<Me> {
+async fn who_am_i(bot: &Bot, link: &mut Link, cancel: &CancellationToken) -> Option<Me> {
     let mut backoff = Duration::from_secs(1);
     let no_params = json!({});
     loop {
-        let call = bot
-            .api
-            .call::<Me>("getMe", &no_params, bot.config.request_timeout());
+        let call = link.call::<Me>("getMe", &no_params, bot.config.request_timeout());
         let result = tokio::select! {
             r = call => r,
             () = cancel.cancelled() => return None,
@@ -187,7 +187,16 @@ async fn emit_batch(
 /// The poller task of one bot.
 pub async fn run(bot: Arc<Bot>, cancel: CancellationToken) {
     let c = &bot.config;
-    let Some(me) = who_am_i(&bot, &cancel).await else {
+    // Api::new parsed the same prefix, so this cannot fail; if it did, say so and stop.
+    let mut link = match bot.api.link() {
+        Ok(l) => l,
+        Err(e) => {
+            bot.log(Level::Error, &format!("telegram: {e}"));
+            bot.set_status(ChannelState::Error, Some(e.to_string()));
+            return;
+        }
+    };
+    let Some(me) = who_am_i(&bot, &mut link, &cancel).await else {
         return;
     };
     let bot_id = me.id.to_string();
@@ -216,9 +225,7 @@ pub async fn run(bot: Arc<Bot>, cancel: CancellationToken) {
         if let (Some(o), Some(p)) = (offset, params.as_object_mut()) {
             p.insert("offset".into(), o.into());
         }
-        let call = bot
-            .api
-            .call::<Vec<Value>>("getUpdates", &params, poll_timeout);
+        let call = link.call::<Vec<Value>>("getUpdates", &params, poll_timeout);
         let result = tokio::select! {
             r = call => r,
             // Dropping the call closes its connection: nothing of it arrives later.

@@ -404,3 +404,87 @@ fn stopping_one_bot_leaves_the_others_running() {
         b.stop().unwrap();
     }
 }
+
+/// A keep-alive Bot API stand-in: answers getMe on every request of a connection and
+/// closes each connection after `per_conn` answers, like a server's idle close. Returns
+/// its URL and the number of connections it accepted.
+fn keep_alive_api(per_conn: usize) -> (String, Arc<Mutex<usize>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted: Arc<Mutex<usize>> = Arc::default();
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            *count.lock().unwrap() += 1;
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn);
+                for _ in 0..per_conn {
+                    let mut len = 0;
+                    let mut first = true;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h.trim().is_empty() && !first {
+                            break;
+                        }
+                        first = false;
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let body = r#"{"ok":true,"result":{"id":7,"first_name":"K"}}"#;
+                    let out = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    r.get_mut().write_all(out.as_bytes()).unwrap();
+                }
+                // Closed without a word, as an idle timeout does.
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[test]
+fn the_poller_link_keeps_its_connection_and_reopens_a_closed_one() {
+    use patchbay_connector_sdk::runtime::tokio::runtime::Builder;
+    let rt = Builder::new_current_thread().enable_all().build().unwrap();
+    let call = |link: &mut crate::link::Link| {
+        rt.block_on(link.call::<Value>("getMe", &json!({}), Duration::from_secs(5)))
+            .map(|me| me["id"].clone())
+    };
+    // Ten calls, one connection.
+    let (url, accepted) = keep_alive_api(usize::MAX);
+    let mut link = crate::api::Api::new(&url, "7:abc").unwrap().link().unwrap();
+    for _ in 0..10 {
+        assert_eq!(call(&mut link).unwrap(), 7);
+    }
+    assert_eq!(*accepted.lock().unwrap(), 1);
+    // The server closes each connection after two answers: no call fails, a new
+    // connection follows each close.
+    let (url, accepted) = keep_alive_api(2);
+    let mut link = crate::api::Api::new(&url, "7:abc").unwrap().link().unwrap();
+    for i in 0..6 {
+        assert_eq!(call(&mut link).unwrap(), 7, "call {i}");
+    }
+    assert_eq!(*accepted.lock().unwrap(), 3);
+    // Nobody listening: a clear error without the token.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut link = crate::api::Api::new(&format!("http://127.0.0.1:{port}"), "7:SECRET")
+        .unwrap()
+        .link()
+        .unwrap();
+    let e = call(&mut link).unwrap_err();
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+    assert!(!e.to_string().contains("SECRET"), "{e}");
+}
