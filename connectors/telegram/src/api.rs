@@ -135,7 +135,16 @@ impl Api {
 
     /// A connection of this bot's own for its poller (`link`), to the same prefix.
     pub fn link(&self) -> Result<Link, ApiError> {
-        Link::new(&self.prefix, &self.token)
+        Link::new(self)
+    }
+
+    /// `{api_base}/bot{token}/`: secret.
+    pub(crate) fn prefix(&self) -> &reqwest::Url {
+        &self.prefix
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.token
     }
 
     /// Removes the token from text that may quote the URL (reqwest errors do).

@@ -1,7 +1,7 @@
 //! A bot's own HTTP/1 connection to the Bot API for its poller's calls (getMe, then
 //! getUpdates after getUpdates): opened at the first call, kept alive and reused for
-//! every next one, driven inside the poller's task (hyper's `client::conn`, over TCP or
-//! rustls).
+//! every next one, driven inside the poller's task (hyper's `client::conn` over a
+//! socket from hyper-util's `HttpConnector`, with rustls for https).
 //!
 //! Why not the shared pooled client (`api::Api`, which `send` keeps using): an idle
 //! Telegram channel is a long poll answered every 25 s, so 10,000 channels make ~400
@@ -11,41 +11,75 @@
 //! the answer read in the same task. A long poll holds a connection for its whole
 //! duration anyway, so a pool shares nothing between polls.
 //!
-//! A connection whose answer fails or times out is dropped, not reused: its state is
-//! unknown. A call that fails on a reused connection (the server closed it while idle)
-//! is tried once more on a fresh one, which is safe for the calls made here (getMe, and
-//! getUpdates, which only confirms what its offset says).
+//! What the pooled client does and this keeps: `HttpConnector` tries every address of
+//! the host with IPv6/IPv4 fallback (happy eyeballs) and a connect timeout per address,
+//! and sets TCP keepalive. A proxy is the pooled client's job: when the environment
+//! (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, … read the way reqwest reads them) sends
+//! the Bot API through one, the link makes its calls on the pooled client instead.
+//!
+//! Reuse rules: a connection whose call fails or times out is dropped (its state is
+//! unknown), and one idle longer than `MAX_IDLE` (after a backoff or a `retry_after`)
+//! is not reused: servers close idle connections, often without a word. A call that
+//! fails on a reused connection before any answer arrived (the server closed it while
+//! idle) is tried once more on a fresh one, with a timeout of its own; that is safe for
+//! the calls made here (getMe, and getUpdates, which only confirms what its offset says).
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
-use hyper::{Method, Request};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use patchbay_connector_sdk::runtime::tokio;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tower_service::Service;
 
-use crate::api::{ApiError, MAX_RESPONSE_BYTES, parse_answer};
+use crate::api::{Api, ApiError, MAX_RESPONSE_BYTES, parse_answer};
 
+/// Connect timeout, split between the host's addresses as the pooled client's is.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection idle longer than this is closed rather than reused.
+pub(crate) const MAX_IDLE: Duration = Duration::from_secs(30);
+/// TCP keepalive on the link's sockets, so a dead peer is noticed during a long poll.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// A plain or TLS stream.
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 type Io = TokioIo<Box<dyn Stream>>;
 
+/// The poller's way to the Bot API. Not shared: one per bot, used by one task.
+pub struct Link {
+    route: Route,
+}
+
+enum Route {
+    /// Through a proxy: the pooled client, which knows how.
+    Pooled(Api),
+    Direct(Direct),
+}
+
+/// The bot's own connection, opened at need.
+struct Direct {
+    target: Target,
+    scrub: Scrub,
+    conn: Option<Conn>,
+}
+
 /// Where the bot's calls go: parsed once from the API prefix.
-#[derive(Clone)]
 struct Target {
     tls: bool,
+    /// `scheme://host:port/`, what the connector dials.
+    origin: Uri,
+    /// The host as TLS names it (an IPv6 literal without its brackets).
     host: String,
-    port: u16,
     /// The `Host` header: the host, with the port when it is not the scheme's default.
     authority: HeaderValue,
     /// `/…/bot<token>/`: secret, never logged.
@@ -58,23 +92,26 @@ struct Conn {
     driver: Pin<Box<Connection<Io, Full<Bytes>>>>,
     /// Whether a call has completed on it (a failure then may be a server's idle close).
     used: bool,
+    /// When its last call ended.
+    idle_since: Instant,
 }
 
-/// The poller's connection to the Bot API. Not shared: one per bot, used by one task.
-pub struct Link {
-    target: Target,
-    scrub: Scrub,
-    conn: Option<Conn>,
+/// A failed attempt, and whether a fresh connection may try again.
+struct Failure {
+    error: ApiError,
+    /// The connection closed before any answer came: the server may have closed it
+    /// while it was idle.
+    closed_early: bool,
 }
 
 /// Turns an error into `Unavailable` without the token, which a path may quote. Kept
 /// apart from the connection so the futures that borrow it stay `Send`.
-struct Scrub {
-    token: String,
+pub(crate) struct Scrub {
+    pub(crate) token: String,
 }
 
 impl Scrub {
-    fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
         let text = format!("{method}: {e}");
         let text = if self.token.is_empty() {
             text
@@ -82,6 +119,13 @@ impl Scrub {
             text.replace(&self.token, "<token>")
         };
         ApiError::Unavailable(text)
+    }
+
+    fn fail(&self, method: &str, e: impl std::fmt::Display, closed_early: bool) -> Failure {
+        Failure {
+            error: self.unavailable(method, e),
+            closed_early,
+        }
     }
 }
 
@@ -103,9 +147,78 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
         .clone()
 }
 
+/// The socket connector shared by every bot of the plugin (its clones share settings).
+fn connector() -> HttpConnector {
+    static CONNECTOR: OnceLock<HttpConnector> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let mut c = HttpConnector::new();
+            // TLS is layered on here, so https origins are dialled as plain TCP.
+            c.enforce_http(false);
+            c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            c.set_keepalive(Some(TCP_KEEPALIVE));
+            // Requests are written whole: do not hold their last segment back.
+            c.set_nodelay(true);
+            c
+        })
+        .clone()
+}
+
+/// The environment's proxy settings, read once, the way the pooled client reads them.
+fn system_proxies() -> &'static Matcher {
+    static PROXIES: OnceLock<Matcher> = OnceLock::new();
+    PROXIES.get_or_init(Matcher::from_system)
+}
+
+/// Whether `proxies` send requests for `origin` through a proxy.
+pub(crate) fn proxied(proxies: &Matcher, origin: &Uri) -> bool {
+    proxies.intercept(origin).is_some()
+}
+
 impl Link {
+    /// The link for `api`'s bot, direct unless the environment names a proxy for it.
+    pub fn new(api: &Api) -> Result<Link, ApiError> {
+        Link::with_proxies(api, system_proxies())
+    }
+
+    pub(crate) fn with_proxies(api: &Api, proxies: &Matcher) -> Result<Link, ApiError> {
+        let target = Target::parse(api.prefix())?;
+        let route = if proxied(proxies, &target.origin) {
+            Route::Pooled(api.clone())
+        } else {
+            Route::Direct(Direct {
+                target,
+                scrub: Scrub {
+                    token: api.token().to_owned(),
+                },
+                conn: None,
+            })
+        };
+        Ok(Link { route })
+    }
+
+    /// Whether calls go over the bot's own connection (not through a proxy).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.route, Route::Direct(_))
+    }
+
+    /// Calls `method` with JSON `params`; each attempt is bounded by `timeout`.
+    pub async fn call<T: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        match &mut self.route {
+            Route::Pooled(api) => api.call(method, params, timeout).await,
+            Route::Direct(d) => d.call(method, params, timeout).await,
+        }
+    }
+}
+
+impl Target {
     /// `prefix`: `{api_base}/bot{token}/`, already parsed.
-    pub fn new(prefix: &reqwest::Url, token: &str) -> Result<Link, ApiError> {
+    fn parse(prefix: &reqwest::Url) -> Result<Target, ApiError> {
         let bad = |why: &str| ApiError::Unavailable(format!("api_base is not usable: {why}"));
         let tls = match prefix.scheme() {
             "https" => true,
@@ -120,29 +233,27 @@ impl Link {
             Some(p) => format!("{host}:{p}"),
             None => host.to_owned(),
         };
+        let origin: Uri = format!("{}://{host}:{port}/", prefix.scheme())
+            .parse()
+            .map_err(|_| bad("odd host"))?;
         let authority = HeaderValue::from_str(&authority).map_err(|_| bad("odd host"))?;
-        // An IPv6 literal comes bracketed in the URL, not in a socket address.
+        // An IPv6 literal comes bracketed in the URL, not in a TLS server name.
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        Ok(Link {
-            target: Target {
-                tls,
-                host,
-                port,
-                authority,
-                path_prefix: prefix.path().to_owned(),
-            },
-            scrub: Scrub {
-                token: token.to_owned(),
-            },
-            conn: None,
+        Ok(Target {
+            tls,
+            origin,
+            host,
+            authority,
+            path_prefix: prefix.path().to_owned(),
         })
     }
+}
 
-    /// Calls `method` with JSON `params`; the whole call is bounded by `timeout`.
-    pub async fn call<T: DeserializeOwned>(
+impl Direct {
+    async fn call<T: DeserializeOwned>(
         &mut self,
         method: &str,
         params: &serde_json::Value,
@@ -150,32 +261,40 @@ impl Link {
     ) -> Result<T, ApiError> {
         let body =
             Bytes::from(serde_json::to_vec(params).map_err(|e| self.scrub.unavailable(method, e))?);
-        let (status, body) = match tokio::time::timeout(timeout, self.exchange(method, body)).await
-        {
-            Ok(r) => r?,
-            Err(_) => {
-                self.conn = None;
-                return Err(self
-                    .scrub
-                    .unavailable(method, format!("no answer within {timeout:?}")));
-            }
-        };
+        if self.conn.as_ref().is_some_and(|c| c.idle_since.elapsed() > MAX_IDLE) {
+            self.conn = None;
+        }
+        let reused = self.conn.as_ref().is_some_and(|c| c.used);
+        let (status, body) = match self.attempt(method, body.clone(), timeout).await {
+            Err(f) if reused && f.closed_early => self.attempt(method, body, timeout).await,
+            r => r,
+        }
+        .map_err(|f| f.error)?;
         parse_answer(method, status, &String::from_utf8_lossy(&body))
     }
 
-    /// One request and its whole answer, on the held connection or a new one.
-    async fn exchange(&mut self, method: &str, body: Bytes) -> Result<(u16, Bytes), ApiError> {
-        let reused = self.conn.as_ref().is_some_and(|c| c.used);
-        match self.exchange_once(method, body.clone()).await {
-            Err(_) if reused => {
-                // The server may have closed it while it was idle: once more, fresh.
-                self.exchange_once(method, body).await
+    /// One try, on the held connection or a new one, bounded by `timeout`.
+    async fn attempt(
+        &mut self,
+        method: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), Failure> {
+        match tokio::time::timeout(timeout, self.exchange(method, body)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Whatever the connection was doing, it is not reused.
+                self.conn = None;
+                Err(self
+                    .scrub
+                    .fail(method, format!("no answer within {timeout:?}"), false))
             }
-            r => r,
         }
     }
 
-    async fn exchange_once(&mut self, method: &str, body: Bytes) -> Result<(u16, Bytes), ApiError> {
+    /// One request and its whole answer. The connection is kept only when both went
+    /// through and it is still open.
+    async fn exchange(&mut self, method: &str, body: Bytes) -> Result<(u16, Bytes), Failure> {
         let conn = match self.conn.take() {
             Some(c) => c,
             None => connect(&self.target, &self.scrub, method).await?,
@@ -189,21 +308,22 @@ impl Link {
         } = conn;
         let (result, driver) = {
             let answer = async {
+                // Until the head arrives, a failure means the connection closed first.
                 sender
                     .ready()
                     .await
-                    .map_err(|e| scrub.unavailable(method, e))?;
+                    .map_err(|e| scrub.fail(method, e, true))?;
                 let resp = sender
                     .send_request(req)
                     .await
-                    .map_err(|e| scrub.unavailable(method, e))?;
+                    .map_err(|e| scrub.fail(method, &e, closed_early(&e)))?;
                 let status = resp.status().as_u16();
                 let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                     .collect()
                     .await
-                    .map_err(|e| scrub.unavailable(method, e))?
+                    .map_err(|e| scrub.fail(method, e, false))?
                     .to_bytes();
-                Ok::<_, ApiError>((status, body))
+                Ok::<_, Failure>((status, body))
             };
             // The connection is driven only while a call is in flight: between calls it
             // has nothing to do (a close by the server shows at the next call). Once it
@@ -224,12 +344,13 @@ impl Link {
                 sender,
                 driver,
                 used: true,
+                idle_since: Instant::now(),
             });
         }
         result
     }
 
-    fn request(&self, method: &str, body: Bytes) -> Result<Request<Full<Bytes>>, ApiError> {
+    fn request(&self, method: &str, body: Bytes) -> Result<Request<Full<Bytes>>, Failure> {
         let t = &self.target;
         let len = body.len();
         Request::builder()
@@ -239,39 +360,59 @@ impl Link {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(CONTENT_LENGTH, len)
             .body(Full::new(body))
-            .map_err(|e| self.scrub.unavailable(method, e))
+            .map_err(|e| self.scrub.fail(method, e, false))
     }
 }
 
-/// Opens a connection to the target (TCP, then TLS for https), within CONNECT_TIMEOUT.
-async fn connect(t: &Target, scrub: &Scrub, method: &str) -> Result<Conn, ApiError> {
-    let open = async {
-        let tcp = TcpStream::connect((t.host.as_str(), t.port))
-            .await
-            .map_err(|e| scrub.unavailable(method, format!("cannot connect: {e}")))?;
-        // Requests are written whole: do not hold their last segment back.
-        let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Stream> = if t.tls {
-            let name = rustls::pki_types::ServerName::try_from(t.host.clone())
-                .map_err(|e| scrub.unavailable(method, e))?;
-            let tls = tokio_rustls::TlsConnector::from(tls_config())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| scrub.unavailable(method, format!("TLS: {e}")))?;
-            Box::new(tls)
-        } else {
-            Box::new(tcp)
-        };
-        http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| scrub.unavailable(method, e))
-    };
-    let (sender, driver) = tokio::time::timeout(CONNECT_TIMEOUT, open)
+/// Whether a request's error says the connection went away before any answer: it was
+/// closed, reset or canceled with the request unanswered. A timeout or an unreadable
+/// answer is not such an error.
+fn closed_early(e: &hyper::Error) -> bool {
+    e.is_canceled() || e.is_closed() || e.is_incomplete_message() || io_reset(e)
+}
+
+fn io_reset(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Opens a connection to the target: TCP by `HttpConnector`, then TLS for https.
+async fn connect(t: &Target, scrub: &Scrub, method: &str) -> Result<Conn, Failure> {
+    let cannot = |e: &dyn std::fmt::Display| scrub.fail(method, format!("cannot connect: {e}"), false);
+    let tcp = connector()
+        .call(t.origin.clone())
         .await
-        .map_err(|_| scrub.unavailable(method, "cannot connect within 10 s"))??;
+        .map_err(|e| cannot(&e))?
+        .into_inner();
+    let stream: Box<dyn Stream> = if t.tls {
+        let name =
+            rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| cannot(&e))?;
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_rustls::TlsConnector::from(tls_config()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| cannot(&"no TLS handshake within 10 s"))?
+        .map_err(|e| cannot(&format!("TLS: {e}")))?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (sender, driver) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| cannot(&e))?;
     Ok(Conn {
         sender,
         driver: Box::pin(driver),
         used: false,
+        idle_since: Instant::now(),
     })
 }

@@ -405,86 +405,190 @@ fn stopping_one_bot_leaves_the_others_running() {
     }
 }
 
-/// A keep-alive Bot API stand-in: answers getMe on every request of a connection and
-/// closes each connection after `per_conn` answers, like a server's idle close. Returns
-/// its URL and the number of connections it accepted.
-fn keep_alive_api(per_conn: usize) -> (String, Arc<Mutex<usize>>) {
+/// What the scripted Bot API stand-in does with one request.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// getMe's answer, keeping the connection open.
+    Answer,
+    /// Closes the connection without a word, as an idle timeout does.
+    Close,
+    /// Never answers; holds the connection until the client drops it.
+    Hang,
+    /// Sends the head and part of the body, then closes.
+    Cut,
+}
+
+/// What the stand-in saw: connections accepted, and each request's connection, request
+/// line and Host header.
+#[derive(Default)]
+struct Seen {
+    accepted: usize,
+    requests: Vec<(usize, String, String)>,
+}
+
+/// A keep-alive Bot API stand-in that treats request `r` of connection `c` as
+/// `script(c, r)` says. Returns its URL and what it saw.
+fn scripted_api(script: fn(usize, usize) -> Reply) -> (String, Arc<Mutex<Seen>>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let accepted: Arc<Mutex<usize>> = Arc::default();
-    let count = accepted.clone();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let log = seen.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
-            *count.lock().unwrap() += 1;
+            let c = {
+                let mut s = log.lock().unwrap();
+                s.accepted += 1;
+                s.accepted - 1
+            };
+            let log = log.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(conn);
-                for _ in 0..per_conn {
-                    let mut len = 0;
-                    let mut first = true;
+                for n in 0.. {
+                    let (mut line, mut host, mut len) = (String::new(), String::new(), 0);
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
                     loop {
                         let mut h = String::new();
                         if r.read_line(&mut h).unwrap_or(0) == 0 {
                             return;
                         }
-                        if h.trim().is_empty() && !first {
+                        if h.trim().is_empty() {
                             break;
                         }
-                        first = false;
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        let lower = h.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
                             len = v.trim().parse().unwrap();
+                        } else if lower.starts_with("host:") {
+                            host = h["host:".len()..].trim().to_owned();
                         }
                     }
                     let mut body = vec![0; len];
                     r.read_exact(&mut body).unwrap();
+                    log.lock()
+                        .unwrap()
+                        .requests
+                        .push((c, line.trim().to_owned(), host));
                     let body = r#"{"ok":true,"result":{"id":7,"first_name":"K"}}"#;
-                    let out = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         body.len()
                     );
-                    r.get_mut().write_all(out.as_bytes()).unwrap();
+                    match script(c, n) {
+                        Reply::Answer => {
+                            r.get_mut().write_all(format!("{head}{body}").as_bytes()).unwrap();
+                        }
+                        Reply::Close => return,
+                        Reply::Hang => {
+                            let mut sink = [0; 64];
+                            while r.read(&mut sink).unwrap_or(0) > 0 {}
+                            return;
+                        }
+                        Reply::Cut => {
+                            let _ = r.get_mut().write_all(format!("{head}{}", &body[..10]).as_bytes());
+                            return;
+                        }
+                    }
                 }
-                // Closed without a word, as an idle timeout does.
             });
         }
     });
-    (url, accepted)
+    (url, seen)
 }
 
 #[test]
 fn the_poller_link_keeps_its_connection_and_reopens_a_closed_one() {
     use patchbay_connector_sdk::runtime::tokio::runtime::Builder;
     let rt = Builder::new_current_thread().enable_all().build().unwrap();
-    let call = |link: &mut crate::link::Link| {
-        rt.block_on(link.call::<Value>("getMe", &json!({}), Duration::from_secs(5)))
+    let call_within = |link: &mut crate::link::Link, t: Duration| {
+        rt.block_on(link.call::<Value>("getMe", &json!({}), t))
             .map(|me| me["id"].clone())
     };
-    // Ten calls, one connection.
-    let (url, accepted) = keep_alive_api(usize::MAX);
-    let mut link = crate::api::Api::new(&url, "7:abc").unwrap().link().unwrap();
+    let call = |link: &mut crate::link::Link| call_within(link, Duration::from_secs(5));
+    let link_to = |url: &str| {
+        let link = crate::api::Api::new(url, "7:abc").unwrap().link().unwrap();
+        assert!(link.is_direct(), "no proxy is set here");
+        link
+    };
+    // Ten calls, one connection, each a well-formed request for the bot's path.
+    let (url, seen) = scripted_api(|_, _| Reply::Answer);
+    let mut link = link_to(&url);
     for _ in 0..10 {
         assert_eq!(call(&mut link).unwrap(), 7);
     }
-    assert_eq!(*accepted.lock().unwrap(), 1);
-    // The server closes each connection after two answers: no call fails, a new
-    // connection follows each close.
-    let (url, accepted) = keep_alive_api(2);
-    let mut link = crate::api::Api::new(&url, "7:abc").unwrap().link().unwrap();
+    let s = seen.lock().unwrap();
+    assert_eq!(s.accepted, 1);
+    assert_eq!(s.requests.len(), 10);
+    let host = url.trim_start_matches("http://");
+    for (_, line, h) in &s.requests {
+        assert_eq!(line, "POST /bot7:abc/getMe HTTP/1.1");
+        assert_eq!(h, host);
+    }
+    drop(s);
+    // The server closes each connection at its third request: no call fails, each is
+    // tried again on a new connection.
+    let (url, seen) = scripted_api(|_, r| if r < 2 { Reply::Answer } else { Reply::Close });
+    let mut link = link_to(&url);
     for i in 0..6 {
         assert_eq!(call(&mut link).unwrap(), 7, "call {i}");
     }
-    assert_eq!(*accepted.lock().unwrap(), 3);
-    // Nobody listening: a clear error without the token.
+    assert_eq!(seen.lock().unwrap().accepted, 3);
+    // No answer in time: the call fails (no second try: the server may be working on
+    // it), the connection is dropped, and the next call opens a new one.
+    let (url, seen) = scripted_api(|c, r| if (c, r) == (0, 1) { Reply::Hang } else { Reply::Answer });
+    let mut link = link_to(&url);
+    assert_eq!(call(&mut link).unwrap(), 7);
+    let e = call_within(&mut link, Duration::from_millis(300)).unwrap_err();
+    assert!(e.to_string().contains("no answer within"), "{e}");
+    assert_eq!(call(&mut link).unwrap(), 7);
+    assert_eq!(seen.lock().unwrap().accepted, 2);
+    // An answer cut after its head is an error, not retried (a second try would have
+    // succeeded), and the connection is not reused.
+    let (url, seen) = scripted_api(|c, r| if (c, r) == (0, 1) { Reply::Cut } else { Reply::Answer });
+    let mut link = link_to(&url);
+    assert_eq!(call(&mut link).unwrap(), 7);
+    assert!(call(&mut link).is_err());
+    assert_eq!(seen.lock().unwrap().requests.len(), 2);
+    assert_eq!(call(&mut link).unwrap(), 7);
+    assert_eq!(seen.lock().unwrap().accepted, 2);
+    // Nobody listening: a clear error.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut link = crate::api::Api::new(&format!("http://127.0.0.1:{port}"), "7:SECRET")
-        .unwrap()
-        .link()
-        .unwrap();
+    let mut link = link_to(&format!("http://127.0.0.1:{port}"));
     let e = call(&mut link).unwrap_err();
     assert!(e.to_string().contains("cannot connect"), "{e}");
+}
+
+#[test]
+fn the_poller_link_leaves_proxies_to_the_pooled_client() {
+    use hyper_util::client::proxy::matcher::Matcher;
+    let link = |base: &str, proxies: Matcher| {
+        let api = crate::api::Api::new(base, "7:abc").unwrap();
+        crate::link::Link::with_proxies(&api, &proxies).unwrap().is_direct()
+    };
+    let api = "https://api.telegram.org";
+    assert!(link(api, Matcher::builder().build()));
+    assert!(!link(api, Matcher::builder().https("http://proxy.test:3128").build()));
+    assert!(!link(api, Matcher::builder().all("socks5://proxy.test:1080").build()));
+    // A proxy for the other scheme, or NO_PROXY naming the host: direct.
+    assert!(link(api, Matcher::builder().http("http://proxy.test:3128").build()));
+    let skipped = Matcher::builder()
+        .all("http://proxy.test:3128")
+        .no("api.telegram.org")
+        .build();
+    assert!(link(api, skipped));
+}
+
+#[test]
+fn link_errors_never_quote_the_token() {
+    let scrub = crate::link::Scrub {
+        token: "7:SECRET".into(),
+    };
+    let e = scrub.unavailable("getMe", "error sending request for /bot7:SECRET/getMe");
     assert!(!e.to_string().contains("SECRET"), "{e}");
+    assert!(e.to_string().contains("/bot<token>/getMe"), "{e}");
 }
