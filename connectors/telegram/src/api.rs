@@ -51,6 +51,32 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The same error with `token` removed from its texts.
+    pub(crate) fn scrubbed(self, token: &str) -> ApiError {
+        let s = |t: String| scrub(t, token);
+        match self {
+            ApiError::InvalidToken { code, description } => ApiError::InvalidToken {
+                code,
+                description: s(description),
+            },
+            ApiError::RateLimited {
+                retry_after,
+                description,
+            } => ApiError::RateLimited {
+                retry_after,
+                description: s(description),
+            },
+            ApiError::Conflict { description } => ApiError::Conflict {
+                description: s(description),
+            },
+            ApiError::Rejected { code, description } => ApiError::Rejected {
+                code,
+                description: s(description),
+            },
+            ApiError::Unavailable(text) => ApiError::Unavailable(s(text)),
+        }
+    }
+
     /// Sorts a Bot API error answer (from `error_code`, else the HTTP status).
     pub fn from_answer(code: u16, description: String, retry_after: Option<u64>) -> ApiError {
         match code {
@@ -147,17 +173,8 @@ impl Api {
         &self.token
     }
 
-    /// Removes the token from text that may quote the URL (reqwest errors do).
-    fn scrub(&self, text: String) -> String {
-        if self.token.is_empty() {
-            text
-        } else {
-            text.replace(&self.token, "<token>")
-        }
-    }
-
     fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
-        ApiError::Unavailable(self.scrub(format!("{method}: {e}")))
+        ApiError::Unavailable(scrub(format!("{method}: {e}"), &self.token))
     }
 
     /// Calls `method` with JSON `params`; the whole exchange is bounded by `timeout`.
@@ -197,6 +214,17 @@ impl Api {
             .await
             .map_err(|_| self.unavailable(method, format!("no answer within {timeout:?}")))??;
         parse_answer(method, status, &String::from_utf8_lossy(&body))
+            .map_err(|e| e.scrubbed(&self.token))
+    }
+}
+
+/// Removes the token from text that may quote the URL (reqwest errors do, and so may
+/// a proxy's error page: "Cannot POST /bot…/getUpdates").
+pub(crate) fn scrub(text: String, token: &str) -> String {
+    if token.is_empty() {
+        text
+    } else {
+        text.replace(token, "<token>")
     }
 }
 

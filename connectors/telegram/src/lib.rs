@@ -26,7 +26,8 @@
 pub mod api;
 pub mod bot;
 pub mod config;
-pub mod link;
+/// The poller's own connection; crate-private, since it retries calls (see its doc).
+pub(crate) mod link;
 pub mod offset;
 pub mod poller;
 pub mod sender;

@@ -12,17 +12,22 @@
 //! duration anyway, so a pool shares nothing between polls.
 //!
 //! What the pooled client does and this keeps: `HttpConnector` tries every address of
-//! the host with IPv6/IPv4 fallback (happy eyeballs) and a connect timeout per address,
-//! and sets TCP keepalive. A proxy is the pooled client's job: when the environment
-//! (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, … read the way reqwest reads them) sends
-//! the Bot API through one, the link makes its calls on the pooled client instead.
+//! the host with IPv6/IPv4 fallback (happy eyeballs), the whole connect (DNS, TCP, TLS)
+//! is bounded by 10 s, TCP keepalive probes as reqwest's do (15 s, every 15 s, 3), and
+//! TLS offers `http/1.1` by ALPN. Left to the pooled client, which the link then uses
+//! for its calls: a proxy (when the environment's `HTTP_PROXY`, `HTTPS_PROXY`,
+//! `ALL_PROXY` and `NO_PROXY`, read once the way reqwest reads them, send the Bot API
+//! through one) and an `api_base` with a user name or password (basic auth). Redirects
+//! are not followed: a poll redirected to a GET would lose its offset, so a 3xx is an
+//! error naming where it points.
 //!
 //! Reuse rules: a connection whose call fails or times out is dropped (its state is
 //! unknown), and one idle longer than `MAX_IDLE` (after a backoff or a `retry_after`)
 //! is not reused: servers close idle connections, often without a word. A call that
 //! fails on a reused connection before any answer arrived (the server closed it while
-//! idle) is tried once more on a fresh one, with a timeout of its own; that is safe for
-//! the calls made here (getMe, and getUpdates, which only confirms what its offset says).
+//! idle) is tried once more on a fresh one, with a timeout of its own (so a call may
+//! take twice its timeout); that is safe for the calls made here (getMe, and getUpdates,
+//! which only confirms what its offset says), and why the link is not for sends.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -31,7 +36,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, LOCATION};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::proxy::matcher::Matcher;
@@ -41,14 +46,16 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower_service::Service;
 
-use crate::api::{Api, ApiError, MAX_RESPONSE_BYTES, parse_answer};
+use crate::api::{Api, ApiError, MAX_RESPONSE_BYTES, parse_answer, scrub};
 
-/// Connect timeout, split between the host's addresses as the pooled client's is.
+/// The whole connect (DNS, TCP, TLS), as the pooled client's connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection idle longer than this is closed rather than reused.
 pub(crate) const MAX_IDLE: Duration = Duration::from_secs(30);
-/// TCP keepalive on the link's sockets, so a dead peer is noticed during a long poll.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// TCP keepalive as reqwest sets it: first probe after 15 s idle, then every 15 s,
+/// 3 unanswered probes and the socket fails.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// A plain or TLS stream.
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -96,6 +103,12 @@ struct Conn {
     idle_since: Instant,
 }
 
+/// An answer's status, and where a redirect points.
+struct Status {
+    code: u16,
+    redirect: Option<String>,
+}
+
 /// A failed attempt, and whether a fresh connection may try again.
 struct Failure {
     error: ApiError,
@@ -112,13 +125,7 @@ pub(crate) struct Scrub {
 
 impl Scrub {
     pub(crate) fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
-        let text = format!("{method}: {e}");
-        let text = if self.token.is_empty() {
-            text
-        } else {
-            text.replace(&self.token, "<token>")
-        };
-        ApiError::Unavailable(text)
+        ApiError::Unavailable(scrub(format!("{method}: {e}"), &self.token))
     }
 
     fn fail(&self, method: &str, e: impl std::fmt::Display, closed_early: bool) -> Failure {
@@ -137,11 +144,12 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
             let roots =
                 rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .expect("ring supports the default protocol versions")
                 .with_root_certificates(roots)
                 .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
             Arc::new(config)
         })
         .clone()
@@ -157,6 +165,8 @@ fn connector() -> HttpConnector {
             c.enforce_http(false);
             c.set_connect_timeout(Some(CONNECT_TIMEOUT));
             c.set_keepalive(Some(TCP_KEEPALIVE));
+            c.set_keepalive_interval(Some(TCP_KEEPALIVE));
+            c.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
             // Requests are written whole: do not hold their last segment back.
             c.set_nodelay(true);
             c
@@ -176,14 +186,17 @@ pub(crate) fn proxied(proxies: &Matcher, origin: &Uri) -> bool {
 }
 
 impl Link {
-    /// The link for `api`'s bot, direct unless the environment names a proxy for it.
+    /// The link for `api`'s bot: direct unless the environment names a proxy for it or
+    /// its `api_base` carries credentials (see the module doc).
     pub fn new(api: &Api) -> Result<Link, ApiError> {
         Link::with_proxies(api, system_proxies())
     }
 
     pub(crate) fn with_proxies(api: &Api, proxies: &Matcher) -> Result<Link, ApiError> {
         let target = Target::parse(api.prefix())?;
-        let route = if proxied(proxies, &target.origin) {
+        let prefix = api.prefix();
+        let credentials = !prefix.username().is_empty() || prefix.password().is_some();
+        let route = if credentials || proxied(proxies, &target.origin) {
             Route::Pooled(api.clone())
         } else {
             Route::Direct(Direct {
@@ -197,12 +210,23 @@ impl Link {
         Ok(Link { route })
     }
 
-    /// Whether calls go over the bot's own connection (not through a proxy).
+    /// Whether calls go over the bot's own connection (not the pooled client).
     pub fn is_direct(&self) -> bool {
         matches!(self.route, Route::Direct(_))
     }
 
-    /// Calls `method` with JSON `params`; each attempt is bounded by `timeout`.
+    /// Before a wait of `d`: a connection that would sit idle past `MAX_IDLE` is closed
+    /// now rather than held (half-closed by the server, perhaps) until the next call.
+    pub fn resting(&mut self, d: Duration) {
+        if let Route::Direct(direct) = &mut self.route
+            && d >= MAX_IDLE
+        {
+            direct.conn = None;
+        }
+    }
+
+    /// Calls `method` with JSON `params`; each attempt is bounded by `timeout`. Only
+    /// for calls that are safe to repeat: one may reach the server twice.
     pub async fn call<T: DeserializeOwned>(
         &mut self,
         method: &str,
@@ -261,7 +285,11 @@ impl Direct {
     ) -> Result<T, ApiError> {
         let body =
             Bytes::from(serde_json::to_vec(params).map_err(|e| self.scrub.unavailable(method, e))?);
-        if self.conn.as_ref().is_some_and(|c| c.idle_since.elapsed() > MAX_IDLE) {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.idle_since.elapsed() > MAX_IDLE)
+        {
             self.conn = None;
         }
         let reused = self.conn.as_ref().is_some_and(|c| c.used);
@@ -270,7 +298,18 @@ impl Direct {
             r => r,
         }
         .map_err(|f| f.error)?;
-        parse_answer(method, status, &String::from_utf8_lossy(&body))
+        if let Some(location) = status.redirect {
+            return Err(self.scrub.unavailable(
+                method,
+                format!(
+                    "the Bot API answered HTTP {} redirecting to {location}; set api_base to \
+                     the address it redirects to",
+                    status.code
+                ),
+            ));
+        }
+        parse_answer(method, status.code, &String::from_utf8_lossy(&body))
+            .map_err(|e| e.scrubbed(&self.scrub.token))
     }
 
     /// One try, on the held connection or a new one, bounded by `timeout`.
@@ -279,7 +318,7 @@ impl Direct {
         method: &str,
         body: Bytes,
         timeout: Duration,
-    ) -> Result<(u16, Bytes), Failure> {
+    ) -> Result<(Status, Bytes), Failure> {
         match tokio::time::timeout(timeout, self.exchange(method, body)).await {
             Ok(r) => r,
             Err(_) => {
@@ -294,7 +333,7 @@ impl Direct {
 
     /// One request and its whole answer. The connection is kept only when both went
     /// through and it is still open.
-    async fn exchange(&mut self, method: &str, body: Bytes) -> Result<(u16, Bytes), Failure> {
+    async fn exchange(&mut self, method: &str, body: Bytes) -> Result<(Status, Bytes), Failure> {
         let conn = match self.conn.take() {
             Some(c) => c,
             None => connect(&self.target, &self.scrub, method).await?,
@@ -312,16 +351,27 @@ impl Direct {
                 sender
                     .ready()
                     .await
-                    .map_err(|e| scrub.fail(method, e, true))?;
+                    .map_err(|e| scrub.fail(method, causes(&e), true))?;
                 let resp = sender
                     .send_request(req)
                     .await
-                    .map_err(|e| scrub.fail(method, &e, closed_early(&e)))?;
-                let status = resp.status().as_u16();
+                    .map_err(|e| scrub.fail(method, causes(&e), closed_early(&e)))?;
+                let status = Status {
+                    code: resp.status().as_u16(),
+                    redirect: resp
+                        .status()
+                        .is_redirection()
+                        .then(|| resp.headers().get(LOCATION))
+                        .map(|l| {
+                            l.and_then(|l| l.to_str().ok())
+                                .unwrap_or("(no location)")
+                                .to_owned()
+                        }),
+                };
                 let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                     .collect()
                     .await
-                    .map_err(|e| scrub.fail(method, e, false))?
+                    .map_err(|e| scrub.fail(method, causes(&*e), false))?
                     .to_bytes();
                 Ok::<_, Failure>((status, body))
             };
@@ -365,50 +415,70 @@ impl Direct {
 }
 
 /// Whether a request's error says the connection went away before any answer: it was
-/// closed, reset or canceled with the request unanswered. A timeout or an unreadable
-/// answer is not such an error.
+/// closed, reset or canceled with the request unanswered (`send_request` fails only
+/// before the answer's head). A TLS peer that closes without close_notify shows as an
+/// unexpected EOF. A timeout or an unreadable answer is not such an error.
 fn closed_early(e: &hyper::Error) -> bool {
     e.is_canceled() || e.is_closed() || e.is_incomplete_message() || io_reset(e)
 }
 
+/// An error with its causes: hyper's and the connector's own texts are only a summary
+/// ("connection error", "tcp connect error").
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn io_reset(e: &hyper::Error) -> bool {
     use std::error::Error as _;
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let mut source = e.source();
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+            return matches!(
+                io.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            );
         }
         source = s.source();
     }
     false
 }
 
-/// Opens a connection to the target: TCP by `HttpConnector`, then TLS for https.
+/// Opens a connection to the target: TCP by `HttpConnector`, then TLS for https, all
+/// within CONNECT_TIMEOUT.
 async fn connect(t: &Target, scrub: &Scrub, method: &str) -> Result<Conn, Failure> {
-    let cannot = |e: &dyn std::fmt::Display| scrub.fail(method, format!("cannot connect: {e}"), false);
-    let tcp = connector()
-        .call(t.origin.clone())
-        .await
-        .map_err(|e| cannot(&e))?
-        .into_inner();
-    let stream: Box<dyn Stream> = if t.tls {
-        let name =
-            rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| cannot(&e))?;
-        let tls = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(tls_config()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| cannot(&"no TLS handshake within 10 s"))?
-        .map_err(|e| cannot(&format!("TLS: {e}")))?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
+    let cannot = |e: String| scrub.fail(method, format!("cannot connect: {e}"), false);
+    let open = async {
+        let tcp = connector()
+            .call(t.origin.clone())
+            .await
+            .map_err(|e| cannot(causes(&e)))?
+            .into_inner();
+        let stream: Box<dyn Stream> = if t.tls {
+            let name = rustls::pki_types::ServerName::try_from(t.host.clone())
+                .map_err(|e| cannot(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(tls_config())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| cannot(format!("TLS: {e}")))?;
+            Box::new(tls)
+        } else {
+            Box::new(tcp)
+        };
+        http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| cannot(causes(&e)))
     };
-    let (sender, driver) = http1::handshake(TokioIo::new(stream))
+    let (sender, driver) = tokio::time::timeout(CONNECT_TIMEOUT, open)
         .await
-        .map_err(|e| cannot(&e))?;
+        .map_err(|_| cannot(format!("no connection within {CONNECT_TIMEOUT:?}")))??;
     Ok(Conn {
         sender,
         driver: Box::pin(driver),

@@ -109,6 +109,7 @@ async fn who_am_i(bot: &Bot, link: &mut Link, cancel: &CancellationToken) -> Opt
             Err(e) => match on_error(bot, e, &mut backoff) {
                 Next::Quit => return None,
                 Next::Retry(d) => {
+                    link.resting(d);
                     if wait(cancel, d).await {
                         return None;
                     }
@@ -236,6 +237,7 @@ pub async fn run(bot: Arc<Bot>, cancel: CancellationToken) {
             Err(e) => match on_error(&bot, e, &mut backoff) {
                 Next::Quit => return,
                 Next::Retry(d) => {
+                    link.resting(d);
                     if wait(&cancel, d).await {
                         return;
                     }

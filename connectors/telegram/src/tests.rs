@@ -410,12 +410,18 @@ fn stopping_one_bot_leaves_the_others_running() {
 enum Reply {
     /// getMe's answer, keeping the connection open.
     Answer,
-    /// Closes the connection without a word, as an idle timeout does.
+    /// getMe's answer, then the connection closed, as a server ending an idle one does.
+    AnswerClose,
+    /// Closes the connection without a word.
     Close,
     /// Never answers; holds the connection until the client drops it.
     Hang,
     /// Sends the head and part of the body, then closes.
     Cut,
+    /// A reverse proxy's error page that quotes the request's path.
+    ProxyPage,
+    /// A permanent redirect.
+    Redirect,
 }
 
 /// What the stand-in saw: connections accepted, and each request's connection, request
@@ -466,18 +472,22 @@ fn scripted_api(script: fn(usize, usize) -> Reply) -> (String, Arc<Mutex<Seen>>)
                     }
                     let mut body = vec![0; len];
                     r.read_exact(&mut body).unwrap();
-                    log.lock()
-                        .unwrap()
-                        .requests
-                        .push((c, line.trim().to_owned(), host));
-                    let body = r#"{"ok":true,"result":{"id":7,"first_name":"K"}}"#;
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    );
-                    match script(c, n) {
-                        Reply::Answer => {
-                            r.get_mut().write_all(format!("{head}{body}").as_bytes()).unwrap();
+                    let line = line.trim().to_owned();
+                    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                    log.lock().unwrap().requests.push((c, line, host));
+                    let answer = |status: &str, kind: &str, extra: &str, body: &str| {
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let me = r#"{"ok":true,"result":{"id":7,"first_name":"K"}}"#;
+                    let out = match script(c, n) {
+                        Reply::Answer => answer("200 OK", "application/json", "", me),
+                        Reply::AnswerClose => {
+                            let out = answer("200 OK", "application/json", "", me);
+                            let _ = r.get_mut().write_all(out.as_bytes());
+                            return;
                         }
                         Reply::Close => return,
                         Reply::Hang => {
@@ -486,15 +496,36 @@ fn scripted_api(script: fn(usize, usize) -> Reply) -> (String, Arc<Mutex<Seen>>)
                             return;
                         }
                         Reply::Cut => {
-                            let _ = r.get_mut().write_all(format!("{head}{}", &body[..10]).as_bytes());
+                            let out = answer("200 OK", "application/json", "", me);
+                            let _ = r.get_mut().write_all(&out.as_bytes()[..out.len() - 20]);
                             return;
                         }
-                    }
+                        Reply::ProxyPage => answer(
+                            "502 Bad Gateway",
+                            "text/html",
+                            "",
+                            &format!("<html>Cannot POST {path}</html>"),
+                        ),
+                        Reply::Redirect => answer(
+                            "301 Moved Permanently",
+                            "text/html",
+                            "Location: https://elsewhere.test/\r\n",
+                            "moved",
+                        ),
+                    };
+                    r.get_mut().write_all(out.as_bytes()).unwrap();
                 }
             });
         }
     });
     (url, seen)
+}
+
+/// The token of the scripted tests; no error text may contain it.
+const SECRET_TOKEN: &str = "7:SECRET";
+
+fn no_token(e: &crate::api::ApiError) {
+    assert!(!e.to_string().contains("SECRET"), "{e}");
 }
 
 #[test]
@@ -507,7 +538,10 @@ fn the_poller_link_keeps_its_connection_and_reopens_a_closed_one() {
     };
     let call = |link: &mut crate::link::Link| call_within(link, Duration::from_secs(5));
     let link_to = |url: &str| {
-        let link = crate::api::Api::new(url, "7:abc").unwrap().link().unwrap();
+        let link = crate::api::Api::new(url, SECRET_TOKEN)
+            .unwrap()
+            .link()
+            .unwrap();
         assert!(link.is_direct(), "no proxy is set here");
         link
     };
@@ -522,7 +556,7 @@ fn the_poller_link_keeps_its_connection_and_reopens_a_closed_one() {
     assert_eq!(s.requests.len(), 10);
     let host = url.trim_start_matches("http://");
     for (_, line, h) in &s.requests {
-        assert_eq!(line, "POST /bot7:abc/getMe HTTP/1.1");
+        assert_eq!(line, &format!("POST /bot{SECRET_TOKEN}/getMe HTTP/1.1"));
         assert_eq!(h, host);
     }
     drop(s);
@@ -534,61 +568,136 @@ fn the_poller_link_keeps_its_connection_and_reopens_a_closed_one() {
         assert_eq!(call(&mut link).unwrap(), 7, "call {i}");
     }
     assert_eq!(seen.lock().unwrap().accepted, 3);
+    // The server closes the connection after its second answer, and the next call
+    // comes later (the close has arrived): tried again on a new connection.
+    let (url, seen) = scripted_api(|_, r| {
+        if r < 1 {
+            Reply::Answer
+        } else {
+            Reply::AnswerClose
+        }
+    });
+    let mut link = link_to(&url);
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(call(&mut link).unwrap(), 7, "call {i}");
+    }
+    assert_eq!(seen.lock().unwrap().accepted, 2);
     // No answer in time: the call fails (no second try: the server may be working on
     // it), the connection is dropped, and the next call opens a new one.
-    let (url, seen) = scripted_api(|c, r| if (c, r) == (0, 1) { Reply::Hang } else { Reply::Answer });
+    let (url, seen) = scripted_api(|c, r| {
+        if (c, r) == (0, 1) {
+            Reply::Hang
+        } else {
+            Reply::Answer
+        }
+    });
     let mut link = link_to(&url);
     assert_eq!(call(&mut link).unwrap(), 7);
     let e = call_within(&mut link, Duration::from_millis(300)).unwrap_err();
     assert!(e.to_string().contains("no answer within"), "{e}");
+    no_token(&e);
     assert_eq!(call(&mut link).unwrap(), 7);
     assert_eq!(seen.lock().unwrap().accepted, 2);
     // An answer cut after its head is an error, not retried (a second try would have
     // succeeded), and the connection is not reused.
-    let (url, seen) = scripted_api(|c, r| if (c, r) == (0, 1) { Reply::Cut } else { Reply::Answer });
+    let (url, seen) = scripted_api(|c, r| {
+        if (c, r) == (0, 1) {
+            Reply::Cut
+        } else {
+            Reply::Answer
+        }
+    });
     let mut link = link_to(&url);
     assert_eq!(call(&mut link).unwrap(), 7);
-    assert!(call(&mut link).is_err());
+    let e = call(&mut link).unwrap_err();
+    assert!(matches!(e, crate::api::ApiError::Unavailable(_)), "{e}");
+    no_token(&e);
     assert_eq!(seen.lock().unwrap().requests.len(), 2);
     assert_eq!(call(&mut link).unwrap(), 7);
     assert_eq!(seen.lock().unwrap().accepted, 2);
-    // Nobody listening: a clear error.
+    // A proxy's error page quoting the path: sorted by its status, without the token.
+    let (url, _) = scripted_api(|_, _| Reply::ProxyPage);
+    let e = call(&mut link_to(&url)).unwrap_err();
+    assert!(e.to_string().contains("HTTP 502"), "{e}");
+    assert!(e.to_string().contains("/bot<token>/getMe"), "{e}");
+    no_token(&e);
+    // A redirect is not followed: an error that says where it points, not retried.
+    let (url, seen) = scripted_api(|_, _| Reply::Redirect);
+    let e = call(&mut link_to(&url)).unwrap_err();
+    assert!(e.to_string().contains("https://elsewhere.test/"), "{e}");
+    no_token(&e);
+    assert_eq!(seen.lock().unwrap().requests.len(), 1);
+    // Nobody listening: a clear error with its cause.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut link = link_to(&format!("http://127.0.0.1:{port}"));
-    let e = call(&mut link).unwrap_err();
+    let e = call(&mut link_to(&format!("http://127.0.0.1:{port}"))).unwrap_err();
     assert!(e.to_string().contains("cannot connect"), "{e}");
+    assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
+    no_token(&e);
 }
 
 #[test]
-fn the_poller_link_leaves_proxies_to_the_pooled_client() {
+fn the_poller_link_leaves_proxies_and_credentials_to_the_pooled_client() {
     use hyper_util::client::proxy::matcher::Matcher;
-    let link = |base: &str, proxies: Matcher| {
-        let api = crate::api::Api::new(base, "7:abc").unwrap();
-        crate::link::Link::with_proxies(&api, &proxies).unwrap().is_direct()
+    let direct = |base: &str, proxies: Matcher| {
+        let api = crate::api::Api::new(base, SECRET_TOKEN).unwrap();
+        crate::link::Link::with_proxies(&api, &proxies)
+            .unwrap()
+            .is_direct()
     };
     let api = "https://api.telegram.org";
-    assert!(link(api, Matcher::builder().build()));
-    assert!(!link(api, Matcher::builder().https("http://proxy.test:3128").build()));
-    assert!(!link(api, Matcher::builder().all("socks5://proxy.test:1080").build()));
+    assert!(direct(api, Matcher::builder().build()));
+    assert!(!direct(
+        api,
+        Matcher::builder().https("http://proxy.test:3128").build()
+    ));
+    assert!(!direct(
+        api,
+        Matcher::builder().all("socks5://proxy.test:1080").build()
+    ));
     // A proxy for the other scheme, or NO_PROXY naming the host: direct.
-    assert!(link(api, Matcher::builder().http("http://proxy.test:3128").build()));
+    assert!(direct(
+        api,
+        Matcher::builder().http("http://proxy.test:3128").build()
+    ));
     let skipped = Matcher::builder()
         .all("http://proxy.test:3128")
         .no("api.telegram.org")
         .build();
-    assert!(link(api, skipped));
-}
+    assert!(direct(api, skipped));
+    // Basic auth in api_base: the pooled client sends it.
+    assert!(!direct(
+        "https://user:pw@botapi.example",
+        Matcher::builder().build()
+    ));
 
-#[test]
-fn link_errors_never_quote_the_token() {
-    let scrub = crate::link::Scrub {
-        token: "7:SECRET".into(),
-    };
-    let e = scrub.unavailable("getMe", "error sending request for /bot7:SECRET/getMe");
-    assert!(!e.to_string().contains("SECRET"), "{e}");
+    // The pooled route's calls work and scrub the token too. (The shared client reads
+    // the real environment, which names no proxy, so it reaches the stand-in directly.)
+    use patchbay_connector_sdk::runtime::tokio::runtime::Builder;
+    let rt = Builder::new_current_thread().enable_all().build().unwrap();
+    let (url, seen) = scripted_api(|_, r| {
+        if r < 1 {
+            Reply::Answer
+        } else {
+            Reply::ProxyPage
+        }
+    });
+    let api = crate::api::Api::new(&url, SECRET_TOKEN).unwrap();
+    let proxies = Matcher::builder().http("http://proxy.test:3128").build();
+    let mut link = crate::link::Link::with_proxies(&api, &proxies).unwrap();
+    assert!(!link.is_direct());
+    let me: Value = rt
+        .block_on(link.call("getMe", &json!({}), Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(me["id"], 7);
+    let e = rt
+        .block_on(link.call::<Value>("getMe", &json!({}), Duration::from_secs(5)))
+        .unwrap_err();
     assert!(e.to_string().contains("/bot<token>/getMe"), "{e}");
+    no_token(&e);
+    assert_eq!(seen.lock().unwrap().requests.len(), 2);
 }
