@@ -130,6 +130,15 @@ impl Connector for Telegram {
                 "telegram is already running",
             ));
         }
+        // Long polls spend their lives waiting, and a bot's work per update is small:
+        // one worker thread runs them all, so a poll's answer is handled on the thread
+        // that read it instead of waking a second (10,000 idle bots: a fifth less CPU,
+        // BENCHMARKS.md round 16). Only before the runtime exists; the operator's
+        // PATCHBAY_CONNECTOR_THREADS still wins.
+        runtime::configure(runtime::RuntimeOptions {
+            worker_threads: runtime::RuntimeOptions::threads_from_env().unwrap_or(1),
+            ..Default::default()
+        });
         let tasks = Tasks::new()?;
         self.bot = self.fresh_bot(self.bot.board.current());
         self.bot.set_status(ChannelState::Connecting, None);

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// The offset file of one bot.
+/// The offset file of one bot. Its I/O blocks (a save waits for an fsync): the poller
+/// runs it on the runtime's blocking pool.
+#[derive(Clone)]
 pub struct OffsetFile {
     path: PathBuf,
 }

@@ -119,9 +119,27 @@ async fn who_am_i(bot: &Bot, link: &mut Link, cancel: &CancellationToken) -> Opt
     }
 }
 
+/// Runs the offset file's blocking I/O on the runtime's blocking pool: on a worker
+/// thread a slow disk's fsync would hold up every bot of the plugin (the runtime may
+/// have a single worker).
+async fn file_io<T: Send + 'static>(
+    io: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(io)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("the file task failed: {e}"))))
+}
+
 /// The offset saved in the file, if there is one and it reads.
-fn saved_offset(bot: &Bot, file: Option<&OffsetFile>) -> Option<i64> {
-    match file.map(OffsetFile::load) {
+async fn saved_offset(bot: &Bot, file: Option<&OffsetFile>) -> Option<i64> {
+    let loaded = match file {
+        Some(f) => {
+            let f = f.clone();
+            Some(file_io(move || f.load()).await)
+        }
+        None => None,
+    };
+    match loaded {
         Some(Ok(o)) => o,
         Some(Err(e)) => {
             // Without the file Telegram's own confirmation still applies: at worst the
@@ -211,7 +229,7 @@ pub async fn run(bot: Arc<Bot>, cancel: CancellationToken) {
     );
     *bot.me.lock().unwrap_or_else(|p| p.into_inner()) = Some(me);
     let file = c.state_dir.as_deref().map(|d| OffsetFile::new(d, &bot_id));
-    let mut offset = saved_offset(&bot, file.as_ref());
+    let mut offset = saved_offset(&bot, file.as_ref()).await;
     *bot.offset.lock().unwrap_or_else(|p| p.into_inner()) = offset;
     bot.set_status(ChannelState::Connected, None);
     let mut backoff = Duration::from_secs(1);
@@ -257,7 +275,10 @@ pub async fn run(bot: Arc<Bot>, cancel: CancellationToken) {
             offset = next;
             *bot.offset.lock().unwrap_or_else(|p| p.into_inner()) = offset;
             if let (Some(f), Some(o)) = (&file, offset)
-                && let Err(e) = f.save(o)
+                && let Err(e) = {
+                    let f = f.clone();
+                    file_io(move || f.save(o)).await
+                }
             {
                 bot.log(
                     Level::Warn,

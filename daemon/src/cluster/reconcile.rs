@@ -28,9 +28,13 @@ use crate::app::App;
 
 /// Rounds on PostgreSQL: often enough that a released channel is taken within seconds.
 const ROUND: Duration = Duration::from_secs(2);
-/// Rounds on SQLite, where only this daemon changes the channels (a read; a
-/// worker-only node's round is one UPDATE instead).
-const SOLO_ROUND: Duration = Duration::from_secs(10);
+/// Rounds on SQLite, where only this daemon changes the channels and every change
+/// wakes the loop: the round is a backstop, and at 10,000 channels its read of them
+/// all is a visible share of an idle daemon's CPU (a worker-only node's round is one
+/// UPDATE instead).
+const SOLO_ROUND: Duration = Duration::from_secs(60);
+/// The first retry after a round failed.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Dead nodes' rows are kept this long, for `node list`'s history.
 const DEAD_NODE_KEPT_MS: i64 = 3_600_000;
 /// What a channel nobody runs says (`Cluster::disconnect_unowned`).
@@ -64,18 +68,23 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             tracing::warn!(error = %e, "cannot mark the channels disconnected");
         }
     }
+    // After a failed round (the store unreachable) the next comes sooner: 1 s,
+    // doubling up to the usual interval.
+    let mut retry = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            r = round(&app) => {
-                if let Err(e) = r {
+            r = round(&app) => match r {
+                Ok(()) => retry = None,
+                Err(e) => {
                     tracing::warn!(error = %e, "cannot reconcile the channels with the store");
+                    retry = Some(retry.map_or(RETRY_FIRST, |d: Duration| (d * 2).min(every)));
                 }
             }
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(retry.unwrap_or(every)) => {}
             () = app.leases.woken() => {}
         }
     }

@@ -31,14 +31,21 @@ pub struct RuntimeOptions {
     pub thread_name: String,
 }
 
-impl Default for RuntimeOptions {
-    fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let worker_threads = std::env::var("PATCHBAY_CONNECTOR_THREADS")
+impl RuntimeOptions {
+    /// The worker threads the operator asked for: `PATCHBAY_CONNECTOR_THREADS`, if set
+    /// to 1 to 64. A plugin choosing its own default should still honour it.
+    pub fn threads_from_env() -> Option<usize> {
+        std::env::var("PATCHBAY_CONNECTOR_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|n| (1..=64).contains(n))
-            .unwrap_or(cpus.min(4));
+    }
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let worker_threads = RuntimeOptions::threads_from_env().unwrap_or(cpus.min(4));
         RuntimeOptions {
             worker_threads,
             max_blocking_threads: 8,
