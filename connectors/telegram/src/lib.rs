@@ -132,7 +132,7 @@ impl Connector for Telegram {
         }
         // Long polls spend their lives waiting, and a bot's work per update is small:
         // one worker thread runs them all, so a poll's answer is handled on the thread
-        // that read it instead of waking a second (10,000 idle bots: a fifth less CPU,
+        // that read it instead of waking a second (10,000 idle bots: ~17 % less CPU,
         // BENCHMARKS.md round 16). Only before the runtime exists; the operator's
         // PATCHBAY_CONNECTOR_THREADS still wins.
         runtime::configure(runtime::RuntimeOptions {
