@@ -33,7 +33,11 @@ impl OffsetFile {
     }
 
     /// Writes the offset durably: temp file, fsync, rename, so a crash leaves the old
-    /// or the new value, never a torn one.
+    /// or the new value, never a torn one. A save that outlives its poller (a stop
+    /// aborts the poller after its grace; the blocking save runs on) may race the next
+    /// instance's on the temp file: at worst the file then holds an older offset or
+    /// does not parse, and Telegram's own confirmation still applies (every value was
+    /// flushed before it was saved, so none is ahead of what the host recorded).
     pub fn save(&self, offset: i64) -> std::io::Result<()> {
         use std::io::Write;
         if let Some(dir) = self.path.parent() {
