@@ -377,7 +377,14 @@ ID   NAME   KIND       NUMBER         STATUS      REASON   PRICE/DAY (MINOR UNIT
 
     assert_eq!(pb(&d, &["data", "status", "--account", "1"]), "(none)\n");
 
-    // status: a summary, and the queue by kind as a table.
+    // status: a summary, and the queue by kind as a table. A job's journal row reads
+    // done a moment before the queue drops it (the ack follows the commit): wait for
+    // the inbound queue to be empty, so IN QUEUE can be pinned.
+    d.until("the inbound queue drained", Duration::from_secs(20), || async {
+        let s = d.ok("status", json!({})).await;
+        (s["queue_depth"]["inbound_message"] == 0).then_some(())
+    })
+    .await;
     let status = pb(&d, &["status"]);
     let sections: Vec<&str> = status.trim_end().split("\n\n").collect();
     assert_eq!(sections.len(), 3, "{status}");
