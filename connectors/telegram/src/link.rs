@@ -119,12 +119,12 @@ struct Failure {
 
 /// Turns an error into `Unavailable` without the token, which a path may quote. Kept
 /// apart from the connection so the futures that borrow it stay `Send`.
-pub(crate) struct Scrub {
-    pub(crate) token: String,
+struct Scrub {
+    token: String,
 }
 
 impl Scrub {
-    pub(crate) fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
+    fn unavailable(&self, method: &str, e: impl std::fmt::Display) -> ApiError {
         ApiError::Unavailable(scrub(format!("{method}: {e}"), &self.token))
     }
 
@@ -136,23 +136,22 @@ impl Scrub {
     }
 }
 
-/// TLS settings shared by every bot of the plugin: the web PKI roots, parsed once.
-fn tls_config() -> Arc<rustls::ClientConfig> {
+/// TLS settings shared by every bot of the plugin: the web PKI roots, parsed once. An
+/// error (the provider refusing the default protocol versions) fails the connect, not
+/// the plugin.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots =
-                rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Arc::new(config)
-        })
-        .clone()
+    if let Some(c) = CONFIG.get() {
+        return Ok(c.clone());
+    }
+    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
 }
 
 /// The socket connector shared by every bot of the plugin (its clones share settings).
@@ -464,7 +463,8 @@ async fn connect(t: &Target, scrub: &Scrub, method: &str) -> Result<Conn, Failur
         let stream: Box<dyn Stream> = if t.tls {
             let name = rustls::pki_types::ServerName::try_from(t.host.clone())
                 .map_err(|e| cannot(e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(tls_config())
+            let config = tls_config().map_err(|e| cannot(format!("TLS setup: {e}")))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| cannot(format!("TLS: {e}")))?;
