@@ -4,9 +4,10 @@
 //! (`FOR NO KEY UPDATE`), in the transaction that writes its ledger row: charges
 //! (`billing`) and top-ups take the same lock, so a top-up racing a billing run is
 //! never lost and every `balance_after` is the balance that row left. `NO KEY UPDATE`
-//! rather than `UPDATE`: it excludes every other writer of the row, but not the
-//! foreign-key checks of rows inserted for the account meanwhile (messages, chats),
-//! which take `KEY SHARE` and must not wait for a charge.
+//! rather than `UPDATE`: it excludes every other writer of the row, but not the inbound
+//! path's read of the data epoch or the foreign-key checks of rows inserted for the
+//! account meanwhile (chats, contacts), which take `KEY SHARE` and must not wait for a
+//! charge.
 
 use async_trait::async_trait;
 

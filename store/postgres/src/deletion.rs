@@ -7,7 +7,7 @@
 //!
 //! Locking: `start_deletion` locks the account row FOR UPDATE, so two runs never start
 //! at once, and since FOR UPDATE conflicts with the FOR KEY SHARE an inbound batch holds
-//! on the account (its foreign-key checks, and its read of the data epoch), the epoch
+//! on the account (its read of the data epoch, and its foreign-key checks), the epoch
 //! bump waits for the batches in flight and later batches see the new epoch. Every batch
 //! locks its run's row first, so two daemons running one run's batches take turns: each
 //! batch sees what the one before deleted, and the counts stay exact.

@@ -177,14 +177,15 @@ pub(crate) async fn store_messages(
     // FOR KEY SHARE (in id order) until the commit: a data deletion run's start locks
     // the account FOR UPDATE before it bumps the epoch, so it waits for this batch, or
     // this read waits for its commit and sees the new epoch. Never a message taken
-    // after a run's cutoff into an epoch it deletes. KEY SHARE is what the batch's
-    // foreign keys take on the account anyway: it does not hold up top-ups or charges.
+    // after a run's cutoff into an epoch it deletes. KEY SHARE does not hold up top-ups
+    // or charges (`FOR NO KEY UPDATE`). Accounts come first in FROM: PostgreSQL takes
+    // the tables' locks in that order, as charges and migrations do (0005).
     let mut channel_ids: Vec<Id> = msgs.iter().map(|(m, _)| m.channel).collect();
     channel_ids.sort_unstable();
     channel_ids.dedup();
     let channels: HashMap<Id, (Id, i64)> = sqlx::query_as::<_, (Id, Id, i64)>(
-        "SELECT c.id, c.account_id, a.data_epoch FROM channels c \
-         JOIN accounts a ON a.id = c.account_id WHERE c.id = ANY($1::BIGINT[]) \
+        "SELECT c.id, c.account_id, a.data_epoch FROM accounts a \
+         JOIN channels c ON c.account_id = a.id WHERE c.id = ANY($1::BIGINT[]) \
          ORDER BY a.id FOR KEY SHARE OF a",
     )
     .bind(&channel_ids)

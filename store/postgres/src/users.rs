@@ -21,8 +21,8 @@ impl Users for PgStore {
         // not interleave with another add_user's (Ann@ and ann@ at once would both pass
         // the check; the UNIQUE constraint is case-sensitive). SQLite gets this from its
         // single writer. FOR NO KEY UPDATE serialises add_users (and charges, which
-        // update the row) without blocking the inbound path, whose foreign-key checks
-        // take only FOR KEY SHARE on the account.
+        // update the row) without blocking the inbound path, whose epoch read and
+        // foreign-key checks take only FOR KEY SHARE on the account.
         let found: Option<Id> =
             sqlx::query_scalar("SELECT id FROM accounts WHERE id = $1 FOR NO KEY UPDATE")
                 .bind(account)

@@ -32,7 +32,7 @@ const TABLES: [&str; 14] = [
 ];
 
 /// Every migration of `migrations/`, applied once each.
-const APPLIED: [(i64, bool); 4] = [(1, true), (2, true), (3, true), (4, true)];
+const APPLIED: [(i64, bool); 5] = [(1, true), (2, true), (3, true), (4, true), (5, true)];
 
 async fn fresh(hint: &str) -> (String, PgPool) {
     let url = pg_cluster::fresh_database(hint);
@@ -105,6 +105,19 @@ async fn migrations_apply_on_a_fresh_database() {
     .await
     .unwrap();
     assert_eq!((id, notify_days, mark_read), (42, 3, true));
+
+    // The foreign keys the hot inserts still check: none on the ledger (0004), the
+    // chat's and the author's on messages (0005).
+    let keys: Vec<(String, String)> = sqlx::query_as(
+        "SELECT conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint \
+         WHERE contype = 'f' AND conrelid::regclass::text IN ('messages', 'ledger') \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let keys: Vec<(&str, &str)> = keys.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(keys, [("messages", "chats"), ("messages", "users")]);
 }
 
 #[tokio::test]
