@@ -8,7 +8,8 @@
 //! columns are the PostgreSQL table's, read from its catalogue, so the copy follows the
 //! schemas without a list of its own. At the end the identity sequences are moved past
 //! the copied ids, and the copy is verified: row counts of every table, and every
-//! account's balance and ledger sum, must match.
+//! account's balance and ledger sum, must match. A source with a row referring to a row
+//! that does not exist is refused before any row is copied.
 //!
 //! A target with data is refused unless `--resume` (each table continues after the
 //! last key the target holds: batches commit in key order, so an interrupted copy
@@ -137,27 +138,32 @@ pub async fn run(from: &str, to: &str, opts: &CopyOptions) -> anyhow::Result<Cop
             holding.push(*table);
         }
     }
-    match opts.existing {
-        Existing::Refuse if !holding.is_empty() => bail!(
+    if opts.existing == Existing::Refuse && !holding.is_empty() {
+        bail!(
             "the target {} already holds data (tables: {}); give --resume to continue an \
              interrupted copy, or --replace to empty it and copy from scratch",
             redact_url(to),
             holding.join(", ")
-        ),
-        Existing::Replace if !holding.is_empty() => {
-            let mut all: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
-            all.extend(RUNTIME_TABLES);
-            let sql = format!("TRUNCATE {} RESTART IDENTITY", all.join(", "));
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(dst)
-                .await
-                .context("cannot empty the target")?;
-        }
-        _ => {}
+        );
     }
 
-    // One read transaction: every table is read from the same snapshot.
+    // One read transaction: every table is read from the same snapshot, the check of
+    // its references included, which comes before anything in the target changes.
     let mut snapshot = src.begin().await.context("cannot read the SQLite store")?;
+    if opts.progress {
+        eprintln!("checking the references of {} …", path.display());
+    }
+    check_references(&mut snapshot, path).await?;
+    if opts.existing == Existing::Replace && !holding.is_empty() {
+        let mut all: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
+        all.extend(RUNTIME_TABLES);
+        let sql = format!("TRUNCATE {} RESTART IDENTITY", all.join(", "));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(dst)
+            .await
+            .context("cannot empty the target")?;
+    }
+
     let mut total = 0u64;
     for (table, _) in TABLES {
         let n: i64 =
@@ -411,6 +417,35 @@ async fn move_sequences(dst: &PgPool) -> anyhow::Result<()> {
             .execute(dst)
             .await
             .with_context(|| format!("cannot move the id sequence of {table}"))?;
+    }
+    Ok(())
+}
+
+/// Refuses a source with a row whose reference points at no row. PostgreSQL would not
+/// catch all of them on the way in: its ledger and messages keep no foreign keys to
+/// accounts and channels (migrations `0004`, `0005`). The daemon writes SQLite with
+/// its foreign keys on, so only a file edited by hand (or written with them off) fails.
+async fn check_references(
+    snapshot: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let broken: Option<(String, Option<i64>, String)> =
+        sqlx::query_as("SELECT \"table\", rowid, parent FROM pragma_foreign_key_check LIMIT 1")
+            .fetch_optional(&mut **snapshot)
+            .await
+            .context("cannot check the SQLite store's references")?;
+    if let Some((table, row, parent)) = broken {
+        let row = row.map_or_else(
+            || format!("a row of {table}"),
+            |r| format!("{table} row {r}"),
+        );
+        bail!(
+            "the SQLite store {} has rows referring to rows that do not exist (first: {row}, \
+             referring to {parent}); `sqlite3 '{}' 'PRAGMA foreign_key_check'` lists them \
+             all. Repair or delete them, then copy again: nothing was copied",
+            path.display(),
+            path.display()
+        );
     }
     Ok(())
 }

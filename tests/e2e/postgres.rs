@@ -128,6 +128,49 @@ fn store_copy_refuses_what_it_cannot_copy() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no SQLite store"));
 }
 
+/// A SQLite store with a row referring to nothing (written with foreign keys off) is
+/// refused before anything is copied: PostgreSQL's messages and ledger would not catch
+/// it.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_copy_refuses_a_store_with_broken_references() {
+    use sqlx::ConnectOptions as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("patchbay.db");
+    drop(
+        patchbay_store_sqlite::SqliteStore::open(&path)
+            .await
+            .expect("a SQLite store"),
+    );
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .foreign_keys(false)
+        .connect()
+        .await
+        .expect("open the file");
+    sqlx::query(
+        "INSERT INTO messages (account_id, chat_id, channel_id, direction, text, status, \
+         sent_at, created_at) VALUES (41, 42, 43, 'in', 'orphan', 'received', 1, 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("an orphan message");
+    drop(conn);
+    let to = crate::pg_cluster::fresh_database("copy-orphan");
+    let out = copy(&format!("sqlite://{}", path.display()), &to, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("first: messages row 1"), "{err}");
+    assert!(err.contains("PRAGMA foreign_key_check"), "{err}");
+    let pg = sqlx::PgPool::connect(&to).await.expect("target");
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM messages) + (SELECT COUNT(*) FROM accounts)",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("the target's tables (its schema is brought up to date first)");
+    assert_eq!(rows, 0, "nothing copied");
+}
+
 /// PostgreSQL down at start: the daemon exits non-zero, soon, with a message naming
 /// store.url with its password replaced.
 #[test]
