@@ -538,8 +538,10 @@ enum Item {
     PrimaryKey(String, Vec<String>),
     /// table, columns: a UNIQUE constraint or a full unique index, whatever its name.
     Unique(String, Vec<String>),
-    /// table, name, columns, unique: a plain or partial index, by its name.
-    Index(String, String, Vec<String>, bool),
+    /// table, name, columns, unique, partial: a plain or partial index, by its name.
+    /// Whether it is partial, not its predicate: the two databases print those
+    /// differently (`phone IS NOT NULL` against `(phone IS NOT NULL)`).
+    Index(String, String, Vec<String>, bool, bool),
 }
 
 async fn sqlite_schema() -> BTreeSet<Item> {
@@ -625,7 +627,7 @@ async fn sqlite_schema() -> BTreeSet<Item> {
             items.insert(if unique && !partial {
                 Item::Unique(table.clone(), columns)
             } else {
-                Item::Index(table.clone(), name, columns, unique)
+                Item::Index(table.clone(), name, columns, unique, partial)
             });
         }
     }
@@ -673,19 +675,35 @@ async fn postgres_schema(pool: &PgPool) -> BTreeSet<Item> {
         } else if unique && !partial {
             Item::Unique(table, columns)
         } else {
-            Item::Index(table, name, columns, unique)
+            Item::Index(table, name, columns, unique, partial)
         });
     }
     items
 }
 
+/// Indexes partial on PostgreSQL only (its `0003`, `WHERE … IS NOT NULL`): in a new
+/// store's first minute, without statistics, its planner took the sender index for a
+/// phone probe, which a partial index cannot serve. SQLite's planner has no such tie.
+const PARTIAL_ON_POSTGRES: &[&str] = &["contacts_phone", "contacts_sender", "contacts_username"];
+
 /// The two schemas are one: same tables, columns (names, order, translated types,
-/// NOT NULL), keys and indexes. A SQLite migration without its PostgreSQL counterpart
+/// NOT NULL), keys and indexes (but for `PARTIAL_ON_POSTGRES`). A SQLite migration without its PostgreSQL counterpart
 /// fails here.
 #[tokio::test]
 async fn the_schema_is_sqlites_translated() {
     let (_, pool) = fresh("matches_sqlite").await;
-    let expected = sqlite_schema().await;
+    let expected: BTreeSet<Item> = sqlite_schema()
+        .await
+        .into_iter()
+        .map(|item| match item {
+            Item::Index(table, name, columns, unique, false)
+                if PARTIAL_ON_POSTGRES.contains(&name.as_str()) =>
+            {
+                Item::Index(table, name, columns, unique, true)
+            }
+            other => other,
+        })
+        .collect();
     let actual = postgres_schema(&pool).await;
 
     let missing: Vec<_> = expected.difference(&actual).collect();
