@@ -442,7 +442,7 @@ async fn check_references(
         bail!(
             "the SQLite store {} has rows referring to rows that do not exist (first: {row}, \
              referring to {parent}); `sqlite3 '{}' 'PRAGMA foreign_key_check'` lists them \
-             all. Repair or delete them, then copy again: nothing was copied",
+             all. Repair or delete them, then copy again: the target was not changed",
             path.display(),
             path.display()
         );
