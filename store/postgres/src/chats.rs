@@ -17,6 +17,7 @@ use patchbay_jobs::store::rows::decode;
 use patchbay_jobs::store::*;
 use patchbay_jobs::{chat_columns, message_columns};
 
+use crate::contacts;
 use crate::inbound_batch::{self, pg_text};
 use crate::{PgStore, is_unique_violation};
 
@@ -37,7 +38,7 @@ impl Chats for PgStore {
         let now = now_ms();
         let phone = pg_text(phone);
         // The chat's external id is the phone, and so is the contact's identity.
-        let contact = inbound_batch::find_or_create_contact(
+        let contact = contacts::find_or_create_contact(
             &mut tx,
             (channel.account, epoch),
             Sender::with_phone(&phone),

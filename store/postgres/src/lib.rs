@@ -20,6 +20,7 @@ mod channels;
 mod chats;
 mod cluster;
 mod connection;
+mod contacts;
 mod deletion;
 mod fields;
 mod inbound_batch;
